@@ -1,0 +1,1 @@
+"""Subcommands of the ``intertwiners`` CLI (see :mod:`intertwiners.cli`)."""

@@ -1,0 +1,44 @@
+"""intertwiners train: a zoo of models, one folder per seed."""
+
+from __future__ import annotations
+
+import json
+
+NAME = "train"
+HELP = "Train one model per seed (model.safetensors, config.json, metrics.json in OUT/<arch>-<dataset>/seed<k>)."
+
+
+def add_arguments(p):
+    p.add_argument("--arch", default="myrtle_cnn", choices=["myrtle_cnn", "resnet20", "mlp"])
+    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
+    p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
+    p.add_argument("--seeds", default="0-1", help="e.g. 0-7 or 0,3,5")
+    p.add_argument("--epochs", type=int, default=None, help="default: the dataset's recipe (digits 12, cifar10 50)")
+    p.add_argument("--activation", default=None, help="e.g. relu, sigmoid, leaky_relu:0.3 (default: relu)")
+    p.add_argument("--width", type=int, default=None, help="myrtle_cnn width (default 16 on digits, 64 otherwise)")
+    p.add_argument("--no-batch-norm", action="store_true", help="myrtle_cnn without batch norm (conv bias on)")
+    p.add_argument("--shortcut", default=None, choices=["A", "B"], help="resnet20 shortcut option")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out", default="runs/zoo")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from .._util import parse_seeds
+    from ..training import train_zoo
+
+    kwargs = {}
+    if args.activation:
+        kwargs["activation"] = args.activation
+    if args.width is not None:
+        kwargs["width"] = args.width
+    if args.no_batch_norm:
+        kwargs["batch_norm"] = False
+    if args.shortcut:
+        kwargs["shortcut"] = args.shortcut
+    results = train_zoo(args.arch, args.dataset, parse_seeds(args.seeds), args.out, root=args.data_root,
+                        epochs=args.epochs, device=args.device, progress=not args.quiet, **kwargs)
+    for m in results:
+        print(json.dumps({k: m[k] for k in ("seed", "test_accuracy", "val_accuracy", "train_accuracy",
+                                             "epochs", "wall_time_s")}))
+    return 0

@@ -1,0 +1,169 @@
+"""Listing activation sites and extracting hidden features from them.
+
+``activation_sites(model, x)`` finds every activation (module or functional) in forward order by tracing
+the model with torch.fx (see :mod:`intertwiners.tracing` for the naming scheme). When a model cannot be
+traced, activation modules are still found with forward hooks on ``x``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._util import as_tensor, resolve_device
+from .activations import ACTIVATION_MODULES
+from .tracing import check_sites, find_sites, trace, truncated_module
+
+
+def _hook_sites(model: nn.Module, example_input) -> list[str]:
+    names = {m: n for n, m in model.named_modules() if isinstance(m, ACTIVATION_MODULES)}
+    order: list[str] = []
+    counts: dict[str, int] = {}
+
+    def hook(mod, _inp, _out):
+        base = names[mod]
+        k = counts.get(base, 0)
+        counts[base] = k + 1
+        order.append(base if k == 0 else f"{base}#{k}")
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(as_tensor(example_input, dtype=_param_dtype(model), device=_param_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def activation_sites(model: nn.Module, example_input=None) -> list[str]:
+    """Names of every activation site of ``model``, in forward order.
+
+    ``example_input`` is only needed when the model cannot be traced by torch.fx (hooks then find the
+    activation *modules*; functional activations cannot be found that way and a warning says so).
+    """
+    try:
+        return [s.name for s in find_sites(trace(model))]
+    except ValueError as err:
+        if example_input is None:
+            raise
+        warnings.warn(f"{err}; listing activation modules with forward hooks instead (functional "
+                      "activations are not visible this way)", stacklevel=2)
+        return _hook_sites(model, example_input)
+
+
+@contextmanager
+def eval_mode(model: nn.Module, train: bool = False):
+    """Temporarily put ``model`` in eval (or train) mode, restoring every submodule's flag afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.train(train)
+    try:
+        yield model
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    p = next(iter(model.parameters()), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+def _param_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def iterate_inputs(inputs_or_loader, batch_size: int = 256) -> Iterable[torch.Tensor]:
+    """Yield input batches from a tensor/array (N, ...), a dataset with ``.x``, or an iterable of batches
+    (tensors or ``(x, y, ...)`` tuples, as a DataLoader gives)."""
+    source = getattr(inputs_or_loader, "x", inputs_or_loader)
+    if isinstance(source, torch.Tensor | np.ndarray):
+        x = as_tensor(source, name="inputs")
+        if len(x) == 0:
+            raise ValueError("inputs are empty")
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size]
+        return
+    for batch in source:
+        if isinstance(batch, list | tuple):
+            batch = batch[0]
+        yield as_tensor(batch, name="input batch")
+
+
+def extract_features(model: nn.Module, sites: list[str] | str, inputs_or_loader, *, device: str = "auto",
+                     batch_size: int = 256, train_mode: bool = False, dtype: torch.dtype | None = None,
+                     progress: bool = False) -> dict[str, torch.Tensor]:
+    """Hidden features at ``sites`` for all inputs: ``{site: Tensor (N, *feature_shape)}`` on the CPU.
+
+    Runs in eval mode by default (batch norm uses its running statistics) and without autograd; only the
+    requested sites are kept and nothing after the last of them is computed. ``dtype`` defaults to the
+    model's parameter dtype. The model is moved to ``device`` for the extraction and back afterwards.
+    """
+    dev = resolve_device(device)
+    gm = None
+    try:
+        gm = trace(model)
+        available = {s.name: s for s in find_sites(gm)}
+    except ValueError:
+        available = None
+    if available is not None:
+        names = check_sites(sites, list(available))
+        runner: nn.Module = truncated_module(gm, [available[s].node for s in names])
+    else:
+        names = check_sites(sites, _hook_sites(model, next(iter(iterate_inputs(inputs_or_loader, 2)))))
+        runner = _HookRunner(model, names)
+    dtype = dtype or _param_dtype(model)
+    original_device = _param_device(model)
+    chunks: dict[str, list[torch.Tensor]] = {s: [] for s in names}
+    batches = iterate_inputs(inputs_or_loader, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="features", unit="batch")
+    try:
+        model.to(dev)
+        runner.to(dev)
+        with torch.no_grad(), eval_mode(model, train_mode), eval_mode(runner, train_mode):
+            for xb in batches:
+                outs = runner(xb.to(device=dev, dtype=dtype))
+                for s, o in zip(names, outs):
+                    chunks[s].append(o.detach().cpu())
+    finally:
+        model.to(original_device)
+    if not any(chunks[names[0]]):
+        raise ValueError("no input batches were given")
+    return {s: torch.cat(c) for s, c in chunks.items()}
+
+
+class _HookRunner(nn.Module):
+    """Runs a model that fx cannot trace and returns the outputs of activation modules via hooks."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, x):
+        modules = {n: m for n, m in self.model.named_modules() if isinstance(m, ACTIVATION_MODULES)}
+        captured: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        handles = []
+        for base, mod in modules.items():
+            def hook(_m, _i, out, base=base):
+                k = counts.get(base, 0)
+                counts[base] = k + 1
+                name = base if k == 0 else f"{base}#{k}"
+                if name in self.names:
+                    captured[name] = out.clone()
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return tuple(captured[n] for n in self.names)
