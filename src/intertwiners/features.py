@@ -135,7 +135,7 @@ def extract_features(model: nn.Module, sites: list[str] | str, inputs_or_loader,
                     chunks[s].append(o.detach().cpu())
     finally:
         model.to(original_device)
-    if not any(chunks[names[0]]):
+    if not chunks[names[0]]:
         raise ValueError("no input batches were given")
     return {s: torch.cat(c) for s, c in chunks.items()}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -128,8 +127,13 @@ def truncated_module(gm: fx.GraphModule, nodes: list[fx.Node]) -> fx.GraphModule
                 break
     outs = tuple(graph.call_method("clone", (env[n],)) for n in nodes)
     graph.output(outs)
-    graph.eliminate_dead_code()
-    return fx.GraphModule(gm, graph)
+    return _compact(fx.GraphModule(gm, graph))
+
+
+def _compact(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 def split_at(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -155,8 +159,7 @@ def split_at(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.GraphModule, fx.Grap
                 env[n] = graph.node_copy(n, lambda m: env[m])
             continue
         env[n] = graph.node_copy(n, lambda m: env[m])
-    graph.eliminate_dead_code()
-    back = fx.GraphModule(gm, graph)
+    back = _compact(fx.GraphModule(gm, graph))
 
     class _Front(nn.Module):
         def __init__(self, inner):
