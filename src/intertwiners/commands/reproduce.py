@@ -1,0 +1,52 @@
+"""intertwiners reproduce: the whole paper as resumable jobs, results in DIR/results.sqlite."""
+
+from __future__ import annotations
+
+NAME = "reproduce"
+HELP = ("Run every experiment of the paper (zoo, rotation penalties, stitching, LeakyReLU sweep, Procrustes, "
+        "CKA, dissection) as resumable jobs in OUT/results.sqlite, then write OUT/report.md and the figures.")
+
+
+def add_arguments(p):
+    p.add_argument("--scale", default="small",
+                   help="smoke (< 5 min on 2 cores), small (< 30 min on 2 cores) or paper (CIFAR-10, GPU/cluster)")
+    p.add_argument("--dataset", default=None, choices=["digits", "cifar10"],
+                   help="default: the scale's (digits for smoke/small, cifar10 for paper)")
+    p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
+    p.add_argument("--backend", default="local", choices=["local", "ray", "inline"],
+                   help="local: worker processes here; ray: a Ray cluster (or a local Ray instance)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="jobs in flight (default: the CPU cores here, or the Ray cluster's CPUs)")
+    p.add_argument("--out", default="runs/reproduce", help="output folder (results.sqlite, artifacts, report)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (resolved in each worker)")
+    p.add_argument("--list", action="store_true", help="print the plan's jobs and exit")
+    p.add_argument("--no-report", action="store_true", help="do not write the report after the run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from ..experiments import build_plan, reproduce
+    from ..experiments.plan import SCALES
+
+    if args.scale not in (*SCALES, "test"):
+        raise ValueError(f"unknown scale {args.scale!r}; choose one of {', '.join(SCALES)}")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.list:
+        plan = build_plan(args.scale, args.dataset)
+        from ..experiments.runner import closure
+        for job in closure(plan.jobs):
+            print(f"{job.id}  {job.label}")
+        for name, reason in plan.missing.items():
+            print(f"missing: {name} ({reason})")
+        return 0
+    summary = reproduce(args.out, args.scale, dataset=args.dataset, data_root=args.data_root,
+                        backend=args.backend, workers=args.workers, ray_address=args.ray_address,
+                        device=args.device, progress=not args.quiet, report=not args.no_report)
+    print(summary.line())
+    for label, error in summary.failures:
+        print(f"failed: {label}: {error}")
+    if not args.no_report:
+        print(f"report: {args.out}/report.md")
+    return 1 if summary.failed or summary.blocked else 0

@@ -1,0 +1,44 @@
+"""The whole paper as resumable jobs: ``intertwiners reproduce`` and ``intertwiners report``.
+
+* :mod:`.store` — the SQLite results store ``DIR/results.sqlite`` (job id = hash of the configuration).
+* :mod:`.jobs` — job types and the pure functions that run them.
+* :mod:`.plan` — which jobs make up the ``smoke``, ``small`` and ``paper`` scales.
+* :mod:`.backends` — ``local`` worker processes or a ``ray`` cluster.
+* :mod:`.runner` — dependency-ordered scheduling, skipping done jobs, recording failures.
+* :mod:`.report` — figures and ``DIR/report.md``, from the database alone.
+"""
+
+from .jobs import JOB_TYPES, Dependency, Job, Output, register
+from .plan import PRESETS, SCALES, Plan, Scale, build_plan
+from .runner import RunSummary, run_jobs
+from .store import ResultsStore, job_id
+
+__all__ = ["JOB_TYPES", "PRESETS", "SCALES", "Dependency", "Job", "Output", "Plan", "ResultsStore", "RunSummary",
+           "Scale", "build_plan", "job_id", "register", "reproduce", "run_jobs"]
+
+
+def reproduce(out, scale="smoke", *, dataset=None, data_root=None, backend="local", workers=None,
+              ray_address=None, device="auto", progress=True, report=True) -> RunSummary:
+    """Run (or resume) the plan of ``scale`` into ``out`` and write the report; returns the run summary."""
+    from pathlib import Path
+
+    from .backends import make_backend
+
+    plan = build_plan(scale, dataset)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with ResultsStore(out) as store:
+        store.set_meta("plan", {"name": plan.name, **plan.info, "missing": plan.missing,
+                                "jobs": len(plan.jobs)})
+    runner = make_backend(backend, workers=workers, ray_address=ray_address)
+    try:
+        summary = run_jobs(plan.jobs, out, runner, context={"data_root": None if data_root is None
+                                                            else str(Path(data_root).resolve()),
+                                                            "device": device},
+                           progress=progress, plan_info={"name": plan.name, "backend": backend})
+    finally:
+        runner.close()
+    if report:
+        from .report import write_report
+        write_report(out)
+    return summary

@@ -1,0 +1,200 @@
+"""The driver: schedules jobs in dependency order on a backend and records every outcome in the store.
+
+* Jobs already ``done`` in ``DIR/results.sqlite`` (with their artifact folder present) are skipped, so a
+  finished run started again does no work.
+* A job that fails is recorded with its error text; the next run tries it again. Jobs that depend on a
+  failed job are *blocked* for this run (nothing is recorded for them).
+* Artifacts (e.g. trained models) are written under a temporary name and renamed into
+  ``DIR/artifacts/<kind>/`` before the job's row is committed, in one transaction. A run killed at any
+  moment therefore leaves only complete rows whose artifacts exist; a half-written artifact folder is
+  never taken for a finished one.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .jobs import Dependency, Job
+from .store import ResultsStore
+
+ARTIFACTS = "artifacts"
+
+
+@dataclass
+class RunSummary:
+    """Counts of one run: jobs planned, skipped (already done), executed, succeeded, failed, blocked."""
+
+    planned: int = 0
+    skipped: int = 0
+    executed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    blocked: int = 0
+    wall_s: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (label, last line of the error)
+
+    def line(self) -> str:
+        return (f"{self.planned} jobs planned: {self.skipped} already done, {self.executed} executed "
+                f"({self.succeeded} succeeded, {self.failed} failed), {self.blocked} blocked by failures; "
+                f"{self.wall_s:.1f} s")
+
+
+def closure(jobs: Iterable[Job]) -> list[Job]:
+    """All ``jobs`` and their dependencies, each once, in a topological order (dependencies first).
+
+    Ties keep the order in which jobs were given. Raises ValueError on a dependency cycle or on two
+    different jobs objects claiming the same id with different kinds.
+    """
+    order: list[Job] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+    seen: dict[str, Job] = {}
+
+    def visit(job: Job, path: tuple[str, ...]) -> None:
+        if job.id in seen and seen[job.id].kind != job.kind:  # pragma: no cover - a hash collision
+            raise ValueError(f"two jobs share id {job.id}")
+        s = state.get(job.id)
+        if s == 2:
+            return
+        if s == 1:
+            raise ValueError(f"dependency cycle through {' -> '.join((*path, job.label))}")
+        state[job.id] = 1
+        seen[job.id] = job
+        for dep in job.deps.values():
+            visit(dep, (*path, job.label))
+        state[job.id] = 2
+        order.append(job)
+
+    for job in jobs:
+        visit(job, ())
+    return order
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)[:80]
+
+
+def artifact_path(out: Path, job: Job) -> Path:
+    return out / ARTIFACTS / job.kind / f"{_safe(job.label)}-{job.id[:10]}"
+
+
+def _read_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _write_artifact(out: Path, job: Job, files: dict[str, bytes]) -> str:
+    final = artifact_path(out, job)
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, data in files.items():
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"artifact file name {name!r} must be a plain name")
+        (tmp / name).write_bytes(data)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return str(final.relative_to(out))
+
+
+def finished_ids(store: ResultsStore, out: Path) -> set[str]:
+    """Ids of jobs recorded ``done`` whose artifact folder (if they have one) exists."""
+    done = set()
+    for row in store.rows(status="done"):
+        if row.artifact is None or (out / row.artifact).is_dir():
+            done.add(row.id)
+    return done
+
+
+def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | None = None,
+             progress: bool = True, plan_info: dict | None = None) -> RunSummary:
+    """Run every job of ``jobs`` (and their dependencies) not yet done in ``out/results.sqlite``.
+
+    ``backend``: see :mod:`intertwiners.experiments.backends`. ``context`` (data folder, device) is passed
+    to every job and is not part of job ids. Returns a :class:`RunSummary`; the store holds the rest.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    context = dict(context or {})
+    order = closure(jobs)
+    start = time.perf_counter()
+    summary = RunSummary(planned=len(order))
+    with ResultsStore(out) as store:
+        done = finished_ids(store, out) & {j.id for j in order}
+        todo = [j for j in order if j.id not in done]
+        summary.skipped = len(order) - len(todo)
+        run_id = store.start_run(plan_info or {}, backend.name, len(order), summary.skipped)
+        bar = None
+        if progress and todo:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(todo), desc="jobs", unit="job", dynamic_ncols=True)
+        failed: set[str] = set()
+        waiting = list(todo)
+        in_flight: dict = {}
+        dep_cache: dict[str, Dependency] = {}
+
+        def dependency(dep: Job) -> Dependency:
+            if dep.id not in dep_cache:
+                row = store.get(dep.id)
+                files = _read_files(out / row.artifact) if row.artifact else {}
+                dep_cache[dep.id] = Dependency(row.result or {}, files)
+            return dep_cache[dep.id]
+
+        def commit(job: Job, outcome: dict) -> None:
+            summary.executed += 1
+            common = dict(id=job.id, kind=job.kind, label=job.label, config=job.config,
+                          deps={r: d.id for r, d in job.deps.items()}, started_at=outcome.get("started_at"),
+                          finished_at=time.time(), wall_s=outcome.get("wall_s"), worker=outcome.get("worker"))
+            if outcome.get("ok"):
+                try:
+                    artifact = _write_artifact(out, job, outcome["files"]) if outcome.get("files") else None
+                    store.record(status="done", result=outcome["result"], artifact=artifact, **common)
+                    done.add(job.id)
+                    summary.succeeded += 1
+                    return
+                except Exception as err:  # e.g. disk full: record it as the job's failure
+                    outcome = {"ok": False, "error": f"recording the result failed: {err!r}"}
+            store.record(status="failed", error=outcome.get("error", "unknown error"), **common)
+            failed.add(job.id)
+            summary.failed += 1
+            summary.failures.append((job.label, (outcome.get("error") or "").strip().splitlines()[-1:][0]
+                                     if outcome.get("error") else "unknown error"))
+
+        try:
+            while waiting or in_flight:
+                still: list[Job] = []
+                for job in waiting:
+                    dep_ids = [d.id for d in job.deps.values()]
+                    if any(d in failed for d in dep_ids):
+                        failed.add(job.id)  # blocked: propagate to its own dependants, record nothing
+                        summary.blocked += 1
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    if len(in_flight) < backend.slots and all(d in done for d in dep_ids):
+                        inputs = {role: dependency(d) for role, d in job.deps.items()}
+                        handle = backend.submit(job.kind, job.config, inputs, context)
+                        in_flight[handle] = job
+                    else:
+                        still.append(job)
+                waiting = still
+                if not in_flight:
+                    if waiting:  # pragma: no cover - closure() guarantees dependencies come first
+                        raise RuntimeError("scheduler stalled with jobs waiting and none running")
+                    break
+                for handle in backend.wait(list(in_flight), timeout=None):
+                    job = in_flight.pop(handle)
+                    commit(job, backend.outcome(handle))
+                    if bar is not None:
+                        bar.set_postfix_str(f"{job.label[:40]}" + (f", {summary.failed} failed"
+                                                                     if summary.failed else ""))
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            summary.wall_s = time.perf_counter() - start
+            store.finish_run(run_id, summary.executed, summary.succeeded, summary.failed, summary.blocked)
+    return summary
