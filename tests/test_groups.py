@@ -414,3 +414,20 @@ def test_intersection_keeps_first_phi():
 def test_str_mentions_kind_and_phi():
     text = str(intertwiner_group("gaussian"))
     assert "signed_permutation" in text and "abs(A)" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+def test_cli_group(capsys):
+    from intertwiners.cli import main
+
+    assert main(["group", "gaussian", "--n", "3", "--samples", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "signed_permutation" in out and "abs(A)" in out and "PASS" in out and "dimension    0" in out
+    assert main(["group", "relu", "--n", "3", "--samples", "5", "--json", "--derive"]) == 0
+    import json
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "positive_scaled_permutation" and info["dimension"] == 3 and info["passed"]
+    assert main(["group", "no_such_activation"]) == 2
