@@ -38,6 +38,15 @@ def _crash(err: BaseException) -> dict:
             "wall_s": 0.0, "worker": "unknown"}
 
 
+class _Finished:
+    """A handle whose job already ran (hashable by identity)."""
+
+    __slots__ = ("outcome",)
+
+    def __init__(self, outcome: dict):
+        self.outcome = outcome
+
+
 class InlineBackend:
     """Runs each job in the driver process at submission (for debugging and tests)."""
 
@@ -48,13 +57,13 @@ class InlineBackend:
         self.threads = threads
 
     def submit(self, kind: str, config: dict, inputs: dict, context: dict) -> Any:
-        return execute(kind, config, inputs, {**context, "threads": self.threads})
+        return _Finished(execute(kind, config, inputs, {**context, "threads": self.threads}))
 
     def wait(self, handles: list, timeout: float | None = None) -> list:
         return list(handles)
 
     def outcome(self, handle: Any) -> dict:
-        return handle
+        return handle.outcome
 
     def close(self) -> None:
         pass

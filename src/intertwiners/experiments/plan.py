@@ -130,7 +130,7 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan
     """The jobs of ``scale`` (a preset name or a :class:`Scale`), optionally on another ``dataset``."""
     if isinstance(scale, str):
         if scale == "test":
-            return test_plan()
+            return probe_plan()
         if scale not in PRESETS:
             raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
         scale = PRESETS[scale]
@@ -245,7 +245,7 @@ def dissection_jobs(s: Scale) -> list[Job]:
     return jobs
 
 
-def test_plan(sleep_s: float = 0.3, n: int = 8) -> Plan:
+def probe_plan(sleep_s: float = 0.3, n: int = 8) -> Plan:
     """A diamond-and-chain of ``probe`` jobs (for the machinery's tests; ``--scale test``)."""
     roots = [Job("probe", {"name": f"root{k}", "seed": k, "sleep_s": sleep_s, "file": True}, label=f"root{k}")
              for k in range(n // 2)]

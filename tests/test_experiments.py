@@ -1,0 +1,251 @@
+"""The reproduction engine: job ids, the results store, scheduling, kill-and-resume, failures, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from intertwiners import cli
+from intertwiners.experiments import Job, Output, ResultsStore, build_plan, job_id, register, run_jobs
+from intertwiners.experiments import store as store_mod
+from intertwiners.experiments.backends import InlineBackend, LocalBackend
+from intertwiners.experiments.plan import PRESETS, draw_pairs, probe_plan
+from intertwiners.experiments.runner import closure
+
+
+def rows_of(out: Path) -> dict[str, tuple]:
+    """``{id: (kind, status, result JSON)}`` straight from the database file."""
+    with sqlite3.connect(out / "results.sqlite") as conn:
+        return {r[0]: r[1:] for r in conn.execute("SELECT id, kind, status, result FROM jobs")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ids and the store
+
+
+def test_job_id_hashes_the_full_canonical_configuration(monkeypatch):
+    a = job_id("probe", {"name": "x", "seed": 1, "nested": {"b": 2, "a": 1}})
+    assert a == job_id("probe", {"nested": {"a": 1, "b": 2}, "seed": 1, "name": "x"})  # key order is irrelevant
+    assert a != job_id("probe", {"name": "x", "seed": 2, "nested": {"b": 2, "a": 1}})
+    assert a != job_id("zoo", {"name": "x", "seed": 1, "nested": {"b": 2, "a": 1}})
+    assert a != job_id("probe", {"name": "x", "seed": 1, "nested": {"b": 2, "a": 1}}, {"dep": "0" * 20})
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", store_mod.SCHEMA_VERSION + 1)
+    assert a != job_id("probe", {"name": "x", "seed": 1, "nested": {"b": 2, "a": 1}})  # the code version counts
+
+
+def test_job_ids_follow_dependencies():
+    r1 = Job("probe", {"name": "r", "seed": 1})
+    r2 = Job("probe", {"name": "r", "seed": 2})
+    assert Job("probe", {"name": "c", "seed": 0}, {"a": r1}).id != Job("probe", {"name": "c", "seed": 0}, {"a": r2}).id
+    assert Job("probe", {"name": "c", "seed": 0}, {"a": r1}).id == Job("probe", {"name": "c", "seed": 0}, {"a": r1}).id
+    with pytest.raises(ValueError, match="unknown job kind"):
+        Job("no_such_kind", {})
+
+
+def test_store_refuses_nan_and_keeps_one_row_per_job(tmp_path):
+    with ResultsStore(tmp_path) as store:
+        common = dict(id="j1", kind="probe", label="j1", config={"a": 1}, deps={})
+        with pytest.raises(ValueError, match="NaN"):
+            store.record(status="done", result={"value": math.nan}, **common)
+        assert store.count() == 0  # nothing half-written
+        store.record(status="failed", error="boom", **common)
+        store.record(status="done", result={"value": 1.0}, **common)
+        assert store.count() == 1
+        row = store.get("j1")
+        assert (row.status, row.attempts, row.error, row.result) == ("done", 2, None, {"value": 1.0})
+
+
+def test_closure_orders_dependencies_first_and_dedupes():
+    plan = probe_plan(sleep_s=0)
+    order = closure(reversed(plan.jobs))
+    assert len(order) == len({j.id for j in plan.jobs}) == len(order)
+    position = {j.id: i for i, j in enumerate(order)}
+    for job in order:
+        assert all(position[d.id] < position[job.id] for d in job.deps.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running, skipping, failing, retrying
+
+
+def expected_values(plan) -> dict[str, float]:
+    """The probe values computed independently of the runner: seed*1.5 + sum of dependencies' values."""
+    values: dict[str, float] = {}
+    for job in closure(plan.jobs):
+        values[job.id] = job.config["seed"] * 1.5 + sum(values[d.id] for d in job.deps.values())
+    return values
+
+
+def test_inline_run_then_rerun_does_no_work(tmp_path):
+    plan = probe_plan(sleep_s=0)
+    first = run_jobs(plan.jobs, tmp_path, InlineBackend(), progress=False)
+    assert (first.executed, first.succeeded, first.failed) == (len(plan.jobs), len(plan.jobs), 0)
+    rows = rows_of(tmp_path)
+    assert {i: json.loads(r[2])["value"] for i, r in rows.items()} == expected_values(plan)
+    root = plan.jobs[0]
+    with ResultsStore(tmp_path) as store:
+        art = store.get(root.id).artifact
+        finished_before = {r.id: r.finished_at for r in store.rows()}
+    assert float((tmp_path / art / "probe.txt").read_text()) == expected_values(plan)[root.id]
+    again = run_jobs(plan.jobs, tmp_path, InlineBackend(), progress=False)
+    assert (again.executed, again.skipped) == (0, len(plan.jobs))
+    with ResultsStore(tmp_path) as store:
+        assert {r.id: r.finished_at for r in store.rows()} == finished_before
+        assert store.runs()[-1]["executed"] == 0
+    # a done job whose artifact disappeared is not done: it runs again (and only it)
+    shutil.rmtree(tmp_path / art)
+    third = run_jobs(plan.jobs, tmp_path, InlineBackend(), progress=False)
+    assert third.executed == 1 and (tmp_path / art / "probe.txt").is_file()
+
+
+_FLAKY = {"fail": True}
+
+
+@register("test_flaky", "fails while the test says so")
+def _flaky(config, inputs, context):
+    if _FLAKY["fail"]:
+        raise RuntimeError(f"injected failure of {config['name']}")
+    return Output({"value": float(config["seed"]) + sum(d.result["value"] for d in inputs.values())})
+
+
+def test_failing_job_is_recorded_blocks_dependants_and_is_retried(tmp_path):
+    root = Job("probe", {"name": "root", "seed": 1})
+    flaky = Job("test_flaky", {"name": "flaky", "seed": 2}, {"a": root}, label="flaky")
+    sink = Job("probe", {"name": "sink", "seed": 3}, {"f": flaky}, label="sink")
+    other = Job("probe", {"name": "other", "seed": 4}, {"a": root}, label="other")
+    jobs = [sink, other]
+    _FLAKY["fail"] = True
+    s1 = run_jobs(jobs, tmp_path, InlineBackend(), progress=False)
+    assert (s1.executed, s1.succeeded, s1.failed, s1.blocked) == (3, 2, 1, 1)
+    with ResultsStore(tmp_path) as store:
+        row = store.get(flaky.id)
+        assert row.status == "failed" and row.attempts == 1 and "injected failure of flaky" in row.error
+        assert store.get(sink.id) is None  # blocked jobs leave no row
+        assert store.get(other.id).status == "done"
+    _FLAKY["fail"] = False
+    s2 = run_jobs(jobs, tmp_path, InlineBackend(), progress=False)
+    assert (s2.executed, s2.succeeded, s2.failed, s2.skipped) == (2, 2, 0, 2)
+    with ResultsStore(tmp_path) as store:
+        row = store.get(flaky.id)
+        assert (row.status, row.attempts, row.error, row.result) == ("done", 2, None, {"value": 2 + 1.5})
+        assert store.get(sink.id).result["value"] == 3 * 1.5 + 3.5
+
+
+def test_local_workers_record_failures_from_the_environment(tmp_path, monkeypatch):
+    plan = probe_plan(sleep_s=0, n=4)
+    monkeypatch.setenv("INTERTWINERS_PROBE_FAIL", "child0")
+    backend = LocalBackend(workers=2, threads=1)
+    try:
+        s = run_jobs(plan.jobs, tmp_path, backend, progress=False)
+    finally:
+        backend.close()
+    assert (s.failed, s.blocked, s.succeeded) == (1, 1, len(plan.jobs) - 2)
+    with ResultsStore(tmp_path) as store:
+        (failed,) = store.rows(status="failed")
+        assert failed.label == "child0" and "failed on purpose" in failed.error and failed.worker
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kill and resume
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "intertwiners.cli", *args]
+
+
+def test_killed_run_resumes_to_the_same_rows(tmp_path):
+    plan = probe_plan()
+    reference = tmp_path / "reference"
+    run_jobs(plan.jobs, reference, InlineBackend(), progress=False)
+    ref_rows = rows_of(reference)
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cli("reproduce", "--scale", "test", "--out", str(out), "--workers", "1", "--quiet",
+                                 "--no-report"), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    n_rows = 0
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "results.sqlite").is_file():
+            try:
+                n_rows = len(rows_of(out))
+            except sqlite3.OperationalError:
+                n_rows = 0
+            if n_rows >= 2:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker, mid-run
+    proc.wait()
+    partial = rows_of(out)
+    assert 2 <= len(partial) < len(ref_rows)
+    assert all(partial[i] == ref_rows[i] for i in partial)  # what was committed is complete and correct
+
+    resumed = subprocess.run(_cli("reproduce", "--scale", "test", "--out", str(out), "--workers", "2", "--quiet"),
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{len(partial)} already done" in resumed.stdout
+    assert rows_of(out) == ref_rows  # same ids, statuses and values as the uninterrupted run; no duplicates
+    assert not list(out.glob("artifacts/*/*.partial"))
+    with ResultsStore(out) as store:
+        assert all(r.attempts == 1 for r in store.rows())
+        runs = store.runs()
+    assert runs[0]["executed"] is None  # the killed run never finished
+    assert runs[-1]["executed"] == len(ref_rows) - len(partial)
+
+    again = run_jobs(plan.jobs, out, InlineBackend(), progress=False)
+    assert again.executed == 0 and again.skipped == len(ref_rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plans
+
+
+def test_plans_have_distinct_pairs_and_unique_ids():
+    pairs = draw_pairs(16, 32, seed=0)
+    assert len(pairs) == len(set(pairs)) == 32 and all(a < b for a, b in pairs)
+    assert draw_pairs(3, 10, 0) == [(0, 1), (0, 2), (1, 2)]
+    for scale in ("smoke", "small", "paper"):
+        plan = build_plan(scale)
+        ids = [j.id for j in closure(plan.jobs)]
+        assert len(ids) == len(set(ids))
+        zoo = [j for j in closure(plan.jobs) if j.kind == "zoo"]
+        assert len([j for j in zoo if j.config["arch"] == "myrtle_cnn"
+                    and j.config["arch_kwargs"].get("batch_norm", True)]) == PRESETS[scale].mcnn_seeds
+    paper = build_plan("paper")
+    assert all(j.config["dataset"] == "cifar10" for j in closure(paper.jobs) if j.kind == "zoo")
+    assert build_plan("smoke", dataset="cifar10").jobs[0].config["dataset"] == "cifar10"
+    with pytest.raises(ValueError, match="unknown scale"):
+        build_plan("huge")
+
+
+def test_reproduce_list_prints_the_plan(capsys):
+    assert cli.main(["reproduce", "--scale", "smoke", "--list"]) == 0
+    printed = capsys.readouterr().out
+    assert "zoo myrtle_cnn digits seed0" in printed
+
+
+def test_zoo_job_trains_and_keeps_a_loadable_model(tmp_path, digits):
+    from intertwiners import models
+    from intertwiners.training import accuracy
+
+    job = Job("zoo", {"arch": "mlp", "dataset": "digits", "seed": 0, "epochs": 1, "arch_kwargs": {"hidden": [16]}},
+              label="tiny mlp")
+    s = run_jobs([job], tmp_path, InlineBackend(), progress=False)
+    assert s.succeeded == 1
+    with ResultsStore(tmp_path) as store:
+        row = store.get(job.id)
+    model = models.load(tmp_path / row.artifact)
+    assert accuracy(model, digits[1]) == pytest.approx(row.result["test_accuracy"])
+    assert "wall_time_s" not in row.result  # results stay deterministic; timing lives in the row
