@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import groups as G
-from .spec import ModuleAction, SymmetrySpec, ValueLayout, eval_chain
+from .spec import ONE, ModuleAction, SymmetrySpec, ValueLayout, eval_chain
 
 
 def random_symmetry(spec: SymmetrySpec, generator: torch.Generator | None = None, *,
@@ -67,9 +67,10 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
             if perm.numel() != n:
                 raise ValueError(f"element for {name!r} has size {perm.numel()}, the space has {n}")
             scale = scale.to(torch.float64).cpu()
-            if check and not space.group.allows_scale(scale, atol):
+            member = space.group.allows_scale(scale, atol)
+            if check and not member:
                 raise ValueError(f"element for {name!r} is not in its group ({space.group.description})")
-            out[name] = ("mono", perm.cpu(), scale)
+            out[name] = ("mono" if member else "raw", perm.cpu(), scale)
             continue
         A = torch.as_tensor(el).detach().to(torch.float64).cpu()
         if A.shape != (n, n):
@@ -82,12 +83,23 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
         if space.group.is_monomial:
             try:
                 perm, scale = G.as_monomial(A, atol)
-                out[name] = ("mono", perm, scale)
-                continue
             except ValueError:
                 pass  # check=False with a non-monomial matrix: act with A everywhere (pretend phi(A) = A)
+            else:
+                raw = not space.group.allows_scale(scale, atol)  # check=False with a non-member
+                out[name] = ("raw" if raw else "mono", perm, scale)
+                continue
         out[name] = ("dense", A, torch.linalg.inv(A))
     return out
+
+
+def _scales(el: tuple, chain: tuple, groups) -> torch.Tensor:
+    """c(scale) for a group element; for a non-member applied with check=False ("raw"), the scale itself
+    wherever the value carries a scaled transform (as if phi(A) = A)."""
+    kind, _, scale = el
+    if kind == "raw":
+        return torch.ones_like(scale) if ONE in chain else scale
+    return eval_chain(chain, scale, groups)
 
 
 def _monomial_map(layout: ValueLayout, els: dict, groups) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -95,15 +107,14 @@ def _monomial_map(layout: ValueLayout, els: dict, groups) -> tuple[torch.Tensor,
     dst = mult = None
     for seg in layout.segments:
         el = els.get(seg.space)
-        if el is None or el[0] != "mono":
+        if el is None or el[0] not in ("mono", "raw"):
             continue
         if dst is None:
             dst = torch.arange(layout.length)
             mult = torch.ones(layout.length, dtype=torch.float64)
-        _, perm, scale = el
         pos = torch.from_numpy(seg.positions)
-        dst[pos] = pos[perm]
-        mult[pos] = eval_chain(seg.chain, scale, groups)
+        dst[pos] = pos[el[1]]
+        mult[pos] = _scales(el, seg.chain, groups)
     return None if dst is None else (dst, mult)
 
 
@@ -163,15 +174,14 @@ def _bn_maps(action: ModuleAction, els: dict, groups, length: int):
         el = els.get(seg_in.space)
         if el is None:
             continue
-        if el[0] != "mono":
+        if el[0] == "dense":
             raise ValueError(f"space {seg_in.space!r} passes through batch norm {action.module!r}: only "
                              "monomial elements (P·D) can be applied there")
         touched = True
-        _, perm, scale = el
         pos = torch.from_numpy(seg_in.positions)
-        dst[pos] = pos[perm]
-        s[pos] = eval_chain(seg_in.chain, scale, groups)
-        t[pos] = eval_chain(seg_out.chain, scale, groups)
+        dst[pos] = pos[el[1]]
+        s[pos] = _scales(el, seg_in.chain, groups)
+        t[pos] = _scales(el, seg_out.chain, groups)
     return (dst, s, t) if touched else None
 
 

@@ -301,10 +301,18 @@ class _Analysis:
         return [v for v in (self.env.get(a) for a in node.all_input_nodes) if isinstance(v, _Layout)]
 
     def unknown(self, node: fx.Node, reason: str):
-        """Pin every hidden input of ``node``; its output is untransformed."""
+        """Pin every hidden input of ``node``; its output is untransformed (a module's output is recorded
+        as a pinned space, so that ``spec.pinned`` lists it)."""
         for lay in self.hidden_inputs(node):
             self.pin(lay, reason)
-        return None if self.shape(node) is not None else NON_TENSOR
+        shape = self.shape(node)
+        if shape is None:
+            return NON_TENSOR
+        if node.op == "call_module" and len(shape) >= 2 and not any(u.op == "output" for u in node.users):
+            out = self.make_layout(self.new_atoms(shape[1]), 1, len(shape))
+            self.pin(out, f"output of {reason}")
+            return out
+        return None
 
     def describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -613,7 +621,7 @@ class _Analysis:
     def reduce(self, node, x, shape):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         if dims is None or x.axis != 1 or x.repeat != 1:
-            return self.unknown(node, f"{self.describe(node)} reduces over channels")
+            return self.unknown(node, f"{self.describe(node)} reduces a value whose channels are not on axis 1")
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [d % x.ndim for d in dims]
         if any(d <= 1 for d in dims) or set(node.kwargs) - {"dim", "keepdim"}:

@@ -1,0 +1,372 @@
+"""Weight-space symmetries of the paper's models (§3.2, Proposition 3.4, Remark 3.6)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from intertwiners import extract_features, models
+from intertwiners.groups import monomial_matrix
+from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
+
+ACTIVATIONS = ["relu", "leaky_relu:0.2", "tanh", "sigmoid", "gaussian", "abs", "power:3", "power:2"]
+
+
+def warmed(model, x, steps=3):
+    """Give batch norm non-trivial running statistics (a few train-mode forwards on shifted inputs)."""
+    model.train()
+    with torch.no_grad():
+        for k in range(steps):
+            model(1.5 * x + 0.3 * (k + 1))
+    return model.eval()
+
+
+def max_rel(a, b):
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def outputs_agree(model, new, x, tol):
+    """Eval mode, train mode (batch statistics) and eval again after the train-mode update."""
+    import copy
+    model, new = copy.deepcopy(model), copy.deepcopy(new)
+    errs = []
+    with torch.no_grad():
+        for train in (False, True, False):
+            model.train(train)
+            new.train(train)
+            errs.append(max_rel(model(x), new(x)))
+    assert max(errs) <= tol, errs
+    return max(errs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Invariance on the paper's architectures
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_myrtle_invariance_float64(activation, batch_norm):
+    g = torch.Generator().manual_seed(0)
+    model = models.myrtle_cnn(4, activation=activation, batch_norm=batch_norm, input_size=8).double()
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64, generator=g)
+    warmed(model, x)
+    spec = symmetry_spec(model, x)
+    assert list(spec.spaces) == ["relu1", "relu2", "relu3", "relu4"] and not spec.pinned
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    new = apply_symmetry(model, random_symmetry(spec, g), spec)
+    outputs_agree(model, new, x, 1e-9)
+    # the input model is untouched and the copy really differs
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not torch.allclose(new.conv2.weight, model.conv2.weight)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gaussian"])
+def test_myrtle_invariance_float32(activation):
+    g = torch.Generator().manual_seed(1)
+    model = models.myrtle_cnn(8, activation=activation, input_size=16)
+    x = torch.randn(8, 3, 16, 16, generator=g)
+    warmed(model, x)
+    spec = symmetry_spec(model, x)
+    new = apply_symmetry(model, random_symmetry(spec, g), spec)
+    outputs_agree(model, new, x, 1e-4)
+
+
+def test_myrtle_groups_follow_the_activation_and_max_pooling():
+    x = torch.randn(2, 3, 8, 8)
+    kinds = {act: {k: s.kind for k, s in symmetry_spec(models.myrtle_cnn(4, activation=act, input_size=8),
+                                                       x).spaces.items()} for act in ["relu", "tanh", "power:3"]}
+    assert set(kinds["relu"].values()) == {"positive_scaled_permutation"}
+    # relu1 is not max-pooled: tanh keeps its sign flips there; max-pooling after tanh removes them
+    assert kinds["tanh"] == {"relu1": "signed_permutation", "relu2": "permutation", "relu3": "permutation",
+                             "relu4": "permutation"}
+    # x**3 allows any non-zero scaling, but max-pooling its output only positive ones
+    assert kinds["power:3"]["relu1"] == "scaled_permutation"
+    assert kinds["power:3"]["relu2"] == "positive_scaled_permutation"
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gaussian", "identity"])
+@settings(max_examples=8, deadline=None)
+@given(hidden=st.lists(st.integers(1, 9), min_size=1, max_size=3), seed=st.integers(0, 2**31 - 1))
+def test_mlp_invariance_property(activation, hidden, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = models.mlp(5, hidden, 3, activation=activation).double()
+    x = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    spec = symmetry_spec(model, x)
+    assert [s.size for s in spec.spaces.values()] == list(hidden)
+    new = apply_symmetry(model, random_symmetry(spec, g), spec)
+    with torch.no_grad():
+        assert max_rel(model(x), new(x)) <= 1e-9
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_resnet20_invariance(shortcut, activation):
+    g = torch.Generator().manual_seed(2)
+    model = models.resnet20(activation=activation, shortcut=shortcut, widths=(4, 8, 16)).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=g)
+    warmed(model, x)
+    spec = symmetry_spec(model, x)
+    assert not spec.pinned
+    for _ in range(2):
+        outputs_agree(model, apply_symmetry(model, random_symmetry(spec, g), spec), x, 1e-9)
+    model32 = models.resnet20(activation=activation, shortcut=shortcut, widths=(4, 8, 16))
+    x32 = x.float()
+    warmed(model32, x32)
+    spec32 = symmetry_spec(model32, x32)
+    outputs_agree(model32, apply_symmetry(model32, random_symmetry(spec32, g), spec32), x32, 1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Remark 3.6: residual connections tie spaces
+# --------------------------------------------------------------------------------------------------
+
+def test_resnet20_option_b_ties_each_stage():
+    model = models.resnet20(shortcut="B")
+    spec = symmetry_spec(model, torch.randn(2, 3, 32, 32))
+    sites = sorted(s for sp in spec.spaces.values() for s in sp.sites)
+    assert len(sites) == 19 and len(set(sites)) == 19  # every site in exactly one space
+    stream = {name: sp.sites for name, sp in spec.spaces.items() if len(sp.sites) > 1}
+    assert stream == {
+        "relu": ["relu", "layer1.0.relu2", "layer1.1.relu2", "layer1.2.relu2"],
+        "layer2.0.relu2": ["layer2.0.relu2", "layer2.1.relu2", "layer2.2.relu2"],
+        "layer3.0.relu2": ["layer3.0.relu2", "layer3.1.relu2", "layer3.2.relu2"]}
+    inner = [sp for sp in spec.spaces.values() if len(sp.sites) == 1]
+    assert sorted(sp.sites[0] for sp in inner) == sorted(f"layer{s}.{b}.relu1" for s in (1, 2, 3) for b in range(3))
+    assert {spec.spaces[name].size for name in stream} == {16, 32, 64}
+
+
+def test_resnet20_option_a_embeds_the_padded_shortcut():
+    """Option A: zero-padded channels carry nothing from the shortcut, so the previous stage's stream space
+    continues in the middle channels of the next stage and the padded channels form a new space."""
+    model = models.resnet20(shortcut="A")
+    spec = symmetry_spec(model, torch.randn(2, 3, 32, 32))
+    assert not spec.pinned and len(spec.spaces) == 12
+    stage1 = spec.spaces["relu"]
+    assert stage1.size == 16
+    assert stage1.sites == ["relu"] + [f"layer{s}.{b}.relu2" for s in (1, 2, 3) for b in range(3)]
+    stage2 = spec.spaces["layer2.0.relu2[0:8,24:32]"]
+    assert stage2.size == 16 and stage2.sites == [f"layer{s}.{b}.relu2" for s in (2, 3) for b in range(3)]
+    stage3 = spec.spaces["layer3.0.relu2[0:16,48:64]"]
+    assert stage3.size == 32 and stage3.sites == [f"layer3.{b}.relu2" for b in range(3)]
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_stream_features_transform_by_the_tied_element(shortcut):
+    """Eq. (3.5) at the end of residual blocks: f'_{<=m}(x) = phi(A_m) f_{<=m}(x), with one A per tied space."""
+    g = torch.Generator().manual_seed(3)
+    model = models.resnet20(shortcut=shortcut, widths=(4, 8, 16)).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=g)
+    warmed(model, x)
+    spec = symmetry_spec(model, x)
+    el = random_symmetry(spec, g, monomial=True)
+    new = apply_symmetry(model, el, spec)
+    sites = ["layer1.2.relu2", "layer2.0.relu2", "layer3.2.relu2"]
+    old_f, new_f = extract_features(model, sites, x), extract_features(new, sites, x)
+
+    def expected(feat, pieces):
+        # pieces: (space name, channel positions of its indices); relu: phi(P·D) = P·D
+        out = feat.clone()
+        for name, pos in pieces:
+            perm, scale = el[name]
+            pos = torch.as_tensor(pos)
+            out[:, pos[perm]] = feat[:, pos] * scale.view(1, -1, 1, 1)
+        return out
+
+    if shortcut == "B":
+        pieces = {"layer1.2.relu2": [("relu", range(4))], "layer2.0.relu2": [("layer2.0.relu2", range(8))],
+                  "layer3.2.relu2": [("layer3.0.relu2", range(16))]}
+    else:
+        pieces = {"layer1.2.relu2": [("relu", range(4))],
+                  "layer2.0.relu2": [("relu", range(2, 6)), ("layer2.0.relu2[0:2,6:8]", [0, 1, 6, 7])],
+                  "layer3.2.relu2": [("relu", range(6, 10)), ("layer2.0.relu2[0:2,6:8]", [4, 5, 10, 11]),
+                                     ("layer3.0.relu2[0:4,12:16]", [0, 1, 2, 3, 12, 13, 14, 15])]}
+    for site in sites:
+        torch.testing.assert_close(new_f[site], expected(old_f[site], pieces[site]), rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# The action on weights, against a slow independent implementation
+# --------------------------------------------------------------------------------------------------
+
+def test_mlp_weights_match_proposition_3_4():
+    g = torch.Generator().manual_seed(4)
+    model = models.mlp(4, (5, 3), 2, activation="relu").double()
+    spec = symmetry_spec(model, torch.randn(2, 4, dtype=torch.float64))
+    el = random_symmetry(spec, g)
+    A1, A2 = el["act1"], el["act2"]
+    new = apply_symmetry(model, el, spec)
+    # W' = (A1 W1, A1 b1, A2 W2 phi(A1)^-1, A2 b2, W3 phi(A2)^-1, b3) with phi(A) = A for ReLU
+    torch.testing.assert_close(new.fc1.weight, A1 @ model.fc1.weight)
+    torch.testing.assert_close(new.fc1.bias, A1 @ model.fc1.bias)
+    torch.testing.assert_close(new.fc2.weight, A2 @ model.fc2.weight @ torch.linalg.inv(A1))
+    torch.testing.assert_close(new.head.weight, model.head.weight @ torch.linalg.inv(A2))
+    torch.testing.assert_close(new.head.bias, model.head.bias)
+
+
+def test_gaussian_phi_is_abs_in_the_consumer():
+    g = torch.Generator().manual_seed(5)
+    model = models.mlp(4, (6,), 2, activation="gaussian").double()
+    spec = symmetry_spec(model, torch.randn(2, 4, dtype=torch.float64))
+    A = random_symmetry(spec, g)["act1"]
+    assert (A < 0).any()  # sign flips happen
+    new = apply_symmetry(model, {"act1": A}, spec)
+    torch.testing.assert_close(new.fc1.weight, A @ model.fc1.weight)
+    torch.testing.assert_close(new.head.weight, model.head.weight @ torch.linalg.inv(A.abs()))
+
+
+def test_batch_norm_parameters_and_running_statistics_move():
+    """conv -> BN -> relu with A = P·D: the conv is only permuted, BN's gamma/beta carry D, the running
+    statistics are permuted (slow per-channel loop as the reference)."""
+    g = torch.Generator().manual_seed(6)
+    model = models.myrtle_cnn(4, input_size=8).double()
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64, generator=g)
+    warmed(model, x)
+    spec = symmetry_spec(model, x)
+    el = random_symmetry(spec, g, monomial=True)
+    new = apply_symmetry(model, {"relu1": el["relu1"]}, spec)
+    perm, scale = el["relu1"]
+    for j in range(4):
+        i = int(perm[j])
+        torch.testing.assert_close(new.conv1.weight[i], model.conv1.weight[j])
+        torch.testing.assert_close(new.bn1.weight[i], scale[j] * model.bn1.weight[j])
+        torch.testing.assert_close(new.bn1.bias[i], scale[j] * model.bn1.bias[j])
+        torch.testing.assert_close(new.bn1.running_mean[i], model.bn1.running_mean[j])
+        torch.testing.assert_close(new.bn1.running_var[i], model.bn1.running_var[j])
+        torch.testing.assert_close(new.conv2.weight[:, i], model.conv2.weight[:, j] / scale[j])
+    assert not torch.allclose(model.bn1.running_mean, torch.zeros(4, dtype=torch.float64))
+
+
+def test_flatten_into_linear_moves_blocks_of_features():
+    """Feature c*H*W + k after a flatten belongs to channel c: a channel permutation moves whole blocks."""
+    from torch import nn
+    g = torch.Generator().manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64, generator=g)
+    spec = symmetry_spec(model, x)
+    assert list(spec.spaces) == ["1"]
+    el = random_symmetry(spec, g, monomial=True)
+    perm, scale = el["1"]
+    new = apply_symmetry(model, el, spec)
+    W, W2 = model[3].weight.view(2, 3, 16), new[3].weight.view(2, 3, 16)
+    for j in range(3):
+        torch.testing.assert_close(W2[:, int(perm[j])], W[:, j] / scale[j])
+    with torch.no_grad():
+        assert max_rel(model(x), new(x)) <= 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-invariance: elements outside the group change the output (so the tests above can fail)
+# --------------------------------------------------------------------------------------------------
+
+def _rotation(n, g):
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    return q
+
+
+def test_rotation_on_a_relu_space_changes_the_output_and_is_rejected():
+    g = torch.Generator().manual_seed(8)
+    model = models.myrtle_cnn(4, batch_norm=False, input_size=8).double()
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64, generator=g)
+    spec = symmetry_spec(model, x)
+    Q = _rotation(8, g)
+    with pytest.raises(ValueError, match="not in G"):
+        apply_symmetry(model, {"relu2": Q}, spec)
+    new = apply_symmetry(model, {"relu2": Q}, spec, check=False)
+    with torch.no_grad():
+        assert max_rel(model(x), new(x)) > 1e-3
+
+
+def test_sign_flip_before_max_pool_changes_the_output():
+    """tanh allows sign flips, but a max-pool after it does not: the analysis must drop them."""
+    g = torch.Generator().manual_seed(9)
+    model = models.myrtle_cnn(4, activation="tanh", batch_norm=False, input_size=8).double()
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64, generator=g)
+    spec = symmetry_spec(model, x)
+    assert spec.spaces["relu2"].kind == "permutation"
+    flip = torch.diag(torch.tensor([-1.0] + [1.0] * 7, dtype=torch.float64))
+    new = apply_symmetry(model, {"relu2": flip}, spec, check=False)
+    with torch.no_grad():
+        assert max_rel(model(x), new(x)) > 1e-3
+    # on relu1 (no max-pool) the same flip is a symmetry
+    new = apply_symmetry(model, {"relu1": flip[:4, :4]}, spec)
+    with torch.no_grad():
+        assert max_rel(model(x), new(x)) <= 1e-12
+
+
+def test_negative_scaling_on_a_relu_space_changes_the_output():
+    g = torch.Generator().manual_seed(10)
+    model = models.mlp(4, (5,), 3).double()
+    x = torch.randn(9, 4, dtype=torch.float64, generator=g)
+    spec = symmetry_spec(model, x)
+    D = torch.diag(torch.tensor([-2.0, 1, 1, 1, 1], dtype=torch.float64))
+    with pytest.raises(ValueError):
+        apply_symmetry(model, {"act1": D}, spec)
+    new = apply_symmetry(model, {"act1": D}, spec, check=False)
+    with torch.no_grad():
+        assert max_rel(model(x), new(x)) > 1e-3
+
+
+def test_resnet_tie_is_needed():
+    """Proposition 3.4 applied naively to one block (producer layer1.1.bn2, consumer layer1.2.conv1), ignoring
+    that the skip connections carry the same space on, changes the output: the tie of Remark 3.6 matters."""
+    import copy
+    g = torch.Generator().manual_seed(11)
+    model = models.resnet20(shortcut="B", widths=(4, 8, 16)).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=g)
+    warmed(model, x)
+    spec = symmetry_spec(model, x)
+    el = random_symmetry(spec, g, monomial=True)
+    untied = copy.deepcopy(spec)
+    for action in untied.actions:
+        for lay in (action.inputs, action.outputs):
+            if lay is not None and action.module not in ("layer1.1.bn2", "layer1.2.conv1"):
+                lay.segments = [s for s in lay.segments if s.space != "relu"]
+    new = apply_symmetry(model, {"relu": el["relu"]}, untied)
+    with torch.no_grad():
+        assert max_rel(model.eval()(x), new.eval()(x)) > 1e-3
+    tied = apply_symmetry(model, {"relu": el["relu"]}, spec)
+    with torch.no_grad():
+        assert max_rel(model.eval()(x), tied.eval()(x)) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
+# The verifier and bad input
+# --------------------------------------------------------------------------------------------------
+
+def test_verify_names_every_space_and_mode():
+    model = models.resnet20(widths=(4, 8, 16)).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    warmed(model, x)
+    report = verify_symmetry(model, x, generator=torch.Generator().manual_seed(0), trials=1)
+    spaces = report.by_space()
+    assert set(spaces) == set(symmetry_spec(model, x).spaces) | {"<all spaces>"}
+    assert all(set(v) == {"eval", "train"} for v in spaces.values())
+    assert report.max_rel <= 1e-9 and report.max_abs <= 1e-9
+    assert "layer2.0.relu2[0:2,6:8]" in str(report)
+
+
+def test_apply_rejects_bad_elements():
+    model = models.mlp(4, (5,), 3)
+    spec = symmetry_spec(model, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="unknown space"):
+        apply_symmetry(model, {"nope": torch.eye(5)}, spec)
+    with pytest.raises(ValueError, match="shape"):
+        apply_symmetry(model, {"act1": torch.eye(4)}, spec)
+    with pytest.raises(ValueError, match="non-finite"):
+        apply_symmetry(model, {"act1": torch.full((5, 5), float("nan"))}, spec)
+    with pytest.raises(ValueError):
+        random_symmetry("not a spec")
+    # the identity changes nothing
+    new = apply_symmetry(model, {"act1": torch.eye(5)}, spec)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), new.parameters()))
+
+
+def test_dense_and_monomial_elements_agree():
+    g = torch.Generator().manual_seed(12)
+    model = models.myrtle_cnn(4, input_size=8).double()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    spec = symmetry_spec(model, x)
+    el = random_symmetry(spec, g, monomial=True)
+    a = apply_symmetry(model, el, spec)
+    b = apply_symmetry(model, {k: monomial_matrix(*v) for k, v in el.items()}, spec)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
