@@ -1,0 +1,138 @@
+"""intertwiners rotation-penalty: the §3.3 sanity test (Fig. 4) on batch-norm-free Myrtle CNNs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+NAME = "rotation-penalty"
+HELP = ("Insert a fixed G_ReLU or orthogonal channel transform before a layer's activation, fine-tune the "
+        "later layers, and report the accuracy lost (Fig. 4); writes a CSV and a PNG.")
+
+FIELDS = ("panel", "layer", "conv", "site", "position", "transform", "seed", "channels", "epochs",
+          "baseline_accuracy", "transformed_accuracy", "finetuned_accuracy", "penalty", "val_accuracy",
+          "best_epoch", "wall_time_s")
+
+
+def add_arguments(p):
+    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
+    p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
+    p.add_argument("--activations", default="relu,sigmoid",
+                   help="comma-separated activations of the batch-norm-free Myrtle CNNs to test")
+    p.add_argument("--model", default=None,
+                   help="a saved model folder (intertwiners train) to use instead of training one; "
+                        "then --activations is ignored")
+    p.add_argument("--layers", default="conv1,conv2,conv3",
+                   help="layers whose pre-activation is transformed: names or Sequential indices "
+                        "(the paper's 0,2,5 are conv1,conv2,conv3)")
+    p.add_argument("--transforms", default="grelu,orthogonal",
+                   help="comma-separated: grelu, orthogonal, permutation, identity")
+    p.add_argument("--seeds", default="0-4", help="repeats, e.g. 0-9")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (the paper: 50)")
+    p.add_argument("--model-seed", type=int, default=0, help="seed of the trained base model")
+    p.add_argument("--model-epochs", type=int, default=None, help="base model epochs (default: recipe)")
+    p.add_argument("--width", type=int, default=None, help="Myrtle CNN width (default 16 on digits, 64 else)")
+    p.add_argument("--train-subset", type=int, default=None, help="fine-tune on the first k training images")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out", default="runs/rotation_penalty")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _base_model(args, activation: str, data, out: Path):
+    """Load the base model from OUT/models/<activation> or train (and save) it."""
+    from .. import models
+    from ..training import is_complete, train_one
+
+    folder = out / "models" / f"myrtle_cnn-nobn-{activation}-seed{args.model_seed}"
+    if is_complete(folder):
+        return models.load(folder), json.loads((folder / "metrics.json").read_text())
+    kwargs = {"batch_norm": False, "activation": activation}
+    if args.width is not None:
+        kwargs["width"] = args.width
+    model, metrics = train_one("myrtle_cnn", args.dataset, args.model_seed, epochs=args.model_epochs,
+                               device=args.device, progress=not args.quiet, data=data, **kwargs)
+    models.save(model, folder)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return model, metrics
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            for k in ("position", "seed", "channels", "epochs", "best_epoch"):
+                r[k] = int(r[k])
+            for k in ("baseline_accuracy", "transformed_accuracy", "finetuned_accuracy", "penalty",
+                      "val_accuracy", "wall_time_s"):
+                r[k] = float(r[k])
+            rows.append(r)
+    return rows
+
+
+def run(args) -> int:
+    from .. import models
+    from .._util import parse_seeds
+    from ..data import load as load_data
+    from ..rotation_penalty import TRANSFORMS, plot_rotation_penalties, rotation_penalty_sweep, summarize
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
+    for t in transforms:
+        if t not in TRANSFORMS:
+            raise ValueError(f"unknown transform {t!r}; known: {', '.join(TRANSFORMS)}")
+    layers = [x.strip() for x in args.layers.split(",") if x.strip()]
+    seeds = parse_seeds(args.seeds)
+    if args.epochs < 1:
+        raise ValueError("--epochs must be >= 1")
+    train, test = load_data(args.dataset, args.data_root)
+
+    if args.model:
+        bases = [(Path(args.model).name, models.load(args.model), None)]
+    else:
+        bases = []
+        for act in [a.strip() for a in args.activations.split(",") if a.strip()]:
+            model, metrics = _base_model(args, act, (train, test), out)
+            bases.append((act, model, metrics))
+
+    csv_path = out / "rotation_penalty.csv"
+    previous = _read_rows(csv_path)  # earlier runs are kept; those with these epochs are resumed from
+    rows = [r for r in previous if r["epochs"] == args.epochs]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(previous)
+        f.flush()
+        for panel, model, _ in bases:
+            done = {(r["layer"], r["transform"], r["seed"]) for r in rows if r["panel"] == panel}
+
+            def store(r, panel=panel):
+                r["panel"] = panel
+                writer.writerow(r)
+                f.flush()
+                rows.append(r)
+                if not args.quiet:
+                    print(f"{panel:>10} {r['conv']:>6} {r['transform']:>11} seed {r['seed']}: "
+                          f"penalty {r['penalty']:+.2f} (baseline {r['baseline_accuracy']:.2f}, "
+                          f"after insertion {r['transformed_accuracy']:.2f}, "
+                          f"after fine-tuning {r['finetuned_accuracy']:.2f})", flush=True)
+
+            rotation_penalty_sweep(model, layers, transforms, train, test, seeds=seeds, epochs=args.epochs,
+                                   device=args.device, done=done, callback=store, train_subset=args.train_subset,
+                                   progress=not args.quiet)
+
+    summary = summarize(rows, by=("panel", "conv", "transform"))
+    with (out / "rotation_penalty_summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=("panel", "conv", "transform", "mean", "std", "ci95", "n"))
+        writer.writeheader()
+        writer.writerows(summary)
+    plot_rotation_penalties(rows, out / "rotation_penalty.png",
+                            title=f"Rotation penalty ({args.dataset}, {args.epochs} epochs)")
+    print(f"{'model':>10} {'layer':>6} {'transform':>11} {'penalty':>8} {'ci95':>6} n")
+    for s in summary:
+        print(f"{s['panel']:>10} {s['conv']:>6} {s['transform']:>11} {s['mean']:+8.2f} {s['ci95']:6.2f} {s['n']}")
+    print(f"wrote {csv_path}, {out / 'rotation_penalty_summary.csv'}, {out / 'rotation_penalty.png'}")
+    return 0
