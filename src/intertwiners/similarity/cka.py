@@ -1,0 +1,85 @@
+"""Centred kernel alignment: CKA with linear, RBF or max kernels, and G_ReLU-CKA (Definition 5.3).
+
+    CKA(X, Y) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
+
+with K, L the Gram matrices of X and Y (:mod:`.kernels`) and HSIC the unbiased HSIC_1 of Nguyen, Raghu &
+Kornblith (2021, eq. 3) by default, or the biased HSIC_0 (:mod:`.hsic`). G_ReLU-CKA is CKA with the max
+kernel after each column/channel is centred and scaled to unit norm; it is invariant to permutations and
+positive scalings of the columns (G_ReLU) and to translations, and equals 1 when Y = X A + 1 v' with A in
+G_ReLU. Linear CKA is invariant to orthogonal transformations and isotropic scaling instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._util import resolve_device
+from ._validate import check_pair, check_unbiased_n, to_features
+from .hsic import _check_estimator, hsic
+from .kernels import KERNELS, gram
+
+
+def cka_from_grams(k: torch.Tensor, l: torch.Tensor, estimator: str = "unbiased") -> float:
+    """CKA from two (N, N) Gram matrices; raises ``ValueError`` rather than returning NaN."""
+    _check_estimator(estimator)
+    if estimator == "unbiased":
+        check_unbiased_n(k.shape[0])
+    kl = float(hsic(k, l, estimator))
+    kk = float(hsic(k, k, estimator))
+    ll = float(hsic(l, l, estimator))
+    return cka_from_hsic(kl, kk, ll, estimator)
+
+
+def cka_from_hsic(kl: float, kk: float, ll: float, estimator: str = "unbiased",
+                  what: str = "") -> float:
+    """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with an explanation when a self-HSIC is not positive."""
+    for label, v in (("X", kk), ("Y", ll)):
+        if not v > 0 or not math.isfinite(v):
+            hint = ("the unbiased HSIC_1 estimate can be zero or negative for few samples or nearly constant "
+                    "features; use more samples (larger batches) or estimator='biased'"
+                    if estimator == "unbiased" else "the features carry no variation under this kernel")
+            raise ValueError(f"CKA is undefined{what}: HSIC({label}, {label}) = {v:.3g} is not positive "
+                             f"({estimator} estimator); {hint}")
+    return kl / math.sqrt(kk * ll)
+
+
+def cka(X, Y, kernel: str = "linear", estimator: str = "unbiased", *, threshold: float = 1.0,
+        sigma: float | None = None, drop_dead: bool = False, device=None, backend: str = "auto") -> float:
+    """Centred kernel alignment between features X (N, ...) and Y (N, ...) of the same N samples.
+
+    kernel: ``linear`` (flattened features), ``rbf`` (flattened; bandwidth sigma^2 = threshold^2 x the
+    median squared distance between distinct samples, as Kornblith et al. 2019, unless ``sigma`` is given)
+    or ``max`` (the G_ReLU max kernel after each column/channel is centred and unit-normalised; the same as
+    :func:`grelu_cka`). estimator: ``unbiased`` (HSIC_1, NRK21 eq. 3; needs N >= 4; the value can be
+    slightly negative for unrelated features) or ``biased`` (HSIC_0 = tr(KHLH)/(N-1)^2).
+    ``drop_dead=True`` drops columns/channels that are constant over the data before the max kernel
+    (otherwise they raise). X and Y may have different feature shapes. Returns a float.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    _check_estimator(estimator)
+    dev = None if device is None else resolve_device(device)
+    x = to_features(X, "X", dev)
+    y = to_features(Y, "Y", dev if dev is not None else x.device)
+    check_pair(x, y)
+    if estimator == "unbiased":
+        check_unbiased_n(x.shape[0])
+    opts = dict(threshold=threshold, sigma=sigma, drop_dead=drop_dead, backend=backend)
+    k = gram(x, kernel, name="X", **opts)
+    l = gram(y, kernel, name="Y", **opts)
+    return cka_from_grams(k, l, estimator)
+
+
+def grelu_cka(X, Y, estimator: str = "unbiased", *, drop_dead: bool = False, device=None,
+              backend: str = "auto") -> float:
+    """G_ReLU-CKA (Definition 5.3): CKA with the max kernel on centred, unit-norm columns.
+
+    X (N, d) / Y (N, d'): each column is centred and scaled to unit norm over the N samples, then
+    K[i, j] = max_k x_ik x_jk. X (N, C, *spatial): each channel is centred and scaled to unit norm over
+    (N, *spatial), then K[i, j] = max_c <x_i[c], x_j[c]> (inner products of the spatial maps). The
+    unbiased HSIC_1 by default. A column/channel that is constant over the data (a dead ReLU unit)
+    cannot be normalised: it raises ``ValueError`` unless ``drop_dead=True``. Returns a float.
+    """
+    return cka(X, Y, kernel="max", estimator=estimator, drop_dead=drop_dead, device=device, backend=backend)

@@ -1,0 +1,275 @@
+"""Streaming similarity: minibatch CKA for one pair, and layer x layer matrices between two models.
+
+Minibatch CKA (Nguyen, Raghu & Kornblith 2021, "Do wide and deep networks learn the same things?"):
+over k minibatches of features (X_i, Y_i) with Gram matrices K_i, L_i,
+
+    CKA_minibatch = mean_i HSIC_1(K_i, L_i) / sqrt(mean_i HSIC_1(K_i, K_i) * mean_i HSIC_1(L_i, L_i))
+
+with the unbiased HSIC_1, so the estimate has no bias from the batch size. Memory is that of one batch,
+whatever the number of samples. For the max kernel (G_ReLU-CKA) the centring and unit-norm scaling of
+each column/channel use the statistics *of the batch* (one pass; G_ReLU invariance and the alignment
+property hold batch by batch, so they hold for the estimate).
+
+:func:`layer_similarity_matrix` runs two models over the data once and fills the whole matrix of CKA
+values between their sites (Figs. 2 and 5): per batch, every site's Gram matrix is centred once
+(U-centring for HSIC_1), and all HSIC_1 values between sites are one matrix product of the stacked
+centred Gram matrices. :func:`procrustes_per_layer` streams the float64 second moments that the
+Procrustes measures need (Table 2).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._util import resolve_device
+from ._validate import check_pair, check_unbiased_n, to_features
+from .cka import cka_from_hsic
+from .hsic import _check_estimator, centred_gram, hsic_normaliser
+from .kernels import KERNELS, gram
+from .procrustes import GROUPS, ProcrustesStats
+
+
+class MinibatchCKA:
+    """CKA accumulated over minibatches (NRK21): ``update(X_batch, Y_batch)`` then ``compute()``.
+
+    kernel: linear | rbf | max (max = G_ReLU-CKA, normalised per batch). estimator: ``unbiased``
+    (HSIC_1, the NRK21 estimator; every batch needs >= 4 samples) or ``biased``. Per-batch HSIC values
+    stay as float64 tensors on the features' device (no host synchronisation per batch).
+    """
+
+    def __init__(self, kernel: str = "linear", estimator: str = "unbiased", *, threshold: float = 1.0,
+                 sigma: float | None = None, drop_dead: bool = False, device=None, backend: str = "auto"):
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        _check_estimator(estimator)
+        self.kernel, self.estimator = kernel, estimator
+        self._opts = dict(threshold=threshold, sigma=sigma, drop_dead=drop_dead, backend=backend)
+        self.device = None if device is None else resolve_device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch."""
+        self.n_batches = 0
+        self.n_samples = 0
+        self._sums: torch.Tensor | None = None   # [sum HSIC(K,L), sum HSIC(K,K), sum HSIC(L,L)]
+
+    def update(self, X_batch, Y_batch) -> None:
+        """Add one minibatch of features of the same samples: X (b, ...), Y (b, ...)."""
+        x = to_features(X_batch, "X_batch", self.device)
+        y = to_features(Y_batch, "Y_batch", self.device if self.device is not None else x.device)
+        check_pair(x, y, ("X_batch", "Y_batch"))
+        if self.estimator == "unbiased":
+            check_unbiased_n(x.shape[0], f"minibatch CKA with the unbiased estimator: batch {self.n_batches}")
+        kc = centred_gram(gram(x, self.kernel, name="X_batch", **self._opts), self.estimator)
+        lc = centred_gram(gram(y, self.kernel, name="Y_batch", **self._opts), self.estimator)
+        norm = hsic_normaliser(x.shape[0], self.estimator)
+        vals = torch.stack([(kc * lc).sum(), (kc * kc).sum(), (lc * lc).sum()]) / norm
+        self._sums = vals if self._sums is None else self._sums + vals.to(self._sums.device)
+        self.n_batches += 1
+        self.n_samples += x.shape[0]
+
+    @property
+    def hsic_values(self) -> tuple[float, float, float]:
+        """Mean over batches of (HSIC(K, L), HSIC(K, K), HSIC(L, L))."""
+        if self._sums is None:
+            raise ValueError("MinibatchCKA.compute() before any update(): no batches were given")
+        m = (self._sums / self.n_batches).tolist()
+        return m[0], m[1], m[2]
+
+    def compute(self) -> float:
+        """The minibatch CKA estimate; ValueError (never NaN) when a mean self-HSIC is not positive."""
+        kl, kk, ll = self.hsic_values
+        return cka_from_hsic(kl, kk, ll, self.estimator, what=f" after {self.n_batches} batch(es)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two models, many sites, one pass over the data.
+
+_CKA_MEASURES = {"cka": "linear", "linear_cka": "linear", "rbf_cka": "rbf", "grelu_cka": "max",
+                 "max_cka": "max"}
+_PROCRUSTES_MEASURES = {"procrustes": "orthogonal", "orthogonal_procrustes": "orthogonal",
+                        "permutation_procrustes": "permutation", "grelu_procrustes": "grelu"}
+MEASURES = tuple(_CKA_MEASURES) + tuple(_PROCRUSTES_MEASURES)
+
+
+class _SiteRunner:
+    """Runs a model and returns its features at ``sites`` for one input batch (eval mode, no grad)."""
+
+    def __init__(self, model: nn.Module, sites: Sequence[str] | None, device: torch.device, example):
+        from ..features import _param_dtype, activation_sites
+        from ..tracing import check_sites, find_sites, trace, truncated_module
+
+        self.model, self.device, self.dtype = model, device, _param_dtype(model)
+        try:
+            gm = trace(model)
+            available = {s.name: s for s in find_sites(gm)}
+        except ValueError:
+            available = None
+        if available is not None:
+            self.sites = check_sites(list(sites) if sites is not None else list(available), list(available))
+            self.runner: nn.Module | None = truncated_module(gm, [available[s].node for s in self.sites])
+        else:
+            names = activation_sites(model, example)
+            self.sites = check_sites(list(sites) if sites is not None else names, names)
+            self.runner = None
+
+    def __call__(self, xb: torch.Tensor) -> list[torch.Tensor]:
+        from ..features import eval_mode, extract_features
+        if self.runner is None:
+            feats = extract_features(self.model, self.sites, xb, device=self.device, batch_size=len(xb))
+            return [feats[s].to(self.device) for s in self.sites]
+        with torch.no_grad(), eval_mode(self.runner):
+            return list(self.runner(xb.to(device=self.device, dtype=self.dtype)))
+
+
+def _batches(data, batch_size: int, max_samples: int | None) -> Iterable[torch.Tensor]:
+    from ..features import iterate_inputs
+    seen = 0
+    for xb in iterate_inputs(data, batch_size):
+        if max_samples is not None:
+            if seen >= max_samples:
+                return
+            xb = xb[: max_samples - seen]
+        seen += len(xb)
+        yield xb
+
+
+def _prepare(model_a, model_b, data, sites_a, sites_b, device, batch_size, max_samples):
+    dev = resolve_device(device)
+    first = next(iter(_batches(data, 2, 2)), None)
+    if first is None:
+        raise ValueError("no input data was given")
+    if model_a is model_b and (sites_b is None or list(sites_b) == list(sites_a or [])):
+        warnings.warn("model_a and model_b are the same object: comparing a model with itself gives 1 on the "
+                      "diagonal; pass two different models to compare seeds", stacklevel=3)
+    ra = _SiteRunner(model_a, sites_a, dev, first)
+    rb = _SiteRunner(model_b, sites_b, dev, first)
+    moved = []
+    for m in (model_a, model_b):
+        p = next(iter(m.parameters()), None)
+        moved.append((m, p.device if p is not None else None))
+        m.to(dev)
+        if m is model_a and ra.runner is not None:
+            ra.runner.to(dev)
+        if m is model_b and rb.runner is not None:
+            rb.runner.to(dev)
+    return dev, ra, rb, moved, _batches(data, batch_size, max_samples)
+
+
+def _restore(moved) -> None:
+    for m, d in moved:
+        if d is not None:
+            m.to(d)
+
+
+def layer_similarity_matrix(model_a: nn.Module, model_b: nn.Module, data, sites_a: Sequence[str] | None = None,
+                            sites_b: Sequence[str] | None = None, measure: str = "grelu_cka",
+                            batch_size: int = 256, device: str = "auto", estimator: str = "unbiased",
+                            max_samples: int | None = None, drop_dead: bool = True, threshold: float = 1.0,
+                            progress: bool = False, return_sites: bool = False):
+    """The (len(sites_a), len(sites_b)) matrix of minibatch CKA between every pair of sites, one pass.
+
+    measure: ``grelu_cka`` (max kernel, per-batch G_ReLU normalisation), ``cka`` / ``linear_cka`` or
+    ``rbf_cka``. data: a dataset with ``.x``, an (N, ...) array/tensor, or an iterable of batches;
+    sites default to every activation site (forward order). Every batch must hold >= 4 samples for the
+    unbiased estimator (a smaller last batch is skipped with a warning). Memory is independent of N:
+    per batch, one centred (b, b) Gram matrix per site. ``drop_dead`` (default True here) drops units that
+    are constant within a batch before the max kernel; they have no defined normalisation. Returns a
+    float64 NumPy array, or ``(matrix, sites_a, sites_b)`` with ``return_sites=True``.
+    """
+    if measure not in _CKA_MEASURES:
+        hint = " (Procrustes compares matching layers: use procrustes_per_layer)" \
+            if measure in _PROCRUSTES_MEASURES else ""
+        raise ValueError(f"measure must be one of {tuple(_CKA_MEASURES)}{hint}, got {measure!r}")
+    _check_estimator(estimator)
+    if estimator == "unbiased":
+        check_unbiased_n(batch_size, "the unbiased estimator with batch_size")
+    kernel = _CKA_MEASURES[measure]
+    dev, ra, rb, moved, batches = _prepare(model_a, model_b, data, sites_a, sites_b, device, batch_size,
+                                           max_samples)
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc=f"{measure} matrix", unit="batch")
+    opts = dict(threshold=threshold, drop_dead=drop_dead)
+    kl = kk = ll = None
+    n_batches = 0
+    try:
+        for xb in batches:
+            if estimator == "unbiased" and len(xb) < 4:
+                warnings.warn(f"skipping a final batch of {len(xb)} samples (the unbiased HSIC needs >= 4)",
+                              stacklevel=2)
+                continue
+            ua = _stacked_centred(ra(xb), ra.sites, kernel, estimator, opts)
+            ub = _stacked_centred(rb(xb), rb.sites, kernel, estimator, opts)
+            norm = hsic_normaliser(len(xb), estimator)
+            b_kl = (ua @ ub.T) / norm
+            b_kk = (ua * ua).sum(1) / norm
+            b_ll = (ub * ub).sum(1) / norm
+            kl, kk, ll = (b_kl, b_kk, b_ll) if kl is None else (kl + b_kl, kk + b_kk, ll + b_ll)
+            n_batches += 1
+    finally:
+        _restore(moved)
+    if kl is None:
+        raise ValueError("no batch with enough samples was seen")
+    kl, kk, ll = (t.cpu().numpy() / n_batches for t in (kl, kk, ll))
+    for sites, self_hsic in ((ra.sites, kk), (rb.sites, ll)):
+        bad = [s for s, v in zip(sites, self_hsic) if not v > 0]
+        if bad:
+            raise ValueError(f"CKA undefined at site(s) {bad}: the mean self-HSIC is not positive ({estimator} "
+                             "estimator); use larger batches or more data")
+    out = kl / np.sqrt(np.outer(kk, ll))
+    return (out, list(ra.sites), list(rb.sites)) if return_sites else out
+
+
+def _stacked_centred(feats, sites, kernel, estimator, opts) -> torch.Tensor:
+    rows = []
+    for s, f in zip(sites, feats):
+        f = to_features(f, f"features at {s}")
+        rows.append(centred_gram(gram(f, kernel, name=f"features at {s}", **opts), estimator).reshape(-1))
+    return torch.stack(rows)
+
+
+def procrustes_per_layer(model_a: nn.Module, model_b: nn.Module, data, sites: Sequence[str] | None = None,
+                         sites_b: Sequence[str] | None = None, groups: Sequence[str] = ("grelu", "orthogonal"),
+                         center: bool = False, batch_size: int = 256, device: str = "auto",
+                         max_samples: int | None = None, drop_dead: bool = True,
+                         progress: bool = False) -> dict[str, dict[str, float]]:
+    """Procrustes similarities between the same sites of two models, in one pass over the data.
+
+    Features at each site are (N, C, *spatial) -> the (N * prod(spatial), C) channel matrix (Table 2).
+    ``sites_b`` pairs site k of A with site k of B (default: the same names). Returns
+    ``{site_a: {group: similarity}}``; float64 statistics, memory O(C^2) per site. ``drop_dead`` (default
+    True here) drops dead channels (zero over the whole data) for the ``grelu`` group.
+    """
+    for g in groups:
+        if g not in GROUPS:
+            raise ValueError(f"groups must be drawn from {GROUPS}, got {g!r}")
+    if sites is not None and sites_b is None:
+        sites_b = sites
+    dev, ra, rb, moved, batches = _prepare(model_a, model_b, data, sites, sites_b, device, batch_size,
+                                           max_samples)
+    if len(ra.sites) != len(rb.sites):
+        _restore(moved)
+        raise ValueError(f"procrustes_per_layer pairs sites one to one: {len(ra.sites)} sites in A and "
+                         f"{len(rb.sites)} in B")
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="procrustes", unit="batch")
+    stats = [ProcrustesStats() for _ in ra.sites]
+    try:
+        for xb in batches:
+            for st, fa, fb, s in zip(stats, ra(xb), rb(xb), ra.sites):
+                x, y = to_features(fa, f"A features at {s}"), to_features(fb, f"B features at {s}")
+                check_pair(x, y)
+                st.update(x, y)
+    finally:
+        _restore(moved)
+    out: dict[str, dict[str, float]] = {}
+    for s, st in zip(ra.sites, stats):
+        out[s] = {g: st.similarity(g, center=center, drop_dead=drop_dead) for g in groups}
+    return out
