@@ -150,10 +150,11 @@ def as_monomial(A: torch.Tensor, atol: float = 1e-6) -> tuple[torch.Tensor, torc
         raise ValueError(f"expected a square matrix, got shape {tuple(A.shape)}")
     if not A.is_floating_point():
         A = A.to(torch.float64)
-    if not torch.isfinite(A).all():
-        raise ValueError("matrix has non-finite entries")
     n = A.shape[0]
-    nonzero = A.abs() > atol
+    magnitude = A.abs()
+    if not torch.isfinite(magnitude.sum()):
+        raise ValueError("matrix has non-finite entries")
+    nonzero = magnitude > atol
     if not (nonzero.sum(0) == 1).all() or not (nonzero.sum(1) == 1).all():
         raise ValueError("matrix is not monomial (each row and each column needs exactly one non-zero entry)")
     perm = nonzero.to(torch.float32).argmax(0).long()
@@ -317,15 +318,17 @@ class IntertwinerGroup:
         self.check_size(A.shape[0])
         return A
 
-    def _why_not(self, A: torch.Tensor, atol: float) -> str | None:
-        """None when A is in G, else the reason."""
+    def _why_not(self, A: torch.Tensor, atol: float, monomial: list | None = None) -> str | None:
+        """None when A is in G, else the reason. For monomial kinds, (perm, scale) is put in ``monomial``."""
         if self.is_monomial:
             try:
-                _, scale = as_monomial(A, atol)
+                perm, scale = as_monomial(A, atol)
             except ValueError as err:
                 return str(err)
             if not self.allows_scale(scale, atol):
                 return f"its diagonal factor has entries outside {self.description}"
+            if monomial is not None:
+                monomial[:] = [perm, scale]
             return None
         sv = torch.linalg.svdvals(A.to(torch.float64))
         if sv.min() <= atol * max(1.0, float(sv.max())):
@@ -347,12 +350,13 @@ class IntertwinerGroup:
     def phi(self, A, atol: float = 1e-6) -> torch.Tensor:
         """phi_sigma(A) as an (n, n) tensor (dtype and device of A); ValueError if A is not in G."""
         A = self._matrix(A)
-        reason = self._why_not(A, atol)
+        monomial: list = []
+        reason = self._why_not(A, atol, monomial)
         if reason is not None:
             raise ValueError(f"A is not in G_{self.name} ({self.kind}): {reason}")
         if not self.is_monomial:
             return A.clone()
-        perm, scale = as_monomial(A, atol)
+        perm, scale = monomial
         return monomial_matrix(perm, self.scale_map(scale))
 
     def phi_monomial(self, perm: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
