@@ -56,11 +56,14 @@ def fill(out: Path, grelu_better: bool) -> None:
             for experiment in ("fig5", "fig2"):
                 rec("cka", {"experiment": experiment}, {"sites": SITES, "linear": top if grelu_better else half,
                                                         "grelu": half if grelu_better else top})
-            for model, act in [("resnet", True), ("resnet_noact", False)]:
-                for alpha in (0.0, 1.0):
-                    drop = 0.3 if (act == grelu_better) else 0.0
-                    rec("dissection", {"model": model, "alpha": alpha, "rotation_seed": pair},
-                        {"interpretable_fraction": 0.5 - drop * alpha, "activation_at_site": act})
+            for arch, act in [("resnet", True), ("resnet_noact", False)]:
+                drop = 0.3 if (act == grelu_better) else 0.0
+                rec("dissection_model", {"arch": arch, "seed": pair}, {"arch": arch})
+                points = [{"alpha": a, "rotation": r, "fraction": 0.5 - drop * a + 0.01 * r}
+                          for a in (0.0, 0.5, 1.0) for r in range(2)]
+                rec("dissection", {"site": "stage3.1", "seed": pair},
+                    {"site": "stage3.1", "layer": "relu" if act else "no activation", "activation_at_site": act,
+                     "rows": points}, {"model": f"dissection_model{n:04d}"})
         store.record(id="broken", kind="stitch", label="stitch broken", config={}, deps={}, status="failed",
                      error="Traceback ...\nRuntimeError: something went wrong")
 

@@ -27,9 +27,11 @@ def reproduce(out, scale="smoke", *, dataset=None, data_root=None, backend="loca
     plan = build_plan(scale, dataset)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from .runner import closure
+
     with ResultsStore(out) as store:
         store.set_meta("plan", {"name": plan.name, **plan.info, "missing": plan.missing,
-                                "jobs": len(plan.jobs)})
+                                "jobs": len(closure(plan.jobs))})
     runner = make_backend(backend, workers=workers, ray_address=ray_address)
     try:
         summary = run_jobs(plan.jobs, out, runner, context={"data_root": None if data_root is None

@@ -17,6 +17,7 @@ leaves them out and the report lists them as missing.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -75,17 +76,25 @@ class JobType:
     kind: str
     run: Callable[[dict, dict[str, Dependency], dict], Output]
     description: str
-    needs: tuple[str, ...] = ()  # modules that must be importable (e.g. "intertwiners.stitching")
+    needs: tuple[str, ...] = ()  # "module" or "module:attribute" that must exist (e.g. "intertwiners.stitching:stitch")
 
     def missing(self) -> str | None:
-        """``None`` when the job type can run here, else the reason (a missing module)."""
-        for mod in self.needs:
+        """``None`` when the job type can run here, else the reason (a missing module or function)."""
+        for need in self.needs:
+            mod, _, attr = need.partition(":")
             try:
                 found = importlib.util.find_spec(mod) is not None
             except ModuleNotFoundError:
                 found = False
             if not found:
                 return f"module {mod} is not available"
+            if attr:
+                try:
+                    module = importlib.import_module(mod)
+                except Exception as err:  # a module that exists but cannot be imported yet
+                    return f"module {mod} cannot be imported: {err!r}"
+                if not hasattr(module, attr):
+                    return f"{mod}.{attr} is not available"
         return None
 
 
@@ -169,7 +178,12 @@ def model_from_files(files: dict[str, bytes]):
 
     if "model.safetensors" not in files or "config.json" not in files:
         raise ValueError(f"dependency has no saved model (files: {sorted(files)})")
-    model = models.build(json.loads(files["config.json"]))
+    config = json.loads(files["config.json"])
+    if str(config.get("arch", "")).startswith("fig3_"):
+        from ..dissection.fig3_models import build_fig3_model
+        model = build_fig3_model(config["arch"][len("fig3_"):], **config.get("kwargs", {}))
+    else:
+        model = models.build(config)
     model.load_state_dict(load(files["model.safetensors"]))
     return model.eval()
 
@@ -208,3 +222,141 @@ def run_zoo(config: dict, inputs: dict[str, Dependency], context: dict) -> Outpu
                                **config.get("arch_kwargs", {}))
     metrics.pop("wall_time_s", None)  # timing lives in the row, results stay deterministic
     return Output(metrics, model_files(model))
+
+
+def _test_inputs(test, max_samples: int | None):
+    """The first ``max_samples`` test images (the test split is fixed, so this is deterministic)."""
+    return test.x if not max_samples else test.x[:max_samples]
+
+
+@register("stitch", "a stitching penalty for one (front, back) pair, site and kind (Fig. 1, D.3)",
+          needs=("intertwiners.stitching:stitch",))
+def run_stitch(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
+    """Config: ``site``, ``kind``, ``rank``, ``epochs``, ``seed``, ``dataset``, ``settings`` (default
+    ``"default"``); deps ``front``, ``back`` (zoo jobs). Result: the accuracies and the penalty (eq. 4.3)."""
+    from ..stitching import stitch
+
+    train, test = dataset(config["dataset"], context)
+    front = model_from_files(inputs["front"].files)
+    back = model_from_files(inputs["back"].files)
+    r = stitch(front, back, config["site"], config["kind"], train, test, epochs=config["epochs"],
+               rank=config.get("rank"), seed=int(config.get("seed", 0)), settings=config.get("settings", "default"),
+               device=_device(context), front_accuracy=inputs["front"].result.get("test_accuracy"),
+               back_accuracy=inputs["back"].result.get("test_accuracy"), keep_model=False)
+    row = r.as_row()
+    row.pop("seconds", None)
+    return Output(row)
+
+
+@register("rotation_penalty", "fixed transform before an activation, then fine-tuning (Fig. 4)",
+          needs=("intertwiners.rotation_penalty:rotation_penalty",))
+def run_rotation_penalty(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
+    """Config: ``layer``, ``transform`` (grelu | orthogonal | ...), ``seed``, ``epochs``, ``dataset``;
+    dep ``model`` (a zoo job). Result: baseline, transformed and fine-tuned accuracies and the penalty."""
+    from ..rotation_penalty import rotation_penalty
+
+    train, test = dataset(config["dataset"], context)
+    model = model_from_files(inputs["model"].files)
+    r = rotation_penalty(model, config["layer"], config["transform"], train, test, epochs=int(config["epochs"]),
+                         seed=int(config["seed"]), device=_device(context))
+    r.pop("wall_time_s", None)
+    return Output(r)
+
+
+def _paired_features(config: dict, inputs: dict[str, Dependency], context: dict):
+    from ..features import activation_sites, extract_features
+
+    _, test = dataset(config["dataset"], context)
+    a = model_from_files(inputs["a"].files)
+    b = model_from_files(inputs["b"].files)
+    x = _test_inputs(test, config.get("max_samples"))
+    sites = config.get("sites") or activation_sites(a, x[:2])
+    fa = extract_features(a, sites, x, device=_device(context))
+    fb = extract_features(b, sites, x, device=_device(context))
+    return sites, fa, fb
+
+
+@register("procrustes", "G_ReLU and orthogonal Procrustes similarity per layer for one pair (Table 2)",
+          needs=("intertwiners.similarity:procrustes",))
+def run_procrustes(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
+    """Config: ``sites``, ``groups``, ``max_samples``, ``dataset``; deps ``a``, ``b``. Result: per group a
+    list of similarities, one per site (features: activation outputs on test images, eval mode)."""
+    from .. import similarity as sim
+
+    sites, fa, fb = _paired_features(config, inputs, context)
+    result: dict = {"sites": sites}
+    for group in config["groups"]:
+        result[group] = [float(sim.procrustes(fa[s], fb[s], group=group)) for s in sites]
+    return Output(result)
+
+
+@register("cka", "layer x layer G_ReLU-CKA and linear CKA matrices for one pair (Figs. 2 and 5)",
+          needs=("intertwiners.similarity:cka", "intertwiners.similarity:grelu_cka"))
+def run_cka(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
+    """Config: ``measures`` (linear | grelu), ``sites`` (null: every activation site), ``max_samples``,
+    ``dataset``; deps ``a``, ``b``. Result: ``{"sites": [...], measure: matrix[i][j] = CKA(a_i, b_j)}``."""
+    from .. import similarity as sim
+
+    sites, fa, fb = _paired_features(config, inputs, context)
+    result: dict = {"sites": sites}
+    for measure in config["measures"]:
+        fn = sim.grelu_cka if measure == "grelu" else (lambda x, y, k=measure: sim.cka(x, y, kernel=k))
+        result[measure] = [[float(fn(fa[si], fb[sj])) for sj in sites] for si in sites]
+    return Output(result)
+
+
+_BRODEN_CACHE: dict[tuple, str] = {}
+
+
+def _synthetic_broden(config: dict) -> str:
+    """A synthetic Broden-layout dataset for ``config`` (n_images, image_size, data_seed), made once per worker."""
+    import tempfile
+
+    from ..dissection import make_synthetic_broden
+
+    key = (int(config["n_images"]), int(config.get("image_size", 32)), int(config.get("data_seed", 0)))
+    if key not in _BRODEN_CACHE:
+        root = tempfile.mkdtemp(prefix="intertwiners-broden-")
+        make_synthetic_broden(root, n_images=key[0], seed=key[2], image_size=key[1])
+        _BRODEN_CACHE[key] = root
+    return _BRODEN_CACHE[key]
+
+
+@register("dissection_model", "train a Fig. 3 model on the synthetic Broden-layout dataset",
+          needs=("intertwiners.dissection.experiment:train_fig3_model",))
+def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
+    """Config: ``arch`` (resnet | resnet_noact | convnext), ``n_images``, ``image_size``, ``data_seed``,
+    ``epochs``, ``seed``. Result: validation accuracies; files: the model."""
+    from ..dissection import BrodenDataset
+    from ..dissection.experiment import synthetic_training_data, train_fig3_model
+    from ..training import accuracy
+
+    root = _synthetic_broden(config)
+    train = synthetic_training_data(BrodenDataset(root, split="train"))
+    probe = synthetic_training_data(BrodenDataset(root, split="val"))
+    model, metrics = train_fig3_model(config["arch"], train, epochs=int(config["epochs"]),
+                                      seed=int(config["seed"]), device=_device(context))
+    result = {"arch": config["arch"], "train_val_accuracy": float(metrics["val_accuracy"]),
+              "probe_accuracy": float(accuracy(model, probe, _device(context)))}
+    return Output(result, model_files(model))
+
+
+@register("dissection", "interpretable units of one site in rotated bases Q**alpha (Fig. 3)",
+          needs=("intertwiners.dissection.experiment:rotation_curve",))
+def run_dissection(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
+    """Config: ``site``, ``layer`` (description), ``alphas``, ``n_rotations``, ``quantile``, ``iou_threshold``,
+    ``seed`` and the dataset keys of ``dissection_model``; dep ``model``. Result: one row per (alpha,
+    rotation) with the fraction of interpretable units, and whether the site is an activation."""
+    from ..dissection import BrodenDataset
+    from ..dissection.experiment import rotation_curve
+
+    root = _synthetic_broden(config)
+    probe = BrodenDataset(root, split="val")
+    model = model_from_files(inputs["model"].files)
+    rows = rotation_curve(model, config["site"], probe, config["alphas"], int(config["n_rotations"]),
+                          seed=int(config["seed"]), quantile=float(config["quantile"]),
+                          iou_threshold=float(config["iou_threshold"]), device=_device(context))
+    keep = ("alpha", "rotation", "n_units", "interpretable_units", "fraction", "unique_concepts")
+    return Output({"site": config["site"], "layer": config["layer"],
+                   "activation_at_site": str(config["layer"]).startswith("relu"),
+                   "rows": [{k: r[k] for k in keep} for r in rows]})

@@ -38,6 +38,7 @@ class Scale:
     stitch_sites: tuple[str, ...] = MYRTLE_SITES
     stitch_kinds: tuple[str, ...] = ("full", "low_rank:1", "low_rank:4", "grelu")
     stitch_epochs: int = 2
+    stitch_settings: str = "default"  # intertwiners.stitching SETTINGS: "default" (Adam) or "authors" (SGD)
     similarity_pairs: int = 1
     cka_pairs: int = 1
     max_samples: int = 2000  # test images used for Procrustes/CKA features
@@ -59,7 +60,7 @@ class Scale:
     dissection_alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
     dissection_rotations: int = 1
     dissection_images: int = 200
-    dissection_epochs: int | None = 3
+    dissection_epochs: int = 3
     seed: int = 0  # draws the pairs
 
     def as_dict(self) -> dict:
@@ -67,7 +68,7 @@ class Scale:
 
 
 PRESETS: dict[str, Scale] = {
-    "smoke": Scale("smoke", mcnn_epochs=6),
+    "smoke": Scale("smoke", mcnn_epochs=6, resnet_epochs=5),
     "small": Scale(
         "small", mcnn_seeds=6, mcnn_epochs=12, stitch_pairs=4, stitch_epochs=4,
         stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"),
@@ -79,6 +80,7 @@ PRESETS: dict[str, Scale] = {
     "paper": Scale(
         "paper", dataset="cifar10", mcnn_width=64, mcnn_seeds=16, mcnn_epochs=None, stitch_pairs=32,
         stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"), stitch_epochs=20,
+        stitch_settings="authors",
         similarity_pairs=32, cka_pairs=16, max_samples=2000, rotation_repeats=10, rotation_epochs=50,
         resnet_seeds=8, resnet_epochs=None, slopes=(0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), slope_pairs=4,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=16,
@@ -207,7 +209,7 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan
                     jobs.append(cka_job("fig2", resnets[a], resnets[b], s, f"resnet20 {a}-{b}"))
 
     # Fig. 3: dissection under rotation
-    reason = _missing("dissection")
+    reason = _missing("dissection") or _missing("dissection_model")
     if reason:
         missing["fig3_dissection"] = reason
     else:
@@ -221,7 +223,8 @@ def stitch_job(experiment: str, front: Job, back: Job, site: str, kind: str, s: 
     """One stitching penalty: ``kind`` is a stitching kind, ``low_rank:R`` for rank R."""
     base, _, rank = kind.partition(":")
     config = {"experiment": experiment, "site": site, "kind": base, "rank": int(rank) if rank else None,
-              "epochs": s.stitch_epochs, "seed": 0, "dataset": s.dataset, **(extra or {})}
+              "epochs": s.stitch_epochs, "seed": 0, "dataset": s.dataset, "settings": s.stitch_settings,
+              **(extra or {})}
     label = f"stitch {experiment} {front.config['seed']}-{back.config['seed']} {site} {kind}"
     if extra and "slope" in extra:
         label += f" slope={extra['slope']}"
@@ -234,14 +237,19 @@ def cka_job(experiment: str, a: Job, b: Job, s: Scale, name: str) -> Job:
 
 
 def dissection_jobs(s: Scale) -> list[Job]:
+    """One training job per Fig. 3 model and one dissection job per (model, probed site), all alphas at once."""
+    from ..dissection.experiment import DEFAULT_SITES
+
+    data = {"n_images": s.dissection_images, "image_size": 32, "data_seed": 0}
     jobs = []
-    for model in s.dissection_models:
-        for alpha in s.dissection_alphas:
-            for r in range(s.dissection_rotations):
-                jobs.append(Job("dissection", {
-                    "experiment": "fig3", "model": model, "alpha": float(alpha), "rotation_seed": r, "seed": 0,
-                    "n_images": s.dissection_images, "epochs": s.dissection_epochs},
-                    label=f"dissection {model} alpha={alpha} r{r}"))
+    for arch in s.dissection_models:
+        model = Job("dissection_model", {**data, "arch": arch, "epochs": s.dissection_epochs, "seed": 0},
+                    label=f"dissection model {arch}")
+        for site, layer in DEFAULT_SITES.get(arch, []):
+            jobs.append(Job("dissection", {
+                **data, "experiment": "fig3", "site": site, "layer": layer, "alphas": list(s.dissection_alphas),
+                "n_rotations": s.dissection_rotations, "quantile": 0.05, "iou_threshold": 0.1, "seed": 0},
+                {"model": model}, label=f"dissection {arch} {site}"))
     return jobs
 
 

@@ -329,17 +329,24 @@ def section_dissection(store: ResultsStore, figdir: Path) -> str:
     head = "## Fig. 3 — interpretable units under rotation of the basis (dissection)\n\n"
     if not rows:
         return head + "No dissection results in the database.\n"
+    models = {r.id: r for r in store.rows(kind="dissection_model", status="done")}
     data: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    has_act: dict[str, bool] = {}
     for r in rows:
-        data[r.config["model"]][float(r.config["alpha"])].append(r.result["interpretable_fraction"])
+        arch = models[r.deps["model"]].config["arch"] if r.deps.get("model") in models else r.config.get("arch", "?")
+        name = f"{arch} {r.result['site']} [{r.result['layer']}]"
+        has_act[name] = bool(r.result.get("activation_at_site"))
+        for point in r.result["rows"]:
+            data[name][float(point["alpha"])].append(float(point["fraction"]))
+    alphas = sorted({a for d in data.values() for a in d})
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     table = []
-    alphas = sorted({float(r.config["alpha"]) for r in rows})
-    for model in sorted(data):
-        st = [mean_ci(data[model][a]) for a in alphas]
-        ax.errorbar(alphas, [s[0] for s in st], yerr=[s[1] for s in st], marker="o", capsize=3, label=model)
-        table.append([model] + [fmt(m, h, 3) for m, h, _ in st])
+    for name in sorted(data):
+        st = [mean_ci(data[name][a]) for a in alphas]
+        ax.errorbar(alphas, [s[0] for s in st], yerr=[s[1] for s in st], marker="o", capsize=3, label=name,
+                    ls="-" if has_act[name] else "--")
+        table.append([name] + [fmt(m, h, 3) for m, h, _ in st])
     ax.set_xlabel("rotation power alpha (0 = unit basis, 1 = random rotation Q)")
     ax.set_ylabel("fraction of interpretable units")
     ax.legend(fontsize=7)
@@ -347,23 +354,23 @@ def section_dissection(store: ResultsStore, figdir: Path) -> str:
     fig.savefig(figdir / "fig3_dissection.png", dpi=120)
     plt.close(fig)
     claims = []
-    has_act = {r.config["model"]: bool(r.result.get("activation_at_site")) for r in rows}
-    for model in sorted(data):
-        if 0.0 in data[model] and 1.0 in data[model]:
-            drop = float(np.mean(data[model][0.0]) - np.mean(data[model][1.0]))
-            if has_act[model]:
-                claims.append(f"- {model} (ReLU at the dissected site): fewer interpretable units in a rotated "
+    for name in sorted(data):
+        if 0.0 in data[name] and 1.0 in data[name]:
+            drop = float(np.mean(data[name][0.0]) - np.mean(data[name][1.0]))
+            if has_act[name]:
+                claims.append(f"- {name} (ReLU at the dissected site): fewer interpretable units in a rotated "
                               f"basis (alpha 1) than in the unit basis (change {-drop:+.3f}): "
                               f"{yes_no(drop > 0)}.\n")
             else:
-                claims.append(f"- {model} (no activation at the dissected site): interpretability does not drop "
+                claims.append(f"- {name} (no activation at the dissected site): interpretability does not drop "
                               f"under rotation (by more than 0.02; change {-drop:+.3f}): "
                               f"{yes_no(drop <= 0.02)}.\n")
     return (head + "![Fig. 3](figures/fig3_dissection.png)\n\nThe paper (ImageNet, Broden) finds that rotating "
             "a ReLU layer's basis lowers the number of interpretable units, while layers without an activation "
-            "(modified ResNet-50, ConvNeXt) do not lose interpretability. Here: the synthetic Broden-layout "
-            "dataset; fraction of interpretable units, mean ± 95% CI over random rotations.\n\n"
-            + _table(["model"] + [f"alpha {a:g}" for a in alphas], table) + "\n\n" + "".join(claims))
+            "(modified ResNet-50, ConvNeXt) do not lose interpretability. Here: small stand-in models trained on "
+            "the synthetic Broden-layout dataset; fraction of interpretable units, mean ± 95% CI over random "
+            "rotations.\n\n"
+            + _table(["model, site [layer]"] + [f"alpha {a:g}" for a in alphas], table) + "\n\n" + "".join(claims))
 
 
 def section_probe(store: ResultsStore, figdir: Path) -> str:
@@ -425,7 +432,7 @@ def write_report(out: str | Path) -> Path:
         if plan:
             scale = plan.get("scale", {})
             parts.append(f"Plan: scale `{plan.get('name')}`, dataset `{scale.get('dataset', '–')}`, "
-                         f"{plan.get('jobs', '–')} experiment jobs.\n")
+                         f"{plan.get('jobs', '–')} jobs.\n")
             if plan.get("missing"):
                 parts.append("Experiments **not run** because their code is missing here:\n\n"
                              + "\n".join(f"- {k}: {v}" for k, v in plan["missing"].items()) + "\n")
