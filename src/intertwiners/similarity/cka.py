@@ -37,8 +37,9 @@ def cka_from_hsic(kl: float, kk: float, ll: float, estimator: str = "unbiased",
     """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with an explanation when a self-HSIC is not positive."""
     for label, v in (("X", kk), ("Y", ll)):
         if not v > 0 or not math.isfinite(v):
-            hint = ("the unbiased HSIC_1 estimate can be zero or negative for few samples or nearly constant "
-                    "features; use more samples (larger batches) or estimator='biased'"
+            hint = ("the features carry no variation under this kernel (constant features?), or the "
+                    "unbiased HSIC_1 estimate is degenerate for so few samples; use more samples (larger "
+                    "batches), or estimator='biased'"
                     if estimator == "unbiased" else "the features carry no variation under this kernel")
             raise ValueError(f"CKA is undefined{what}: HSIC({label}, {label}) = {v:.3g} is not positive "
                              f"({estimator} estimator); {hint}")

@@ -12,7 +12,9 @@ Two estimators, both computed without any N x N centring matrix:
 * ``"biased"`` -- HSIC_0 = tr(K H L H) / (n-1)^2 with H = I - 11'/n (Gretton et al. 2005), i.e. the
   inner product of the double-centred matrices.
 
-The unbiased estimate of HSIC(K, K) can be negative for few samples; callers check that.
+HSIC_1(K, K) is a sum of squares of the U-centred matrix over n(n-3), so it is >= 0 up to rounding and
+0 for features without variation; HSIC_1(K, L) can be negative. The CKA functions raise ``ValueError``
+(never return NaN) when a self-HSIC is not positive.
 """
 
 from __future__ import annotations

@@ -35,10 +35,15 @@ def linear_gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def median_bandwidth_sq(sq_dist: torch.Tensor) -> float:
-    """Median of the squared distances between distinct samples (the off-diagonal entries)."""
+    """Median of the squared distances between distinct samples (pairs i < j; the mean of the two middle
+    values for an even count, as NumPy)."""
     n = sq_dist.shape[0]
     iu = torch.triu_indices(n, n, offset=1, device=sq_dist.device)
-    return float(torch.median(sq_dist[iu[0], iu[1]]))
+    v = sq_dist[iu[0], iu[1]]
+    m = v.numel()
+    lo = v.kthvalue((m + 1) // 2).values
+    hi = v.kthvalue(m // 2 + 1).values
+    return float((lo + hi) / 2)
 
 
 def rbf_gram(x: torch.Tensor, threshold: float = 1.0, sigma: float | None = None) -> torch.Tensor:
