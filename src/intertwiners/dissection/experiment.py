@@ -24,7 +24,7 @@ import torch
 
 from .._util import resolve_device
 from ..data import ArrayDataset
-from ..training import Recipe, accuracy, fit
+from ..training import accuracy
 from .broden import BrodenDataset, load_images
 from .dissect import dissect_many
 from .fig3_models import FIG3_ARCHITECTURES, build_fig3_model
@@ -50,36 +50,61 @@ def synthetic_training_data(dataset: BrodenDataset, name: str = "synthetic") -> 
     return ArrayDataset(x, y, len(dataset.class_names), name, flip=True, translate=2)
 
 
-def train_fig3_model(arch: str, train: ArrayDataset, *, epochs: int = 8, seed: int = 0, device: str = "auto",
-                     widths=(16, 32, 64), blocks: int = 2, progress: bool = False):
-    """Train one Fig. 3 model on ``train`` (10% held out for picking the best epoch). Returns
-    ``(model, metrics)`` with ``val_accuracy`` in percent."""
-    part, val = train.split(0.1, seed=0)
+def train_fig3_model(arch: str, train: ArrayDataset, *, steps: int = 500, batch_size: int = 32, lr: float = 1e-3,
+                     seed: int = 0, device: str = "auto", widths=(16, 32, 64), blocks: int = 2,
+                     progress: bool = False):
+    """Train one Fig. 3 model on ``train`` for ``steps`` Adam steps (batches drawn with a seeded generator,
+    random horizontal flips; the learning rate drops 10x for the last quarter). Returns ``(model, metrics)``
+    with ``train_accuracy`` (%, eval mode) and ``wall_time_s``."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError("steps and batch_size must be positive")
+    dev = resolve_device(device)
     torch.manual_seed(seed)
-    model = build_fig3_model(arch, train.num_classes, widths, blocks, train.input_shape[0])
-    recipe = Recipe(epochs=epochs, batch_size=64, lr=2e-3, weight_decay=1e-4, step_size=max(1, epochs // 2 + 1))
-    metrics = fit(model, part, val, recipe, seed, device, progress, desc=f"fig3 {arch}")
+    gen = torch.Generator().manual_seed(seed)
+    model = build_fig3_model(arch, train.num_classes, widths, blocks, train.input_shape[0]).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, (3 * steps) // 4)], 0.1)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc=f"fig3 {arch}", unit="step", leave=False)
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (batch_size,), generator=gen)
+        xb = train.x[idx]
+        flip = torch.rand(batch_size, generator=gen) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+        loss = torch.nn.functional.cross_entropy(model(xb.to(dev)), train.y[idx].to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    metrics = {"train_accuracy": accuracy(model, train, dev), "steps": steps,
+               "wall_time_s": time.perf_counter() - t0}
     return model.cpu(), metrics
 
 
 def fig3_experiment(root: str | Path, alphas=DEFAULT_ALPHAS, n_rotations: int = 3, *,
                     archs=FIG3_ARCHITECTURES, sites: dict | None = None, n_images: int = 1600,
-                    image_size: int = 32, label_size: int | None = None, epochs: int = 8, seed: int = 0,
+                    image_size: int = 32, label_size: int | None = None, steps: int = 500, seed: int = 0,
                     device: str = "auto", quantile: float = 0.05, iou_threshold: float = 0.1,
                     widths=(16, 32, 64), blocks: int = 2, regenerate: bool = False, models_out=None,
                     progress: bool = False) -> list[dict]:
     """Run the Fig. 3 experiment on the synthetic dataset in ``root`` (written first when missing or when
     ``regenerate``). Models train on the ``train`` split; dissection uses the ``val`` split.
 
-    Returns one row per (arch, site, alpha, rotation): ``arch, site, layer, alpha, rotation, n_units,
-    interpretable_units, fraction, unique_concepts, val_accuracy (model, %), seed, quantile,
-    iou_threshold``. Rotation r is ``random_rotation(n, Generator(seed * 1000 + r))``; alpha = 0 is
-    dissected once and reported for every r. ``models_out``: a folder to save the trained models in.
+    Returns one row per (arch, site, alpha, rotation): ``arch, layer`` plus the keys of
+    :func:`rotation_curve` plus ``val_accuracy`` (on the dissected val split, %), ``train_accuracy``
+    and ``train_s``. ``models_out``: a folder to save the trained models in.
     """
     root = Path(root)
-    alphas = [float(a) for a in alphas]
-    if not alphas or n_rotations < 1:
-        raise ValueError("need at least one alpha and one rotation")
     unknown = [a for a in archs if a not in FIG3_ARCHITECTURES]
     if unknown:
         raise ValueError(f"unknown architectures {unknown}; known: {FIG3_ARCHITECTURES}")
@@ -92,7 +117,7 @@ def fig3_experiment(root: str | Path, alphas=DEFAULT_ALPHAS, n_rotations: int = 
     rows = []
     for arch in archs:
         t0 = time.perf_counter()
-        model, metrics = train_fig3_model(arch, train, epochs=epochs, seed=seed, device=device, widths=widths,
+        model, metrics = train_fig3_model(arch, train, steps=steps, seed=seed, device=device, widths=widths,
                                           blocks=blocks, progress=progress)
         val_acc = accuracy(model, synthetic_training_data(probe), dev)
         if models_out is not None:
@@ -100,42 +125,65 @@ def fig3_experiment(root: str | Path, alphas=DEFAULT_ALPHAS, n_rotations: int = 
             save(model, Path(models_out) / arch)
         train_s = time.perf_counter() - t0
         for site, layer in sites.get(arch, []):
-            t1 = time.perf_counter()
-            n = _site_width(model, site, probe, dev)
-            plan: list[tuple[float, int]] = []
-            rotations: list = []
-            if 0.0 in alphas:
-                plan.append((0.0, -1))
-                rotations.append(None)
-            for r in range(n_rotations):
-                q = random_rotation(n, torch.Generator().manual_seed(seed * 1000 + r))
-                for a in alphas:
-                    if a != 0.0:
-                        plan.append((a, r))
-                        rotations.append(rotation_power(q, a))
-            results = dissect_many(model, site, probe, rotations, quantile=quantile, iou_threshold=iou_threshold,
-                                   device=device)
-            by_key = dict(zip(plan, results))
-            for a in alphas:
-                for r in range(n_rotations):
-                    res = by_key[(a, -1)] if a == 0.0 else by_key[(a, r)]
-                    rows.append({"arch": arch, "site": site, "layer": layer, "alpha": a, "rotation": r,
-                                 "n_units": n, "interpretable_units": res.interpretable_units,
-                                 "fraction": res.interpretable_units / n, "unique_concepts": res.unique_concepts,
-                                 "val_accuracy": val_acc, "train_val_accuracy": metrics["val_accuracy"],
-                                 "seed": seed, "quantile": quantile, "iou_threshold": iou_threshold,
-                                 "train_s": round(train_s, 2), "dissect_s": round(time.perf_counter() - t1, 2)})
+            curve = rotation_curve(model, site, probe, alphas, n_rotations, seed=seed, quantile=quantile,
+                                   iou_threshold=iou_threshold, device=device)
+            for row in curve:
+                rows.append({"arch": arch, "layer": layer, **row, "val_accuracy": val_acc,
+                             "train_accuracy": metrics["train_accuracy"], "train_s": round(train_s, 2)})
     return rows
 
 
-def _site_width(model, site: str, dataset: BrodenDataset, device) -> int:
+def rotation_curve(model, site: str, dataset: BrodenDataset, alphas=DEFAULT_ALPHAS, n_rotations: int = 3, *,
+                   seed: int = 0, quantile: float = 0.005, iou_threshold: float = 0.04, **dissect_kwargs,
+                   ) -> list[dict]:
+    """Dissect ``site`` of ``model`` in the bases Q_r**alpha for every alpha and r < ``n_rotations``.
+
+    Q_r = ``random_rotation(n, torch.Generator().manual_seed(seed * 1000 + r))``; one geodesic per Q_r,
+    as in Bau et al. All bases share the forward passes (:func:`dissect_many`); alpha = 0 is dissected
+    once and reported for every r. Returns rows ``site, alpha, rotation, n_units, interpretable_units,
+    fraction, unique_concepts, seed, quantile, iou_threshold, dissect_s``.
+    """
+    alphas = [float(a) for a in alphas]
+    if not alphas or n_rotations < 1:
+        raise ValueError("need at least one alpha and one rotation")
+    t0 = time.perf_counter()
+    n = _site_width(model, site, dataset)
+    plan: list[tuple[float, int]] = []
+    rotations: list = []
+    if 0.0 in alphas:
+        plan.append((0.0, -1))
+        rotations.append(None)
+    for r in range(n_rotations):
+        q = random_rotation(n, torch.Generator().manual_seed(seed * 1000 + r))
+        for a in alphas:
+            if a != 0.0:
+                plan.append((a, r))
+                rotations.append(rotation_power(q, a))
+    results = dict(zip(plan, dissect_many(model, site, dataset, rotations, quantile=quantile,
+                                          iou_threshold=iou_threshold, **dissect_kwargs)))
+    elapsed = round(time.perf_counter() - t0, 2)
+    rows = []
+    for a in alphas:
+        for r in range(n_rotations):
+            res = results[(a, -1)] if a == 0.0 else results[(a, r)]
+            rows.append({"site": site, "alpha": a, "rotation": r, "n_units": n,
+                         "interpretable_units": res.interpretable_units, "fraction": res.interpretable_units / n,
+                         "unique_concepts": res.unique_concepts, "seed": seed, "quantile": quantile,
+                         "iou_threshold": iou_threshold, "dissect_s": elapsed})
+    return rows
+
+
+def _site_width(model, site: str, dataset: BrodenDataset) -> int:
     from ..features import eval_mode
     from .dissect import SiteReader
 
     reader = SiteReader(model, site)
+    p = next(iter(model.parameters()), None)
     x = load_images(dataset, [0])
+    if p is not None:
+        x = x.to(device=p.device, dtype=p.dtype)
     with torch.no_grad(), eval_mode(model):
-        return int(reader(x.to(next(model.parameters()).device)).shape[1])
+        return int(reader(x).shape[1])
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -205,4 +253,36 @@ def write_rows_csv(rows: list[dict], path: str | Path) -> Path:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    return path
+
+
+def plot_units(result, path: str | Path, title: str | None = None) -> Path:
+    """Bar chart of each unit's best IoU, coloured by the category of its concept, with the
+    interpretability threshold as a line. Writes a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = result.units
+    order = sorted(units, key=lambda u: -u.iou)
+    cats = list(dict.fromkeys(result.concept_categories))
+    colours = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(cats)}
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(units) + 2), 4))
+    ax.bar(range(len(order)), [u.iou for u in order], color=[colours[u.category] for u in order], width=0.9)
+    ax.axhline(result.iou_threshold, color="k", ls="--", lw=1, label=f"IoU threshold {result.iou_threshold}")
+    for c in cats:
+        ax.bar([], [], color=colours[c], label=c)
+    if len(order) <= 40:
+        ax.set_xticks(range(len(order)), [f"{u.unit}:{u.concept}" for u in order], rotation=90, fontsize=7)
+    ax.set_xlabel("units, by best IoU")
+    ax.set_ylabel("best IoU")
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"{result.site}: {result.interpretable_units}/{len(units)} interpretable units, "
+                 f"{result.unique_concepts} unique concepts")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
