@@ -17,7 +17,7 @@ import torch
 
 from .._util import resolve_device
 from ._validate import check_pair, check_unbiased_n, to_features
-from .hsic import _check_estimator, hsic
+from .hsic import _check_estimator, centred_gram, centred_inner, hsic_normaliser
 from .kernels import KERNELS, gram
 
 
@@ -26,17 +26,36 @@ def cka_from_grams(k: torch.Tensor, l: torch.Tensor, estimator: str = "unbiased"
     _check_estimator(estimator)
     if estimator == "unbiased":
         check_unbiased_n(k.shape[0])
-    kl = float(hsic(k, l, estimator))
-    kk = float(hsic(k, k, estimator))
-    ll = float(hsic(l, l, estimator))
-    return cka_from_hsic(kl, kk, ll, estimator)
+    if k.shape != l.shape:
+        raise ValueError(f"Gram matrices of different sizes: {tuple(k.shape)} and {tuple(l.shape)}")
+    # centre each Gram matrix once (U-centring for HSIC_1, H K H for HSIC_0), then three inner products
+    kc, lc = centred_gram(k, estimator), centred_gram(l, estimator)
+    norm = hsic_normaliser(k.shape[0], estimator)
+    kl, kk, ll = (float(centred_inner(a, b)) / norm for a, b in ((kc, lc), (kc, kc), (lc, lc)))
+    scales = (gram_scale(k) / norm, gram_scale(l) / norm)
+    return cka_from_hsic(kl, kk, ll, estimator, scales=scales, rtol=degenerate_rtol(k.dtype, l.dtype))
 
 
-def cka_from_hsic(kl: float, kk: float, ll: float, estimator: str = "unbiased",
-                  what: str = "") -> float:
-    """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with an explanation when a self-HSIC is not positive."""
-    for label, v in (("X", kk), ("Y", ll)):
-        if not v > 0 or not math.isfinite(v):
+def gram_scale(k: torch.Tensor) -> float:
+    """|K|_F^2 in float64: the scale against which a self-HSIC counts as zero."""
+    return float(torch.linalg.vector_norm(k, dtype=torch.float64)) ** 2
+
+
+def degenerate_rtol(*dtypes: torch.dtype) -> float:
+    """A self-HSIC below rtol * |K|_F^2 / normaliser is rounding noise: (100 eps)^2 of the Gram dtype."""
+    eps = max(torch.finfo(d).eps for d in dtypes)
+    return (100.0 * eps) ** 2
+
+
+def cka_from_hsic(kl: float, kk: float, ll: float, estimator: str = "unbiased", what: str = "",
+                  scales: tuple[float, float] = (0.0, 0.0), rtol: float = 0.0) -> float:
+    """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with an explanation when a self-HSIC is not positive.
+
+    A self-HSIC at or below ``rtol * scale`` (the Gram matrix's |K|_F^2 over the HSIC normaliser) is
+    treated as zero: constant features give exactly zero up to rounding.
+    """
+    for label, v, sc in (("X", kk, scales[0]), ("Y", ll, scales[1])):
+        if not v > rtol * sc or not math.isfinite(v):
             hint = ("the features carry no variation under this kernel (constant features?), or the "
                     "unbiased HSIC_1 estimate is degenerate for so few samples; use more samples (larger "
                     "batches), or estimator='biased'"

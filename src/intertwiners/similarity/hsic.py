@@ -70,7 +70,7 @@ def double_centre(k: torch.Tensor) -> torch.Tensor:
     k = _square(k, "K")
     row = k.mean(1, keepdim=True)
     col = k.mean(0, keepdim=True)
-    return k - row - col + k.mean()
+    return (k - row).sub_(col).add_(k.mean())
 
 
 def u_centre(k: torch.Tensor) -> torch.Tensor:
@@ -79,12 +79,13 @@ def u_centre(k: torch.Tensor) -> torch.Tensor:
     K~_ij - (sum_l K~_il)/(n-2) - (sum_l K~_lj)/(n-2) + (sum_kl K~_kl)/((n-1)(n-2)), K~ = K with a zero
     diagonal. <u_centre(K), u_centre(L)> / (n(n-3)) = HSIC_1(K, L). (N, N) -> (N, N) float64, N >= 4.
     """
-    k = _square(k, "K")
-    n = k.shape[0]
+    u = _square(k, "K")
+    u = u.clone() if u is k else u                    # never modify the caller's matrix
+    n = u.shape[0]
     check_unbiased_n(n)
-    kt = k - torch.diag(torch.diagonal(k))
-    r = kt.sum(1)
-    u = kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + r.sum() / ((n - 1) * (n - 2))
+    u.fill_diagonal_(0.0)
+    r = u.sum(1)
+    u.sub_(r[:, None] / (n - 2)).sub_(r[None, :] / (n - 2)).add_(float(r.sum()) / ((n - 1) * (n - 2)))
     u.fill_diagonal_(0.0)
     return u
 
@@ -99,6 +100,22 @@ def hsic_normaliser(n: int, estimator: str = "unbiased") -> float:
     """HSIC(K, L) = <centred_gram(K), centred_gram(L)> / hsic_normaliser(n)."""
     _check_estimator(estimator)
     return float(n * (n - 3)) if estimator == "unbiased" else float((n - 1) ** 2)
+
+
+def centred_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<A, B> = sum_ij A_ij B_ij without a temporary (float64 scalar tensor)."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def hsic_matrix(grams_x, grams_y=None, estimator: str = "unbiased") -> torch.Tensor:
+    """HSIC between every pair of Gram matrices (N, N): (len(grams_x), len(grams_y)), float64.
+
+    Each matrix is centred once; all pairs are then one product of the stacked centred matrices.
+    """
+    _check_estimator(estimator)
+    cx = torch.stack([centred_gram(k, estimator).reshape(-1) for k in grams_x])
+    cy = cx if grams_y is None else torch.stack([centred_gram(k, estimator).reshape(-1) for k in grams_y])
+    return (cx @ cy.T) / hsic_normaliser(grams_x[0].shape[0], estimator)
 
 
 def hsic(k: torch.Tensor, l: torch.Tensor, estimator: str = "unbiased") -> torch.Tensor:

@@ -82,27 +82,27 @@ def grelu_normalise(x: torch.Tensor, name: str = "X", drop_dead: bool = False,
     """
     n, c = x.shape[0], x.shape[1]
     xs = x.reshape(n, c, -1)
-    x64 = xs.to(torch.float64)
-    mean = x64.mean(dim=(0, 2), keepdim=True) if center else torch.zeros((1, c, 1), dtype=torch.float64,
-                                                                          device=x.device)
-    sq = ((x64 - mean) ** 2).sum(dim=(0, 2))
-    scale = (x64 ** 2).sum(dim=(0, 2)).max()
-    dead = dead_columns(sq, scale)
+    count = xs.shape[0] * xs.shape[2]
+    # float64 accumulators, no float64 copy of the data: mean, then the centred sums of squares.
+    mean = xs.sum(dim=(0, 2), dtype=torch.float64) / count if center else \
+        torch.zeros(c, dtype=torch.float64, device=x.device)
+    xc = xs - mean.to(x.dtype)[None, :, None] if center else xs.clone()
+    sq = torch.einsum("ncs,ncs->c", xc, xc) if x.dtype == torch.float64 else \
+        (xc * xc).sum(dim=(0, 2), dtype=torch.float64)
+    raw = sq + count * mean ** 2                       # uncentred sums of squares, for the zero test
+    dead = dead_columns(sq, raw.max())
     unit = "channel" if x.ndim > 2 else "column"
     what = "constant" if center else "zero"
-    keep = None
     if len(dead):
         if not drop_dead:
             raise_dead(name, dead, c, what, unit)
-        mask = torch.ones(c, dtype=torch.bool, device=x.device)
-        mask[dead] = False
-        if not bool(mask.any()):
+        keep = torch.ones(c, dtype=torch.bool, device=x.device)
+        keep[dead] = False
+        if not bool(keep.any()):
             raise ValueError(f"{name}: every {unit} is {what} over the data; nothing is left to compare")
-        keep = mask
-    out = ((x64 - mean) / sq.sqrt()[None, :, None]).to(x.dtype)
-    if keep is not None:
-        out = out[:, keep]
-    return out.reshape((n, out.shape[1]) + tuple(x.shape[2:]))
+        xc, sq = xc[:, keep], sq[keep]
+    xc.mul_((1.0 / sq.sqrt()).to(x.dtype)[None, :, None])
+    return xc.reshape((n, xc.shape[1]) + tuple(x.shape[2:]))
 
 
 def gram(x: torch.Tensor, kernel: str = "linear", *, threshold: float = 1.0, sigma: float | None = None,

@@ -28,8 +28,8 @@ from torch import nn
 
 from .._util import resolve_device
 from ._validate import check_pair, check_unbiased_n, to_features
-from .cka import cka_from_hsic
-from .hsic import _check_estimator, centred_gram, hsic_normaliser
+from .cka import cka_from_hsic, degenerate_rtol
+from .hsic import _check_estimator, centred_gram, centred_inner, hsic_normaliser
 from .kernels import KERNELS, gram
 from .procrustes import GROUPS, ProcrustesStats
 
@@ -56,7 +56,9 @@ class MinibatchCKA:
         """Forget every batch."""
         self.n_batches = 0
         self.n_samples = 0
-        self._sums: torch.Tensor | None = None   # [sum HSIC(K,L), sum HSIC(K,K), sum HSIC(L,L)]
+        # [sum HSIC(K,L), sum HSIC(K,K), sum HSIC(L,L), sum |K|^2/norm, sum |L|^2/norm]
+        self._sums: torch.Tensor | None = None
+        self._rtol = 0.0
 
     def update(self, X_batch, Y_batch) -> None:
         """Add one minibatch of features of the same samples: X (b, ...), Y (b, ...)."""
@@ -65,10 +67,14 @@ class MinibatchCKA:
         check_pair(x, y, ("X_batch", "Y_batch"))
         if self.estimator == "unbiased":
             check_unbiased_n(x.shape[0], f"minibatch CKA with the unbiased estimator: batch {self.n_batches}")
-        kc = centred_gram(gram(x, self.kernel, name="X_batch", **self._opts), self.estimator)
-        lc = centred_gram(gram(y, self.kernel, name="Y_batch", **self._opts), self.estimator)
+        k = gram(x, self.kernel, name="X_batch", **self._opts)
+        l = gram(y, self.kernel, name="Y_batch", **self._opts)
+        self._rtol = max(self._rtol, degenerate_rtol(k.dtype, l.dtype))
+        kc, lc = centred_gram(k, self.estimator), centred_gram(l, self.estimator)
         norm = hsic_normaliser(x.shape[0], self.estimator)
-        vals = torch.stack([(kc * lc).sum(), (kc * kc).sum(), (lc * lc).sum()]) / norm
+        vals = torch.stack([centred_inner(kc, lc), centred_inner(kc, kc), centred_inner(lc, lc),
+                            torch.linalg.vector_norm(k, dtype=torch.float64) ** 2,
+                            torch.linalg.vector_norm(l, dtype=torch.float64) ** 2]) / norm
         self._sums = vals if self._sums is None else self._sums + vals.to(self._sums.device)
         self.n_batches += 1
         self.n_samples += x.shape[0]
@@ -84,7 +90,9 @@ class MinibatchCKA:
     def compute(self) -> float:
         """The minibatch CKA estimate; ValueError (never NaN) when a mean self-HSIC is not positive."""
         kl, kk, ll = self.hsic_values
-        return cka_from_hsic(kl, kk, ll, self.estimator, what=f" after {self.n_batches} batch(es)")
+        sk, sl = (self._sums[3:] / self.n_batches).tolist()
+        return cka_from_hsic(kl, kk, ll, self.estimator, what=f" after {self.n_batches} batch(es)",
+                             scales=(sk, sl), rtol=self._rtol)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,7 +204,7 @@ def layer_similarity_matrix(model_a: nn.Module, model_b: nn.Module, data, sites_
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc=f"{measure} matrix", unit="batch")
     opts = dict(threshold=threshold, drop_dead=drop_dead)
-    kl = kk = ll = None
+    acc = None
     n_batches = 0
     try:
         for xb in batches:
@@ -204,21 +212,20 @@ def layer_similarity_matrix(model_a: nn.Module, model_b: nn.Module, data, sites_
                 warnings.warn(f"skipping a final batch of {len(xb)} samples (the unbiased HSIC needs >= 4)",
                               stacklevel=2)
                 continue
-            ua = _stacked_centred(ra(xb), ra.sites, kernel, estimator, opts)
-            ub = _stacked_centred(rb(xb), rb.sites, kernel, estimator, opts)
+            ua, sa = _stacked_centred(ra(xb), ra.sites, kernel, estimator, opts)
+            ub, sb = _stacked_centred(rb(xb), rb.sites, kernel, estimator, opts)
             norm = hsic_normaliser(len(xb), estimator)
-            b_kl = (ua @ ub.T) / norm
-            b_kk = (ua * ua).sum(1) / norm
-            b_ll = (ub * ub).sum(1) / norm
-            kl, kk, ll = (b_kl, b_kk, b_ll) if kl is None else (kl + b_kl, kk + b_kk, ll + b_ll)
+            b = [(ua @ ub.T) / norm, (ua * ua).sum(1) / norm, (ub * ub).sum(1) / norm, sa / norm, sb / norm]
+            acc = b if acc is None else [p + q for p, q in zip(acc, b)]
             n_batches += 1
     finally:
         _restore(moved)
-    if kl is None:
+    if acc is None:
         raise ValueError("no batch with enough samples was seen")
-    kl, kk, ll = (t.cpu().numpy() / n_batches for t in (kl, kk, ll))
-    for sites, self_hsic in ((ra.sites, kk), (rb.sites, ll)):
-        bad = [s for s, v in zip(sites, self_hsic) if not v > 0]
+    kl, kk, ll, sk, sl = (t.cpu().numpy() / n_batches for t in acc)
+    rtol = degenerate_rtol(torch.float32)
+    for sites, self_hsic, scale in ((ra.sites, kk, sk), (rb.sites, ll, sl)):
+        bad = [s for s, v, sc in zip(sites, self_hsic, scale) if not v > rtol * sc]
         if bad:
             raise ValueError(f"CKA undefined at site(s) {bad}: the mean self-HSIC is not positive ({estimator} "
                              "estimator); use larger batches or more data")
@@ -226,12 +233,15 @@ def layer_similarity_matrix(model_a: nn.Module, model_b: nn.Module, data, sites_
     return (out, list(ra.sites), list(rb.sites)) if return_sites else out
 
 
-def _stacked_centred(feats, sites, kernel, estimator, opts) -> torch.Tensor:
-    rows = []
+def _stacked_centred(feats, sites, kernel, estimator, opts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked flattened centred Gram matrices (sites, b*b) and the |K|_F^2 of each (float64)."""
+    rows, scales = [], []
     for s, f in zip(sites, feats):
         f = to_features(f, f"features at {s}")
-        rows.append(centred_gram(gram(f, kernel, name=f"features at {s}", **opts), estimator).reshape(-1))
-    return torch.stack(rows)
+        k = gram(f, kernel, name=f"features at {s}", **opts)
+        scales.append(torch.linalg.vector_norm(k, dtype=torch.float64) ** 2)
+        rows.append(centred_gram(k, estimator).reshape(-1))
+    return torch.stack(rows), torch.stack(scales)
 
 
 def procrustes_per_layer(model_a: nn.Module, model_b: nn.Module, data, sites: Sequence[str] | None = None,
