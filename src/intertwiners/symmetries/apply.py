@@ -77,18 +77,25 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
             raise ValueError(f"element for {name!r} has shape {tuple(A.shape)}, the space has size {n}")
         if not torch.isfinite(A).all():
             raise ValueError(f"element for {name!r} has non-finite entries")
-        if check and not space.group.contains(A, atol):
-            raise ValueError(f"element for {name!r} is not in G ({space.group.kind}: {space.group.description})"
-                             "; pass check=False to apply it anyway (the output will then change)")
         if space.group.is_monomial:
             try:
                 perm, scale = G.as_monomial(A, atol)
-            except ValueError:
-                pass  # check=False with a non-monomial matrix: act with A everywhere (pretend phi(A) = A)
+            except ValueError as err:
+                if check:
+                    raise ValueError(f"element for {name!r} is not in G ({space.group.kind}: "
+                                     f"{space.group.description}): {err}; pass check=False to apply it anyway "
+                                     "(the output will then change)") from err
+                # check=False with a non-monomial matrix: act with A everywhere (pretend phi(A) = A)
             else:
-                raw = not space.group.allows_scale(scale, atol)  # check=False with a non-member
-                out[name] = ("raw" if raw else "mono", perm, scale)
+                member = space.group.allows_scale(scale, atol)
+                if check and not member:
+                    raise ValueError(f"element for {name!r} is not in G ({space.group.kind}: "
+                                     f"{space.group.description}); pass check=False to apply it anyway")
+                out[name] = ("mono" if member else "raw", perm, scale)
                 continue
+        elif check and not space.group.contains(A, atol):
+            raise ValueError(f"element for {name!r} is not in G ({space.group.kind}: {space.group.description})"
+                             "; pass check=False to apply it anyway (the output will then change)")
         out[name] = ("dense", A, torch.linalg.inv(A))
     return out
 
@@ -103,19 +110,23 @@ def _scales(el: tuple, chain: tuple, groups) -> torch.Tensor:
 
 
 def _monomial_map(layout: ValueLayout, els: dict, groups) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(dst, mult): the value x' = T x has x'[dst[p]] = mult[p] * x[p]; None when T is the identity."""
-    dst = mult = None
+    """(src, mult) in gather form: the value x' = T x has x'[q] = mult[q] * x[src[q]]; None for T = I.
+
+    (From x'[dst[p]] = c[p] * x[p]: src = dst^-1 and mult = c[src].)
+    """
+    src = mult = None
     for seg in layout.segments:
         el = els.get(seg.space)
         if el is None or el[0] not in ("mono", "raw"):
             continue
-        if dst is None:
-            dst = torch.arange(layout.length)
+        if src is None:
+            src = torch.arange(layout.length)
             mult = torch.ones(layout.length, dtype=torch.float64)
         pos = torch.from_numpy(seg.positions)
-        dst[pos] = pos[el[1]]
-        mult[pos] = _scales(el, seg.chain, groups)
-    return None if dst is None else (dst, mult)
+        perm = el[1]
+        src[pos[perm]] = pos
+        mult[pos[perm]] = _scales(el, seg.chain, groups)
+    return None if src is None else (src, mult)
 
 
 def _dense_blocks(layout: ValueLayout, els: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -128,14 +139,12 @@ def _dense_blocks(layout: ValueLayout, els: dict) -> list[tuple[torch.Tensor, to
 
 
 def _transform_rows(t: torch.Tensor, layout: ValueLayout, els: dict, groups) -> torch.Tensor:
-    """T @ t along dim 0 (t: (C, ...))."""
+    """T @ t along dim 0 (t: (C, ...)); returns a new tensor or ``t`` itself when T = I."""
     mono = _monomial_map(layout, els, groups)
     if mono is not None:
-        dst, mult = mono
-        new = torch.empty_like(t)
+        src, mult = mono
         shape = (-1,) + (1,) * (t.ndim - 1)
-        new[dst.to(t.device)] = t * mult.to(t.device, t.dtype).view(shape)
-        t = new
+        t = t.index_select(0, src.to(t.device)).mul_(mult.to(t.device, t.dtype).view(shape))
     for pos, A, _ in _dense_blocks(layout, els):
         pos = pos.to(t.device)
         block = t[pos].reshape(len(pos), -1)
@@ -145,7 +154,7 @@ def _transform_rows(t: torch.Tensor, layout: ValueLayout, els: dict, groups) -> 
 
 
 def _transform_columns(w: torch.Tensor, layout: ValueLayout, els: dict, groups) -> torch.Tensor:
-    """w @ T^-1 along dim 1 (w: (out, C*repeat, ...) for a Linear after a flatten, or (out, C, k...))."""
+    """w @ T^-1 along dim 1 (w: (out, C*repeat) for a Linear after a flatten, or (out, C, k...))."""
     out_features = w.shape[0]
     repeat = w.shape[1] // layout.length
     if repeat * layout.length != w.shape[1]:
@@ -153,10 +162,9 @@ def _transform_columns(w: torch.Tensor, layout: ValueLayout, els: dict, groups) 
     v = w.reshape(out_features, layout.length, -1)
     mono = _monomial_map(layout, els, groups)
     if mono is not None:
-        dst, mult = mono
-        new = torch.empty_like(v)
-        new[:, dst.to(w.device)] = v / mult.to(w.device, w.dtype).view(1, -1, 1)
-        v = new
+        # (W T^-1)[:, q] = W[:, src[q]] / mult[q]
+        src, mult = mono
+        v = v.index_select(1, src.to(w.device)).div_(mult.to(w.device, w.dtype).view(1, -1, 1))
     for pos, _, Ainv in _dense_blocks(layout, els):
         pos = pos.to(w.device)
         v = v.clone()
@@ -165,8 +173,8 @@ def _transform_columns(w: torch.Tensor, layout: ValueLayout, els: dict, groups) 
 
 
 def _bn_maps(action: ModuleAction, els: dict, groups, length: int):
-    """(dst, s, t) for a batch norm: input transform P·diag(s), output transform P·diag(t)."""
-    dst = torch.arange(length)
+    """(src, s, t) in gather form for a batch norm with input transform P·diag(s), output P·diag(t)."""
+    src = torch.arange(length)
     s = torch.ones(length, dtype=torch.float64)
     t = torch.ones(length, dtype=torch.float64)
     touched = False
@@ -179,48 +187,49 @@ def _bn_maps(action: ModuleAction, els: dict, groups, length: int):
                              "monomial elements (P·D) can be applied there")
         touched = True
         pos = torch.from_numpy(seg_in.positions)
-        dst[pos] = pos[el[1]]
-        s[pos] = _scales(el, seg_in.chain, groups)
-        t[pos] = _scales(el, seg_out.chain, groups)
-    return (dst, s, t) if touched else None
+        dst = pos[el[1]]
+        src[dst] = pos
+        s[dst] = _scales(el, seg_in.chain, groups)
+        t[dst] = _scales(el, seg_out.chain, groups)
+    return (src, s, t) if touched else None
 
 
-@torch.no_grad()
-def _apply_batch_norm(bn: nn.Module, action: ModuleAction, els: dict, groups) -> None:
+def _batch_norm_tensors(bn: nn.Module, action: ModuleAction, els: dict, groups) -> dict[str, torch.Tensor]:
     maps = _bn_maps(action, els, groups, action.inputs.length)
     if maps is None:
-        return
-    dst, s, t = maps
+        return {}
+    src, s, t = maps
 
-    def move(tensor, factor):
-        if tensor is None:
-            return
-        new = torch.empty_like(tensor)
-        new[dst.to(tensor.device)] = tensor * factor.to(tensor.device, tensor.dtype)
-        tensor.copy_(new)
+    def move(tensor, factor=None):
+        out = tensor.detach().index_select(0, src.to(tensor.device))
+        return out if factor is None else out.mul_(factor.to(tensor.device, tensor.dtype))
 
+    out = {}
     if bn.affine:
-        move(bn.weight, t / s)
-        move(bn.bias, t)
+        out["weight"] = move(bn.weight, t / s)
+        out["bias"] = move(bn.bias, t)
     elif not torch.equal(s, t):  # pragma: no cover - the analysis never asks for this
         raise ValueError(f"batch norm {action.module!r} without affine parameters cannot absorb a scaling")
     if bn.running_mean is not None:
-        move(bn.running_mean, s)
-        move(bn.running_var, torch.ones_like(s))
+        out["running_mean"] = move(bn.running_mean, s)
+        out["running_var"] = move(bn.running_var)
+    return out
 
 
-@torch.no_grad()
-def _apply_linear(mod: nn.Module, action: ModuleAction, els: dict, groups) -> None:
-    w = mod.weight.data
+def _linear_tensors(mod: nn.Module, action: ModuleAction, els: dict, groups) -> dict[str, torch.Tensor]:
+    w = mod.weight.detach()
+    out = {}
     if action.outputs is not None and action.outputs.segments:
         w = _transform_rows(w, action.outputs, els, groups)
         if mod.bias is not None:
-            mod.bias.data.copy_(_transform_rows(mod.bias.data, action.outputs, els, groups))
+            out["bias"] = _transform_rows(mod.bias.detach(), action.outputs, els, groups)
     if action.inputs is not None and action.inputs.segments:
         w = _transform_columns(w, action.inputs, els, groups)
-    mod.weight.data.copy_(w)
+    out["weight"] = w
+    return {k: v for k, v in out.items() if v.data_ptr() != getattr(mod, k).data_ptr()}
 
 
+@torch.no_grad()
 def apply_symmetry(model: nn.Module, elements: dict, spec: SymmetrySpec, *, check: bool = True,
                    atol: float = 1e-6, inplace: bool = False) -> nn.Module:
     """A transformed copy of ``model`` computing the same function (Proposition 3.4); ``model`` is untouched.
@@ -230,25 +239,35 @@ def apply_symmetry(model: nn.Module, elements: dict, spec: SymmetrySpec, *, chec
     otherwise); ``check=False`` applies any invertible matrix anyway, acting with A on both sides of
     every activation (then the output changes in general: useful to test non-invariance).
     ``inplace=True`` transforms ``model`` itself instead of a deep copy.
+
+    The new tensors are computed from ``model`` directly (index gathers and scalings for monomial
+    elements) and handed to ``copy.deepcopy`` so the transformed parameters are never copied twice.
     """
     if not isinstance(spec, SymmetrySpec):
         raise ValueError(f"apply_symmetry needs a SymmetrySpec (from symmetry_spec), got {type(spec).__name__}")
     els = _normalise(spec, elements, check, atol)
     groups = getattr(spec, "_groups", {})
-    new = model if inplace else copy.deepcopy(model)
-    if not els:
-        return new
+    replacements: list[tuple[nn.Module, str, torch.Tensor]] = []
     for action in spec.actions:
         try:
-            mod = new.get_submodule(action.module)
+            mod = model.get_submodule(action.module)
         except AttributeError as err:
             raise ValueError(f"the model has no module {action.module!r}: was the spec made for another "
                              "model?") from err
         if action.kind == "batch_norm":
-            _apply_batch_norm(mod, action, els, groups)
+            tensors = _batch_norm_tensors(mod, action, els, groups)
         else:
-            _apply_linear(mod, action, els, groups)
-    return new
+            tensors = _linear_tensors(mod, action, els, groups)
+        replacements += [(mod, name, t) for name, t in tensors.items()]
+    if inplace:
+        for mod, name, t in replacements:
+            getattr(mod, name).copy_(t)
+        return model
+    memo = {}
+    for mod, name, t in replacements:
+        old = getattr(mod, name)
+        memo[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
+    return copy.deepcopy(model, memo)
 
 
 def dense_symmetry(elements: dict) -> dict:

@@ -814,56 +814,80 @@ def _resolve(an: _Analysis):
         all_c, all_l = np.concatenate(pairs_c), np.concatenate(pairs_l)
     else:
         all_c = all_l = np.zeros(0, np.int64)
+    # signature of a class = the set of values holding it; hashed as a sum of random 64-bit labels
+    labels = np.random.default_rng(0).integers(1, 2**63 - 1, size=max(len(distinct), 1), dtype=np.int64)
+    labels = labels.astype(np.uint64)
     order = np.lexsort((all_l, all_c))
     all_c, all_l = all_c[order], all_l[order]
-    bounds = np.flatnonzero(np.diff(all_c)) + 1
-    signature: dict[tuple, list[int]] = defaultdict(list)
-    for cs, ls in zip(np.split(all_c, bounds), np.split(all_l, bounds)):
-        if len(cs):
-            signature[tuple(ls.tolist())].append(int(cs[0]))
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(all_c)) + 1]) if len(all_c) else np.zeros(0, np.int64)
+    class_ids = all_c[starts]
+    with np.errstate(over="ignore"):
+        sig_hash = np.add.reduceat(labels[all_l], starts) if len(starts) else np.zeros(0, np.uint64)
+    first_layout = all_l[starts]  # all_l is sorted within each class
+    sig_count = np.diff(np.concatenate([starts, [len(all_c)]]))
 
-    # spaces: canonical index order = order of the classes in the first value that holds them
+    # position of each class in the first value that holds it (its canonical index order)
+    pos_in_first = np.zeros(n_atoms, dtype=np.int64)
+    first_of = np.full(n_atoms, -1, dtype=np.int64)
+    first_of[class_ids] = first_layout
+    for i, cls in enumerate(distinct):
+        p = np.flatnonzero(cls >= 0)
+        mine = p[first_of[cls[p]] == i]
+        pos_in_first[cls[mine][::-1]] = mine[::-1]  # the first occurrence wins
+
+    # spaces: classes with the same signature, ordered by (first value, position in it)
+    key = np.stack([first_layout, pos_in_first[class_ids]], 1) if len(class_ids) else np.zeros((0, 2), np.int64)
+    order = np.lexsort((key[:, 1], key[:, 0]))
     space_of = np.full(n_atoms, -1, dtype=np.int64)
     index_of = np.full(n_atoms, -1, dtype=np.int64)
     spaces: list[dict] = []
-    for sig, members in sorted(signature.items(), key=lambda kv: kv[0][0]):
-        first = distinct[sig[0]]
-        member_set = np.zeros(n_atoms, dtype=bool)
-        member_set[members] = True
-        ordered = [int(c) for c in first if c >= 0 and member_set[c]]
-        ordered = list(dict.fromkeys(ordered))
-        sid = len(spaces)
+    sig_to_space: dict[tuple, int] = {}
+    members: list[list[int]] = []
+    for k in order.tolist():
+        sig = (int(sig_hash[k]), int(sig_count[k]), int(first_layout[k]))
+        sid = sig_to_space.setdefault(sig, len(sig_to_space))
+        if sid == len(members):
+            members.append([])
+        members[sid].append(int(class_ids[k]))
+    for sid, ordered in enumerate(members):
         space_of[ordered] = sid
         index_of[ordered] = np.arange(len(ordered))
         reasons = [r for c in ordered for r in class_pins.get(c, [])]
-        spaces.append(dict(classes=ordered, size=len(ordered), first=sig[0], reasons=reasons,
+        spaces.append(dict(classes=ordered, size=len(ordered), first=first_of[ordered[0]], reasons=reasons,
                            output=any(c in output_classes for c in ordered), constraints=set(), sites=[],
                            producers=[], consumers=[], ties=0))
 
+    n_chains = len(an.chains)
+    pair_cache: dict[tuple[int, int], np.ndarray] = {}
+
     def space_chain_pairs(lay: _Layout) -> np.ndarray:
-        cls = classes_of(lay.atoms)
-        m = cls >= 0
-        if not m.any():
-            return np.zeros((0, 2), np.int64)
-        return np.unique(np.stack([space_of[cls[m]], lay.chains[m]], 1), axis=0)
+        """The distinct (space, chain) pairs of a value, as an (k, 2) array."""
+        key = (id(lay.atoms), id(lay.chains))
+        if key not in pair_cache:
+            cls = classes_of(lay.atoms)
+            m = cls >= 0
+            codes = np.unique(space_of[cls[m]] * n_chains + lay.chains[m])
+            pair_cache[key] = np.stack([codes // n_chains, codes % n_chains], 1)
+        return pair_cache[key]
 
     # one chain per space per value
     for lay in an.layouts:
         pairs = space_chain_pairs(lay)
-        if len(pairs):
+        if len(pairs) > 1:
             sids, counts = np.unique(pairs[:, 0], return_counts=True)
             for sid in sids[counts > 1]:
                 spaces[sid]["reasons"].append("its channels carry different transforms in one value")
     for kind, lay, extra in an.constraints:
-        for sid, chain in space_chain_pairs(lay):
-            spaces[sid]["constraints"].add((kind, int(chain), extra))
+        for sid, chain in space_chain_pairs(lay).tolist():
+            spaces[sid]["constraints"].add((kind, chain, extra))
     for a, b in an.adds:
         ca, cb = classes_of(a.atoms), classes_of(b.atoms)
         both = (ca >= 0) & (cb >= 0)
         if not both.any():
             continue
-        trip = np.unique(np.stack([space_of[ca[both]], a.chains[both], b.chains[both]], 1), axis=0)
-        for sid, x, y in trip:
+        codes = np.unique((space_of[ca[both]] * n_chains + a.chains[both]) * n_chains + b.chains[both])
+        for code in codes.tolist():
+            sid, x, y = code // (n_chains * n_chains), (code // n_chains) % n_chains, code % n_chains
             spaces[sid]["ties"] += 1
             if x != y:
                 spaces[sid]["constraints"].add(("eq", int(min(x, y)), int(max(x, y))))
