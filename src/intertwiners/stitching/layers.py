@@ -53,13 +53,19 @@ def apply_channel_map(h: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor 
     return torch.movedim(out, -1, 1)
 
 
-def sinkhorn_(p: torch.Tensor, iterations: int = 20, eps: float = 1e-12) -> torch.Tensor:
-    """Project ``p`` (C, C) in place towards the Birkhoff polytope: clamp at 0, then alternately
-    normalise rows and columns to sum 1 (Sinkhorn-Knopp). Returns ``p``."""
-    p.clamp_(min=0)
-    for _ in range(iterations):
+def sinkhorn_(p: torch.Tensor, iterations: int = 100, tol: float = 1e-5, floor: float = 1e-6,
+              eps: float = 1e-12) -> torch.Tensor:
+    """Project ``p`` (C, C) in place onto the Birkhoff polytope: clamp entries at ``floor`` (>= 0; a small
+    positive floor keeps every row and column supported, so that Sinkhorn converges whatever the optimiser
+    did), then alternately normalise rows and columns to sum 1 (Sinkhorn-Knopp) until every row sum is
+    within ``tol`` of 1 (checked every 5 sweeps) or ``iterations`` sweeps are done. Columns sum to 1 exactly
+    (up to rounding). Returns ``p``."""
+    p.clamp_(min=floor)
+    for i in range(iterations):
         p.div_(p.sum(dim=1, keepdim=True).clamp_min(eps))
         p.div_(p.sum(dim=0, keepdim=True).clamp_min(eps))
+        if i % 5 == 4 and float((p.sum(dim=1) - 1).abs().max()) <= tol:
+            break
     return p
 
 
@@ -197,7 +203,7 @@ class PermutationStitch(StitchingLayer):
     kind = "permutation"
     has_scale = False
 
-    def __init__(self, in_channels: int, out_channels: int, alpha: float = 0.1, sinkhorn_iterations: int = 20):
+    def __init__(self, in_channels: int, out_channels: int, alpha: float = 0.1, sinkhorn_iterations: int = 100):
         super().__init__(in_channels, out_channels)
         _square(self.kind, in_channels, out_channels)
         if alpha < 0:
@@ -254,7 +260,7 @@ class GReLUStitch(PermutationStitch):
     kind = "grelu"
     has_scale = True
 
-    def __init__(self, in_channels: int, out_channels: int, alpha: float = 0.1, sinkhorn_iterations: int = 20):
+    def __init__(self, in_channels: int, out_channels: int, alpha: float = 0.1, sinkhorn_iterations: int = 100):
         super().__init__(in_channels, out_channels, alpha, sinkhorn_iterations)
         self.log_scale = nn.Parameter(torch.zeros(in_channels))
 
@@ -335,7 +341,7 @@ def kind_label(kind: str, rank: int | None) -> str:
 
 
 def make_layer(kind: str, in_channels: int, out_channels: int | None = None, *, rank: int | None = None,
-               alpha: float = 0.1, sinkhorn_iterations: int = 20) -> StitchingLayer:
+               alpha: float = 0.1, sinkhorn_iterations: int = 100) -> StitchingLayer:
     """Build a stitching layer of ``kind`` (see ``KINDS``; ``"low_rank:R"`` accepted) from C_in to C_out channels."""
     name, rank = parse_kind(kind, rank)
     out_channels = in_channels if out_channels is None else out_channels

@@ -50,7 +50,7 @@ class StitchSettings:
     schedule: str = "joint"          # joint | permutation_first (grelu: P alone for the first half of the epochs)
     init: str = "match"              # match | identity | barycenter (grelu, permutation)
     smoothing: float = 0.0           # grelu/permutation match init: mix of the barycentre J/C into P
-    sinkhorn_iterations: int = 20
+    sinkhorn_iterations: int = 100   # at most; stops when rows sum to 1 within 1e-5
 
 
 SETTINGS = {

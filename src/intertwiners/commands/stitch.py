@@ -1,0 +1,88 @@
+"""intertwiners stitch: stitching penalties over a zoo (pairs x sites x kinds), CSV and the Fig. 1 plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+NAME = "stitch"
+HELP = ("Stitch pairs of trained models (from `intertwiners train`) at every site with every kind; write "
+        "OUT/stitch.csv and the Fig. 1 plot OUT/stitch.png.")
+
+
+def add_arguments(p):
+    p.add_argument("zoo", nargs="+", help="zoo folder(s): OUT/<arch>-<dataset> (holding seed<k>/) or OUT; give "
+                   "several (e.g. one per LeakyReLU slope) for the slope sweep")
+    p.add_argument("--pairs", type=int, default=4, help="distinct model pairs drawn per zoo (0 = all pairs)")
+    p.add_argument("--pair-seed", type=int, default=0, help="seed of the pair draw")
+    p.add_argument("--sites", default="all", help="comma-separated activation sites, or 'all' stitchable ones")
+    p.add_argument("--kinds", default="full,low_rank:1,low_rank:4,grelu",
+                   help="comma-separated: full, low_rank:R, grelu, permutation, orthogonal, identity")
+    p.add_argument("--settings", default="default", choices=["default", "authors"],
+                   help="default: Adam lr 1e-3, 5 epochs; authors: SGD lr 1e-3, wd 1e-4, 20 epochs, "
+                   "G_ReLU permutation first")
+    p.add_argument("--epochs", type=int, default=None, help="override the settings' epochs")
+    p.add_argument("--lr", type=float, default=None, help="override the settings' learning rate")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--init", default=None, choices=["match", "identity", "barycenter"],
+                   help="initial layer (default: the closed-form match)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stitch")
+    p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out", default="runs/stitch")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def run(args) -> int:
+    from ..stitching.layers import parse_kind
+    from ..stitching.plot import plot_penalties, plot_slope_sweep
+    from ..stitching.sweep import ROW_KEYS, model_folders, slope_of, stitch_sweep, summarize
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    for k in kinds:
+        parse_kind(k)
+    sites = None if args.sites.strip() == "all" else [s.strip() for s in args.sites.split(",") if s.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "stitch.csv"
+    overrides = {k: v for k, v in dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                       init=args.init).items() if v is not None}
+    rows: list[dict] = []
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["zoo", *ROW_KEYS])
+        writer.writeheader()
+        for zoo in args.zoo:
+            folders = model_folders(zoo)
+            if not args.quiet:
+                print(f"{zoo}: {len(folders)} models")
+
+            def on_row(row, zoo=zoo):
+                row = {"zoo": str(zoo), **row}
+                writer.writerow(row)
+                fh.flush()
+                rows.append(row)
+                if not args.quiet:
+                    print(f"  pair {row['pair']} {row['site']:>16} {row['kind']:>12}: accuracy "
+                          f"{row['accuracy']:.2f}%  penalty {row['penalty']:+.2f}", flush=True)
+
+            stitch_sweep(folders, sites, kinds, n_pairs=None if args.pairs == 0 else args.pairs,
+                         pair_seed=args.pair_seed, seed=args.seed, data_root=args.data_root, device=args.device,
+                         on_row=on_row, settings=args.settings, **overrides)
+    activations = list(dict.fromkeys(str(r["activation"]) for r in rows))
+    figures = []
+    if len(activations) == 1:
+        figures.append(out / "stitch.png")
+        plot_penalties(rows, figures[-1])
+    else:
+        for act in activations:
+            figures.append(out / f"stitch_{act.replace(':', '_')}.png")
+            plot_penalties([r for r in rows if str(r["activation"]) == act], figures[-1],
+                           title=f"Stitching penalties, {act}")
+        if all(slope_of(a) is not None for a in activations):
+            figures.append(out / "stitch_slopes.png")
+            plot_slope_sweep(rows, figures[-1])
+    for s in summarize(rows, by=("activation", "kind", "site")):
+        print(f"{s['activation']:>16} {s['kind']:>12} {s['site']:>16}: penalty {s['mean']:+6.2f} "
+              f"[{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] (n={s['n']})")
+    print(f"wrote {csv_path} and {', '.join(str(f) for f in figures)}")
+    return 0
