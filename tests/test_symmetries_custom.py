@@ -293,3 +293,38 @@ def test_bottleneck_property(mid, out, seed, act):
         with torch.no_grad():
             ya, yb = a(x), b(x)
         assert (ya - yb).abs().max() <= 1e-9 * max(1.0, ya.abs().max())
+
+
+def test_affine_activation_gives_unit_row_sums():
+    """sigma(x) = 2x + 1 (traced inline: a scalar multiply and add): A must fix the all-ones vector."""
+    class Affine(nn.Module):
+        def forward(self, x):
+            return 2 * x + 1
+
+    model = nn.Sequential(nn.Linear(3, 5), Affine(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    spec = symmetry_spec(model, x)
+    assert spec.spaces["0"].kind == "unit_row_sum" and spec.spaces["3"].kind == "signed_permutation"
+    A = random_symmetry(spec, torch.Generator().manual_seed(0))["0"]
+    torch.testing.assert_close(A.sum(1), torch.ones(5, dtype=torch.float64))
+    assert verify_symmetry(model, x, spec=spec, trials=2).max_rel <= 1e-9
+    # a general invertible matrix (row sums != 1) is not a symmetry here
+    B = A + 0.3 * torch.eye(5, dtype=torch.float64)
+    new = apply_symmetry(model, {"0": B}, spec, check=False)
+    with torch.no_grad():
+        assert (model(x) - new(x)).abs().max() > 1e-6
+
+
+def test_in_place_activation_on_a_shared_value_is_pinned():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(3, 5), nn.Linear(5, 2), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            h = self.a(x)
+            y = self.act(h)      # overwrites h, which the add below reads
+            return self.b(y + h)
+
+    spec = symmetry_spec(InPlace(), torch.randn(4, 3))
+    assert not spec.spaces and "in-place" in spec.pinned["act"]

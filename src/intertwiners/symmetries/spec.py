@@ -383,6 +383,14 @@ class _Analysis:
             return self.reshape(node, x, shape)
         return self.unknown(node, f"{self.describe(node)} is not supported")
 
+    def in_place(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return bool(getattr(self.gm.get_submodule(node.target), "inplace", False))
+        if node.op == "call_method":
+            return str(node.target).endswith("_")
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") or bool(node.kwargs.get("inplace")) or any(a is True for a in node.args[1:])
+
     def module_group(self, mod: nn.Module):
         if isinstance(mod, nn.PReLU) and mod.num_parameters != 1:
             return "PReLU with one slope per channel is not the same function on every channel"
@@ -438,6 +446,8 @@ class _Analysis:
         if not isinstance(x, _Layout):
             return None
         self.site_layouts[node] = x
+        if self.in_place(node) and isinstance(node.args[0], fx.Node) and len(node.args[0].users) > 1:
+            group = "an in-place activation overwrites a value that other operations also read"
         if isinstance(group, str):
             self.pin(x, f"activation {self.describe(node)}: {group}")
             return None
@@ -535,12 +545,12 @@ class _Analysis:
     def visit_method(self, node: fx.Node, inputs: list[_Layout]):
         name = node.target
         shape = self.shape(node)
-        if name in ("size", "dim", "numel") or shape is None and name not in _PASS_METHODS:
-            if inputs and shape is None and name not in ("size", "dim", "numel"):
-                return self.unknown(node, f"{self.describe(node)} returns a non-tensor")
+        if name in ("size", "dim", "numel"):
             return NON_TENSOR
         if not inputs:
-            return None
+            return None if shape is not None else NON_TENSOR
+        if shape is None:
+            return self.unknown(node, f"{self.describe(node)} returns a non-tensor")
         x = self.value(node.args[0])
         if not isinstance(x, _Layout):
             return self.unknown(node, f"{self.describe(node)} mixes hidden values into an untransformed one")
