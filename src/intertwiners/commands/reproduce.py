@@ -16,6 +16,8 @@ def add_arguments(p):
     p.add_argument("--backend", default="local", choices=["local", "ray", "inline"],
                    help="local: worker processes here; ray: a Ray cluster (or a local Ray instance)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
+    p.add_argument("--gpus-per-job", type=float, default=0,
+                   help="ray backend: GPUs each job asks the cluster for (e.g. 0.25 to share one GPU by four)")
     p.add_argument("--workers", type=int, default=None,
                    help="jobs in flight (default: the CPU cores here, or the Ray cluster's CPUs)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (results.sqlite, artifacts, report)")
@@ -43,7 +45,8 @@ def run(args) -> int:
         return 0
     summary = reproduce(args.out, args.scale, dataset=args.dataset, data_root=args.data_root,
                         backend=args.backend, workers=args.workers, ray_address=args.ray_address,
-                        device=args.device, progress=not args.quiet, report=not args.no_report)
+                        device=args.device, progress=not args.quiet, report=not args.no_report,
+                        gpus_per_job=args.gpus_per_job)
     print(summary.line())
     for label, error in summary.failures:
         print(f"failed: {label}: {error}")

@@ -18,7 +18,7 @@ __all__ = ["JOB_TYPES", "PRESETS", "SCALES", "Dependency", "Job", "Output", "Pla
 
 
 def reproduce(out, scale="smoke", *, dataset=None, data_root=None, backend="local", workers=None,
-              ray_address=None, device="auto", progress=True, report=True) -> RunSummary:
+              ray_address=None, device="auto", progress=True, report=True, gpus_per_job: float = 0) -> RunSummary:
     """Run (or resume) the plan of ``scale`` into ``out`` and write the report; returns the run summary."""
     from pathlib import Path
 
@@ -30,9 +30,11 @@ def reproduce(out, scale="smoke", *, dataset=None, data_root=None, backend="loca
     from .runner import closure
 
     with ResultsStore(out) as store:
-        store.set_meta("plan", {"name": plan.name, **plan.info, "missing": plan.missing,
-                                "jobs": len(closure(plan.jobs))})
-    runner = make_backend(backend, workers=workers, ray_address=ray_address)
+        ids = [j.id for j in closure(plan.jobs)]
+        store.set_meta("plan", {"name": plan.name, **plan.info, "missing": plan.missing, "jobs": len(ids)})
+        store.set_meta("plan_ids", ids)
+    extra = {"gpus_per_job": gpus_per_job} if backend == "ray" else {}
+    runner = make_backend(backend, workers=workers, ray_address=ray_address, **extra)
     try:
         summary = run_jobs(plan.jobs, out, runner, context={"data_root": None if data_root is None
                                                             else str(Path(data_root).resolve()),

@@ -224,11 +224,6 @@ def run_zoo(config: dict, inputs: dict[str, Dependency], context: dict) -> Outpu
     return Output(metrics, model_files(model))
 
 
-def _test_inputs(test, max_samples: int | None):
-    """The first ``max_samples`` test images (the test split is fixed, so this is deterministic)."""
-    return test.x if not max_samples else test.x[:max_samples]
-
-
 @register("stitch", "a stitching penalty for one (front, back) pair, site and kind (Fig. 1, D.3)",
           needs=("intertwiners.stitching:stitch",))
 def run_stitch(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
@@ -263,45 +258,45 @@ def run_rotation_penalty(config: dict, inputs: dict[str, Dependency], context: d
     return Output(r)
 
 
-def _paired_features(config: dict, inputs: dict[str, Dependency], context: dict):
-    from ..features import activation_sites, extract_features
-
+def _pair(config: dict, inputs: dict[str, Dependency], context: dict):
     _, test = dataset(config["dataset"], context)
-    a = model_from_files(inputs["a"].files)
-    b = model_from_files(inputs["b"].files)
-    x = _test_inputs(test, config.get("max_samples"))
-    sites = config.get("sites") or activation_sites(a, x[:2])
-    fa = extract_features(a, sites, x, device=_device(context))
-    fb = extract_features(b, sites, x, device=_device(context))
-    return sites, fa, fb
+    return model_from_files(inputs["a"].files), model_from_files(inputs["b"].files), test
 
 
 @register("procrustes", "G_ReLU and orthogonal Procrustes similarity per layer for one pair (Table 2)",
-          needs=("intertwiners.similarity:procrustes",))
+          needs=("intertwiners.similarity:procrustes_per_layer",))
 def run_procrustes(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``sites``, ``groups``, ``max_samples``, ``dataset``; deps ``a``, ``b``. Result: per group a
-    list of similarities, one per site (features: activation outputs on test images, eval mode)."""
-    from .. import similarity as sim
+    list of similarities, one per site (features: activation outputs on test images, eval mode, channels
+    as columns), through :func:`intertwiners.similarity.procrustes_per_layer`."""
+    from ..similarity import procrustes_per_layer
 
-    sites, fa, fb = _paired_features(config, inputs, context)
-    result: dict = {"sites": sites}
-    for group in config["groups"]:
-        result[group] = [float(sim.procrustes(fa[s], fb[s], group=group)) for s in sites]
-    return Output(result)
+    a, b, test = _pair(config, inputs, context)
+    table = procrustes_per_layer(a, b, test, sites=config["sites"], groups=tuple(config["groups"]),
+                                 max_samples=config.get("max_samples"), device=_device(context))
+    sites = list(table)
+    return Output({"sites": sites, **{g: [float(table[s][g]) for s in sites] for g in config["groups"]}})
+
+
+CKA_MEASURES = {"linear": "cka", "grelu": "grelu_cka"}
 
 
 @register("cka", "layer x layer G_ReLU-CKA and linear CKA matrices for one pair (Figs. 2 and 5)",
-          needs=("intertwiners.similarity:cka", "intertwiners.similarity:grelu_cka"))
+          needs=("intertwiners.similarity:layer_similarity_matrix",))
 def run_cka(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``measures`` (linear | grelu), ``sites`` (null: every activation site), ``max_samples``,
-    ``dataset``; deps ``a``, ``b``. Result: ``{"sites": [...], measure: matrix[i][j] = CKA(a_i, b_j)}``."""
-    from .. import similarity as sim
+    ``dataset``; deps ``a``, ``b``. Result: ``{"sites": [...], measure: matrix[i][j] = CKA(a_i, b_j)}``
+    (minibatch CKA with the unbiased HSIC, :func:`intertwiners.similarity.layer_similarity_matrix`)."""
+    from ..similarity import layer_similarity_matrix
 
-    sites, fa, fb = _paired_features(config, inputs, context)
-    result: dict = {"sites": sites}
+    a, b, test = _pair(config, inputs, context)
+    result: dict = {}
     for measure in config["measures"]:
-        fn = sim.grelu_cka if measure == "grelu" else (lambda x, y, k=measure: sim.cka(x, y, kernel=k))
-        result[measure] = [[float(fn(fa[si], fb[sj])) for sj in sites] for si in sites]
+        matrix, sites, _ = layer_similarity_matrix(
+            a, b, test, sites_a=config.get("sites"), sites_b=config.get("sites"), measure=CKA_MEASURES[measure],
+            max_samples=config.get("max_samples"), device=_device(context), return_sites=True)
+        result["sites"] = list(sites)
+        result[measure] = [[float(v) for v in row] for row in matrix]
     return Output(result)
 
 
@@ -326,7 +321,7 @@ def _synthetic_broden(config: dict) -> str:
           needs=("intertwiners.dissection.experiment:train_fig3_model",))
 def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``arch`` (resnet | resnet_noact | convnext), ``n_images``, ``image_size``, ``data_seed``,
-    ``epochs``, ``seed``. Result: validation accuracies; files: the model."""
+    ``steps``, ``seed``. Result: training and probe-split accuracies; files: the model."""
     from ..dissection import BrodenDataset
     from ..dissection.experiment import synthetic_training_data, train_fig3_model
     from ..training import accuracy
@@ -334,10 +329,10 @@ def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: d
     root = _synthetic_broden(config)
     train = synthetic_training_data(BrodenDataset(root, split="train"))
     probe = synthetic_training_data(BrodenDataset(root, split="val"))
-    model, metrics = train_fig3_model(config["arch"], train, epochs=int(config["epochs"]),
-                                      seed=int(config["seed"]), device=_device(context))
-    result = {"arch": config["arch"], "train_val_accuracy": float(metrics["val_accuracy"]),
-              "probe_accuracy": float(accuracy(model, probe, _device(context)))}
+    model, metrics = train_fig3_model(config["arch"], train, steps=int(config["steps"]), seed=int(config["seed"]),
+                                      device=_device(context))
+    metrics = {k: v for k, v in metrics.items() if k != "wall_time_s"}
+    result = {"arch": config["arch"], **metrics, "probe_accuracy": float(accuracy(model, probe, _device(context)))}
     return Output(result, model_files(model))
 
 

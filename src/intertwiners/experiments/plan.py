@@ -50,6 +50,7 @@ class Scale:
     # ResNet20 with LeakyReLU slopes (appendix D.3) and ResNet20 CKA (Fig. 2)
     resnet_seeds: int = 2
     resnet_epochs: int | None = 3
+    resnet_widths: tuple[int, int, int] | None = None  # None: the paper's 16/32/64
     slopes: tuple[float, ...] = (0.0, 1.0)
     slope_pairs: int = 1
     slope_sites: tuple[str, ...] = RESNET_D3_SITES[:2]
@@ -60,7 +61,7 @@ class Scale:
     dissection_alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
     dissection_rotations: int = 1
     dissection_images: int = 200
-    dissection_epochs: int = 3
+    dissection_steps: int = 150
     seed: int = 0  # draws the pairs
 
     def as_dict(self) -> dict:
@@ -75,8 +76,8 @@ PRESETS: dict[str, Scale] = {
         similarity_pairs=6, cka_pairs=3, rotation_repeats=3, rotation_epochs=6,
         resnet_seeds=4, resnet_epochs=6, slopes=(0.0, 0.1, 0.5, 0.9, 1.0), slope_pairs=2,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=2,
-        dissection_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), dissection_rotations=3, dissection_images=400,
-        dissection_epochs=6),
+        dissection_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), dissection_rotations=3, dissection_images=800,
+        dissection_steps=400),
     "paper": Scale(
         "paper", dataset="cifar10", mcnn_width=64, mcnn_seeds=16, mcnn_epochs=None, stitch_pairs=32,
         stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"), stitch_epochs=20,
@@ -84,8 +85,8 @@ PRESETS: dict[str, Scale] = {
         similarity_pairs=32, cka_pairs=16, max_samples=2000, rotation_repeats=10, rotation_epochs=50,
         resnet_seeds=8, resnet_epochs=None, slopes=(0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), slope_pairs=4,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=16,
-        dissection_alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), dissection_rotations=5, dissection_images=2000,
-        dissection_epochs=30),
+        dissection_alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), dissection_rotations=5, dissection_images=1600,
+        dissection_steps=2000),
 }
 
 
@@ -196,8 +197,9 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan
         missing["fig2_cka_resnet20"] = _missing("cka")
     if want_d3 or want_fig2:
         for slope in (s.slopes if want_d3 else (0.0,)):
-            resnets = [zoo_job("resnet20", s.dataset, k, s.resnet_epochs, activation=activation_of_slope(slope))
-                       for k in range(s.resnet_seeds)]
+            widths = {} if s.resnet_widths is None else {"widths": list(s.resnet_widths)}
+            resnets = [zoo_job("resnet20", s.dataset, k, s.resnet_epochs, activation=activation_of_slope(slope),
+                               **widths) for k in range(s.resnet_seeds)]
             if want_d3:
                 for a, b in draw_pairs(len(resnets), s.slope_pairs, s.seed + 3):
                     for site in s.slope_sites:
@@ -243,7 +245,7 @@ def dissection_jobs(s: Scale) -> list[Job]:
     data = {"n_images": s.dissection_images, "image_size": 32, "data_seed": 0}
     jobs = []
     for arch in s.dissection_models:
-        model = Job("dissection_model", {**data, "arch": arch, "epochs": s.dissection_epochs, "seed": 0},
+        model = Job("dissection_model", {**data, "arch": arch, "steps": s.dissection_steps, "seed": 0},
                     label=f"dissection model {arch}")
         for site, layer in DEFAULT_SITES.get(arch, []):
             jobs.append(Job("dissection", {

@@ -81,7 +81,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 # sections
 
 
-def section_zoo(store: ResultsStore, figdir: Path) -> str:
+def section_zoo(store: PlanView, figdir: Path) -> str:
     rows = store.rows(kind="zoo", status="done")
     if not rows:
         return "## Model zoo\n\nNo trained models in the database.\n"
@@ -102,7 +102,7 @@ def section_zoo(store: ResultsStore, figdir: Path) -> str:
             + "\n")
 
 
-def section_stitching(store: ResultsStore, figdir: Path) -> str:
+def section_stitching(store: PlanView, figdir: Path) -> str:
     rows = [r for r in store.rows(kind="stitch", status="done") if r.config.get("experiment") == "fig1"]
     head = "## Fig. 1 — stitching penalties (Myrtle CNN)\n\n"
     if not rows:
@@ -152,7 +152,7 @@ def section_stitching(store: ResultsStore, figdir: Path) -> str:
               f"more parameters than G_ReLU): {yes_no(grelu_vs_r1)}.\n")
 
 
-def section_rotation(store: ResultsStore, figdir: Path) -> str:
+def section_rotation(store: PlanView, figdir: Path) -> str:
     rows = store.rows(kind="rotation_penalty", status="done")
     head = "## Fig. 4 — rotation penalties (Myrtle CNN without batch norm)\n\n"
     if not rows:
@@ -200,7 +200,7 @@ def section_rotation(store: ResultsStore, figdir: Path) -> str:
             + f"- G_ReLU rotation penalty below the orthogonal one at every layer: {yes_no(claim)}.\n")
 
 
-def section_slopes(store: ResultsStore, figdir: Path) -> str:
+def section_slopes(store: PlanView, figdir: Path) -> str:
     rows = [r for r in store.rows(kind="stitch", status="done") if r.config.get("experiment") == "d3"]
     head = "## Appendix D.3 — ResNet20 with LeakyReLU: stitching penalty against the negative slope\n\n"
     if not rows:
@@ -235,7 +235,7 @@ def section_slopes(store: ResultsStore, figdir: Path) -> str:
             + f"- G_ReLU stitching penalty at slope 1 above its value at every slope below 1: {yes_no(claim)}.\n")
 
 
-def section_procrustes(store: ResultsStore, figdir: Path) -> str:
+def section_procrustes(store: PlanView, figdir: Path) -> str:
     rows = store.rows(kind="procrustes", status="done")
     head = "## Table 2 — G_ReLU and orthogonal Procrustes similarity per layer (Myrtle CNN)\n\n"
     if not rows:
@@ -275,7 +275,7 @@ def section_procrustes(store: ResultsStore, figdir: Path) -> str:
             f"{yes_no(claim)}.\n")
 
 
-def section_cka(store: ResultsStore, figdir: Path, experiment: str) -> str:
+def section_cka(store: PlanView, figdir: Path, experiment: str) -> str:
     rows = [r for r in store.rows(kind="cka", status="done") if r.config.get("experiment") == experiment]
     title = {"fig5": "Fig. 5 — G_ReLU-CKA and linear CKA between two Myrtle CNNs",
              "fig2": "Fig. 2 — G_ReLU-CKA and linear CKA between two ResNet20s"}[experiment]
@@ -324,7 +324,7 @@ def section_cka(store: ResultsStore, figdir: Path, experiment: str) -> str:
     return text
 
 
-def section_dissection(store: ResultsStore, figdir: Path) -> str:
+def section_dissection(store: PlanView, figdir: Path) -> str:
     rows = store.rows(kind="dissection", status="done")
     head = "## Fig. 3 — interpretable units under rotation of the basis (dissection)\n\n"
     if not rows:
@@ -373,7 +373,7 @@ def section_dissection(store: ResultsStore, figdir: Path) -> str:
             + _table(["model, site [layer]"] + [f"alpha {a:g}" for a in alphas], table) + "\n\n" + "".join(claims))
 
 
-def section_probe(store: ResultsStore, figdir: Path) -> str:
+def section_probe(store: PlanView, figdir: Path) -> str:
     rows = store.rows(kind="probe", status="done")
     if not rows:
         return ""
@@ -388,9 +388,9 @@ def section_probe(store: ResultsStore, figdir: Path) -> str:
             + _table(["job", "value"], [[r.label, f"{r.result['value']:g}"] for r in rows]) + "\n")
 
 
-def section_runs(store: ResultsStore) -> str:
-    n_done, n_failed = store.count("done"), store.count("failed")
+def section_runs(store: PlanView) -> str:
     rows = store.rows()
+    n_done, n_failed = sum(r.status == "done" for r in rows), sum(r.status == "failed" for r in rows)
     compute = sum(r.wall_s or 0 for r in rows)
     lines = ["## Runs and jobs\n", f"{n_done} jobs done, {n_failed} failed; {compute:.0f} s of job compute time "
              "in total (summed over workers).\n"]
@@ -408,6 +408,9 @@ def section_runs(store: ResultsStore) -> str:
             [r["run_id"], r["backend"], r["planned"], r["skipped"], r["executed"] if r["executed"] is not None
              else "interrupted", r["failed"] if r["failed"] is not None else "–",
              f"{r['finished_at'] - r['started_at']:.0f}" if r["finished_at"] else "–"] for r in runs]))
+    if store.hidden:
+        lines.append(f"\n\n{store.hidden} rows of earlier plans (other scales or settings) are kept in the "
+                     "database and not shown.")
     failed = store.rows(status="failed")
     if failed:
         lines.append("\n\nFailed jobs (retried by the next run):\n")
@@ -417,13 +420,31 @@ def section_runs(store: ResultsStore) -> str:
     return "\n".join(lines) + "\n"
 
 
+class PlanView:
+    """The store's rows restricted to the jobs of the last plan run in it (all rows when it is unknown)."""
+
+    def __init__(self, store: ResultsStore):
+        self.store = store
+        ids = store.get_meta("plan_ids")
+        self.ids = None if ids is None else set(ids)
+        self.hidden = 0 if self.ids is None else sum(r.id not in self.ids for r in store.rows())
+
+    def rows(self, kind: str | None = None, status: str | None = None) -> list[JobRow]:
+        rows = self.store.rows(kind=kind, status=status)
+        return rows if self.ids is None else [r for r in rows if r.id in self.ids]
+
+    def runs(self) -> list[dict]:
+        return self.store.runs()
+
+
 def write_report(out: str | Path) -> Path:
     """Render the figures into ``out/figures/`` and write ``out/report.md`` from ``out/results.sqlite``."""
     out = Path(out)
-    with ResultsStore(out, readonly=True) as store:
+    with ResultsStore(out, readonly=True) as raw:
+        store = PlanView(raw)
         figdir = out / FIGURES
         figdir.mkdir(parents=True, exist_ok=True)
-        plan = store.get_meta("plan", {}) or {}
+        plan = raw.get_meta("plan", {}) or {}
         parts = ["# Reproduction report\n",
                  "Godfrey et al., *On the Symmetries of Deep Learning Models and their Internal Representations* "
                  "(NeurIPS 2022). Rendered from `results.sqlite` alone by `intertwiners report`. The paper's "
