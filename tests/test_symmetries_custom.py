@@ -117,6 +117,22 @@ class ConvBNConv(nn.Module):
         return self.fc(torch.flatten(F.relu(h), 1))
 
 
+class SequenceMLP(nn.Module):
+    """Linear layers on the last axis of (N, T, F) inputs, then a mean over T."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 5), nn.Linear(5, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.relu(self.a(x)))).mean(1))
+
+
+def mlp_with_batch_norm():
+    return nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 5), nn.BatchNorm1d(5),
+                         nn.Linear(5, 2))
+
+
 class Weird(nn.Module):
     def forward(self, x):
         return x * x.mean(1, keepdim=True)  # mixes channels
@@ -153,6 +169,8 @@ CASES = {
     "concat": (ConcatNet, (4, 3, 8, 8)),
     "linear_residual": (LinearResNet, (6, 5)),
     "conv_bn_conv": (ConvBNConv, (4, 3, 8, 8)),
+    "sequence_mlp": (SequenceMLP, (4, 7, 3)),
+    "mlp_batch_norm": (mlp_with_batch_norm, (8, 3)),
 }
 
 

@@ -629,14 +629,17 @@ class _Analysis:
         return self.unknown(node, f"{self.describe(node)} multiplies a hidden value by a tensor")
 
     def reduce(self, node, x, shape):
+        """mean/sum over axes other than the batch and channel axes: acts on each channel alike."""
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if dims is None or x.axis != 1 or x.repeat != 1:
-            return self.unknown(node, f"{self.describe(node)} reduces a value whose channels are not on axis 1")
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        dims = [d % x.ndim for d in dims]
-        if any(d <= 1 for d in dims) or set(node.kwargs) - {"dim", "keepdim"}:
-            return self.unknown(node, f"{self.describe(node)} reduces over channels or the batch")
-        return x.derive(ndim=len(shape))
+        if dims is None or x.repeat != 1 or set(node.kwargs) - {"dim", "keepdim"} or shape is None:
+            return self.unknown(node, f"{self.describe(node)} reduces over every axis or a flattened value")
+        dims = {d % x.ndim for d in ([dims] if isinstance(dims, int) else list(dims))}
+        if 0 in dims or x.axis in dims:
+            return self.unknown(node, f"{self.describe(node)} reduces over the channel or batch axis")
+        if len(shape) == x.ndim:
+            return x
+        axis = x.axis - sum(1 for d in dims if d < x.axis)
+        return self.keep(_Layout(x.atoms, x.chains, axis, len(shape)))
 
     def cat(self, node, shape):
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
