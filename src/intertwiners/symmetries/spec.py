@@ -802,13 +802,11 @@ def _resolve(an: _Analysis):
     # distinct atom arrays, in graph order
     distinct: list[np.ndarray] = []
     seen: dict[int, int] = {}
-    layout_index: dict[int, int] = {}
     for lay in an.layouts:
         key = id(lay.atoms)
         if key not in seen:
             seen[key] = len(distinct)
             distinct.append(classes_of(lay.atoms))
-        layout_index[id(lay)] = seen[key]
 
     class_pins: dict[int, list[str]] = defaultdict(list)
     for atom, reasons in an.pins.items():
@@ -904,11 +902,11 @@ def _resolve(an: _Analysis):
             spaces[sid]["ties"] += 1
             if x != y:
                 spaces[sid]["constraints"].add(("eq", int(min(x, y)), int(max(x, y))))
-    return roots, classes_of, distinct, layout_index, spaces, space_of, index_of
+    return roots, classes_of, distinct, spaces, space_of, index_of
 
 
 def build_spec(an: _Analysis, model_type: str = "") -> SymmetrySpec:
-    roots, classes_of, distinct, layout_index, spaces, space_of, index_of = _resolve(an)
+    roots, classes_of, distinct, spaces, space_of, index_of = _resolve(an)
     groups = an.group_keys
 
     # sites, producers, consumers (for names and documentation)
