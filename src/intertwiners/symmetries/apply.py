@@ -246,7 +246,7 @@ def apply_symmetry(model: nn.Module, elements: dict, spec: SymmetrySpec, *, chec
     if not isinstance(spec, SymmetrySpec):
         raise ValueError(f"apply_symmetry needs a SymmetrySpec (from symmetry_spec), got {type(spec).__name__}")
     els = _normalise(spec, elements, check, atol)
-    groups = getattr(spec, "_groups", {})
+    groups = spec.groups
     replacements: list[tuple[nn.Module, str, torch.Tensor]] = []
     for action in spec.actions:
         try:

@@ -161,6 +161,7 @@ class SymmetrySpec:
     sites: list[str]
     actions: list[ModuleAction]
     model_type: str = ""
+    groups: dict = field(default_factory=dict, repr=False)  # chain entries -> activation groups
 
     def summary(self) -> str:
         """A readable table of spaces and pinned spaces."""
@@ -994,9 +995,7 @@ def build_spec(an: _Analysis, model_type: str = "") -> SymmetrySpec:
     actions = []
     for module, kind, x, out in an.records:
         actions.append(ModuleAction(module, kind, value_layout(x), value_layout(out)))
-    spec = SymmetrySpec(result_spaces, pinned, pinned_sizes, [s.name for s in sites], actions, model_type)
-    spec._groups = groups  # chain entries -> activation groups (used by apply)
-    return spec
+    return SymmetrySpec(result_spaces, pinned, pinned_sizes, [s.name for s in sites], actions, model_type, groups)
 
 
 # ----------------------------------------------------------------------------------------------------
