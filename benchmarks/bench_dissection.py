@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from intertwiners._util import resolve_device
 from intertwiners.dissection import BrodenDataset, dissect, dissect_many, make_synthetic_broden, random_rotation
 from intertwiners.dissection.broden import load_images
 from intertwiners.dissection.fig3_models import build_fig3_model
@@ -42,19 +43,23 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
 
     with tempfile.TemporaryDirectory() as root:
         make_synthetic_broden(root, n_images=args.images, seed=0, image_size=args.size, label_size=args.size // 2)
         ds = BrodenDataset(root)
         widths = tuple(int(w) for w in args.widths.split(","))
-        model = build_fig3_model("resnet", 4, widths).eval()
+        model = build_fig3_model("resnet", 4, widths).eval().to(dev)
+        kw = dict(batch_size=args.batch_size, device=str(dev))
 
         def forward_pass():
             with torch.no_grad():
                 for i in range(0, len(ds), args.batch_size):
-                    model(load_images(ds, range(i, min(len(ds), i + args.batch_size))))
+                    out = model(load_images(ds, range(i, min(len(ds), i + args.batch_size))).to(dev))
+            out.cpu()  # wait for the device
 
         def labels_only():
             for i in range(len(ds)):
@@ -66,17 +71,17 @@ def main() -> None:
         t = interleaved_best({
             "fwd": forward_pass,
             "labels": labels_only,
-            "cached": lambda: dissect(model, args.site, ds, batch_size=args.batch_size),
-            "two": lambda: dissect(model, args.site, ds, batch_size=args.batch_size, cache_bytes=0),
-            "rot": lambda: dissect(model, args.site, ds, rotation=q, batch_size=args.batch_size),
-            "many": lambda: dissect_many(model, args.site, ds, [None] + [q] * 9, batch_size=args.batch_size),
+            "cached": lambda: dissect(model, args.site, ds, **kw),
+            "two": lambda: dissect(model, args.site, ds, cache_bytes=0, **kw),
+            "rot": lambda: dissect(model, args.site, ds, rotation=q, **kw),
+            "many": lambda: dissect_many(model, args.site, ds, [None] + [q] * 9, **kw),
         }, args.repeats)
         t_fwd, t_labels, t_cached, t_two, t_rot, t_many = (t[k] for k in ("fwd", "labels", "cached", "two", "rot",
                                                                             "many"))
 
     print(f"dissection benchmark: {args.images} images {args.size}x{args.size}, labels "
           f"{args.size // 2}x{args.size // 2}, SmallResNet widths {widths}, site {args.site} ({n_units} units), "
-          f"torch threads {torch.get_num_threads()}, best of {args.repeats} interleaved rounds; "
+          f"device {dev}, torch threads {torch.get_num_threads()}, best of {args.repeats} interleaved rounds; "
           "measured under load from other processes")
     print(f"  baseline forward pass (read images + model)     {t_fwd:8.3f} s")
     print(f"  label PNG decoding alone (part of dissection)   {t_labels:8.3f} s")

@@ -183,7 +183,7 @@ def test_matches_slow_reference_with_upsampling_and_rotation(small_labels_data, 
     assert feats.shape[2:] == (8, 8) and ds.label_shape == (16, 16)  # upsampling is exercised
     q = random_rotation(6, torch.Generator().manual_seed(1))
     for rotation in (None, q):
-        res = dissect(model, site, ds, rotation=rotation, quantile=0.1, batch_size=7)
+        res = dissect(model, site, ds, rotation=rotation, quantile=0.1, batch_size=7, device="cpu")
         expected = slow_dissect(feats, ds, 0.1, None if rotation is None else q.numpy())
         assert np.allclose(res.iou.numpy(), expected, atol=1e-12)
 

@@ -198,7 +198,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         out.append({"arch": arch, "site": site, "layer": layer, "alpha": alpha, "n_units": rs[0]["n_units"],
                     "fraction_mean": float(frac.mean()), "fraction_std": float(frac.std()),
                     "unique_mean": float(uniq.mean()), "unique_std": float(uniq.std()),
-                    "val_accuracy": rs[0]["val_accuracy"]})
+                    "val_accuracy": rs[0].get("val_accuracy")})
     return out
 
 

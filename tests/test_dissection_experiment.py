@@ -1,0 +1,75 @@
+"""The Fig. 3 models, the experiment's rows and plot, and the `intertwiners dissect` command (tiny settings)."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from intertwiners.cli import main
+from intertwiners.dissection import BrodenDataset, make_synthetic_broden
+from intertwiners.dissection.experiment import fig3_experiment, plot_fig3, rotation_curve, summarize
+from intertwiners.dissection.fig3_models import FIG3_ARCHITECTURES, build_fig3_model, load_any, save
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fig3_data")
+    make_synthetic_broden(root, n_images=32, seed=0, image_size=16)
+    return root
+
+
+@pytest.mark.parametrize("arch", FIG3_ARCHITECTURES)
+def test_fig3_models_shapes_sites_and_round_trip(arch, tmp_path):
+    from intertwiners.dissection.dissect import SiteReader
+
+    model = build_fig3_model(arch, 4, widths=(4, 8, 8), blocks=2).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x).shape == (2, 4)
+    with torch.no_grad():
+        block = SiteReader(model, "stage3.1")(x)
+    assert block.shape == (2, 8, 4, 4)
+    if arch == "resnet":
+        assert (block >= 0).all()  # ReLU on the residual output
+    else:
+        assert (block < 0).any()   # no activation there
+    loaded = load_any(save(model, tmp_path / arch))
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_rotation_curve_rows(tiny_root):
+    ds = BrodenDataset(tiny_root)
+    model = build_fig3_model("resnet", 4, widths=(4, 8, 8), blocks=1)
+    rows = rotation_curve(model, "stage3.0", ds, [0.0, 0.5, 1.0], 2, quantile=0.05, iou_threshold=0.1)
+    assert len(rows) == 3 * 2
+    assert {(r["alpha"], r["rotation"]) for r in rows} == {(a, r) for a in (0.0, 0.5, 1.0) for r in (0, 1)}
+    zero = [r for r in rows if r["alpha"] == 0.0]
+    assert zero[0]["interpretable_units"] == zero[1]["interpretable_units"]  # alpha = 0 is the unit basis
+    assert all(0 <= r["fraction"] <= 1 and r["n_units"] == 8 for r in rows)
+
+
+def test_fig3_experiment_tiny_run_and_plot(tmp_path):
+    rows = fig3_experiment(tmp_path / "data", alphas=[0, 1], n_rotations=1, archs=["resnet_noact"],
+                           n_images=24, image_size=16, steps=2, widths=(4, 8, 8), blocks=2, device="cpu")
+    sites = {r["site"] for r in rows}
+    assert sites == {"stage3.1", "stage3.1.relu1"} and len(rows) == 4
+    assert all(r["arch"] == "resnet_noact" and 0 <= r["val_accuracy"] <= 100 for r in rows)
+    assert len(summarize(rows)) == 4
+    png = plot_fig3(rows, tmp_path / "fig3.png")
+    assert png.stat().st_size > 1000
+    with pytest.raises(ValueError):
+        fig3_experiment(tmp_path / "data", archs=["vgg"])
+
+
+def test_cli_dissects_a_saved_model(tiny_root, tmp_path, capsys):
+    model_dir = save(build_fig3_model("convnext", 4, widths=(4, 8, 8), blocks=1), tmp_path / "model")
+    out = tmp_path / "out"
+    code = main(["dissect", "--model", str(model_dir), "--site", "stage3.0", "--data", str(tiny_root),
+                 "--alphas", "0,1", "--rotations", "1", "--quantile", "0.05", "--out", str(out), "--quiet"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["n_units"] == 8 and summary["quantile"] == 0.05
+    rows = list(csv.DictReader(open(out / "units_stage3.0.csv")))
+    assert len(rows) == 8
+    assert (out / "units_stage3.0.png").is_file() and (out / "rotation_stage3.0.png").is_file()
+    assert main(["dissect", "--data", str(tiny_root), "--out", str(out)]) == 2  # no --model: a clear error
