@@ -19,6 +19,7 @@ from intertwiners.rotation_penalty import (
     rotation_penalty,
     sample_transform,
     summarize,
+    with_control,
 )
 from intertwiners.training import Recipe, fit
 
@@ -241,7 +242,41 @@ def test_cli(tmp_path, capsys):
     csv_text = (tmp_path / "rotation_penalty.csv").read_text().splitlines()
     assert len(csv_text) == 3 and csv_text[0].startswith("panel,layer")
     assert (tmp_path / "rotation_penalty.png").is_file()
+    assert (tmp_path / "rotation_penalty_vs_identity.png").is_file()
+    summary = (tmp_path / "rotation_penalty_summary.csv").read_text().splitlines()
+    assert "mean_vs_identity" in summary[0] and len(summary) == 3
     assert "grelu" in capsys.readouterr().out
     assert main(args) == 0  # resumes: nothing new to run, rows kept
     assert len((tmp_path / "rotation_penalty.csv").read_text().splitlines()) == 3
     assert main([*args[:-5], "--transforms", "bogus", "--out", str(tmp_path), "--quiet"]) == 2
+
+
+def test_finetune_next_only_trains_the_next_layer(small_digits):
+    train, test = small_digits
+    model = tiny_cnn()
+    new = insert_transform(model, "conv2", torch.eye(8), finetune="next")
+    trainable = {n.split(".")[0] for n, p in new.named_parameters() if p.requires_grad}
+    assert trainable == {"conv3"}
+    assert isinstance(new.tail, Frozen)
+    x = train.x[:4]
+    assert torch.allclose(new.eval()(x), model.eval()(x), atol=1e-6)
+    tail_before = copy.deepcopy(new.tail.state_dict())
+    fit(new, train, test, Recipe(epochs=1, batch_size=32), seed=0, device="cpu", progress=False)
+    assert all(torch.equal(tail_before[k], v) for k, v in new.tail.state_dict().items())
+    with pytest.raises(ValueError, match="finetune"):
+        insert_transform(model, "conv2", torch.eye(8), finetune="some")
+    r = rotation_penalty(model, "conv3", "grelu", train, test, epochs=1, device="cpu", finetune="next",
+                         train_subset=64)
+    assert r["finetune"] == "next"
+
+
+def test_with_control_pairs_by_seed():
+    rows = [{"layer": "conv2", "seed": s, "epochs": 3, "transform": t, "finetuned_accuracy": acc}
+            for s, t, acc in [(0, "identity", 90.0), (0, "grelu", 89.0), (1, "identity", 95.0), (1, "grelu", 91.0),
+                              (2, "grelu", 80.0)]]
+    out = with_control(rows)
+    vs = {(r["seed"], r["transform"]): r["penalty_vs_control"] for r in out}
+    assert vs[(0, "grelu")] == 1.0 and vs[(1, "grelu")] == 4.0 and vs[(0, "identity")] == 0.0
+    assert math.isnan(vs[(2, "grelu")])
+    s = {r["transform"]: r for r in summarize(out, key="penalty_vs_control", by=("transform",))}
+    assert s["grelu"]["mean"] == 2.5 and s["grelu"]["n"] == 2  # the unmatched seed is left out

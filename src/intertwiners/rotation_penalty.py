@@ -131,21 +131,34 @@ def insertion_index(model: nn.Sequential, layer: str | int) -> int:
     raise ValueError(f"no activation follows layer {layer!r}, so there is no pre-activation to transform")
 
 
-def insert_transform(model: nn.Sequential, layer: str | int, matrix: torch.Tensor) -> nn.Sequential:
+def insert_transform(model: nn.Sequential, layer: str | int, matrix: torch.Tensor,
+                     finetune: str = "all") -> nn.Sequential:
     """A copy of ``model`` as ``Sequential(frozen=Frozen(front), transform=ChannelTransform, back...)``.
 
-    ``front`` is every layer before the activation chosen by :func:`insertion_index`; the returned
-    back layers are trainable copies. ``model`` is untouched.
+    ``front`` is every layer before the activation chosen by :func:`insertion_index`. ``finetune="all"``:
+    every later layer is trainable (the paper). ``finetune="next"``: only the first Conv/Linear after the
+    transform is trainable and the layers after it are wrapped in ``Frozen(...)`` under the name ``tail``
+    -- the sharpest test of Proposition 3.4, since W_next·phi(A)^-1 restores the model exactly when A is
+    in G_sigma. ``model`` is untouched.
     """
+    if finetune not in ("all", "next"):
+        raise ValueError(f"finetune must be 'all' or 'next', got {finetune!r}")
     idx = insertion_index(model, layer)
     children = _children(copy.deepcopy(model))
     front = nn.Sequential(OrderedDict(children[:idx]))
     parts: list[tuple[str, nn.Module]] = [("frozen", Frozen(front)), ("transform", ChannelTransform(matrix))]
-    parts += [(name, m) for name, m in children[idx:]]
-    for _, m in parts[2:]:
-        for p in m.parameters():
-            p.requires_grad_(True)
-    return nn.Sequential(OrderedDict(parts))
+    back = children[idx:]
+    if finetune == "next":
+        nxt = next((i for i, (_, m) in enumerate(back) if isinstance(m, nn.Conv2d | nn.Linear)), None)
+        if nxt is None:
+            raise ValueError(f"no Conv2d/Linear follows layer {layer!r} to fine-tune")
+        rest = back[nxt + 1:]
+        back = back[:nxt + 1] + ([("tail", Frozen(nn.Sequential(OrderedDict(rest))))] if rest else [])
+    for _, m in back:
+        if not isinstance(m, Frozen):
+            for p in m.parameters():
+                p.requires_grad_(True)
+    return nn.Sequential(OrderedDict(parts + back))
 
 
 def _channels(model: nn.Sequential, idx: int, example: torch.Tensor) -> int:
@@ -162,14 +175,16 @@ def rotation_penalty(model: nn.Module, layer: str | int, transform: str | torch.
                      test: ArrayDataset, *, epochs: int = 50, seed: int = 0, device: str = "auto",
                      baseline: float | None = None, val_fraction: float = 0.1, split_seed: int = 0,
                      batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, step_size: int = 12,
-                     gamma: float = 0.5, train_subset: int | None = None, progress: bool = False) -> dict:
+                     gamma: float = 0.5, train_subset: int | None = None, finetune: str = "all",
+                     progress: bool = False) -> dict:
     """Insert a fixed transform before ``layer``'s activation, fine-tune the later layers, measure the loss.
 
     ``train`` is the full training set; a validation part (``val_fraction``, split with ``split_seed``,
     by default the split :func:`intertwiners.training.train_one` held out) selects the best fine-tuning
     epoch. ``transform``: a name from :data:`TRANSFORMS` (sampled with ``seed``) or a (C, C) matrix.
     ``baseline``: the model's test accuracy if already known. ``train_subset``: fine-tune on only the
-    first k training samples (for quick tests). Returns a dict of plain numbers: ``baseline_accuracy``,
+    first k training samples (for quick tests). ``finetune``: ``"all"`` later layers (the paper) or only
+    the ``"next"`` Conv/Linear (see :func:`insert_transform`). Returns a dict of plain numbers: ``baseline_accuracy``,
     ``transformed_accuracy`` (after inserting A, before fine-tuning), ``finetuned_accuracy``, ``penalty``
     (= baseline - finetuned, points), ``val_accuracy``, ``best_epoch``, plus the settings.
     """
@@ -197,11 +212,11 @@ def rotation_penalty(model: nn.Module, layer: str | int, transform: str | torch.
     if not torch.isfinite(matrix).all() or torch.linalg.matrix_rank(matrix) < channels:
         raise ValueError("transform must be a finite invertible matrix")
     if baseline is None:
-        baseline = accuracy(model, test, dev)
+        baseline = accuracy(copy.deepcopy(model).to(dev), test, dev)
     fine_train, val = train.split(val_fraction, seed=split_seed)
     if train_subset is not None:
         fine_train = fine_train.subset(torch.arange(min(train_subset, len(fine_train))))
-    new_model = insert_transform(model, layer, matrix).to(dev)
+    new_model = insert_transform(model, layer, matrix, finetune=finetune).to(dev)
     transformed = accuracy(new_model, test, dev)
     torch.manual_seed(seed)
     recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, step_size=step_size,
@@ -209,7 +224,7 @@ def rotation_penalty(model: nn.Module, layer: str | int, transform: str | torch.
     fitted = fit(new_model, fine_train, val, recipe, seed, dev, progress, desc=f"fine-tune {site} {kind}")
     finetuned = accuracy(new_model, test, dev)
     return {"layer": str(layer), "conv": layer_name, "site": site, "position": idx, "transform": kind,
-            "seed": seed, "channels": channels, "epochs": epochs,
+            "seed": seed, "channels": channels, "epochs": epochs, "finetune": finetune,
             "baseline_accuracy": float(baseline), "transformed_accuracy": float(transformed),
             "finetuned_accuracy": float(finetuned), "penalty": float(baseline) - float(finetuned),
             "val_accuracy": float(fitted["val_accuracy"]), "best_epoch": int(fitted["best_epoch"]),
@@ -226,8 +241,7 @@ def rotation_penalty_sweep(model: nn.Module, layers: Iterable[str | int], transf
     called after each run (e.g. to store it). Extra keyword arguments go to :func:`rotation_penalty`.
     """
     dev = resolve_device(device)
-    baseline = accuracy(model, test, dev)
-    model = model.cpu()
+    baseline = accuracy(copy.deepcopy(model).to(dev), test, dev)
     results = []
     for layer in layers:
         for kind in transforms:
@@ -242,13 +256,30 @@ def rotation_penalty_sweep(model: nn.Module, layers: Iterable[str | int], transf
     return results
 
 
+def with_control(results: list[dict], control: str = "identity") -> list[dict]:
+    """Copies of the rows with ``penalty_vs_control`` = control's fine-tuned accuracy - this row's.
+
+    The control is the run with transform ``control`` and the same panel, layer, seed, epochs and
+    fine-tuning mode: it removes what fine-tuning alone does to accuracy (on an under-trained base model
+    the plain penalty is negative even for the identity). Rows without a matching control get NaN;
+    the control rows themselves get 0.
+    """
+    def key(r):
+        return (r.get("panel", ""), str(r["layer"]), int(r["seed"]), int(r["epochs"]), r.get("finetune", "all"))
+
+    base = {key(r): float(r["finetuned_accuracy"]) for r in results if r["transform"] == control}
+    return [{**r, "penalty_vs_control": base.get(key(r), float("nan")) - float(r["finetuned_accuracy"])}
+            for r in results]
+
+
 def summarize(results: list[dict], key: str = "penalty", by: tuple[str, ...] = ("layer", "transform")) -> list[dict]:
     """Mean, standard deviation and a 95% t confidence half-width of ``key`` per group of ``by``."""
     from scipy import stats
 
     groups: dict[tuple, list[float]] = {}
     for r in results:
-        groups.setdefault(tuple(r[k] for k in by), []).append(float(r[key]))
+        if not math.isnan(float(r[key])):
+            groups.setdefault(tuple(r[k] for k in by), []).append(float(r[key]))
     out = []
     for k, values in groups.items():
         t = torch.tensor(values, dtype=torch.float64)
@@ -259,7 +290,8 @@ def summarize(results: list[dict], key: str = "penalty", by: tuple[str, ...] = (
     return out
 
 
-def plot_rotation_penalties(results: list[dict], path, title: str = "Rotation penalty") -> None:
+def plot_rotation_penalties(results: list[dict], path, title: str = "Rotation penalty", key: str = "penalty",
+                            ylabel: str = "rotation penalty (accuracy points)") -> None:
     """Fig. 4-style PNG: penalty (points) against layer, one line per transform, 95% CI error bars.
 
     With a ``panel`` key in the results (e.g. the activation), one subplot per panel value.
@@ -273,7 +305,7 @@ def plot_rotation_penalties(results: list[dict], path, title: str = "Rotation pe
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         rows = [r for r in results if r.get("panel", "") == panel]
-        summary = summarize(rows, by=("position", "conv", "transform"))
+        summary = summarize(rows, key=key, by=("position", "conv", "transform"))
         positions = sorted({s["position"] for s in summary})
         labels = {s["position"]: s["conv"] for s in summary}
         for kind in sorted({s["transform"] for s in summary}):
@@ -285,7 +317,7 @@ def plot_rotation_penalties(results: list[dict], path, title: str = "Rotation pe
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xticks(range(len(positions)), [labels[p] for p in positions])
         ax.set_xlabel("transformed layer (pre-activation)")
-        ax.set_ylabel("rotation penalty (accuracy points)")
+        ax.set_ylabel(ylabel)
         ax.set_title(f"{title}{': ' + str(panel) if panel else ''}")
         ax.legend()
     fig.tight_layout()

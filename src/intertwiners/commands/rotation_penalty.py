@@ -10,7 +10,7 @@ NAME = "rotation-penalty"
 HELP = ("Insert a fixed G_ReLU or orthogonal channel transform before a layer's activation, fine-tune the "
         "later layers, and report the accuracy lost (Fig. 4); writes a CSV and a PNG.")
 
-FIELDS = ("panel", "layer", "conv", "site", "position", "transform", "seed", "channels", "epochs",
+FIELDS = ("panel", "layer", "conv", "site", "position", "transform", "seed", "channels", "epochs", "finetune",
           "baseline_accuracy", "transformed_accuracy", "finetuned_accuracy", "penalty", "val_accuracy",
           "best_epoch", "wall_time_s")
 
@@ -26,10 +26,13 @@ def add_arguments(p):
     p.add_argument("--layers", default="conv1,conv2,conv3",
                    help="layers whose pre-activation is transformed: names or Sequential indices "
                         "(the paper's 0,2,5 are conv1,conv2,conv3)")
-    p.add_argument("--transforms", default="grelu,orthogonal",
-                   help="comma-separated: grelu, orthogonal, permutation, identity")
+    p.add_argument("--transforms", default="grelu,orthogonal,identity",
+                   help="comma-separated: grelu, orthogonal, permutation, identity (the identity is the control: "
+                        "what fine-tuning alone does)")
     p.add_argument("--seeds", default="0-4", help="repeats, e.g. 0-9")
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (the paper: 50)")
+    p.add_argument("--finetune", default="all", choices=["all", "next"],
+                   help="fine-tune all later layers (the paper) or only the next conv/linear")
     p.add_argument("--model-seed", type=int, default=0, help="seed of the trained base model")
     p.add_argument("--model-epochs", type=int, default=None, help="base model epochs (default: recipe)")
     p.add_argument("--width", type=int, default=None, help="Myrtle CNN width (default 16 on digits, 64 else)")
@@ -68,6 +71,8 @@ def _read_rows(path: Path) -> list[dict]:
             for k in ("baseline_accuracy", "transformed_accuracy", "finetuned_accuracy", "penalty",
                       "val_accuracy", "wall_time_s"):
                 r[k] = float(r[k])
+            r.setdefault("finetune", "all")
+            r["finetune"] = r["finetune"] or "all"
             rows.append(r)
     return rows
 
@@ -76,7 +81,7 @@ def run(args) -> int:
     from .. import models
     from .._util import parse_seeds
     from ..data import load as load_data
-    from ..rotation_penalty import TRANSFORMS, plot_rotation_penalties, rotation_penalty_sweep, summarize
+    from ..rotation_penalty import TRANSFORMS, plot_rotation_penalties, rotation_penalty_sweep, summarize, with_control
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +105,7 @@ def run(args) -> int:
 
     csv_path = out / "rotation_penalty.csv"
     previous = _read_rows(csv_path)  # earlier runs are kept; those with these epochs are resumed from
-    rows = [r for r in previous if r["epochs"] == args.epochs]
+    rows = [r for r in previous if r["epochs"] == args.epochs and r["finetune"] == args.finetune]
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -114,25 +119,39 @@ def run(args) -> int:
                 writer.writerow(r)
                 f.flush()
                 rows.append(r)
-                if not args.quiet:
-                    print(f"{panel:>10} {r['conv']:>6} {r['transform']:>11} seed {r['seed']}: "
-                          f"penalty {r['penalty']:+.2f} (baseline {r['baseline_accuracy']:.2f}, "
-                          f"after insertion {r['transformed_accuracy']:.2f}, "
-                          f"after fine-tuning {r['finetuned_accuracy']:.2f})", flush=True)
+                print(f"{panel:>10} {r['conv']:>6} {r['transform']:>11} seed {r['seed']}: "
+                      f"penalty {r['penalty']:+.2f} (baseline {r['baseline_accuracy']:.2f}, "
+                      f"after insertion {r['transformed_accuracy']:.2f}, "
+                      f"after fine-tuning {r['finetuned_accuracy']:.2f})", flush=True)
 
             rotation_penalty_sweep(model, layers, transforms, train, test, seeds=seeds, epochs=args.epochs,
                                    device=args.device, done=done, callback=store, train_subset=args.train_subset,
-                                   progress=not args.quiet)
+                                   finetune=args.finetune, progress=not args.quiet)
 
-    summary = summarize(rows, by=("panel", "conv", "transform"))
+    rows = with_control(rows, "identity")
+    by = ("panel", "conv", "transform")
+    summary = summarize(rows, by=by)
+    relative = {tuple(s[k] for k in by): s for s in summarize(rows, key="penalty_vs_control", by=by)}
+    for s in summary:
+        rel = relative.get(tuple(s[k] for k in by))
+        s["mean_vs_identity"] = rel["mean"] if rel else float("nan")
+        s["ci95_vs_identity"] = rel["ci95"] if rel else float("nan")
     with (out / "rotation_penalty_summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=("panel", "conv", "transform", "mean", "std", "ci95", "n"))
+        writer = csv.DictWriter(f, fieldnames=("panel", "conv", "transform", "mean", "std", "ci95", "n",
+                                               "mean_vs_identity", "ci95_vs_identity"))
         writer.writeheader()
         writer.writerows(summary)
-    plot_rotation_penalties(rows, out / "rotation_penalty.png",
-                            title=f"Rotation penalty ({args.dataset}, {args.epochs} epochs)")
-    print(f"{'model':>10} {'layer':>6} {'transform':>11} {'penalty':>8} {'ci95':>6} n")
+    title = f"{args.dataset}, {args.epochs} epochs, fine-tune {args.finetune}"
+    plot_rotation_penalties(rows, out / "rotation_penalty.png", title=f"Rotation penalty ({title})")
+    figures = [out / "rotation_penalty.png"]
+    if relative:
+        plot_rotation_penalties(rows, out / "rotation_penalty_vs_identity.png", key="penalty_vs_control",
+                                title=f"vs identity control ({title})",
+                                ylabel="fine-tuned acc. (identity) - fine-tuned acc. (points)")
+        figures.append(out / "rotation_penalty_vs_identity.png")
+    print(f"{'model':>10} {'layer':>6} {'transform':>11} {'penalty':>8} {'ci95':>6} {'vs_id':>7} {'ci95':>6} n")
     for s in summary:
-        print(f"{s['panel']:>10} {s['conv']:>6} {s['transform']:>11} {s['mean']:+8.2f} {s['ci95']:6.2f} {s['n']}")
-    print(f"wrote {csv_path}, {out / 'rotation_penalty_summary.csv'}, {out / 'rotation_penalty.png'}")
+        print(f"{s['panel']:>10} {s['conv']:>6} {s['transform']:>11} {s['mean']:+8.2f} {s['ci95']:6.2f} "
+              f"{s['mean_vs_identity']:+7.2f} {s['ci95_vs_identity']:6.2f} {s['n']}")
+    print(f"wrote {csv_path}, {out / 'rotation_penalty_summary.csv'}, " + ", ".join(map(str, figures)))
     return 0
