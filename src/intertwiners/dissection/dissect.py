@@ -230,9 +230,8 @@ class _LabelBatch:
     annotated: torch.Tensor   # (B, n_categories) float32
 
 
-def _label_batch(dataset: BrodenDataset, indices: list[int], device) -> _LabelBatch:
+def _label_batch(dataset: BrodenDataset, indices: list[int], shape: tuple[int, int], device) -> _LabelBatch:
     segs = [dataset.segmentation(i) for i in indices]
-    shape = dataset.label_shape
     kmax = max(1, max(s.pixel.shape[0] for s in segs))
     s_pix = shape[0] * shape[1]
     pixel = np.zeros((len(segs), kmax, s_pix), dtype=np.int64)
@@ -391,7 +390,10 @@ def dissect_many(model: nn.Module, site: str, dataset: BrodenDataset, rotations:
                     top.update(g.transpose(0, 1).reshape(n_units, -1))
                 if cache is not None:
                     cached_bytes += f.numel() * f.element_size()
-                    cache = cache + [f] if cached_bytes <= cache_bytes else None
+                    if cached_bytes <= cache_bytes:
+                        cache.append(f)
+                    else:
+                        cache = None  # too big: the second pass runs the model again
             thresholds = [quantile_from_top(top.buf, n_total, quantile) for top in tops]
             # pass 2: masks at label resolution and the IoU tally, batch by batch
             n_categories = len(dataset.categories)
@@ -402,7 +404,7 @@ def dissect_many(model: nn.Module, site: str, dataset: BrodenDataset, rotations:
                 f = cache[bi] if cache is not None else features(batch)
                 for start in range(0, len(batch), sub):
                     part = batch[start:start + sub]
-                    labels = _label_batch(dataset, part, dev)
+                    labels = _label_batch(dataset, part, label_shape, dev)
                     onehot = _pixel_onehot(labels.pixel)
                     fp = f[start:start + sub]
                     tallies[0].add_labels(labels, onehot, s_pix)

@@ -119,7 +119,8 @@ def fig3_experiment(root: str | Path, alphas=DEFAULT_ALPHAS, n_rotations: int = 
         t0 = time.perf_counter()
         model, metrics = train_fig3_model(arch, train, steps=steps, seed=seed, device=device, widths=widths,
                                           blocks=blocks, progress=progress)
-        val_acc = accuracy(model, synthetic_training_data(probe), dev)
+        val_acc = accuracy(model.to(dev), synthetic_training_data(probe), dev)
+        model.cpu()
         if models_out is not None:
             from .fig3_models import save
             save(model, Path(models_out) / arch)
