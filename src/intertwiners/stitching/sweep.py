@@ -7,6 +7,7 @@ by ``intertwiners train`` (``.../seed<k>/`` with ``model.safetensors``, ``config
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -129,10 +130,9 @@ def stitch_sweep(models: Sequence, sites: Sequence[str] | None = None, kinds: Se
     test_acc: dict[int, float] = {}
 
     def model_accuracy(k: int) -> float:
-        if k not in test_acc:
-            m = loaded[k][0].to(dev).eval()
+        if k not in test_acc:   # on a copy: the caller's model keeps its device and mode
+            m = copy.deepcopy(loaded[k][0]).to(dev).eval()
             test_acc[k] = evaluate(m, test_data.x, test_data.y, dev, stitch_kwargs.get("eval_batch_size", 512))
-            m.cpu()
         return test_acc[k]
 
     rows = []
