@@ -167,6 +167,15 @@ def test_max_kernel_conv_features_max_over_channel_inner_products(rng):
     np.testing.assert_allclose(sim.max_kernel(X[:, :, :1, :1]), slow_max_kernel(X[:, :, 0, 0], X[:, :, 0, 0]))
 
 
+def test_max_kernel_conv_symmetric_row_blocks_and_small_buffers(rng):
+    from intertwiners.similarity.max_kernel import max_inner_over_channels
+    X = torch.tensor(rng.standard_normal((23, 5, 4)))
+    ref = max_inner_over_channels(X, X.clone(), temp_bytes=1 << 30)
+    for blocks in (1, 2, 3, 7):
+        for temp in (8, 1 << 30):                 # temp=8: one channel per batched matmul
+            np.testing.assert_array_equal(max_inner_over_channels(X, None, temp, blocks).numpy(), ref.numpy())
+
+
 def test_max_kernel_shape_mismatch_raises(rng):
     with pytest.raises(ValueError, match="feature shape"):
         sim.max_kernel(rng.standard_normal((4, 3)), rng.standard_normal((4, 5)))

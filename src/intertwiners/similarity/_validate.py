@@ -32,9 +32,9 @@ def to_features(x, name: str = "X", device: torch.device | str | None = None) ->
                          f"{tuple(t.shape)}; reshape a single feature vector per sample to (N, 1)")
     if t.shape[0] == 0 or t[0].numel() == 0:
         raise ValueError(f"{name}: empty features, shape {tuple(t.shape)}")
-    # A float64 sum is finite iff every entry is (NaN/Inf propagate); the elementwise check runs only when
-    # the sum is not finite, to tell overflow of the sum from bad entries.
-    if not bool(torch.isfinite(t.sum(dtype=torch.float64))) and not bool(torch.isfinite(t).all()):
+    # NaN/Inf propagate through a sum, so a finite sum proves every entry finite; the elementwise check
+    # runs only when the sum is not finite, to tell an overflow of the sum from bad entries.
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: {bad} entries are NaN or infinite; similarity measures need finite "
                          "features (check the model for overflow or the data for missing values)")

@@ -78,17 +78,21 @@ def grelu_normalise(x: torch.Tensor, name: str = "X", drop_dead: bool = False,
 
     x (N, d) -> (N, d'); x (N, C, *spatial) -> (N, C', *spatial); d' < d only with ``drop_dead=True``,
     which drops columns/channels that are constant over the data (their norm after centring is zero,
-    e.g. a dead ReLU unit). Otherwise such columns raise ``ValueError``. Statistics in float64.
+    e.g. a dead ReLU unit). Otherwise such columns raise ``ValueError``.
     """
     n, c = x.shape[0], x.shape[1]
     xs = x.reshape(n, c, -1)
     count = xs.shape[0] * xs.shape[2]
-    # float64 accumulators, no float64 copy of the data: mean, then the centred sums of squares.
-    mean = xs.sum(dim=(0, 2), dtype=torch.float64) / count if center else \
-        torch.zeros(c, dtype=torch.float64, device=x.device)
-    xc = xs - mean.to(x.dtype)[None, :, None] if center else xs.clone()
-    sq = torch.einsum("ncs,ncs->c", xc, xc) if x.dtype == torch.float64 else \
-        (xc * xc).sum(dim=(0, 2), dtype=torch.float64)
+    # Statistics in the dtype of the data (torch reduces with cascaded sums, accurate to a few ulps),
+    # reported in float64; no float64 copy of the data.
+    if center:
+        mean = xs.mean(dim=(0, 2))
+        xc = xs - mean[None, :, None]
+    else:
+        mean = torch.zeros(c, dtype=x.dtype, device=x.device)
+        xc = xs.clone()
+    sq = torch.linalg.vector_norm(xc, dim=(0, 2)).to(torch.float64) ** 2
+    mean = mean.to(torch.float64)
     raw = sq + count * mean ** 2                       # uncentred sums of squares, for the zero test
     dead = dead_columns(sq, raw.max())
     unit = "channel" if x.ndim > 2 else "column"
