@@ -155,6 +155,20 @@ def test_local_workers_record_failures_from_the_environment(tmp_path, monkeypatc
         assert failed.label == "child0" and "failed on purpose" in failed.error and failed.worker
 
 
+def test_a_worker_that_dies_is_a_failed_job_not_a_crashed_run(tmp_path, monkeypatch):
+    plan = probe_plan(sleep_s=0, n=4)
+    monkeypatch.setenv("INTERTWINERS_PROBE_CRASH", "child1")
+    backend = LocalBackend(workers=1, threads=1)
+    try:
+        s = run_jobs(plan.jobs, tmp_path, backend, progress=False)
+    finally:
+        backend.close()
+    assert (s.failed, s.blocked, s.succeeded) == (1, 1, len(plan.jobs) - 2)
+    with ResultsStore(tmp_path) as store:
+        (failed,) = store.rows(status="failed")
+        assert failed.label == "child1" and "BrokenProcessPool" in failed.error
+
+
 # ----------------------------------------------------------------------------------------------------------
 # kill and resume
 

@@ -198,13 +198,15 @@ def _device(context: dict) -> str:
 
 @register("probe", "a tiny deterministic job for testing the machinery (sleeps, then combines its inputs)")
 def run_probe(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """``value = seed * 1.5 + sum(dependency values)``; fails while ``$INTERTWINERS_PROBE_FAIL`` names it.
+    """``value = seed * 1.5 + sum(dependency values)``; raises while ``$INTERTWINERS_PROBE_FAIL`` names it,
+    and kills its worker process (as an out-of-memory kill would) while ``$INTERTWINERS_PROBE_CRASH`` does.
 
     Config: ``name``, ``seed``, ``sleep_s`` (default 0), ``file`` (write a small file, default False).
     """
-    failing = os.environ.get("INTERTWINERS_PROBE_FAIL", "").split(",")
-    if config["name"] in failing:
+    if config["name"] in os.environ.get("INTERTWINERS_PROBE_FAIL", "").split(","):
         raise RuntimeError(f"probe {config['name']} failed on purpose (INTERTWINERS_PROBE_FAIL)")
+    if config["name"] in os.environ.get("INTERTWINERS_PROBE_CRASH", "").split(","):
+        os._exit(3)
     time.sleep(float(config.get("sleep_s", 0)))
     value = float(config["seed"]) * 1.5 + sum(float(d.result["value"]) for _, d in sorted(inputs.items()))
     files = {"probe.txt": f"{value!r}\n".encode()} if config.get("file") else {}
