@@ -19,6 +19,7 @@ Procrustes measures need (Table 2).
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -149,24 +150,25 @@ def _batches(data, batch_size: int, max_samples: int | None) -> Iterable[torch.T
 
 def _prepare(model_a, model_b, data, sites_a, sites_b, device, batch_size, max_samples):
     dev = resolve_device(device)
-    first = next(iter(_batches(data, 2, 2)), None)
+    if sites_b is None and sites_a is not None:
+        sites_b = sites_a
+    batches = iter(_batches(data, batch_size, max_samples))
+    first = next(batches, None)                  # peeked, then put back: iterators are consumed once
     if first is None:
         raise ValueError("no input data was given")
     if model_a is model_b and (sites_b is None or list(sites_b) == list(sites_a or [])):
         warnings.warn("model_a and model_b are the same object: comparing a model with itself gives 1 on the "
                       "diagonal; pass two different models to compare seeds", stacklevel=3)
-    ra = _SiteRunner(model_a, sites_a, dev, first)
-    rb = _SiteRunner(model_b, sites_b, dev, first)
+    ra = _SiteRunner(model_a, sites_a, dev, first[:2])
+    rb = _SiteRunner(model_b, sites_b, dev, first[:2])
     moved = []
-    for m in (model_a, model_b):
+    for m, r in ((model_a, ra), (model_b, rb)):
         p = next(iter(m.parameters()), None)
         moved.append((m, p.device if p is not None else None))
         m.to(dev)
-        if m is model_a and ra.runner is not None:
-            ra.runner.to(dev)
-        if m is model_b and rb.runner is not None:
-            rb.runner.to(dev)
-    return dev, ra, rb, moved, _batches(data, batch_size, max_samples)
+        if r.runner is not None:
+            r.runner.to(dev)
+    return dev, ra, rb, moved, itertools.chain([first], batches)
 
 
 def _restore(moved) -> None:
@@ -184,7 +186,8 @@ def layer_similarity_matrix(model_a: nn.Module, model_b: nn.Module, data, sites_
 
     measure: ``grelu_cka`` (max kernel, per-batch G_ReLU normalisation), ``cka`` / ``linear_cka`` or
     ``rbf_cka``. data: a dataset with ``.x``, an (N, ...) array/tensor, or an iterable of batches;
-    sites default to every activation site (forward order). Every batch must hold >= 4 samples for the
+    sites default to every activation site (forward order); ``sites_b`` defaults to ``sites_a`` when
+    that is given. Every batch must hold >= 4 samples for the
     unbiased estimator (a smaller last batch is skipped with a warning). Memory is independent of N:
     per batch, one centred (b, b) Gram matrix per site. ``drop_dead`` (default True here) drops units that
     are constant within a batch before the max kernel; they have no defined normalisation. Returns a
