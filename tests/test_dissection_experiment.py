@@ -59,6 +59,8 @@ def test_fig3_experiment_tiny_run_and_plot(tmp_path):
     assert png.stat().st_size > 1000
     with pytest.raises(ValueError):
         fig3_experiment(tmp_path / "data", archs=["vgg"])
+    with pytest.raises(ValueError, match="no entry"):
+        fig3_experiment(tmp_path / "data", archs=["resnet"], steps={"convnext": 1}, widths=(4, 8, 8))
 
 
 def test_cli_dissects_a_saved_model(tiny_root, tmp_path, capsys):
