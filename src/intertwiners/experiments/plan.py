@@ -47,6 +47,7 @@ class Scale:
     rotation_transforms: tuple[str, ...] = ("grelu", "orthogonal")
     rotation_repeats: int = 1
     rotation_epochs: int | None = 2
+    rotation_activations: tuple[str, ...] = ("relu",)  # "sigmoid" too: P·D is then no symmetry (control)
     # ResNet20 with LeakyReLU slopes (appendix D.3) and ResNet20 CKA (Fig. 2)
     resnet_seeds: int = 2
     resnet_epochs: int | None = 3
@@ -74,6 +75,7 @@ PRESETS: dict[str, Scale] = {
         "small", mcnn_seeds=6, mcnn_epochs=12, stitch_pairs=4, stitch_epochs=4,
         stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"),
         similarity_pairs=6, cka_pairs=3, rotation_repeats=3, rotation_epochs=6,
+        rotation_activations=("relu", "sigmoid"),
         resnet_seeds=4, resnet_epochs=6, slopes=(0.0, 0.1, 0.5, 0.9, 1.0), slope_pairs=2,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=2,
         dissection_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), dissection_rotations=3, dissection_images=800,
@@ -83,6 +85,7 @@ PRESETS: dict[str, Scale] = {
         stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"), stitch_epochs=20,
         stitch_settings="authors",
         similarity_pairs=32, cka_pairs=16, max_samples=2000, rotation_repeats=10, rotation_epochs=50,
+        rotation_activations=("relu", "sigmoid"),
         resnet_seeds=8, resnet_epochs=None, slopes=(0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), slope_pairs=4,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=16,
         dissection_alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), dissection_rotations=5, dissection_images=1600,
@@ -178,15 +181,17 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan
     if reason:
         missing["fig4_rotation_penalty"] = reason
     else:
-        base_kwargs = {**mcnn_kwargs, "batch_norm": False}
-        base = zoo_job("myrtle_cnn", s.dataset, 0, s.mcnn_epochs, **base_kwargs)
-        for layer in s.rotation_layers:
-            for transform in s.rotation_transforms:
-                for r in range(s.rotation_repeats):
-                    jobs.append(Job("rotation_penalty", {
-                        "experiment": "fig4", "layer": layer, "transform": transform, "seed": r,
-                        "epochs": s.rotation_epochs, "dataset": s.dataset},
-                        {"model": base}, label=f"rotation {layer} {transform} r{r}"))
+        for act in s.rotation_activations:
+            base_kwargs = {**mcnn_kwargs, "batch_norm": False, **({} if act == "relu" else {"activation": act})}
+            base = zoo_job("myrtle_cnn", s.dataset, 0, s.mcnn_epochs, **base_kwargs)
+            tag = {} if act == "relu" else {"activation": act}  # relu keeps the ids of earlier plans
+            for layer in s.rotation_layers:
+                for transform in s.rotation_transforms:
+                    for r in range(s.rotation_repeats):
+                        jobs.append(Job("rotation_penalty", {
+                            "experiment": "fig4", "layer": layer, "transform": transform, "seed": r,
+                            "epochs": s.rotation_epochs, "dataset": s.dataset, **tag},
+                            {"model": base}, label=f"rotation {act} {layer} {transform} r{r}"))
 
     # Appendix D.3: ResNet20 with LeakyReLU slopes, stitching; Fig. 2: ResNet20 (ReLU) CKA
     want_d3 = _missing("stitch") is None

@@ -152,52 +152,75 @@ def section_stitching(store: PlanView, figdir: Path) -> str:
               f"more parameters than G_ReLU): {yes_no(grelu_vs_r1)}.\n")
 
 
+def _rotation_figure(data: dict, layers: list[str], transforms: list[str], figdir: Path) -> None:
+    plt = _plt()
+    acts = sorted(data, key=lambda a: (a != "relu", a))
+    fig, axes = plt.subplots(1, len(acts), figsize=(6 * len(acts), 4), squeeze=False)
+    x = np.arange(len(layers))
+    width = 0.8 / max(1, len(transforms))
+    for ax, act in zip(axes[0], acts):
+        for i, t in enumerate(transforms):
+            st = [mean_ci(data[act][t][la]) for la in layers]
+            bars = ax.bar(x + i * width, [v[0] for v in st], width, yerr=[v[1] for v in st], capsize=3,
+                          label=f"{t} (ours)")
+            if act == "relu" and t in PAPER_ROTATION:
+                ref = [PAPER_ROTATION[t][PAPER_ROTATION["layers"].index(la)] if la in PAPER_ROTATION["layers"]
+                       else np.nan for la in layers]
+                ax.scatter(x + i * width, ref, marker="_", s=400, linewidths=3, zorder=3,
+                           color=bars.patches[0].get_facecolor(), label=f"{t} (paper, CIFAR-10)")
+        ax.set_xticks(x + width * (len(transforms) - 1) / 2, layers)
+        ax.set_ylabel("rotation penalty (accuracy points)")
+        ax.set_title(f"Myrtle CNN without batch norm, {act}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figdir / "fig4_rotation_penalty.png", dpi=120)
+    plt.close(fig)
+
+
 def section_rotation(store: PlanView, figdir: Path) -> str:
     rows = store.rows(kind="rotation_penalty", status="done")
     head = "## Fig. 4 — rotation penalties (Myrtle CNN without batch norm)\n\n"
     if not rows:
         return head + "No rotation-penalty results in the database.\n"
-    data: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    data: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in rows:
-        data[r.config["transform"]][r.config["layer"]].append(r.result["penalty"])
+        data[r.config.get("activation", "relu")][r.config["transform"]][r.config["layer"]].append(r.result["penalty"])
     layers = sorted({r.config["layer"] for r in rows})
-    transforms = [t for t in ("grelu", "orthogonal") if t in data] + sorted(set(data) - {"grelu", "orthogonal"})
-    stats = {t: [mean_ci(data[t][layer]) for layer in layers] for t in transforms}
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = np.arange(len(layers))
-    width = 0.8 / max(1, len(transforms))
-    for i, t in enumerate(transforms):
-        bars = ax.bar(x + i * width, [s[0] for s in stats[t]], width, yerr=[s[1] for s in stats[t]], capsize=3,
-                      label=f"{t} (ours)")
-        if t in PAPER_ROTATION:
-            ref = [PAPER_ROTATION[t][PAPER_ROTATION["layers"].index(la)] if la in PAPER_ROTATION["layers"]
-                   else np.nan for la in layers]
-            ax.scatter(x + i * width, ref, marker="_", s=400, color=bars.patches[0].get_facecolor(), linewidths=3,
-                       zorder=3, label=f"{t} (paper, CIFAR-10)")
-    ax.set_xticks(x + width * (len(transforms) - 1) / 2, layers)
-    ax.set_ylabel("rotation penalty (accuracy points)")
-    ax.set_title("Fixed transform before the activation, then fine-tuning")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(figdir / "fig4_rotation_penalty.png", dpi=120)
-    plt.close(fig)
+    found = {r.config["transform"] for r in rows}
+    transforms = [t for t in ("grelu", "orthogonal") if t in found] + sorted(found - {"grelu", "orthogonal"})
+    _rotation_figure(data, layers, transforms, figdir)
     table = []
-    for t in transforms:
-        cells = []
-        for layer, (m, h, n) in zip(layers, stats[t]):
-            ref = (PAPER_ROTATION[t][PAPER_ROTATION["layers"].index(layer)]
-                   if t in PAPER_ROTATION and layer in PAPER_ROTATION["layers"] else "–")
-            cells.append(f"{fmt(m, h)} (n={n}; paper {ref})")
-        table.append([t] + cells)
+    for act in sorted(data, key=lambda a: (a != "relu", a)):
+        for t in transforms:
+            cells = []
+            for layer in layers:
+                m, h, n = mean_ci(data[act][t][layer])
+                ref = (PAPER_ROTATION[t][PAPER_ROTATION["layers"].index(layer)]
+                       if act == "relu" and t in PAPER_ROTATION and layer in PAPER_ROTATION["layers"] else "–")
+                cells.append(f"{fmt(m, h)} (n={n}; paper {ref})")
+            table.append([act, t] + cells)
+
+    def advantage(act: str) -> float | None:
+        if not {"grelu", "orthogonal"} <= set(data.get(act, {})):
+            return None
+        return float(np.mean([np.mean(data[act]["orthogonal"][la]) - np.mean(data[act]["grelu"][la])
+                              for la in layers]))
+
     claim = None
-    if "grelu" in stats and "orthogonal" in stats:
-        claim = all(g[0] < o[0] for g, o in zip(stats["grelu"], stats["orthogonal"]))
-    return (head + "![Fig. 4](figures/fig4_rotation_penalty.png)\n\nPenalty = baseline accuracy − accuracy after "
+    if "relu" in data and {"grelu", "orthogonal"} <= set(data["relu"]):
+        claim = all(np.mean(data["relu"]["grelu"][la]) < np.mean(data["relu"]["orthogonal"][la]) for la in layers)
+    text = (head + "![Fig. 4](figures/fig4_rotation_penalty.png)\n\nPenalty = baseline accuracy − accuracy after "
             "inserting a fixed transform (a G_ReLU element P·D, or a random orthogonal matrix) before the "
             "activation and fine-tuning the layers after it; mean ± 95% CI over repeats.\n\n"
-            + _table(["transform"] + layers, table) + "\n\n"
-            + f"- G_ReLU rotation penalty below the orthogonal one at every layer: {yes_no(claim)}.\n")
+            + _table(["activation", "transform"] + layers, table) + "\n\n"
+            + f"- ReLU: G_ReLU rotation penalty below the orthogonal one at every layer: {yes_no(claim)}.\n")
+    if "sigmoid" in data and advantage("relu") is not None and advantage("sigmoid") is not None:
+        a_relu, a_sig = advantage("relu"), advantage("sigmoid")
+        text += (f"- Sigmoid (P·D with D ≠ I is not in G_sigmoid, so theory gives P·D no special status): the "
+                 f"advantage of the P·D transform over the orthogonal one (orthogonal − P·D penalty, mean over "
+                 f"layers) is smaller than with ReLU ({a_sig:.2f} vs {a_relu:.2f} points): "
+                 f"{yes_no(a_sig < a_relu)}.\n")
+    return text
 
 
 def section_slopes(store: PlanView, figdir: Path) -> str:
