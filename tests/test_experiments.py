@@ -108,6 +108,15 @@ def test_inline_run_then_rerun_does_no_work(tmp_path):
     assert third.executed == 1 and (tmp_path / art / "probe.txt").is_file()
 
 
+def test_a_second_driver_on_the_same_folder_is_refused(tmp_path):
+    from intertwiners.experiments.runner import driver_lock
+
+    with driver_lock(tmp_path):
+        with pytest.raises(ValueError, match="another driver"):
+            run_jobs(probe_plan(sleep_s=0).jobs, tmp_path, InlineBackend(), progress=False)
+    assert run_jobs(probe_plan(sleep_s=0).jobs, tmp_path, InlineBackend(), progress=False).failed == 0
+
+
 _FLAKY = {"fail": True}
 
 

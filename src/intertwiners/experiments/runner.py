@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import re
 import shutil
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +111,25 @@ def finished_ids(store: ResultsStore, out: Path) -> set[str]:
     return done
 
 
+LOCK_NAME = "driver.lock"
+
+
+@contextmanager
+def driver_lock(out: Path):
+    """Hold ``out/driver.lock`` (an advisory flock, released by the OS even on ``kill -9``) so that only one
+    driver works on a results folder at a time; a second one gets a ValueError."""
+    with open(out / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise ValueError(f"another driver (intertwiners reproduce) is already running in {out}; wait for it "
+                             "or use another --out") from err
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | None = None,
              progress: bool = True, plan_info: dict | None = None) -> RunSummary:
     """Run every job of ``jobs`` (and their dependencies) not yet done in ``out/results.sqlite``.
@@ -122,7 +143,7 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
     order = closure(jobs)
     start = time.perf_counter()
     summary = RunSummary(planned=len(order))
-    with ResultsStore(out) as store:
+    with driver_lock(out), ResultsStore(out) as store:
         done = finished_ids(store, out) & {j.id for j in order}
         todo = [j for j in order if j.id not in done]
         summary.skipped = len(order) - len(todo)
