@@ -43,7 +43,7 @@ def plot_penalties(rows: Sequence[dict], path: str | Path | None = None, *, line
     sites = _site_order(rows)
     summary = summarize(rows, by=(line, "site"), confidence=confidence)
     if ax is None:
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(sites) + 2.5), 3.8))
+        fig, ax = plt.subplots(figsize=(max(6.5, 0.55 * len(sites) + 4.0), 3.8))
     else:
         fig = ax.figure
     lines = list(dict.fromkeys(r[line] for r in rows))
@@ -61,7 +61,7 @@ def plot_penalties(rows: Sequence[dict], path: str | Path | None = None, *, line
     ax.set_ylabel("stitching penalty (accuracy points)")
     n_pairs = len({(r.get("front"), r.get("back")) for r in rows})
     ax.set_title(title or f"Stitching penalties (eq. 4.3), {n_pairs} pair(s), {int(confidence * 100)}% CI")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def plot_slope_sweep(rows: Sequence[dict], path: str | Path | None = None, *, ti
     if not rows or any(r["slope"] is None for r in rows):
         raise ValueError("slope plot needs rows whose activation is relu or leaky_relu:SLOPE")
     summary = summarize(rows, by=("kind", "slope"), confidence=confidence)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for kind in dict.fromkeys(r["kind"] for r in rows):
         pts = sorted((s["slope"], s) for s in summary if s["kind"] == kind)
         xs = [x for x, _ in pts]
@@ -91,7 +91,7 @@ def plot_slope_sweep(rows: Sequence[dict], path: str | Path | None = None, *, ti
     ax.set_xlabel("LeakyReLU negative slope")
     ax.set_ylabel("mean stitching penalty (points)")
     ax.set_title(title or "Stitching penalty vs LeakyReLU slope (mean over sites)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
