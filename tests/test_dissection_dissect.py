@@ -221,5 +221,7 @@ def test_bad_arguments_raise(small_labels_data):
         dissect(model, "body", small_labels_data, rotation=torch.eye(5))
     with pytest.raises(ValueError, match="quantile"):
         dissect(model, "body", small_labels_data, quantile=0)
+    with pytest.raises(ValueError, match="could not run"):
+        dissect(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), "1", small_labels_data)  # a 1-channel model
     with pytest.raises(ValueError, match="BrodenDataset"):
         dissect(model, "body", torch.zeros(2, 3, 16, 16))

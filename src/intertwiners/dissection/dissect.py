@@ -364,7 +364,11 @@ def dissect_many(model: nn.Module, site: str, dataset: BrodenDataset, rotations:
 
     def features(batch):
         x = load_images(dataset, batch, image_size, mean, std).to(device=dev, dtype=dtype)
-        return reader(x).float()
+        try:
+            return reader(x).float()
+        except RuntimeError as err:
+            raise ValueError(f"the model could not run on the probe images (RGB, shape {tuple(x.shape[1:])}): "
+                             f"{err}. Is it a model for RGB images of that size? (image_size resizes them)") from err
 
     try:
         reader.to(dev)
