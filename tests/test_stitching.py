@@ -206,6 +206,19 @@ def test_model_selection_never_looks_at_the_test_labels(pair, digits_data):
 # The layers' constraints
 # --------------------------------------------------------------------------------------------------
 
+@given(st.sampled_from([(7,), (7, 3), (7, 3, 2), (7, 2, 3, 2)]), st.integers(1, 5), st.integers(0, 10**6))
+def test_apply_channel_map_is_the_channel_contraction(spatial_shape, c_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    n, *spatial = spatial_shape
+    h = torch.randn(n, 4, *spatial, generator=g, dtype=torch.float64)
+    m = torch.randn(c_out, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(c_out, generator=g, dtype=torch.float64)
+    expected = torch.einsum("ck,nk...->nc...", m, h) + b.reshape(c_out, *([1] * len(spatial)))
+    torch.testing.assert_close(L.apply_channel_map(h, m, b), expected)
+    with pytest.raises(ValueError):
+        L.apply_channel_map(h, torch.randn(3, 5, dtype=torch.float64))
+
+
 def _assert_permutation_times_positive_diagonal(m):
     a = m.numpy()
     nz = a != 0

@@ -13,7 +13,8 @@ HELP = ("Stitch pairs of trained models (from `intertwiners train`) at every sit
 def add_arguments(p):
     p.add_argument("zoo", nargs="+", help="zoo folder(s): OUT/<arch>-<dataset> (holding seed<k>/) or OUT; give "
                    "several (e.g. one per LeakyReLU slope) for the slope sweep")
-    p.add_argument("--pairs", type=int, default=4, help="distinct model pairs drawn per zoo (0 = all pairs)")
+    p.add_argument("--pairs", type=int, default=4,
+                   help="distinct model pairs drawn per zoo (0, or more than exist: all pairs)")
     p.add_argument("--pair-seed", type=int, default=0, help="seed of the pair draw")
     p.add_argument("--sites", default="all", help="comma-separated activation sites, or 'all' stitchable ones")
     p.add_argument("--kinds", default="full,low_rank:1,low_rank:4,grelu",
@@ -53,8 +54,11 @@ def run(args) -> int:
         writer.writeheader()
         for zoo in args.zoo:
             folders = model_folders(zoo)
+            available = len(folders) * (len(folders) - 1) // 2
+            n_pairs = available if args.pairs == 0 else min(args.pairs, available)
             if not args.quiet:
-                print(f"{zoo}: {len(folders)} models")
+                print(f"{zoo}: {len(folders)} models, {n_pairs} pair(s)"
+                      + (f" (only {available} distinct pairs exist)" if args.pairs > available else ""))
 
             def on_row(row, zoo=zoo):
                 row = {"zoo": str(zoo), **row}
@@ -65,7 +69,7 @@ def run(args) -> int:
                     print(f"  pair {row['pair']} {row['site']:>16} {row['kind']:>12}: accuracy "
                           f"{row['accuracy']:.2f}%  penalty {row['penalty']:+.2f}", flush=True)
 
-            stitch_sweep(folders, sites, kinds, n_pairs=None if args.pairs == 0 else args.pairs,
+            stitch_sweep(folders, sites, kinds, n_pairs=n_pairs,
                          pair_seed=args.pair_seed, seed=args.seed, data_root=args.data_root, device=args.device,
                          on_row=on_row, settings=args.settings, **overrides)
     activations = list(dict.fromkeys(str(r["activation"]) for r in rows))
