@@ -211,7 +211,8 @@ def section_rotation(store: PlanView, figdir: Path) -> str:
         claim = all(np.mean(data["relu"]["grelu"][la]) < np.mean(data["relu"]["orthogonal"][la]) for la in layers)
     text = (head + "![Fig. 4](figures/fig4_rotation_penalty.png)\n\nPenalty = baseline accuracy − accuracy after "
             "inserting a fixed transform (a G_ReLU element P·D, or a random orthogonal matrix) before the "
-            "activation and fine-tuning the layers after it; mean ± 95% CI over repeats.\n\n"
+            "activation and fine-tuning the layers after it; mean ± 95% CI over repeats. The `identity` "
+            "transform, where present, measures what fine-tuning alone does to accuracy.\n\n"
             + _table(["activation", "transform"] + layers, table) + "\n\n"
             + f"- ReLU: G_ReLU rotation penalty below the orthogonal one at every layer: {yes_no(claim)}.\n")
     if "sigmoid" in data and advantage("relu") is not None and advantage("sigmoid") is not None:
