@@ -7,7 +7,7 @@ Targets (issue 4), on 2 CPU cores:
   2. grelu_cka on (1024, 64, 8, 8) features       <= 4x    the matmuls doing the same work (the two
                                                            Gram matrices of the flattened features)
   3. G_ReLU-Procrustes on (100,000 x 512)         <= 2x    orthogonal Procrustes on the same data
-  4. streaming (minibatch) CKA, 50,000 x 512      peak memory independent of N (child-process maxrss)
+  4. streaming (minibatch) CKA, 50,000 x 512      peak memory independent of N (VmHWM of a fresh process)
 Each line prints the best-of-k wall time and CPU time (process_time; less sensitive to other processes
 on a shared machine) of both sides and their ratios.
 """
@@ -86,7 +86,7 @@ def bench_procrustes(reps):
 
 
 _STREAM_CHILD = r"""
-import resource, sys, time, numpy as np, torch
+import sys, time, numpy as np, torch
 from intertwiners.similarity import MinibatchCKA
 n, d, b = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
@@ -96,12 +96,14 @@ t = time.perf_counter()
 for i in range(0, n, b):
     xb = rng.standard_normal((min(b, n - i), d), dtype=np.float32)
     m.update(xb, np.tanh(xb @ W))
-print(m.compute(), time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM: this process's peak resident set (ru_maxrss would also count the parent's peak before exec)
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(m.compute(), time.perf_counter() - t, hwm)
 """
 
 
 def bench_streaming(sizes=(5_000, 50_000), d=512, batch=500):
-    print(f"streaming linear CKA, d={d}, batch={batch}: peak resident memory of a fresh process per N")
+    print(f"streaming linear CKA, d={d}, batch={batch}: peak resident memory (VmHWM) of a fresh process per N")
     peaks = []
     for n in sizes:
         out = subprocess.run([sys.executable, "-c", _STREAM_CHILD, str(n), str(d), str(batch)],
