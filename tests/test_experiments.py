@@ -253,10 +253,13 @@ def test_plans_have_distinct_pairs_and_unique_ids():
         build_plan("huge")
 
 
-def test_reproduce_list_prints_the_plan(capsys):
+def test_reproduce_list_prints_the_plan_and_cifar_needs_a_folder(capsys, tmp_path):
     assert cli.main(["reproduce", "--scale", "smoke", "--list"]) == 0
     printed = capsys.readouterr().out
     assert "zoo myrtle_cnn digits seed0" in printed
+    assert cli.main(["reproduce", "--scale", "paper", "--out", str(tmp_path / "p")]) == 2
+    assert "--data-root" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    assert cli.main(["reproduce", "--scale", "huge", "--out", str(tmp_path / "h")]) == 2
 
 
 def test_zoo_job_trains_and_keeps_a_loadable_model(tmp_path, digits):
