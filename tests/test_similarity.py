@@ -200,6 +200,20 @@ def test_linear_and_rbf_cka_match_reference(rng, estimator):
         slow_cka(slow_rbf_gram(X, 0.5), slow_rbf_gram(Y, 0.5), estimator), rel=1e-9)
 
 
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+@pytest.mark.parametrize("n,dx,dy", [(6, 2, 3), (40, 3, 5), (9, 30, 2)])
+def test_linear_cka_feature_route_equals_gram_route(rng, estimator, n, dx, dy):
+    X = rng.standard_normal((n, dx)) + 5.0                   # a large mean: no cancellation trouble
+    Y = X[:, :1] @ rng.standard_normal((1, dy)) + rng.standard_normal((n, dy))
+    ref = slow_cka(X @ X.T, Y @ Y.T, estimator)
+    for route in ("features", "gram", "auto"):
+        assert sim.cka(X, Y, estimator=estimator, linear_route=route) == pytest.approx(ref, rel=1e-9)
+        assert sim.cka(X.astype(np.float32), Y.astype(np.float32), estimator=estimator,
+                       linear_route=route) == pytest.approx(ref, rel=1e-4)
+    with pytest.raises(ValueError, match="linear_route"):
+        sim.cka(X, Y, linear_route="fast")
+
+
 @pytest.mark.parametrize("shape", [(10, 4), (9, 3, 2, 2), (8, 2, 3)])
 @pytest.mark.parametrize("estimator", ["unbiased", "biased"])
 def test_grelu_cka_matches_definition_5_3(rng, shape, estimator):
@@ -353,8 +367,9 @@ def test_dead_units_raise_or_are_dropped(rng):
     with pytest.raises(ValueError, match=r"channel"):
         sim.grelu_cka(Xconv, Xconv + 1)
     # linear CKA needs no normalisation of columns, but features without any variation raise
-    with pytest.raises(ValueError, match="not positive"):
-        sim.cka(np.ones((20, 3)), Y)
+    for route in ("features", "gram"):
+        with pytest.raises(ValueError, match="not positive"):
+            sim.cka(np.ones((20, 3)), Y, linear_route=route)
     with pytest.raises(ValueError, match="Frobenius"):
         sim.procrustes(np.zeros((20, 5)), Y, "orthogonal")
 
