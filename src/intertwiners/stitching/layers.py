@@ -11,7 +11,9 @@ Kinds (``KINDS``):
 * ``grelu``: M = P D, the intertwiner group of ReLU. During training P is a doubly-stochastic matrix
   (the Birkhoff polytope, the convex hull of the permutations): after every optimiser step its entries are
   clamped at 0 and Sinkhorn-normalised; the regulariser ``-alpha * ||P||_F`` (largest at the vertices)
-  pushes it towards a permutation. In eval mode P is rounded to the nearest permutation by the Hungarian
+  pushes it towards a permutation. By default the training forward pass already uses the rounded P, with
+  the gradient passed straight through to the relaxed P (``relaxation="soft"`` trains with P itself, as
+  the authors did). In eval mode P is rounded to the nearest permutation by the Hungarian
   algorithm (``scipy.optimize.linear_sum_assignment``), so the evaluated layer is exactly a permutation
   times a positive diagonal. D = diag(exp(log_scale)) > 0. No bias (G_ReLU is linear).
 * ``permutation``: the same relaxation without the scalings (M = P).
@@ -31,6 +33,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 KINDS = ("full", "low_rank", "grelu", "permutation", "orthogonal", "identity")
+RELAXATIONS = ("straight_through", "soft")
 
 
 def apply_channel_map(h: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,19 +199,26 @@ class LowRankStitch(StitchingLayer):
 class PermutationStitch(StitchingLayer):
     """M = P with P relaxed to the Birkhoff polytope in training and rounded (Hungarian) in eval mode.
 
-    ``alpha`` weighs the vertex-seeking regulariser ``-alpha * ||P||_F``; ``sinkhorn_iterations`` the
-    projection after each step. Initialised to the identity permutation.
+    ``alpha`` weighs the vertex-seeking regulariser ``-alpha * ||P||_F``; ``sinkhorn_iterations`` bounds the
+    projection after each step. ``relaxation``: ``"soft"`` trains the network with the doubly-stochastic P
+    itself (the authors' way); ``"straight_through"`` (default) runs the forward pass with P rounded to its
+    permutation (so training sees the layer that is evaluated) and sends the gradient to the relaxed P.
+    Initialised to the identity permutation.
     """
 
     kind = "permutation"
     has_scale = False
 
-    def __init__(self, in_channels: int, out_channels: int, alpha: float = 0.1, sinkhorn_iterations: int = 100):
+    def __init__(self, in_channels: int, out_channels: int, alpha: float = 0.1, sinkhorn_iterations: int = 100,
+                 relaxation: str = "straight_through"):
         super().__init__(in_channels, out_channels)
         _square(self.kind, in_channels, out_channels)
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if relaxation not in RELAXATIONS:
+            raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
         self.alpha, self.sinkhorn_iterations = float(alpha), int(sinkhorn_iterations)
+        self.relaxation = relaxation
         self.p = nn.Parameter(torch.eye(in_channels))
         self._hard_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -224,7 +234,12 @@ class PermutationStitch(StitchingLayer):
         return self._hard_cache[1]
 
     def train_matrix(self):
-        return self.p * self.scale()[None, :]
+        if self.relaxation == "straight_through":
+            # forward: the rounded permutation (the layer that will be evaluated); backward: into relaxed P
+            p = self.hard_permutation() + self.p - self.p.detach()
+        else:
+            p = self.p
+        return p * self.scale()[None, :]
 
     @property
     def matrix(self):
@@ -260,8 +275,9 @@ class GReLUStitch(PermutationStitch):
     kind = "grelu"
     has_scale = True
 
-    def __init__(self, in_channels: int, out_channels: int, alpha: float = 0.1, sinkhorn_iterations: int = 100):
-        super().__init__(in_channels, out_channels, alpha, sinkhorn_iterations)
+    def __init__(self, in_channels: int, out_channels: int, alpha: float = 0.1, sinkhorn_iterations: int = 100,
+                 relaxation: str = "straight_through"):
+        super().__init__(in_channels, out_channels, alpha, sinkhorn_iterations, relaxation)
         self.log_scale = nn.Parameter(torch.zeros(in_channels))
 
     def scale(self):
@@ -341,7 +357,8 @@ def kind_label(kind: str, rank: int | None) -> str:
 
 
 def make_layer(kind: str, in_channels: int, out_channels: int | None = None, *, rank: int | None = None,
-               alpha: float = 0.1, sinkhorn_iterations: int = 100) -> StitchingLayer:
+               alpha: float = 0.1, sinkhorn_iterations: int = 100,
+               relaxation: str = "straight_through") -> StitchingLayer:
     """Build a stitching layer of ``kind`` (see ``KINDS``; ``"low_rank:R"`` accepted) from C_in to C_out channels."""
     name, rank = parse_kind(kind, rank)
     out_channels = in_channels if out_channels is None else out_channels
@@ -350,9 +367,9 @@ def make_layer(kind: str, in_channels: int, out_channels: int | None = None, *, 
     if name == "low_rank":
         return LowRankStitch(in_channels, out_channels, rank)
     if name == "grelu":
-        return GReLUStitch(in_channels, out_channels, alpha, sinkhorn_iterations)
+        return GReLUStitch(in_channels, out_channels, alpha, sinkhorn_iterations, relaxation)
     if name == "permutation":
-        return PermutationStitch(in_channels, out_channels, alpha, sinkhorn_iterations)
+        return PermutationStitch(in_channels, out_channels, alpha, sinkhorn_iterations, relaxation)
     if name == "orthogonal":
         return OrthogonalStitch(in_channels, out_channels)
     return IdentityStitch(in_channels, out_channels)

@@ -50,6 +50,7 @@ class StitchSettings:
     schedule: str = "joint"          # joint | permutation_first (grelu: P alone for the first half of the epochs)
     init: str = "match"              # match | identity | barycenter (grelu, permutation)
     smoothing: float = 0.0           # grelu/permutation match init: mix of the barycentre J/C into P
+    relaxation: str = "straight_through"   # grelu/permutation: straight_through | soft (see layers)
     sinkhorn_iterations: int = 100   # at most; stops when rows sum to 1 within 1e-5
 
 
@@ -59,7 +60,7 @@ SETTINGS = {
     # epochs with the permutation only, then 10 with the scalings. Their initialisation is not recorded;
     # ``init`` stays "match" unless given.
     "authors": StitchSettings(epochs=20, optimizer="sgd", lr=1e-3, weight_decay=1e-4, alpha=0.1,
-                              schedule="permutation_first"),
+                              schedule="permutation_first", relaxation="soft"),
 }
 INITS = ("match", "identity", "barycenter")
 SCHEDULES = ("joint", "permutation_first")
@@ -251,6 +252,8 @@ def _resolve_settings(settings, overrides: dict) -> StitchSettings:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {s.schedule!r}")
     if s.init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {s.init!r}")
+    if s.relaxation not in ("straight_through", "soft"):
+        raise ValueError(f"relaxation must be 'straight_through' or 'soft', got {s.relaxation!r}")
     if not 0 <= s.smoothing < 1:
         raise ValueError(f"smoothing must be in [0, 1), got {s.smoothing}")
     return s
@@ -278,7 +281,8 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
            settings: str | StitchSettings = "default", batch_size: int | None = None, optimizer: str | None = None,
            lr: float | None = None, weight_decay: float | None = None, momentum: float | None = None,
            alpha: float | None = None, schedule: str | None = None, init: str | None = None,
-           smoothing: float | None = None, val_fraction: float = 0.1, val_seed: int = 0, augment_data: bool = False,
+           smoothing: float | None = None, relaxation: str | None = None, val_fraction: float = 0.1,
+           val_seed: int = 0, augment_data: bool = False,
            device: str | torch.device = "auto", cache_bytes: int = 1 << 30, eval_batch_size: int = 512,
            front_accuracy: float | None = None, back_accuracy: float | None = None,
            keep_model: bool = True, fast: bool = True, progress: bool = False) -> StitchResult:
@@ -296,7 +300,9 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
         seed: seeds the shuffling and any randomness; the result is deterministic on a given machine.
         settings: ``"default"`` (Adam lr 1e-3, 5 epochs, batch 32, joint schedule, init from the
             closed-form match) or ``"authors"`` (SGD lr 1e-3, wd 1e-4, 20 epochs, permutation first);
-            the keyword arguments ``batch_size`` ... ``smoothing`` override single fields.
+            the keyword arguments ``batch_size`` ... ``relaxation`` override single fields
+            (``relaxation``: grelu/permutation forward with the rounded P and straight-through gradients,
+            the default, or ``"soft"``, the doubly-stochastic P itself as the authors did).
         augment_data: apply the dataset's augmentation during training (then front's features cannot be
             cached and are recomputed, still without autograd, every step).
         cache_bytes: front's training and validation features are computed once and kept when they take
@@ -314,7 +320,8 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
     kind_name, rank = parse_kind(kind, rank)
     s = _resolve_settings(settings, dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                                          weight_decay=weight_decay, momentum=momentum, alpha=alpha,
-                                         schedule=schedule, init=init, smoothing=smoothing))
+                                         schedule=schedule, init=init, smoothing=smoothing,
+                                         relaxation=relaxation))
     if kind_name == "identity":
         s = replace(s, epochs=0)
     if not isinstance(front, nn.Module) or not isinstance(back, nn.Module):
@@ -339,7 +346,7 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
                          f"back expects {tuple(back_probe.shape[1:])}")
     torch.manual_seed(seed)
     layer = make_layer(kind_name, probe.shape[1], back_probe.shape[1], rank=rank, alpha=s.alpha,
-                       sinkhorn_iterations=s.sinkhorn_iterations).to(dev)
+                       sinkhorn_iterations=s.sinkhorn_iterations, relaxation=s.relaxation).to(dev)
     model = StitchedModel(front_part, layer, back_part)
 
     # front's features: cached once (no autograd) when they fit, else recomputed per batch
