@@ -172,7 +172,8 @@ def max_inner_over_channels(x: torch.Tensor, y: torch.Tensor | None = None,
     """x (N, C, S), y (M, C, S) -> (N, M): max over channels c of <x[i, c, :], y[j, c, :]>.
 
     The per-channel Gram matrices (C, N, M) come from batched matmuls over blocks of channels and are
-    folded into a running maximum; memory is bounded by ``temp_bytes`` plus the (N, M) result. For
+    folded into a running maximum; memory is bounded by ``temp_bytes`` (at least one channel) plus the
+    (N, M) result. For
     y = None (K symmetric) rows are split into ``row_blocks`` blocks and only blocks on or above the
     diagonal are computed ((R + 1) / 2R of the work), then mirrored.
     """
@@ -183,26 +184,36 @@ def max_inner_over_channels(x: torch.Tensor, y: torch.Tensor | None = None,
     xc = x.transpose(0, 1).contiguous()
     if row_blocks is None:
         row_blocks = 4 if (sym and n >= 256) else 1
+    c = xc.shape[0]
+    m = n if sym else y.shape[0]
     if not sym or row_blocks <= 1:
-        return _max_inner_block(xc, xc if sym else y.transpose(0, 1).contiguous(), temp_bytes)
+        work = _workspace(c, n, m, temp_bytes, xc)
+        return _max_inner_block(xc, xc if sym else y.transpose(0, 1).contiguous(), work)
     out = torch.empty((n, n), dtype=x.dtype, device=x.device)
     edges = [round(n * r / row_blocks) for r in range(row_blocks + 1)]
+    # one workspace for every block: fresh multi-megabyte temporaries cost page faults, not flops
+    work = _workspace(c, edges[1] - edges[0] + 1, n, temp_bytes, xc)
     for r0, r1 in zip(edges[:-1], edges[1:]):
-        out[r0:r1, r0:] = _max_inner_block(xc[:, r0:r1], xc[:, r0:], temp_bytes)
+        out[r0:r1, r0:] = _max_inner_block(xc[:, r0:r1], xc[:, r0:], work)
     for r0, r1 in zip(edges[:-1], edges[1:]):
         out[r1:, r0:r1] = out[r0:r1, r1:].T
     return out
 
 
-def _max_inner_block(xc: torch.Tensor, yc: torch.Tensor, temp_bytes: int) -> torch.Tensor:
-    """xc (C, n, S), yc (C, m, S) -> (n, m): running max over channel blocks of batched Gram blocks."""
+def _workspace(c: int, n: int, m: int, temp_bytes: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat buffer for up to (cb, n, m) Gram blocks plus one (n, m) block maximum."""
+    cb = max(1, min(c, temp_bytes // max(1, n * m * like.element_size())))
+    return torch.empty((cb + 1) * n * m, dtype=like.dtype, device=like.device)
+
+
+def _max_inner_block(xc: torch.Tensor, yc: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """xc (C, n, S), yc (C, m, S) -> (n, m): running max over channel blocks of batched Gram blocks,
+    with temporaries carved out of the flat ``work`` buffer."""
     c, n, _ = xc.shape
     m = yc.shape[1]
-    x = xc
-    cb = max(1, min(c, temp_bytes // max(1, n * m * x.element_size())))
-    # Preallocated buffers: fresh multi-megabyte temporaries per block cost page faults, not flops.
-    buf = torch.empty((cb, n, m), dtype=x.dtype, device=x.device)
-    block_max = torch.empty((n, m), dtype=x.dtype, device=x.device)
+    cb = max(1, min(c, work.numel() // (n * m) - 1))
+    buf = work[: cb * n * m].view(cb, n, m)
+    block_max = work[cb * n * m: (cb + 1) * n * m].view(n, m)
     out = None
     for c0 in range(0, c, cb):
         c1 = min(c, c0 + cb)
