@@ -241,6 +241,33 @@ def test_grelu_at_evaluation_is_exactly_a_permutation_times_a_positive_diagonal(
     torch.testing.assert_close(p.sum(1), torch.ones(len(p)), atol=1e-3, rtol=0)
 
 
+def test_authors_schedule_trains_the_permutation_first_then_the_scalings(pair, digits_data):
+    r = stitch(*pair, "relu4", "grelu", *digits_data, epochs=2, settings="authors")
+    assert r.settings["relaxation"] == "soft" and r.settings["optimizer"] == "sgd"
+    assert r.history[1]["scale_change"] == 0.0 < r.history[2]["scale_change"]
+    joint = stitch(*pair, "relu4", "grelu", *digits_data, epochs=2)
+    assert joint.history[1]["scale_change"] > 0.0
+
+
+@pytest.mark.parametrize("relaxation", ["straight_through", "soft"])
+def test_relaxations_forward_and_gradient(relaxation):
+    layer = L.make_layer("grelu", 5, relaxation=relaxation)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.p.copy_(torch.rand(5, 5, generator=g) + torch.eye(5)[torch.randperm(5, generator=g)] * 3)
+        layer.log_scale.copy_(torch.randn(5, generator=g))
+    layer.project_()
+    h = torch.rand(3, 5, 2, 2, generator=g)
+    p_used = layer.hard_permutation() if relaxation == "straight_through" else layer.p.detach()
+    expected = torch.einsum("ck,nkhw->nchw", p_used * layer.log_scale.exp().detach(), h)
+    out = layer.train()(h)
+    torch.testing.assert_close(out.detach(), expected)
+    out.square().sum().backward()
+    assert layer.p.grad is not None and layer.p.grad.abs().sum() > 0   # the relaxed P learns in both cases
+    torch.testing.assert_close(layer.eval()(h).detach(), torch.einsum(
+        "ck,nkhw->nchw", layer.hard_permutation() * layer.log_scale.exp().detach(), h))
+
+
 @given(st.integers(2, 9), st.integers(0, 10**6))
 def test_sinkhorn_projects_onto_the_birkhoff_polytope_and_rounding_is_a_permutation(n, seed):
     g = torch.Generator().manual_seed(seed)

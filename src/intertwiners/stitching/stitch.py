@@ -87,7 +87,7 @@ class StitchResult:
     seconds: float
     seed: int
     settings: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)   # per epoch: {"epoch", "loss", "val_accuracy"}
+    history: list = field(default_factory=list)   # per epoch: {"epoch", "loss", "val_accuracy"[, "scale_change"]}
     model: nn.Module | None = None   # the stitched network (frozen copies of front and back), on the CPU
 
     def as_row(self) -> dict:
@@ -378,6 +378,7 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
     def train_features(h: torch.Tensor) -> torch.Tensor:
         return h.contiguous(memory_format=torch.channels_last) if channels_last else h
 
+    init_log_scale = layer.log_scale.detach().clone() if isinstance(layer, GReLUStitch) else None
     best_acc = init_acc = val_accuracy()
     best_epoch, best_state = 0, copy.deepcopy(layer.state_dict())
     history = [{"epoch": 0, "loss": None, "val_accuracy": init_acc}]
@@ -422,7 +423,10 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
                 total += loss.detach() * len(idx)
                 count += len(idx)
             acc = val_accuracy()
-            history.append({"epoch": epoch, "loss": float(total) / count, "val_accuracy": acc})
+            entry = {"epoch": epoch, "loss": float(total) / count, "val_accuracy": acc}
+            if init_log_scale is not None:   # how far the scalings moved (0 while the schedule holds them)
+                entry["scale_change"] = float((layer.log_scale.detach() - init_log_scale).abs().max())
+            history.append(entry)
             if acc > best_acc:
                 best_acc, best_epoch, best_state = acc, epoch, copy.deepcopy(layer.state_dict())
             if bar is not None:
