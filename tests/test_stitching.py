@@ -468,6 +468,8 @@ def test_sweep_rows_plot_and_cli(pair, digits_data, tmp_path):
     from intertwiners.stitching import model_folders, plot_penalties, stitch_sweep
 
     zoo = _write_zoo(tmp_path, [pair[0], pair[1], pair[0]])
+    models.save(pair[0], zoo / "seed7.partial")   # an interrupted training run is never picked up
+    (zoo / "seed7.partial" / "metrics.json").write_text("{}")
     folders = model_folders(tmp_path)
     assert [f.name for f in folders] == ["seed0", "seed1", "seed2"]
     seen = []

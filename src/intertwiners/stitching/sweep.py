@@ -56,13 +56,12 @@ def model_folders(zoo: str | Path) -> list[Path]:
     def complete(p: Path) -> bool:
         return all((p / f).is_file() for f in ("model.safetensors", "config.json", "metrics.json"))
 
-    def seed_of(p: Path) -> int:
-        tail = p.name[4:]
-        return int(tail) if tail.isdigit() else 10**9
+    def is_seed(p: Path) -> bool:   # seed<k> only: never a half-written seed<k>.partial
+        return p.is_dir() and p.name[4:].isdigit() and complete(p)
 
-    found = sorted((p for p in zoo.glob("seed*") if p.is_dir() and complete(p)), key=seed_of)
+    found = sorted((p for p in zoo.glob("seed*") if is_seed(p)), key=lambda p: int(p.name[4:]))
     if not found:
-        subs = [p for p in zoo.iterdir() if p.is_dir() and any(complete(q) for q in p.glob("seed*"))]
+        subs = [p for p in zoo.iterdir() if p.is_dir() and any(is_seed(q) for q in p.glob("seed*"))]
         if len(subs) == 1:
             return model_folders(subs[0])
         if len(subs) > 1:
