@@ -81,9 +81,27 @@ def test_range_0(seed, d):
     for g in ("orthogonal", "permutation", "grelu"):
         for center in (False, True):
             assert 0.0 <= sim.procrustes(X, Y, g, center=center) <= 1.0
-    # the biased estimator with a positive semi-definite kernel (Lemma 5.5) lies in [0, 1]
-    for kernel in ("linear", "rbf", "max"):
+    # the biased estimator with a positive semi-definite kernel (linear, RBF) lies in [0, 1]; the max kernel
+    # is not PSD (see test_max_kernel_is_not_positive_semidefinite), so G_ReLU-CKA only lies in [-1, 1]
+    # (Cauchy-Schwarz for the Frobenius inner product of the centred Gram matrices), for both estimators.
+    for kernel in ("linear", "rbf"):
         assert -1e-12 <= sim.cka(X, Y, kernel, "biased") <= 1.0 + 1e-12
+    for estimator in ("biased", "unbiased"):
+        assert -1.0 - 1e-12 <= sim.grelu_cka(X, Y, estimator) <= 1.0 + 1e-12
+
+
+def test_max_kernel_is_not_positive_semidefinite():
+    """Lemma 5.5 of the paper claims k(x, y) = max(x * y) is a PSD kernel. It is not, even on
+    non-negative vectors: for x = (1, 0), (0, 1), (1, 1) the Gram matrix [[1,0,1],[0,1,1],[1,1,1]] has the
+    eigenvalue 1 - sqrt(2). Hence G_ReLU-CKA can be (slightly) negative; this pins that fact down."""
+    K = sim.max_kernel(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    np.testing.assert_array_equal(K, [[1, 0, 1], [0, 1, 1], [1, 1, 1]])
+    assert np.linalg.eigvalsh(K).min() == pytest.approx(1 - np.sqrt(2))
+    # ... and a pair of feature sets with a negative biased G_ReLU-CKA (found by the range test)
+    rng = np.random.default_rng(2048)
+    X = rng.standard_normal((14, 2)) + rng.standard_normal(2)
+    Y = np.maximum(X @ rng.standard_normal((2, 2)), 0) + 0.3 * rng.standard_normal((14, 2))
+    assert sim.grelu_cka(X, Y, "biased") < 0
 
 
 @given(seeds, st.integers(3, 5))

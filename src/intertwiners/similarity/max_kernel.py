@@ -1,5 +1,8 @@
 """The max kernel K[i, j] = max_k X[i, k] * Y[j, k] (Lemma 5.5), fast.
 
+Note: contrary to Lemma 5.5, this kernel is not positive semi-definite (x = (1,0), (0,1), (1,1) gives the
+eigenvalue 1 - sqrt 2); see docs/similarity.md.
+
 This is a (max, x) matrix product, which no BLAS provides. Three implementations:
 
 * CPU, (N, d) features: a tiled, multi-threaded numba kernel. A 4 x 4 block of outputs is kept in 16
