@@ -7,6 +7,10 @@ Kornblith (2021, eq. 3) by default, or the biased HSIC_0 (:mod:`.hsic`). G_ReLU-
 kernel after each column/channel is centred and scaled to unit norm; it is invariant to permutations and
 positive scalings of the columns (G_ReLU) and to translations, and equals 1 when Y = X A + 1 v' with A in
 G_ReLU. Linear CKA is invariant to orthogonal transformations and isotropic scaling instead.
+
+The max kernel is not positive semi-definite (Lemma 5.5 is false: x = (1,0), (0,1), (1,1) gives the
+eigenvalue 1 - sqrt 2; docs/similarity.md), so G_ReLU-CKA lies in [-1, 1] (Cauchy-Schwarz), not always
+in [0, 1].
 """
 
 from __future__ import annotations
