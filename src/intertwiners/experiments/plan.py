@@ -48,6 +48,7 @@ class Scale:
     rotation_repeats: int = 1
     rotation_epochs: int | None = 2
     rotation_activations: tuple[str, ...] = ("relu",)  # "sigmoid" too: P·D is then no symmetry (control)
+    sigmoid_epochs: int | None = None  # the sigmoid base model's epochs (None: mcnn_epochs); it trains slowly
     # ResNet20 with LeakyReLU slopes (appendix D.3) and ResNet20 CKA (Fig. 2)
     resnet_seeds: int = 2
     resnet_epochs: int | None = 3
@@ -76,7 +77,7 @@ PRESETS: dict[str, Scale] = {
         stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"),
         similarity_pairs=6, cka_pairs=3, rotation_repeats=3, rotation_epochs=6,
         rotation_activations=("relu", "sigmoid"), rotation_transforms=("grelu", "orthogonal", "identity"),
-        resnet_seeds=4, resnet_epochs=6, slopes=(0.0, 0.1, 0.5, 0.9, 1.0), slope_pairs=2,
+        sigmoid_epochs=30, resnet_seeds=4, resnet_epochs=6, slopes=(0.0, 0.1, 0.5, 0.9, 1.0), slope_pairs=2,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=2,
         dissection_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), dissection_rotations=3, dissection_images=800,
         dissection_steps=400),
@@ -183,7 +184,8 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan
     else:
         for act in s.rotation_activations:
             base_kwargs = {**mcnn_kwargs, "batch_norm": False, **({} if act == "relu" else {"activation": act})}
-            base = zoo_job("myrtle_cnn", s.dataset, 0, s.mcnn_epochs, **base_kwargs)
+            epochs = s.sigmoid_epochs if act == "sigmoid" and s.sigmoid_epochs else s.mcnn_epochs
+            base = zoo_job("myrtle_cnn", s.dataset, 0, epochs, **base_kwargs)
             tag = {} if act == "relu" else {"activation": act}  # relu keeps the ids of earlier plans
             for layer in s.rotation_layers:
                 for transform in s.rotation_transforms:
