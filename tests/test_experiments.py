@@ -43,6 +43,24 @@ def test_job_id_hashes_the_full_canonical_configuration(monkeypatch):
     assert a != job_id("probe", {"name": "x", "seed": 1, "nested": {"b": 2, "a": 1}})  # the code version counts
 
 
+def test_job_ids_follow_the_code_that_computes_them(monkeypatch):
+    import dataclasses
+    import hashlib
+
+    import intertwiners.experiments.store as store_module
+    from intertwiners.experiments import jobs
+
+    path = Path(store_module.__file__)
+    expected = hashlib.sha256(f"intertwiners.experiments.store/{path.name}".encode() + path.read_bytes())
+    assert jobs._code_version(("intertwiners.experiments.store",)) == expected.hexdigest()[:16]
+    config = {"arch": "mlp", "dataset": "digits", "seed": 0, "epochs": 1, "arch_kwargs": {}}
+    before = Job("zoo", config).id
+    assert jobs.JOB_TYPES["zoo"].code_version() is not None
+    monkeypatch.setitem(jobs.JOB_TYPES, "zoo", dataclasses.replace(jobs.JOB_TYPES["zoo"],
+                                                                   sources=("intertwiners.experiments.store",)))
+    assert Job("zoo", config).id != before  # other code, other job: nothing stale is reused
+
+
 def test_job_ids_follow_dependencies():
     r1 = Job("probe", {"name": "r", "seed": 1})
     r2 = Job("probe", {"name": "r", "seed": 2})

@@ -17,6 +17,8 @@ leaves them out and the report lists them as missing.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -26,6 +28,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .store import canonical_json, job_id
@@ -49,7 +52,8 @@ class Job:
         self.config = json.loads(canonical_json(config))  # a private, JSON-normalised copy
         self.deps = dict(deps or {})
         self.label = label or kind
-        self.id = job_id(kind, self.config, {role: d.id for role, d in self.deps.items()})
+        self.id = job_id(kind, self.config, {role: d.id for role, d in self.deps.items()},
+                         JOB_TYPES[kind].code_version())
 
     def __repr__(self) -> str:
         return f"Job({self.kind!r}, {self.label!r}, id={self.id})"
@@ -77,6 +81,13 @@ class JobType:
     run: Callable[[dict, dict[str, Dependency], dict], Output]
     description: str
     needs: tuple[str, ...] = ()  # "module" or "module:attribute" that must exist (e.g. "intertwiners.stitching:stitch")
+    sources: tuple[str, ...] = ()  # modules/packages whose source is part of every job id of this kind
+
+    def code_version(self) -> str | None:
+        """sha256 (16 hex digits) of the source files of ``sources`` (packages: every ``.py`` in them), or
+        ``None`` when there are none. Part of each job id, so a change in the code that computes a result
+        makes the next run recompute it (and everything that depends on it) instead of reusing it."""
+        return _code_version(self.sources) if self.sources else None
 
     def missing(self) -> str | None:
         """``None`` when the job type can run here, else the reason (a missing module or function)."""
@@ -101,10 +112,33 @@ class JobType:
 JOB_TYPES: dict[str, JobType] = {}
 
 
-def register(kind: str, description: str, needs: tuple[str, ...] = ()):
-    """Decorator: register ``run(config, inputs, context) -> Output`` as the job type ``kind``."""
+@functools.cache
+def _code_version(sources: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for name in sources:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            digest.update(f"{name}:missing".encode())
+            continue
+        origin = Path(spec.origin)
+        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+        for f in files:
+            digest.update(f"{name}/{f.relative_to(origin.parent)}".encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# The library code behind the experiment jobs (the engine's own job functions included).
+_ENGINE = ("intertwiners.experiments.jobs",)
+_ZOO = ("intertwiners.training", "intertwiners.models", "intertwiners.data", "intertwiners.activations")
+_FEATURES = ("intertwiners.features", "intertwiners.tracing")
+
+
+def register(kind: str, description: str, needs: tuple[str, ...] = (), sources: tuple[str, ...] = ()):
+    """Decorator: register ``run(config, inputs, context) -> Output`` as the job type ``kind``; ``sources``
+    name the modules whose code goes into the job ids (see :meth:`JobType.code_version`)."""
     def wrap(fn):
-        JOB_TYPES[kind] = JobType(kind, fn, description, needs)
+        JOB_TYPES[kind] = JobType(kind, fn, description, needs, tuple(sources))
         return fn
     return wrap
 
@@ -213,7 +247,8 @@ def run_probe(config: dict, inputs: dict[str, Dependency], context: dict) -> Out
     return Output({"value": value, "name": config["name"], "inputs": sorted(inputs)}, files)
 
 
-@register("zoo", "train one model (intertwiners.training.train_one) and keep its weights")
+@register("zoo", "train one model (intertwiners.training.train_one) and keep its weights",
+          sources=_ENGINE + _ZOO)
 def run_zoo(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``arch``, ``dataset``, ``seed``, ``epochs`` (null: the recipe's), ``arch_kwargs``."""
     from ..training import train_one
@@ -227,7 +262,7 @@ def run_zoo(config: dict, inputs: dict[str, Dependency], context: dict) -> Outpu
 
 
 @register("stitch", "a stitching penalty for one (front, back) pair, site and kind (Fig. 1, D.3)",
-          needs=("intertwiners.stitching:stitch",))
+          needs=("intertwiners.stitching:stitch",), sources=_ENGINE + ("intertwiners.stitching",) + _FEATURES)
 def run_stitch(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``site``, ``kind``, ``rank``, ``epochs``, ``seed``, ``dataset``, ``settings`` (default
     ``"default"``); deps ``front``, ``back`` (zoo jobs). Result: the accuracies and the penalty (eq. 4.3)."""
@@ -246,7 +281,8 @@ def run_stitch(config: dict, inputs: dict[str, Dependency], context: dict) -> Ou
 
 
 @register("rotation_penalty", "fixed transform before an activation, then fine-tuning (Fig. 4)",
-          needs=("intertwiners.rotation_penalty:rotation_penalty",))
+          needs=("intertwiners.rotation_penalty:rotation_penalty",),
+          sources=_ENGINE + ("intertwiners.rotation_penalty", "intertwiners.groups"))
 def run_rotation_penalty(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``layer``, ``transform`` (grelu | orthogonal | ...), ``seed``, ``epochs``, ``dataset``;
     dep ``model`` (a zoo job). Result: baseline, transformed and fine-tuned accuracies and the penalty."""
@@ -266,7 +302,8 @@ def _pair(config: dict, inputs: dict[str, Dependency], context: dict):
 
 
 @register("procrustes", "G_ReLU and orthogonal Procrustes similarity per layer for one pair (Table 2)",
-          needs=("intertwiners.similarity:procrustes_per_layer",))
+          needs=("intertwiners.similarity:procrustes_per_layer",),
+          sources=_ENGINE + ("intertwiners.similarity",) + _FEATURES)
 def run_procrustes(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``sites``, ``groups``, ``max_samples``, ``dataset``; deps ``a``, ``b``. Result: per group a
     list of similarities, one per site (features: activation outputs on test images, eval mode, channels
@@ -284,7 +321,8 @@ CKA_MEASURES = {"linear": "cka", "grelu": "grelu_cka"}
 
 
 @register("cka", "layer x layer G_ReLU-CKA and linear CKA matrices for one pair (Figs. 2 and 5)",
-          needs=("intertwiners.similarity:layer_similarity_matrix",))
+          needs=("intertwiners.similarity:layer_similarity_matrix",),
+          sources=_ENGINE + ("intertwiners.similarity",) + _FEATURES)
 def run_cka(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``measures`` (linear | grelu), ``sites`` (null: every activation site), ``max_samples``,
     ``dataset``; deps ``a``, ``b``. Result: ``{"sites": [...], measure: matrix[i][j] = CKA(a_i, b_j)}``
@@ -320,7 +358,8 @@ def _synthetic_broden(config: dict) -> str:
 
 
 @register("dissection_model", "train a Fig. 3 model on the synthetic Broden-layout dataset",
-          needs=("intertwiners.dissection.experiment:train_fig3_model",))
+          needs=("intertwiners.dissection.experiment:train_fig3_model",),
+          sources=_ENGINE + ("intertwiners.dissection",))
 def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``arch`` (resnet | resnet_noact | convnext), ``n_images``, ``image_size``, ``data_seed``,
     ``steps``, ``seed``. Result: training and probe-split accuracies; files: the model."""
@@ -339,7 +378,8 @@ def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: d
 
 
 @register("dissection", "interpretable units of one site in rotated bases Q**alpha (Fig. 3)",
-          needs=("intertwiners.dissection.experiment:rotation_curve",))
+          needs=("intertwiners.dissection.experiment:rotation_curve",),
+          sources=_ENGINE + ("intertwiners.dissection",))
 def run_dissection(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``site``, ``layer`` (description), ``alphas``, ``n_rotations``, ``quantile``, ``iou_threshold``,
     ``seed`` and the dataset keys of ``dissection_model``; dep ``model``. Result: one row per (alpha,

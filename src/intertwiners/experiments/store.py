@@ -72,9 +72,11 @@ def canonical_json(obj: Any) -> str:
         raise ValueError(f"not storable as JSON: {err}") from err
 
 
-def job_id(kind: str, config: dict, deps: dict[str, str] | None = None) -> str:
-    """Hash (sha256, 20 hex digits) of the canonical JSON of ``kind``, ``config``, ``deps`` and the schema."""
-    text = canonical_json({"kind": kind, "config": config, "deps": dict(deps or {}), "schema": SCHEMA_VERSION})
+def job_id(kind: str, config: dict, deps: dict[str, str] | None = None, code: str | None = None) -> str:
+    """Hash (sha256, 20 hex digits) of the canonical JSON of ``kind``, ``config``, ``deps``, the schema version
+    and ``code`` (a hash of the source of the code that runs the job; see ``JobType.code_version``)."""
+    text = canonical_json({"kind": kind, "config": config, "deps": dict(deps or {}), "schema": SCHEMA_VERSION,
+                           "code": code})
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
