@@ -18,14 +18,7 @@ COMMANDS = ("train", "group", "verify", "rotation_penalty", "stitch", "similarit
 
 
 def _load_commands():
-    loaded = []
-    for name in COMMANDS:
-        try:
-            loaded.append(importlib.import_module(f"intertwiners.commands.{name}"))
-        except ModuleNotFoundError as err:
-            if err.name != f"intertwiners.commands.{name}":
-                raise
-    return loaded
+    return [importlib.import_module(f"intertwiners.commands.{name}") for name in COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,7 +80,7 @@ PRESETS: dict[str, Scale] = {
         sigmoid_epochs=30, resnet_seeds=4, resnet_epochs=6, slopes=(0.0, 0.1, 0.5, 0.9, 1.0), slope_pairs=2,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=2,
         dissection_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), dissection_rotations=3, dissection_images=800,
-        dissection_steps=400),
+        dissection_steps=1500),
     "paper": Scale(
         "paper", dataset="cifar10", mcnn_width=64, mcnn_seeds=16, mcnn_epochs=None, stitch_pairs=32,
         stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"), stitch_epochs=20,
