@@ -7,6 +7,7 @@ traced, activation modules are still found with forward hooks on ``x``.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -96,6 +97,37 @@ def iterate_inputs(inputs_or_loader, batch_size: int = 256) -> Iterable[torch.Te
         yield as_tensor(batch, name="input batch")
 
 
+class SiteExtractor:
+    """Computes a model's features at ``sites`` for one input batch at a time.
+
+    Uses a truncated torch.fx copy of the model (nothing after the last site is computed; outputs are
+    cloned so later in-place operations cannot change them); models that fx cannot trace fall back to
+    forward hooks on activation modules, which needs ``example`` (an input batch) to list them.
+    ``sites=None`` takes every site. The extractor shares the model's parameters: move the model to move it.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[str] | str | None = None, example=None):
+        self.model = model
+        try:
+            gm = trace(model)
+        except ValueError:
+            if example is None:
+                raise
+            names = _hook_sites(model, example)
+            self.sites = check_sites(sites if sites is not None else names, names)
+            self.runner: nn.Module = _HookRunner(model, self.sites)
+        else:
+            available = {s.name: s for s in find_sites(gm)}
+            self.sites = check_sites(sites if sites is not None else list(available), list(available))
+            self.runner = truncated_module(gm, [available[s].node for s in self.sites])
+
+    def __call__(self, xb: torch.Tensor, train_mode: bool = False) -> tuple[torch.Tensor, ...]:
+        """Features ``(site_1, site_2, ...)`` for the batch ``xb``, on the model's device, without autograd."""
+        xb = xb.to(device=_param_device(self.model), dtype=_param_dtype(self.model))
+        with torch.no_grad(), eval_mode(self.model, train_mode), eval_mode(self.runner, train_mode):
+            return tuple(self.runner(xb))
+
+
 def extract_features(model: nn.Module, sites: list[str] | str, inputs_or_loader, *, device: str = "auto",
                      batch_size: int = 256, train_mode: bool = False, dtype: torch.dtype | None = None,
                      progress: bool = False) -> dict[str, torch.Tensor]:
@@ -106,37 +138,25 @@ def extract_features(model: nn.Module, sites: list[str] | str, inputs_or_loader,
     model's parameter dtype. The model is moved to ``device`` for the extraction and back afterwards.
     """
     dev = resolve_device(device)
-    gm = None
-    try:
-        gm = trace(model)
-        available = {s.name: s for s in find_sites(gm)}
-    except ValueError:
-        available = None
-    if available is not None:
-        names = check_sites(sites, list(available))
-        runner: nn.Module = truncated_module(gm, [available[s].node for s in names])
-    else:
-        names = check_sites(sites, _hook_sites(model, next(iter(iterate_inputs(inputs_or_loader, 2)))))
-        runner = _HookRunner(model, names)
-    dtype = dtype or _param_dtype(model)
-    original_device = _param_device(model)
-    chunks: dict[str, list[torch.Tensor]] = {s: [] for s in names}
     batches = iterate_inputs(inputs_or_loader, batch_size)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("no input batches were given")
+    extractor = SiteExtractor(model, sites, example=first[:2])
+    names = extractor.sites
+    original_device, original_dtype = _param_device(model), _param_dtype(model)
+    chunks: dict[str, list[torch.Tensor]] = {s: [] for s in names}
+    batches = itertools.chain([first], batches)
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="features", unit="batch")
     try:
-        model.to(dev)
-        runner.to(dev)
-        with torch.no_grad(), eval_mode(model, train_mode), eval_mode(runner, train_mode):
-            for xb in batches:
-                outs = runner(xb.to(device=dev, dtype=dtype))
-                for s, o in zip(names, outs):
-                    chunks[s].append(o.detach().cpu())
+        model.to(device=dev, dtype=dtype or original_dtype)
+        for xb in batches:
+            for s, o in zip(names, extractor(xb, train_mode)):
+                chunks[s].append(o.detach().cpu())
     finally:
-        model.to(original_device)
-    if not chunks[names[0]]:
-        raise ValueError("no input batches were given")
+        model.to(device=original_device, dtype=original_dtype)
     return {s: torch.cat(c) for s, c in chunks.items()}
 
 

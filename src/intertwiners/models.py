@@ -192,8 +192,8 @@ def save(model: nn.Module, path: str | Path) -> Path:
     return folder
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a model saved by :func:`save` from its folder or its ``.safetensors`` file. Never unpickles."""
+def read_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(weights file, config dict)`` for a folder or ``.safetensors`` file written by :func:`save`."""
     p = Path(path)
     weights = p if p.suffix == ".safetensors" else p / "model.safetensors"
     config_file = weights.parent / "config.json"
@@ -202,10 +202,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
     if not config_file.is_file():
         raise ValueError(f"load: no config.json beside {weights}")
     try:
-        config = json.loads(config_file.read_text())
+        return weights, json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"load: {config_file} is not valid JSON: {err}") from err
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a model saved by :func:`save` from its folder or its ``.safetensors`` file. Never unpickles."""
+    weights, config = read_config(path)
     model = build(config)
-    state = load_file(str(weights), device=str(map_location))
-    model.load_state_dict(state)
+    model.load_state_dict(load_file(str(weights), device=str(map_location)))
     return model.to(map_location)

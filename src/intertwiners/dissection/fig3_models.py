@@ -151,21 +151,12 @@ def save(model: nn.Module, folder: str | Path) -> Path:
 
 def load_any(path: str | Path) -> nn.Module:
     """Load a model saved by :func:`save` or by :func:`intertwiners.models.save` (folder or .safetensors)."""
-    p = Path(path)
-    weights = p if p.suffix == ".safetensors" else p / "model.safetensors"
-    config_file = weights.parent / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"load: no config.json beside {weights}")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"load: {config_file} is not valid JSON: {err}") from err
+    from .. import models
+
+    weights, config = models.read_config(path)
     arch = str(config.get("arch", ""))
     if not arch.startswith("fig3_"):
-        from .. import models
-        return models.load(p)
-    if not weights.is_file():
-        raise ValueError(f"load: no weights file at {weights}")
+        return models.load(path)
     model = build_fig3_model(arch[len("fig3_"):], **config.get("kwargs", {}))
     model.load_state_dict(load_file(str(weights)))
     return model.eval()

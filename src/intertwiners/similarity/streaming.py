@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .._util import resolve_device
+from ..features import SiteExtractor
 from ._validate import check_pair, check_unbiased_n, to_features
 from .cka import cka_from_hsic, degenerate_rtol
 from .hsic import _check_estimator, centred_gram, centred_inner, hsic_normaliser
@@ -106,36 +107,6 @@ _PROCRUSTES_MEASURES = {"procrustes": "orthogonal", "orthogonal_procrustes": "or
 MEASURES = tuple(_CKA_MEASURES) + tuple(_PROCRUSTES_MEASURES)
 
 
-class _SiteRunner:
-    """Runs a model and returns its features at ``sites`` for one input batch (eval mode, no grad)."""
-
-    def __init__(self, model: nn.Module, sites: Sequence[str] | None, device: torch.device, example):
-        from ..features import _param_dtype, activation_sites
-        from ..tracing import check_sites, find_sites, trace, truncated_module
-
-        self.model, self.device, self.dtype = model, device, _param_dtype(model)
-        try:
-            gm = trace(model)
-            available = {s.name: s for s in find_sites(gm)}
-        except ValueError:
-            available = None
-        if available is not None:
-            self.sites = check_sites(list(sites) if sites is not None else list(available), list(available))
-            self.runner: nn.Module | None = truncated_module(gm, [available[s].node for s in self.sites])
-        else:
-            names = activation_sites(model, example)
-            self.sites = check_sites(list(sites) if sites is not None else names, names)
-            self.runner = None
-
-    def __call__(self, xb: torch.Tensor) -> list[torch.Tensor]:
-        from ..features import eval_mode, extract_features
-        if self.runner is None:
-            feats = extract_features(self.model, self.sites, xb, device=self.device, batch_size=len(xb))
-            return [feats[s].to(self.device) for s in self.sites]
-        with torch.no_grad(), eval_mode(self.runner):
-            return list(self.runner(xb.to(device=self.device, dtype=self.dtype)))
-
-
 def _batches(data, batch_size: int, max_samples: int | None) -> Iterable[torch.Tensor]:
     from ..features import iterate_inputs
     seen = 0
@@ -159,15 +130,14 @@ def _prepare(model_a, model_b, data, sites_a, sites_b, device, batch_size, max_s
     if model_a is model_b and (sites_b is None or list(sites_b) == list(sites_a or [])):
         warnings.warn("model_a and model_b are the same object: comparing a model with itself gives 1 on the "
                       "diagonal; pass two different models to compare seeds", stacklevel=3)
-    ra = _SiteRunner(model_a, sites_a, dev, first[:2])
-    rb = _SiteRunner(model_b, sites_b, dev, first[:2])
+    ra = SiteExtractor(model_a, sites_a, example=first[:2])
+    rb = SiteExtractor(model_b, sites_b, example=first[:2])
     moved = []
     for m, r in ((model_a, ra), (model_b, rb)):
         p = next(iter(m.parameters()), None)
         moved.append((m, p.device if p is not None else None))
         m.to(dev)
-        if r.runner is not None:
-            r.runner.to(dev)
+        r.runner.to(dev)
     return dev, ra, rb, moved, itertools.chain([first], batches)
 
 
