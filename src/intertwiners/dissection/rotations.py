@@ -108,20 +108,20 @@ def rotation_log(q) -> np.ndarray:
     return z @ a @ z.T
 
 
-def rotation_power(q, alpha: float) -> torch.Tensor:
+def rotation_power(Q, alpha: float) -> torch.Tensor:
     """Q**alpha: the point at time ``alpha`` on the minimal geodesic from I (alpha=0) to Q (alpha=1).
 
-    ``q``: (n, n) array or tensor in SO(n) (ValueError otherwise). Returns a float64 tensor in SO(n) (its
-    dtype is kept when ``q`` is a floating-point tensor). ``alpha`` may be any real number; the
+    ``Q``: (n, n) array or tensor in SO(n) (ValueError otherwise). Returns a float64 tensor in SO(n) (its
+    dtype is kept when ``Q`` is a floating-point tensor). ``alpha`` may be any real number; the
     experiment of the paper uses 0 <= alpha <= 1. Computed blockwise from the real Schur form, so
     the result is orthogonal to rounding and exactly Q**0 = I.
     """
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"rotation_power: alpha must be finite, got {alpha}")
-    arr = check_rotation(q)
+    arr = check_rotation(Q)
     n = arr.shape[0]
-    out_dtype = q.dtype if isinstance(q, torch.Tensor) and q.is_floating_point() else torch.float64
+    out_dtype = Q.dtype if isinstance(Q, torch.Tensor) and Q.is_floating_point() else torch.float64
     if alpha == 0.0:
         return torch.eye(n, dtype=out_dtype)
     t, z = scipy.linalg.schur(arr, output="real")
