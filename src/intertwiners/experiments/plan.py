@@ -147,6 +147,14 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan
     jobs: list[Job] = []
     missing: dict[str, str] = {}
     mcnn_kwargs = {} if s.mcnn_width is None else {"width": s.mcnn_width}
+    # Fig. 3: dissection under rotation. Listed first: its models train longest, so they start early and
+    # overlap with the rest (job ids do not depend on the order).
+    reason = _missing("dissection") or _missing("dissection_model")
+    if reason:
+        missing["fig3_dissection"] = reason
+    else:
+        jobs += dissection_jobs(s)
+
     mcnn = [zoo_job("myrtle_cnn", s.dataset, k, s.mcnn_epochs, **mcnn_kwargs) for k in range(s.mcnn_seeds)]
     jobs += mcnn
 
@@ -216,13 +224,6 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan
             if want_fig2 and slope == 0.0:
                 for a, b in draw_pairs(len(resnets), s.resnet_cka_pairs, s.seed + 4):
                     jobs.append(cka_job("fig2", resnets[a], resnets[b], s, f"resnet20 {a}-{b}"))
-
-    # Fig. 3: dissection under rotation
-    reason = _missing("dissection") or _missing("dissection_model")
-    if reason:
-        missing["fig3_dissection"] = reason
-    else:
-        jobs += dissection_jobs(s)
 
     return Plan(s.name, jobs, missing, {"scale": s.as_dict()})
 

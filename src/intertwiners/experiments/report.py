@@ -219,7 +219,7 @@ def section_rotation(store: PlanView, figdir: Path) -> str:
         a_relu, a_sig = advantage("relu"), advantage("sigmoid")
         text += (f"- Sigmoid (P·D with D ≠ I is not in G_sigmoid, so theory gives P·D no special status): the "
                  f"advantage of the P·D transform over the orthogonal one (orthogonal − P·D penalty, mean over "
-                 f"layers) is smaller than with ReLU ({a_sig:.2f} vs {a_relu:.2f} points): "
+                 f"layers) is smaller than with ReLU (sigmoid {a_sig:.2f}, ReLU {a_relu:.2f} points): "
                  f"{yes_no(a_sig < a_relu)}.\n")
     return text
 
