@@ -66,3 +66,21 @@ def parse_seeds(text: str | int | list[int]) -> list[int]:
     if not seeds:
         raise ValueError(f"no seeds in {text!r}; use e.g. '0-7' or '0,1,2'")
     return sorted(seeds)
+
+
+def save_figure(fig, path, dpi: int = 120, close: bool = True):
+    """Lay out a matplotlib figure, write it to ``path`` (parent folders created) and close it unless asked not to.
+
+    Returns the path as a ``pathlib.Path``.
+    """
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    if close:
+        plt.close(fig)
+    return path

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ._util import resolve_device
+from ._util import resolve_device, save_figure
 from .activations import ACTIVATION_MODULES
 from .data import ArrayDataset
 from .groups import _random_orthogonal, monomial_matrix
@@ -320,6 +320,4 @@ def plot_rotation_penalties(results: list[dict], path, title: str = "Rotation pe
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}{': ' + str(panel) if panel else ''}")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._util import resolve_device
+from .._util import resolve_device, save_figure
 from ..data import ArrayDataset
 from ..training import accuracy
 from .broden import BrodenDataset, load_images
@@ -244,12 +244,7 @@ def plot_fig3(rows: list[dict], path: str | Path, title: str | None = None) -> P
     axes[0].legend(fontsize=7)
     q, t = rows[0].get("quantile"), rows[0].get("iou_threshold")
     fig.suptitle(title or f"Dissection under rotation Q**alpha (quantile {q}, IoU > {t})")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_rows_csv(rows: list[dict], path: str | Path) -> Path:
@@ -291,9 +286,4 @@ def plot_units(result, path: str | Path, title: str | None = None) -> Path:
     ax.legend(fontsize=8)
     ax.set_title(title or f"{result.site}: {result.interpretable_units}/{len(units)} interpretable units, "
                  f"{result.unique_concepts} unique concepts")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

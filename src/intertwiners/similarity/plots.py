@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._util import save_figure
+
 
 def write_matrix_csv(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | Path) -> Path:
     """CSV with a header ``site_a\\site_b, <cols...>`` and one row per site of model A."""
@@ -56,7 +58,4 @@ def save_heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], p
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if m[i, j] < (vmin + vmax) / 2 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

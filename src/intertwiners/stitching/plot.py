@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._util import save_figure
 from ..models import MYRTLE_PAPER_LAYERS
 from .sweep import slope_of, summarize
 
@@ -62,10 +63,10 @@ def plot_penalties(rows: Sequence[dict], path: str | Path | None = None, *, line
     n_pairs = len({(r.get("front"), r.get("back")) for r in rows})
     ax.set_title(title or f"Stitching penalties (eq. 4.3), {n_pairs} pair(s), {int(confidence * 100)}% CI")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=150)
+        save_figure(fig, path, dpi=150, close=False)
+    else:
+        fig.tight_layout()
     return fig
 
 
@@ -92,8 +93,8 @@ def plot_slope_sweep(rows: Sequence[dict], path: str | Path | None = None, *, ti
     ax.set_ylabel("mean stitching penalty (points)")
     ax.set_title(title or "Stitching penalty vs LeakyReLU slope (mean over sites)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=150)
+        save_figure(fig, path, dpi=150, close=False)
+    else:
+        fig.tight_layout()
     return fig
