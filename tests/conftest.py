@@ -15,3 +15,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def digits():
     from intertwiners import data
     return data.load("digits")
+
+
+def warmed(model, x, steps=3):
+    """Give batch norm non-trivial running statistics (a few train-mode forwards on shifted inputs)."""
+    model.train()
+    with torch.no_grad():
+        for k in range(steps):
+            model(1.5 * x + 0.3 * (k + 1))
+    return model.eval()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import warmed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,15 +11,6 @@ from intertwiners.groups import monomial_matrix
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
 
 ACTIVATIONS = ["relu", "leaky_relu:0.2", "tanh", "sigmoid", "gaussian", "abs", "power:3", "power:2"]
-
-
-def warmed(model, x, steps=3):
-    """Give batch norm non-trivial running statistics (a few train-mode forwards on shifted inputs)."""
-    model.train()
-    with torch.no_grad():
-        for k in range(steps):
-            model(1.5 * x + 0.3 * (k + 1))
-    return model.eval()
 
 
 def max_rel(a, b):

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import warmed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -151,14 +152,6 @@ def weird_net(kind):
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), mods[kind], nn.ReLU(),
                          nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(4, 2))
-
-
-def warmed(model, x, steps=3):
-    model.train()
-    with torch.no_grad():
-        for k in range(steps):
-            model(1.5 * x + 0.3 * (k + 1))
-    return model.eval()
 
 
 CASES = {

@@ -63,11 +63,7 @@ def plot_penalties(rows: Sequence[dict], path: str | Path | None = None, *, line
     n_pairs = len({(r.get("front"), r.get("back")) for r in rows})
     ax.set_title(title or f"Stitching penalties (eq. 4.3), {n_pairs} pair(s), {int(confidence * 100)}% CI")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    if path is not None:
-        save_figure(fig, path, dpi=150, close=False)
-    else:
-        fig.tight_layout()
-    return fig
+    return _finish(fig, path)
 
 
 def plot_slope_sweep(rows: Sequence[dict], path: str | Path | None = None, *, title: str | None = None,
@@ -93,6 +89,11 @@ def plot_slope_sweep(rows: Sequence[dict], path: str | Path | None = None, *, ti
     ax.set_ylabel("mean stitching penalty (points)")
     ax.set_title(title or "Stitching penalty vs LeakyReLU slope (mean over sites)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _finish(fig, path)
+
+
+def _finish(fig, path):
+    """Lay out ``fig``, write it to ``path`` when one is given (the figure stays open), and return it."""
     if path is not None:
         save_figure(fig, path, dpi=150, close=False)
     else:
