@@ -58,6 +58,12 @@ BUILTINS = {
     "threshold_0.5_0.3": (lambda: nn.Threshold(0.5, 0.3), PERM),
     "identity": (lambda: nn.Identity(), GL),
 }
+# the named activations (Table 1) through the same checks
+for _name, _kind in [("relu", RELU), ("leaky_relu:0.2", RELU), ("leaky_relu:1", GL), ("sigmoid", PERM),
+                     ("tanh", SIGNED), ("gelu", PERM), ("silu", PERM), ("elu", PERM), ("softplus", PERM),
+                     ("gaussian", SIGNED), ("power:2", SCALED), ("power:3", SCALED), ("power:5", SCALED),
+                     ("abs", SCALED)]:
+    BUILTINS[f"name:{_name}"] = ((lambda n=_name: make_activation(n)), _kind)
 
 
 def apply(sigma, x):
@@ -108,8 +114,9 @@ def test_builtin_kind_and_derivation_agree(key):
     assert (derived.kind, derived.degree, derived.odd) == (G.kind, G.degree, G.odd)
 
 
-@settings(max_examples=80, deadline=None)
-@given(key=st.sampled_from(list(BUILTINS)), n=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+@pytest.mark.parametrize("key", list(BUILTINS))
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
 def test_builtin_intertwining_over_wide_range(key, n, seed):
     factory, _ = BUILTINS[key]
     G = intertwiner_group(factory())
@@ -310,3 +317,31 @@ def nan_weight_prelu():
 def test_bad_module_parameters(factory, match):
     with pytest.raises(ValueError, match=match):
         intertwiner_group(factory())
+
+
+@pytest.mark.parametrize("op,args,kwargs,module", [
+    ("relu_", (), {}, nn.ReLU()),
+    ("torch.nn.functional.hardtanh", (-10.0, 10.0), {}, nn.Hardtanh(-10.0, 10.0)),
+    ("hardtanh_", (0.0, 6.0), {}, nn.ReLU6()),
+    ("leaky_relu", (0.2, True), {}, nn.LeakyReLU(0.2)),
+    ("leaky_relu", (), {"negative_slope": 1.0}, nn.LeakyReLU(1.0)),
+    ("gelu", (), {"approximate": "tanh"}, nn.GELU("tanh")),
+    ("elu", (0.0,), {}, nn.ELU(0.0)),
+    ("softplus", (2.0, 5.0), {}, nn.Softplus(2.0, 5.0)),
+    ("aten.silu_", (), {}, nn.SiLU()),
+    ("softshrink", (0.5,), {}, nn.Softshrink(0.5)),
+])
+def test_functional_group_is_the_module_rule(op, args, kwargs, module):
+    from intertwiners.groups import functional_group
+
+    G, M = functional_group(op, *args, **kwargs), intertwiner_group(module)
+    assert (G.kind, G.degree, G.odd, G.sigma0, G.sigma1) == (M.kind, M.degree, M.odd, M.sigma0, M.sigma1)
+
+
+def test_functional_group_rejects():
+    from intertwiners.groups import functional_group
+
+    for op, args in [("softmax", ()), ("leaky_relu", (float("nan"),)), ("hardtanh", (2.0, 1.0)),
+                     ("gelu", (1, 2, 3))]:
+        with pytest.raises(ValueError):
+            functional_group(op, *args)

@@ -855,6 +855,38 @@ def named_group(name: str) -> IntertwinerGroup:
     return _group(rule[1], rule[0], module, *_values_at_0_and_1(module))
 
 
+_FUNCTIONAL = {
+    "identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardtanh": nn.Hardtanh, "leaky_relu": nn.LeakyReLU,
+    "prelu": None, "elu": nn.ELU, "celu": nn.CELU, "selu": nn.SELU, "gelu": nn.GELU, "silu": nn.SiLU, "mish": nn.Mish,
+    "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid, "logsigmoid": nn.LogSigmoid,
+    "tanh": nn.Tanh, "softsign": nn.Softsign, "tanhshrink": nn.Tanhshrink, "softshrink": nn.Softshrink,
+    "hardshrink": nn.Hardshrink, "softplus": nn.Softplus, "threshold": nn.Threshold,
+}
+
+
+def functional_group(op: str, *args, **kwargs) -> IntertwinerGroup:
+    """G_sigma of a functional activation call, by the exact rule of its module.
+
+    ``op`` is the function's name as torch.nn.functional, torch or aten spell it, with or without the
+    in-place underscore (``"relu_"``, ``"hardtanh"``, ``"gelu"``); ``args``/``kwargs`` are its arguments after
+    the input, as the function takes them (``functional_group("hardtanh", -10.0, 10.0)``,
+    ``functional_group("leaky_relu", 0.2)``, ``functional_group("gelu", approximate="tanh")``). ``inplace``
+    is ignored. ValueError for unknown ops, arguments the module does not take and bad values.
+    """
+    name = op.rsplit(".", 1)[-1].removesuffix("_").lower()
+    cls = _FUNCTIONAL.get(name)
+    if cls is None:
+        raise ValueError(f"no exact rule for the functional activation {op!r}; known: "
+                         f"{', '.join(k for k, v in _FUNCTIONAL.items() if v is not None)}")
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+    args = tuple(a for a in args if not isinstance(a, bool))  # a positional inplace flag
+    try:
+        module = cls(*args, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+        raise ValueError(f"{op}: arguments {args!r} {kwargs!r} not understood ({err})") from err
+    return intertwiner_group(module)
+
+
 def intertwiner_group(sigma, *, n: int | None = None) -> IntertwinerGroup:
     """The intertwiner group G_sigma of an elementwise activation, with phi_sigma (paper §3.1).
 
@@ -890,6 +922,6 @@ def intertwiner_group(sigma, *, n: int | None = None) -> IntertwinerGroup:
 
 
 __all__ = ["KINDS", "MONOMIAL_KINDS", "IntertwinerGroup", "Properties", "activation_properties",
-           "as_monomial", "derive_group", "intersection", "intertwiner_group", "kind_group", "kind_leq",
-           "meet_kind", "module_rule", "monomial_compose", "monomial_inverse", "monomial_matrix", "named_group",
-           "probe_points"]
+           "as_monomial", "derive_group", "functional_group", "intersection", "intertwiner_group", "kind_group",
+           "kind_leq", "meet_kind", "module_rule", "monomial_compose", "monomial_inverse", "monomial_matrix",
+           "named_group", "probe_points"]
