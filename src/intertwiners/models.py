@@ -211,7 +211,7 @@ def _check_activation(activation, where: str = "activation") -> None:
         raise ValueError(f"{where} must be a name or an nn.Module, got {type(activation).__name__}")
     try:
         module = make_activation(activation)
-    except (TypeError, OverflowError) as err:
+    except (TypeError, OverflowError, ValueError) as err:
         raise ValueError(f"{where} {activation!r} is not a valid activation: {err}") from err
     for key, value in vars(module).items():
         if isinstance(value, float | int) and not isinstance(value, bool) and not math.isfinite(value):

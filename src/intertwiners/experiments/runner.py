@@ -181,9 +181,9 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
     start = time.perf_counter()
     summary = RunSummary(planned=len(order))
     with driver_lock(out), ResultsStore(out) as store:
+        done = finished_ids(store, out) & {j.id for j in order}   # reads every row: a damaged one fails here
         for key, value in (meta or {}).items():
             store.set_meta(key, value)
-        done = finished_ids(store, out) & {j.id for j in order}
         todo = [j for j in order if j.id not in done]
         summary.skipped = len(order) - len(todo)
         run_id = store.start_run(plan_info or {}, backend.name, len(order), summary.skipped)

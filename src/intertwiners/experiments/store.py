@@ -137,6 +137,10 @@ class ResultsStore:
             problems = [r[0] for r in self._conn.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("; ".join(map(str, problems)))
+        existing = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if existing - {"sqlite_sequence"} and not {"meta", "jobs", "runs"} <= existing:
+            raise ValueError(f"{path} is an SQLite database but not an intertwiners results store (tables: "
+                             f"{sorted(existing)}); it is left untouched: use another --out")
         if not readonly:
             self._conn.execute("PRAGMA journal_mode=DELETE")
             self._conn.execute("PRAGMA synchronous=FULL")

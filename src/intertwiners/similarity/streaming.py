@@ -62,6 +62,7 @@ class MinibatchCKA:
         # [sum HSIC(K,L), sum HSIC(K,K), sum HSIC(L,L), sum |K|^2/norm, sum |L|^2/norm]
         self._sums: torch.Tensor | None = None
         self._rtol = 0.0
+        self._shift: dict[str, int] = {}   # power-of-two exponents fixed by the first batch (linear kernel)
 
     def update(self, X_batch, Y_batch) -> None:
         """Add one minibatch of features of the same samples: X (b, ...), Y (b, ...)."""
@@ -69,7 +70,7 @@ class MinibatchCKA:
         y = to_features(Y_batch, "Y_batch", self.device if self.device is not None else x.device)
         check_pair(x, y, ("X_batch", "Y_batch"))
         check_min_samples(x.shape[0], self.estimator, f"minibatch CKA: batch {self.n_batches}")
-        x, y = self._scaled(x), self._scaled(y)
+        x, y = self._scaled(x, "x"), self._scaled(y, "y")
         k = gram(x, self.kernel, name="X_batch", **self._opts)
         l = gram(y, self.kernel, name="Y_batch", **self._opts)
         self._rtol = max(self._rtol, degenerate_rtol(k.dtype, l.dtype))
@@ -82,13 +83,21 @@ class MinibatchCKA:
         self.n_batches += 1
         self.n_samples += x.shape[0]
 
-    def _scaled(self, t: torch.Tensor) -> torch.Tensor:
-        """Features ready for this kernel without overflow. The linear kernel's HSIC values are summed over
-        batches, so every batch must keep its scale: float64 (holds the squares of any float32 input).
-        The max kernel and the median-bandwidth RBF kernel are scale invariant per batch: a power-of-two
-        rescaling (exact) makes any finite input safe."""
+    def _scaled(self, t: torch.Tensor, which: str) -> torch.Tensor:
+        """Features ready for this kernel without overflow.
+
+        The linear kernel's HSIC values are summed over batches, so every batch must keep the same scale:
+        float64, times one power of two (exact) fixed by the first batch -- any finite input is safe. The max
+        kernel and the median-bandwidth RBF kernel are scale invariant per batch: each batch is rescaled by its
+        own power of two.
+        """
         if self.kernel == "linear":
-            return t.to(torch.float64)
+            t = t.to(torch.float64)
+            if which not in self._shift:
+                m = float(t.abs().amax())
+                self._shift[which] = 0 if m == 0.0 or 2.0 ** -30 <= m <= 2.0 ** 30 else math.frexp(m)[1]
+            shift = self._shift[which]
+            return t if shift == 0 else torch.ldexp(t, torch.tensor(-shift, dtype=torch.int32, device=t.device))
         if self.kernel == "max" or self._opts["sigma"] is None:
             return unit_scale(t)
         return t
