@@ -14,6 +14,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import signal
+import socket
+import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -36,6 +40,51 @@ def threads_per_worker(workers: int) -> int:
 def _crash(err: BaseException) -> dict:
     return {"ok": False, "error": "".join(traceback.format_exception(err)), "started_at": time.time(),
             "wall_s": 0.0, "worker": "unknown"}
+
+
+# -- workers never outlive the driver ----------------------------------------------------------------------------
+# A worker of the local backend asks the kernel for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG, Linux)
+# and, everywhere, runs a watchdog thread that exits the process when its parent process id changes (the
+# parent died and the worker was re-parented). kill -9 of the driver thus ends every worker within about a
+# second; the multiprocessing resource tracker then sees its last user gone and exits too.
+
+PR_SET_PDEATHSIG = 1
+WATCHDOG_PERIOD_S = 0.5
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+        return False
+
+
+def start_parent_watchdog(parent_pid: int, period_s: float = WATCHDOG_PERIOD_S) -> threading.Thread:
+    """A daemon thread that ends this process (``os._exit``) as soon as ``parent_pid`` is no longer its parent."""
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(period_s)
+
+    t = threading.Thread(target=watch, name="intertwiners-parent-watchdog", daemon=True)
+    t.start()
+    return t
+
+
+def _init_local_worker(parent_pid: int, threads: int | None) -> None:
+    """Initializer of a local worker: die with the driver, then the usual job-worker set-up."""
+    set_parent_death_signal()
+    if os.getppid() != parent_pid:        # the driver died while this worker was starting
+        os._exit(1)
+    start_parent_watchdog(parent_pid)
+    init_worker(threads)
 
 
 class _Finished:
@@ -87,7 +136,7 @@ class LocalBackend:
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.slots, mp_context=mp.get_context("spawn"),
-                                      initializer=init_worker, initargs=(self.threads,))
+                                      initializer=_init_local_worker, initargs=(os.getpid(), self.threads))
 
     def submit(self, kind: str, config: dict, inputs: dict, context: dict) -> cf.Future:
         try:
@@ -132,7 +181,11 @@ class RayBackend:
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "log_to_driver": False, **(init_kwargs or {})}
             if address:
-                ray.init(address=address, **kwargs)
+                check_reachable(address)
+                try:
+                    ray.init(address=address, **kwargs)
+                except (ConnectionError, TimeoutError, OSError, RuntimeError) as err:
+                    raise ValueError(f"cannot connect to the Ray cluster at {address}: {err}") from err
             else:
                 kwargs.setdefault("num_cpus", workers or available_cores())
                 ray.init(**kwargs)
@@ -159,6 +212,34 @@ class RayBackend:
     def close(self) -> None:
         if self._started_here:
             self._ray.shutdown()
+
+
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Fail fast (ValueError) when nothing listens at a Ray ``host:port`` address (``ray://host:port`` too).
+
+    ``ray.init`` itself retries an unreachable address for minutes; one TCP connection with a timeout tells
+    at once. ``"auto"`` and addresses without a port are left to Ray.
+    """
+    text = address.strip()
+    if text in ("", "auto", "local"):
+        return
+    if "://" in text:
+        text = text.split("://", 1)[1]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--ray-address {address!r}: expected HOST:PORT (e.g. 10.0.0.1:6379), 'auto' or "
+                         "ray://HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError | socket.timeout) else (err.strerror or str(err))
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {reason} (after at most {timeout_s:g} s); "
+                         "is `ray start --head` running there?") from None
 
 
 def _ray_execute(kind: str, config: dict, inputs: dict, context: dict) -> dict:
