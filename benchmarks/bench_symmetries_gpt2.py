@@ -6,7 +6,7 @@ and its ratio to one forward pass (batch 1, 128 tokens, eval mode, no autograd) 
 the goal of issue 10: spec + apply under 10 s on 2 cores. ``--check`` also measures the transformed copy's
 relative output error (float32 here, so expect ~1e-6, not 1e-15). Needs transformers.
 
-    python benchmarks/bench_symmetries_gpt2.py [--tokens 128] [--threads 2] [--repeats 2] [--check]
+    python benchmarks/bench_symmetries_gpt2.py [--tokens 128] [--threads 2] [--repeats 2] [--check] [--monomial]
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch default)")
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     p.add_argument("--check", action="store_true", help="also measure the output error of the transformed copy")
+    p.add_argument("--monomial", action="store_true",
+                   help="random_symmetry(..., monomial=True): (perm, scale) elements where the engine offers them")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,12 +65,14 @@ def main(argv=None):
         print("goal: spec + apply under 10 s -> NOT met (no analysis)")
         return
     g = torch.Generator().manual_seed(0)
-    t_rand, elements = timed(lambda: random_symmetry(spec, g), args.repeats)
+    extra = {"monomial": True} if args.monomial else {}
+    t_rand, elements = timed(lambda: random_symmetry(spec, g, **extra), args.repeats)
     t_apply, new = timed(lambda: apply_symmetry(model, elements, spec), args.repeats)
     total = t_spec + t_rand + t_apply
     print(f"spaces: {len(spec.spaces)} ({sum(s.size for s in spec.spaces.values())} channels), "
           f"pinned: {len(spec.pinned)}")
-    rows += [("symmetry_spec", t_spec), ("random_symmetry", t_rand), ("apply_symmetry", t_apply),
+    rows += [("symmetry_spec", t_spec), (f"random_symmetry{'(monomial=True)' if args.monomial else ''}", t_rand),
+             ("apply_symmetry", t_apply),
              ("TOTAL spec + random + apply", total)]
     for name, t in rows:
         print(f"  {name:<52} {t:8.3f} s   {t / t_fwd:8.1f} x forward")

@@ -5,8 +5,11 @@ For an elementwise activation sigma the intertwiner group is
     G_sigma = {A in GL_n : sigma(A x) = B sigma(x) for all x, for some B in GL_n},
 
 and ``phi_sigma(A) = sigma(A) sigma(I_n)^-1`` is the B that goes with A (Lemma 3.1; the group is only
-defined when sigma(I_n) is invertible). :func:`intertwiner_group` derives G_sigma and phi_sigma from
-elementary properties of sigma, each checked numerically on many points:
+defined when sigma(I_n) is invertible). :func:`intertwiner_group` uses exact rules for the activation names
+and the built-in ``torch.nn`` activation modules, in-place or not, for every setting of their parameters
+(:func:`module_rule`; e.g. ``Hardtanh(-10, 10)`` is odd but not linear); any other callable is classified
+from elementary properties checked numerically on copies of probes spanning 1e-6 … 1e6
+(:func:`activation_properties`). Both follow these rules:
 
 * sigma linear (sigma(x) = a x)                       -> ``general_linear``, phi(A) = A;
 * sigma affine, not linear (a x + c, c != 0)           -> ``unit_row_sum`` {A : A 1 = 1}, phi(A) = A;
@@ -558,10 +561,12 @@ def _snap(k: float) -> float:
 
 
 def _float64_copy(sigma: Callable) -> Callable:
-    """A float64 deep copy of a module with lower-precision parameters or buffers (e.g. PReLU), else sigma."""
-    if isinstance(sigma, nn.Module) and any(t.is_floating_point() and t.dtype != torch.float64
-                                            for t in [*sigma.parameters(), *sigma.buffers()]):
-        return copy.deepcopy(sigma).double()
+    """A CPU float64 deep copy of a module with parameters or buffers of another dtype or on another device
+    (PReLU's float32 slope, a module on CUDA), else sigma itself (the probes are CPU float64 tensors)."""
+    if isinstance(sigma, nn.Module) and any(
+            t.is_floating_point() and (t.dtype != torch.float64 or t.device.type != "cpu")
+            for t in [*sigma.parameters(), *sigma.buffers()]):
+        return copy.deepcopy(sigma).to(device="cpu", dtype=torch.float64)
     return sigma
 
 
