@@ -345,14 +345,23 @@ def test_good_cifar_batch_keeps_integer_labels(tmp_path):
     assert x.shape == (3, 3, 32, 32) and y.tolist() == [0, 9, 3] and y.dtype == np.int64
 
 
-def test_zero_row_datasets_are_errors(digits):
-    from intertwiners.training import accuracy
-    train, test = digits
+def tiny_data(n=40):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return data.ArrayDataset(x, y, 10, "digits-train"), data.ArrayDataset(x[:10], y[:10], 10, "digits-test")
+
+
+def test_zero_row_datasets_are_errors():
+    from intertwiners.training import accuracy, train_one
+    train, test = tiny_data()
     empty = test.subset(torch.arange(0))
     with pytest.raises(ValueError, match="empty"):
         accuracy(models.mlp(256, hidden=(4,)), empty, device="cpu")
     with pytest.raises(ValueError, match="batch_size"):
         accuracy(models.mlp(256, hidden=(4,)), test, device="cpu", batch_size=0)
+    for parts in ((empty, test), (train, empty), (train.subset(torch.arange(1)), test)):
+        with pytest.raises(ValueError, match="empty|at least 2"):
+            train_one("mlp", "digits", 0, epochs=1, device="cpu", progress=False, data=parts)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -361,9 +370,9 @@ def test_zero_row_datasets_are_errors(digits):
     (dict(lr=float("nan")), "lr"), (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(batch_size=0), "batch_size"),
     (dict(val_fraction=1.0), "val_fraction"), (dict(val_fraction=0.0), "val_fraction"),
     (dict(finetune="some"), "finetune"), (dict(device="tpu"), "device")], ids=str)
-def test_rotation_penalty_settings(digits, kwargs, match):
+def test_rotation_penalty_settings(kwargs, match):
     from intertwiners.rotation_penalty import rotation_penalty
-    train, test = digits
+    train, test = tiny_data()
     model = models.myrtle_cnn(width=2, in_channels=1, input_size=16, batch_norm=False)
     with pytest.raises(ValueError, match=match):
         rotation_penalty(model, "conv1", "grelu", train, test, **{"epochs": 1, **kwargs})
@@ -981,15 +990,27 @@ def test_reproduce_with_an_unreachable_ray_cluster_is_one_line(capsys, tmp_path)
 
 
 def test_parent_death_signal_is_set_in_local_workers():
-    from intertwiners.experiments.backends import set_parent_death_signal
+    """The worker initializer asks the kernel for SIGKILL when the driver dies (checked in a forked child)."""
+    import ctypes
+
+    from intertwiners._worker import set_parent_death_signal
     if not sys.platform.startswith("linux"):
         pytest.skip("prctl is Linux only")
-    code = ("import ctypes, sys; from intertwiners.experiments.backends import set_parent_death_signal as s; "
-            "assert s(); libc = ctypes.CDLL(None); v = ctypes.c_int(); libc.prctl(2, ctypes.byref(v), 0, 0, 0); "
-            "print(v.value)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.stdout.strip() == "9", r.stderr            # SIGKILL
-    assert callable(set_parent_death_signal)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            ok = set_parent_death_signal()
+            v = ctypes.c_int()
+            ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0)      # PR_GET_PDEATHSIG
+            os.write(write_end, f"{int(ok)} {v.value}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    answer = os.read(read_end, 100).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert answer == "1 9"                              # set, and the signal is SIGKILL
 
 
 def test_io_buffer_helpers_are_atomic(tmp_path):
