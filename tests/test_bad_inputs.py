@@ -1024,3 +1024,86 @@ def test_io_buffer_helpers_are_atomic(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
     write_csv(target, ["a"], [{"a": 1}])
     assert target.read_text().splitlines() == ["a", "1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rest of the API surface owned here: constructors, datasets, training, features, streaming similarity
+
+API_CASES = {
+    "myrtle width a string": lambda: models.myrtle_cnn(width="a"),
+    "myrtle width 0": lambda: models.myrtle_cnn(width=0),
+    "myrtle width 1.5": lambda: models.myrtle_cnn(width=1.5),
+    "myrtle input_size a string": lambda: models.myrtle_cnn(input_size="32"),
+    "myrtle input_size 12": lambda: models.myrtle_cnn(input_size=12),
+    "myrtle batch_norm a string": lambda: models.myrtle_cnn(batch_norm="no"),
+    "resnet two widths": lambda: models.resnet20(widths=(1, 2)),
+    "resnet widths a string": lambda: models.resnet20(widths="abc"),
+    "resnet num_classes 0": lambda: models.resnet20(num_classes=0),
+    "resnet shortcut C": lambda: models.resnet20(shortcut="C"),
+    "mlp in_features 0": lambda: models.mlp(0),
+    "mlp in_features a string": lambda: models.mlp("4"),
+    "mlp hidden an int": lambda: models.mlp(4, hidden=3),
+    "mlp hidden negative": lambda: models.mlp(4, hidden=(-3,)),
+    "mlp num_classes -1": lambda: models.mlp(4, num_classes=-1),
+    "build a list": lambda: models.build([1]),
+    "data.load None": lambda: data.load(None),
+    "data.load unknown": lambda: data.load("mnist"),
+    "cifar10 root a file": lambda: data.load("cifar10", root="/etc/hostname"),
+    "cifar10 root missing": lambda: data.load("cifar10", root="/nonexistent/cifar"),
+    "cifar10 no root": lambda: data.load("cifar10"),
+    "digits size 7": lambda: data.load_digits(size=7),
+    "digits size 0": lambda: data.load_digits(size=0),
+    "digits test_fraction 2": lambda: data.load_digits(test_fraction=2),
+    "ArrayDataset mismatched": lambda: data.ArrayDataset(torch.zeros(3, 1, 2, 2), torch.zeros(2), 10, "x"),
+    "ArrayDataset lists": lambda: data.ArrayDataset([1], [1], 10, "x"),
+    "split 0": lambda: tiny_data()[0].split(0),
+    "split 1": lambda: tiny_data()[0].split(1.0),
+    "train_one unknown arch": lambda: __import__("intertwiners.training").training.train_one(
+        "vgg", epochs=1, progress=False, data=tiny_data()),
+    "train_one epochs 0": lambda: __import__("intertwiners.training").training.train_one(
+        "mlp", epochs=0, progress=False, data=tiny_data()),
+    "train_one device tpu": lambda: __import__("intertwiners.training").training.train_one(
+        "mlp", epochs=1, device="tpu", progress=False, data=tiny_data()),
+    "train_one leaky_relu:nan": lambda: __import__("intertwiners.training").training.train_one(
+        "mlp", epochs=1, progress=False, data=tiny_data(), activation="leaky_relu:nan"),
+    "extract unknown site": lambda: sim_extract(["nope"], torch.randn(3, 4)),
+    "extract wrong input shape": lambda: sim_extract(["act1"], torch.randn(3, 5)),
+    "extract NaN input": lambda: sim_extract(["act1"], torch.full((3, 4), float("nan"))),
+    "cka unknown kernel": lambda: sim.cka(X0, Y0, kernel="poly"),
+    "cka unknown estimator": lambda: sim.cka(X0, Y0, estimator="unbiassed"),
+    "cka rbf threshold 0": lambda: sim.cka(X0, Y0, kernel="rbf", threshold=0),
+    "cka rbf threshold nan": lambda: sim.cka(X0, Y0, kernel="rbf", threshold=float("nan")),
+    "cka rbf sigma nan": lambda: sim.cka(X0, Y0, kernel="rbf", sigma=float("nan")),
+    "cka rbf sigma 0": lambda: sim.cka(X0, Y0, kernel="rbf", sigma=0.0),
+    "cka device tpu": lambda: sim.cka(X0, Y0, device="tpu"),
+    "cka linear_route": lambda: sim.cka(X0, Y0, linear_route="fast"),
+    "procrustes unknown group": lambda: sim.procrustes(X0, Y0, group="x"),
+    "procrustes widths differ": lambda: sim.procrustes(X0, Y0[:, :3], group="grelu"),
+    "procrustes chunk_rows 0": lambda: sim.procrustes(X0, Y0, chunk_rows=0),
+    "procrustes spatial sizes differ": lambda: sim.procrustes(np.ones((6, 2, 3, 3)), np.ones((6, 2, 2, 2))),
+    "max_kernel feature shapes differ": lambda: sim.max_kernel(X0, Y0[:, :3]),
+    "max_kernel unknown backend": lambda: sim.max_kernel(X0, backend="cuda"),
+    "grelu_cka every column dead": lambda: sim.grelu_cka(np.zeros((6, 2)), X0[:6, :2], drop_dead=True),
+    "layer matrix unknown measure": lambda: sim.layer_similarity_matrix(models.mlp(4), models.mlp(4),
+                                                                        torch.randn(8, 4), measure="x"),
+    "layer matrix batch_size 0": lambda: sim.layer_similarity_matrix(models.mlp(4), models.mlp(4),
+                                                                     torch.randn(8, 4), batch_size=0),
+    "layer matrix no data": lambda: sim.layer_similarity_matrix(models.mlp(4), models.mlp(4), torch.randn(0, 4)),
+    "layer matrix 3 samples": lambda: sim.layer_similarity_matrix(models.mlp(4), models.mlp(4), torch.randn(3, 4)),
+    "procrustes per layer unknown group": lambda: sim.procrustes_per_layer(models.mlp(4), models.mlp(4),
+                                                                           torch.randn(8, 4), groups=["x"]),
+    "procrustes per layer 1 sample": lambda: sim.procrustes_per_layer(models.mlp(4), models.mlp(4),
+                                                                      torch.randn(1, 4)),
+}
+
+
+def sim_extract(sites, inputs):
+    from intertwiners import extract_features
+    return extract_features(models.mlp(4, hidden=(3,)), sites, inputs, device="cpu")
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case", sorted(API_CASES))
+def test_api_bad_input_is_a_value_error(case):
+    with pytest.raises(ValueError):
+        API_CASES[case]()

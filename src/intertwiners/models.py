@@ -40,6 +40,8 @@ def myrtle_cnn(width: int = 64, num_classes: int = 10, in_channels: int = 3, act
     input_size, input_size); ``input_size`` must be a multiple of 8. Activation sites: relu1..relu4
     (named ``relu*`` whatever the activation is).
     """
+    _check_kwargs("myrtle_cnn", width=width, num_classes=num_classes, in_channels=in_channels, batch_norm=batch_norm,
+                  input_size=input_size)
     _check_activation(activation)
     if input_size % 8 or input_size < 8:
         raise ValueError(f"myrtle_cnn needs input_size a positive multiple of 8, got {input_size}")
@@ -147,6 +149,7 @@ def resnet20(num_classes: int = 10, activation: str | nn.Module = "relu", shortc
     ``shortcut="A"`` is the parameter-free strided subsample with zero channel padding; ``"B"`` a 1x1
     conv with batch norm. ``activation`` is a name (``"leaky_relu:0.3"``) or an ``nn.Module``.
     """
+    _check_kwargs("resnet20", num_classes=num_classes, in_channels=in_channels, shortcut=shortcut, widths=widths)
     _check_activation(activation)
     model = ResNet(3, tuple(widths), num_classes, in_channels, activation, shortcut)
     model.intertwiners_config = {"arch": "resnet20", "kwargs": dict(
@@ -158,6 +161,7 @@ def resnet20(num_classes: int = 10, activation: str | nn.Module = "relu", shortc
 def mlp(in_features: int, hidden: tuple[int, ...] | list[int] = (512, 512), num_classes: int = 10,
         activation: str | nn.Module = "relu") -> nn.Sequential:
     """Flatten, then (Linear, activation) per hidden width, then a Linear head. Sites: act1, act2, ..."""
+    _check_kwargs("mlp", in_features=in_features, hidden=hidden, num_classes=num_classes)
     _check_activation(activation)
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     prev = in_features
@@ -203,6 +207,16 @@ _KWARG_TYPES = {
     "hidden": (lambda v: isinstance(v, list) and all(_positive_int(w) for w in v),
                "a list of positive integers"),
 }
+
+
+def _check_kwargs(arch: str, **kwargs) -> None:
+    """A constructor's arguments, checked with the same rules as a saved config (ValueError, never TypeError)."""
+    for key, value in kwargs.items():
+        check, what = _KWARG_TYPES[key]
+        if isinstance(value, tuple) and key in ("widths", "hidden"):
+            value = list(value)
+        if not check(value):
+            raise ValueError(f"{arch}: {key} must be {what}, got {value!r}")
 
 
 def _check_activation(activation, where: str = "activation") -> None:
