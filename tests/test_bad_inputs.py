@@ -1107,3 +1107,34 @@ def sim_extract(sites, inputs):
 def test_api_bad_input_is_a_value_error(case):
     with pytest.raises(ValueError):
         API_CASES[case]()
+
+
+def test_disk_full_during_reproduce_is_one_line(capsys, tmp_path, monkeypatch):
+    from intertwiners.experiments import store as store_mod
+
+    def full(self, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store_mod.ResultsStore, "record", full)
+    code, _, err = run_cli(capsys, "reproduce", "--scale", "test", "--backend", "inline", "--out", tmp_path,
+                           "--quiet", "--no-report")
+    assert_one_line_error(code, err, "disk is full")
+
+
+def test_an_artifact_that_cannot_be_written_is_a_recorded_failure(tmp_path, monkeypatch):
+    from intertwiners.experiments import ResultsStore, run_jobs, runner
+    from intertwiners.experiments.backends import InlineBackend
+    from intertwiners.experiments.plan import probe_plan
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "_write_artifact", full)
+    plan = probe_plan(sleep_s=0)
+    summary = run_jobs(plan.jobs, tmp_path, InlineBackend(), progress=False)
+    assert summary.failed >= 1 and any("No space left" in e for _, e in summary.failures)
+    with ResultsStore(tmp_path, readonly=True) as store:
+        assert all(r.status == "failed" for r in store.rows() if r.artifact is None and "root" in r.label)
+    monkeypatch.undo()
+    again = run_jobs(plan.jobs, tmp_path, InlineBackend(), progress=False)   # disk freed: everything completes
+    assert again.failed == 0 and again.blocked == 0

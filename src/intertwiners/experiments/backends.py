@@ -80,7 +80,7 @@ class InlineBackend:
     def outcome(self, handle: Any) -> dict:
         return handle.outcome
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         pass
 
 
@@ -127,8 +127,17 @@ class LocalBackend:
         except Exception as err:  # the worker process died or the inputs could not be sent
             return _crash(err)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers: after the jobs in flight finish, or at once with ``abort`` (the driver is failing, so
+        their results could not be recorded anyway)."""
+        if abort:
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for p in processes:
+                if p.is_alive():
+                    p.terminate()
+        else:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         if self._env_before is None:
             os.environ.pop(DRIVER_ENV, None)
         else:
@@ -183,7 +192,7 @@ class RayBackend:
         except Exception as err:  # the task's worker died
             return _crash(err)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         if self._started_here:
             self._ray.shutdown()
 
