@@ -1138,3 +1138,13 @@ def test_an_artifact_that_cannot_be_written_is_a_recorded_failure(tmp_path, monk
     monkeypatch.undo()
     again = run_jobs(plan.jobs, tmp_path, InlineBackend(), progress=False)   # disk freed: everything completes
     assert again.failed == 0 and again.blocked == 0
+
+
+@pytest.mark.parametrize("measure", sorted(MEASURES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_give_the_value_of_their_rounded_data(measure, dtype):
+    f = MEASURES[measure]
+    xs = X0c if "max" in measure or "grelu" in measure else X0
+    ys = np.abs(xs) + 0.5 * xs * xs if xs is X0c else Y0
+    x, y = torch.tensor(xs).to(dtype), torch.tensor(ys).to(dtype)
+    assert f(x, y) == pytest.approx(f(x.double(), y.double()), abs=1e-5)
