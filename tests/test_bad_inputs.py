@@ -345,14 +345,23 @@ def test_good_cifar_batch_keeps_integer_labels(tmp_path):
     assert x.shape == (3, 3, 32, 32) and y.tolist() == [0, 9, 3] and y.dtype == np.int64
 
 
-def test_zero_row_datasets_are_errors(digits):
-    from intertwiners.training import accuracy
-    train, test = digits
+def tiny_data(n=40):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return data.ArrayDataset(x, y, 10, "digits-train"), data.ArrayDataset(x[:10], y[:10], 10, "digits-test")
+
+
+def test_zero_row_datasets_are_errors():
+    from intertwiners.training import accuracy, train_one
+    train, test = tiny_data()
     empty = test.subset(torch.arange(0))
     with pytest.raises(ValueError, match="empty"):
         accuracy(models.mlp(256, hidden=(4,)), empty, device="cpu")
     with pytest.raises(ValueError, match="batch_size"):
         accuracy(models.mlp(256, hidden=(4,)), test, device="cpu", batch_size=0)
+    for parts in ((empty, test), (train, empty), (train.subset(torch.arange(1)), test)):
+        with pytest.raises(ValueError, match="empty|at least 2"):
+            train_one("mlp", "digits", 0, epochs=1, device="cpu", progress=False, data=parts)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -361,9 +370,9 @@ def test_zero_row_datasets_are_errors(digits):
     (dict(lr=float("nan")), "lr"), (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(batch_size=0), "batch_size"),
     (dict(val_fraction=1.0), "val_fraction"), (dict(val_fraction=0.0), "val_fraction"),
     (dict(finetune="some"), "finetune"), (dict(device="tpu"), "device")], ids=str)
-def test_rotation_penalty_settings(digits, kwargs, match):
+def test_rotation_penalty_settings(kwargs, match):
     from intertwiners.rotation_penalty import rotation_penalty
-    train, test = digits
+    train, test = tiny_data()
     model = models.myrtle_cnn(width=2, in_channels=1, input_size=16, batch_norm=False)
     with pytest.raises(ValueError, match=match):
         rotation_penalty(model, "conv1", "grelu", train, test, **{"epochs": 1, **kwargs})
@@ -981,15 +990,27 @@ def test_reproduce_with_an_unreachable_ray_cluster_is_one_line(capsys, tmp_path)
 
 
 def test_parent_death_signal_is_set_in_local_workers():
-    from intertwiners.experiments.backends import set_parent_death_signal
+    """The worker initializer asks the kernel for SIGKILL when the driver dies (checked in a forked child)."""
+    import ctypes
+
+    from intertwiners._worker import set_parent_death_signal
     if not sys.platform.startswith("linux"):
         pytest.skip("prctl is Linux only")
-    code = ("import ctypes, sys; from intertwiners.experiments.backends import set_parent_death_signal as s; "
-            "assert s(); libc = ctypes.CDLL(None); v = ctypes.c_int(); libc.prctl(2, ctypes.byref(v), 0, 0, 0); "
-            "print(v.value)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.stdout.strip() == "9", r.stderr            # SIGKILL
-    assert callable(set_parent_death_signal)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            ok = set_parent_death_signal()
+            v = ctypes.c_int()
+            ctypes.CDLL(None).prctl(2, ctypes.byref(v), 0, 0, 0)      # PR_GET_PDEATHSIG
+            os.write(write_end, f"{int(ok)} {v.value}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    answer = os.read(read_end, 100).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert answer == "1 9"                              # set, and the signal is SIGKILL
 
 
 def test_io_buffer_helpers_are_atomic(tmp_path):
@@ -1003,3 +1024,127 @@ def test_io_buffer_helpers_are_atomic(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
     write_csv(target, ["a"], [{"a": 1}])
     assert target.read_text().splitlines() == ["a", "1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rest of the API surface owned here: constructors, datasets, training, features, streaming similarity
+
+API_CASES = {
+    "myrtle width a string": lambda: models.myrtle_cnn(width="a"),
+    "myrtle width 0": lambda: models.myrtle_cnn(width=0),
+    "myrtle width 1.5": lambda: models.myrtle_cnn(width=1.5),
+    "myrtle input_size a string": lambda: models.myrtle_cnn(input_size="32"),
+    "myrtle input_size 12": lambda: models.myrtle_cnn(input_size=12),
+    "myrtle batch_norm a string": lambda: models.myrtle_cnn(batch_norm="no"),
+    "resnet two widths": lambda: models.resnet20(widths=(1, 2)),
+    "resnet widths a string": lambda: models.resnet20(widths="abc"),
+    "resnet num_classes 0": lambda: models.resnet20(num_classes=0),
+    "resnet shortcut C": lambda: models.resnet20(shortcut="C"),
+    "mlp in_features 0": lambda: models.mlp(0),
+    "mlp in_features a string": lambda: models.mlp("4"),
+    "mlp hidden an int": lambda: models.mlp(4, hidden=3),
+    "mlp hidden negative": lambda: models.mlp(4, hidden=(-3,)),
+    "mlp num_classes -1": lambda: models.mlp(4, num_classes=-1),
+    "build a list": lambda: models.build([1]),
+    "data.load None": lambda: data.load(None),
+    "data.load unknown": lambda: data.load("mnist"),
+    "cifar10 root a file": lambda: data.load("cifar10", root="/etc/hostname"),
+    "cifar10 root missing": lambda: data.load("cifar10", root="/nonexistent/cifar"),
+    "cifar10 no root": lambda: data.load("cifar10"),
+    "digits size 7": lambda: data.load_digits(size=7),
+    "digits size 0": lambda: data.load_digits(size=0),
+    "digits test_fraction 2": lambda: data.load_digits(test_fraction=2),
+    "ArrayDataset mismatched": lambda: data.ArrayDataset(torch.zeros(3, 1, 2, 2), torch.zeros(2), 10, "x"),
+    "ArrayDataset lists": lambda: data.ArrayDataset([1], [1], 10, "x"),
+    "split 0": lambda: tiny_data()[0].split(0),
+    "split 1": lambda: tiny_data()[0].split(1.0),
+    "train_one unknown arch": lambda: __import__("intertwiners.training").training.train_one(
+        "vgg", epochs=1, progress=False, data=tiny_data()),
+    "train_one epochs 0": lambda: __import__("intertwiners.training").training.train_one(
+        "mlp", epochs=0, progress=False, data=tiny_data()),
+    "train_one device tpu": lambda: __import__("intertwiners.training").training.train_one(
+        "mlp", epochs=1, device="tpu", progress=False, data=tiny_data()),
+    "train_one leaky_relu:nan": lambda: __import__("intertwiners.training").training.train_one(
+        "mlp", epochs=1, progress=False, data=tiny_data(), activation="leaky_relu:nan"),
+    "extract unknown site": lambda: sim_extract(["nope"], torch.randn(3, 4)),
+    "extract wrong input shape": lambda: sim_extract(["act1"], torch.randn(3, 5)),
+    "extract NaN input": lambda: sim_extract(["act1"], torch.full((3, 4), float("nan"))),
+    "cka unknown kernel": lambda: sim.cka(X0, Y0, kernel="poly"),
+    "cka unknown estimator": lambda: sim.cka(X0, Y0, estimator="unbiassed"),
+    "cka rbf threshold 0": lambda: sim.cka(X0, Y0, kernel="rbf", threshold=0),
+    "cka rbf threshold nan": lambda: sim.cka(X0, Y0, kernel="rbf", threshold=float("nan")),
+    "cka rbf sigma nan": lambda: sim.cka(X0, Y0, kernel="rbf", sigma=float("nan")),
+    "cka rbf sigma 0": lambda: sim.cka(X0, Y0, kernel="rbf", sigma=0.0),
+    "cka device tpu": lambda: sim.cka(X0, Y0, device="tpu"),
+    "cka linear_route": lambda: sim.cka(X0, Y0, linear_route="fast"),
+    "procrustes unknown group": lambda: sim.procrustes(X0, Y0, group="x"),
+    "procrustes widths differ": lambda: sim.procrustes(X0, Y0[:, :3], group="grelu"),
+    "procrustes chunk_rows 0": lambda: sim.procrustes(X0, Y0, chunk_rows=0),
+    "procrustes spatial sizes differ": lambda: sim.procrustes(np.ones((6, 2, 3, 3)), np.ones((6, 2, 2, 2))),
+    "max_kernel feature shapes differ": lambda: sim.max_kernel(X0, Y0[:, :3]),
+    "max_kernel unknown backend": lambda: sim.max_kernel(X0, backend="cuda"),
+    "grelu_cka every column dead": lambda: sim.grelu_cka(np.zeros((6, 2)), X0[:6, :2], drop_dead=True),
+    "layer matrix unknown measure": lambda: sim.layer_similarity_matrix(models.mlp(4), models.mlp(4),
+                                                                        torch.randn(8, 4), measure="x"),
+    "layer matrix batch_size 0": lambda: sim.layer_similarity_matrix(models.mlp(4), models.mlp(4),
+                                                                     torch.randn(8, 4), batch_size=0),
+    "layer matrix no data": lambda: sim.layer_similarity_matrix(models.mlp(4), models.mlp(4), torch.randn(0, 4)),
+    "layer matrix 3 samples": lambda: sim.layer_similarity_matrix(models.mlp(4), models.mlp(4), torch.randn(3, 4)),
+    "procrustes per layer unknown group": lambda: sim.procrustes_per_layer(models.mlp(4), models.mlp(4),
+                                                                           torch.randn(8, 4), groups=["x"]),
+    "procrustes per layer 1 sample": lambda: sim.procrustes_per_layer(models.mlp(4), models.mlp(4),
+                                                                      torch.randn(1, 4)),
+}
+
+
+def sim_extract(sites, inputs):
+    from intertwiners import extract_features
+    return extract_features(models.mlp(4, hidden=(3,)), sites, inputs, device="cpu")
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("case", sorted(API_CASES))
+def test_api_bad_input_is_a_value_error(case):
+    with pytest.raises(ValueError):
+        API_CASES[case]()
+
+
+def test_disk_full_during_reproduce_is_one_line(capsys, tmp_path, monkeypatch):
+    from intertwiners.experiments import store as store_mod
+
+    def full(self, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store_mod.ResultsStore, "record", full)
+    code, _, err = run_cli(capsys, "reproduce", "--scale", "test", "--backend", "inline", "--out", tmp_path,
+                           "--quiet", "--no-report")
+    assert_one_line_error(code, err, "disk is full")
+
+
+def test_an_artifact_that_cannot_be_written_is_a_recorded_failure(tmp_path, monkeypatch):
+    from intertwiners.experiments import ResultsStore, run_jobs, runner
+    from intertwiners.experiments.backends import InlineBackend
+    from intertwiners.experiments.plan import probe_plan
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "_write_artifact", full)
+    plan = probe_plan(sleep_s=0)
+    summary = run_jobs(plan.jobs, tmp_path, InlineBackend(), progress=False)
+    assert summary.failed >= 1 and any("No space left" in e for _, e in summary.failures)
+    with ResultsStore(tmp_path, readonly=True) as store:
+        assert all(r.status == "failed" for r in store.rows() if r.artifact is None and "root" in r.label)
+    monkeypatch.undo()
+    again = run_jobs(plan.jobs, tmp_path, InlineBackend(), progress=False)   # disk freed: everything completes
+    assert again.failed == 0 and again.blocked == 0
+
+
+@pytest.mark.parametrize("measure", sorted(MEASURES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_give_the_value_of_their_rounded_data(measure, dtype):
+    f = MEASURES[measure]
+    xs = X0c if "max" in measure or "grelu" in measure else X0
+    ys = np.abs(xs) + 0.5 * xs * xs if xs is X0c else Y0
+    x, y = torch.tensor(xs).to(dtype), torch.tensor(ys).to(dtype)
+    assert f(x, y) == pytest.approx(f(x.double(), y.double()), abs=1e-5)

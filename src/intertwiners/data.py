@@ -35,6 +35,9 @@ class ArrayDataset(Dataset):
     translate: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.x, torch.Tensor) or not isinstance(self.y, torch.Tensor):
+            raise ValueError(f"ArrayDataset needs torch tensors x and y, got {type(self.x).__name__} and "
+                             f"{type(self.y).__name__}")
         if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
             raise ValueError(f"ArrayDataset needs x (N, C, H, W) and y (N,), got {tuple(self.x.shape)} "
                              f"and {tuple(self.y.shape)}")
@@ -100,8 +103,10 @@ def load_digits(size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> tu
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
-    if size % 8:
-        raise ValueError(f"digits size must be a multiple of 8, got {size}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8:
+        raise ValueError(f"digits size must be a positive multiple of 8, got {size!r}")
+    if not (isinstance(test_fraction, int | float) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
     bunch = sk_digits()
     images = bunch.images.astype(np.float32)[:, None] / 16.0
     labels = bunch.target.astype(np.int64)

@@ -167,8 +167,20 @@ def extract_features(model: nn.Module, sites: list[str] | str, inputs_or_loader,
         batches = tqdm(batches, desc="features", unit="batch")
     try:
         model.to(device=dev, dtype=dtype or original_dtype)
-        for xb in batches:
-            for s, o in zip(names, extractor(xb, train_mode)):
+        for k, xb in enumerate(batches):
+            if xb.is_floating_point() and not bool(torch.isfinite(xb).all()):
+                raise ValueError(f"input batch {k} holds NaN or infinite values")
+            try:
+                outputs = extractor(xb, train_mode)
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, TypeError, IndexError) as err:
+                raise ValueError(f"the model cannot run on input batch {k} of shape {tuple(xb.shape)}: "
+                                 f"{str(err).splitlines()[0]}") from err
+            for s, o in zip(names, outputs):
+                if o.is_floating_point() and not bool(torch.isfinite(o.sum())) and not bool(torch.isfinite(o).all()):
+                    raise ValueError(f"features at {s!r} hold NaN or infinite values (batch {k}); check the model's "
+                                     "weights")
                 chunks[s].append(o.detach().cpu())
     finally:
         model.to(device=original_device, dtype=original_dtype)

@@ -40,7 +40,9 @@ def myrtle_cnn(width: int = 64, num_classes: int = 10, in_channels: int = 3, act
     input_size, input_size); ``input_size`` must be a multiple of 8. Activation sites: relu1..relu4
     (named ``relu*`` whatever the activation is).
     """
-    _check_activation(activation)
+    _check_kwargs("myrtle_cnn", width=width, num_classes=num_classes, in_channels=in_channels, batch_norm=batch_norm,
+                  input_size=input_size)
+    check_activation(activation)
     if input_size % 8 or input_size < 8:
         raise ValueError(f"myrtle_cnn needs input_size a positive multiple of 8, got {input_size}")
     if width < 1 or num_classes < 1 or in_channels < 1:
@@ -147,7 +149,8 @@ def resnet20(num_classes: int = 10, activation: str | nn.Module = "relu", shortc
     ``shortcut="A"`` is the parameter-free strided subsample with zero channel padding; ``"B"`` a 1x1
     conv with batch norm. ``activation`` is a name (``"leaky_relu:0.3"``) or an ``nn.Module``.
     """
-    _check_activation(activation)
+    _check_kwargs("resnet20", num_classes=num_classes, in_channels=in_channels, shortcut=shortcut, widths=widths)
+    check_activation(activation)
     model = ResNet(3, tuple(widths), num_classes, in_channels, activation, shortcut)
     model.intertwiners_config = {"arch": "resnet20", "kwargs": dict(
         num_classes=num_classes, activation=_activation_config(activation), shortcut=shortcut,
@@ -158,7 +161,8 @@ def resnet20(num_classes: int = 10, activation: str | nn.Module = "relu", shortc
 def mlp(in_features: int, hidden: tuple[int, ...] | list[int] = (512, 512), num_classes: int = 10,
         activation: str | nn.Module = "relu") -> nn.Sequential:
     """Flatten, then (Linear, activation) per hidden width, then a Linear head. Sites: act1, act2, ..."""
-    _check_activation(activation)
+    _check_kwargs("mlp", in_features=in_features, hidden=hidden, num_classes=num_classes)
+    check_activation(activation)
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     prev = in_features
     for i, h in enumerate(hidden, start=1):
@@ -205,7 +209,17 @@ _KWARG_TYPES = {
 }
 
 
-def _check_activation(activation, where: str = "activation") -> None:
+def _check_kwargs(arch: str, **kwargs) -> None:
+    """A constructor's arguments, checked with the same rules as a saved config (ValueError, never TypeError)."""
+    for key, value in kwargs.items():
+        check, what = _KWARG_TYPES[key]
+        if isinstance(value, tuple) and key in ("widths", "hidden"):
+            value = list(value)
+        if not check(value):
+            raise ValueError(f"{arch}: {key} must be {what}, got {value!r}")
+
+
+def check_activation(activation, where: str = "activation") -> None:
     """The activation must build, and every number it carries (a LeakyReLU slope, ...) must be finite."""
     if not isinstance(activation, str | nn.Module):
         raise ValueError(f"{where} must be a name or an nn.Module, got {type(activation).__name__}")
@@ -245,7 +259,7 @@ def check_config(config: Any, source: str = "config") -> dict[str, Any]:
         check, what = _KWARG_TYPES[key]
         if not check(value):
             raise ValueError(f"{source}: {arch} argument {key!r} must be {what}, got {value!r}")
-    _check_activation(kwargs["activation"], f"{source}: activation")
+    check_activation(kwargs["activation"], f"{source}: activation")
     return config
 
 
@@ -319,7 +333,10 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def read_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """``(weights file, config dict)`` for a folder or ``.safetensors`` file written by :func:`save`."""
+    """``(weights file, config dict)`` for a folder or ``.safetensors`` file written by :func:`save`.
+
+    The config is only parsed here (a JSON object); :func:`check_config` (called by :func:`load`) checks it.
+    """
     weights, config_file = _paths(path)
     try:
         text = config_file.read_bytes().decode("utf-8")
@@ -328,7 +345,9 @@ def read_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
         raise ValueError(f"load: cannot read {config_file}: {err.strerror or err}") from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"load: {config_file} is not valid JSON: {err}") from err
-    check_config(config, f"load: {config_file}")
+    if not isinstance(config, dict):
+        raise ValueError(f"load: {config_file}: a model config must be a JSON object with 'arch' and 'kwargs', "
+                         f"got {type(config).__name__ if config is not None else 'null'}")
     return weights, config
 
 

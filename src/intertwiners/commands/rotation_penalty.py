@@ -111,12 +111,13 @@ def run(args) -> int:
     _args.device(args.device)
     activations = _args.names(args.activations, "--activations")
     if args.model:
-        models.read_config(args.model)   # a bad folder or config fails here, before anything is written
+        # a bad folder or config fails here, before anything is written
+        models.check_config(models.read_config(args.model)[1], f"--model {args.model}")
     else:
         if not activations:
             raise ValueError("--activations is empty (or give --model)")
         for act in activations:
-            models._check_activation(act, "--activations")
+            models.check_activation(act, "--activations")
     if args.dataset == "cifar10" and args.data_root is None:
         raise ValueError("--dataset cifar10 needs --data-root DIR (nothing is downloaded)")
     out = _args.out_dir(args.out)

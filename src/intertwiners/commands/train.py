@@ -29,14 +29,14 @@ def add_arguments(p):
 
 def run(args) -> int:
     from .._util import parse_seeds
-    from ..models import _check_activation
+    from ..models import check_activation
     from ..training import train_zoo
 
     # every argument is checked before anything is loaded, trained or written
     seeds = parse_seeds(args.seeds)
     _args.device(args.device)
     if args.activation:
-        _check_activation(args.activation, "--activation")
+        check_activation(args.activation, "--activation")
     if args.dataset == "cifar10":
         if args.data_root is None:
             raise ValueError("--dataset cifar10 needs --data-root DIR (the folder with data_batch_1..5 and "

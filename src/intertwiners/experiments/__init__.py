@@ -47,8 +47,10 @@ def reproduce(out, scale="smoke", *, dataset=None, data_root=None, backend="loca
                                                             else str(Path(data_root).resolve()),
                                                             "device": device},
                            progress=progress, plan_info={"name": plan.name, "backend": backend}, meta=meta)
-    finally:
-        runner.close()
+    except BaseException:
+        runner.close(abort=True)        # e.g. a full disk or Ctrl-C: report it now, not after the jobs in flight
+        raise
+    runner.close()
     if report:
         from .report import write_report
         write_report(out)

@@ -14,14 +14,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
-import signal
 import socket
-import sys
-import threading
 import time
 import traceback
 from typing import Any
 
+from .._worker import DRIVER_ENV, set_parent_death_signal, start_parent_watchdog
 from .jobs import execute, init_worker
 
 
@@ -42,44 +40,12 @@ def _crash(err: BaseException) -> dict:
             "wall_s": 0.0, "worker": "unknown"}
 
 
-# -- workers never outlive the driver ----------------------------------------------------------------------------
-# A worker of the local backend asks the kernel for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG, Linux)
-# and, everywhere, runs a watchdog thread that exits the process when its parent process id changes (the
-# parent died and the worker was re-parented). kill -9 of the driver thus ends every worker within about a
-# second; the multiprocessing resource tracker then sees its last user gone and exits too.
-
-PR_SET_PDEATHSIG = 1
-WATCHDOG_PERIOD_S = 0.5
-
-
-def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
-    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
-        return False
-
-
-def start_parent_watchdog(parent_pid: int, period_s: float = WATCHDOG_PERIOD_S) -> threading.Thread:
-    """A daemon thread that ends this process (``os._exit``) as soon as ``parent_pid`` is no longer its parent."""
-    def watch():
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(1)
-            time.sleep(period_s)
-
-    t = threading.Thread(target=watch, name="intertwiners-parent-watchdog", daemon=True)
-    t.start()
-    return t
+# -- workers never outlive the driver: see intertwiners._worker (armed at `import intertwiners`, before torch)
 
 
 def _init_local_worker(parent_pid: int, threads: int | None) -> None:
-    """Initializer of a local worker: die with the driver, then the usual job-worker set-up."""
+    """Initializer of a local worker: die with the driver (again, in case ``import intertwiners`` ran before the
+    environment said so), then the usual job-worker set-up."""
     set_parent_death_signal()
     if os.getppid() != parent_pid:        # the driver died while this worker was starting
         os._exit(1)
@@ -114,7 +80,7 @@ class InlineBackend:
     def outcome(self, handle: Any) -> dict:
         return handle.outcome
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         pass
 
 
@@ -132,6 +98,10 @@ class LocalBackend:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.slots = workers
         self.threads = threads or threads_per_worker(workers)
+        # workers are spawned lazily (at submit) and inherit the environment then: this tells them, at their
+        # first `import intertwiners`, that this process is the driver they must not outlive
+        self._env_before = os.environ.get(DRIVER_ENV)
+        os.environ[DRIVER_ENV] = str(os.getpid())
         self._pool = self._new_pool()
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
@@ -157,8 +127,21 @@ class LocalBackend:
         except Exception as err:  # the worker process died or the inputs could not be sent
             return _crash(err)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers: after the jobs in flight finish, or at once with ``abort`` (the driver is failing, so
+        their results could not be recorded anyway)."""
+        if abort:
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for p in processes:
+                if p.is_alive():
+                    p.terminate()
+        else:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._env_before is None:
+            os.environ.pop(DRIVER_ENV, None)
+        else:
+            os.environ[DRIVER_ENV] = self._env_before
 
 
 class RayBackend:
@@ -209,7 +192,7 @@ class RayBackend:
         except Exception as err:  # the task's worker died
             return _crash(err)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         if self._started_here:
             self._ray.shutdown()
 
