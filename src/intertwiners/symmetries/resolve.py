@@ -1,0 +1,236 @@
+"""From atoms, ties and constraints to spaces, groups and parameter actions.
+
+Atom classes (after the ties) that occur in exactly the same set of hidden values form one space (so a
+slice, a concatenation or zero padding splits a producer's output into independent spaces); its group is
+the largest kind satisfying every constraint on it; the queries/keys and values of one attention call form
+one attention space (:class:`~intertwiners.symmetries.structured.AttentionGroup`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .constraints import DUAL, Equal, choose_group, holds
+from .engine import Analysis, owner
+from .structured import AttentionGroup
+
+
+@dataclass
+class Segment:
+    """Where one space sits in a tensor axis: ``positions[i, r]`` holds occurrence r of space index
+    ``index[i]``; the transform there is the space's element through ``chain``."""
+    space: str
+    index: np.ndarray
+    positions: np.ndarray
+    chain: tuple
+
+
+@dataclass
+class ParamAction:
+    """How one space moves one parameter/buffer: along ``dim`` (None: the flattened tensor), ``role`` one of
+    ``out`` (t -> T t), ``in`` (w -> w T^-1), ``scale`` (a per-channel factor: w -> P diag(t/s) w), ``perm``."""
+    param: str
+    dim: int | None
+    role: str
+    space: str
+    segment: Segment
+    in_segment: Segment | None = None
+    groups: int = 1
+    length: int = 0
+
+
+def _ranges(positions: np.ndarray) -> str:
+    pos = np.sort(np.unique(positions))
+    parts, start = [], pos[0]
+    for i in range(1, len(pos) + 1):
+        if i == len(pos) or pos[i] != pos[i - 1] + 1:
+            parts.append(f"{start}:{pos[i - 1] + 1}")
+            if i < len(pos):
+                start = pos[i]
+    return ",".join(parts)
+
+
+class Resolver:
+    def __init__(self, an: Analysis):
+        self.an = an
+        n = len(an.parent)
+        found = [an.find(a) for a in range(n)]
+        self.root = np.array([r for r, _ in found], dtype=np.int64) if n else np.zeros(0, np.int64)
+        self.par = np.array([p for _, p in found], dtype=np.int64) if n else np.zeros(0, np.int64)
+
+    def classes(self, atoms: np.ndarray) -> np.ndarray:
+        out = atoms.copy()
+        m = atoms >= 0
+        out[m] = self.root[atoms[m]]
+        return out
+
+    def eff_chains(self, atoms: np.ndarray, chains: np.ndarray) -> np.ndarray:
+        """Chain ids including the dual parity of each atom."""
+        out = chains.copy()
+        m = atoms >= 0
+        odd = np.zeros(len(atoms), dtype=bool)
+        odd[m] = self.par[atoms[m]] == 1
+        for cid in np.unique(chains[odd]).tolist():
+            sel = odd & (chains == cid)
+            out[sel] = self.an.chain_id((DUAL,) + self.an.chains[cid])
+        return out
+
+    def run(self):
+        an = self.an
+        # distinct values (by atom array), in graph order
+        distinct, seen = [], set()
+        for lay in an.layouts:
+            if id(lay.atoms) not in seen:
+                seen.add(id(lay.atoms))
+                distinct.append(self.classes(lay.atoms))
+        class_pins: dict[int, list[str]] = defaultdict(list)
+        for atom, reasons in an.pins.items():
+            class_pins[int(self.root[atom])].extend(reasons)
+        output_classes = {int(self.root[a]) for a in an.output_atoms}
+
+        # signature of each class = the set of values holding it
+        first_value, first_pos, sig = {}, {}, defaultdict(list)
+        for i, cls in enumerate(distinct):
+            pos = np.flatnonzero(cls >= 0)
+            u, first = np.unique(cls[pos], return_index=True)
+            for c, p in zip(u.tolist(), pos[first].tolist()):
+                sig[c].append(i)
+                if c not in first_value:
+                    first_value[c], first_pos[c] = i, p
+        order = sorted(sig, key=lambda c: (first_value[c], first_pos[c]))
+        by_sig: dict[tuple, list[int]] = {}
+        for c in order:
+            by_sig.setdefault(tuple(sig[c]), []).append(c)
+        spaces = [dict(classes=cs, reasons=[r for c in cs for r in class_pins.get(c, [])],
+                       output=any(c in output_classes for c in cs), constraints=set(), sites=[], ties=0,
+                       group=None, name=None) for cs in by_sig.values()]
+        space_of = {c: s for s, sp in enumerate(spaces) for c in sp["classes"]}
+        index_of = {c: i for sp in spaces for i, c in enumerate(sp["classes"])}
+        self.spaces, self.space_of, self.index_of = spaces, space_of, index_of
+
+        def pairs(atoms, chains):
+            cls = self.classes(atoms)
+            m = cls >= 0
+            eff = self.eff_chains(atoms, chains)
+            return {(space_of[c], int(e)) for c, e in zip(cls[m].tolist(), eff[m].tolist())}
+
+        for lay in an.layouts:
+            seen_space: dict[int, int] = {}
+            for s, e in pairs(lay.atoms, lay.chains):
+                if s in seen_space and seen_space[s] != e:
+                    spaces[s]["reasons"].append("its channels carry different transforms in one value")
+                seen_space[s] = e
+        for kind, (atoms, chains), extra in an.constraints:
+            for s, e in pairs(atoms, chains):
+                spaces[s]["constraints"].add(kind(chain=an.chains[e], **extra))
+        for a, ca, b, cb in an.adds:
+            cla, clb = self.classes(a), self.classes(b)
+            both = (cla >= 0) & (clb >= 0)
+            ea, eb = self.eff_chains(a, ca), self.eff_chains(b, cb)
+            for c, x, y in set(zip(cla[both].tolist(), ea[both].tolist(), eb[both].tolist())):
+                s = space_of[c]
+                spaces[s]["ties"] += 1
+                if x != y:
+                    spaces[s]["constraints"].add(Equal(an.chains[x], an.chains[y]))
+        for name, lay in an.sites:
+            cls = self.classes(lay.atoms)
+            for s in dict.fromkeys(space_of[c] for c in cls[cls >= 0].tolist()):
+                spaces[s]["sites"].append(name)
+        self._attention()
+        return self
+
+    def _attention(self):
+        """Merge the query/key space and the value space of each attention call into one attention space."""
+        an, spaces = self.an, self.spaces
+        for rec in an.attention:
+            kv = rec.kv_heads
+            H, dk = rec.q.shape
+            dv = rec.v.shape[1]
+            rep = H // kv if kv and H % kv == 0 else 0
+            qk_cls = self.classes(rec.k.reshape(-1)).reshape(H, dk)
+            v_cls = self.classes(rec.v.reshape(-1)).reshape(H, dv)
+            reason = None
+            if not rep or (qk_cls < 0).any() or (v_cls < 0).any():
+                reason = "attention with untransformed or unexpected queries, keys or values"
+            else:
+                qk_rows, v_rows = qk_cls[::rep], v_cls[::rep]
+                sq = {self.space_of[c] for c in qk_rows.reshape(-1).tolist()}
+                sv = {self.space_of[c] for c in v_rows.reshape(-1).tolist()}
+                if len(sq) != 1 or len(sv) != 1 or sq == sv:
+                    reason = "attention whose queries/keys or values share channels with other values"
+            if reason is None:
+                s_qk, s_v = sq.pop(), sv.pop()
+                A, B = spaces[s_qk], spaces[s_v]
+                if len(A["classes"]) != kv * dk or len(B["classes"]) != kv * dv \
+                        or len(set(qk_rows.reshape(-1).tolist())) != kv * dk \
+                        or len(set(v_rows.reshape(-1).tolist())) != kv * dv:
+                    reason = "attention heads that are not separate channels"
+            if reason is not None:
+                for c in np.unique(np.concatenate([self.classes(t.reshape(-1)) for t in (rec.q, rec.k, rec.v)])):
+                    if c >= 0:
+                        spaces[self.space_of[int(c)]]["reasons"].append(reason)
+                continue
+            qk_free = not A["reasons"] and not A["output"] and all(
+                holds("general_linear", c, an.groups) for c in A["constraints"])
+            if B["reasons"] or B["output"] or not all(holds("general_linear", c, an.groups)
+                                                      for c in B["constraints"]):
+                B["reasons"].append("the attention output is read by an operation that needs a smaller group")
+                if qk_free:
+                    A["reasons"].append("the values of this attention block are pinned")
+                continue
+            name = owner_name(an, rec)
+            if qk_free:
+                group = AttentionGroup(kv, dk, dv, name=name)
+                classes = [int(c) for c in qk_rows.reshape(-1)] + [int(c) for c in v_rows.reshape(-1)]
+                A["classes"] = []
+            else:  # queries/keys pinned (e.g. rotary embeddings): per-head maps of the values only
+                group = AttentionGroup(kv, 0, dv, qk="identity", permute_heads=False, name=name)
+                classes = [int(c) for c in v_rows.reshape(-1)]
+            B["classes"] = []
+            spaces.append(dict(classes=classes, reasons=[], output=False, constraints=set(),
+                               sites=A["sites"] + B["sites"], ties=A["ties"] + B["ties"], group=group, name=name))
+            sid = len(spaces) - 1
+            for i, c in enumerate(classes):
+                self.space_of[c] = sid
+                self.index_of[c] = i
+
+    # -- output ---------------------------------------------------------------------------------------------
+    def segments(self, atoms: np.ndarray, chains: np.ndarray, active: dict[int, str]) -> list[Segment] | str:
+        cls = self.classes(atoms)
+        eff = self.eff_chains(atoms, chains)
+        out = []
+        m = np.flatnonzero(cls >= 0)
+        by_space: dict[int, list[int]] = defaultdict(list)
+        for p in m.tolist():
+            by_space[self.space_of[int(cls[p])]].append(p)
+        for s, ps in by_space.items():
+            if s not in active:
+                continue
+            ps = np.array(ps)
+            idx = np.array([self.index_of[int(c)] for c in cls[ps]])
+            uniq, counts = np.unique(idx, return_counts=True)
+            if len(set(counts.tolist())) != 1:
+                return f"space {active[s]} occurs unevenly in one tensor axis"
+            r = int(counts[0])
+            order = np.lexsort((ps, idx))
+            positions = ps[order].reshape(len(uniq), r)
+            chain_ids = np.unique(eff[ps])
+            if len(chain_ids) != 1:
+                return f"space {active[s]} carries different transforms in one tensor axis"
+            out.append(Segment(active[s], uniq, positions, self.an.chains[int(chain_ids[0])]))
+        return out
+
+
+def owner_name(an: Analysis, rec) -> str:
+    node = next(n for n in an.cap.graph.nodes if n.name == rec.node)
+    path, _ = owner(node)
+    return f"{path or 'model'}.attention" if not path.endswith("attention") else path
+
+
+def choose(sp: dict, groups: dict):
+    if sp.get("group") is not None:
+        return sp["group"]
+    return choose_group(len(sp["classes"]), sp["constraints"], groups)
