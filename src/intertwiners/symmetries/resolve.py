@@ -121,7 +121,7 @@ class Resolver:
             seen_space: dict[int, int] = {}
             for s, e in pairs(lay.atoms, lay.chains):
                 if s in seen_space and seen_space[s] != e:
-                    spaces[s]["reasons"].append("its channels carry different transforms in one value")
+                    spaces[s]["multi"] = True
                 seen_space[s] = e
         for kind, (atoms, chains), extra in an.constraints:
             for s, e in pairs(atoms, chains):
@@ -130,8 +130,8 @@ class Resolver:
             cla, clb = self.classes(a), self.classes(b)
             both = (cla >= 0) & (clb >= 0)
             ea, eb = self.eff_chains(a, ca), self.eff_chains(b, cb)
-            for c, x, y in set(zip(cla[both].tolist(), ea[both].tolist(), eb[both].tolist())):
-                s = space_of[c]
+            for s, x, y in {(space_of[c], x, y) for c, x, y in zip(cla[both].tolist(), ea[both].tolist(),
+                                                                   eb[both].tolist())}:
                 spaces[s]["ties"] += 1
                 if x != y:
                     spaces[s]["constraints"].add(Equal(an.chains[x], an.chains[y]))
@@ -147,29 +147,35 @@ class Resolver:
         an, spaces = self.an, self.spaces
         for rec in an.attention:
             kv = rec.kv_heads
-            H, dk = rec.q.shape
+            H, dk = rec.q.shape if rec.q is not None else (rec.v.shape[0], 0)
             dv = rec.v.shape[1]
             rep = H // kv if kv and H % kv == 0 else 0
-            qk_cls = self.classes(rec.k.reshape(-1)).reshape(H, dk)
+            qk_cls = self.classes(rec.k.reshape(-1)).reshape(H, dk) if rec.k is not None else None
             v_cls = self.classes(rec.v.reshape(-1)).reshape(H, dv)
+            if qk_cls is None:  # untransformed queries/keys: per-head maps of the values only
+                qk_cls = np.zeros((H, 0), np.int64)
+                dk = 0
             reason = None
             if not rep or (qk_cls < 0).any() or (v_cls < 0).any():
                 reason = "attention with untransformed or unexpected queries, keys or values"
             else:
                 qk_rows, v_rows = qk_cls[::rep], v_cls[::rep]
-                sq = {self.space_of[c] for c in qk_rows.reshape(-1).tolist()}
+                sq = {self.space_of[c] for c in qk_rows.reshape(-1).tolist()} or {-1}
                 sv = {self.space_of[c] for c in v_rows.reshape(-1).tolist()}
                 if len(sq) != 1 or len(sv) != 1 or sq == sv:
                     reason = "attention whose queries/keys or values share channels with other values"
             if reason is None:
                 s_qk, s_v = sq.pop(), sv.pop()
-                A, B = spaces[s_qk], spaces[s_v]
+                A = spaces[s_qk] if s_qk >= 0 else dict(classes=[], reasons=["no queries/keys"], output=False,
+                                                        constraints=set(), sites=[], ties=0)
+                B = spaces[s_v]
                 if len(A["classes"]) != kv * dk or len(B["classes"]) != kv * dv \
                         or len(set(qk_rows.reshape(-1).tolist())) != kv * dk \
                         or len(set(v_rows.reshape(-1).tolist())) != kv * dv:
                     reason = "attention heads that are not separate channels"
             if reason is not None:
-                for c in np.unique(np.concatenate([self.classes(t.reshape(-1)) for t in (rec.q, rec.k, rec.v)])):
+                for c in np.unique(np.concatenate([self.classes(t.reshape(-1)) for t in (rec.q, rec.k, rec.v)
+                                                   if t is not None])):
                     if c >= 0:
                         spaces[self.space_of[int(c)]]["reasons"].append(reason)
                 continue
@@ -211,16 +217,16 @@ class Resolver:
                 continue
             ps = np.array(ps)
             idx = np.array([self.index_of[int(c)] for c in cls[ps]])
-            uniq, counts = np.unique(idx, return_counts=True)
-            if len(set(counts.tolist())) != 1:
-                return f"space {active[s]} occurs unevenly in one tensor axis"
-            r = int(counts[0])
-            order = np.lexsort((ps, idx))
-            positions = ps[order].reshape(len(uniq), r)
             chain_ids = np.unique(eff[ps])
-            if len(chain_ids) != 1:
-                return f"space {active[s]} carries different transforms in one tensor axis"
-            out.append(Segment(active[s], uniq, positions, self.an.chains[int(chain_ids[0])]))
+            for cid in chain_ids.tolist():
+                sel = eff[ps] == cid
+                sub_idx = idx[sel]
+                u2, c2 = np.unique(sub_idx, return_counts=True)
+                if len(set(c2.tolist())) != 1:
+                    return f"space {active[s]} occurs unevenly in one tensor axis"
+                o2 = np.lexsort((ps[sel], sub_idx))
+                out.append(Segment(active[s], u2, ps[sel][o2].reshape(len(u2), int(c2[0])),
+                                   self.an.chains[int(cid)]))
         return out
 
 

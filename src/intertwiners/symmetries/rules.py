@@ -687,6 +687,16 @@ def attention(an, node):
     together. Keys are tied to queries with a dual transform; the output carries the values' transform."""
     q, k, v = (an.value(a) for a in node.args[:3])
     mask = an.value(_arg(node, 3, "attn_mask"))
+    if _is_hidden(v) and not _is_hidden(mask) and q is None and k is None:
+        got = L.atoms_along(v, [v.ndim - 3, v.ndim - 1])
+        if got is None:
+            return an.unknown(node, f"{an.describe(node)}: channels outside the head and head-width axes")
+        va = got[0]
+        H = (shape_of(node) or v.shape)[-3]
+        if va.shape[0] != H:
+            va = np.repeat(va, H // va.shape[0], 0)
+        an.attention.append(AttentionRecord(node.name, None, None, va, len({tuple(r) for r in va.tolist()})))
+        return an.keep(L.with_non_feature_size(v, v.ndim - 2, shape_of(node)[-2]))
     if _is_hidden(mask) or not all(_is_hidden(t) for t in (q, k, v)):
         return an.unknown(node, f"{an.describe(node)}: queries, keys and values must all be hidden values "
                                 "(and the mask untransformed)")
@@ -703,8 +713,9 @@ def attention(an, node):
         ka, kc, va, vc = (np.repeat(t, rep, 0) for t in (ka, kc, va, vc))
     if ka.shape != qa.shape or va.shape[0] != H:
         return an.unknown(node, f"{an.describe(node)}: unexpected head shapes")
+    if not np.array_equal(qc, kc):
+        return an.unknown(node, f"{an.describe(node)}: queries and keys carry different transforms")
     an.union_arrays(qa.reshape(-1), ka.reshape(-1), 1, f"{an.describe(node)}")
-    an.adds.append((qa.reshape(-1), qc.reshape(-1), ka.reshape(-1), kc.reshape(-1)))  # chains must agree
     kv_heads = len({tuple(r) for r in va.tolist()})
     an.attention.append(AttentionRecord(node.name, qa, ka, va, kv_heads))
     shape = shape_of(node)

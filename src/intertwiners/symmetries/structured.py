@@ -104,7 +104,10 @@ class AttentionGroup:
         mask = torch.zeros_like(A, dtype=torch.bool)
         perm = []
         for g in range(h):
-            col = A[:h * dk, g * dk:(g + 1) * dk].reshape(h, dk, dk).abs().sum((1, 2))
+            if dk:
+                col = A[:h * dk, g * dk:(g + 1) * dk].reshape(h, dk, dk).abs().sum((1, 2))
+            else:
+                col = A[h * dk:, h * dk + g * dv:h * dk + (g + 1) * dv].reshape(h, dv, dv).abs().sum((1, 2))
             t = int(col.argmax())
             perm.append(t)
             mask[t * dk:(t + 1) * dk, g * dk:(g + 1) * dk] = True
@@ -118,7 +121,7 @@ class AttentionGroup:
                 if kind == "scalar" and not torch.allclose(block, block[0, 0] * torch.eye(d, dtype=A.dtype),
                                                            atol=atol):
                     return False
-                if torch.linalg.svdvals(block).min() <= atol:
+                if d and torch.linalg.svdvals(block).min() <= atol:
                     return False
         if sorted(perm) != list(range(h)) or (not self.permute_heads and perm != list(range(h))):
             return False
