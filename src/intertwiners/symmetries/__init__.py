@@ -14,5 +14,6 @@ from .spec import Space, SymmetrySpec, symmetry_spec
 from .structured import AttentionGroup
 from .verify import VerifyReport, compare, verify_symmetry
 
-__all__ = ["AttentionGroup", "ParamAction", "Segment", "Space", "SymmetrySpec", "VerifyReport", "apply_symmetry", "compare", "dense_symmetry",
+__all__ = ["AttentionGroup", "ParamAction", "Segment",
+           "Space", "SymmetrySpec", "VerifyReport", "apply_symmetry", "compare", "dense_symmetry",
            "random_symmetry", "symmetry_spec", "verify_symmetry"]
