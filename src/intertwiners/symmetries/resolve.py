@@ -164,6 +164,10 @@ class Resolver:
                 sv = {self.space_of[c] for c in v_rows.reshape(-1).tolist()}
                 if len(sq) != 1 or len(sv) != 1 or sq == sv:
                     reason = "attention whose queries/keys or values share channels with other values"
+            coarse = reason is None and dk > 0 and bool((qk_rows == qk_rows[:, :1]).all()) \
+                and len(set(qk_rows[:, 0].tolist())) == kv
+            if coarse:  # queries/keys tied within each head (rotary embeddings): one scalar per head
+                qk_rows, dk = qk_rows[:, :1], 1
             if reason is None:
                 s_qk, s_v = sq.pop(), sv.pop()
                 A = spaces[s_qk] if s_qk >= 0 else dict(classes=[], reasons=["no queries/keys"], output=False,

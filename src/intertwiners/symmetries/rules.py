@@ -650,7 +650,37 @@ def mul(an, node):
         return an.keep(out)
     if other is None and _constant_along_channels(an, other_node, x, shape):
         return an.keep(out)  # a per-token/per-pixel factor (RMSNorm's 1/rms) commutes with any linear map
+    if other is None and not div:
+        coarse = coarsen(an, x, other_node, shape)
+        if coarse is not None:
+            return an.keep(coarse if coarse.shape == tuple(shape) else _broadcast(coarse, shape))
     return an.unknown(node, f"{an.describe(node)} multiplies by a tensor that varies across channels")
+
+
+def coarsen(an, x: Layout, other_node, shape) -> Layout | None:
+    """x * c with c untransformed and varying along some channel axes V (rotary embeddings: cos/sin vary along
+    the head width, not across heads): the transform must act alike at every V coordinate. Tie the channels
+    that differ only in their V coordinates (then a space element acts per remaining coordinate, e.g. one
+    scalar per head, and commutes with c)."""
+    s = shape_of(other_node)
+    if s is None:
+        return None
+    s = (1,) * (len(shape) - len(s)) + tuple(s)
+    varying = set()
+    for d in x.feature_dims():
+        if s[d] > 1:
+            facs = [f for _, f in x.dims[d]]
+            if len(facs) != 1:
+                return None
+            varying.add(facs[0])
+    if not varying or len(varying) == len(x.fsizes):
+        return None
+    A = x.atoms.reshape(x.fsizes)
+    idx = tuple(slice(0, 1) if f in varying else slice(None) for f in range(len(x.fsizes)))
+    base = np.broadcast_to(A[idx], A.shape)
+    an.union_arrays(A.reshape(-1), base.reshape(-1), 0, f"{an.describe(other_node)} (channels tied by a factor "
+                                                        "that varies along them)")
+    return x
 
 
 def gate(an, node, a: Layout, b: Layout, shape):
@@ -884,10 +914,12 @@ def region_rule(an: Analysis, node: fx.Node):
     if isinstance(group, str):
         an.pin(x, f"activation {an.describe(node)}: {group}")
         return None
+    out_shape = shape_of(node)
+    if group.kind == "general_linear":  # sigma(x) = a·x commutes with every linear map: nothing changes
+        return x if x.shape == tuple(out_shape) else an.keep(_broadcast(x, out_shape))
     an.constrain(Activation, x.atoms, x.chains, key=key)
     zero_stays = group.sigma0 is not None and group.sigma0 == 0.0
     atoms = x.atoms if zero_stays else np.where(x.atoms == ZERO, FIXED, x.atoms)
-    out_shape = shape_of(node)
     base = x if x.shape == tuple(out_shape) else _broadcast(x, out_shape)
     return an.keep(base.derive(atoms=atoms, chains=an.extend_chains(x.chains, key)))
 
