@@ -164,3 +164,23 @@ def test_nan_model_fails_verification():
         model[0].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         verify_symmetry(model, torch.randn(5, 3, dtype=torch.float64))
+
+
+def test_nan_outputs_give_nan_errors():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    x[0, 0] = float("inf")
+    errs = compare(model, copy.deepcopy(model), x, ("eval",))
+    assert all(e != e for e in errs["eval"])  # NaN, never 0
+
+
+def test_actions_name_parameters_dims_and_roles():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()
+    spec = symmetry_spec(model, torch.randn(6, 3, dtype=torch.float64))
+    (name,) = spec.spaces
+    got = {(a.param, a.dim, a.role) for a in spec.actions(name)}
+    assert {("0.weight", 0, "out"), ("0.bias", 0, "out"), ("1.weight", 0, "scale"), ("1.running_mean", 0, "out"),
+            ("1.running_var", 0, "perm"), ("3.weight", 1, "in")} <= got
+    assert spec.spaces[name].sites == ["2"]
+    with pytest.raises(ValueError, match="unknown space"):
+        spec.actions("nope")

@@ -937,7 +937,7 @@ def _group_for(an: Analysis, reg):
         key_name, group = _GROUP_CACHE[sig]
     else:
         try:
-            group = G.intertwiner_group(named) if named else G.intertwiner_group(_region_callable(reg))
+            group = G.intertwiner_group(named) if named else _exact_or_derived(reg)
         except Exception as err:
             group = f"no intertwiner group: {err}"
         key_name = named or _readable(reg)
@@ -950,6 +950,19 @@ def _group_for(an: Analysis, reg):
         an.groups[key] = group
     cache[sig] = (key, group)
     return key, group
+
+
+def _exact_or_derived(reg):
+    """One built-in activation call: its module's exact rule (groups.functional_group) when available;
+    otherwise (or for a chain of operations) the group derived from the region as a callable."""
+    ms = reg["members"]
+    exact = getattr(G, "functional_group", None)
+    if exact is not None and len(ms) == 1 and _packet(ms[0]) in _NAMES:
+        try:
+            return exact(_NAMES[_packet(ms[0])], *ms[0].args[1:], **ms[0].kwargs)
+        except ValueError:
+            pass
+    return G.intertwiner_group(_region_callable(reg))
 
 
 def _readable(reg) -> str:
