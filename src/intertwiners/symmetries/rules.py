@@ -72,7 +72,8 @@ def non_tensor(an, node):
 
 
 @rule(aten.alias, aten.clone, aten.contiguous, aten.detach, aten.detach_, aten.lift_fresh_copy, aten.to,
-      aten._to_copy, aten.type_as, aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.native_dropout)
+      aten._to_copy, aten.type_as, aten.dropout, aten.dropout_, aten.feature_dropout,
+      aten.feature_dropout_, aten.alpha_dropout, aten.native_dropout)
 def passthrough(an, node):
     """Identity on values (copies, dtype changes; dropout, which is off in the captured eval-mode graph)."""
     x = an.value(node.args[0])
@@ -133,6 +134,11 @@ def linear(an, node):
     if not isinstance(w, ParamRef) or len(w.shape) != 2:
         return an.unknown(node, f"{an.describe(node)} with a weight that is not a parameter")
     ndim = len(shape_of(node))
+    if _is_hidden(x) and (x.ndim - 1) not in x.feature_dims():
+        # token mixing (MLP-Mixer): the same map for every channel; its bias is the same for every channel
+        if b is not None:
+            an.constrain(ConstantAdd, x.atoms, x.chains)
+        return an.keep(L.with_non_feature_size(x, x.ndim - 1, shape_of(node)[-1]))
     return _producer(an, node, x, w, b, ndim - 1, 0, 1, (x.ndim - 1) if _is_hidden(x) else None)
 
 
@@ -340,6 +346,8 @@ def transpose(an, node):
 @rule(aten.expand, aten.expand_as, aten.repeat_interleave)
 def expand(an, node):
     x = an.value(node.args[0])
+    if isinstance(x, ParamRef):
+        return x  # broadcasting: the parameter keeps its own shape
     if not _is_hidden(x):
         return None
     shape = shape_of(node)
@@ -438,9 +446,15 @@ def cat(an, node):
     parts = [(a, v) for a, v in parts if _is_hidden(v) or (shape_of(a) and int(np.prod(shape_of(a))) > 0)]
     ref = hidden[0]
     if dim not in ref.feature_dims():
-        if len(parts) != len(hidden) or any(not L.same_structure(ref, v) or not np.array_equal(ref.atoms, v.atoms)
-                                             for v in hidden):
-            return an.unknown(node, f"{an.describe(node)} concatenates values with different channels")
+        for a, v in parts:
+            if isinstance(v, ParamRef):  # a class token: moves with the channels it is concatenated to
+                part_shape = shape_of(a)
+                got = param_atoms(L.with_non_feature_size(ref, dim, part_shape[dim]), v, part_shape)
+                if got is None:
+                    return an.unknown(node, f"{an.describe(node)} concatenates a parameter that is not per-channel")
+                an.bind(Binding(v.name, None, "out", got[0], got[1]))
+            elif not _is_hidden(v) or not L.same_structure(ref, v) or not np.array_equal(ref.atoms, v.atoms):
+                return an.unknown(node, f"{an.describe(node)} concatenates values with different channels")
         return an.keep(L.with_non_feature_size(ref, dim, shape[dim]))
     # along a channel axis: the axis must be one feature factor in every part
     atoms, chains = [], []
@@ -558,6 +572,28 @@ def reduce(an, node):
 # Arithmetic outside activations: residual additions, products with per-channel tensors, gating
 # ---------------------------------------------------------------------------------------------------------
 
+def param_atoms(x: Layout, p: ParamRef, out_shape) -> tuple[np.ndarray, np.ndarray] | None:
+    """(atoms, chains) of every element of parameter ``p`` (in its flat order) when it is broadcast against x
+    and varies along all of x's channel axes at full size (it may also vary along other axes, e.g. a
+    position embedding (1, tokens, C)); None otherwise."""
+    pshape = (1,) * (len(out_shape) - len(p.shape)) + tuple(p.shape)
+    if len(pshape) != x.ndim:
+        return None
+    fdims = x.feature_dims()
+    if any(pshape[d] != x.shape[d] for d in fdims):
+        return None
+    idx = L.feature_index(x, fdims)
+    if idx is None:
+        return None
+    view = [1] * x.ndim
+    for d in fdims:
+        view[d] = x.shape[d]
+    full = np.broadcast_to(idx.reshape(view), pshape).reshape(-1)
+    if int(np.prod(p.shape)) != len(full):
+        return None
+    return x.atoms[full], x.chains[full]
+
+
 def _broadcast_param(x: Layout, p: ParamRef, out_shape) -> list[int] | None:
     """The tensor dims along which parameter ``p`` (broadcast to the output) varies, if they are exactly
     the dims that hold x's channels."""
@@ -595,11 +631,10 @@ def add(an, node):
     if not _is_hidden(x):
         return None
     if isinstance(other, ParamRef):
-        varying = _broadcast_param(x, other, shape)
-        if varying is None or node.target.overloadpacket is aten.rsub:
+        got = param_atoms(x, other, shape)
+        if got is None or node.target.overloadpacket is aten.rsub:
             return an.unknown(node, f"{an.describe(node)} adds a parameter that is not per-channel")
-        got = L.atoms_along(x, varying)
-        an.bind(Binding(other.name, None, "out", got[0].reshape(-1), got[1].reshape(-1)))
+        an.bind(Binding(other.name, None, "out", got[0], got[1]))
         return an.keep(x.derive(atoms=np.where(x.atoms == ZERO, FIXED, x.atoms)))
     if isinstance(other, int | float):
         if other != 0:
@@ -640,13 +675,11 @@ def mul(an, node):
     if isinstance(other, int | float):
         return x if other != 0 else an.unknown(node, "multiplication by zero")
     if isinstance(other, ParamRef):
-        varying = _broadcast_param(x, other, shape)
-        if varying is None or div:
+        got = param_atoms(x, other, shape)
+        if got is None or div:
             return an.unknown(node, f"{an.describe(node)} multiplies by a parameter that is not per-channel")
-        got = L.atoms_along(x, varying)
         an.constrain(Monomial, x.atoms, x.chains)
-        an.bind(Binding(other.name, None, "scale", got[0].reshape(-1), got[1].reshape(-1), got[0].reshape(-1),
-                        got[1].reshape(-1)))
+        an.bind(Binding(other.name, None, "scale", got[0], got[1], got[0], got[1]))
         return an.keep(out)
     if other is None and _constant_along_channels(an, other_node, x, shape):
         return an.keep(out)  # a per-token/per-pixel factor (RMSNorm's 1/rms) commutes with any linear map

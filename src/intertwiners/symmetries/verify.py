@@ -218,8 +218,8 @@ def safety_check(model: nn.Module, args: tuple, spec: SymmetrySpec, generator: t
         el = random_symmetry(spec, gen, monomial=True)
         try:
             new = apply_symmetry(work, {k: el[k] for k in names}, spec)
-        except ValueError as err:
-            return str(err)
+        except Exception as err:  # noqa: BLE001 - any failure to apply pins the space
+            return f"{type(err).__name__}: {err}"
         errs = compare(work, new, args, modes)
         bad = {m: e[1] for m, e in errs.items() if not e[1] <= rtol}
         if not bad:
