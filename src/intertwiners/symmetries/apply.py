@@ -163,6 +163,14 @@ def _act(t: torch.Tensor, a: ParamAction, el, groups) -> torch.Tensor:
         moved = w[block].movedim(1, 0)
         w[block] = _rows(moved, seg, el, groups, ci, True).movedim(0, 1)
         return w.reshape(t.shape)
+    if el[0] != "dense" and a.role in ("out", "in") and a.dim is not None:
+        # monomial: one gather along the parameter's own axis (no transposed copy)
+        src, mult = _gather(a.segment, el, groups, a.length)
+        if a.role == "in":
+            mult = 1.0 / mult
+        shape = [1] * t.ndim
+        shape[a.dim] = -1
+        return t.index_select(a.dim, src.to(t.device)) * mult.to(t.device, t.dtype).view(shape)
     moved, back = _move(t, a.dim)
     if a.role == "out":
         return back(_rows(moved, a.segment, el, groups, a.length, False))

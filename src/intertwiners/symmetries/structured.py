@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..groups import _random_orthogonal
-
 _INNER = ("general_linear", "scalar", "identity")
 
 
@@ -69,16 +67,21 @@ class AttentionGroup:
     def allows_scale(self, scale, atol: float = 1e-6) -> bool:  # pragma: no cover - never monomial
         return False
 
-    def _block(self, kind: str, d: int, generator, dtype) -> torch.Tensor:
-        if kind == "identity":
-            return torch.eye(d, dtype=torch.float64)
+    def _blocks(self, kind: str, d: int, generator) -> torch.Tensor:
+        """(heads, d, d) random blocks: Q·diag(s) with Q Haar orthogonal (one batched QR) and
+        s = exp(u), u ~ U(-1/2, 1/2) (condition number at most e); c·I for scalars; I."""
+        h = self.heads
+        if kind == "identity" or d == 0:
+            return torch.eye(d, dtype=torch.float64).expand(h, d, d)
         if kind == "scalar":
-            c = torch.exp(torch.randn(1, generator=generator, dtype=torch.float64) * 0.5)
-            sign = -1.0 if float(torch.rand(1, generator=generator)) < 0.5 else 1.0
-            return sign * c * torch.eye(d, dtype=torch.float64)
-        u, v = _random_orthogonal(d, generator), _random_orthogonal(d, generator)
-        s = torch.exp(torch.rand(d, generator=generator, dtype=torch.float64) - 0.5)
-        return u @ torch.diag(s) @ v
+            c = torch.exp(torch.randn(h, generator=generator, dtype=torch.float64) * 0.5)
+            sign = torch.where(torch.rand(h, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
+            return (sign * c)[:, None, None] * torch.eye(d, dtype=torch.float64)
+        q, r = torch.linalg.qr(torch.randn(h, d, d, generator=generator, dtype=torch.float64))
+        diag = torch.diagonal(r, dim1=-2, dim2=-1)
+        q = q * torch.where(diag < 0, -1.0, 1.0)[:, None, :]
+        s = torch.exp(torch.rand(h, d, generator=generator, dtype=torch.float64) - 0.5)
+        return q * s[:, None, :]
 
     def sample(self, n: int | None = None, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -87,12 +90,13 @@ class AttentionGroup:
             self.check_size(n)
         h, dk, dv = self.heads, self.dk, self.dv
         perm = torch.randperm(h, generator=generator) if self.permute_heads else torch.arange(h)
+        A, B = self._blocks(self.qk, dk, generator), self._blocks(self.vo, dv, generator)
         M = torch.zeros(self.size, self.size, dtype=torch.float64)
+        o = h * dk
         for g in range(h):
             t = int(perm[g])
-            M[t * dk:(t + 1) * dk, g * dk:(g + 1) * dk] = self._block(self.qk, dk, generator, dtype)
-            o = h * dk
-            M[o + t * dv:o + (t + 1) * dv, o + g * dv:o + (g + 1) * dv] = self._block(self.vo, dv, generator, dtype)
+            M[t * dk:(t + 1) * dk, g * dk:(g + 1) * dk] = A[g]
+            M[o + t * dv:o + (t + 1) * dv, o + g * dv:o + (g + 1) * dv] = B[g]
         return M.to(dtype)
 
     def contains(self, A, atol: float = 1e-6) -> bool:
@@ -101,28 +105,33 @@ class AttentionGroup:
         if A.shape != (self.size, self.size) or not torch.isfinite(A).all():
             return False
         h, dk, dv = self.heads, self.dk, self.dv
+        o = h * dk
         mask = torch.zeros_like(A, dtype=torch.bool)
-        perm = []
+        perm, qk, vo = [], [], []
         for g in range(h):
             if dk:
-                col = A[:h * dk, g * dk:(g + 1) * dk].reshape(h, dk, dk).abs().sum((1, 2))
+                col = A[:o, g * dk:(g + 1) * dk].reshape(h, dk, dk).abs().sum((1, 2))
             else:
-                col = A[h * dk:, h * dk + g * dv:h * dk + (g + 1) * dv].reshape(h, dv, dv).abs().sum((1, 2))
+                col = A[o:, o + g * dv:o + (g + 1) * dv].reshape(h, dv, dv).abs().sum((1, 2))
             t = int(col.argmax())
             perm.append(t)
             mask[t * dk:(t + 1) * dk, g * dk:(g + 1) * dk] = True
-            o = h * dk
             mask[o + t * dv:o + (t + 1) * dv, o + g * dv:o + (g + 1) * dv] = True
-            for kind, block in ((self.qk, A[t * dk:(t + 1) * dk, g * dk:(g + 1) * dk]),
-                                (self.vo, A[o + t * dv:o + (t + 1) * dv, o + g * dv:o + (g + 1) * dv])):
-                d = block.shape[0]
-                if kind == "identity" and not torch.allclose(block, torch.eye(d, dtype=A.dtype), atol=atol):
-                    return False
-                if kind == "scalar" and not torch.allclose(block, block[0, 0] * torch.eye(d, dtype=A.dtype),
-                                                           atol=atol):
-                    return False
-                if d and torch.linalg.svdvals(block).min() <= atol:
-                    return False
+            qk.append(A[t * dk:(t + 1) * dk, g * dk:(g + 1) * dk])
+            vo.append(A[o + t * dv:o + (t + 1) * dv, o + g * dv:o + (g + 1) * dv])
         if sorted(perm) != list(range(h)) or (not self.permute_heads and perm != list(range(h))):
             return False
-        return bool((A[~mask].abs() <= atol).all())
+        if not bool((A[~mask].abs() <= atol).all()):
+            return False
+        for kind, blocks, d in ((self.qk, qk, dk), (self.vo, vo, dv)):
+            if not d:
+                continue
+            X = torch.stack(blocks)
+            eye = torch.eye(d, dtype=A.dtype)
+            if kind == "identity" and not torch.allclose(X, eye.expand_as(X), atol=atol):
+                return False
+            if kind == "scalar" and not torch.allclose(X, X[:, :1, :1] * eye, atol=atol):
+                return False
+            if torch.linalg.svdvals(X).min() <= atol:
+                return False
+        return True
