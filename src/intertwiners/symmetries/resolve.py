@@ -91,19 +91,30 @@ class Resolver:
             class_pins[int(self.root[atom])].extend(reasons)
         output_classes = {int(self.root[a]) for a in an.output_atoms}
 
-        # signature of each class = the set of values holding it
-        first_value, first_pos, sig = {}, {}, defaultdict(list)
+        # signature of each class = the set of values holding it (hashed: a sum of random 64-bit labels)
+        cs, ls, ps = [], [], []
         for i, cls in enumerate(distinct):
             pos = np.flatnonzero(cls >= 0)
-            u, first = np.unique(cls[pos], return_index=True)
-            for c, p in zip(u.tolist(), pos[first].tolist()):
-                sig[c].append(i)
-                if c not in first_value:
-                    first_value[c], first_pos[c] = i, p
-        order = sorted(sig, key=lambda c: (first_value[c], first_pos[c]))
+            cs.append(cls[pos])
+            ls.append(np.full(len(pos), i, dtype=np.int64))
+            ps.append(pos)
+        all_c = np.concatenate(cs) if cs else np.zeros(0, np.int64)
+        all_l = np.concatenate(ls) if ls else np.zeros(0, np.int64)
+        all_p = np.concatenate(ps) if ps else np.zeros(0, np.int64)
+        order = np.lexsort((all_p, all_l, all_c))
+        all_c, all_l, all_p = all_c[order], all_l[order], all_p[order]
+        keep = np.ones(len(all_c), dtype=bool)
+        keep[1:] = (all_c[1:] != all_c[:-1]) | (all_l[1:] != all_l[:-1])  # one entry per (class, value)
+        all_c, all_l, all_p = all_c[keep], all_l[keep], all_p[keep]
+        starts = np.flatnonzero(np.concatenate([[True], all_c[1:] != all_c[:-1]])) if len(all_c) else all_c
+        labels = np.random.default_rng(0).integers(1, 2**63 - 1, size=max(len(distinct), 1)).astype(np.uint64)
+        with np.errstate(over="ignore"):
+            sig_hash = np.add.reduceat(labels[all_l], starts) if len(starts) else np.zeros(0, np.uint64)
+        counts = np.diff(np.concatenate([starts, [len(all_c)]]))
+        cls_ids, first_l, first_p = all_c[starts], all_l[starts], all_p[starts]
         by_sig: dict[tuple, list[int]] = {}
-        for c in order:
-            by_sig.setdefault(tuple(sig[c]), []).append(c)
+        for k in np.lexsort((first_p, first_l)).tolist():
+            by_sig.setdefault((int(sig_hash[k]), int(counts[k]), int(first_l[k])), []).append(int(cls_ids[k]))
         spaces = [dict(classes=cs, reasons=[r for c in cs for r in class_pins.get(c, [])],
                        output=any(c in output_classes for c in cs), constraints=set(), sites=[], ties=0,
                        group=None, name=None) for cs in by_sig.values()]
@@ -111,11 +122,16 @@ class Resolver:
         index_of = {c: i for sp in spaces for i, c in enumerate(sp["classes"])}
         self.spaces, self.space_of, self.index_of = spaces, space_of, index_of
 
+        space_arr = np.full(len(self.root) + 1, -1, dtype=np.int64)
+        for c, sid in space_of.items():
+            space_arr[c] = sid
+
         def pairs(atoms, chains):
             cls = self.classes(atoms)
             m = cls >= 0
             eff = self.eff_chains(atoms, chains)
-            return {(space_of[c], int(e)) for c, e in zip(cls[m].tolist(), eff[m].tolist())}
+            codes = np.unique(space_arr[cls[m]] * (1 << 24) + eff[m])
+            return [(int(c >> 24), int(c & ((1 << 24) - 1))) for c in codes]
 
         for lay in an.layouts:
             seen_space: dict[int, int] = {}
@@ -130,8 +146,9 @@ class Resolver:
             cla, clb = self.classes(a), self.classes(b)
             both = (cla >= 0) & (clb >= 0)
             ea, eb = self.eff_chains(a, ca), self.eff_chains(b, cb)
-            for s, x, y in {(space_of[c], x, y) for c, x, y in zip(cla[both].tolist(), ea[both].tolist(),
-                                                                   eb[both].tolist())}:
+            triples = np.unique(np.stack([space_arr[cla[both]], ea[both], eb[both]], 1), axis=0) \
+                if both.any() else np.zeros((0, 3), np.int64)
+            for s, x, y in triples.tolist():
                 spaces[s]["ties"] += 1
                 if x != y:
                     spaces[s]["constraints"].add(Equal(an.chains[x], an.chains[y]))
@@ -140,6 +157,11 @@ class Resolver:
             for s in dict.fromkeys(space_of[c] for c in cls[cls >= 0].tolist()):
                 spaces[s]["sites"].append(name)
         self._attention()
+        self.space_arr = np.full(len(self.root) + 1, -1, dtype=np.int64)
+        self.index_arr = np.full(len(self.root) + 1, -1, dtype=np.int64)
+        for c, sid in self.space_of.items():
+            self.space_arr[c] = sid
+            self.index_arr[c] = self.index_of[c]
         return self
 
     def _attention(self):
@@ -213,14 +235,12 @@ class Resolver:
         eff = self.eff_chains(atoms, chains)
         out = []
         m = np.flatnonzero(cls >= 0)
-        by_space: dict[int, list[int]] = defaultdict(list)
-        for p in m.tolist():
-            by_space[self.space_of[int(cls[p])]].append(p)
-        for s, ps in by_space.items():
+        sp = self.space_arr[cls[m]]
+        for s in dict.fromkeys(sp.tolist()):
             if s not in active:
                 continue
-            ps = np.array(ps)
-            idx = np.array([self.index_of[int(c)] for c in cls[ps]])
+            ps = m[sp == s]
+            idx = self.index_arr[cls[ps]]
             chain_ids = np.unique(eff[ps])
             for cid in chain_ids.tolist():
                 sel = eff[ps] == cid
