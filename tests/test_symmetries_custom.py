@@ -180,7 +180,7 @@ def test_custom_networks_are_invariant(name):
     assert report.max_rel <= 1e-9, str(report)
     # float32 too
     model32 = copy.deepcopy(model).float()
-    report32 = verify_symmetry(model32, x.float(), generator=torch.Generator().manual_seed(2), trials=1,
+    report32 = verify_symmetry(model32, x.float(), spec=spec, generator=torch.Generator().manual_seed(2), trials=1,
                                per_space=False)
     assert report32.max_rel <= 1e-4, str(report32)
 
