@@ -41,7 +41,7 @@ def random_symmetry(spec: SymmetrySpec, generator: torch.Generator | None = None
 
 
 def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> dict:
-    """name -> ("mono" | "raw", perm, scale) or ("dense", A)."""
+    """name -> ("mono" | "raw", perm, scale) or ("dense", A, cache)."""
     if not isinstance(elements, dict):
         raise ValueError("elements must be a dict {space name: matrix or (perm, scale)}")
     out = {}
@@ -92,7 +92,7 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
         elif check and not space.group.contains(A, atol):
             raise ValueError(f"element for {name!r} is not in G ({space.group.kind}: {space.group.description})"
                              "; pass check=False to apply it anyway (the output will then change)")
-        out[name] = ("dense", A)
+        out[name] = ("dense", A, {})
     return out
 
 
@@ -118,10 +118,17 @@ def _gather(seg: Segment, el, groups, length: int):
     return src, mult
 
 
-def _dense(seg: Segment, el) -> torch.Tensor:
-    A = el[1]
-    idx = torch.from_numpy(seg.index)
-    return carried_dense(seg.chain, A[idx][:, idx], {})
+def _dense(seg: Segment, el, inverse: bool = False) -> torch.Tensor:
+    """The carried transform on this segment's coordinates (its inverse transpose-free inverse when asked);
+    cached on the element, since q/k/v rows, biases and output columns reuse the same blocks."""
+    cache = el[2]
+    key = (seg.index.tobytes(), seg.chain, inverse)
+    if key not in cache:
+        A = el[1]
+        idx = torch.from_numpy(seg.index)
+        T = carried_dense(seg.chain, A[idx][:, idx], {})
+        cache[key] = torch.linalg.inv(T) if inverse else T
+    return cache[key]
 
 
 def _move(t: torch.Tensor, dim: int | None):
@@ -134,8 +141,7 @@ def _move(t: torch.Tensor, dim: int | None):
 def _rows(t: torch.Tensor, seg: Segment, el, groups, length: int, inverse: bool) -> torch.Tensor:
     """T t (or the columns of t^T times T^-1 when ``inverse``) along dim 0 of ``t`` (length ``length``)."""
     if el[0] == "dense":
-        T = _dense(seg, el).to(t.device, t.dtype)
-        M = torch.linalg.inv(T).T if inverse else T
+        M = (_dense(seg, el, True).T if inverse else _dense(seg, el)).to(t.device, t.dtype)
         t = t.clone()
         pos = torch.from_numpy(seg.positions).to(t.device)
         flat = t.reshape(length, -1)
