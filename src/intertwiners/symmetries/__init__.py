@@ -9,8 +9,11 @@ See docs/symmetries.md.
 """
 
 from .apply import apply_symmetry, dense_symmetry, random_symmetry
+from .resolve import ParamAction, Segment
 from .spec import Space, SymmetrySpec, symmetry_spec
+from .structured import AttentionGroup
 from .verify import VerifyReport, compare, verify_symmetry
 
-__all__ = ["Space", "SymmetrySpec", "VerifyReport", "apply_symmetry", "compare", "dense_symmetry",
+__all__ = ["AttentionGroup", "ParamAction", "Segment",
+           "Space", "SymmetrySpec", "VerifyReport", "apply_symmetry", "compare", "dense_symmetry",
            "random_symmetry", "symmetry_spec", "verify_symmetry"]

@@ -1,19 +1,14 @@
-"""Sampling group elements and acting with them on a model's weights (paper Proposition 3.4).
+"""Sampling group elements and acting with them on a model's parameters (paper Proposition 3.4).
 
-For a space with element A = P·D, every module that *produces* the space has its output rows
-transformed (W -> T W, b -> T b, where T = P·diag(c(D)) is the transform the value carries, see
-:mod:`intertwiners.symmetries.spec`), every module that *consumes* it has its input columns transformed
-(W -> W T^-1), and batch norms in between have their affine parameters and running statistics moved
-along. Monomial elements are applied as index permutations and scalings; only ``general_linear`` /
-``unit_row_sum`` spaces use dense matrix products.
+Every :class:`~intertwiners.symmetries.resolve.ParamAction` of a space moves one parameter/buffer along
+one axis: ``out`` t -> T t, ``in`` w -> w T^-1, ``scale`` (per-channel factors, batch-norm/layer-norm
+gains, layer scale, depthwise filters) w -> P diag(t/s) w, ``perm`` (running variances) permuted, where
+T = carried(A, chain) is the transform the value carries (see
+:mod:`intertwiners.symmetries.constraints`). Monomial elements are applied as index gathers and
+scalings, dense ones (general-linear spaces, attention blocks) as matrix products. Batch norm, with
+input transform P·diag(s) (|s| = 1) and output transform P·diag(t)::
 
-Batch norm, with input transform P·diag(s) (|s| = 1) and output transform P·diag(t)::
-
-    gamma'[P] = t * gamma / s,   beta'[P] = t * beta,   running_mean'[P] = s * running_mean,
-    running_var'[P] = running_var
-
-so that BN'(P s x) = P t BN(x) with batch statistics (train mode) and running statistics (eval mode);
-the running statistics it accumulates in train mode are the transformed ones.
+    gamma'[P] = t·gamma/s,  beta'[P] = t·beta,  running_mean'[P] = s·running_mean,  running_var'[P] = running_var
 """
 
 from __future__ import annotations
@@ -24,18 +19,15 @@ import torch
 from torch import nn
 
 from .. import groups as G
-from .spec import ONE, ModuleAction, SymmetrySpec, ValueLayout, eval_chain
+from .constraints import DUAL, ONE, carried_dense, carried_scale
+from .resolve import ParamAction, Segment
+from .spec import SymmetrySpec
 
 
 def random_symmetry(spec: SymmetrySpec, generator: torch.Generator | None = None, *,
                     monomial: bool = False, dtype: torch.dtype = torch.float64) -> dict:
-    """A random element of every space's group: ``{space name: (n, n) tensor}``.
-
-    Monomial groups: a uniform permutation times log-normal scalings (signs uniform where allowed);
-    GL / unit-row-sum groups: a well-conditioned dense matrix (see :meth:`IntertwinerGroup.sample`).
-    ``monomial=True`` returns ``(perm, scale)`` pairs for monomial spaces instead of dense matrices
-    (faster for wide layers; :func:`apply_symmetry` accepts both).
-    """
+    """A random element of every space's group: ``{space name: (n, n) tensor}`` (``monomial=True``:
+    ``(perm, scale)`` pairs for monomial spaces)."""
     if not isinstance(spec, SymmetrySpec):
         raise ValueError(f"random_symmetry needs a SymmetrySpec (from symmetry_spec), got {type(spec).__name__}")
     out = {}
@@ -49,7 +41,7 @@ def random_symmetry(spec: SymmetrySpec, generator: torch.Generator | None = None
 
 
 def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> dict:
-    """name -> ("mono", perm, scale) or ("dense", A, A^-1)."""
+    """name -> ("mono" | "raw", perm, scale) or ("dense", A, cache)."""
     if not isinstance(elements, dict):
         raise ValueError("elements must be a dict {space name: matrix or (perm, scale)}")
     out = {}
@@ -66,12 +58,17 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
             perm, scale = G._check_monomial_args(*el)
             if perm.numel() != n:
                 raise ValueError(f"element for {name!r} has size {perm.numel()}, the space has {n}")
-            scale = scale.to(torch.float64).cpu()
-            member = space.group.allows_scale(scale, atol)
-            if check and not member:
-                raise ValueError(f"element for {name!r} is not in its group ({space.group.description})")
-            out[name] = ("mono" if member else "raw", perm.cpu(), scale)
-            continue
+            if not space.group.is_monomial:
+                el = G.monomial_matrix(perm, scale.to(torch.float64))
+            else:
+                scale = scale.to(torch.float64).cpu()
+                if not torch.isfinite(scale).all():
+                    raise ValueError(f"element for {name!r} has non-finite entries")
+                member = space.group.allows_scale(scale, atol)
+                if check and not member:
+                    raise ValueError(f"element for {name!r} is not in G ({space.group.description})")
+                out[name] = ("mono" if member else "raw", perm.cpu(), scale)
+                continue
         A = torch.as_tensor(el).detach().to(torch.float64).cpu()
         if A.shape != (n, n):
             raise ValueError(f"element for {name!r} has shape {tuple(A.shape)}, the space has size {n}")
@@ -85,7 +82,6 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
                     raise ValueError(f"element for {name!r} is not in G ({space.group.kind}: "
                                      f"{space.group.description}): {err}; pass check=False to apply it anyway "
                                      "(the output will then change)") from err
-                # check=False with a non-monomial matrix: act with A everywhere (pretend phi(A) = A)
             else:
                 member = space.group.allows_scale(scale, atol)
                 if check and not member:
@@ -96,137 +92,105 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
         elif check and not space.group.contains(A, atol):
             raise ValueError(f"element for {name!r} is not in G ({space.group.kind}: {space.group.description})"
                              "; pass check=False to apply it anyway (the output will then change)")
-        out[name] = ("dense", A, torch.linalg.inv(A))
+        out[name] = ("dense", A, {})
     return out
 
 
-def _scales(el: tuple, chain: tuple, groups) -> torch.Tensor:
-    """c(scale) for a group element; for a non-member applied with check=False ("raw"), the scale itself
-    wherever the value carries a scaled transform (as if phi(A) = A)."""
+def _scale(el, chain: tuple, groups) -> torch.Tensor:
     kind, _, scale = el
-    if kind == "raw":
-        return torch.ones_like(scale) if ONE in chain else scale
-    return eval_chain(chain, scale, groups)
+    if kind == "raw":  # a non-member applied with check=False: as if phi(A) = A
+        for entry in chain:
+            scale = torch.ones_like(scale) if entry == ONE else (1.0 / scale if entry == DUAL else scale)
+        return scale
+    return carried_scale(chain, scale, groups)
 
 
-def _monomial_map(layout: ValueLayout, els: dict, groups) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(src, mult) in gather form: the value x' = T x has x'[q] = mult[q] * x[src[q]]; None for T = I.
-
-    (From x'[dst[p]] = c[p] * x[p]: src = dst^-1 and mult = c[src].)
-    """
-    src = mult = None
-    for seg in layout.segments:
-        el = els.get(seg.space)
-        if el is None or el[0] not in ("mono", "raw"):
-            continue
-        if src is None:
-            src = torch.arange(layout.length)
-            mult = torch.ones(layout.length, dtype=torch.float64)
-        pos = torch.from_numpy(seg.positions)
-        perm = el[1]
-        src[pos[perm]] = pos
-        mult[pos[perm]] = _scales(el, seg.chain, groups)
-    return None if src is None else (src, mult)
-
-
-def _dense_blocks(layout: ValueLayout, els: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    out = []
-    for seg in layout.segments:
-        el = els.get(seg.space)
-        if el is not None and el[0] == "dense":
-            out.append((torch.from_numpy(seg.positions), el[1], el[2]))
-    return out
-
-
-def _transform_rows(t: torch.Tensor, layout: ValueLayout, els: dict, groups) -> torch.Tensor:
-    """T @ t along dim 0 (t: (C, ...)); returns a new tensor or ``t`` itself when T = I."""
-    mono = _monomial_map(layout, els, groups)
-    if mono is not None:
-        src, mult = mono
-        shape = (-1,) + (1,) * (t.ndim - 1)
-        t = t.index_select(0, src.to(t.device)).mul_(mult.to(t.device, t.dtype).view(shape))
-    for pos, A, _ in _dense_blocks(layout, els):
-        pos = pos.to(t.device)
-        block = t[pos].reshape(len(pos), -1)
-        t = t.clone()
-        t[pos] = (A.to(t.device, t.dtype) @ block).reshape(t[pos].shape)
-    return t
-
-
-def _transform_columns(w: torch.Tensor, layout: ValueLayout, els: dict, groups) -> torch.Tensor:
-    """w @ T^-1 along dim 1 (w: (out, C*repeat) for a Linear after a flatten, or (out, C, k...))."""
-    out_features = w.shape[0]
-    repeat = w.shape[1] // layout.length
-    if repeat * layout.length != w.shape[1]:
-        raise ValueError(f"weight with {w.shape[1]} inputs does not match a value of {layout.length} channels")
-    v = w.reshape(out_features, layout.length, -1)
-    mono = _monomial_map(layout, els, groups)
-    if mono is not None:
-        # (W T^-1)[:, q] = W[:, src[q]] / mult[q]
-        src, mult = mono
-        v = v.index_select(1, src.to(w.device)).div_(mult.to(w.device, w.dtype).view(1, -1, 1))
-    for pos, _, Ainv in _dense_blocks(layout, els):
-        pos = pos.to(w.device)
-        v = v.clone()
-        v[:, pos] = torch.einsum("ojk,ji->oik", v[:, pos], Ainv.to(w.device, w.dtype))
-    return v.reshape(w.shape)
-
-
-def _bn_maps(action: ModuleAction, els: dict, groups, length: int):
-    """(src, s, t) in gather form for a batch norm with input transform P·diag(s), output P·diag(t)."""
+def _gather(seg: Segment, el, groups, length: int):
+    """(src, mult): T x has (T x)[q] = mult[q] x[src[q]] on this segment's positions."""
+    _, perm, _ = el
+    c = _scale(el, seg.chain, groups)
+    pos = torch.from_numpy(seg.positions)             # (n, r), row i = space index seg.index[i]
+    dst = pos[perm]                                   # index i moves to perm[i]
     src = torch.arange(length)
-    s = torch.ones(length, dtype=torch.float64)
-    t = torch.ones(length, dtype=torch.float64)
-    touched = False
-    for seg_in, seg_out in zip(action.inputs.segments, action.outputs.segments):
-        el = els.get(seg_in.space)
-        if el is None:
-            continue
-        if el[0] == "dense":
-            raise ValueError(f"space {seg_in.space!r} passes through batch norm {action.module!r}: only "
-                             "monomial elements (P·D) can be applied there")
-        touched = True
-        pos = torch.from_numpy(seg_in.positions)
-        dst = pos[el[1]]
-        src[dst] = pos
-        s[dst] = _scales(el, seg_in.chain, groups)
-        t[dst] = _scales(el, seg_out.chain, groups)
-    return (src, s, t) if touched else None
+    mult = torch.ones(length, dtype=torch.float64)
+    src[dst.reshape(-1)] = pos.reshape(-1)
+    mult[dst.reshape(-1)] = c.repeat_interleave(pos.shape[1]) if pos.shape[1] > 1 else c
+    return src, mult
 
 
-def _batch_norm_tensors(bn: nn.Module, action: ModuleAction, els: dict, groups) -> dict[str, torch.Tensor]:
-    maps = _bn_maps(action, els, groups, action.inputs.length)
-    if maps is None:
-        return {}
-    src, s, t = maps
-
-    def move(tensor, factor=None):
-        out = tensor.detach().index_select(0, src.to(tensor.device))
-        return out if factor is None else out.mul_(factor.to(tensor.device, tensor.dtype))
-
-    out = {}
-    if bn.affine:
-        out["weight"] = move(bn.weight, t / s)
-        out["bias"] = move(bn.bias, t)
-    elif not torch.equal(s, t):  # pragma: no cover - the analysis never asks for this
-        raise ValueError(f"batch norm {action.module!r} without affine parameters cannot absorb a scaling")
-    if bn.running_mean is not None:
-        out["running_mean"] = move(bn.running_mean, s)
-        out["running_var"] = move(bn.running_var)
-    return out
+def _dense(seg: Segment, el, inverse: bool = False) -> torch.Tensor:
+    """The carried transform on this segment's coordinates (its inverse transpose-free inverse when asked);
+    cached on the element, since q/k/v rows, biases and output columns reuse the same blocks."""
+    cache = el[2]
+    key = (seg.index.tobytes(), seg.chain, inverse)
+    if key not in cache:
+        A = el[1]
+        idx = torch.from_numpy(seg.index)
+        T = carried_dense(seg.chain, A[idx][:, idx], {})
+        cache[key] = torch.linalg.inv(T) if inverse else T
+    return cache[key]
 
 
-def _linear_tensors(mod: nn.Module, action: ModuleAction, els: dict, groups) -> dict[str, torch.Tensor]:
-    w = mod.weight.detach()
-    out = {}
-    if action.outputs is not None and action.outputs.segments:
-        w = _transform_rows(w, action.outputs, els, groups)
-        if mod.bias is not None:
-            out["bias"] = _transform_rows(mod.bias.detach(), action.outputs, els, groups)
-    if action.inputs is not None and action.inputs.segments:
-        w = _transform_columns(w, action.inputs, els, groups)
-    out["weight"] = w
-    return {k: v for k, v in out.items() if v.data_ptr() != getattr(mod, k).data_ptr()}
+def _move(t: torch.Tensor, dim: int | None):
+    if dim is None:
+        return t.reshape(-1), (lambda u: u.reshape(t.shape))
+    moved = t.movedim(dim, 0)
+    return moved, (lambda u: u.movedim(0, dim))
+
+
+def _rows(t: torch.Tensor, seg: Segment, el, groups, length: int, inverse: bool) -> torch.Tensor:
+    """T t (or the columns of t^T times T^-1 when ``inverse``) along dim 0 of ``t`` (length ``length``)."""
+    if el[0] == "dense":
+        M = (_dense(seg, el, True).T if inverse else _dense(seg, el)).to(t.device, t.dtype)
+        t = t.clone()
+        pos = torch.from_numpy(seg.positions).to(t.device)
+        flat = t.reshape(length, -1)
+        for r in range(pos.shape[1]):
+            flat[pos[:, r]] = M @ flat[pos[:, r]]
+        return flat.reshape(t.shape)
+    src, mult = _gather(seg, el, groups, length)
+    if inverse:
+        mult = 1.0 / mult
+    shape = (-1,) + (1,) * (t.ndim - 1)
+    return t.index_select(0, src.to(t.device)) * mult.to(t.device, t.dtype).view(shape)
+
+
+def _act(t: torch.Tensor, a: ParamAction, el, groups) -> torch.Tensor:
+    if a.role in ("scale", "perm") and el[0] == "dense":
+        raise ValueError(f"space {a.space!r} passes through a per-channel operation on {a.param!r}: only "
+                         "monomial elements (P·D) can be applied there")
+    if a.role == "in" and a.groups > 1:
+        g = a.groups
+        w = t.reshape(g, t.shape[0] // g, *t.shape[1:])
+        ci = t.shape[1]
+        block = int(a.segment.positions.min()) // ci
+        seg = Segment(a.segment.space, a.segment.index, a.segment.positions - block * ci, a.segment.chain)
+        w = w.clone()
+        moved = w[block].movedim(1, 0)
+        w[block] = _rows(moved, seg, el, groups, ci, True).movedim(0, 1)
+        return w.reshape(t.shape)
+    if el[0] != "dense" and a.role in ("out", "in") and a.dim is not None:
+        # monomial: one gather along the parameter's own axis (no transposed copy)
+        src, mult = _gather(a.segment, el, groups, a.length)
+        if a.role == "in":
+            mult = 1.0 / mult
+        shape = [1] * t.ndim
+        shape[a.dim] = -1
+        return t.index_select(a.dim, src.to(t.device)) * mult.to(t.device, t.dtype).view(shape)
+    moved, back = _move(t, a.dim)
+    if a.role == "out":
+        return back(_rows(moved, a.segment, el, groups, a.length, False))
+    if a.role == "in":
+        return back(_rows(moved, a.segment, el, groups, a.length, True))
+    # scale / perm: P diag(t/s)
+    src, mult = _gather(a.segment, el, groups, a.length)
+    if a.role == "perm":
+        mult = torch.ones_like(mult)
+    elif a.in_segment is not None:
+        _, mult_in = _gather(a.in_segment, el, groups, a.length)
+        mult = mult / mult_in
+    shape = (-1,) + (1,) * (moved.ndim - 1)
+    return back(moved.index_select(0, src.to(t.device)) * mult.to(t.device, t.dtype).view(shape))
 
 
 @torch.no_grad()
@@ -234,39 +198,44 @@ def apply_symmetry(model: nn.Module, elements: dict, spec: SymmetrySpec, *, chec
                    atol: float = 1e-6, inplace: bool = False) -> nn.Module:
     """A transformed copy of ``model`` computing the same function (Proposition 3.4); ``model`` is untouched.
 
-    ``elements``: ``{space name: (n, n) matrix or (perm, scale)}`` (spaces left out get the identity),
-    e.g. from :func:`random_symmetry`. Every element is checked against its space's group (ValueError
-    otherwise); ``check=False`` applies any invertible matrix anyway, acting with A on both sides of
-    every activation (then the output changes in general: useful to test non-invariance).
-    ``inplace=True`` transforms ``model`` itself instead of a deep copy.
-
-    The new tensors are computed from ``model`` directly (index gathers and scalings for monomial
-    elements) and handed to ``copy.deepcopy`` so the transformed parameters are never copied twice.
+    ``elements``: ``{space name: (n, n) matrix or (perm, scale)}`` (spaces left out get the identity), e.g.
+    from :func:`random_symmetry`. Elements are checked against their groups (ValueError otherwise);
+    ``check=False`` applies any invertible matrix, acting with A on both sides of every activation (useful
+    to show non-invariance). ``inplace=True`` transforms ``model`` itself. Tied parameters (an embedding
+    shared with the unembedding) are transformed once.
     """
     if not isinstance(spec, SymmetrySpec):
         raise ValueError(f"apply_symmetry needs a SymmetrySpec (from symmetry_spec), got {type(spec).__name__}")
     els = _normalise(spec, elements, check, atol)
-    groups = spec.groups
-    replacements: list[tuple[nn.Module, str, torch.Tensor]] = []
-    for action in spec.actions:
-        try:
-            mod = model.get_submodule(action.module)
-        except AttributeError as err:
-            raise ValueError(f"the model has no module {action.module!r}: was the spec made for another "
-                             "model?") from err
-        if action.kind == "batch_norm":
-            tensors = _batch_norm_tensors(mod, action, els, groups)
-        else:
-            tensors = _linear_tensors(mod, action, els, groups)
-        replacements += [(mod, name, t) for name, t in tensors.items()]
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    new: dict[str, torch.Tensor] = {}
+    done = set()
+    for a in spec.param_actions:
+        el = els.get(a.space)
+        if el is None:
+            continue
+        if a.param not in tensors:
+            raise ValueError(f"the model has no parameter {a.param!r}: was the spec made for another model?")
+        key = (id(tensors[a.param]), a.dim, a.space, tuple(a.segment.positions.reshape(-1)[:4].tolist()))
+        if key in done:
+            continue  # a tied parameter seen again (embedding and unembedding): moved once
+        done.add(key)
+        t = new.get(a.param)
+        if t is None:
+            t = tensors[a.param].detach()
+        new[a.param] = _act(t, a, el, spec.groups)
     if inplace:
-        for mod, name, t in replacements:
-            getattr(mod, name).copy_(t)
+        for name, t in new.items():
+            tensors[name].copy_(t)
         return model
     memo = {}
-    for mod, name, t in replacements:
-        old = getattr(mod, name)
-        memo[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
+    for name, t in new.items():
+        old = tensors[name]
+        if id(old) in memo:
+            continue
+        memo[id(old)] = nn.Parameter(t.to(old.dtype), requires_grad=old.requires_grad) \
+            if isinstance(old, nn.Parameter) else t.to(old.dtype)
     return copy.deepcopy(model, memo)
 
 

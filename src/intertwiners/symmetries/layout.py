@@ -1,0 +1,214 @@
+"""Where the channels of a hidden value sit in its tensor: channel *atoms* and tensor *factors*.
+
+A hidden value (a tensor the symmetry acts on) is described by a :class:`Layout`:
+
+* ``atoms`` — one entry per feature (channel) of the value, in *feature order*: an atom id (>= 0, the
+  identity of a channel; atoms are later joined into classes and spaces), or ``ZERO`` (a channel known to
+  be zero, e.g. zero padding) or ``FIXED`` (a channel that is never transformed);
+* ``chains`` — per feature, the id of the chain of scale maps the value carries (see
+  :mod:`intertwiners.symmetries.constraints`);
+* ``fsizes`` — the feature axes (major to minor): ``atoms`` is the flattening of an array of this shape;
+* ``dims`` — for every tensor dimension, its *factors* (major to minor), each ``(size, f)`` with ``f`` the
+  feature axis it holds or -1 for a non-feature factor (batch, tokens, pixels, broadcast copies).
+
+So ``view``/``reshape``/``transpose``/``permute``/``unsqueeze``/``expand``/``select`` only move factors
+around (heads split off the channel axis, the batch merged with heads as in ``nn.MultiheadAttention``,
+a feature map flattened into a linear layer's input) and never lose track of a channel.
+:func:`atoms_along` reads the atoms seen along chosen tensor dimensions (e.g. a linear layer's input
+columns, where a flattened feature map repeats each channel once per pixel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ZERO = -1    # a channel known to be zero (zero channel padding)
+FIXED = -2   # a channel that is never transformed
+
+
+@dataclass(eq=False)
+class Layout:
+    atoms: np.ndarray
+    chains: np.ndarray
+    fsizes: tuple
+    dims: tuple  # tuple[tuple[tuple[int, int], ...], ...]
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(int(np.prod([s for s, _ in d])) if d else 1 for d in self.dims)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.dims)
+
+    def derive(self, atoms=None, chains=None, fsizes=None, dims=None) -> Layout:
+        return Layout(self.atoms if atoms is None else atoms, self.chains if chains is None else chains,
+                      self.fsizes if fsizes is None else fsizes, self.dims if dims is None else dims)
+
+    def feature_dims(self) -> list[int]:
+        return [i for i, d in enumerate(self.dims) if any(f >= 0 for _, f in d)]
+
+    def simple_dim(self) -> int | None:
+        """The tensor dimension holding every feature factor in order and nothing else, if there is one."""
+        fd = self.feature_dims()
+        if len(fd) != 1:
+            return None
+        facs = [f for s, f in self.dims[fd[0]] if s != 1 or f >= 0]
+        return fd[0] if facs == list(range(len(self.fsizes))) else None
+
+
+def simple(atoms: np.ndarray, chains: np.ndarray, shape: tuple, dim: int) -> Layout:
+    """A fresh layout with all channels on tensor dimension ``dim`` of ``shape``."""
+    dims = tuple(((int(s), 0),) if i == dim else (((int(s), -1),) if s != 1 else ()) for i, s in enumerate(shape))
+    return Layout(atoms, chains, (int(shape[dim]),), dims)
+
+
+def _strides(fsizes) -> list[int]:
+    out, acc = [], 1
+    for s in reversed(fsizes):
+        out.append(acc)
+        acc *= s
+    return out[::-1]
+
+
+def feature_index(lay: Layout, dims: list[int]) -> np.ndarray | None:
+    """For each index combination of tensor ``dims``, the flat feature index there; None if some feature
+    factor lies outside ``dims``."""
+    held = {f for d in dims for _, f in lay.dims[d] if f >= 0}
+    if held != set(range(len(lay.fsizes))):
+        return None
+    strides = _strides(lay.fsizes)
+    parts = []
+    for d in dims:
+        size = lay.shape[d]
+        idx = np.arange(size)
+        contrib = np.zeros(size, dtype=np.int64)
+        rem = idx.copy()
+        for s, f in reversed(lay.dims[d]):
+            digit = rem % s
+            rem = rem // s
+            if f >= 0:
+                contrib += digit * strides[f]
+        parts.append(contrib)
+    grids = np.ix_(*parts) if len(parts) > 1 else (parts[0],)
+    total = np.zeros([len(p) for p in parts], dtype=np.int64)
+    for g in grids:
+        total = total + g
+    return total
+
+
+def atoms_along(lay: Layout, dims: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(atoms, chains) as arrays over the index combinations of ``dims`` (None if features lie elsewhere)."""
+    idx = feature_index(lay, dims)
+    if idx is None:
+        return None
+    return lay.atoms[idx], lay.chains[idx]
+
+
+def reshape(lay: Layout, new_shape: tuple) -> Layout | None:
+    """The layout after a view/reshape to ``new_shape`` (None when factors cannot be matched)."""
+    queue = [list(f) for d in lay.dims for f in d if f[0] != 1]
+    fsizes = list(lay.fsizes)
+    out = []
+    for S in new_shape:
+        need, facs = int(S), []
+        while need > 1:
+            if not queue:
+                return None
+            s, f = queue[0]
+            if need % s == 0:
+                facs.append((s, f))
+                queue.pop(0)
+                need //= s
+            elif s % need == 0:
+                if f >= 0:  # split feature axis f into (need, s // need)
+                    fsizes[f:f + 1] = [need, s // need]
+                    for q in queue[1:]:
+                        if q[1] > f:
+                            q[1] += 1
+                    for d in out:
+                        for i, (s2, f2) in enumerate(d):
+                            if f2 > f:
+                                d[i] = (s2, f2 + 1)
+                    for i, (s2, f2) in enumerate(facs):
+                        if f2 > f:
+                            facs[i] = (s2, f2 + 1)
+                    facs.append((need, f))
+                    queue[0] = [s // need, f + 1]
+                else:
+                    facs.append((need, -1))
+                    queue[0] = [s // need, -1]
+                need = 1
+            else:
+                return None
+        out.append(facs)
+    if queue:
+        return None
+    return lay.derive(fsizes=tuple(fsizes), dims=tuple(tuple(d) for d in out))
+
+
+def permute(lay: Layout, order: list[int]) -> Layout:
+    return lay.derive(dims=tuple(lay.dims[i] for i in order))
+
+
+def unsqueeze(lay: Layout, dim: int) -> Layout:
+    dims = list(lay.dims)
+    dims.insert(dim, ())
+    return lay.derive(dims=tuple(dims))
+
+
+def squeeze(lay: Layout, dims_to_remove: list[int]) -> Layout:
+    return lay.derive(dims=tuple(d for i, d in enumerate(lay.dims) if i not in dims_to_remove))
+
+
+def with_non_feature_size(lay: Layout, dim: int, size: int) -> Layout:
+    """Dimension ``dim`` (without features) gets a new size (slicing, pooling, broadcasting)."""
+    dims = list(lay.dims)
+    dims[dim] = ((int(size), -1),) if size != 1 else ()
+    return lay.derive(dims=tuple(dims))
+
+
+def index_feature_dim(lay: Layout, dim: int, index) -> Layout | None:
+    """Slice/select along a dimension made only of feature factors (``index``: a slice, an int or an array).
+
+    The feature axes of that dimension are merged into one, indexed, and the result replaces them
+    (an int removes the dimension).
+    """
+    facs = [f for f in lay.dims[dim]]
+    fids = [f for _, f in facs]
+    if not facs or any(f < 0 for f in fids) or fids != list(range(fids[0], fids[0] + len(fids))):
+        return None
+    lo, hi = fids[0], fids[-1] + 1
+    shape = list(lay.fsizes)
+    merged = int(np.prod(shape[lo:hi]))
+    arr_a = lay.atoms.reshape(shape[:lo] + [merged] + shape[hi:])
+    arr_c = lay.chains.reshape(arr_a.shape)
+    sel = (slice(None),) * lo + (index,)
+    arr_a, arr_c = arr_a[sel], arr_c[sel]
+    fsizes = list(arr_a.shape)
+    removed = isinstance(index, int | np.integer)
+    shift = (hi - lo) - (0 if removed else 1)
+    dims = []
+    for i, d in enumerate(lay.dims):
+        if i == dim:
+            if not removed:
+                dims.append(((fsizes[lo], lo),) if fsizes[lo] != 1 or True else ())
+            continue
+        dims.append(tuple((s, f - shift if f >= hi else f) for s, f in d))
+    return Layout(np.ascontiguousarray(arr_a).reshape(-1), np.ascontiguousarray(arr_c).reshape(-1),
+                  tuple(fsizes), tuple(dims))
+
+
+def same_structure(a: Layout, b: Layout) -> bool:
+    """Do ``a`` and ``b`` hold their features at the same tensor positions (broadcast dims aside)?"""
+    if a.fsizes != b.fsizes or a.ndim != b.ndim:
+        return False
+    for da, db in zip(a.dims, b.dims):
+        fa = [x for x in da if x[1] >= 0 or x[0] != 1]
+        fb = [x for x in db if x[1] >= 0 or x[0] != 1]
+        if any(f >= 0 for _, f in fa) or any(f >= 0 for _, f in fb):
+            if fa != fb:
+                return False
+    return True

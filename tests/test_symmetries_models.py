@@ -1,0 +1,186 @@
+"""Symmetries of the models people use: transformers (GPT-2, BERT, Llama tiny configs) and small replicas of
+depthwise / squeeze-excitation / layer-scale / nn.MultiheadAttention blocks. Every model: float64 outputs
+unchanged by a random element (eval and train mode) and a non-invariance check."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec
+from intertwiners.symmetries.verify import compare
+
+
+def changed_share(model, new):
+    a, b = dict(model.named_parameters()), dict(new.named_parameters())
+    total = sum(p.numel() for p in a.values())
+    return sum(int((a[k] != b[k]).sum()) for k in a) / total
+
+
+def check(model, args, tol=1e-9):
+    spec = symmetry_spec(model, args)
+    before = copy.deepcopy(model.state_dict())
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(0)), spec)
+    errs = compare(model, new, args)
+    assert all(e[1] <= tol for e in errs.values()), (errs, str(spec))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return spec, new
+
+
+def _hf(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16, use_cache=False)
+        return transformers.GPT2LMHeadModel(cfg)
+    if kind == "bert":
+        cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, vocab_size=50, max_position_embeddings=16)
+        return transformers.BertForSequenceClassification(cfg)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=50, use_cache=False, bos_token_id=0,
+                                   eos_token_id=1)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+def test_transformers_residual_stream_mlps_and_attention(kind):
+    model = _hf(kind).double().eval()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    tol = 1e-5 if kind == "llama" else 1e-9  # Llama's RMSNorm computes in float32 even in a float64 model
+    spec, new = check(model, (ids,), tol)
+    kinds = [s.kind for s in spec.spaces.values()]
+    assert kinds.count("attention_heads") == 2
+    assert sum(1 for s in spec.spaces.values() if s.sites) >= 2      # the MLP hidden layers
+    assert max(s.ties for s in spec.spaces.values()) >= 4              # the residual stream, tied through blocks
+    assert changed_share(model, new) > 0.9
+    # a non-member of the stream's group (a scaling where LayerNorm/RMSNorm only allow (signed) permutations)
+    stream = max(spec.spaces.values(), key=lambda s: s.ties)
+    D = torch.diag(torch.linspace(0.5, 2.0, stream.size, dtype=torch.float64))
+    bad = apply_symmetry(model, {stream.name: D}, spec, check=False)
+    assert compare(model, bad, (ids,), ("eval",))["eval"][1] > 1e-6
+
+
+def test_gpt2_tied_unembedding_moves_once():
+    model = _hf("gpt2").double().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    spec, new = check(model, (ids,))
+    assert new.lm_head.weight is new.transformer.wte.weight
+    assert not torch.equal(new.lm_head.weight, model.lm_head.weight)
+
+
+def test_attention_element_outside_group_changes_output():
+    model = _hf("gpt2").double().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    spec = symmetry_spec(model, (ids,))
+    name = next(k for k, s in spec.spaces.items() if s.kind == "attention_heads")
+    n = spec.spaces[name].size
+    A = torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, dtype=torch.float64)  # mixes heads
+    assert not spec.spaces[name].group.contains(A)
+    with pytest.raises(ValueError):
+        apply_symmetry(model, {name: A}, spec)
+    bad = apply_symmetry(model, {name: A}, spec, check=False)
+    assert compare(model, bad, (ids,), ("eval",))["eval"][1] > 1e-6
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet-style: 1x1 expand -> BN -> ReLU6 (in place) -> depthwise 3x3 -> BN -> hardswish -> SE -> 1x1."""
+
+    def __init__(self, c=6, e=12):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU6(inplace=True))
+        self.dw = nn.Sequential(nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False), nn.BatchNorm2d(e),
+                                nn.Hardswish())
+        self.se1, self.se2 = nn.Conv2d(e, 4, 1), nn.Conv2d(4, e, 1)
+        self.project = nn.Sequential(nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        h = self.dw(self.expand(x))
+        s = torch.sigmoid(self.se2(torch.relu(self.se1(h.mean((2, 3), keepdim=True)))))
+        return x + self.project(h * s)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 -> LayerNorm (channels last) -> MLP -> layer scale, residual."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.gamma * self.fc2(nn.functional.gelu(self.fc1(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class MHAClassifier(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(5, d), nn.MultiheadAttention(d, 4, batch_first=True), nn.Linear(d, 3)
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.out(self.ln(h).mean(1))
+
+
+REPLICAS = {
+    "mobilenet_block": (lambda: nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), InvertedResidual(),
+                                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)), (4, 3, 8, 8)),
+    "convnext_block": (lambda: nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), ConvNeXtBlock(), nn.AdaptiveAvgPool2d(1),
+                                             nn.Flatten(), nn.Linear(8, 3)), (2, 3, 8, 8)),
+    "mha": (MHAClassifier, (3, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(REPLICAS))
+def test_replica_blocks(name):
+    build, shape = REPLICAS[name]
+    torch.manual_seed(0)
+    model = build().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    model.train()
+    with torch.no_grad():
+        model(x * 1.3 + 0.2)
+    model.eval()
+    spec, new = check(model, x)
+    assert changed_share(model, new) > 0.8, str(spec)
+
+
+def test_unbatched_image_is_rejected():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(ValueError, match="unbatched"):
+        symmetry_spec(model, torch.randn(3, 8, 8))
+
+
+def test_nan_model_fails_verification():
+    from intertwiners.symmetries import verify_symmetry
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        verify_symmetry(model, torch.randn(5, 3, dtype=torch.float64))
+
+
+def test_nan_outputs_give_nan_errors():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    x[0, 0] = float("inf")
+    errs = compare(model, copy.deepcopy(model), x, ("eval",))
+    assert all(e != e for e in errs["eval"])  # NaN, never 0
+
+
+def test_actions_name_parameters_dims_and_roles():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).double()
+    spec = symmetry_spec(model, torch.randn(6, 3, dtype=torch.float64))
+    (name,) = spec.spaces
+    got = {(a.param, a.dim, a.role) for a in spec.actions(name)}
+    assert {("0.weight", 0, "out"), ("0.bias", 0, "out"), ("1.weight", 0, "scale"), ("1.running_mean", 0, "out"),
+            ("1.running_var", 0, "perm"), ("3.weight", 1, "in")} <= got
+    assert spec.spaces[name].sites == ["2"]
+    with pytest.raises(ValueError, match="unknown space"):
+        spec.actions("nope")
