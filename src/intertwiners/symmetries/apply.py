@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -127,8 +128,31 @@ def _dense(seg: Segment, el, inverse: bool = False) -> torch.Tensor:
         A = el[1]
         idx = torch.from_numpy(seg.index)
         T = carried_dense(seg.chain, A[idx][:, idx], {})
-        cache[key] = torch.linalg.inv(T) if inverse else T
+        cache[key] = block_inverse(T) if inverse else T
     return cache[key]
+
+
+def block_inverse(T: torch.Tensor) -> torch.Tensor:
+    """The inverse of a square (n, n) matrix, block by block where its non-zero pattern splits into
+    independent square blocks up to a permutation of rows and columns (one block per attention head, say):
+    n/b inversions of (b, b) instead of one of (n, n). A matrix that does not split is inverted whole."""
+    from scipy.sparse import bmat, coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = T.shape[0]
+    pattern = coo_matrix((T != 0).cpu().numpy())
+    n_blocks, labels = connected_components(bmat([[None, pattern], [pattern.T, None]]), directed=False)
+    if n_blocks == 1:
+        return torch.linalg.inv(T)
+    rows, cols = labels[:n], labels[n:]
+    out = torch.zeros_like(T)
+    for b in range(n_blocks):
+        r, c = np.flatnonzero(rows == b), np.flatnonzero(cols == b)
+        if len(r) != len(c):   # singular pattern: let the whole inversion report it
+            return torch.linalg.inv(T)
+        ri, ci = torch.from_numpy(r), torch.from_numpy(c)
+        out[ci[:, None], ri[None, :]] = torch.linalg.inv(T[ri[:, None], ci[None, :]])
+    return out
 
 
 def _move(t: torch.Tensor, dim: int | None):
