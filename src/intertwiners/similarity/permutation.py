@@ -1,0 +1,180 @@
+"""Null calibration of a similarity score: is it above what unrelated representations would give?
+
+    r = permutation_test(X, Y, measure="grelu_cka", n_permutations=1000, generator=0)
+    r.statistic, r.pvalue, r.null_distribution, r.chance_corrected
+
+The null hypothesis is that the rows of Y are unrelated to the rows of X (the pairing of samples carries
+no information). Its distribution is sampled by shuffling the samples of Y, B = ``n_permutations`` times;
+the p-value of "more similar than chance" is (1 + #{null >= statistic}) / (1 + B) (valid at every B:
+P(p <= alpha) <= alpha under the null). ``chance_corrected`` is statistic - mean(null).
+
+Each statistic is computed once by its own implementation (:func:`.cka.cka_from_grams`,
+:func:`.procrustes.procrustes`); the null reuses its pieces:
+
+* CKA (``linear_cka``, ``rbf_cka``, ``grelu_cka``): the Gram matrices K, L and their centred forms K~, L~
+  (:func:`.hsic.centred_gram`) are computed once. Shuffling the samples of Y by pi maps L to
+  L[pi][:, pi] and, since centring commutes with a permutation of the samples, L~ to L~[pi][:, pi];
+  the self-HSICs do not change. So each permuted CKA is one permuted inner product
+  sum_ij K~_ij L~_pi(i)pi(j) over the upper triangle (both are symmetric): O(N^2), no new Gram matrix.
+* Procrustes (``procrustes_orthogonal``, ``procrustes_permutation``, ``procrustes_grelu``): column sums
+  and norms do not change under a shuffle of the samples; only X'Y does, X'Y_pi = X' P Y, one product per
+  permutation, evaluated by the same :meth:`.procrustes.ProcrustesStats.similarity`. For (N, C, *spatial)
+  features whole samples (images) are shuffled, never positions within them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from ..stats import permutation_pvalue
+from ._validate import channels_last_matrix, check_pair, check_unbiased_n, to_features
+from .cka import cka_from_hsic, degenerate_rtol, gram_scale
+from .hsic import _check_estimator, centred_gram, centred_inner, hsic_normaliser
+from .kernels import gram
+from .procrustes import ProcrustesStats
+
+CKA_KERNELS = {"linear_cka": "linear", "rbf_cka": "rbf", "grelu_cka": "max"}
+PROCRUSTES_GROUPS = {"procrustes_orthogonal": "orthogonal", "procrustes_permutation": "permutation",
+                     "procrustes_grelu": "grelu"}
+MEASURES = tuple(CKA_KERNELS) + tuple(PROCRUSTES_GROUPS)
+
+
+@dataclass(frozen=True)
+class PermutationTestResult:
+    """``statistic`` (the measure on X, Y), ``pvalue`` (one-sided, greater), ``null_distribution`` (B,)."""
+
+    statistic: float
+    pvalue: float
+    null_distribution: np.ndarray
+    measure: str
+
+    @property
+    def n_permutations(self) -> int:
+        return int(self.null_distribution.size)
+
+    @property
+    def null_mean(self) -> float:
+        return float(self.null_distribution.mean())
+
+    @property
+    def chance_corrected(self) -> float:
+        """statistic - mean of the null: the part of the score that chance does not explain."""
+        return self.statistic - self.null_mean
+
+
+def permutations(n: int, n_permutations: int, generator=None) -> np.ndarray:
+    """(B, n) int64 array of uniform random permutations of range(n).
+
+    ``generator``: None (fresh entropy), an int seed, a ``numpy.random.Generator`` or a ``torch.Generator``.
+    """
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be at least 1, got {n_permutations}")
+    if isinstance(generator, torch.Generator):
+        keys = torch.rand(n_permutations, n, generator=generator, dtype=torch.float64)
+        return torch.argsort(keys, dim=1).numpy().astype(np.int64)
+    rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
+    return rng.permuted(np.tile(np.arange(n, dtype=np.int64), (n_permutations, 1)), axis=1)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _permuted_inners(kc: np.ndarray, lc: np.ndarray, perms: np.ndarray) -> np.ndarray:
+    """out[b] = sum_ij kc[i, j] * lc[p[i], p[j]] for symmetric kc, lc (N, N) and p = perms[b]."""
+    n_perm, n = perms.shape
+    out = np.empty(n_perm)
+    for b in prange(n_perm):
+        p = perms[b]
+        upper = 0.0
+        diag = 0.0
+        for i in range(n):
+            ki = kc[i]
+            li = lc[p[i]]
+            diag += ki[i] * li[p[i]]
+            acc = 0.0
+            for j in range(i + 1, n):
+                acc += ki[j] * li[p[j]]
+            upper += acc
+        out[b] = 2.0 * upper + diag
+    return out
+
+
+def permuted_inners(kc: torch.Tensor, lc: torch.Tensor, perms: np.ndarray) -> np.ndarray:
+    """<K~, L~[p][:, p]> for every row p of ``perms`` (B, N); K~, L~ symmetric (N, N). Float64 (B,)."""
+    if kc.device.type == "cpu":
+        a = np.ascontiguousarray(kc.to(torch.float64).numpy())
+        b = np.ascontiguousarray(lc.to(torch.float64).numpy())
+        return _permuted_inners(a, b, np.ascontiguousarray(perms, dtype=np.int64))
+    idx = torch.as_tensor(perms, device=kc.device)
+    return np.array([float(centred_inner(kc, lc[p][:, p])) for p in idx])
+
+
+def _cka_test(x, y, kernel: str, estimator: str, perms: np.ndarray, drop_dead: bool, backend: str):
+    """(statistic, null) for CKA with ``kernel``: Gram and centred matrices once, then permuted inner products."""
+    _check_estimator(estimator)
+    if estimator == "unbiased":
+        check_unbiased_n(x.shape[0])
+    k = gram(x, kernel, name="X", drop_dead=drop_dead, backend=backend)
+    l = gram(y, kernel, name="Y", drop_dead=drop_dead, backend=backend)
+    kc, lc = centred_gram(k, estimator), centred_gram(l, estimator)
+    norm = hsic_normaliser(k.shape[0], estimator)
+    kk, ll = float(centred_inner(kc, kc)) / norm, float(centred_inner(lc, lc)) / norm
+    scales = (gram_scale(k) / norm, gram_scale(l) / norm)
+    rtol = degenerate_rtol(k.dtype, l.dtype)
+    statistic = cka_from_hsic(float(centred_inner(kc, lc)) / norm, kk, ll, estimator, scales=scales, rtol=rtol)
+    # the self-HSICs are invariant under the shuffle: CKA_pi = <K~, L~_pi> / norm / sqrt(kk ll)
+    null = permuted_inners(kc, lc, perms) / norm / np.sqrt(kk * ll)
+    return statistic, null
+
+
+def _procrustes_test(x, y, group: str, center: bool, perms: np.ndarray, drop_dead: bool):
+    """(statistic, null) for Procrustes: moments once; per permutation only X'Y changes."""
+    stats = ProcrustesStats()
+    stats.update(x, y)
+    statistic = stats.similarity(group, center=center, drop_dead=drop_dead)
+    xm = channels_last_matrix(x).to(torch.float64)
+    ys = y.to(torch.float64).reshape(y.shape[0], -1)      # whole samples, shuffled together
+    null = np.empty(len(perms))
+    shuffled = copy.copy(stats)
+    for b, p in enumerate(torch.as_tensor(perms, device=y.device)):
+        yp = ys[p].reshape(y.shape)
+        shuffled.xty = xm.T @ channels_last_matrix(yp)
+        null[b] = shuffled.similarity(group, center=center, drop_dead=drop_dead)
+    return statistic, null
+
+
+def permutation_test(X, Y, measure: str = "grelu_cka", n_permutations: int = 1000, generator=None, *,
+                     estimator: str = "unbiased", center: bool = False, drop_dead: bool = False, device=None,
+                     backend: str = "auto") -> PermutationTestResult:
+    """Permutation test of "X and Y are more similar than unrelated representations" for ``measure``.
+
+    X, Y: (N, d) or (N, C, *spatial) features of the same N samples (NumPy or torch). ``measure``: one of
+    :data:`MEASURES` (``linear_cka``, ``rbf_cka``, ``grelu_cka``, ``procrustes_orthogonal``,
+    ``procrustes_permutation``, ``procrustes_grelu``). ``n_permutations`` shuffles of the samples of Y
+    drawn from ``generator`` (see :func:`permutations`). ``estimator`` (CKA: unbiased HSIC_1 or biased),
+    ``center`` (Procrustes), ``drop_dead`` and ``backend`` as in :func:`.cka.cka` / :func:`.procrustes.procrustes`.
+
+    Returns a :class:`PermutationTestResult` (scipy.stats' names): ``statistic`` equals the measure itself
+    (e.g. :func:`.cka.grelu_cka`), ``pvalue`` = (1 + #{null >= statistic}) / (1 + B), ``null_distribution``
+    the B permuted values, ``chance_corrected`` = statistic - mean(null). CKA costs its two Gram matrices
+    plus O(N^2) per permutation (memory O(N^2)); Procrustes one X'Y product per permutation.
+    """
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    from .._util import resolve_device
+
+    dev = None if device is None else resolve_device(device)
+    x = to_features(X, "X", dev)
+    y = to_features(Y, "Y", dev if dev is not None else x.device)
+    check_pair(x, y)
+    if x.shape[0] < 2:
+        raise ValueError(f"a permutation test needs at least 2 samples, got {x.shape[0]}")
+    perms = permutations(x.shape[0], int(n_permutations), generator)
+    if measure in CKA_KERNELS:
+        statistic, null = _cka_test(x, y, CKA_KERNELS[measure], estimator, perms, drop_dead, backend)
+    else:
+        statistic, null = _procrustes_test(x, y, PROCRUSTES_GROUPS[measure], center, perms, drop_dead)
+    return PermutationTestResult(float(statistic), permutation_pvalue(statistic, null), null, measure)
