@@ -234,6 +234,22 @@ def decide(text: str, items: Sequence[Evidence], test: str, *, precondition: str
     return Claim(text, answer, f"{test}: {numbers}{why}", list(items))
 
 
+def decide_pvalues(text: str, pvalues: dict[str, float], test: str, *, alpha: float = 0.05,
+                   precondition: str | None = None) -> Claim:
+    """A claim that every effect is above chance: **yes** when every p-value is at most ``alpha`` (an
+    intersection-union test: the claim needs every null rejected, so no multiplicity correction is due),
+    else **inconclusive** — a large p-value is no evidence of chance-level similarity, so this kind of
+    claim is never answered no."""
+    if precondition:
+        return Claim(text, "not testable", precondition)
+    if not pvalues:
+        return Claim(text, "not testable", "no p-values (no permutation tests in the results)")
+    worst = max(pvalues, key=pvalues.get)
+    answer = "yes" if pvalues[worst] <= alpha else "inconclusive"
+    return Claim(text, answer, f"{test}; every one of the {len(pvalues)} tests must reach p ≤ {alpha:g}: the "
+                 f"largest p is {pvalues[worst]:.3g} ({worst})")
+
+
 def summary(claims: Sequence[Claim]) -> str:
     """The claims grouped by answer, as a markdown list per answer (empty answers left out)."""
     parts = []

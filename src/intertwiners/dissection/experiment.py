@@ -198,24 +198,29 @@ def _site_width(model, site: str, dataset: BrodenDataset) -> int:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over rotations of ``fraction`` and ``unique_concepts`` per (arch, site, alpha)."""
+    """Per (arch, site, alpha): mean, standard deviation (ddof=1) and 95% t half-width over rotations of
+    ``fraction`` and ``unique_concepts`` (:func:`intertwiners.stats.mean_ci`; one rotation: NaN spread)."""
+    from ..stats import mean_ci
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["arch"], r["site"], r["layer"], r["alpha"]), []).append(r)
     out = []
     for (arch, site, layer, alpha), rs in groups.items():
-        frac = np.array([r["fraction"] for r in rs])
-        uniq = np.array([r["unique_concepts"] for r in rs])
+        frac = mean_ci(r["fraction"] for r in rs)
+        uniq = mean_ci(r["unique_concepts"] for r in rs)
         out.append({"arch": arch, "site": site, "layer": layer, "alpha": alpha, "n_units": rs[0]["n_units"],
-                    "fraction_mean": float(frac.mean()), "fraction_std": float(frac.std()),
-                    "unique_mean": float(uniq.mean()), "unique_std": float(uniq.std()),
+                    "n": frac.n, "fraction_mean": frac.mean, "fraction_std": frac.std, "fraction_ci95": frac.half,
+                    "unique_mean": uniq.mean, "unique_std": uniq.std, "unique_ci95": uniq.half,
                     "val_accuracy": rs[0].get("val_accuracy")})
     return out
 
 
 def plot_fig3(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Fraction of interpretable units (left) and unique concepts (right) against alpha, one line per
-    (arch, site), mean +- std over rotations. Writes a PNG; returns its path."""
+    (arch, site), mean and 95% t-interval over rotations (:func:`summarize`; no band with one rotation).
+    ``intertwiners dissect --fig3`` and the report of ``intertwiners reproduce`` both draw Fig. 3 with it.
+    Rows need ``arch, site, layer, alpha, fraction, unique_concepts, n_units``. Writes a PNG; returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,9 +238,9 @@ def plot_fig3(rows: list[dict], path: str | Path, title: str | None = None) -> P
         label = f"{arch} {site} [{layer}]"
         for ax, key in ((axes[0], "fraction"), (axes[1], "unique")):
             m = np.array([s[f"{key}_mean"] for s in pts])
-            sd = np.array([s[f"{key}_std"] for s in pts])
+            half = np.array([s[f"{key}_ci95"] for s in pts])
             line, = ax.plot(a, m, style, marker="o", label=label)
-            ax.fill_between(a, m - sd, m + sd, color=line.get_color(), alpha=0.15)
+            ax.fill_between(a, m - half, m + half, color=line.get_color(), alpha=0.15)
     axes[0].set_ylabel("fraction of interpretable units")
     axes[1].set_ylabel("unique concepts")
     for ax in axes:
@@ -243,7 +248,8 @@ def plot_fig3(rows: list[dict], path: str | Path, title: str | None = None) -> P
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     q, t = rows[0].get("quantile"), rows[0].get("iou_threshold")
-    fig.suptitle(title or f"Dissection under rotation Q**alpha (quantile {q}, IoU > {t})")
+    fig.suptitle(title or f"Dissection under rotation Q**alpha (quantile {q}, IoU > {t}; 95% t-interval "
+                 "over rotations)")
     return save_figure(fig, path)
 
 

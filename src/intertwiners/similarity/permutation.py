@@ -178,3 +178,31 @@ def permutation_test(X, Y, measure: str = "grelu_cka", n_permutations: int = 100
     else:
         statistic, null = _procrustes_test(x, y, PROCRUSTES_GROUPS[measure], center, perms, drop_dead)
     return PermutationTestResult(float(statistic), permutation_pvalue(statistic, null), null, measure)
+
+
+def same_layer_tests(model_a, model_b, inputs, sites_a, sites_b=None, measures=("grelu_cka",),
+                     n_permutations: int = 1000, n_samples: int | None = 1000, generator=0, *,
+                     device: str = "auto", drop_dead: bool = True) -> dict[str, dict[str, list[float]]]:
+    """Permutation tests of site k of model A against site k of model B, on the first ``n_samples`` inputs.
+
+    ``inputs``: a dataset with ``.x`` or an (N, ...) tensor. Returns ``{measure: {"pvalue": [...],
+    "statistic": [...], "chance_corrected": [...]}}`` with one entry per site pair. Features are extracted
+    a few sites at a time (eval mode, :func:`intertwiners.extract_features`), so memory stays bounded.
+    """
+    from ..features import extract_features
+
+    sites_b = list(sites_a if sites_b is None else sites_b)
+    if len(sites_b) != len(sites_a):
+        raise ValueError(f"same-layer tests pair sites one to one: {len(sites_a)} and {len(sites_b)} sites")
+    x = getattr(inputs, "x", inputs)[:n_samples]
+    out = {m: {"pvalue": [], "statistic": [], "chance_corrected": []} for m in measures}
+    for k in range(0, len(sites_a), 4):
+        fa = extract_features(model_a, list(sites_a[k:k + 4]), x, device=device)
+        fb = extract_features(model_b, list(sites_b[k:k + 4]), x, device=device)
+        for sa, sb in zip(sites_a[k:k + 4], sites_b[k:k + 4]):
+            for m in measures:
+                r = permutation_test(fa[sa], fb[sb], m, n_permutations, generator=generator, drop_dead=drop_dead)
+                out[m]["pvalue"].append(r.pvalue)
+                out[m]["statistic"].append(r.statistic)
+                out[m]["chance_corrected"].append(r.chance_corrected)
+    return out

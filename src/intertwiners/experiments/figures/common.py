@@ -74,6 +74,16 @@ class Section:
         return f"## {self.title}\n\n{self.body.rstrip()}\n" + (f"\n{lines}" if lines else "")
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -114,7 +124,25 @@ def zoo_accuracies(view, rows) -> list[float]:
     return accs
 
 
-def pvalue_text(values) -> str:
-    """The largest of several p-values (``p ≤ 0.005``-style for the Monte Carlo floor is left to the reader)."""
-    values = [float(v) for v in values]
-    return "–" if not values else f"{max(values):.3g}"
+def null_table(rows, key: str, measures: dict[str, str], sites: list[str]) -> str:
+    """Markdown table, per measure and site: the largest p-value over the pairs in ``rows`` (results under
+    ``key``, from :func:`intertwiners.similarity.permutation.same_layer_tests`) and the mean chance-corrected
+    score (statistic − null mean)."""
+    out = []
+    for m, name in measures.items():
+        got = [r.result[key][m] for r in rows if m in r.result.get(key, {})]
+        if got:
+            out.append([name] + [f"p ≤ {max(g['pvalue'][i] for g in got):.3g}; "
+                                 f"{sum(g['chance_corrected'][i] for g in got) / len(got):+.3f}"
+                                 for i in range(len(sites))])
+    return table(["measure"] + list(sites), out) if out else ""
+
+
+def null_claim(text: str, rows, key: str, measures: list[str], sites: list[str], precondition=None):
+    """Every same-layer similarity above chance: every (pair, measure, site) permutation test at p ≤ 0.05."""
+    from ...stats import decide_pvalues
+
+    pvalues = {f"{m} {s} pair {k}": r.result[key][m]["pvalue"][i] for k, r in enumerate(rows) if key in r.result
+               for m in measures if m in r.result[key] for i, s in enumerate(sites)}
+    return decide_pvalues(text, pvalues, "permutation test (shuffled samples of one model) per pair, measure "
+                          "and layer", precondition=precondition)

@@ -6,7 +6,19 @@ from pathlib import Path
 
 from ...stats import decide, evidence, mean_ci
 from ..jobs import Dependency, Job, Output, register
-from .common import COMMON, FEATURES, Section, at_chance, dataset, device, fmt, kind_name, model_from_files, table
+from .common import (
+    COMMON,
+    FEATURES,
+    Section,
+    at_chance,
+    dataset,
+    device,
+    fmt,
+    kind_name,
+    model_from_files,
+    pyplot,
+    table,
+)
 from .zoo import myrtle_zoo
 
 KINDS = ("stitch",)
@@ -118,7 +130,8 @@ def section(view, figdir: Path) -> Section:
     sites = sorted({r["site"] for r in rows}, key=lambda s: MYRTLE_PAPER_LAYERS.get(s, 99))
     kinds = sorted({r["kind"] for r in rows}, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 9)
     ref = reference(kinds, sites)
-    plot_penalties(rows, figdir / FIGURE, reference=ref, title="Stitching penalties, Myrtle CNN")
+    if figdir is not None:
+        pyplot().close(plot_penalties(rows, figdir / FIGURE, reference=ref, title="Stitching penalties, Myrtle CNN"))
     out = []
     for k in kinds:
         cells = [fmt(mean_ci(by_pair(rows, k, s).values()), 1) + f" (paper {ref.get(k, {}).get(s, '–')})"

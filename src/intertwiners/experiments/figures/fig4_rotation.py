@@ -54,9 +54,11 @@ def run_rotation_penalty(config: dict, inputs: dict[str, Dependency], context: d
 
 def rotation_rows(view) -> list[dict]:
     """Stored results as the rows :func:`intertwiners.rotation_penalty.plot_rotation_penalties` draws."""
-    return [{**r.result, "panel": r.config.get("activation", "relu"), "layer": r.config["layer"],
-             "transform": r.config["transform"], "seed": int(r.config["seed"])}
-            for r in view.rows(kind="rotation_penalty", status="done")]
+    rows = view.rows(kind="rotation_penalty", status="done")
+    order = sorted({r.config["layer"] for r in rows})
+    return [{"position": order.index(r.config["layer"]), "conv": r.config["layer"], **r.result,
+             "panel": r.config.get("activation", "relu"), "layer": r.config["layer"],
+             "transform": r.config["transform"], "seed": int(r.config["seed"])} for r in rows]
 
 
 def penalties(rows, act: str, transform: str, layer: str) -> dict[int, float]:
@@ -108,7 +110,8 @@ def section(view, figdir: Path) -> Section:
     found = {r["transform"] for r in rows}
     transforms = [t for t in ("grelu", "orthogonal") if t in found] + sorted(found - {"grelu", "orthogonal"})
     acts = sorted({r["panel"] for r in rows}, key=lambda a: (a != "relu", a))
-    plot_rotation_penalties(rows, figdir / FIGURE, title="Rotation penalty")
+    if figdir is not None:
+        plot_rotation_penalties(rows, figdir / FIGURE, title="Rotation penalty")
     out = []
     for act in acts:
         for t in transforms:

@@ -75,3 +75,11 @@ def section(view, figdir) -> Section:
                    "has no interval).\n\n"
                    + table(["architecture", "variant", "dataset", "models", "test accuracy", "epochs", "paper"],
                            out))
+
+
+KINDS = ("zoo",)
+
+
+def jobs(s) -> list[Job]:
+    """The Myrtle CNN zoo (the other zoos come with the experiments that use them)."""
+    return myrtle_zoo(s)
