@@ -87,3 +87,24 @@ def test_generator_forms_and_bad_input():
         sim.permutation_test(x, y[:-1], "linear_cka", 5)
     with pytest.raises(ValueError, match="NaN"):
         sim.permutation_test(np.full((20, 3), np.nan), y, "grelu_cka", 5)
+
+
+def test_cli_similarity_prints_and_writes_pvalues(tmp_path, capsys):
+    from intertwiners import models
+    from intertwiners.cli import main
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.save(models.myrtle_cnn(width=4, in_channels=1, input_size=16), tmp_path / f"m{seed}")
+    out = tmp_path / "out"
+    rc = main(["similarity", str(tmp_path / "m0"), str(tmp_path / "m1"), "--max-samples", "48", "--batch-size", "16",
+               "--measures", "grelu_cka,cka", "--procrustes", "grelu", "--permutations", "30",
+               "--chance-corrected", "--device", "cpu", "--out", str(out), "--quiet"])
+    assert rc == 0 and (out / "similarity.png").stat().st_size > 1000
+    lines = (out / "pvalues.csv").read_text().splitlines()
+    assert lines[0] == "site_a,site_b,measure,statistic,pvalue,chance_corrected"
+    assert len(lines) == 1 + 4 * 3   # 4 sites x (grelu_cka, linear_cka, procrustes_grelu)
+    p = [float(line.split(",")[4]) for line in lines[1:]]
+    assert all(1 / 31 <= v <= 1 for v in p)
+    printed = capsys.readouterr().out
+    assert "permutation tests (30 shuffles of the first 48 samples" in printed and "chance-corrected" in printed

@@ -61,6 +61,11 @@ class Interval:
     std: float = math.nan
     confidence: float = CONFIDENCE
 
+    @classmethod
+    def from_bounds(cls, mean: float, low: float, high: float, n: int) -> Interval:
+        """The interval of a summary row (``mean``, ``ci_low``, ``ci_high``, ``n``); NaN bounds stay undefined."""
+        return cls(float(mean), (float(high) - float(low)) / 2, int(n))
+
     @property
     def defined(self) -> bool:
         return self.n >= 1 and math.isfinite(self.half)

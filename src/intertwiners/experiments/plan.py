@@ -16,6 +16,7 @@ import itertools
 import random
 from dataclasses import asdict, dataclass, field, replace
 
+from .figures import EXPERIMENTS  # importing the experiment modules registers their job types
 from .jobs import JOB_TYPES, Job
 
 SCALES = ("smoke", "small", "paper")
@@ -128,8 +129,6 @@ def _missing(kind: str) -> str | None:
 def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan:
     """The jobs of ``scale`` (a preset name or a :class:`Scale`), optionally on another ``dataset``: the
     fragments of every experiment module whose job types can run here, each job once."""
-    from .figures import EXPERIMENTS
-
     if isinstance(scale, str):
         if scale == "test":
             return probe_plan()

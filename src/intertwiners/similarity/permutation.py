@@ -107,7 +107,7 @@ def permuted_inners(kc: torch.Tensor, lc: torch.Tensor, perms: np.ndarray) -> np
     if kc.device.type == "cpu":
         a = np.ascontiguousarray(kc.to(torch.float64).numpy())
         b = np.ascontiguousarray(lc.to(torch.float64).numpy())
-        return _permuted_inners(a, b, np.ascontiguousarray(perms, dtype=np.int64))
+        return _permuted_inners(a, b, np.ascontiguousarray(perms, dtype=np.int32))   # int32: less to read
     idx = torch.as_tensor(perms, device=kc.device)
     return np.array([float(centred_inner(kc, lc[p][:, p])) for p in idx])
 

@@ -81,4 +81,4 @@ def fmt_summary(s: dict) -> str:
     """A row of :func:`intertwiners.stitching.sweep.summarize` as ``mean ± half``."""
     from ...stats import Interval
 
-    return fmt(Interval(s["mean"], (s["ci_high"] - s["ci_low"]) / 2, s["n"], s["std"]), 1)
+    return fmt(Interval.from_bounds(s["mean"], s["ci_low"], s["ci_high"], s["n"]), 1)
