@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats as sps
 
 from intertwiners import cli
 from intertwiners.experiments import ResultsStore, run_jobs
@@ -174,22 +173,8 @@ def test_nulls_are_shown_and_decide_the_above_chance_claims(tmp_path):
     assert all(v == "inconclusive" for v in above.values())   # a large p is no evidence of chance
 
 
-def _scipy_side(e) -> int:
-    """+1 / -1 / 0: the claim's side of the threshold by scipy's 95% interval (an independent computation)."""
-    if e.b is None:
-        res = sps.ttest_1samp(e.a, 0.0)
-    elif e.paired:
-        res = sps.ttest_rel(e.a, e.b)
-    else:
-        res = sps.ttest_ind(e.a, e.b, equal_var=False)
-    lo, hi = res.confidence_interval(0.95)
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return 0
-    return e.direction * (1 if lo > e.threshold else (-1 if hi < e.threshold else 0))
-
-
 @pytest.mark.filterwarnings("ignore:Precision loss occurred")
-def test_no_claim_says_yes_or_no_against_its_own_interval(tmp_path):
+def test_no_claim_says_yes_or_no_against_its_own_interval(tmp_path, scipy_side):
     """Over random synthetic results (1-4 pairs, noise, either direction): every yes has all of its intervals
     on the claimed side and every no has one wholly on the other side (intervals recomputed by scipy);
     the sentence in report.md carries the same answer."""
@@ -204,7 +189,7 @@ def test_no_claim_says_yes_or_no_against_its_own_interval(tmp_path):
             found = [c for make in SECTIONS for c in make(view, None).claims]   # None: no figures
         for c in found:
             answers.add(c.answer)
-            sides = [_scipy_side(e) for e in c.evidence]
+            sides = [scipy_side(e) for e in c.evidence]
             if c.answer == "yes":
                 assert sides and all(v > 0 for v in sides), c
             if c.answer == "no":

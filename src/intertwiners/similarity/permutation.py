@@ -162,13 +162,12 @@ def permutation_test(X, Y, measure: str = "grelu_cka", n_permutations: int = 100
     the B permuted values, ``chance_corrected`` = statistic - mean(null). CKA costs its two Gram matrices
     plus O(N^2) per permutation (memory O(N^2)); Procrustes one X'Y product per permutation.
     """
-    if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
     from .._util import resolve_device
 
-    dev = None if device is None else resolve_device(device)
-    x = to_features(X, "X", dev)
-    y = to_features(Y, "Y", dev if dev is not None else x.device)
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    x = to_features(X, "X", None if device is None else resolve_device(device))
+    y = to_features(Y, "Y", x.device)     # Y follows X onto its device
     check_pair(x, y)
     if x.shape[0] < 2:
         raise ValueError(f"a permutation test needs at least 2 samples, got {x.shape[0]}")

@@ -8,19 +8,8 @@ import numpy as np
 
 from ...stats import decide, evidence
 from ..jobs import Dependency, Job, Output, register
-from .common import (
-    COMMON,
-    FEATURES,
-    Section,
-    at_chance,
-    dataset,
-    device,
-    model_from_files,
-    null_claim,
-    null_table,
-    table,
-    zoo_accuracies,
-)
+from . import common
+from .common import COMMON, FEATURES, Section, dataset, device, model_from_files, table
 from .fig1_stitching import MYRTLE_PAPER_LAYERS
 from .zoo import myrtle_zoo, resnet_zoo
 
@@ -111,8 +100,9 @@ def claims(rows, sites, measures, chance, models: str) -> list:
                           "mean over the diagonal − mean off the diagonal, over model pairs, 95% t-interval",
                           precondition=chance, digits=3))
     if any("null" in r.result for r in rows):
-        out.append(null_claim(f"{models}: same-layer CKA above chance at every layer, for both kernels", rows, "null",
-                              [NULL_MEASURES[m] for m in measures], sites, precondition=chance))
+        out.append(common.null_claim(f"{models}: same-layer CKA above chance at every layer, for both kernels",
+                                     rows, "null", [NULL_MEASURES[m] for m in measures], sites,
+                                     precondition=chance))
     return out
 
 
@@ -136,7 +126,7 @@ def section(view, figdir: Path, experiment: str) -> Section:
                              for s, d in zip(sites, np.diag(mats[m]))] for m in measures])
     else:
         diag = table(["measure (diagonal)"] + labels, [[m] + [f"{d:.3f}" for d in np.diag(mats[m])] for m in measures])
-    nulls = null_table(rows, "null", {NULL_MEASURES[m]: PANELS[m][4:] for m in measures}, labels)
+    nulls = common.null_table(rows, "null", {NULL_MEASURES[m]: PANELS[m][4:] for m in measures}, labels)
     body = (f"![{title}](figures/{name})\n\nAveraged over {len(rows)} pair(s); features are the activation outputs "
             "on test images (eval mode); '*' marks layers inside residual blocks. Diagonal (same layer in both "
             "models):\n\n" + diag
@@ -144,5 +134,5 @@ def section(view, figdir: Path, experiment: str) -> Section:
                "images; the images of one model shuffled, B shuffles, p = (1 + #null ≥ observed)/(1 + B)): the "
                "largest p over pairs; chance-corrected CKA (observed − null mean), mean over pairs.\n\n" + nulls
                if nulls else ""))
-    return Section(title, body, claims(rows, sites, measures, at_chance(zoo_accuracies(view, rows)),
+    return Section(title, body, claims(rows, sites, measures, common.at_chance(common.zoo_accuracies(view, rows)),
                                          MODELS[experiment]))

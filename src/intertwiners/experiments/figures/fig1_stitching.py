@@ -6,19 +6,8 @@ from pathlib import Path
 
 from ...stats import decide, evidence, mean_ci
 from ..jobs import Dependency, Job, Output, register
-from .common import (
-    COMMON,
-    FEATURES,
-    Section,
-    at_chance,
-    dataset,
-    device,
-    fmt,
-    kind_name,
-    model_from_files,
-    pyplot,
-    table,
-)
+from . import common
+from .common import COMMON, FEATURES, Section, at_chance, dataset, device, fmt, model_from_files, table
 from .zoo import myrtle_zoo
 
 KINDS = ("stitch",)
@@ -79,7 +68,7 @@ def stitch_rows(view, experiment: str) -> list[dict]:
     for r in view.rows(kind="stitch", status="done"):
         if r.config.get("experiment") != experiment:
             continue
-        out.append({"site": r.config["site"], "kind": kind_name(r.config), "penalty": float(r.result["penalty"]),
+        out.append({"site": r.config["site"], "kind": common.kind_name(r.config), "penalty": float(r.result["penalty"]),
                     "front": r.deps.get("front"), "back": r.deps.get("back"),
                     "site_index": MYRTLE_PAPER_LAYERS.get(r.config["site"]), "slope": r.config.get("slope"),
                     "accuracies": [r.result.get("front_accuracy"), r.result.get("back_accuracy")]})
@@ -131,7 +120,8 @@ def section(view, figdir: Path) -> Section:
     kinds = sorted({r["kind"] for r in rows}, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 9)
     ref = reference(kinds, sites)
     if figdir is not None:
-        pyplot().close(plot_penalties(rows, figdir / FIGURE, reference=ref, title="Stitching penalties, Myrtle CNN"))
+        fig = plot_penalties(rows, figdir / FIGURE, reference=ref, title="Stitching penalties, Myrtle CNN")
+        common.pyplot().close(fig)
     out = []
     for k in kinds:
         cells = [fmt(mean_ci(by_pair(rows, k, s).values()), 1) + f" (paper {ref.get(k, {}).get(s, '–')})"

@@ -6,21 +6,8 @@ from pathlib import Path
 
 from ...stats import decide, evidence, mean_ci
 from ..jobs import Dependency, Job, Output, register
-from .common import (
-    COMMON,
-    FEATURES,
-    Section,
-    at_chance,
-    dataset,
-    device,
-    fmt,
-    model_from_files,
-    null_claim,
-    null_table,
-    pyplot,
-    table,
-    zoo_accuracies,
-)
+from . import common
+from .common import COMMON, FEATURES, Section, at_chance, dataset, device, fmt, model_from_files, table
 from .fig1_stitching import MYRTLE_PAPER_LAYERS
 from .zoo import myrtle_zoo
 
@@ -74,7 +61,7 @@ def plot(stats: dict, sites: list[str], path: Path) -> Path:
     import numpy as np
 
     from ..._util import save_figure
-    plt = pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.arange(len(sites))
     for g, ivs in stats.items():
@@ -102,7 +89,7 @@ def section(view, figdir: Path) -> Section:
     out = [[g] + [f"{fmt(iv, 3)} (paper {PAPER_PROCRUSTES[g][list(MYRTLE_PAPER_LAYERS).index(s)]})"
                   if s in MYRTLE_PAPER_LAYERS and g in PAPER_PROCRUSTES else fmt(iv, 3)
                   for s, iv in zip(sites, stats[g])] for g in groups]
-    nulls = null_table(rows, "null", MEASURES, sites)
+    nulls = common.null_table(rows, "null", MEASURES, sites)
     body = (f"![Table 2](figures/{FIGURE})\n\nMean ± 95% t-interval over {len(rows)} pair(s); features are the "
             "ReLU outputs on test images, channels as columns.\n\n"
             + table(["group"] + [f"{s} (layer {MYRTLE_PAPER_LAYERS.get(s, '?')})" for s in sites], out)
@@ -110,7 +97,7 @@ def section(view, figdir: Path) -> Section:
                "whole images, B shuffles, p = (1 + #null ≥ observed)/(1 + B)), on the first test images: the "
                "largest p over pairs; chance-corrected similarity (observed − null mean), mean over pairs.\n\n"
                + nulls if nulls else ""))
-    chance = at_chance(zoo_accuracies(view, rows))
+    chance = at_chance(common.zoo_accuracies(view, rows))
     found = []
     if len(groups) == 2:
         items = [evidence(s, [r.result["orthogonal"][i] for r in rows], [r.result["grelu"][i] for r in rows])
@@ -119,6 +106,6 @@ def section(view, figdir: Path) -> Section:
                             "orthogonal − G_ReLU similarity, paired over model pairs, 95% t-interval",
                             precondition=chance, digits=3))
     if nulls:
-        found.append(null_claim("Same-layer Procrustes similarity above chance at every layer, for both groups",
+        found.append(common.null_claim("Same-layer Procrustes similarity above chance at every layer, for both groups",
                                 rows, "null", list(MEASURES), sites, precondition=chance))
     return Section(title, body, found)
