@@ -18,8 +18,9 @@ Each statistic is computed once by its own implementation (:func:`.cka.cka_from_
   sum_ij K~_ij L~_pi(i)pi(j) over the upper triangle (both are symmetric): O(N^2), no new Gram matrix.
 * Procrustes (``procrustes_orthogonal``, ``procrustes_permutation``, ``procrustes_grelu``): column sums
   and norms do not change under a shuffle of the samples; only X'Y does, X'Y_pi = X' P Y, one product per
-  permutation, evaluated by the same :meth:`.procrustes.ProcrustesStats.similarity`. For (N, C, *spatial)
-  features whole samples (images) are shuffled, never positions within them.
+  permutation (in the features' dtype, shared by every group tested at once), evaluated by the same
+  :meth:`.procrustes.ProcrustesStats.similarity`. For (N, C, *spatial) features whole samples (images)
+  are shuffled, never positions within them.
 """
 
 from __future__ import annotations
@@ -130,20 +131,33 @@ def _cka_test(x, y, kernel: str, estimator: str, perms: np.ndarray, drop_dead: b
     return statistic, null
 
 
-def _procrustes_test(x, y, group: str, center: bool, perms: np.ndarray, drop_dead: bool):
-    """(statistic, null) for Procrustes: moments once; per permutation only X'Y changes."""
+def _procrustes_test(x, y, groups: tuple[str, ...], center: bool, perms: np.ndarray, drop_dead: bool):
+    """{group: (statistic, null)} for Procrustes: moments once; per permutation only X'Y changes, computed
+    once for all ``groups`` (in the features' dtype: one gather of Y's samples and one product)."""
     stats = ProcrustesStats()
     stats.update(x, y)
-    statistic = stats.similarity(group, center=center, drop_dead=drop_dead)
-    xm = channels_last_matrix(x).to(torch.float64)
-    ys = y.to(torch.float64).reshape(y.shape[0], -1)      # whole samples, shuffled together
-    null = np.empty(len(perms))
+    observed = {g: stats.similarity(g, center=center, drop_dead=drop_dead) for g in groups}
+    xm = channels_last_matrix(x)
+    ym = channels_last_matrix(y)
+    ys = ym.reshape(y.shape[0], -1, ym.shape[1])       # (N, positions, C): whole samples shuffle together
+    nulls = {g: np.empty(len(perms)) for g in groups}
     shuffled = copy.copy(stats)
     for b, p in enumerate(torch.as_tensor(perms, device=y.device)):
-        yp = ys[p].reshape(y.shape)
-        shuffled.xty = xm.T @ channels_last_matrix(yp)
-        null[b] = shuffled.similarity(group, center=center, drop_dead=drop_dead)
-    return statistic, null
+        shuffled.xty = (xm.T @ ys[p].reshape(ym.shape)).to(torch.float64)
+        for g in groups:
+            nulls[g][b] = shuffled.similarity(g, center=center, drop_dead=drop_dead)
+    return {g: (observed[g], nulls[g]) for g in groups}
+
+
+def _run(x, y, measures, perms, estimator, center, drop_dead, backend) -> dict[str, PermutationTestResult]:
+    """Every measure's test on the same permutations; the Procrustes groups share their X'Y products."""
+    out = {m: _cka_test(x, y, CKA_KERNELS[m], estimator, perms, drop_dead, backend)
+           for m in measures if m in CKA_KERNELS}
+    groups = tuple(PROCRUSTES_GROUPS[m] for m in measures if m in PROCRUSTES_GROUPS)
+    if groups:
+        found = _procrustes_test(x, y, groups, center, perms, drop_dead)
+        out.update({m: found[g] for m, g in PROCRUSTES_GROUPS.items() if g in found})
+    return {m: PermutationTestResult(float(t), permutation_pvalue(t, null), null, m) for m, (t, null) in out.items()}
 
 
 def permutation_test(X, Y, measure: str = "grelu_cka", n_permutations: int = 1000, generator=None, *,
@@ -172,11 +186,7 @@ def permutation_test(X, Y, measure: str = "grelu_cka", n_permutations: int = 100
     if x.shape[0] < 2:
         raise ValueError(f"a permutation test needs at least 2 samples, got {x.shape[0]}")
     perms = permutations(x.shape[0], int(n_permutations), generator)
-    if measure in CKA_KERNELS:
-        statistic, null = _cka_test(x, y, CKA_KERNELS[measure], estimator, perms, drop_dead, backend)
-    else:
-        statistic, null = _procrustes_test(x, y, PROCRUSTES_GROUPS[measure], center, perms, drop_dead)
-    return PermutationTestResult(float(statistic), permutation_pvalue(statistic, null), null, measure)
+    return _run(x, y, (measure,), perms, estimator, center, drop_dead, backend)[measure]
 
 
 def same_layer_tests(model_a, model_b, inputs, sites_a, sites_b=None, measures=("grelu_cka",),
@@ -195,12 +205,17 @@ def same_layer_tests(model_a, model_b, inputs, sites_a, sites_b=None, measures=(
         raise ValueError(f"same-layer tests pair sites one to one: {len(sites_a)} and {len(sites_b)} sites")
     x = getattr(inputs, "x", inputs)[:n_samples]
     out = {m: {"pvalue": [], "statistic": [], "chance_corrected": []} for m in measures}
+    for m in measures:
+        if m not in MEASURES:
+            raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {m!r}")
     for k in range(0, len(sites_a), 4):
         fa = extract_features(model_a, list(sites_a[k:k + 4]), x, device=device)
         fb = extract_features(model_b, list(sites_b[k:k + 4]), x, device=device)
         for sa, sb in zip(sites_a[k:k + 4], sites_b[k:k + 4]):
-            for m in measures:
-                r = permutation_test(fa[sa], fb[sb], m, n_permutations, generator=generator, drop_dead=drop_dead)
+            xa, xb = to_features(fa[sa], f"A features at {sa}"), to_features(fb[sb], f"B features at {sb}")
+            check_pair(xa, xb)
+            perms = permutations(xa.shape[0], int(n_permutations), generator)
+            for m, r in _run(xa, xb, measures, perms, "unbiased", False, drop_dead, "auto").items():
                 out[m]["pvalue"].append(r.pvalue)
                 out[m]["statistic"].append(r.statistic)
                 out[m]["chance_corrected"].append(r.chance_corrected)
