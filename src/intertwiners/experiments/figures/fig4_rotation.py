@@ -120,7 +120,7 @@ def section(view, figdir: Path) -> Section:
                 iv = mean_ci(penalties(rows, act, t, la).values())
                 ref = (PAPER_ROTATION[t][PAPER_ROTATION["layers"].index(la)]
                        if act == "relu" and t in PAPER_ROTATION and la in PAPER_ROTATION["layers"] else "–")
-                cells.append(f"{fmt(iv)} (n={iv.n}; paper {ref})")
+                cells.append(f"{fmt(iv)} (n={iv.n}; paper {ref})" if iv.defined else f"{fmt(iv)} (paper {ref})")
             out.append([act, t] + cells)
     body = (f"![Fig. 4](figures/{FIGURE})\n\nPenalty = baseline accuracy − accuracy after inserting a fixed "
             "transform (a G_ReLU element P·D, or a random orthogonal matrix) before the activation and "
