@@ -24,3 +24,26 @@ def warmed(model, x, steps=3):
         for k in range(steps):
             model(1.5 * x + 0.3 * (k + 1))
     return model.eval()
+
+
+@pytest.fixture
+def scipy_side():
+    """side(e) for an :class:`intertwiners.stats.Evidence`: +1 / -1 / 0 as scipy.stats' 95% t-interval lies on
+    the claimed side of the threshold, on the other side, or contains it (0 also where scipy has no interval)
+    -- an implementation independent of intertwiners.stats, for checking claim verdicts."""
+    import numpy as np
+    from scipy import stats as sps
+
+    def side(e) -> int:
+        if e.b is None:
+            res = sps.ttest_1samp(e.a, 0.0)
+        elif e.paired:
+            res = sps.ttest_rel(e.a, e.b)
+        else:
+            res = sps.ttest_ind(e.a, e.b, equal_var=False)
+        lo, hi = res.confidence_interval(0.95)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            return 0
+        return e.direction * (1 if lo > e.threshold else (-1 if hi < e.threshold else 0))
+
+    return side

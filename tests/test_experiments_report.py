@@ -6,18 +6,32 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from intertwiners import cli
 from intertwiners.experiments import ResultsStore, run_jobs
 from intertwiners.experiments.backends import InlineBackend
+from intertwiners.experiments.figures import SECTIONS
 from intertwiners.experiments.plan import probe_plan
-from intertwiners.experiments.report import mean_ci
+from intertwiners.experiments.report import PlanView
+from intertwiners.stats import mean_ci
 
 SITES = ["relu1", "relu2", "relu3", "relu4"]
 
 
-def fill(out: Path, grelu_better: bool) -> None:
-    """Synthetic rows of every experiment kind; ``grelu_better`` decides every G_ReLU-vs-other claim."""
+def fill(out: Path, grelu_better: bool, n_pairs: int = 3, noise: float = 0.0, seed: int = 0,
+         accuracy: float = 98.0, nulls: bool = False) -> None:
+    """Synthetic rows of every experiment kind; ``grelu_better`` decides every G_ReLU-vs-other claim.
+
+    ``noise`` adds Gaussian noise (seeded) to every number, so that intervals have width; ``accuracy`` is
+    every model's test accuracy (10 classes: 10% is chance); ``nulls`` adds permutation-test results.
+    """
     n = 0
+    rng = np.random.default_rng(seed)
+
+    def jitter(v):
+        return float(v + noise * rng.normal())
 
     def rec(kind, config, result, deps=None):
         nonlocal n
@@ -28,42 +42,52 @@ def fill(out: Path, grelu_better: bool) -> None:
     with ResultsStore(out) as store:
         store.set_meta("plan", {"name": "synthetic", "scale": {"dataset": "digits"}, "jobs": 0,
                                 "missing": {"fig0_nothing": "module intertwiners.nothing is not available"}})
-        for seed in range(2):
-            rec("zoo", {"arch": "myrtle_cnn", "dataset": "digits", "seed": seed, "epochs": 3, "arch_kwargs": {}},
-                {"test_accuracy": 98.0 + seed, "epochs": 3})
+        for seed_ in range(n_pairs + 1):
+            rec("zoo", {"arch": "myrtle_cnn", "dataset": "digits", "seed": seed_, "epochs": 3, "arch_kwargs": {}},
+                {"test_accuracy": accuracy + 0.1 * seed_, "epochs": 3})
         g, o = (1.0, 5.0) if grelu_better else (5.0, 1.0)
-        for pair in range(3):
-            deps = {"front": f"zoo{pair}", "back": f"zoo{pair + 1}"}
+        accs = {"front_accuracy": accuracy, "back_accuracy": accuracy}
+        for pair in range(n_pairs):
+            deps = {"front": f"zoo{pair + 1:04d}", "back": f"zoo{pair + 2:04d}"}
             for i, site in enumerate(SITES):
                 for kind, rank, pen in [("full", None, 0.5), ("low_rank", 1, 30.0 + i), ("grelu", None, 10 * g)]:
                     rec("stitch", {"experiment": "fig1", "site": site, "kind": kind, "rank": rank},
-                        {"penalty": pen + 0.1 * pair}, deps)
+                        {"penalty": jitter(pen + 0.1 * pair), **accs}, deps)
             for slope in (0.0, 0.5, 1.0):
-                grelu = (20.0 if slope == 1.0 else 5.0) if grelu_better else 5.0
+                grelu = (20.0 if slope == 1.0 else 5.0) if grelu_better else (2.0 if slope == 1.0 else 5.0)
                 for kind, pen in [("full", 1.0), ("grelu", grelu)]:
                     rec("stitch", {"experiment": "d3", "site": "layer1.1.relu2", "kind": kind, "rank": None,
-                                   "slope": slope}, {"penalty": pen + 0.1 * pair}, deps)
+                                   "slope": slope}, {"penalty": jitter(pen + 0.1 * pair), **accs}, deps)
             for layer in ("conv1", "conv2", "conv3"):
                 for transform, pen in [("grelu", g), ("orthogonal", o)]:
                     rec("rotation_penalty", {"layer": layer, "transform": transform, "seed": pair},
-                        {"penalty": pen + 0.1 * pair})
+                        {"penalty": jitter(pen + 0.1 * pair), "baseline_accuracy": accuracy})
                     # sigmoid: P·D is no symmetry, so it loses its advantage (when the paper's claims hold)
                     sig = 3.0 if grelu_better else (0.0 if transform == "grelu" else 10.0)
                     rec("rotation_penalty", {"layer": layer, "transform": transform, "seed": pair,
-                                             "activation": "sigmoid"}, {"penalty": sig})
-            rec("procrustes", {"experiment": "table2"}, {"sites": SITES, "grelu": [0.5 * g / 5] * 4,
-                                                         "orthogonal": [0.5 * o / 5] * 4})
+                                             "activation": "sigmoid"},
+                        {"penalty": jitter(sig), "baseline_accuracy": accuracy})
+            null = {m: {"pvalue": [0.002 if grelu_better else 0.4] * 4, "statistic": [0.5] * 4,
+                        "chance_corrected": [0.3] * 4} for m in ("procrustes_grelu", "procrustes_orthogonal")}
+            rec("procrustes", {"experiment": "table2"},
+                {"sites": SITES, "grelu": [jitter(0.5 * g / 5) for _ in SITES],
+                 "orthogonal": [jitter(0.5 * o / 5) for _ in SITES], **({"null": null} if nulls else {})},
+                {"a": deps["front"], "b": deps["back"]})
             # diagonal-dominant matrices when the paper's claims should hold, anti-diagonal ones otherwise
             top = [[1.0 if (i == j) == grelu_better and (i + j == 3 or grelu_better) else 0.2 for j in range(4)]
                    for i in range(4)]
+            top = [[jitter(v) for v in row] for row in top]
             half = [[0.5 * v for v in row] for row in top]
+            cnull = {m: {**null["procrustes_grelu"]} for m in ("grelu_cka", "linear_cka")}
             for experiment in ("fig5", "fig2"):
                 rec("cka", {"experiment": experiment}, {"sites": SITES, "linear": top if grelu_better else half,
-                                                        "grelu": half if grelu_better else top})
+                                                        "grelu": half if grelu_better else top,
+                                                        **({"null": cnull} if nulls else {})},
+                    {"a": deps["front"], "b": deps["back"]})
             for arch, act in [("resnet", True), ("resnet_noact", False)]:
-                drop = 0.3 if (act == grelu_better) else 0.0
-                rec("dissection_model", {"arch": arch, "seed": pair}, {"arch": arch})
-                points = [{"alpha": a, "rotation": r, "fraction": 0.5 - drop * a + 0.01 * r}
+                drop = 0.3 if (act == grelu_better) else -0.1
+                rec("dissection_model", {"arch": arch, "seed": pair}, {"arch": arch, "probe_accuracy": 90.0})
+                points = [{"alpha": a, "rotation": r, "fraction": jitter(0.5 - drop * a + 0.01 * r) if a else 0.5}
                           for a in (0.0, 0.5, 1.0) for r in range(2)]
                 rec("dissection", {"site": "stage3.1", "seed": pair},
                     {"site": "stage3.1", "layer": "relu" if act else "no activation", "activation_at_site": act,
@@ -85,8 +109,10 @@ def render_alone(out: Path) -> str:
     return (out / "report.md").read_text()
 
 
-def claims(text: str) -> list[str]:
-    return re.findall(r"^- (.*): \*\*(yes|no)\*\*\.$", text, flags=re.M)
+def claims(text: str) -> list[tuple[str, str]]:
+    """(claim, answer) for every claim sentence of a report."""
+    return [(c, a) for c, a, _ in re.findall(r"^- (.*): \*\*(yes|no|inconclusive|not testable)\*\* \((.*)\)\.$",
+                                            text, flags=re.M)]
 
 
 def test_report_renders_every_figure_from_the_database_alone(tmp_path):
@@ -119,8 +145,65 @@ def test_report_from_a_real_run_without_its_artifacts(tmp_path):
     assert "9 jobs done, 0 failed" in text
 
 
-def test_mean_ci_matches_the_t_interval():
-    m, h, n = mean_ci([1.0, 2.0, 3.0, 4.0])
-    # t(0.975, 3) = 3.182446305...; sd = 1.2909944
-    assert (m, n) == (2.5, 4) and abs(h - 3.1824463 * 1.2909944 / 2) < 1e-6
-    assert mean_ci([7.0]) == (7.0, 0.0, 1)
+def test_one_pair_decides_nothing(tmp_path):
+    """With one pair (or one repeat) no interval exists: every claim is inconclusive, never yes or no (the
+    synthetic dissection has two rotations, so its claims can still be decided)."""
+    fill(tmp_path, grelu_better=True, n_pairs=1)
+    found = [(c, a) for c, a in claims(render_alone(tmp_path)) if "dissected site" not in c]
+    assert len(found) == 10 and all(a == "inconclusive" for _, a in found), found
+
+
+def test_models_at_chance_make_the_claims_not_testable(tmp_path):
+    fill(tmp_path, grelu_better=True, accuracy=12.0)
+    text = render_alone(tmp_path)
+    found = dict(claims(text))
+    assert all(v == "not testable" for k, v in found.items() if "dissected site" not in k), found
+    assert "at chance" in text and "**not testable** (" in text
+
+
+def test_nulls_are_shown_and_decide_the_above_chance_claims(tmp_path):
+    fill(tmp_path, grelu_better=True, nulls=True)
+    text = render_alone(tmp_path)
+    found = dict(claims(text))
+    above = {k: v for k, v in found.items() if "above chance" in k}
+    assert len(above) == 3 and all(v == "yes" for v in above.values()), found   # Table 2, Figs. 5 and 2
+    assert "p ≤ 0.002" in text
+    fill(tmp_path / "n", grelu_better=False, nulls=True)
+    above = {k: v for k, v in claims(render_alone(tmp_path / "n")) if "above chance" in k}
+    assert all(v == "inconclusive" for v in above.values())   # a large p is no evidence of chance
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred")
+def test_no_claim_says_yes_or_no_against_its_own_interval(tmp_path, scipy_side):
+    """Over random synthetic results (1-4 pairs, noise, either direction): every yes has all of its intervals
+    on the claimed side and every no has one wholly on the other side (intervals recomputed by scipy);
+    the sentence in report.md carries the same answer."""
+    rng = np.random.default_rng(12)
+    answers = set()
+    for k in range(10):
+        out = tmp_path / f"r{k}"
+        fill(out, grelu_better=bool(rng.integers(2)), n_pairs=int(rng.integers(1, 5)),
+             noise=float(rng.choice([0.0, 0.05, 0.5, 3.0])), seed=k)
+        with ResultsStore(out, readonly=True) as raw:
+            view = PlanView(raw)
+            found = [c for make in SECTIONS for c in make(view, None).claims]   # None: no figures
+        for c in found:
+            answers.add(c.answer)
+            sides = [scipy_side(e) for e in c.evidence]
+            if c.answer == "yes":
+                assert sides and all(v > 0 for v in sides), c
+            if c.answer == "no":
+                assert any(v < 0 for v in sides), c
+        if k == 0:
+            written = dict(claims(render_alone(out)))
+            assert written == {c.text: c.answer for c in found}
+    assert {"yes", "no", "inconclusive"} <= answers
+
+
+def test_the_report_and_the_stitch_command_give_the_same_interval():
+    from intertwiners.stitching.sweep import summarize
+
+    vals = [1.0, 2.5, 4.0]
+    s = summarize([{"kind": "grelu", "site": "relu1", "penalty": v} for v in vals])[0]
+    iv = mean_ci(vals)
+    assert (s["ci_low"], s["ci_high"]) == (iv.low, iv.high)

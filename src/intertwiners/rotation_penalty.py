@@ -293,8 +293,9 @@ def with_control(results: list[dict], control: str = "identity") -> list[dict]:
 
 
 def summarize(results: list[dict], key: str = "penalty", by: tuple[str, ...] = ("layer", "transform")) -> list[dict]:
-    """Mean, standard deviation and a 95% t confidence half-width of ``key`` per group of ``by``."""
-    from scipy import stats
+    """Mean, standard deviation and the 95% t confidence half-width of ``key`` per group of ``by``
+    (:func:`intertwiners.stats.mean_ci`: ddof=1; one run per group has no interval, ``std`` and ``ci95`` NaN)."""
+    from .stats import mean_ci
 
     groups: dict[tuple, list[float]] = {}
     for r in results:
@@ -302,11 +303,8 @@ def summarize(results: list[dict], key: str = "penalty", by: tuple[str, ...] = (
             groups.setdefault(tuple(r[k] for k in by), []).append(float(r[key]))
     out = []
     for k, values in groups.items():
-        t = torch.tensor(values, dtype=torch.float64)
-        n = len(values)
-        std = float(t.std()) if n > 1 else 0.0
-        half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else float("nan")
-        out.append({**dict(zip(by, k)), "mean": float(t.mean()), "std": std, "ci95": half, "n": n})
+        iv = mean_ci(values)
+        out.append({**dict(zip(by, k)), "mean": iv.mean, "std": iv.std, "ci95": iv.half, "n": iv.n})
     return out
 
 

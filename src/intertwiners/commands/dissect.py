@@ -24,6 +24,13 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _number(v):
+    """Rounded floats for printing; an undefined interval (NaN: one rotation) becomes null, not 0."""
+    if isinstance(v, float):
+        return None if v != v else round(v, 4)
+    return v
+
+
 def add_arguments(p):
     p.add_argument("--model", default=None, help="folder (or .safetensors) written by `intertwiners train` or "
                    "by --fig3 --save-models")
@@ -99,7 +106,7 @@ def run(args) -> int:
         write_rows_csv(summarize(rows), out / "fig3_summary.csv")
         plot_fig3(rows, out / "fig3.png")
         for s in summarize(rows):
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}))
+            print(json.dumps({k: _number(v) for k, v in s.items()}))
         print(f"wrote {out / 'fig3_rows.csv'}, {out / 'fig3_summary.csv'}, {out / 'fig3.png'}")
         return 0
     if args.make_synthetic:
@@ -131,6 +138,7 @@ def run(args) -> int:
         write_rows_csv(rows, out / f"rotation_{safe}.csv")
         plot_fig3(rows, out / f"rotation_{safe}.png")
         for s in summarize(rows):
-            print(json.dumps({k: s[k] for k in ("alpha", "fraction_mean", "fraction_std", "unique_mean")}))
+            keys = ("alpha", "n", "fraction_mean", "fraction_ci95", "unique_mean")
+            print(json.dumps({k: _number(s[k]) for k in keys}))
     print(f"wrote results to {out}")
     return 0

@@ -67,6 +67,7 @@ def _check(args) -> tuple[list[str], list[str] | None, dict[str, list]]:
 
 
 def run(args) -> int:
+    from ..stats import Interval
     from ..stitching.plot import plot_penalties, plot_slope_sweep
     from ..stitching.sweep import ROW_KEYS, slope_of, stitch_sweep, summarize
 
@@ -114,8 +115,8 @@ def run(args) -> int:
         if all(slope_of(a) is not None for a in activations):
             figures.append(out / "stitch_slopes.png")
             plot_slope_sweep(rows, figures[-1])
-    for s in summarize(rows, by=("activation", "kind", "site")):
-        print(f"{s['activation']:>16} {s['kind']:>12} {s['site']:>16}: penalty {s['mean']:+6.2f} "
-              f"[{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] (n={s['n']})")
+    for s in summarize(rows, by=("activation", "kind", "site")):   # mean and 95% t-interval over pairs
+        iv = Interval.from_bounds(s["mean"], s["ci_low"], s["ci_high"], s["n"])
+        print(f"{s['activation']:>16} {s['kind']:>12} {s['site']:>16}: penalty {iv.bracket()} (n={s['n']})")
     print(f"wrote {csv_path} and {', '.join(str(f) for f in figures)}")
     return 0

@@ -1,4 +1,4 @@
-"""Job types of the reproduction and the pure functions that run them.
+"""The job engine: :class:`Job`, :class:`JobType`, the :data:`JOB_TYPES` registry and :func:`execute`.
 
 A :class:`Job` is a kind (a key of :data:`JOB_TYPES`), a JSON configuration and the jobs it depends on
 (by role, e.g. ``{"front": zoo_job, "back": zoo_job}``). Its id is the hash of all of that (see
@@ -12,7 +12,9 @@ between machines without changing the answer (the data folder, the device); it i
 Results are deterministic for a given configuration (seeds are part of every configuration).
 
 Experiment job types whose library module is not installed report it through ``missing()``; the plan
-leaves them out and the report lists them as missing.
+leaves them out and the report lists them as missing. The paper's job types live with their figures in
+:mod:`intertwiners.experiments.figures` (one module per experiment); this module knows none of them but
+the ``probe`` job that tests the machinery itself.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .store import canonical_json, job_id
 
@@ -114,8 +115,17 @@ JOB_TYPES: dict[str, JobType] = {}
 
 @functools.cache
 def _code_version(sources: tuple[str, ...]) -> str:
+    """sha256 of the named sources: a module or package (every ``.py`` in it), or ``module:function``
+    (that function's source text only, so that a figure module's report code does not change its job ids)."""
     digest = hashlib.sha256()
     for name in sources:
+        mod, _, attr = name.partition(":")
+        if attr:
+            import inspect
+
+            digest.update(f"{name}:".encode())
+            digest.update(inspect.getsource(getattr(importlib.import_module(mod), attr)).encode())
+            continue
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:
             digest.update(f"{name}:missing".encode())
@@ -128,15 +138,9 @@ def _code_version(sources: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-# The library code behind the experiment jobs (the engine's own job functions included).
-_ENGINE = ("intertwiners.experiments.jobs",)
-_ZOO = ("intertwiners.training", "intertwiners.models", "intertwiners.data", "intertwiners.activations")
-_FEATURES = ("intertwiners.features", "intertwiners.tracing")
-
-
 def register(kind: str, description: str, needs: tuple[str, ...] = (), sources: tuple[str, ...] = ()):
     """Decorator: register ``run(config, inputs, context) -> Output`` as the job type ``kind``; ``sources``
-    name the modules whose code goes into the job ids (see :meth:`JobType.code_version`)."""
+    name the modules (or ``module:function``) whose code goes into the job ids (see :meth:`JobType.code_version`)."""
     def wrap(fn):
         JOB_TYPES[kind] = JobType(kind, fn, description, needs, tuple(sources))
         return fn
@@ -180,53 +184,6 @@ def execute(kind: str, config: dict, inputs: dict[str, Dependency], context: dic
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Helpers shared by the experiment jobs
-
-_DATA_CACHE: dict[tuple, Any] = {}
-
-
-def dataset(name: str, context: dict):
-    """``(train, test)`` for ``name``, cached per worker process."""
-    from ..data import load
-
-    key = (name, context.get("data_root"))
-    if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load(name, context.get("data_root"))
-    return _DATA_CACHE[key]
-
-
-def model_files(model) -> dict[str, bytes]:
-    """A model built by :mod:`intertwiners.models` as ``{"model.safetensors": ..., "config.json": ...}``."""
-    from safetensors.torch import save
-
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    config = json.dumps(model.intertwiners_config, indent=2, sort_keys=True).encode()
-    return {"model.safetensors": save(state), "config.json": config}
-
-
-def model_from_files(files: dict[str, bytes]):
-    """Rebuild a model from :func:`model_files` output (safetensors + JSON; never unpickles)."""
-    from safetensors.torch import load
-
-    from .. import models
-
-    if "model.safetensors" not in files or "config.json" not in files:
-        raise ValueError(f"dependency has no saved model (files: {sorted(files)})")
-    config = json.loads(files["config.json"])
-    if str(config.get("arch", "")).startswith("fig3_"):
-        from ..dissection.fig3_models import build_fig3_model
-        model = build_fig3_model(config["arch"][len("fig3_"):], **config.get("kwargs", {}))
-    else:
-        model = models.build(config)
-    model.load_state_dict(load(files["model.safetensors"]))
-    return model.eval()
-
-
-def _device(context: dict) -> str:
-    return context.get("device") or "auto"
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Job types
 
 
@@ -245,155 +202,3 @@ def run_probe(config: dict, inputs: dict[str, Dependency], context: dict) -> Out
     value = float(config["seed"]) * 1.5 + sum(float(d.result["value"]) for _, d in sorted(inputs.items()))
     files = {"probe.txt": f"{value!r}\n".encode()} if config.get("file") else {}
     return Output({"value": value, "name": config["name"], "inputs": sorted(inputs)}, files)
-
-
-@register("zoo", "train one model (intertwiners.training.train_one) and keep its weights",
-          sources=_ENGINE + _ZOO)
-def run_zoo(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """Config: ``arch``, ``dataset``, ``seed``, ``epochs`` (null: the recipe's), ``arch_kwargs``."""
-    from ..training import train_one
-
-    data = dataset(config["dataset"], context)
-    model, metrics = train_one(config["arch"], config["dataset"], int(config["seed"]), epochs=config.get("epochs"),
-                               device=_device(context), progress=False, data=data,
-                               **config.get("arch_kwargs", {}))
-    metrics.pop("wall_time_s", None)  # timing lives in the row, results stay deterministic
-    return Output(metrics, model_files(model))
-
-
-@register("stitch", "a stitching penalty for one (front, back) pair, site and kind (Fig. 1, D.3)",
-          needs=("intertwiners.stitching:stitch",), sources=_ENGINE + ("intertwiners.stitching",) + _FEATURES)
-def run_stitch(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """Config: ``site``, ``kind``, ``rank``, ``epochs``, ``seed``, ``dataset``, ``settings`` (default
-    ``"default"``); deps ``front``, ``back`` (zoo jobs). Result: the accuracies and the penalty (eq. 4.3)."""
-    from ..stitching import stitch
-
-    train, test = dataset(config["dataset"], context)
-    front = model_from_files(inputs["front"].files)
-    back = model_from_files(inputs["back"].files)
-    r = stitch(front, back, config["site"], config["kind"], train, test, epochs=config["epochs"],
-               rank=config.get("rank"), seed=int(config.get("seed", 0)), settings=config.get("settings", "default"),
-               device=_device(context), front_accuracy=inputs["front"].result.get("test_accuracy"),
-               back_accuracy=inputs["back"].result.get("test_accuracy"), keep_model=False)
-    row = r.as_row()
-    row.pop("seconds", None)
-    return Output(row)
-
-
-@register("rotation_penalty", "fixed transform before an activation, then fine-tuning (Fig. 4)",
-          needs=("intertwiners.rotation_penalty:rotation_penalty",),
-          sources=_ENGINE + ("intertwiners.rotation_penalty", "intertwiners.groups"))
-def run_rotation_penalty(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """Config: ``layer``, ``transform`` (grelu | orthogonal | ...), ``seed``, ``epochs``, ``dataset``;
-    dep ``model`` (a zoo job). Result: baseline, transformed and fine-tuned accuracies and the penalty."""
-    from ..rotation_penalty import rotation_penalty
-
-    train, test = dataset(config["dataset"], context)
-    model = model_from_files(inputs["model"].files)
-    r = rotation_penalty(model, config["layer"], config["transform"], train, test, epochs=int(config["epochs"]),
-                         seed=int(config["seed"]), device=_device(context))
-    r.pop("wall_time_s", None)
-    return Output(r)
-
-
-def _pair(config: dict, inputs: dict[str, Dependency], context: dict):
-    _, test = dataset(config["dataset"], context)
-    return model_from_files(inputs["a"].files), model_from_files(inputs["b"].files), test
-
-
-@register("procrustes", "G_ReLU and orthogonal Procrustes similarity per layer for one pair (Table 2)",
-          needs=("intertwiners.similarity:procrustes_per_layer",),
-          sources=_ENGINE + ("intertwiners.similarity",) + _FEATURES)
-def run_procrustes(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """Config: ``sites``, ``groups``, ``max_samples``, ``dataset``; deps ``a``, ``b``. Result: per group a
-    list of similarities, one per site (features: activation outputs on test images, eval mode, channels
-    as columns), through :func:`intertwiners.similarity.procrustes_per_layer`."""
-    from ..similarity import procrustes_per_layer
-
-    a, b, test = _pair(config, inputs, context)
-    table = procrustes_per_layer(a, b, test, sites=config["sites"], groups=tuple(config["groups"]),
-                                 max_samples=config.get("max_samples"), device=_device(context))
-    sites = list(table)
-    return Output({"sites": sites, **{g: [float(table[s][g]) for s in sites] for g in config["groups"]}})
-
-
-CKA_MEASURES = {"linear": "cka", "grelu": "grelu_cka"}
-
-
-@register("cka", "layer x layer G_ReLU-CKA and linear CKA matrices for one pair (Figs. 2 and 5)",
-          needs=("intertwiners.similarity:layer_similarity_matrix",),
-          sources=_ENGINE + ("intertwiners.similarity",) + _FEATURES)
-def run_cka(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """Config: ``measures`` (linear | grelu), ``sites`` (null: every activation site), ``max_samples``,
-    ``dataset``; deps ``a``, ``b``. Result: ``{"sites": [...], measure: matrix[i][j] = CKA(a_i, b_j)}``
-    (minibatch CKA with the unbiased HSIC, :func:`intertwiners.similarity.layer_similarity_matrix`)."""
-    from ..similarity import layer_similarity_matrix
-
-    a, b, test = _pair(config, inputs, context)
-    result: dict = {}
-    for measure in config["measures"]:
-        matrix, sites, _ = layer_similarity_matrix(
-            a, b, test, sites_a=config.get("sites"), sites_b=config.get("sites"), measure=CKA_MEASURES[measure],
-            max_samples=config.get("max_samples"), device=_device(context), return_sites=True)
-        result["sites"] = list(sites)
-        result[measure] = [[float(v) for v in row] for row in matrix]
-    return Output(result)
-
-
-_BRODEN_CACHE: dict[tuple, str] = {}
-
-
-def _synthetic_broden(config: dict) -> str:
-    """A synthetic Broden-layout dataset for ``config`` (n_images, image_size, data_seed), made once per worker."""
-    import tempfile
-
-    from ..dissection import make_synthetic_broden
-
-    key = (int(config["n_images"]), int(config.get("image_size", 32)), int(config.get("data_seed", 0)))
-    if key not in _BRODEN_CACHE:
-        root = tempfile.mkdtemp(prefix="intertwiners-broden-")
-        make_synthetic_broden(root, n_images=key[0], seed=key[2], image_size=key[1])
-        _BRODEN_CACHE[key] = root
-    return _BRODEN_CACHE[key]
-
-
-@register("dissection_model", "train a Fig. 3 model on the synthetic Broden-layout dataset",
-          needs=("intertwiners.dissection.experiment:train_fig3_model",),
-          sources=_ENGINE + ("intertwiners.dissection",))
-def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """Config: ``arch`` (resnet | resnet_noact | convnext), ``n_images``, ``image_size``, ``data_seed``,
-    ``steps``, ``seed``. Result: training and probe-split accuracies; files: the model."""
-    from ..dissection import BrodenDataset
-    from ..dissection.experiment import synthetic_training_data, train_fig3_model
-    from ..training import accuracy
-
-    root = _synthetic_broden(config)
-    train = synthetic_training_data(BrodenDataset(root, split="train"))
-    probe = synthetic_training_data(BrodenDataset(root, split="val"))
-    model, metrics = train_fig3_model(config["arch"], train, steps=int(config["steps"]), seed=int(config["seed"]),
-                                      device=_device(context))
-    metrics = {k: v for k, v in metrics.items() if k != "wall_time_s"}
-    result = {"arch": config["arch"], **metrics, "probe_accuracy": float(accuracy(model, probe, _device(context)))}
-    return Output(result, model_files(model))
-
-
-@register("dissection", "interpretable units of one site in rotated bases Q**alpha (Fig. 3)",
-          needs=("intertwiners.dissection.experiment:rotation_curve",),
-          sources=_ENGINE + ("intertwiners.dissection",))
-def run_dissection(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """Config: ``site``, ``layer`` (description), ``alphas``, ``n_rotations``, ``quantile``, ``iou_threshold``,
-    ``seed`` and the dataset keys of ``dissection_model``; dep ``model``. Result: one row per (alpha,
-    rotation) with the fraction of interpretable units, and whether the site is an activation."""
-    from ..dissection import BrodenDataset
-    from ..dissection.experiment import rotation_curve
-
-    root = _synthetic_broden(config)
-    probe = BrodenDataset(root, split="val")
-    model = model_from_files(inputs["model"].files)
-    rows = rotation_curve(model, config["site"], probe, config["alphas"], int(config["n_rotations"]),
-                          seed=int(config["seed"]), quantile=float(config["quantile"]),
-                          iou_threshold=float(config["iou_threshold"]), device=_device(context))
-    keep = ("alpha", "rotation", "n_units", "interpretable_units", "fraction", "unique_concepts")
-    return Output({"site": config["site"], "layer": config["layer"],
-                   "activation_at_site": str(config["layer"]).startswith("relu"),
-                   "rows": [{k: r[k] for k in keep} for r in rows]})

@@ -6,7 +6,8 @@
   rotation repeats, 20 stitching epochs): for a GPU or a Ray cluster.
 * ``test`` (hidden): a handful of ``probe`` jobs for the machinery's own tests.
 
-An experiment whose library module is not installed is left out and named in ``Plan.missing``.
+An experiment whose library module is not installed is left out and named in ``Plan.missing``. The jobs
+of each experiment come from its module in :mod:`intertwiners.experiments.figures` (``jobs(scale)``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import itertools
 import random
 from dataclasses import asdict, dataclass, field, replace
 
+from .figures import EXPERIMENTS  # importing the experiment modules registers their job types
 from .jobs import JOB_TYPES, Job
 
 SCALES = ("smoke", "small", "paper")
@@ -64,6 +66,9 @@ class Scale:
     dissection_rotations: int = 1
     dissection_images: int = 200
     dissection_steps: int = 150
+    # null calibration of Table 2 and Figs. 5/2: permutation tests of the same-layer similarity
+    permutations: int = 200
+    permutation_samples: int = 300  # test images in each permutation test (full Gram matrices: O(N^2))
     seed: int = 0  # draws the pairs
 
     def as_dict(self) -> dict:
@@ -80,7 +85,7 @@ PRESETS: dict[str, Scale] = {
         sigmoid_epochs=30, resnet_seeds=4, resnet_epochs=6, slopes=(0.0, 0.1, 0.5, 0.9, 1.0), slope_pairs=2,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=2,
         dissection_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), dissection_rotations=3, dissection_images=800,
-        dissection_steps=1500),
+        dissection_steps=1500, permutations=500, permutation_samples=400),
     "paper": Scale(
         "paper", dataset="cifar10", mcnn_width=64, mcnn_seeds=16, mcnn_epochs=None, stitch_pairs=32,
         stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"), stitch_epochs=20,
@@ -90,7 +95,7 @@ PRESETS: dict[str, Scale] = {
         resnet_seeds=8, resnet_epochs=None, slopes=(0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), slope_pairs=4,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=16,
         dissection_alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), dissection_rotations=5, dissection_images=1600,
-        dissection_steps=2000),
+        dissection_steps=2000, permutations=1000, permutation_samples=1000),
 }
 
 
@@ -115,26 +120,15 @@ def draw_pairs(n_models: int, n_pairs: int, seed: int) -> list[tuple[int, int]]:
     return sorted(random.Random(seed).sample(everything, n_pairs))
 
 
-def activation_of_slope(slope: float) -> str:
-    """``relu`` for slope 0, else ``leaky_relu:<slope>``."""
-    return "relu" if slope == 0 else f"leaky_relu:{float(slope)}"
-
-
 def _missing(kind: str) -> str | None:
     if kind not in JOB_TYPES:
         return f"job type {kind!r} is not implemented yet"
     return JOB_TYPES[kind].missing()
 
 
-def zoo_job(arch: str, dataset: str, seed: int, epochs: int | None, **arch_kwargs) -> Job:
-    tag = "-".join(f"{k}={v}" for k, v in sorted(arch_kwargs.items()))
-    label = f"zoo {arch}{'-' + tag if tag else ''} {dataset} seed{seed}"
-    return Job("zoo", {"arch": arch, "dataset": dataset, "seed": seed, "epochs": epochs,
-                       "arch_kwargs": arch_kwargs}, label=label)
-
-
 def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan:
-    """The jobs of ``scale`` (a preset name or a :class:`Scale`), optionally on another ``dataset``."""
+    """The jobs of ``scale`` (a preset name or a :class:`Scale`), optionally on another ``dataset``: the
+    fragments of every experiment module whose job types can run here, each job once."""
     if isinstance(scale, str):
         if scale == "test":
             return probe_plan()
@@ -143,124 +137,16 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan
         scale = PRESETS[scale]
     if dataset is not None and dataset != scale.dataset:
         scale = replace(scale, dataset=dataset, mcnn_width=scale.mcnn_width if dataset == "digits" else 64)
-    s = scale
-    jobs: list[Job] = []
+    jobs: dict[str, Job] = {}
     missing: dict[str, str] = {}
-    mcnn_kwargs = {} if s.mcnn_width is None else {"width": s.mcnn_width}
-    # Fig. 3: dissection under rotation. Listed first: its models train longest, so they start early and
-    # overlap with the rest (job ids do not depend on the order).
-    reason = _missing("dissection") or _missing("dissection_model")
-    if reason:
-        missing["fig3_dissection"] = reason
-    else:
-        jobs += dissection_jobs(s)
-
-    mcnn = [zoo_job("myrtle_cnn", s.dataset, k, s.mcnn_epochs, **mcnn_kwargs) for k in range(s.mcnn_seeds)]
-    jobs += mcnn
-
-    # Fig. 1: stitching penalties, Myrtle CNN pairs x sites x kinds
-    reason = _missing("stitch")
-    if reason:
-        missing["fig1_stitching"] = reason
-    else:
-        for a, b in draw_pairs(len(mcnn), s.stitch_pairs, s.seed):
-            for site in s.stitch_sites:
-                for kind in s.stitch_kinds:
-                    jobs.append(stitch_job("fig1", mcnn[a], mcnn[b], site, kind, s))
-
-    # Table 2: Procrustes per layer; Fig. 5: CKA heatmaps (Myrtle CNN)
-    reason = _missing("procrustes")
-    if reason:
-        missing["table2_procrustes"] = reason
-    else:
-        for a, b in draw_pairs(len(mcnn), s.similarity_pairs, s.seed + 1):
-            jobs.append(Job("procrustes", {"experiment": "table2", "sites": list(MYRTLE_SITES),
-                                           "groups": ["grelu", "orthogonal"], "max_samples": s.max_samples,
-                                           "dataset": s.dataset},
-                            {"a": mcnn[a], "b": mcnn[b]}, label=f"procrustes mcnn {a}-{b}"))
-    reason = _missing("cka")
-    if reason:
-        missing["fig5_cka_mcnn"] = reason
-    else:
-        for a, b in draw_pairs(len(mcnn), s.cka_pairs, s.seed + 2):
-            jobs.append(cka_job("fig5", mcnn[a], mcnn[b], s, f"mcnn {a}-{b}"))
-
-    # Fig. 4: rotation penalty on the Myrtle CNN without batch norm
-    reason = _missing("rotation_penalty")
-    if reason:
-        missing["fig4_rotation_penalty"] = reason
-    else:
-        for act in s.rotation_activations:
-            base_kwargs = {**mcnn_kwargs, "batch_norm": False, **({} if act == "relu" else {"activation": act})}
-            epochs = s.sigmoid_epochs if act == "sigmoid" and s.sigmoid_epochs else s.mcnn_epochs
-            base = zoo_job("myrtle_cnn", s.dataset, 0, epochs, **base_kwargs)
-            tag = {} if act == "relu" else {"activation": act}  # relu keeps the ids of earlier plans
-            for layer in s.rotation_layers:
-                for transform in s.rotation_transforms:
-                    for r in range(s.rotation_repeats):
-                        jobs.append(Job("rotation_penalty", {
-                            "experiment": "fig4", "layer": layer, "transform": transform, "seed": r,
-                            "epochs": s.rotation_epochs, "dataset": s.dataset, **tag},
-                            {"model": base}, label=f"rotation {act} {layer} {transform} r{r}"))
-
-    # Appendix D.3: ResNet20 with LeakyReLU slopes, stitching; Fig. 2: ResNet20 (ReLU) CKA
-    want_d3 = _missing("stitch") is None
-    want_fig2 = _missing("cka") is None
-    if not want_d3:
-        missing["d3_leaky_relu_sweep"] = _missing("stitch")
-    if not want_fig2:
-        missing["fig2_cka_resnet20"] = _missing("cka")
-    if want_d3 or want_fig2:
-        for slope in (s.slopes if want_d3 else (0.0,)):
-            widths = {} if s.resnet_widths is None else {"widths": list(s.resnet_widths)}
-            resnets = [zoo_job("resnet20", s.dataset, k, s.resnet_epochs, activation=activation_of_slope(slope),
-                               **widths) for k in range(s.resnet_seeds)]
-            if want_d3:
-                for a, b in draw_pairs(len(resnets), s.slope_pairs, s.seed + 3):
-                    for site in s.slope_sites:
-                        for kind in s.slope_kinds:
-                            jobs.append(stitch_job("d3", resnets[a], resnets[b], site, kind, s,
-                                                   extra={"slope": float(slope)}))
-            if want_fig2 and slope == 0.0:
-                for a, b in draw_pairs(len(resnets), s.resnet_cka_pairs, s.seed + 4):
-                    jobs.append(cka_job("fig2", resnets[a], resnets[b], s, f"resnet20 {a}-{b}"))
-
-    return Plan(s.name, jobs, missing, {"scale": s.as_dict()})
-
-
-def stitch_job(experiment: str, front: Job, back: Job, site: str, kind: str, s: Scale,
-               extra: dict | None = None) -> Job:
-    """One stitching penalty: ``kind`` is a stitching kind, ``low_rank:R`` for rank R."""
-    base, _, rank = kind.partition(":")
-    config = {"experiment": experiment, "site": site, "kind": base, "rank": int(rank) if rank else None,
-              "epochs": s.stitch_epochs, "seed": 0, "dataset": s.dataset, "settings": s.stitch_settings,
-              **(extra or {})}
-    label = f"stitch {experiment} {front.config['seed']}-{back.config['seed']} {site} {kind}"
-    if extra and "slope" in extra:
-        label += f" slope={extra['slope']}"
-    return Job("stitch", config, {"front": front, "back": back}, label=label)
-
-
-def cka_job(experiment: str, a: Job, b: Job, s: Scale, name: str) -> Job:
-    return Job("cka", {"experiment": experiment, "measures": ["linear", "grelu"], "max_samples": s.max_samples,
-                       "dataset": s.dataset}, {"a": a, "b": b}, label=f"cka {experiment} {name}")
-
-
-def dissection_jobs(s: Scale) -> list[Job]:
-    """One training job per Fig. 3 model and one dissection job per (model, probed site), all alphas at once."""
-    from ..dissection.experiment import DEFAULT_SITES
-
-    data = {"n_images": s.dissection_images, "image_size": 32, "data_seed": 0}
-    jobs = []
-    for arch in s.dissection_models:
-        model = Job("dissection_model", {**data, "arch": arch, "steps": s.dissection_steps, "seed": 0},
-                    label=f"dissection model {arch}")
-        for site, layer in DEFAULT_SITES.get(arch, []):
-            jobs.append(Job("dissection", {
-                **data, "experiment": "fig3", "site": site, "layer": layer, "alphas": list(s.dissection_alphas),
-                "n_rotations": s.dissection_rotations, "quantile": 0.05, "iou_threshold": 0.1, "seed": 0},
-                {"model": model}, label=f"dissection {arch} {site}"))
-    return jobs
+    for name, module in EXPERIMENTS:
+        reason = next((r for r in map(_missing, module.KINDS) if r), None)
+        if reason:
+            missing[name] = reason
+            continue
+        for job in module.jobs(scale):
+            jobs.setdefault(job.id, job)
+    return Plan(scale.name, list(jobs.values()), missing, {"scale": scale.as_dict()})
 
 
 def probe_plan(sleep_s: float = 0.3, n: int = 8) -> Plan:

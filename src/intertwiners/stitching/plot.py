@@ -28,10 +28,14 @@ def _site_order(rows: Sequence[dict]) -> list[str]:
 
 
 def plot_penalties(rows: Sequence[dict], path: str | Path | None = None, *, line: str = "kind",
-                   title: str | None = None, confidence: float = 0.95, ax=None):
-    """Fig. 1: mean stitching penalty per site with a ``confidence`` interval band (Student t over pairs),
-    one line per value of ``line`` (default: the stitching kind). Returns the matplotlib Figure; saves a
-    PNG when ``path`` is given. ``rows`` are the dicts of :func:`stitch_sweep` (keys site, kind, penalty).
+                   title: str | None = None, confidence: float = 0.95, ax=None,
+                   reference: dict[str, dict[str, float]] | None = None):
+    """Fig. 1: mean stitching penalty per site with a ``confidence`` interval band (Student t over pairs,
+    :func:`intertwiners.stats.mean_ci`; no band where one pair gives no interval), one line per value of
+    ``line`` (default: the stitching kind). ``reference``: {kind: {site: penalty}} drawn dashed (the
+    paper's numbers). Returns the matplotlib Figure; saves a PNG when ``path`` is given. ``rows`` are the
+    dicts of :func:`stitch_sweep` (keys site, kind, penalty); ``intertwiners stitch`` and the report of
+    ``intertwiners reproduce`` both draw Fig. 1 with this function.
     """
     import matplotlib
 
@@ -52,8 +56,12 @@ def plot_penalties(rows: Sequence[dict], path: str | Path | None = None, *, line
         pts = sorted((sites.index(s["site"]), s) for s in summary if s[line] == value)
         xs = [i for i, _ in pts]
         label = kind_name(str(value)) if line == "kind" else str(value)
-        ax.plot(xs, [s["mean"] for _, s in pts], marker="o", label=label)
+        drawn, = ax.plot(xs, [s["mean"] for _, s in pts], marker="o", label=label)
         ax.fill_between(xs, [s["ci_low"] for _, s in pts], [s["ci_high"] for _, s in pts], alpha=0.2)
+        ref = (reference or {}).get(str(value), {})
+        if ref:
+            ax.plot([i for i, s in enumerate(sites) if s in ref], [ref[s] for s in sites if s in ref], ls="--",
+                    color=drawn.get_color(), alpha=0.6, label=f"{label} (paper, CIFAR-10)")
     labels = [f"{s} ({MYRTLE_PAPER_LAYERS[s]})" if s in MYRTLE_PAPER_LAYERS else s for s in sites]
     ax.set_xticks(range(len(sites)), labels, rotation=45 if len(sites) > 5 else 0, ha="right" if len(sites) > 5
                   else "center")

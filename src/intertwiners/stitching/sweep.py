@@ -157,15 +157,14 @@ def stitch_sweep(models: Sequence, sites: Sequence[str] | None = None, kinds: Se
 
 def summarize(rows: Sequence[dict], by: Sequence[str] = ("kind", "site"), value: str = "penalty",
               confidence: float = 0.95) -> list[dict]:
-    """Mean of ``value`` per group with a Student-t confidence interval (half-width 0 for a single row).
+    """Mean of ``value`` per group with its Student t interval (:func:`intertwiners.stats.mean_ci`: ddof=1;
+    with a single row the interval is undefined and ``std``, ``ci_low``, ``ci_high`` are NaN).
 
     Returns dicts with the ``by`` keys plus ``n``, ``mean``, ``std``, ``ci_low``, ``ci_high``; groups in
     order of first appearance.
     """
-    from scipy.stats import t as student_t
+    from ..stats import mean_ci
 
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     groups: dict[tuple, list[float]] = {}
     for r in rows:
         k = tuple(r[b] for b in by)
@@ -175,13 +174,9 @@ def summarize(rows: Sequence[dict], by: Sequence[str] = ("kind", "site"), value:
         groups.setdefault(k, []).append(v)
     out = []
     for k, vals in groups.items():
-        a = np.asarray(vals)
-        n = len(a)
-        mean = float(a.mean())
-        std = float(a.std(ddof=1)) if n > 1 else 0.0
-        half = float(student_t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)) if n > 1 else 0.0
-        out.append({**dict(zip(by, k)), "n": n, "mean": mean, "std": std, "ci_low": mean - half,
-                    "ci_high": mean + half})
+        iv = mean_ci(vals, confidence)
+        out.append({**dict(zip(by, k)), "n": iv.n, "mean": iv.mean, "std": iv.std, "ci_low": iv.low,
+                    "ci_high": iv.high})
     return out
 
 

@@ -1,0 +1,148 @@
+"""What the paper's experiments share: cached data, model files, report sections, tables, chance checks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...stats import Claim, Interval
+
+# ----------------------------------------------------------------------------------------------------------
+# job helpers
+
+_DATA_CACHE: dict[tuple, Any] = {}
+COMMON = "intertwiners.experiments.figures.common"   # part of every experiment job's code version
+FEATURES = ("intertwiners.features", "intertwiners.tracing")
+
+
+def dataset(name: str, context: dict):
+    """``(train, test)`` for ``name``, cached per worker process."""
+    from ...data import load
+
+    key = (name, context.get("data_root"))
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load(name, context.get("data_root"))
+    return _DATA_CACHE[key]
+
+
+def device(context: dict) -> str:
+    return context.get("device") or "auto"
+
+
+def model_files(model) -> dict[str, bytes]:
+    """A model built by :mod:`intertwiners.models` as ``{"model.safetensors": ..., "config.json": ...}``."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    config = json.dumps(model.intertwiners_config, indent=2, sort_keys=True).encode()
+    return {"model.safetensors": save(state), "config.json": config}
+
+
+def model_from_files(files: dict[str, bytes]):
+    """Rebuild a model from :func:`model_files` output (safetensors + JSON; never unpickles)."""
+    from safetensors.torch import load
+
+    from ... import models
+
+    if "model.safetensors" not in files or "config.json" not in files:
+        raise ValueError(f"dependency has no saved model (files: {sorted(files)})")
+    config = json.loads(files["config.json"])
+    if str(config.get("arch", "")).startswith("fig3_"):
+        from ...dissection.fig3_models import build_fig3_model
+        model = build_fig3_model(config["arch"][len("fig3_"):], **config.get("kwargs", {}))
+    else:
+        model = models.build(config)
+    model.load_state_dict(load(files["model.safetensors"]))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report helpers
+
+
+@dataclass
+class Section:
+    """One section of ``report.md``: a title, its body (figure, tables) and its claims."""
+
+    title: str
+    body: str
+    claims: list[Claim] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = "".join(c.line() + "\n" for c in self.claims)
+        return f"## {self.title}\n\n{self.body.rstrip()}\n" + (f"\n{lines}" if lines else "")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def kind_name(config: dict) -> str:
+    """A stitching job's kind as in the plan: ``low_rank:R`` for rank R."""
+    return config["kind"] if config.get("rank") is None else f"{config['kind']}:{config['rank']}"
+
+
+def fmt(iv: Interval, digits: int = 2) -> str:
+    return iv.text(digits)
+
+
+CHANCE_MARGIN = 10.0   # accuracy points above chance below which a model counts as "at chance"
+
+
+def at_chance(accuracies, n_classes: int = 10) -> str | None:
+    """A reason when any of the (percent) ``accuracies`` is within CHANCE_MARGIN points of chance, else None."""
+    chance = 100.0 / n_classes
+    low = [a for a in accuracies if a is not None and a < chance + CHANCE_MARGIN]
+    if low:
+        return (f"a model is at chance ({min(low):.1f}% test accuracy, chance {chance:.0f}%, "
+                f"margin {CHANCE_MARGIN:.0f} points)")
+    return None
+
+
+def zoo_accuracies(view, rows) -> list[float]:
+    """Test accuracies of the zoo models that ``rows`` depend on (roles front/back/a/b/model)."""
+    zoo = {r.id: r for r in view.rows(kind="zoo", status="done")}
+    accs = []
+    for r in rows:
+        for role in ("front", "back", "a", "b", "model"):
+            dep = r.deps.get(role)
+            if dep in zoo and "test_accuracy" in zoo[dep].result:
+                accs.append(float(zoo[dep].result["test_accuracy"]))
+    return accs
+
+
+def null_table(rows, key: str, measures: dict[str, str], sites: list[str]) -> str:
+    """Markdown table, per measure and site: the largest p-value over the pairs in ``rows`` (results under
+    ``key``, from :func:`intertwiners.similarity.permutation.same_layer_tests`) and the mean chance-corrected
+    score (statistic − null mean)."""
+    out = []
+    for m, name in measures.items():
+        got = [r.result[key][m] for r in rows if m in r.result.get(key, {})]
+        if got:
+            out.append([name] + [f"p ≤ {max(g['pvalue'][i] for g in got):.3g}; "
+                                 f"{sum(g['chance_corrected'][i] for g in got) / len(got):+.3f}"
+                                 for i in range(len(sites))])
+    return table(["measure"] + list(sites), out) if out else ""
+
+
+def null_claim(text: str, rows, key: str, measures: list[str], sites: list[str], precondition=None):
+    """Every same-layer similarity above chance: every (pair, measure, site) permutation test at p ≤ 0.05."""
+    from ...stats import decide_pvalues
+
+    pvalues = {f"{m} {s} pair {k}": r.result[key][m]["pvalue"][i] for k, r in enumerate(rows) if key in r.result
+               for m in measures if m in r.result[key] for i, s in enumerate(sites)}
+    return decide_pvalues(text, pvalues, "permutation test (shuffled samples of one model) per pair, measure "
+                          "and layer", precondition=precondition)
