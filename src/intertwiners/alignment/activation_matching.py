@@ -21,6 +21,7 @@ The returned element is g^-1, which moves B into A's basis.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import groups as G
@@ -29,12 +30,16 @@ from .probe import Slot, SpaceAction
 
 
 def slot_columns(features: torch.Tensor, slot: Slot) -> torch.Tensor:
-    """The (rows, n) matrix of a space's channels at one site: one column per index j of the space.
-
-    features: (N, ..., L, ...) with the slot's axis of length L; rows run over N, the other axes and the
-    slot's repeats r.
+    """The space's channels at one site, as :class:`ChannelStats` reads them: (N, n, *spatial) when the slot is
+    the channel axis, else the (rows, n) matrix with one column per index j of the space (rows run over N,
+    the other axes and the slot's repeats r).
     """
     n, r = slot.positions.shape
+    if slot.axis == 1 and r == 1:  # channels: (N, C, *spatial) with the space's channels, as ChannelStats reads
+        pos = slot.positions[:, 0]
+        if features.shape[1] == n and (pos == np.arange(n)).all():
+            return features
+        return features.index_select(1, torch.as_tensor(pos, device=features.device))
     t = torch.movedim(features, slot.axis, -1)
     t = t[..., torch.as_tensor(slot.positions.reshape(-1), device=t.device)]
     t = t.reshape(*t.shape[:-1], n, r).transpose(-1, -2)

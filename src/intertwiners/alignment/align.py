@@ -1,7 +1,7 @@
 """``align``: move model B into model A's basis through their intertwiner group (re-basin for any traced model).
 
-Both models are traced (:func:`~intertwiners.symmetry_spec`); they must have the same spaces, groups and
-parameter shapes. The element found for each space is applied to B with :func:`~intertwiners.apply_symmetry`,
+The two models must have the same class, modules and parameter shapes (ValueError naming the difference
+otherwise); B is traced (:func:`~intertwiners.symmetry_spec`), and its spec holds for A too. The element found for each space is applied to B with :func:`~intertwiners.apply_symmetry`,
 so the aligned model computes B's function (to rounding) with weights as close to A's as the method finds.
 
 * ``method="activations"``: features at every space's sites, streamed over ``data``
@@ -37,7 +37,8 @@ GROUPS = ("full", "permutation")
 @dataclass
 class AlignResult:
     """``elements``: {space: element} (dense (n, n) matrices, or (perm, scale) pairs with ``monomial=True``)
-    that move B into A's basis; ``model``: B moved (same function as B); ``spec``: B's symmetry spec."""
+    that move B into A's basis; ``model``: B moved (same function as B); ``spec``: B's symmetry spec;
+    ``skipped``: spaces left at the identity (e.g. attention head groups), with the reason."""
 
     elements: dict
     model: nn.Module
@@ -46,6 +47,7 @@ class AlignResult:
     spec: object = field(repr=False, default=None)
     seconds: float = 0.0
     sweeps: int = 0
+    skipped: dict = field(default_factory=dict)  # space -> why it was left at the identity
 
 
 def input_batches(data, batch_size: int = 256):
@@ -81,17 +83,20 @@ def check_same_structure_params(model_a: nn.Module, model_b: nn.Module) -> None:
             raise ValueError(f"the models differ in {k!r}: shape {sa[k]} vs {sb[k]} (different widths?)")
 
 
-def check_same_structure(model_a: nn.Module, model_b: nn.Module, spec_a, spec_b) -> None:
-    """ValueError naming the first difference between two models' parameters or symmetry specs."""
+def check_same_structure(model_a: nn.Module, model_b: nn.Module) -> None:
+    """ValueError naming the first difference between two models' classes, modules, parameters and buffers.
+
+    Models that agree in all of these run the same forward code on the same shapes, so tracing either gives
+    the same symmetry spec (only B is traced)."""
+    if type(model_a) is not type(model_b):
+        raise ValueError(f"the models are of different classes: {type(model_a).__name__} and "
+                         f"{type(model_b).__name__}")
+    mods_a = [(n, type(m).__name__) for n, m in model_a.named_modules()]
+    mods_b = [(n, type(m).__name__) for n, m in model_b.named_modules()]
+    if mods_a != mods_b:
+        diff = next(((x, y) for x, y in zip(mods_a, mods_b) if x != y), (mods_a[len(mods_b):], mods_b[len(mods_a):]))
+        raise ValueError(f"the models have different modules (different architectures): {diff[0]} vs {diff[1]}")
     check_same_structure_params(model_a, model_b)
-    desc_a = {n: (s.size, s.group.kind) for n, s in spec_a.spaces.items()}
-    desc_b = {n: (s.size, s.group.kind) for n, s in spec_b.spaces.items()}
-    if desc_a != desc_b:
-        diff = sorted(n for n in set(desc_a) | set(desc_b) if desc_a.get(n) != desc_b.get(n))[:5]
-        raise ValueError(f"the models' symmetry specs differ in spaces {diff}: "
-                         f"{[desc_a.get(n) for n in diff]} vs {[desc_b.get(n) for n in diff]}")
-    if set(spec_a.pinned) != set(spec_b.pinned):
-        raise ValueError(f"the models pin different spaces: {sorted(spec_a.pinned)} vs {sorted(spec_b.pinned)}")
 
 
 def check_runs(model: nn.Module, x, what: str = "data") -> None:
@@ -163,7 +168,7 @@ def align_activations(model_a: nn.Module, model_b: nn.Module, spec, actions: dic
 
 def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None, method: str = "activations",
           *, group: str = "full", spaces: list[str] | None = None, monomial: bool = False, batch_size: int = 256,
-          max_sweeps: int = 30) -> AlignResult:
+          max_sweeps: int = 30, threads: int = 1) -> AlignResult:
     """Move ``model_b`` into ``model_a``'s basis through their intertwiner group.
 
     ``data``: inputs (tensor/array (N, ...), a dataset with ``.x``, ``(x, y)``, or an iterable of batches);
@@ -171,6 +176,8 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
     first batch of ``data``). ``group``: ``"full"`` (the whole intertwiner group: permutations, scalings,
     signs, GL) or ``"permutation"``. ``spaces``: the spaces to align (default all; the others keep the
     identity). ``monomial=True`` returns (perm, scale) pairs instead of dense matrices for monomial spaces.
+    ``threads``: intra-op CPU threads for the matching (1 is fastest for the many small products of small
+    models on a busy machine; raise it for wide models).
     Returns an :class:`AlignResult` (``.elements``, ``.model``).
     """
     from ..symmetries import apply_symmetry, symmetry_spec
@@ -192,22 +199,25 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
     check_runs(model_a, example_input, "example_input")
     if data is not None:
         check_runs(model_a, first_batch(data, batch_size), "data")
-    spec_a = symmetry_spec(model_a, example_input)
+    check_same_structure(model_a, model_b)
     spec_b = symmetry_spec(model_b, example_input)
-    check_same_structure(model_a, model_b, spec_a, spec_b)
     names = list(spec_b.spaces) if spaces is None else list(spaces)
     unknown = [n for n in names if n not in spec_b.spaces]
     if unknown:
         raise ValueError(f"unknown spaces {unknown}; the models' spaces are {list(spec_b.spaces)}")
+    skipped = {n: f"its group ({spec_b.spaces[n].group.kind}) is not an intertwiner group of an activation; "
+                  "left at the identity" for n in names if spec_b.spaces[n].group.kind not in G.KINDS}
+    names = [n for n in names if n not in skipped]
     scaling = group == "full"
     sweeps = 0
     if method == "activations":
         actions = probe_sites(model_b, spec_b, example_input, names)
-        found = align_activations(model_a, model_b, spec_b, actions, data, scaling, batch_size)
+        with few_threads(threads):
+            found = align_activations(model_a, model_b, spec_b, actions, data, scaling, batch_size)
     else:
         actions = probe_parameters(model_b, spec_b, names)
-        with few_threads(torch.get_num_threads()):
+        with few_threads(threads):
             found, sweeps = align_weights(model_a, model_b, spec_b, actions, scaling, max_sweeps)
     elements = {n: _as_element(el, not monomial) for n, el in found.items()}
     moved = apply_symmetry(model_b, found, spec_b)
-    return AlignResult(elements, moved, method, group, spec_b, time.perf_counter() - start, sweeps)
+    return AlignResult(elements, moved, method, group, spec_b, time.perf_counter() - start, sweeps, skipped)

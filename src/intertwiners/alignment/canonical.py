@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import groups as G
 from .._util import as_tensor
 from .probe import Slot, SpaceAction, probe_parameters
 
@@ -129,7 +130,7 @@ def canonicalize(model: nn.Module, example_input, *, return_scales: bool = False
         raise ValueError(f"canonicalize needs an nn.Module, got {type(model).__name__}")
     x = as_tensor(example_input, name="example_input")
     spec = symmetry_spec(model, x)
-    actions = probe_parameters(model, spec)
+    actions = probe_parameters(model, spec, [n for n, s in spec.spaces.items() if s.group.kind in G.KINDS])
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
     scales = canonical_scales(params, actions)
     elements = {n: (torch.arange(len(s)), s) for n, s in scales.items() if spec.spaces[n].group.is_monomial}

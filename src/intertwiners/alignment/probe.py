@@ -145,7 +145,7 @@ def probe_input(example_input, rows: int = 64, seed: int = 0):
     if not x.is_floating_point():
         return x
     gen = torch.Generator().manual_seed(seed)
-    rows = rows if x.ndim <= 2 else max(4, rows // 8)  # images: every pixel is a sample already
+    rows = rows if x.ndim <= 2 else 4  # images: every pixel is a sample already
     return torch.randn((max(rows, x.shape[0]),) + tuple(x.shape[1:]), generator=gen, dtype=torch.float64)
 
 
@@ -206,27 +206,42 @@ def slice_ratios(t0: torch.Tensor, t1: torch.Tensor, axis: int, positions: np.nd
     return (num / den).reshape(positions.shape)
 
 
-def label_positions(shift: dict[int, int], swap: set[int] | None, n: int) -> np.ndarray:
-    """Positions (n, r) from the slices moved by the shift j -> j+1 (``shift``: q -> source) and those
-    moved by the transposition (0 1) (``swap``; None when n = 2, where the labelling is free)."""
+def label_positions(shift: dict[int, int], first: list[int], n: int) -> np.ndarray:
+    """Positions (n, r) from the slices moved by the shift j -> j+1 (``shift``: q -> source) and the slices
+    of index 0 (``first``, one per repeat)."""
     succ = {src: q for q, src in shift.items()}
-    moved = sorted(shift)
-    if len(moved) % n:
-        raise ValueError(f"a shift of a space of size {n} moved {len(moved)} slices")
-    if swap is None:  # n == 2: each 2-cycle is {q, succ q}; take the smaller index as label 0
-        first = sorted(q for q in moved if q < succ[q])
-    else:
-        first = sorted(q for q in swap if q in succ and succ[q] in swap)
-    r = len(moved) // n
-    if len(first) != r:
-        raise ValueError("could not label the positions of a space (its shift and swap disagree)")
-    pos = np.empty((n, r), dtype=np.int64)
-    pos[0] = first
+    if len(shift) % n or len(first) * n != len(shift):
+        raise ValueError(f"a shift of a space of size {n} moved {len(shift)} slices ({len(first)} of index 0)")
+    pos = np.empty((n, len(first)), dtype=np.int64)
+    pos[0] = sorted(first)
     for j in range(1, n):
         pos[j] = [succ[q] for q in pos[j - 1]]
-    if len(np.unique(pos)) != n * r:
+    if len(np.unique(pos)) != pos.size:
         raise ValueError("the probed positions of a space are not a set of cycles")
     return pos
+
+
+def first_by_swap(shift: dict[int, int], swap: set[int] | None) -> list[int]:
+    """Index-0 slices from the transposition (0 1): those of its moved slices whose successor it also moved
+    (n >= 3); for n = 2 (``swap`` None) the smaller slice of each 2-cycle (the labelling is then free)."""
+    succ = {src: q for q, src in shift.items()}
+    if swap is None:
+        return [q for q in shift if q < succ[q]]
+    return [q for q in swap if q in succ and succ[q] in swap]
+
+
+def first_by_scale(moved: list[int], ratio: torch.Tensor) -> tuple[list[int], float] | None:
+    """Index-0 slices and the exponent e from the ratios of the moved slices under diag(4, 2, 2, ...):
+    index 0 shows 4**e, the others 2**e. None when e = 0 (the scaling does not reach these slices)."""
+    log2 = torch.log2(ratio.abs().clamp_min(1e-300))
+    small = log2.abs().min()
+    if small < 1e-9:
+        return None
+    e_two = log2[log2.abs().argmin()]
+    first = [q for q, v in zip(moved, log2.tolist()) if abs(v - 2 * e_two) < 1e-6]
+    if not all(abs(v - e_two) < 1e-6 or abs(v - 2 * e_two) < 1e-6 for v in log2.tolist()):
+        raise ValueError("a scaling reaches a tensor with different powers per index")
+    return first, round(float(e_two), 6)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,10 +297,15 @@ class _Prober:
 def _probe_group(prober: _Prober, spaces: dict, owner: Callable[[str, list[str]], str | None],
                  skip_axes: tuple[int, ...] = (), keys: set[str] | None = None) -> dict[str, SpaceAction]:
     """Probe the spaces ``spaces`` ({name: space}) together: no tensor may be moved by two of them
-    (``owner(key, names)`` says which one moves a changed tensor, None for none)."""
-    acts = {name: SpaceAction(name, sp.size, sp.group) for name, sp in spaces.items()}
-    slots: dict[str, dict[tuple[str, int], Slot]] = {name: {} for name in spaces}
+    (``owner(key, names)`` says which one moves a changed tensor, None for none).
+
+    Runs: a cyclic shift; the scaling diag(4, 2, 2, ...) where allowed (it labels index 0 and gives the
+    exponents); the transposition (0 1) only where a scaling cannot label (permutation groups, or slices
+    a scaling does not reach); the sign flip diag(-1) where allowed.
+    """
     names = list(spaces)
+    acts = {name: SpaceAction(name, sp.size, sp.group) for name, sp in spaces.items()}
+    sizes = {name: sp.size for name, sp in spaces.items()}
 
     def owned(changed: dict) -> dict[str, dict]:
         out: dict[str, dict] = {name: {} for name in names}
@@ -295,39 +315,54 @@ def _probe_group(prober: _Prober, spaces: dict, owner: Callable[[str, list[str]]
                 out[who][key] = t
         return out
 
-    sizes = {name: sp.size for name, sp in spaces.items()}
-    ones = {name: torch.ones(n, dtype=torch.float64) for name, n in sizes.items()}
-    ident = {name: torch.arange(n) for name, n in sizes.items()}
+    ones = {nm: torch.ones(n, dtype=torch.float64) for nm, n in sizes.items()}
+    ident = {nm: torch.arange(n) for nm, n in sizes.items()}
     shifted = owned(prober.run({nm: ((ident[nm] + 1) % n, ones[nm]) for nm, n in sizes.items() if n >= 2}, keys))
-    swap = {nm: (torch.tensor([1, 0] + list(range(2, n))), ones[nm]) for nm, n in sizes.items() if n >= 3}
-    swapped = owned(prober.run(swap, keys))
-    for name, n in sizes.items():
+    cycles: dict[str, dict[tuple[str, int], dict[int, int]]] = {nm: {} for nm in names}
+    for name in names:
         for key, t1 in shifted[name].items():
-            t0 = prober.base[key]
-            for axis in range(t0.ndim):
-                if axis in skip_axes:
-                    continue
-                fp0 = prober.base_fingerprints(key, axis)
-                moves = moved_slices(t0, t1, axis, fp0)
-                if not moves:
-                    continue
-                sw = set(moved_slices(t0, swapped[name][key], axis, fp0)) if n >= 3 else None
-                slots[name][(key, axis)] = Slot(key, axis, label_positions(moves, sw, n))
+            for axis in range(t1.ndim):
+                if axis not in skip_axes:
+                    moves = moved_slices(prober.base[key], t1, axis, prober.base_fingerprints(key, axis))
+                    if moves:
+                        cycles[name][(key, axis)] = moves
+    slots: dict[str, dict[tuple[str, int], Slot]] = {nm: {} for nm in names}
+    need_swap: dict[str, list[tuple[str, int]]] = {nm: [] for nm in names}
     positive = [nm for nm in names if acts[nm].allows_positive_scaling]
     d = {nm: torch.full((sizes[nm],), 2.0, dtype=torch.float64) for nm in positive}
     for nm in positive:
-        if sizes[nm] == 2:
-            d[nm][1] = 4.0
+        d[nm][0] = 4.0 if sizes[nm] >= 2 else 2.0
     scaled = owned(prober.run({nm: (ident[nm], d[nm]) for nm in positive}, keys))
+    for name in names:
+        for (key, axis), moves in cycles[name].items():
+            found = None
+            if name in d and key in scaled[name]:
+                moved = sorted(moves)
+                ratio = slice_ratios(prober.base[key], scaled[name][key], axis, np.array(moved)[:, None])[:, 0]
+                found = first_by_scale(moved, ratio)
+            if found is None:
+                need_swap[name].append((key, axis))
+                continue
+            first, e = found
+            slots[name][(key, axis)] = Slot(key, axis, label_positions(moves, first, sizes[name]), exponent=e)
+    swap_names = [nm for nm in names if need_swap[nm]]
+    swapped = owned(prober.run({nm: (torch.tensor([1, 0] + list(range(2, sizes[nm]))), ones[nm])
+                                for nm in swap_names if sizes[nm] >= 3}, keys))
+    for name in swap_names:
+        n = sizes[name]
+        for key, axis in need_swap[name]:
+            moves = cycles[name][(key, axis)]
+            sw = set(moved_slices(prober.base[key], swapped[name][key], axis, prober.base_fingerprints(key, axis))) \
+                if n >= 3 else None
+            slot = Slot(key, axis, label_positions(moves, first_by_swap(moves, sw), n))
+            slot.exponent = 0.0 if name in d else None
+            slots[name][(key, axis)] = slot
     for name in positive:
         if sizes[name] == 1:
             _find_single(prober, scaled[name], slots[name], skip_axes)
-        for (key, axis), slot in slots[name].items():
-            if key not in scaled[name]:
-                slot.exponent = 0.0
-                continue
-            ratio = slice_ratios(prober.base[key], scaled[name][key], axis, slot.positions)
-            slot.exponent = _exponent(ratio, d[name], slot, sizes[name])
+            for (key, axis), slot in slots[name].items():
+                ratio = slice_ratios(prober.base[key], scaled[name][key], axis, slot.positions)
+                slot.exponent = round(float(torch.log2(ratio.abs()).mean()), 6)
     signed = [nm for nm in names if acts[nm].allows_signs]
     flipped = owned(prober.run({nm: (ident[nm], -ones[nm]) for nm in signed}, keys))
     for name in signed:
@@ -377,21 +412,6 @@ def _find_single(prober: _Prober, changed: dict, slots: dict, skip_axes: tuple[i
         if found:
             _, axis, hit = min(found, key=lambda f: (f[0], f[1]))
             slots.setdefault((key, axis), Slot(key, axis, hit.numpy().reshape(1, -1).astype(np.int64)))
-
-
-def _exponent(ratio: torch.Tensor, d: torch.Tensor, slot: Slot, n: int) -> float:
-    """e with |ratio| = d**e for every index; for n = 2, swaps the labels if that is what agrees."""
-    logd = torch.log(d)[:, None]
-    e = (torch.log(ratio.abs().clamp_min(1e-300)) / logd)
-    if n == 2 and not torch.allclose(e, e[0, 0].expand_as(e), atol=1e-6):
-        e_swapped = torch.log(ratio.abs().clamp_min(1e-300)).flip(0) / logd
-        if torch.allclose(e_swapped, e_swapped[0, 0].expand_as(e_swapped), atol=1e-6):
-            slot.positions = slot.positions[::-1].copy()
-            e = e_swapped
-    value = float(e.mean())
-    if not torch.allclose(e, torch.full_like(e, value), atol=1e-6):
-        raise ValueError(f"a scaling reaches {slot.key!r} (axis {slot.axis}) with different powers per index")
-    return round(value, 6)
 
 
 def probe_parameters(model: nn.Module, spec, names: list[str] | None = None, seed: int = 0
