@@ -76,11 +76,15 @@ def dependency_order(actions: dict[str, SpaceAction]) -> list[str]:
 
 
 def canonical_scales(params: dict[str, torch.Tensor], actions: dict[str, SpaceAction], max_passes: int = 200,
-                     tol: float = 1e-13) -> dict[str, torch.Tensor]:
+                     tol: float | None = None) -> dict[str, torch.Tensor]:
     """Scales {space: (n,) float64} of the canonical form; ``params`` (copies!) are rescaled in place to it.
 
-    Spaces without scalings (permutation groups, GL spaces) get all ones.
+    Spaces without scalings (permutation groups, GL spaces) get all ones. Passes stop when no scale moves
+    by more than ``tol`` (default: 100 units of rounding of the parameters' dtype).
     """
+    if tol is None:
+        dtypes = [t.dtype for t in params.values() if t.is_floating_point()]
+        tol = 100 * max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float64).eps)
     total = {name: torch.ones(act.size, dtype=torch.float64) for name, act in actions.items()}
     order = dependency_order(actions)
     for _ in range(max_passes):
