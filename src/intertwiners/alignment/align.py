@@ -1,8 +1,9 @@
 """``align``: move model B into model A's basis through their intertwiner group (re-basin for any traced model).
 
 The two models must have the same class, modules and parameter shapes (ValueError naming the difference
-otherwise); B is traced (:func:`~intertwiners.symmetry_spec`), and its spec holds for A too. The element found for each space is applied to B with :func:`~intertwiners.apply_symmetry`,
-so the aligned model computes B's function (to rounding) with weights as close to A's as the method finds.
+otherwise); B is traced (:func:`~intertwiners.symmetry_spec`), and its spec holds for A too. The element
+found for each space is applied to B with :func:`~intertwiners.apply_symmetry`, so the aligned model
+computes B's function (to rounding) with weights as close to A's as the method finds.
 
 * ``method="activations"``: features at every space's sites, streamed over ``data``
   (:mod:`.activation_matching`);

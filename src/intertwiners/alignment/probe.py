@@ -234,13 +234,14 @@ def first_by_scale(moved: list[int], ratio: torch.Tensor) -> tuple[list[int], fl
     """Index-0 slices and the exponent e from the ratios of the moved slices under diag(4, 2, 2, ...):
     index 0 shows 4**e, the others 2**e. None when e = 0 (the scaling does not reach these slices)."""
     log2 = torch.log2(ratio.abs().clamp_min(1e-300))
-    small = log2.abs().min()
-    if small < 1e-9:
+    small = log2.abs().argmin()
+    e_two = log2[small]
+    if e_two.abs() < 1e-9:
         return None
-    e_two = log2[log2.abs().argmin()]
-    first = [q for q, v in zip(moved, log2.tolist()) if abs(v - 2 * e_two) < 1e-6]
-    if not all(abs(v - e_two) < 1e-6 or abs(v - 2 * e_two) < 1e-6 for v in log2.tolist()):
+    is_first = (log2 - 2 * e_two).abs() < 1e-6
+    if not (is_first | ((log2 - e_two).abs() < 1e-6)).all():
         raise ValueError("a scaling reaches a tensor with different powers per index")
+    first = torch.as_tensor(moved)[is_first].tolist()
     return first, round(float(e_two), 6)
 
 
@@ -322,7 +323,7 @@ def _probe_group(prober: _Prober, spaces: dict, owner: Callable[[str, list[str]]
     for name in names:
         for key, t1 in shifted[name].items():
             for axis in range(t1.ndim):
-                if axis not in skip_axes:
+                if axis not in skip_axes and t1.shape[axis] > 1:
                     moves = moved_slices(prober.base[key], t1, axis, prober.base_fingerprints(key, axis))
                     if moves:
                         cycles[name][(key, axis)] = moves

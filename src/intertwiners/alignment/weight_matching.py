@@ -36,8 +36,9 @@ def _slots_by_key(actions: dict[str, SpaceAction]) -> dict[str, list[tuple[str, 
     return out
 
 
-def _score(slots: list[Slot], params_a: dict, params_b: dict, by_key: dict, perms: dict
-           ) -> torch.Tensor:
+def _score(slots: list[Slot], rows_a: dict, params_b: dict, by_key: dict, perms: dict) -> torch.Tensor:
+    """score[j, k] = sum over the slots of <B's slice j (other axes permuted), A's slice k>; ``rows_a`` holds
+    A's slices per slot (``slot_rows``), computed once."""
     n = slots[0].positions.shape[0]
     score = torch.zeros(n, n, dtype=torch.float64)
     for slot in slots:
@@ -45,7 +46,7 @@ def _score(slots: list[Slot], params_a: dict, params_b: dict, by_key: dict, perm
         for other_name, other in by_key[slot.key]:
             if other is not slot:
                 tb = permute_slot(tb, other, perms[other_name])
-        score += (slot_rows(tb, slot) @ slot_rows(params_a[slot.key], slot).T).double().cpu()
+        score += (slot_rows(tb, slot) @ rows_a[id(slot)].T).double().cpu()
     return score
 
 
@@ -55,6 +56,7 @@ def match_permutations(params_a: dict[str, torch.Tensor], params_b: dict[str, to
     names = [n for n, a in actions.items() if a.size > 1 and a.slots]
     perms = {n: torch.arange(a.size) for n, a in actions.items()}
     by_key = _slots_by_key(actions)
+    rows_a = {id(s): slot_rows(params_a[s.key], s) for a in actions.values() for s in a.slots}
     matched: set[str] = set()
 
     def determined(name, slot):
@@ -70,7 +72,7 @@ def match_permutations(params_a: dict[str, torch.Tensor], params_b: dict[str, to
                 break
         if pick is None:
             pick, use = pending[0], actions[pending[0]].slots
-        perms[pick] = hungarian_permutation(_score(use, params_a, params_b, by_key, perms))
+        perms[pick] = hungarian_permutation(_score(use, rows_a, params_b, by_key, perms))
         matched.add(pick)
         pending.remove(pick)
     sweeps, changed = 0, True
@@ -78,7 +80,7 @@ def match_permutations(params_a: dict[str, torch.Tensor], params_b: dict[str, to
         sweeps += 1
         changed = False
         for name in names:
-            new = hungarian_permutation(_score(actions[name].slots, params_a, params_b, by_key, perms))
+            new = hungarian_permutation(_score(actions[name].slots, rows_a, params_b, by_key, perms))
             if not torch.equal(new, perms[name]):
                 perms[name], changed = new, True
     return perms, sweeps
