@@ -110,7 +110,7 @@ def planted(trials: int) -> None:
                   f"({time.perf_counter() - t:.1f} s)", flush=True)
 
 
-def lmc(pairs: int, out: Path) -> None:
+def lmc(pairs: int, out: Path, only: list[str] | None = None) -> None:
     """Train pairs of models on digits and print the accuracy/loss barriers for every alignment variant."""
     import json
 
@@ -120,6 +120,7 @@ def lmc(pairs: int, out: Path) -> None:
     train, test = data.load("digits")
     archs = [("myrtle_cnn w16", "myrtle_cnn", {"width": 16}), ("myrtle_cnn w64", "myrtle_cnn", {"width": 64}),
              ("resnet20", "resnet20", {})]
+    archs = [a for a in archs if not only or a[0] in only]
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for label, arch, kw in archs:
@@ -150,13 +151,15 @@ def main(argv=None):
     p.add_argument("--lmc", action="store_true", help="train pairs on digits and measure interpolation barriers")
     p.add_argument("--pairs", type=int, default=2, help="pairs per architecture for --lmc")
     p.add_argument("--out", default="runs/bench_alignment", help="folder for --lmc models and lmc.json")
+    p.add_argument("--models", nargs="*", default=None,
+                   help="for --lmc: only these of 'myrtle_cnn w16', 'myrtle_cnn w64', 'resnet20'")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.planted:
         planted(args.trials)
         return
     if args.lmc:
-        lmc(args.pairs, Path(args.out))
+        lmc(args.pairs, Path(args.out), args.models)
         return
     bench_resnet20(args.threads)
     if not args.skip_resnet50:

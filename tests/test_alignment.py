@@ -167,21 +167,20 @@ def test_activation_statistics_stream_independently_of_batch_size():
 
 
 def test_least_squares_gl_element_for_a_linear_space():
-    """A space between two linear maps (no activation) has GL symmetry; sites-free, so the activation
-    method needs a site: an identity activation gives one, and the GL element is recovered exactly."""
+    """LeakyReLU with slope 1 is linear: its space has GL symmetry, and activation matching recovers a dense
+    planted GL element exactly by least squares (weight matching cannot: it only permutes such spaces)."""
     torch.manual_seed(8)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Identity(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    model = nn.Sequential(nn.Linear(5, 4), nn.LeakyReLU(1.0), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
     x = torch.randn(256, 5, dtype=torch.float64)
     spec = it.symmetry_spec(model, x[:2])
-    kinds = {s.group.kind for s in spec.spaces.values()}
-    if "general_linear" not in kinds:
-        pytest.skip(f"the engine gives no GL space here: {kinds}")
-    gl = next(n for n, s in spec.spaces.items() if s.group.kind == "general_linear")
-    if not spec.spaces[gl].sites:
-        with pytest.raises(ValueError, match="no activation sites"):
-            it.align(model, model, x)
-        r = it.align(model, model, x, spaces=[n for n in spec.spaces if n != gl])
-        assert relerr(model, r.model) <= 1e-12
+    gl = [n for n, s in spec.spaces.items() if s.group.kind == "general_linear"]
+    assert len(gl) == 1 and spec.spaces[gl[0]].sites
+    g = it.random_symmetry(spec, torch.Generator().manual_seed(0))
+    assert not spec.spaces[gl[0]].group.is_monomial and g[gl[0]].count_nonzero() == 16  # dense
+    moved = it.apply_symmetry(model, g, spec)
+    r = it.align(model, moved, x)
+    assert relerr(model, r.model) <= 1e-6
+    assert relerr(model, it.align(model, moved, x, method="weights").model) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------
