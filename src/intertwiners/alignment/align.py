@@ -54,9 +54,8 @@ class AlignResult:
 def input_batches(data, batch_size: int = 256):
     """Input batches from a tensor/array (N, ...), a dataset with ``.x``, an ``(x, y)`` pair of arrays, or an
     iterable of batches (tensors or ``(x, y, ...)`` tuples)."""
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, torch.Tensor | type(None)) or
-                                                          hasattr(d, "shape") for d in data):
-        data = data[0]
+    if isinstance(data, tuple) and len(data) == 2 and all(hasattr(d, "shape") for d in data):
+        data = data[0]  # (x, y)
     return iterate_inputs(data, batch_size)
 
 
