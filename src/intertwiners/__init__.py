@@ -5,8 +5,12 @@ their Internal Representations" (NeurIPS 2022): intertwiner groups (§3.1), weig
 real models (§3.2), stitching (§4), G_ReLU similarity measures (§5) and dissection in rotated bases (§6).
 """
 
-from . import data, models
-from .features import activation_sites, extract_features
+from ._worker import die_with_driver as _die_with_driver
+
+_die_with_driver()   # a reproduce worker never outlives its driver (see _worker.py); a no-op anywhere else
+
+from . import data, models  # noqa: E402
+from .features import activation_sites, extract_features  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -10,13 +11,45 @@ import torch
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """Return a torch device for ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda[:k]"``."""
-    if device is None or device == "auto":
+    """Return a torch device for ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda[:k]"`` or ``"mps"``.
+
+    The one device check of the library and the CLI: a name torch does not know (``"tpu"``), a device type
+    that is not available here, or a CUDA index beyond the visible devices raises ``ValueError``.
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
-    return dev
+    if not isinstance(device, str | torch.device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:K' or a torch.device, got "
+                         f"{type(device).__name__} {device!r}")
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:K'") from err
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device={str(device)!r} was asked for but MPS is not available; use 'auto' or 'cpu'")
+        return dev
+    raise ValueError(f"device {str(device)!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:K'")
+
+
+def max_nan(*values: float) -> float:
+    """The largest of ``values``, or NaN when any of them is NaN (``max(x, nan)`` would silently keep ``x``)."""
+    out = -math.inf
+    for v in values:
+        v = float(v)
+        if math.isnan(v):
+            return math.nan
+        out = v if v > out else out
+    return out
 
 
 def as_tensor(x: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -45,11 +78,19 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def parse_seeds(text: str | int | list[int]) -> list[int]:
-    """Parse ``"0-7"``, ``"0,3,5"``, ``"2"`` or a list into a sorted list of distinct seeds."""
-    if isinstance(text, int):
-        return [text]
+    """Parse ``"0-7"``, ``"0,3,5"``, ``"2"`` or a list into a sorted list of distinct seeds (each >= 0)."""
+    def seed(v) -> int:
+        if isinstance(v, bool) or (not isinstance(v, int) and not str(v).strip().isdigit()):
+            raise ValueError(f"seeds must be non-negative integers, e.g. '0-7' or '0,3,5'; got {v!r} in {text!r}")
+        return int(v)
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        return [seed(text)]
     if isinstance(text, list | tuple):
-        return sorted({int(s) for s in text})
+        seeds = sorted({seed(s) for s in text})
+        if not seeds:
+            raise ValueError("no seeds were given")
+        return seeds
     seeds: set[int] = set()
     for part in str(text).split(","):
         part = part.strip()
@@ -57,12 +98,14 @@ def parse_seeds(text: str | int | list[int]) -> list[int]:
             continue
         if "-" in part[1:]:
             lo, hi = part.split("-", 1)
-            lo_i, hi_i = int(lo), int(hi)
+            lo_i, hi_i = seed(lo), seed(hi)
             if hi_i < lo_i:
                 raise ValueError(f"seed range {part!r} is empty (end before start)")
+            if hi_i - lo_i >= 100_000:
+                raise ValueError(f"seed range {part!r} holds {hi_i - lo_i + 1} seeds; give at most 100000")
             seeds.update(range(lo_i, hi_i + 1))
         else:
-            seeds.add(int(part))
+            seeds.add(seed(part))
     if not seeds:
         raise ValueError(f"no seeds in {text!r}; use e.g. '0-7' or '0,1,2'")
     return sorted(seeds)

@@ -2,7 +2,8 @@
 
 Names: ``identity``, ``relu``, ``leaky_relu`` (``leaky_relu:0.2`` for slope 0.2), ``sigmoid``, ``tanh``,
 ``gelu``, ``silu``, ``elu``, ``softplus``, ``gaussian`` (the RBF row of Table 1), ``power:D`` (x**D),
-``abs``. Models take a name or any ``nn.Module``; modules are deep-copied so every site owns its own.
+``abs``. Parameters must be finite numbers (``power:D`` an integer 1 <= D <= 64); anything else is a
+ValueError. Models take a name or any ``nn.Module``; modules are deep-copied so every site owns its own.
 """
 
 from __future__ import annotations
@@ -21,13 +22,22 @@ class Gaussian(nn.Module):
         return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
+MAX_POWER_DEGREE = 64
+"""Largest degree of :class:`Power`: x**D overflows float64 for |x| > 10**(308/D), and so do the
+phi(A) = A^⊙D of sampled scalings, so checks of larger degrees would compare infinities."""
+
+
 class Power(nn.Module):
-    """sigma(x) = x**degree for a positive integer degree."""
+    """sigma(x) = x**degree for an integer degree 1 <= degree <= MAX_POWER_DEGREE (64)."""
 
     def __init__(self, degree: int):
         super().__init__()
-        if int(degree) != degree or degree < 1:
-            raise ValueError(f"power activation needs a positive integer degree, got {degree!r}")
+        if isinstance(degree, bool) or not isinstance(degree, int | float) or not math.isfinite(degree) \
+                or int(degree) != degree or not 1 <= degree <= MAX_POWER_DEGREE:
+            why = " (x**D overflows float64 for |x| > 10**(308/D))" if isinstance(degree, int | float) \
+                and math.isfinite(degree) and degree > MAX_POWER_DEGREE else ""
+            raise ValueError(f"power activation needs an integer degree from 1 to {MAX_POWER_DEGREE}, got "
+                             f"{degree!r}{why}")
         self.degree = int(degree)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +70,17 @@ _SIMPLE = {
 ACTIVATION_NAMES = (*_SIMPLE, "leaky_relu", "power:D")
 
 
+def _number(spec: str, arg: str) -> float:
+    """The finite number after the colon of ``spec`` (e.g. '0.2' in 'leaky_relu:0.2'), else ValueError."""
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"activation {spec!r}: {arg!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"activation {spec!r}: the parameter must be finite, got {value}")
+    return value
+
+
 def make_activation(spec: str | nn.Module) -> nn.Module:
     """Build a fresh activation module from a name (see module docstring) or copy a given module."""
     if isinstance(spec, nn.Module):
@@ -70,11 +91,12 @@ def make_activation(spec: str | nn.Module) -> nn.Module:
     if name in _SIMPLE and not arg:
         return _SIMPLE[name]()
     if name == "leaky_relu":
-        return nn.LeakyReLU(float(arg) if arg else 0.01)
+        return nn.LeakyReLU(_number(spec, arg) if arg else 0.01)
     if name == "power":
         if not arg:
             raise ValueError("power activation needs a degree, e.g. 'power:3'")
-        return Power(int(arg))
+        degree = _number(spec, arg)
+        return Power(int(degree) if degree.is_integer() else degree)
     raise ValueError(f"unknown activation {spec!r}; known: {', '.join(ACTIVATION_NAMES)}")
 
 
@@ -94,6 +116,7 @@ def activation_name(module: nn.Module) -> str:
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.ReLU6,
     nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.CELU, nn.SELU, nn.PReLU,
+    nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.Threshold, nn.RReLU,
     Gaussian, Power, Abs,
 )
 

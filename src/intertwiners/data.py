@@ -35,6 +35,9 @@ class ArrayDataset(Dataset):
     translate: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.x, torch.Tensor) or not isinstance(self.y, torch.Tensor):
+            raise ValueError(f"ArrayDataset needs torch tensors x and y, got {type(self.x).__name__} and "
+                             f"{type(self.y).__name__}")
         if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
             raise ValueError(f"ArrayDataset needs x (N, C, H, W) and y (N,), got {tuple(self.x.shape)} "
                              f"and {tuple(self.y.shape)}")
@@ -100,8 +103,10 @@ def load_digits(size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> tu
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
-    if size % 8:
-        raise ValueError(f"digits size must be a multiple of 8, got {size}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8:
+        raise ValueError(f"digits size must be a positive multiple of 8, got {size!r}")
+    if not (isinstance(test_fraction, int | float) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
     bunch = sk_digits()
     images = bunch.images.astype(np.float32)[:, None] / 16.0
     labels = bunch.target.astype(np.int64)
@@ -150,13 +155,22 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if "data" not in obj or "labels" not in obj:
         raise ValueError(f"{path}: a CIFAR-10 batch needs 'data' and 'labels' entries, found {sorted(obj)}")
     data = np.asarray(obj["data"])
-    labels = np.asarray(obj["labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise ValueError(f"{path}: 'data' must be uint8 (N, 3072) matching {len(labels)} labels, "
+    try:
+        raw_labels = np.asarray(obj["labels"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: 'labels' is not a list of integers ({err})") from None
+    # labels are never cast blindly: 0.5 or 1.7 must not become 0 and 1
+    if raw_labels.ndim != 1 or raw_labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: 'labels' must be a flat list of integers 0..9, got {raw_labels.dtype} values of "
+                         f"shape {raw_labels.shape}" + (f" (e.g. {raw_labels.flat[0]!r})" if raw_labels.size else ""))
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(raw_labels):
+        raise ValueError(f"{path}: 'data' must be uint8 (N, 3072) matching {len(raw_labels)} labels, "
                          f"got {data.dtype} {data.shape}")
-    if labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise ValueError(f"{path}: labels must lie in 0..9")
-    return data.reshape(-1, 3, 32, 32), labels
+    if len(raw_labels) == 0:
+        raise ValueError(f"{path}: the batch holds no images")
+    if raw_labels.min() < 0 or raw_labels.max() > 9:
+        raise ValueError(f"{path}: labels must lie in 0..9, found {int(raw_labels.min())}..{int(raw_labels.max())}")
+    return data.reshape(-1, 3, 32, 32), raw_labels.astype(np.int64)
 
 
 def load_cifar10(root: str | Path | None) -> tuple[ArrayDataset, ArrayDataset]:

@@ -83,18 +83,33 @@ def _param_device(model: nn.Module) -> torch.device:
 def iterate_inputs(inputs_or_loader, batch_size: int = 256) -> Iterable[torch.Tensor]:
     """Yield input batches from a tensor/array (N, ...), a dataset with ``.x``, or an iterable of batches
     (tensors or ``(x, y, ...)`` tuples, as a DataLoader gives)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     source = getattr(inputs_or_loader, "x", inputs_or_loader)
     if isinstance(source, torch.Tensor | np.ndarray):
         x = as_tensor(source, name="inputs")
-        if len(x) == 0:
-            raise ValueError("inputs are empty")
+        if x.ndim == 0 or len(x) == 0:
+            raise ValueError(f"inputs are empty (shape {tuple(x.shape)}); give (N, ...) with N >= 1")
         for i in range(0, len(x), batch_size):
             yield x[i:i + batch_size]
         return
-    for batch in source:
+    if source is None or isinstance(source, str | bytes | dict):
+        raise ValueError(f"inputs must be a tensor/array (N, ...), a dataset with .x, or an iterable of batches; "
+                         f"got {type(source).__name__}")
+    try:
+        batches = iter(source)
+    except TypeError:
+        raise ValueError(f"inputs must be a tensor/array (N, ...), a dataset with .x, or an iterable of batches; "
+                         f"got {type(source).__name__}") from None
+    for k, batch in enumerate(batches):
         if isinstance(batch, list | tuple):
+            if not batch:
+                raise ValueError(f"input batch {k} is an empty tuple")
             batch = batch[0]
-        yield as_tensor(batch, name="input batch")
+        t = as_tensor(batch, name="input batch")
+        if t.ndim == 0 or len(t) == 0:
+            raise ValueError(f"input batch {k} has no rows (shape {tuple(t.shape)})")
+        yield t
 
 
 class SiteExtractor:
@@ -152,8 +167,20 @@ def extract_features(model: nn.Module, sites: list[str] | str, inputs_or_loader,
         batches = tqdm(batches, desc="features", unit="batch")
     try:
         model.to(device=dev, dtype=dtype or original_dtype)
-        for xb in batches:
-            for s, o in zip(names, extractor(xb, train_mode)):
+        for k, xb in enumerate(batches):
+            if xb.is_floating_point() and not bool(torch.isfinite(xb).all()):
+                raise ValueError(f"input batch {k} holds NaN or infinite values")
+            try:
+                outputs = extractor(xb, train_mode)
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, TypeError, IndexError) as err:
+                raise ValueError(f"the model cannot run on input batch {k} of shape {tuple(xb.shape)}: "
+                                 f"{str(err).splitlines()[0]}") from err
+            for s, o in zip(names, outputs):
+                if o.is_floating_point() and not bool(torch.isfinite(o.sum())) and not bool(torch.isfinite(o).all()):
+                    raise ValueError(f"features at {s!r} hold NaN or infinite values (batch {k}); check the model's "
+                                     "weights")
                 chunks[s].append(o.detach().cpu())
     finally:
         model.to(device=original_device, dtype=original_dtype)

@@ -5,8 +5,11 @@ For an elementwise activation sigma the intertwiner group is
     G_sigma = {A in GL_n : sigma(A x) = B sigma(x) for all x, for some B in GL_n},
 
 and ``phi_sigma(A) = sigma(A) sigma(I_n)^-1`` is the B that goes with A (Lemma 3.1; the group is only
-defined when sigma(I_n) is invertible). :func:`intertwiner_group` derives G_sigma and phi_sigma from
-elementary properties of sigma, each checked numerically on many points:
+defined when sigma(I_n) is invertible). :func:`intertwiner_group` uses exact rules for the activation names
+and the built-in ``torch.nn`` activation modules, in-place or not, for every setting of their parameters
+(:func:`module_rule`; e.g. ``Hardtanh(-10, 10)`` is odd but not linear); any other callable is classified
+from elementary properties checked numerically on copies of probes spanning 1e-6 … 1e6
+(:func:`activation_properties`). Both follow these rules:
 
 * sigma linear (sigma(x) = a x)                       -> ``general_linear``, phi(A) = A;
 * sigma affine, not linear (a x + c, c != 0)           -> ``unit_row_sum`` {A : A 1 = 1}, phi(A) = A;
@@ -52,6 +55,7 @@ so that phi(P·D) = P·diag(b(scale)), i.e. ``(perm, G.scale_map(scale))``.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -476,7 +480,7 @@ def _random_orthogonal(n: int, generator: torch.Generator | None) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------
-# Deriving the group of an activation
+# Deriving the group of an activation: numerically, for any elementwise callable
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -492,24 +496,60 @@ class Properties:
     degree: float | None  # degree k of positive homogeneity sigma(c x) = c**k sigma(x), c > 0; None if none
 
 
-_RTOL = 1e-7
+_RTOL = 1e-9
+"""Relative tolerance of every numerical property check (float64 evaluation)."""
+
+CORE = 6.0
+"""sigma must be finite on [-CORE, CORE]; beyond it, points where sigma overflows are left out of the checks."""
+
+PROBE_DECADES = (-6, 6)
+"""Probe points reach from 10**-6 to 10**6 in magnitude (both signs), so a breakpoint far from 0
+(``Hardtanh(-10, 10)``, a clamp at 1e5) is seen."""
+
+
+def probe_points() -> torch.Tensor:
+    """The float64 points sigma is probed at (1-D, deterministic).
+
+    0 and ±1; a fine grid on [-10, 10] (step 0.05, breakpoints of the usual activations included:
+    0, ±1, ±3, ±6); m·10**e for e = -6..6 and m in {1, 1.5, 2, 3, 5, 7}, both signs; 300 N(0, 2²)
+    and 100 N(0, 100²) draws.
+    """
+    g = torch.Generator().manual_seed(12345)
+    mant = torch.tensor([1.0, 1.5, 2.0, 3.0, 5.0, 7.0], dtype=torch.float64)
+    exps = torch.arange(PROBE_DECADES[0], PROBE_DECADES[1] + 1, dtype=torch.float64)
+    decades = (mant[:, None] * 10.0 ** exps[None, :]).reshape(-1)
+    return torch.cat([torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64),
+                      torch.linspace(-10, 10, 401, dtype=torch.float64),
+                      decades, -decades,
+                      torch.randn(300, generator=g, dtype=torch.float64) * 2.0,
+                      torch.randn(100, generator=g, dtype=torch.float64) * 100.0])
 
 
 def _eval(sigma: Callable, x: torch.Tensor) -> torch.Tensor:
+    """sigma on a COPY of x (in-place activations must not alias or change the probe), as float64."""
     try:
         with torch.no_grad():
-            y = sigma(x)
+            y = sigma(x.clone())
     except Exception as err:
         raise ValueError(f"could not evaluate sigma on a float64 tensor: "
                          f"{type(err).__name__}: {err}") from err
     y = as_tensor(y, name="sigma(x)")
     if y.shape != x.shape:
         raise ValueError(f"sigma must act elementwise: input shape {tuple(x.shape)} gave {tuple(y.shape)}")
-    return y.to(torch.float64)
+    return y.detach().to(torch.float64).clone()
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, floor: float) -> bool:
-    return bool(((a - b).abs() <= _RTOL * (a.abs() + b.abs()) + floor).all())
+def _agree(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, atol: float) -> bool:
+    """a == b up to _RTOL (relative, per point) + atol, at every point where both are finite.
+
+    A non-finite value on one side only, at a base point x in [-CORE, CORE], is a disagreement.
+    """
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not ((fa & fb) | (x.abs() > CORE)).all():
+        return False
+    both = fa & fb
+    a, b = a[both], b[both]
+    return bool(((a - b).abs() <= _RTOL * (a.abs() + b.abs()) + atol).all())
 
 
 def _snap(k: float) -> float:
@@ -520,164 +560,362 @@ def _snap(k: float) -> float:
     return float(k)
 
 
+def _float64_copy(sigma: Callable) -> Callable:
+    """A CPU float64 deep copy of a module with parameters or buffers of another dtype or on another device
+    (PReLU's float32 slope, a module on CUDA), else sigma itself (the probes are CPU float64 tensors)."""
+    if isinstance(sigma, nn.Module) and any(
+            t.is_floating_point() and (t.dtype != torch.float64 or t.device.type != "cpu")
+            for t in [*sigma.parameters(), *sigma.buffers()]):
+        return copy.deepcopy(sigma).to(device="cpu", dtype=torch.float64)
+    return sigma
+
+
 def activation_properties(sigma: Callable) -> Properties:
     """Linearity, affinity, parity and positive homogeneity of an elementwise sigma, checked numerically.
 
-    sigma is evaluated (float64, no grad) on ~1000 points in [-6, 6] and at scaled copies c·x for
-    c in a spread of positive factors up to 10. ValueError when sigma is not a finite elementwise map.
+    sigma is evaluated (float64, no grad, always on a copy of its input so that in-place activations are
+    judged correctly) at :func:`probe_points` — magnitudes 1e-6 … 1e6, both signs, a fine grid on
+    [-10, 10] — and at scaled copies c·x for 16 factors c in [0.1, 10]. Every property must hold at every
+    probe to a relative 1e-9. sigma must be finite on [-6, 6] (else ValueError); further out, points
+    where it overflows (exp(1e6)) are left out. ValueError when sigma is not elementwise.
     """
-    g = torch.Generator().manual_seed(12345)
-    x = torch.cat([torch.linspace(-6, 6, 241, dtype=torch.float64),
-                   torch.randn(600, generator=g, dtype=torch.float64) * 2.0,
-                   torch.tensor([0.0, 1.0, -1.0, 1e-3, -1e-3, 0.1, -0.1, 0.5, -0.5, 2.0, -2.0],
-                                dtype=torch.float64)])
-    x = x.clamp(-6, 6)
-    y = _eval(sigma, x)
-    if not torch.isfinite(y).all():
-        bad = x[~torch.isfinite(y)][0].item()
-        raise ValueError(f"sigma is not finite at x = {bad:g}")
+    sigma = _float64_copy(sigma)
+    g = torch.Generator().manual_seed(54321)
+    x_all = probe_points()
+    y_all = _eval(sigma, x_all)
+    bad = ~torch.isfinite(y_all) & (x_all.abs() <= CORE)
+    if bad.any():
+        raise ValueError(f"sigma is not finite at x = {x_all[bad][0].item():g}")
+    keep = torch.isfinite(y_all)
+    x, y = x_all[keep], y_all[keep]
     # elementwise: the same values in another order, another shape, and on a part of the input
     perm = torch.randperm(x.numel(), generator=g)
-    if not _close(_eval(sigma, x[perm]), y[perm], 1e-12) or \
-            not _close(_eval(sigma, x.reshape(-1, 1)).reshape(-1), y, 1e-12) or \
-            not _close(_eval(sigma, x[:7]), y[:7], 1e-12):
+    tiny = 1e-300
+    if not _agree(_eval(sigma, x[perm]), y[perm], x[perm], tiny) or \
+            not _agree(_eval(sigma, x.reshape(-1, 1)).reshape(-1), y, x, tiny) or \
+            not _agree(_eval(sigma, x[:7]), y[:7], x[:7], tiny):
         raise ValueError("sigma must act elementwise (its values changed with the order or shape of "
                          "the input)")
-    s0, s1 = float(_eval(sigma, torch.zeros(1, dtype=torch.float64))), float(
-        _eval(sigma, torch.ones(1, dtype=torch.float64)))
-    size = max(1.0, float(y.abs().max()))
-    floor = 1e-12 * size
+    s0, s1 = (float(v) for v in _eval(sigma, torch.tensor([0.0, 1.0], dtype=torch.float64)))
+    unit = float(y[x.abs() <= 1].abs().max())
+    atol = 1e-14 * max(unit, tiny)
 
-    affine = _close(y, s0 + (s1 - s0) * x, floor)
-    linear = affine and abs(s0) <= floor
+    affine = _agree(y, s0 + (s1 - s0) * x, x, atol)
+    linear = affine and abs(s0) <= atol
     y_neg = _eval(sigma, -x)
-    even = _close(y_neg, y, floor)
-    odd = _close(y_neg, -y, floor)
+    even = _agree(y_neg, y, x, atol)
+    odd = _agree(y_neg, -y, x, atol)
 
     # positive homogeneity: estimate k from sigma(2x)/sigma(x), then verify for many c > 0
     degree = None
     y2 = _eval(sigma, 2 * x)
-    ok = (y.abs() > 1e-3 * size) & (y2.abs() > 1e-3 * size) & (x != 0)
+    ok = torch.isfinite(y2) & (y.abs() > 1e-12 * unit) & (y2.abs() > 1e-12 * unit) & (x != 0)
     ratio = y2[ok] / y[ok]
     if ok.any() and (ratio > 0).all():
         k = _snap(float(torch.log2(ratio).median()))
         factors = torch.tensor([0.1, 0.25, 1 / 3, 0.5, 0.9, 1.5, 2.0, 3.0, 7.0, 10.0], dtype=torch.float64)
         factors = torch.cat([factors, torch.exp(torch.randn(6, generator=g, dtype=torch.float64))])
-        homogeneous = True
-        for c in factors:
-            yc = _eval(sigma, c * x)
-            if not torch.isfinite(yc).all() or not _close(yc, c**k * y, floor * max(1.0, float(c) ** k)):
-                homogeneous = False
-                break
-        if homogeneous:
+        if all(_agree(_eval(sigma, c * x), c**k * y, x, atol * max(1.0, float(c) ** k)) for c in factors):
             degree = k
     return Properties(sigma0=s0, sigma1=s1, linear=linear, affine=affine, even=even, odd=odd, degree=degree)
 
 
+def _check_invertible(name: str, s0: float, s1: float) -> None:
+    scale = max(abs(s0), abs(s1), 1e-300)
+    if abs(s1 - s0) <= 1e-9 * scale:
+        raise ValueError(f"sigma(I_n) is singular for {name} for every n >= 2 (sigma(0) = sigma(1) = "
+                         f"{s0:g}); the intertwiner group is undefined (Lemma 3.1)")
+
+
+def _group(entry: tuple[str, float, bool], name: str, sigma, s0: float, s1: float) -> IntertwinerGroup:
+    if not (math.isfinite(s0) and math.isfinite(s1)):
+        raise ValueError(f"{name} is not finite at 0 or 1 (sigma(0) = {s0}, sigma(1) = {s1})")
+    _check_invertible(name, s0, s1)
+    kind, degree, odd = entry
+    return IntertwinerGroup(kind=kind, name=name, degree=degree, odd=odd, sigma=sigma, sigma0=s0, sigma1=s1)
+
+
 def derive_group(sigma: Callable, name: str = "sigma") -> IntertwinerGroup:
     """G_sigma from :func:`activation_properties` (the rules in the module docstring), for any callable."""
-    evaluate = sigma
-    if isinstance(sigma, nn.Module) and any(t.is_floating_point() and t.dtype != torch.float64
-                                            for t in [*sigma.parameters(), *sigma.buffers()]):
-        evaluate = copy.deepcopy(sigma).double()  # e.g. PReLU's float32 slope would refuse float64 input
-    p = activation_properties(evaluate)
-    scale = max(abs(p.sigma0), abs(p.sigma1), 1e-300)
-    if abs(p.sigma1 - p.sigma0) <= 1e-9 * scale:
-        raise ValueError(f"sigma(I_n) is singular for {name} for every n >= 2 (sigma(0) = sigma(1) = "
-                         f"{p.sigma0:g}); the intertwiner group is undefined (Lemma 3.1)")
-    common = dict(name=name, sigma=sigma, sigma0=p.sigma0, sigma1=p.sigma1)
+    p = activation_properties(sigma)
     if p.linear:
-        return IntertwinerGroup(kind="general_linear", degree=1.0, odd=True, **common)
-    if p.affine:
-        return IntertwinerGroup(kind="unit_row_sum", degree=1.0, odd=True, **common)
-    if p.degree is not None:
-        if p.even or p.odd:
-            return IntertwinerGroup(kind="scaled_permutation", degree=p.degree, odd=p.odd, **common)
-        return IntertwinerGroup(kind="positive_scaled_permutation", degree=p.degree, odd=False, **common)
-    if p.even or p.odd:
-        return IntertwinerGroup(kind="signed_permutation", degree=0.0, odd=p.odd, **common)
-    return IntertwinerGroup(kind="permutation", degree=0.0, odd=False, **common)
+        entry = ("general_linear", 1.0, True)
+    elif p.affine:
+        entry = ("unit_row_sum", 1.0, True)
+    elif p.degree is not None:
+        entry = (("scaled_permutation", p.degree, p.odd) if (p.even or p.odd)
+                 else ("positive_scaled_permutation", p.degree, False))
+    else:
+        entry = ("signed_permutation", 0.0, p.odd) if (p.even or p.odd) else PERMUTATION
+    return _group(entry, name, sigma, p.sigma0, p.sigma1)
 
 
-# Table 1 and its extensions: name -> (kind, degree, odd). derive_group agrees (tests check it).
-_NAMED = {
-    "identity": ("general_linear", 1.0, True),
-    "relu": ("positive_scaled_permutation", 1.0, False),
-    "sigmoid": ("permutation", 0.0, False),
-    "tanh": ("signed_permutation", 0.0, True),
-    "gelu": ("permutation", 0.0, False),
-    "silu": ("permutation", 0.0, False),
-    "elu": ("permutation", 0.0, False),
-    "softplus": ("permutation", 0.0, False),
-    "gaussian": ("signed_permutation", 0.0, False),
-    "abs": ("scaled_permutation", 1.0, False),
-}
+# ----------------------------------------------------------------------------------------------------
+# Exact rules: names (Table 1) and the parametrised built-in activation modules
+# ----------------------------------------------------------------------------------------------------
+
+GENERAL_LINEAR = ("general_linear", 1.0, True)
+RELU_LIKE = ("positive_scaled_permutation", 1.0, False)  # positively homogeneous of degree 1
+ABS_LIKE = ("scaled_permutation", 1.0, False)            # |x|
+SIGNED_ODD = ("signed_permutation", 0.0, True)           # odd, not homogeneous: tanh, hardtanh(-a, a)
+SIGNED_EVEN = ("signed_permutation", 0.0, False)         # even, not homogeneous: gaussian
+PERMUTATION = ("permutation", 0.0, False)                # none of the above
+
+def _finite(owner: str, what: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{owner}: {what} must be a number, got {value!r}") from err
+    if not math.isfinite(v):
+        raise ValueError(f"{owner}: {what} must be finite, got {v}")
+    return v
 
 
-def _named_entry(name: str) -> tuple[str, float, bool]:
-    base, _, arg = name.partition(":")
-    if base == "leaky_relu":
-        slope = float(arg) if arg else 0.01
-        if slope == 1.0:
-            return ("general_linear", 1.0, True)
-        if slope == -1.0:
-            return ("scaled_permutation", 1.0, False)  # |x|
-        return ("positive_scaled_permutation", 1.0, False)
-    if base == "power":
-        d = int(arg)
-        if d == 1:
-            return ("general_linear", 1.0, True)
-        return ("scaled_permutation", float(d), d % 2 == 1)
-    return _NAMED[base]
+def leaky_relu_entry(slope: float) -> tuple[str, float, bool]:
+    """LeakyReLU(s) = max(x, 0) + s·min(x, 0): GL_n for s = 1 (identity), |x| for s = -1, else positive
+    scalings (sigma(c x) = c sigma(x) for c > 0 only)."""
+    slope = _finite("leaky_relu", "the slope", slope)
+    if slope == 1.0:
+        return GENERAL_LINEAR
+    if slope == -1.0:
+        return ABS_LIKE
+    return RELU_LIKE
 
 
-def _canonical_name(module: nn.Module) -> str | None:
-    """A name for modules whose group does not depend on their settings (fast path), else None."""
+def power_entry(degree: int) -> tuple[str, float, bool]:
+    """x**D: GL_n for D = 1, else non-zero scalings with b(c) = c**D."""
+    d = int(degree)
+    return GENERAL_LINEAR if d == 1 else ("scaled_permutation", float(d), d % 2 == 1)
+
+
+def _clamp_entry(owner: str, lo, hi) -> tuple[str, float, bool]:
+    """clamp(x, lo, hi) (Hardtanh, ReLU6): GL for (-inf, inf), ReLU's group for (0, inf), odd for (-a, a),
+    else permutations only (any scaling c != 1 moves a breakpoint; c = -1 maps the interval onto itself
+    only when it is symmetric)."""
+    lo, hi = float(lo), float(hi)
+    if math.isnan(lo) or math.isnan(hi) or not lo < hi:
+        raise ValueError(f"{owner}: needs min_val < max_val, got ({lo}, {hi})")
+    if lo == -math.inf and hi == math.inf:
+        return GENERAL_LINEAR
+    if lo == 0 and hi == math.inf:
+        return RELU_LIKE
+    if lo == -hi:
+        return SIGNED_ODD
+    return PERMUTATION
+
+
+def _shrink_entry(owner: str, lambd) -> tuple[str, float, bool]:
+    """Softshrink/Hardshrink(λ): odd; the identity when λ <= 0 (Hardshrink) or λ = 0 (Softshrink)."""
+    lam = _finite(owner, "lambd", lambd)
+    return GENERAL_LINEAR if lam <= 0 else SIGNED_ODD
+
+
+def _prelu_entry(m: nn.PReLU) -> tuple[str, float, bool]:
+    w = m.weight.detach().to(torch.float64).reshape(-1)
+    if not torch.isfinite(w).all():
+        raise ValueError("PReLU: its slopes must be finite")
+    if w.numel() > 1 and not bool((w == w[0]).all()):
+        raise ValueError(f"PReLU with {w.numel()} different per-channel slopes is not one elementwise "
+                         "function: a permutation would move the slopes between channels, so it has no "
+                         "intertwiner group. Its channel-wise symmetries are positive diagonal scalings "
+                         "without permutation (sigma(d x) = d sigma(x), d > 0); analyse it as such or "
+                         "give every channel the same slope")
+    return leaky_relu_entry(float(w[0]))
+
+
+def _threshold_entry(m: nn.Threshold) -> tuple[str, float, bool]:
+    """Threshold(t, v): x if x > t else v. ReLU for t = v = 0, the identity for t = -inf."""
+    t = float(m.threshold)
+    v = _finite("Threshold", "value", m.value)
+    if math.isnan(t):
+        raise ValueError("Threshold: threshold must not be NaN")
+    if t == -math.inf:
+        return GENERAL_LINEAR
+    if t == 0 and v == 0:
+        return RELU_LIKE
+    return PERMUTATION
+
+
+def _elu_entry(m: nn.ELU) -> tuple[str, float, bool]:
+    alpha = _finite("ELU", "alpha", m.alpha)
+    return RELU_LIKE if alpha == 0 else PERMUTATION  # ELU(alpha=0) is ReLU
+
+
+def _celu_entry(m: nn.CELU) -> tuple[str, float, bool]:
+    if _finite("CELU", "alpha", m.alpha) == 0:
+        raise ValueError("CELU: alpha must not be 0")
+    return PERMUTATION
+
+
+def _softplus_entry(m: nn.Softplus) -> tuple[str, float, bool]:
+    if _finite("Softplus", "beta", m.beta) == 0:
+        raise ValueError("Softplus: beta must not be 0")
+    if math.isnan(float(m.threshold)):
+        raise ValueError("Softplus: threshold must not be NaN")
+    return PERMUTATION
+
+
+def _gelu_entry(m: nn.GELU) -> tuple[str, float, bool]:
+    if m.approximate not in ("none", "tanh"):
+        raise ValueError(f"GELU: unknown approximate={m.approximate!r}")
+    return PERMUTATION
+
+
+def _rrelu_entry(m: nn.Module) -> tuple[str, float, bool]:
+    raise ValueError("RReLU draws a random slope per element in training mode, so it is not one elementwise "
+                     "function; use LeakyReLU((lower + upper) / 2) for its evaluation-mode function")
+
+
+def _module_rules() -> dict[type, tuple[str, Callable]]:
+    """Built-in activation module types -> (group name, rule module -> (kind, degree, odd)).
+
+    Exact: no numerical probing. A rule is used only when the module's class does not override the
+    built-in ``forward`` and no hooks are registered; anything else is derived numerically.
+    """
     from .activations import Abs, Gaussian, Power
 
-    if isinstance(module, nn.LeakyReLU):
-        return f"leaky_relu:{module.negative_slope}"
-    if isinstance(module, Power):
-        return f"power:{module.degree}"
-    simple = {nn.Identity: "identity", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
-              Gaussian: "gaussian", Abs: "abs"}
-    return simple.get(type(module))
+    def const(entry):
+        return lambda m: entry
+
+    return {
+        nn.Identity: ("identity", const(GENERAL_LINEAR)),
+        nn.ReLU: ("relu", const(RELU_LIKE)),
+        nn.LeakyReLU: ("leaky_relu", lambda m: leaky_relu_entry(m.negative_slope)),
+        nn.PReLU: ("prelu", _prelu_entry),
+        nn.ReLU6: ("relu6", lambda m: _clamp_entry("ReLU6", m.min_val, m.max_val)),
+        nn.Hardtanh: ("hardtanh", lambda m: _clamp_entry("Hardtanh", m.min_val, m.max_val)),
+        nn.Threshold: ("threshold", _threshold_entry),
+        nn.ELU: ("elu", _elu_entry),
+        nn.CELU: ("celu", _celu_entry),
+        nn.SELU: ("selu", const(PERMUTATION)),
+        nn.GELU: ("gelu", _gelu_entry),
+        nn.SiLU: ("silu", const(PERMUTATION)),
+        nn.Mish: ("mish", const(PERMUTATION)),
+        nn.Hardswish: ("hardswish", const(PERMUTATION)),
+        nn.Hardsigmoid: ("hardsigmoid", const(PERMUTATION)),
+        nn.Sigmoid: ("sigmoid", const(PERMUTATION)),
+        nn.LogSigmoid: ("logsigmoid", const(PERMUTATION)),
+        nn.Softplus: ("softplus", _softplus_entry),
+        nn.Tanh: ("tanh", const(SIGNED_ODD)),
+        nn.Softsign: ("softsign", const(SIGNED_ODD)),
+        nn.Tanhshrink: ("tanhshrink", const(SIGNED_ODD)),
+        nn.Softshrink: ("softshrink", lambda m: _shrink_entry("Softshrink", m.lambd)),
+        nn.Hardshrink: ("hardshrink", lambda m: _shrink_entry("Hardshrink", m.lambd)),
+        nn.RReLU: ("rrelu", _rrelu_entry),
+        Gaussian: ("gaussian", const(SIGNED_EVEN)),
+        Abs: ("abs", const(ABS_LIKE)),
+        Power: ("power", lambda m: power_entry(m.degree)),
+    }
+
+
+_RULES: dict[type, tuple[str, Callable]] | None = None
+
+
+def module_rule(module: nn.Module) -> tuple[str, tuple[str, float, bool]] | None:
+    """(group name, (kind, degree, odd)) for a built-in activation module by its exact rule, or None.
+
+    None for modules without a rule, subclasses that override ``forward`` and modules with hooks (those
+    are derived numerically). ValueError for non-finite or nonsensical settings (LeakyReLU(nan),
+    per-channel PReLU with different slopes, RReLU).
+    """
+    global _RULES
+    if _RULES is None:
+        _RULES = _module_rules()
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    for cls in type(module).__mro__:
+        if cls in _RULES:
+            if type(module).forward is not cls.forward:
+                return None
+            name, rule = _RULES[cls]
+            entry = rule(module)
+            if name == "leaky_relu":
+                name = f"leaky_relu:{float(module.negative_slope)}"
+            elif name == "power":
+                name = f"power:{module.degree}"
+            return name, entry
+    return None
+
+
+def _values_at_0_and_1(sigma: Callable) -> tuple[float, float]:
+    if isinstance(sigma, nn.PReLU):  # one slope (all channels equal, checked by its rule)
+        sigma = nn.LeakyReLU(float(sigma.weight.detach().reshape(-1)[0]))
+    s0, s1 = _eval(_float64_copy(sigma), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    return float(s0), float(s1)
 
 
 def named_group(name: str) -> IntertwinerGroup:
-    """G_sigma for an activation name of :func:`intertwiners.activations.make_activation` (fast path)."""
+    """G_sigma for an activation name of :func:`intertwiners.activations.make_activation` (Table 1: the
+    exact rule of the module the name builds).
+
+    ValueError for unknown names and for non-finite or out-of-range parameters (``leaky_relu:nan``,
+    ``leaky_relu:inf``, ``power:nan``, ``power:2000``).
+    """
     from .activations import make_activation
 
-    module = make_activation(name)  # validates the name
-    key = name.strip().lower()
-    if key == "leaky_relu":
-        key = f"leaky_relu:{module.negative_slope}"
+    module = make_activation(name)  # validates the name and its parameter
+    rule = module_rule(module)
+    if rule is None:  # pragma: no cover - every name builds a module with a rule
+        raise ValueError(f"unknown activation {name!r}")
+    return _group(rule[1], rule[0], module, *_values_at_0_and_1(module))
+
+
+_FUNCTIONAL = {
+    "identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardtanh": nn.Hardtanh, "leaky_relu": nn.LeakyReLU,
+    "prelu": None, "elu": nn.ELU, "celu": nn.CELU, "selu": nn.SELU, "gelu": nn.GELU, "silu": nn.SiLU, "mish": nn.Mish,
+    "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid, "logsigmoid": nn.LogSigmoid,
+    "tanh": nn.Tanh, "softsign": nn.Softsign, "tanhshrink": nn.Tanhshrink, "softshrink": nn.Softshrink,
+    "hardshrink": nn.Hardshrink, "softplus": nn.Softplus, "threshold": nn.Threshold,
+}
+
+
+def functional_group(op: str, *args, **kwargs) -> IntertwinerGroup:
+    """G_sigma of a functional activation call, by the exact rule of its module.
+
+    ``op`` is the function's name as torch.nn.functional, torch or aten spell it, with or without the
+    in-place underscore (``"relu_"``, ``"hardtanh"``, ``"gelu"``); ``args``/``kwargs`` are its arguments after
+    the input, as the function takes them (``functional_group("hardtanh", -10.0, 10.0)``,
+    ``functional_group("leaky_relu", 0.2)``, ``functional_group("gelu", approximate="tanh")``). ``inplace``
+    is ignored. ValueError for unknown ops, arguments the module does not take and bad values.
+    """
+    name = op.rsplit(".", 1)[-1].removesuffix("_").lower()
+    cls = _FUNCTIONAL.get(name)
+    if cls is None:
+        raise ValueError(f"no exact rule for the functional activation {op!r}; known: "
+                         f"{', '.join(k for k, v in _FUNCTIONAL.items() if v is not None)}")
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+    args = tuple(a for a in args if not isinstance(a, bool))  # a positional inplace flag
     try:
-        kind, degree, odd = _named_entry(key)
-    except (KeyError, ValueError) as err:  # pragma: no cover - make_activation validated already
-        raise ValueError(f"unknown activation {name!r}") from err
-    with torch.no_grad():
-        s0, s1 = (float(module(torch.tensor([v], dtype=torch.float64))) for v in (0.0, 1.0))
-    return IntertwinerGroup(kind=kind, name=key, degree=degree, odd=odd, sigma=module, sigma0=s0, sigma1=s1)
+        module = cls(*args, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+        raise ValueError(f"{op}: arguments {args!r} {kwargs!r} not understood ({err})") from err
+    return intertwiner_group(module)
 
 
 def intertwiner_group(sigma, *, n: int | None = None) -> IntertwinerGroup:
     """The intertwiner group G_sigma of an elementwise activation, with phi_sigma (paper §3.1).
 
     ``sigma``: a name (``"relu"``, ``"leaky_relu:0.2"``, ``"power:3"``, ... see
-    :mod:`intertwiners.activations`), a ``torch.nn`` activation module (``nn.LeakyReLU(s)`` uses its
-    slope), or any elementwise callable on float64 tensors. Named activations and settings-free modules
-    use Table 1 directly; anything else is derived from its numerically checked properties
-    (:func:`derive_group`). ``n``: optionally check that sigma(I_n) is invertible for this size.
-    Raises ValueError when sigma(I_n) is singular (the group is undefined) or sigma is not elementwise.
+    :mod:`intertwiners.activations`), a ``torch.nn`` activation module, or any elementwise callable on
+    float64 tensors. Names and the built-in modules (ReLU, ReLU6, Hardtanh(min, max), LeakyReLU(s),
+    PReLU, ELU/CELU/SELU, GELU, SiLU, Mish, Hardswish, Hardsigmoid, Softplus(beta, threshold), Tanh,
+    Softsign, Tanhshrink, Softshrink, Hardshrink, Threshold, LogSigmoid, Sigmoid, Identity; in-place or
+    not) use exact rules; anything else is derived from its numerically checked properties
+    (:func:`derive_group`, always evaluated on copies). ``n``: optionally check that sigma(I_n) is
+    invertible for this size. Raises ValueError when sigma(I_n) is singular (the group is undefined),
+    sigma is not elementwise, or a parameter is non-finite or nonsensical.
     """
     if isinstance(sigma, IntertwinerGroup):
         group = sigma
     elif isinstance(sigma, str):
         group = named_group(sigma)
     elif isinstance(sigma, nn.Module):
-        canonical = _canonical_name(sigma)
-        group = named_group(canonical) if canonical else derive_group(sigma, type(sigma).__name__.lower())
+        rule = module_rule(sigma)
+        if rule is not None:
+            name, entry = rule
+            group = _group(entry, name, sigma, *_values_at_0_and_1(sigma))
+        else:
+            group = derive_group(sigma, type(sigma).__name__.lower())
     elif callable(sigma):
         group = derive_group(sigma, getattr(sigma, "__name__", type(sigma).__name__))
     else:
@@ -689,5 +927,6 @@ def intertwiner_group(sigma, *, n: int | None = None) -> IntertwinerGroup:
 
 
 __all__ = ["KINDS", "MONOMIAL_KINDS", "IntertwinerGroup", "Properties", "activation_properties",
-           "as_monomial", "derive_group", "intersection", "intertwiner_group", "kind_group", "kind_leq",
-           "meet_kind", "monomial_compose", "monomial_inverse", "monomial_matrix", "named_group"]
+           "as_monomial", "derive_group", "functional_group", "intersection", "intertwiner_group", "kind_group",
+           "kind_leq", "meet_kind", "module_rule", "monomial_compose", "monomial_inverse", "monomial_matrix",
+           "named_group", "probe_points"]

@@ -171,6 +171,26 @@ def _channels(model: nn.Sequential, idx: int, example: torch.Tensor) -> int:
     return int(h.shape[1])
 
 
+def _check_settings(*, epochs, batch_size, lr, val_fraction, train_subset, finetune) -> None:
+    """ValueError for settings that would otherwise run and report nonsense (e.g. fine-tuning on 0 images)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(epochs) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite positive number, got {lr!r}")
+    if not (isinstance(val_fraction, int | float) and 0 < val_fraction < 1):
+        raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction!r}")
+    if train_subset is not None and (not is_int(train_subset) or train_subset < 1):
+        raise ValueError(f"train_subset must be None or an integer >= 1 (images to fine-tune on), got "
+                         f"{train_subset!r}")
+    if finetune not in ("all", "next"):
+        raise ValueError(f"finetune must be 'all' or 'next', got {finetune!r}")
+
+
 def rotation_penalty(model: nn.Module, layer: str | int, transform: str | torch.Tensor, train: ArrayDataset,
                      test: ArrayDataset, *, epochs: int = 50, seed: int = 0, device: str = "auto",
                      baseline: float | None = None, val_fraction: float = 0.1, split_seed: int = 0,
@@ -188,8 +208,8 @@ def rotation_penalty(model: nn.Module, layer: str | int, transform: str | torch.
     ``transformed_accuracy`` (after inserting A, before fine-tuning), ``finetuned_accuracy``, ``penalty``
     (= baseline - finetuned, points), ``val_accuracy``, ``best_epoch``, plus the settings.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    _check_settings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+                    train_subset=train_subset, finetune=finetune)
     dev = resolve_device(device)
     start = time.perf_counter()
     model = copy.deepcopy(model).cpu()

@@ -52,6 +52,10 @@ def accuracy(model: nn.Module, data: ArrayDataset, device: str | torch.device = 
              batch_size: int = 512) -> float:
     """Top-1 accuracy in percent (0-100), eval mode, no autograd; the model's mode is restored."""
     dev = resolve_device(device)
+    if len(data) == 0:
+        raise ValueError(f"accuracy of an empty dataset ({getattr(data, 'name', 'data')} has no samples) is undefined")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     correct = 0
@@ -86,6 +90,11 @@ def fit(model: nn.Module, train: ArrayDataset, val: ArrayDataset, recipe: Recipe
     Returns ``{"val_accuracy", "best_epoch", "epochs", "wall_time_s"}``.
     """
     dev = resolve_device(device)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"fit: the training part ({len(train)} samples) and the validation part ({len(val)}) "
+                         "must both be non-empty")
+    if recipe.epochs < 1 or recipe.batch_size < 1:
+        raise ValueError(f"fit: epochs and batch_size must be >= 1, got {recipe.epochs} and {recipe.batch_size}")
     model.to(dev)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -110,6 +119,11 @@ def fit(model: nn.Module, train: ArrayDataset, val: ArrayDataset, recipe: Recipe
             if bar is not None:
                 bar.update(1)
         sched.step()
+        if not bool(torch.isfinite(loss)):
+            if bar is not None:
+                bar.close()
+            raise ValueError(f"training diverged: the loss is {float(loss)} at epoch {epoch} (non-finite weights or "
+                             "activations); lower the learning rate or check the activation")
         val_acc = accuracy(model, val, dev)
         if bar is not None:
             bar.set_postfix(epoch=epoch, val=f"{val_acc:.1f}%")
@@ -131,7 +145,13 @@ def train_one(arch: str, dataset: str = "digits", seed: int = 0, *, root: str | 
     Metrics are percentages: ``test_accuracy``, ``train_accuracy`` (on the training part, no augmentation),
     ``val_accuracy``; plus ``epochs``, ``best_epoch``, ``seed``, ``wall_time_s``.
     """
+    dev = resolve_device(device)          # a bad device fails before any data is read or trained on
     train_full, test = data if data is not None else load_data(dataset, root)
+    for part, what in ((train_full, "training"), (test, "test")):
+        if len(part) == 0:
+            raise ValueError(f"the {what} set of {dataset} is empty")
+    if len(train_full) < 2:
+        raise ValueError(f"the training set of {dataset} needs at least 2 samples (one is held out for validation)")
     recipe = RECIPES.get(dataset, RECIPES["cifar10"])
     if epochs is not None:
         if epochs < 1:
@@ -141,7 +161,6 @@ def train_one(arch: str, dataset: str = "digits", seed: int = 0, *, root: str | 
     torch.manual_seed(seed)
     model = build_for(arch, train, **arch_kwargs)
     metrics = fit(model, train, val, recipe, seed, device, progress, desc=f"{arch} seed {seed}")
-    dev = resolve_device(device)
     metrics.update(test_accuracy=accuracy(model, test, dev), train_accuracy=accuracy(model, train, dev),
                    seed=seed, arch=arch, dataset=dataset, recipe=asdict(recipe))
     return model.cpu(), metrics
@@ -160,6 +179,9 @@ def train_zoo(arch: str, dataset: str, seeds: list[int], out: str | Path, *, roo
     never leaves a half-written model that would be skipped later.
     """
     out = Path(out)
+    resolve_device(device)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"train_zoo: out={out} exists and is not a folder")
     data = load_data(dataset, root)
     results = []
     for seed in seeds:

@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import _args
+
 NAME = "dissect"
 HELP = ("Network dissection (paper §6): dissect SITE of a saved model on a Broden-layout dataset, optionally "
         "in rotated bases Q**alpha; or run the Fig. 3 experiment on a synthetic dataset (--fig3). Writes CSV + PNG.")
 
 
 def _floats(text: str) -> list[float]:
+    import math
+
     try:
-        return [float(t) for t in str(text).split(",") if t.strip()]
+        values = [float(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
         raise ValueError(f"--alphas must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"--alphas must be finite numbers, got {text!r}")
+    return values
 
 
 def add_arguments(p):
@@ -26,22 +33,25 @@ def add_arguments(p):
                    "(and with --make-synthetic) a synthetic one is written there when missing")
     p.add_argument("--split", default=None, help="only images of this split (e.g. val)")
     p.add_argument("--make-synthetic", action="store_true", help="write a synthetic dataset to --data first")
-    p.add_argument("--images", type=int, default=1600, help="synthetic dataset size")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this side (default: as stored; "
+    p.add_argument("--images", type=_args.positive_int, default=1600, help="synthetic dataset size")
+    p.add_argument("--image-size", type=_args.positive_int, default=None,
+                   help="resize images to this side (default: as stored; "
                    "synthetic: 32)")
     p.add_argument("--fig3", action="store_true", help="train the three Fig. 3 models on the synthetic data and "
                    "dissect them under rotations")
-    p.add_argument("--steps", type=int, default=500, help="--fig3 training steps (batches of 32)")
+    p.add_argument("--steps", type=_args.positive_int, default=500, help="--fig3 training steps (batches of 32)")
     p.add_argument("--save-models", action="store_true", help="--fig3: keep the trained models in OUT/models")
     p.add_argument("--alphas", default=None, help="rotation powers, e.g. 0,0.25,0.5,0.75,1 (default: 0 for "
                    "--model, 0,0.25,0.5,0.75,1 for --fig3)")
-    p.add_argument("--rotations", type=int, default=3, help="random rotations per alpha")
+    p.add_argument("--rotations", type=_args.positive_int, default=3, help="random rotations per alpha")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quantile", type=float, default=None, help="top activation quantile per unit (default 0.005; "
+    p.add_argument("--quantile", type=_args.open_fraction, default=None,
+                   help="top activation quantile per unit (default 0.005; "
                    "0.05 for --fig3, whose synthetic concepts are large)")
-    p.add_argument("--iou-threshold", type=float, default=None, help="interpretable when best IoU exceeds this "
+    p.add_argument("--iou-threshold", type=_args.fraction, default=None,
+                   help="interpretable when best IoU exceeds this "
                    "(default 0.04; 0.1 for --fig3)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_args.positive_int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", default="runs/dissect")
     p.add_argument("--quiet", action="store_true")
@@ -60,10 +70,22 @@ def run(args) -> int:
     )
     from ..dissection.fig3_models import load_any
 
-    out = Path(args.out)
     if args.data is None:
         raise ValueError("--data ROOT is required (a Broden-layout dataset, or where to write a synthetic one)")
     root = Path(args.data)
+    # every argument is checked before anything is loaded, trained or written
+    _args.device(args.device)
+    if args.alphas:
+        _floats(args.alphas)
+    if not (args.fig3 or args.make_synthetic):
+        if args.model is None or args.site is None:
+            raise ValueError("give --model DIR and --site NAME (or --fig3, or --make-synthetic)")
+        _args.input_path(args.data, "--data", "dir")
+    if args.model is not None:
+        _args.input_path(args.model, "--model")
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--data {root} exists and is not a folder")
+    out = _args.out_dir(args.out)
     if args.fig3:
         alphas = _floats(args.alphas) if args.alphas else list(DEFAULT_ALPHAS)
         rows = fig3_experiment(root, alphas, args.rotations, n_images=args.images, image_size=args.image_size or 32,

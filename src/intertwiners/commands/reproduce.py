@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import _args
+
 NAME = "reproduce"
 HELP = ("Run every experiment of the paper (zoo, rotation penalties, stitching, LeakyReLU sweep, Procrustes, "
         "CKA, dissection) as resumable jobs in OUT/results.sqlite, then write OUT/report.md and the figures.")
@@ -16,9 +18,9 @@ def add_arguments(p):
     p.add_argument("--backend", default="local", choices=["local", "ray", "inline"],
                    help="local: worker processes here; ray: a Ray cluster (or a local Ray instance)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
-    p.add_argument("--gpus-per-job", type=float, default=0,
+    p.add_argument("--gpus-per-job", type=_args.nonneg_float, default=0,
                    help="ray backend: GPUs each job asks the cluster for (e.g. 0.25 to share one GPU by four)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_args.nonneg_int, default=None,
                    help="jobs in flight (default: the CPU cores here, or the Ray cluster's CPUs)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (results.sqlite, artifacts, report)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (resolved in each worker)")
@@ -43,6 +45,19 @@ def run(args) -> int:
         for name, reason in plan.missing.items():
             print(f"missing: {name} ({reason})")
         return 0
+    # every argument is checked before the results folder is opened or written
+    _args.device(args.device)
+    if args.data_root is not None:
+        _args.input_path(args.data_root, "--data-root", "dir")
+    if args.ray_address is not None and args.backend != "ray":
+        raise ValueError("--ray-address needs --backend ray")
+    if args.gpus_per_job and args.backend != "ray":
+        raise ValueError("--gpus-per-job needs --backend ray")
+    plan = build_plan(args.scale, args.dataset)
+    if plan.info.get("scale", {}).get("dataset") == "cifar10" and args.data_root is None:
+        raise ValueError("this plan trains on CIFAR-10: pass --data-root DIR (the folder with data_batch_1..5 and "
+                         "test_batch; nothing is downloaded), or use --dataset digits")
+    _args.out_dir(args.out)
     summary = reproduce(args.out, args.scale, dataset=args.dataset, data_root=args.data_root,
                         backend=args.backend, workers=args.workers, ray_address=args.ray_address,
                         device=args.device, progress=not args.quiet, report=not args.no_report,

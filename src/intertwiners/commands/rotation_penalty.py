@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+from . import _args
+
 NAME = "rotation-penalty"
 HELP = ("Insert a fixed G_ReLU or orthogonal channel transform before a layer's activation, fine-tune the "
         "later layers, and report the accuracy lost (Fig. 4); writes a CSV and a PNG.")
@@ -30,13 +32,15 @@ def add_arguments(p):
                    help="comma-separated: grelu, orthogonal, permutation, identity (the identity is the control: "
                         "what fine-tuning alone does)")
     p.add_argument("--seeds", default="0-4", help="repeats, e.g. 0-9")
-    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (the paper: 50)")
+    p.add_argument("--epochs", type=_args.positive_int, default=10, help="fine-tuning epochs (the paper: 50)")
     p.add_argument("--finetune", default="all", choices=["all", "next"],
                    help="fine-tune all later layers (the paper) or only the next conv/linear")
     p.add_argument("--model-seed", type=int, default=0, help="seed of the trained base model")
-    p.add_argument("--model-epochs", type=int, default=None, help="base model epochs (default: recipe)")
-    p.add_argument("--width", type=int, default=None, help="Myrtle CNN width (default 16 on digits, 64 else)")
-    p.add_argument("--train-subset", type=int, default=None, help="fine-tune on the first k training images")
+    p.add_argument("--model-epochs", type=_args.positive_int, default=None, help="base model epochs (default: recipe)")
+    p.add_argument("--width", type=_args.positive_int, default=None,
+                   help="Myrtle CNN width (default 16 on digits, 64 else)")
+    p.add_argument("--train-subset", type=_args.positive_int, default=None,
+                   help="fine-tune on the first k training images")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", default="runs/rotation_penalty")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -61,19 +65,30 @@ def _base_model(args, activation: str, data, out: Path):
 
 
 def _read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's CSV (to resume from); a damaged file is a ValueError naming it."""
     if not path.is_file():
         return []
     rows = []
-    with path.open(newline="") as f:
-        for r in csv.DictReader(f):
-            for k in ("position", "seed", "channels", "epochs", "best_epoch"):
-                r[k] = int(r[k])
-            for k in ("baseline_accuracy", "transformed_accuracy", "finetuned_accuracy", "penalty",
-                      "val_accuracy", "wall_time_s"):
-                r[k] = float(r[k])
-            r.setdefault("finetune", "all")
-            r["finetune"] = r["finetune"] or "all"
-            rows.append(r)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for i, r in enumerate(csv.DictReader(f), start=2):
+                try:
+                    for k in ("position", "seed", "channels", "epochs", "best_epoch"):
+                        r[k] = int(r[k])
+                    for k in ("baseline_accuracy", "transformed_accuracy", "finetuned_accuracy", "penalty",
+                              "val_accuracy", "wall_time_s"):
+                        r[k] = float(r[k])
+                    for k in ("panel", "layer", "transform"):
+                        if not isinstance(r[k], str):
+                            raise TypeError(k)
+                except (KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"{path} line {i} is damaged ({type(err).__name__}: {err}); move the file "
+                                     "away to start afresh") from None
+                r.setdefault("finetune", "all")
+                r["finetune"] = r["finetune"] or "all"
+                rows.append(r)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} is not a readable CSV ({err}); move the file away to start afresh") from None
     return rows
 
 
@@ -83,50 +98,63 @@ def run(args) -> int:
     from ..data import load as load_data
     from ..rotation_penalty import TRANSFORMS, plot_rotation_penalties, rotation_penalty_sweep, summarize, with_control
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
-    for t in transforms:
-        if t not in TRANSFORMS:
-            raise ValueError(f"unknown transform {t!r}; known: {', '.join(TRANSFORMS)}")
-    layers = [x.strip() for x in args.layers.split(",") if x.strip()]
+    # every argument is checked before anything is loaded, trained or written
+    transforms = _args.names(args.transforms, "--transforms", TRANSFORMS)
+    if not transforms:
+        raise ValueError("--transforms is empty")
+    layers = _args.names(args.layers, "--layers")
+    if not layers:
+        raise ValueError("--layers is empty")
     seeds = parse_seeds(args.seeds)
     if args.epochs < 1:
         raise ValueError("--epochs must be >= 1")
+    _args.device(args.device)
+    activations = _args.names(args.activations, "--activations")
+    if args.model:
+        # a bad folder or config fails here, before anything is written
+        models.check_config(models.read_config(args.model)[1], f"--model {args.model}")
+    else:
+        if not activations:
+            raise ValueError("--activations is empty (or give --model)")
+        for act in activations:
+            models.check_activation(act, "--activations")
+    if args.dataset == "cifar10" and args.data_root is None:
+        raise ValueError("--dataset cifar10 needs --data-root DIR (nothing is downloaded)")
+    out = _args.out_dir(args.out)
     train, test = load_data(args.dataset, args.data_root)
 
     if args.model:
         bases = [(Path(args.model).name, models.load(args.model), None)]
     else:
         bases = []
-        for act in [a.strip() for a in args.activations.split(",") if a.strip()]:
+        for act in activations:
             model, metrics = _base_model(args, act, (train, test), out)
             bases.append((act, model, metrics))
 
     csv_path = out / "rotation_penalty.csv"
     previous = _read_rows(csv_path)  # earlier runs are kept; those with these epochs are resumed from
     rows = [r for r in previous if r["epochs"] == args.epochs and r["finetune"] == args.finetune]
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(previous)
-        f.flush()
-        for panel, model, _ in bases:
-            done = {(r["layer"], r["transform"], r["seed"]) for r in rows if r["panel"] == panel}
+    # the CSV is rewritten atomically after every new row (earlier rows, of any settings, are kept): an error
+    # or a kill never truncates it, and the next run resumes from every row written
+    written = list(previous)
+    for panel, model, _ in bases:
+        done = {(r["layer"], r["transform"], r["seed"]) for r in rows if r["panel"] == panel}
 
-            def store(r, panel=panel):
-                r["panel"] = panel
-                writer.writerow(r)
-                f.flush()
-                rows.append(r)
-                print(f"{panel:>10} {r['conv']:>6} {r['transform']:>11} seed {r['seed']}: "
-                      f"penalty {r['penalty']:+.2f} (baseline {r['baseline_accuracy']:.2f}, "
-                      f"after insertion {r['transformed_accuracy']:.2f}, "
-                      f"after fine-tuning {r['finetuned_accuracy']:.2f})", flush=True)
+        def store(r, panel=panel):
+            r["panel"] = panel
+            written.append(r)
+            _args.write_csv(csv_path, FIELDS, written)
+            rows.append(r)
+            print(f"{panel:>10} {r['conv']:>6} {r['transform']:>11} seed {r['seed']}: "
+                  f"penalty {r['penalty']:+.2f} (baseline {r['baseline_accuracy']:.2f}, "
+                  f"after insertion {r['transformed_accuracy']:.2f}, "
+                  f"after fine-tuning {r['finetuned_accuracy']:.2f})", flush=True)
 
-            rotation_penalty_sweep(model, layers, transforms, train, test, seeds=seeds, epochs=args.epochs,
-                                   device=args.device, done=done, callback=store, train_subset=args.train_subset,
-                                   finetune=args.finetune, progress=not args.quiet)
+        rotation_penalty_sweep(model, layers, transforms, train, test, seeds=seeds, epochs=args.epochs,
+                               device=args.device, done=done, callback=store, train_subset=args.train_subset,
+                               finetune=args.finetune, progress=not args.quiet)
+    if not rows:
+        raise ValueError("no rows were computed")
 
     rows = with_control(rows, "identity")
     by = ("panel", "conv", "transform")
@@ -136,11 +164,8 @@ def run(args) -> int:
         rel = relative.get(tuple(s[k] for k in by))
         s["mean_vs_identity"] = rel["mean"] if rel else float("nan")
         s["ci95_vs_identity"] = rel["ci95"] if rel else float("nan")
-    with (out / "rotation_penalty_summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=("panel", "conv", "transform", "mean", "std", "ci95", "n",
-                                               "mean_vs_identity", "ci95_vs_identity"))
-        writer.writeheader()
-        writer.writerows(summary)
+    _args.write_csv(out / "rotation_penalty_summary.csv", ("panel", "conv", "transform", "mean", "std", "ci95", "n",
+                                                          "mean_vs_identity", "ci95_vs_identity"), summary)
     title = f"{args.dataset}, {args.epochs} epochs, fine-tune {args.finetune}"
     plot_rotation_penalties(rows, out / "rotation_penalty.png", title=f"Rotation penalty ({title})")
     figures = [out / "rotation_penalty.png"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from . import _args
+
 NAME = "stitch"
 HELP = ("Stitch pairs of trained models (from `intertwiners train`) at every site with every kind; write "
         "OUT/stitch.csv and the Fig. 1 plot OUT/stitch.png.")
@@ -13,7 +15,7 @@ HELP = ("Stitch pairs of trained models (from `intertwiners train`) at every sit
 def add_arguments(p):
     p.add_argument("zoo", nargs="+", help="zoo folder(s): OUT/<arch>-<dataset> (holding seed<k>/) or OUT; give "
                    "several (e.g. one per LeakyReLU slope) for the slope sweep")
-    p.add_argument("--pairs", type=int, default=4,
+    p.add_argument("--pairs", type=_args.nonneg_int, default=4,
                    help="distinct model pairs drawn per zoo (0, or more than exist: all pairs)")
     p.add_argument("--pair-seed", type=int, default=0, help="seed of the pair draw")
     p.add_argument("--sites", default="all", help="comma-separated activation sites, or 'all' stitchable ones")
@@ -22,9 +24,9 @@ def add_arguments(p):
     p.add_argument("--settings", default="default", choices=["default", "authors"],
                    help="default: Adam lr 1e-3, 5 epochs; authors: SGD lr 1e-3, wd 1e-4, 20 epochs, "
                    "G_ReLU permutation first")
-    p.add_argument("--epochs", type=int, default=None, help="override the settings' epochs")
-    p.add_argument("--lr", type=float, default=None, help="override the settings' learning rate")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--epochs", type=_args.positive_int, default=None, help="override the settings' epochs")
+    p.add_argument("--lr", type=_args.positive_float, default=None, help="override the settings' learning rate")
+    p.add_argument("--batch-size", type=_args.positive_int, default=None)
     p.add_argument("--init", default=None, choices=["match", "identity", "barycenter"],
                    help="initial layer (default: the closed-form match)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stitch")
@@ -34,26 +36,53 @@ def add_arguments(p):
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def run(args) -> int:
+def _check(args) -> tuple[list[str], list[str] | None, dict[str, list]]:
+    """Every argument, before anything is written: kinds, zoo folders, sites (on the first model), device, --out."""
+    from .. import models
     from ..stitching.layers import parse_kind
-    from ..stitching.plot import plot_penalties, plot_slope_sweep
-    from ..stitching.sweep import ROW_KEYS, model_folders, slope_of, stitch_sweep, summarize
+    from ..stitching.stitch import stitchable_sites
+    from ..stitching.sweep import model_folders
 
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    kinds = _args.names(args.kinds, "--kinds")
+    if not kinds:
+        raise ValueError("--kinds is empty; give e.g. full,low_rank:1,grelu")
     for k in kinds:
         parse_kind(k)
-    sites = None if args.sites.strip() == "all" else [s.strip() for s in args.sites.split(",") if s.strip()]
+    _args.device(args.device)
+    folders = {zoo: model_folders(zoo) for zoo in args.zoo}
+    for zoo, found in folders.items():
+        if len(found) < 2:
+            raise ValueError(f"{zoo}: stitching needs at least 2 trained models, found {len(found)}")
+    sites = None if args.sites.strip() == "all" else _args.names(args.sites, "--sites")
+    if sites == []:
+        raise ValueError("--sites is empty; give activation sites or 'all'")
+    for zoo, found in folders.items():
+        available = stitchable_sites(models.load(found[0]))
+        bad = [s for s in sites or [] if s not in available]
+        if bad:
+            raise ValueError(f"--sites: {', '.join(map(repr, bad))} not stitchable in {zoo}; stitchable sites: "
+                             f"{', '.join(available)}")
+    _args.out_dir(args.out)
+    return kinds, sites, folders
+
+
+def run(args) -> int:
+    from ..stitching.plot import plot_penalties, plot_slope_sweep
+    from ..stitching.sweep import ROW_KEYS, slope_of, stitch_sweep, summarize
+
+    kinds, sites, zoo_folders = _check(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "stitch.csv"
     overrides = {k: v for k, v in dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                        init=args.init).items() if v is not None}
     rows: list[dict] = []
-    with csv_path.open("w", newline="") as fh:
+    # rows go to a temporary file as they come and replace OUT/stitch.csv only when the sweep is complete:
+    # an error never truncates the CSV of an earlier run (the rows done before it stay in stitch.partial.csv)
+    with _args.atomic_write(csv_path, newline="", keep_partial=out / "stitch.partial.csv") as fh:
         writer = csv.DictWriter(fh, fieldnames=["zoo", *ROW_KEYS])
         writer.writeheader()
         for zoo in args.zoo:
-            folders = model_folders(zoo)
+            folders = zoo_folders[zoo]
             available = len(folders) * (len(folders) - 1) // 2
             n_pairs = available if args.pairs == 0 else min(args.pairs, available)
             if not args.quiet:

@@ -22,29 +22,35 @@ def reproduce(out, scale="smoke", *, dataset=None, data_root=None, backend="loca
     """Run (or resume) the plan of ``scale`` into ``out`` and write the report; returns the run summary."""
     from pathlib import Path
 
+    from .._util import resolve_device
     from .backends import make_backend
+    from .runner import closure
 
     plan = build_plan(scale, dataset)
     if plan.info.get("scale", {}).get("dataset") == "cifar10" and data_root is None:
         raise ValueError("this plan trains on CIFAR-10: pass --data-root DIR (the folder with data_batch_1..5 and "
                          "test_batch; nothing is downloaded), or use --dataset digits")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    from .runner import closure
-
-    with ResultsStore(out) as store:
-        ids = [j.id for j in closure(plan.jobs)]
-        store.set_meta("plan", {"name": plan.name, **plan.info, "missing": plan.missing, "jobs": len(ids)})
-        store.set_meta("plan_ids", ids)
+    resolve_device(device)                       # a device that does not exist fails before anything runs
+    ids = [j.id for j in closure(plan.jobs)]
+    # the plan is recorded by run_jobs once it holds the driver lock: a refused second driver changes nothing
+    meta = {"plan": {"name": plan.name, **plan.info, "missing": plan.missing, "jobs": len(ids)}, "plan_ids": ids}
+    with ResultsStore(out):                      # a damaged database fails here, before workers start
+        pass
     extra = {"gpus_per_job": gpus_per_job} if backend == "ray" else {}
     runner = make_backend(backend, workers=workers, ray_address=ray_address, **extra)
     try:
         summary = run_jobs(plan.jobs, out, runner, context={"data_root": None if data_root is None
                                                             else str(Path(data_root).resolve()),
                                                             "device": device},
-                           progress=progress, plan_info={"name": plan.name, "backend": backend})
-    finally:
-        runner.close()
+                           progress=progress, plan_info={"name": plan.name, "backend": backend}, meta=meta)
+    except BaseException:
+        runner.close(abort=True)        # e.g. a full disk or Ctrl-C: report it now, not after the jobs in flight
+        raise
+    runner.close()
     if report:
         from .report import write_report
         write_report(out)

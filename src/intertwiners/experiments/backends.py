@@ -14,10 +14,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import socket
 import time
 import traceback
 from typing import Any
 
+from .._worker import DRIVER_ENV, set_parent_death_signal, start_parent_watchdog
 from .jobs import execute, init_worker
 
 
@@ -36,6 +38,19 @@ def threads_per_worker(workers: int) -> int:
 def _crash(err: BaseException) -> dict:
     return {"ok": False, "error": "".join(traceback.format_exception(err)), "started_at": time.time(),
             "wall_s": 0.0, "worker": "unknown"}
+
+
+# -- workers never outlive the driver: see intertwiners._worker (armed at `import intertwiners`, before torch)
+
+
+def _init_local_worker(parent_pid: int, threads: int | None) -> None:
+    """Initializer of a local worker: die with the driver (again, in case ``import intertwiners`` ran before the
+    environment said so), then the usual job-worker set-up."""
+    set_parent_death_signal()
+    if os.getppid() != parent_pid:        # the driver died while this worker was starting
+        os._exit(1)
+    start_parent_watchdog(parent_pid)
+    init_worker(threads)
 
 
 class _Finished:
@@ -65,7 +80,7 @@ class InlineBackend:
     def outcome(self, handle: Any) -> dict:
         return handle.outcome
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         pass
 
 
@@ -83,11 +98,15 @@ class LocalBackend:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.slots = workers
         self.threads = threads or threads_per_worker(workers)
+        # workers are spawned lazily (at submit) and inherit the environment then: this tells them, at their
+        # first `import intertwiners`, that this process is the driver they must not outlive
+        self._env_before = os.environ.get(DRIVER_ENV)
+        os.environ[DRIVER_ENV] = str(os.getpid())
         self._pool = self._new_pool()
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(max_workers=self.slots, mp_context=mp.get_context("spawn"),
-                                      initializer=init_worker, initargs=(self.threads,))
+                                      initializer=_init_local_worker, initargs=(os.getpid(), self.threads))
 
     def submit(self, kind: str, config: dict, inputs: dict, context: dict) -> cf.Future:
         try:
@@ -108,8 +127,21 @@ class LocalBackend:
         except Exception as err:  # the worker process died or the inputs could not be sent
             return _crash(err)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers: after the jobs in flight finish, or at once with ``abort`` (the driver is failing, so
+        their results could not be recorded anyway)."""
+        if abort:
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for p in processes:
+                if p.is_alive():
+                    p.terminate()
+        else:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._env_before is None:
+            os.environ.pop(DRIVER_ENV, None)
+        else:
+            os.environ[DRIVER_ENV] = self._env_before
 
 
 class RayBackend:
@@ -132,7 +164,11 @@ class RayBackend:
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "log_to_driver": False, **(init_kwargs or {})}
             if address:
-                ray.init(address=address, **kwargs)
+                check_reachable(address)
+                try:
+                    ray.init(address=address, **kwargs)
+                except (ConnectionError, TimeoutError, OSError, RuntimeError) as err:
+                    raise ValueError(f"cannot connect to the Ray cluster at {address}: {err}") from err
             else:
                 kwargs.setdefault("num_cpus", workers or available_cores())
                 ray.init(**kwargs)
@@ -156,9 +192,37 @@ class RayBackend:
         except Exception as err:  # the task's worker died
             return _crash(err)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         if self._started_here:
             self._ray.shutdown()
+
+
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Fail fast (ValueError) when nothing listens at a Ray ``host:port`` address (``ray://host:port`` too).
+
+    ``ray.init`` itself retries an unreachable address for minutes; one TCP connection with a timeout tells
+    at once. ``"auto"`` and addresses without a port are left to Ray.
+    """
+    text = address.strip()
+    if text in ("", "auto", "local"):
+        return
+    if "://" in text:
+        text = text.split("://", 1)[1]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--ray-address {address!r}: expected HOST:PORT (e.g. 10.0.0.1:6379), 'auto' or "
+                         "ray://HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError | socket.timeout) else (err.strerror or str(err))
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {reason} (after at most {timeout_s:g} s); "
+                         "is `ray start --head` running there?") from None
 
 
 def _ray_execute(kind: str, config: dict, inputs: dict, context: dict) -> dict:

@@ -1,7 +1,8 @@
 """The driver: schedules jobs in dependency order on a backend and records every outcome in the store.
 
-* Jobs already ``done`` in ``DIR/results.sqlite`` (with their artifact folder present) are skipped, so a
-  finished run started again does no work.
+* Jobs already ``done`` in ``DIR/results.sqlite`` are skipped, so a finished run started again does no work
+  -- but only when their artifact is complete: every file of the manifest recorded with the row is present
+  with its recorded size. A job whose artifact file was deleted or truncated is run again.
 * A job that fails is recorded with its error text; the next run tries it again. Jobs that depend on a
   failed job are *blocked* for this run (nothing is recorded for them).
 * Artifacts (e.g. trained models) are written under a temporary name and renamed into
@@ -84,29 +85,63 @@ def artifact_path(out: Path, job: Job) -> Path:
     return out / ARTIFACTS / job.kind / f"{_safe(job.label)}-{job.id[:10]}"
 
 
-def _read_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+def read_artifact(out: Path, artifact: str | None, manifest: dict[str, int] | None) -> dict[str, bytes]:
+    """The files of a finished job's artifact folder (those of its manifest, when it has one)."""
+    if artifact is None:
+        return {}
+    folder = out / artifact
+    names = sorted(manifest) if manifest else sorted(p.name for p in folder.iterdir() if p.is_file())
+    return {name: (folder / name).read_bytes() for name in names}
 
 
-def _write_artifact(out: Path, job: Job, files: dict[str, bytes]) -> str:
+def _write_artifact(out: Path, job: Job, files: dict[str, bytes]) -> tuple[str, dict[str, int]]:
+    """Write ``files`` to the job's artifact folder (a temporary name, then renamed); returns the folder relative
+    to ``out`` and its manifest ``{name: size}``."""
     final = artifact_path(out, job)
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    manifest = {}
+    for name, data in files.items():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or not name:
+            raise ValueError(f"artifact file name {name!r} must be a plain name")
+        if not isinstance(data, bytes | bytearray):
+            raise ValueError(f"artifact file {name!r} must be bytes, got {type(data).__name__}")
+        manifest[name] = len(data)
     tmp.mkdir(parents=True)
     for name, data in files.items():
-        if "/" in name or name.startswith("."):
-            raise ValueError(f"artifact file name {name!r} must be a plain name")
         (tmp / name).write_bytes(data)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    return str(final.relative_to(out))
+    return str(final.relative_to(out)), manifest
+
+
+def artifact_complete(out: Path, artifact: str | None, manifest: dict[str, int] | None) -> bool:
+    """True when the job has no artifact, or every file of its manifest exists with the recorded size.
+
+    Rows written before manifests existed (``manifest`` None) need a non-empty artifact folder.
+    """
+    if artifact is None:
+        return True
+    folder = out / artifact
+    if not folder.is_dir():
+        return False
+    if manifest is None:
+        return any(p.is_file() for p in folder.iterdir())
+    for name, size in manifest.items():
+        f = folder / name
+        try:
+            if not f.is_file() or f.stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def finished_ids(store: ResultsStore, out: Path) -> set[str]:
-    """Ids of jobs recorded ``done`` whose artifact folder (if they have one) exists."""
+    """Ids of jobs recorded ``done`` whose artifact (if they have one) is complete, file by file."""
     done = set()
     for row in store.rows(status="done"):
-        if row.artifact is None or (out / row.artifact).is_dir():
+        if artifact_complete(out, row.artifact, store.manifest(row.id)):
             done.add(row.id)
     return done
 
@@ -131,11 +166,13 @@ def driver_lock(out: Path):
 
 
 def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | None = None,
-             progress: bool = True, plan_info: dict | None = None) -> RunSummary:
+             progress: bool = True, plan_info: dict | None = None, meta: dict | None = None) -> RunSummary:
     """Run every job of ``jobs`` (and their dependencies) not yet done in ``out/results.sqlite``.
 
     ``backend``: see :mod:`intertwiners.experiments.backends`. ``context`` (data folder, device) is passed
-    to every job and is not part of job ids. Returns a :class:`RunSummary`; the store holds the rest.
+    to every job and is not part of job ids. ``meta`` (key -> JSON value, e.g. the plan) is written to the
+    store only once the driver lock is held: a second driver that is refused changes nothing.
+    Returns a :class:`RunSummary`; the store holds the rest.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +181,9 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
     start = time.perf_counter()
     summary = RunSummary(planned=len(order))
     with driver_lock(out), ResultsStore(out) as store:
-        done = finished_ids(store, out) & {j.id for j in order}
+        done = finished_ids(store, out) & {j.id for j in order}   # reads every row: a damaged one fails here
+        for key, value in (meta or {}).items():
+            store.set_meta(key, value)
         todo = [j for j in order if j.id not in done]
         summary.skipped = len(order) - len(todo)
         run_id = store.start_run(plan_info or {}, backend.name, len(order), summary.skipped)
@@ -160,7 +199,7 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
         def dependency(dep: Job) -> Dependency:
             if dep.id not in dep_cache:
                 row = store.get(dep.id)
-                files = _read_files(out / row.artifact) if row.artifact else {}
+                files = read_artifact(out, row.artifact, store.manifest(dep.id))
                 dep_cache[dep.id] = Dependency(row.result or {}, files)
             return dep_cache[dep.id]
 
@@ -171,8 +210,10 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
                           finished_at=time.time(), wall_s=outcome.get("wall_s"), worker=outcome.get("worker"))
             if outcome.get("ok"):
                 try:
-                    artifact = _write_artifact(out, job, outcome["files"]) if outcome.get("files") else None
-                    store.record(status="done", result=outcome["result"], artifact=artifact, **common)
+                    artifact, manifest = (_write_artifact(out, job, outcome["files"]) if outcome.get("files")
+                                          else (None, None))
+                    store.record(status="done", result=outcome["result"], artifact=artifact, manifest=manifest,
+                                 **common)
                     done.add(job.id)
                     summary.succeeded += 1
                     return

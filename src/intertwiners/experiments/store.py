@@ -111,15 +111,37 @@ class ResultsStore:
         if path.is_dir() or path.suffix != ".sqlite":
             path = path / STORE_NAME
         self.path = path
-        if readonly:
-            if not path.is_file():
-                raise ValueError(f"no results database at {path}")
-            # opened read-write so that SQLite can roll back a hot journal left by a killed driver;
-            # nothing is written through a store opened with readonly=True
-            self._conn = sqlite3.connect(path, timeout=30)
-        else:
+        self._conn = None
+        if readonly and not path.is_file():
+            raise ValueError(f"no results database at {path}")
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{path} exists and is not a file")
+        try:
+            self._open(path, readonly)
+        except sqlite3.DatabaseError as err:
+            self.close()
+            raise ValueError(f"{path} is not a readable results database ({err}); it is damaged or not a "
+                             "database: move it away (the artifacts folder can stay) or use another --out") from err
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path: Path, readonly: bool) -> None:
+        if not readonly:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(path, timeout=30)
+        # opened read-write even when readonly=True so that SQLite can roll back a hot journal left by a
+        # killed driver; nothing is written through a store opened with readonly=True
+        self._conn = sqlite3.connect(path, timeout=30)
+        if path.stat().st_size > 0:
+            # a garbage or truncated file is refused before anything is written to it
+            problems = [r[0] for r in self._conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(map(str, problems)))
+        existing = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if existing - {"sqlite_sequence"} and not {"meta", "jobs", "runs"} <= existing:
+            raise ValueError(f"{path} is an SQLite database but not an intertwiners results store (tables: "
+                             f"{sorted(existing)}); it is left untouched: use another --out")
+        if not readonly:
             self._conn.execute("PRAGMA journal_mode=DELETE")
             self._conn.execute("PRAGMA synchronous=FULL")
             with self._conn:
@@ -127,15 +149,25 @@ class ResultsStore:
                 found = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if found is None:
                     self._conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                columns = {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)")}
+                if "manifest" not in columns:   # added after schema 1 was released: a compatible addition
+                    self._conn.execute("ALTER TABLE jobs ADD COLUMN manifest TEXT")
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"meta", "jobs", "runs"} <= tables:
+            raise ValueError(f"{path} is an SQLite database but not an intertwiners results store (tables: "
+                             f"{sorted(tables)}); use another --out")
         version = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if version is None or int(version[0]) != SCHEMA_VERSION:
+        if version is None or str(version[0]) != str(SCHEMA_VERSION):
             found = None if version is None else version[0]
             raise ValueError(f"{path} has schema version {found}, this code writes {SCHEMA_VERSION}; "
                              "use a new output folder")
+        self._has_manifest = "manifest" in {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)")}
 
     # -- context manager ------------------------------------------------------------------------------
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def __enter__(self) -> ResultsStore:
         return self
@@ -147,8 +179,12 @@ class ResultsStore:
     def record(self, *, id: str, kind: str, label: str, config: dict, deps: dict[str, str], status: str,
                result: dict | None = None, error: str | None = None, started_at: float | None = None,
                finished_at: float | None = None, wall_s: float | None = None, artifact: str | None = None,
-               worker: str | None = None) -> None:
-        """Insert or update the row of job ``id`` in one transaction; ``attempts`` is incremented."""
+               worker: str | None = None, manifest: dict[str, int] | None = None) -> None:
+        """Insert or update the row of job ``id`` in one transaction; ``attempts`` is incremented.
+
+        ``manifest``: ``{file name: size in bytes}`` of the job's artifact folder, checked file by file before
+        the job counts as done (:meth:`artifact_complete`).
+        """
         if status not in ("done", "failed"):
             raise ValueError(f"status must be 'done' or 'failed', got {status!r}")
         result_text = None if result is None else canonical_json(result)
@@ -157,9 +193,10 @@ class ResultsStore:
             attempts = (row[0] if row else 0) + 1
             self._conn.execute(
                 "INSERT OR REPLACE INTO jobs (id, kind, label, config, deps, status, result, error, attempts, "
-                "started_at, finished_at, wall_s, artifact, worker) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "started_at, finished_at, wall_s, artifact, worker, manifest) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (id, kind, label, canonical_json(config), canonical_json(deps), status, result_text, error,
-                 attempts, started_at, finished_at, wall_s, artifact, worker))
+                 attempts, started_at, finished_at, wall_s, artifact, worker,
+                 None if manifest is None else canonical_json(manifest)))
 
     def start_run(self, plan: dict, backend: str, planned: int, skipped: int) -> int:
         with self._conn:
@@ -181,7 +218,15 @@ class ResultsStore:
     # -- reading --------------------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
         row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return default if row is None else json.loads(row[0])
+        return default if row is None else _json(row[0], f"{self.path}: meta {key!r}")
+
+    def manifest(self, id: str) -> dict[str, int] | None:
+        """``{file name: size}`` recorded with the artifact of job ``id`` (None for rows written before manifests
+        existed, or without an artifact)."""
+        if not self._has_manifest:
+            return None
+        row = self._conn.execute("SELECT manifest FROM jobs WHERE id=?", (id,)).fetchone()
+        return None if row is None or row[0] is None else _json(row[0], f"{self.path}: manifest of job {id}")
 
     def get(self, id: str) -> JobRow | None:
         row = self._conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (id,)).fetchone()
@@ -224,9 +269,17 @@ _COLUMNS = ("id, kind, label, config, deps, status, result, error, attempts, sta
             "artifact, worker")
 
 
+def _json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} is damaged ({err}); the results database was changed by hand or is corrupt") from err
+
+
 def _decode(row: tuple) -> JobRow:
     (id_, kind, label, config, deps, status, result, error, attempts, started, finished, wall, artifact,
      worker) = row
-    return JobRow(id_, kind, label, json.loads(config), json.loads(deps), status,
-                  None if result is None else json.loads(result), error, attempts, started, finished, wall,
+    what = f"results database row of job {id_}"
+    return JobRow(id_, kind, label, _json(config, what), _json(deps, what), status,
+                  None if result is None else _json(result, what), error, attempts, started, finished, wall,
                   artifact, worker)

@@ -7,22 +7,30 @@ every other dtype becomes float32. Bad input raises ``ValueError`` naming the pr
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from .._util import as_tensor
 
 
-def to_features(x, name: str = "X", device: torch.device | str | None = None) -> torch.Tensor:
+def to_features(x, name: str = "X", device: torch.device | str | None = None,
+                min_samples: int = 1) -> torch.Tensor:
     """Convert ``x`` (NumPy array or tensor, (N, d) or (N, C, *spatial)) to a float tensor and check it.
 
-    Raises ``ValueError`` for fewer than two dimensions, no samples, no features, or NaN/Inf entries.
+    Tensors that require grad are detached (similarity measures are statistics, not losses); float16,
+    bfloat16, integer and bool inputs become float32; non-contiguous inputs are fine. Raises ``ValueError``
+    for fewer than two dimensions, fewer than ``min_samples`` samples, no features, or NaN/Inf entries.
     """
     if isinstance(x, np.ndarray) and x.dtype == object:
         raise ValueError(f"{name}: an object array cannot be used as features; pass a numeric array")
+    if isinstance(x, str | bytes | dict | set) or x is None:
+        raise ValueError(f"{name}: expected a NumPy array or a torch tensor of features, got {type(x).__name__}")
     t = as_tensor(x, name=name)
     if t.is_complex():
         raise ValueError(f"{name}: complex features are not supported")
+    t = t.detach()
     if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
         t = t.to(torch.float32)
     if device is not None:
@@ -32,6 +40,9 @@ def to_features(x, name: str = "X", device: torch.device | str | None = None) ->
                          f"{tuple(t.shape)}; reshape a single feature vector per sample to (N, 1)")
     if t.shape[0] == 0 or t[0].numel() == 0:
         raise ValueError(f"{name}: empty features, shape {tuple(t.shape)}")
+    if t.shape[0] < min_samples:
+        raise ValueError(f"{name}: {t.shape[0]} sample(s) given; this measure needs at least {min_samples} "
+                         "(a similarity between representations is a statistic over several inputs)")
     # NaN/Inf propagate through a sum, so a finite sum proves every entry finite; the elementwise check
     # runs only when the sum is not finite, to tell an overflow of the sum from bad entries.
     if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
@@ -39,6 +50,32 @@ def to_features(x, name: str = "X", device: torch.device | str | None = None) ->
         raise ValueError(f"{name}: {bad} entries are NaN or infinite; similarity measures need finite "
                          "features (check the model for overflow or the data for missing values)")
     return t
+
+
+# Inputs whose largest magnitude lies in [2**-SAFE_EXP, 2**SAFE_EXP] are used as they are; others are first
+# scaled by a power of two (exact) so that squares and sums of squares cannot overflow or underflow.
+SAFE_EXP = 30
+
+
+def unit_scale(t: torch.Tensor) -> torch.Tensor:
+    """``t`` times a power of two that brings its largest magnitude into [0.5, 1) -- exactly, no rounding --
+    when that magnitude is outside [2**-30, 2**30]; otherwise ``t`` itself (no copy).
+
+    Only for scale-invariant measures (CKA with linear, median-bandwidth RBF or max kernels; Procrustes):
+    float32 features scaled by 1e30 or 1e-30 then give the same value as unscaled ones.
+    """
+    m = float(t.abs().amax())
+    if m == 0.0 or 2.0 ** -SAFE_EXP <= m <= 2.0 ** SAFE_EXP:
+        return t
+    exponent = math.frexp(m)[1]
+    return torch.ldexp(t, torch.tensor(-exponent, dtype=torch.int32, device=t.device)).to(t.dtype)
+
+
+def check_varies(x: torch.Tensor, name: str = "X") -> None:
+    """ValueError when every sample has the same features: no similarity measure is defined for them."""
+    if bool((x == x[:1]).all()):
+        raise ValueError(f"{name}: all {x.shape[0]} samples have identical features (constant over the data), "
+                         "so there is no variation to compare; CKA is undefined")
 
 
 def check_pair(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("X", "Y")) -> None:

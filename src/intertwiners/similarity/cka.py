@@ -20,16 +20,23 @@ import math
 import torch
 
 from .._util import resolve_device
-from ._validate import check_pair, check_unbiased_n, to_features
+from ._validate import check_pair, check_unbiased_n, check_varies, to_features, unit_scale
 from .hsic import _check_estimator, centred_gram, centred_inner, hsic_normaliser
 from .kernels import KERNELS, gram
+
+
+def check_min_samples(n: int, estimator: str, what: str = "CKA") -> None:
+    """N >= 4 for the unbiased HSIC_1, N >= 2 for the biased HSIC_0 (it divides by (N-1)^2)."""
+    if estimator == "unbiased":
+        check_unbiased_n(n, f"{what} with the unbiased estimator")
+    elif n < 2:
+        raise ValueError(f"{what} with the biased estimator needs at least 2 samples, got {n}")
 
 
 def cka_from_grams(k: torch.Tensor, l: torch.Tensor, estimator: str = "unbiased") -> float:
     """CKA from two (N, N) Gram matrices; raises ``ValueError`` rather than returning NaN."""
     _check_estimator(estimator)
-    if estimator == "unbiased":
-        check_unbiased_n(k.shape[0])
+    check_min_samples(k.shape[0], estimator)
     if k.shape != l.shape:
         raise ValueError(f"Gram matrices of different sizes: {tuple(k.shape)} and {tuple(l.shape)}")
     # centre each Gram matrix once (U-centring for HSIC_1, H K H for HSIC_0), then three inner products
@@ -80,6 +87,11 @@ def _linear_hsic_terms(x: torch.Tensor, y: torch.Tensor, estimator: str, chunk_r
     xf, yf = x.reshape(n, -1), y.reshape(n, -1)
     dev = x.device
     dx, dy = xf.shape[1], yf.shape[1]
+    # Column means first (float64): HSIC_1 and HSIC_0 of linear kernels are invariant to translating the
+    # columns, and centred columns avoid the cancellation of large uncentred terms (features with a large
+    # common offset, or constant ones, would otherwise leave rounding noise of the size of the offset).
+    mx = sum(xf[i:i + chunk_rows].sum(0, dtype=torch.float64) for i in range(0, n, chunk_rows)) / n
+    my = sum(yf[i:i + chunk_rows].sum(0, dtype=torch.float64) for i in range(0, n, chunk_rows)) / n
     xx = torch.zeros((dx, dx), dtype=torch.float64, device=dev)
     yy = torch.zeros((dy, dy), dtype=torch.float64, device=dev)
     xy = torch.zeros((dx, dy), dtype=torch.float64, device=dev)
@@ -87,7 +99,7 @@ def _linear_hsic_terms(x: torch.Tensor, y: torch.Tensor, estimator: str, chunk_r
     sy = torch.zeros(dy, dtype=torch.float64, device=dev)
     kd, ld = [], []                                             # diagonals K_ii, L_ii
     for i in range(0, n, chunk_rows):
-        xb, yb = xf[i:i + chunk_rows].to(torch.float64), yf[i:i + chunk_rows].to(torch.float64)
+        xb, yb = xf[i:i + chunk_rows].to(torch.float64) - mx, yf[i:i + chunk_rows].to(torch.float64) - my
         xx += xb.T @ xb
         yy += yb.T @ yb
         xy += xb.T @ yb
@@ -104,8 +116,8 @@ def _linear_hsic_terms(x: torch.Tensor, y: torch.Tensor, estimator: str, chunk_r
         norm = (n - 1) ** 2
         return fro(xyc) / norm, fro(xxc) / norm, fro(yyc) / norm, fro(xx) / norm, fro(yy) / norm
     # row sums of K~ and L~: X (X'1) - diag K, computed chunk by chunk
-    kr = torch.cat([xf[i:i + chunk_rows].to(torch.float64) @ sx for i in range(0, n, chunk_rows)]) - kdiag
-    lr = torch.cat([yf[i:i + chunk_rows].to(torch.float64) @ sy for i in range(0, n, chunk_rows)]) - ldiag
+    kr = torch.cat([(xf[i:i + chunk_rows].to(torch.float64) - mx) @ sx for i in range(0, n, chunk_rows)]) - kdiag
+    lr = torch.cat([(yf[i:i + chunk_rows].to(torch.float64) - my) @ sy for i in range(0, n, chunk_rows)]) - ldiag
     ksum, lsum = float(sx @ sx) - float(kdiag.sum()), float(sy @ sy) - float(ldiag.sum())
     norm = n * (n - 3)
 
@@ -143,8 +155,11 @@ def cka(X, Y, kernel: str = "linear", estimator: str = "unbiased", *, threshold:
     x = to_features(X, "X", dev)
     y = to_features(Y, "Y", dev if dev is not None else x.device)
     check_pair(x, y)
-    if estimator == "unbiased":
-        check_unbiased_n(x.shape[0])
+    check_min_samples(x.shape[0], estimator)
+    check_varies(x, "X")
+    check_varies(y, "Y")
+    if not (kernel == "rbf" and sigma is not None):    # scale invariant: any finite scale gives the same value
+        x, y = unit_scale(x), unit_scale(y)
     if kernel == "linear":
         n, dx, dy = x.shape[0], x[0].numel(), y[0].numel()
         if linear_route == "features" or (linear_route == "auto" and dx * dx + dy * dy + dx * dy < n * (dx + dy)):

@@ -32,10 +32,19 @@ def _check_estimator(estimator: str) -> None:
                          f"got {estimator!r}")
 
 
-def _square(k: torch.Tensor, name: str) -> torch.Tensor:
+def _square(k, name: str) -> torch.Tensor:
+    """A Gram matrix as a float64 tensor (detached), checked: square, finite."""
+    from .._util import as_tensor
+
+    k = as_tensor(k, name=name)
+    if k.is_complex():
+        raise ValueError(f"{name}: a complex Gram matrix is not supported")
     if k.ndim != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"{name}: a Gram matrix must be square (N, N), got shape {tuple(k.shape)}")
-    return k.to(torch.float64)
+    k = k.detach().to(torch.float64)
+    if not bool(torch.isfinite(k).all()):
+        raise ValueError(f"{name}: the Gram matrix holds NaN or infinite entries")
+    return k
 
 
 def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -80,7 +89,8 @@ def u_centre(k: torch.Tensor) -> torch.Tensor:
     diagonal. <u_centre(K), u_centre(L)> / (n(n-3)) = HSIC_1(K, L). (N, N) -> (N, N) float64, N >= 4.
     """
     u = _square(k, "K")
-    u = u.clone() if u is k else u                    # never modify the caller's matrix
+    if isinstance(k, torch.Tensor) and u.data_ptr() == k.data_ptr():
+        u = u.clone()                                 # never modify the caller's matrix
     n = u.shape[0]
     check_unbiased_n(n)
     u.fill_diagonal_(0.0)

@@ -275,5 +275,19 @@ def max_kernel(X, Y=None, *, backend: str = "auto", device=None):
         if y.shape[1:] != x.shape[1:]:
             raise ValueError(f"the max kernel pairs coordinates: X has feature shape {tuple(x.shape[1:])} and "
                              f"Y {tuple(y.shape[1:])}; they must be equal")
+    _check_no_overflow(x, x if y is None else y)
     k = max_gram(x, y, backend=backend)
     return k.cpu().numpy() if isinstance(X, np.ndarray) else k
+
+
+def _check_no_overflow(x: torch.Tensor, y: torch.Tensor) -> None:
+    """The max kernel is not scale invariant: its entries are products (sums of products for spatial maps).
+    ValueError when they could exceed the dtype's range, instead of returning inf."""
+    bound = float(x.abs().amax()) * float(y.abs().amax())
+    if x.ndim > 2:
+        bound *= float(np.prod(x.shape[2:]))
+    limit = float(torch.finfo(torch.promote_types(x.dtype, y.dtype)).max)
+    if not bound < limit:
+        raise ValueError(f"max kernel: products of the features reach about {bound:.3g}, beyond the range of "
+                         f"{torch.promote_types(x.dtype, y.dtype)} ({limit:.3g}); pass float64 features or rescale "
+                         "them")

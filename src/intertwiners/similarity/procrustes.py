@@ -27,7 +27,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .._util import resolve_device
-from ._validate import channels_last_matrix, check_pair, dead_columns, raise_dead, to_features
+from ._validate import channels_last_matrix, check_pair, dead_columns, raise_dead, to_features, unit_scale
 
 GROUPS = ("orthogonal", "permutation", "grelu")
 
@@ -85,19 +85,32 @@ class ProcrustesStats:
 
     def similarity(self, group: str = "grelu", center: bool = False, drop_dead: bool = False) -> float:
         """The Procrustes similarity for ``group`` from the accumulated statistics (see module doc)."""
+        if self.rows < 2:
+            raise ValueError(f"Procrustes needs at least 2 rows (samples x positions), got {self.rows}")
         return similarity_from_moments(*self.moments(center), group=group, center=center,
                                        drop_dead=drop_dead, raw_sxx=self.sxx.cpu().numpy(),
-                                       raw_syy=self.syy.cpu().numpy())
+                                       raw_syy=self.syy.cpu().numpy(), rows=self.rows)
 
 
 def _dead(sq: np.ndarray, raw: np.ndarray) -> np.ndarray:
     return dead_columns(torch.from_numpy(sq), torch.from_numpy(raw).max()).numpy()
 
 
+def rounding_level(rows: int, width: int = 1) -> float:
+    """Relative size of the float64 rounding in a squared distance computed from second moments: a per-column
+    delta^2 below this (times the number of unit columns) is zero up to rounding."""
+    return 64.0 * float(np.finfo(np.float64).eps) * max(1.0, math.log2(max(rows, 1)), float(width))
+
+
 def similarity_from_moments(xty: np.ndarray, sxx: np.ndarray, syy: np.ndarray, group: str = "grelu",
                             center: bool = False, drop_dead: bool = False, raw_sxx: np.ndarray | None = None,
-                            raw_syy: np.ndarray | None = None) -> float:
-    """Procrustes similarity from X'Y (d_x, d_y) and the squared column norms (float64)."""
+                            raw_syy: np.ndarray | None = None, rows: int = 1) -> float:
+    """Procrustes similarity from X'Y (d_x, d_y) and the squared column norms (float64).
+
+    delta^2 comes from an identity (|x - y|^2 = |x|^2 + |y|^2 - 2 x'y with unit norms), whose cancellation
+    leaves float64 rounding of about eps per column; a delta^2 at that level (:func:`rounding_level`) is
+    taken as exactly 0, so that Y = X P D gives exactly 1 rather than 1 - 1e-8.
+    """
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
     dx, dy = xty.shape
@@ -122,8 +135,10 @@ def similarity_from_moments(xty: np.ndarray, sxx: np.ndarray, syy: np.ndarray, g
         r, c = linear_sum_assignment(m, maximize=True)
         # unmatched columns (only after drop_dead with different counts) contribute |x|^2 = 1 each
         delta_sq = dx + dy - 2.0 * float(m[r, c].sum())
+        if delta_sq <= (dx + dy) * rounding_level(rows):
+            delta_sq = 0.0
         d = max(dx, dy)
-        return 1.0 - math.sqrt(max(delta_sq, 0.0)) / (2.0 * math.sqrt(d))
+        return 1.0 - math.sqrt(delta_sq) / (2.0 * math.sqrt(d))
     fx, fy = float(sxx.sum()), float(syy.sum())
     for name, f in (("X", fx), ("Y", fy)):
         if not f > 0:
@@ -135,7 +150,10 @@ def similarity_from_moments(xty: np.ndarray, sxx: np.ndarray, syy: np.ndarray, g
     else:
         r, c = linear_sum_assignment(xty, maximize=True)
         inner = float(xty[r, c].sum()) / scale
-    return 1.0 - math.sqrt(max(2.0 - 2.0 * inner, 0.0)) / 2.0
+    delta_sq = 2.0 - 2.0 * inner
+    if delta_sq <= 2.0 * rounding_level(rows, max(dx, dy) if group == "orthogonal" else 1):
+        delta_sq = 0.0
+    return 1.0 - math.sqrt(delta_sq) / 2.0
 
 
 def procrustes(X, Y, group: str = "grelu", center: bool = False, *, drop_dead: bool = False,
@@ -150,9 +168,12 @@ def procrustes(X, Y, group: str = "grelu", center: bool = False, *, drop_dead: b
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
     dev = None if device is None else resolve_device(device)
-    x = to_features(X, "X", dev)
-    y = to_features(Y, "Y", dev if dev is not None else x.device)
+    x = to_features(X, "X", dev, min_samples=2)
+    y = to_features(Y, "Y", dev if dev is not None else x.device, min_samples=2)
     check_pair(x, y)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    x, y = unit_scale(x), unit_scale(y)             # scale invariant: any finite scale gives the same value
     stats = ProcrustesStats(chunk_rows=chunk_rows)
     stats.update(x, y)
     return stats.similarity(group, center=center, drop_dead=drop_dead)

@@ -20,6 +20,7 @@ Procrustes measures need (Table 2).
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -29,8 +30,8 @@ from torch import nn
 
 from .._util import resolve_device
 from ..features import SiteExtractor
-from ._validate import check_pair, check_unbiased_n, to_features
-from .cka import cka_from_hsic, degenerate_rtol
+from ._validate import check_pair, to_features, unit_scale
+from .cka import check_min_samples, cka_from_hsic, degenerate_rtol
 from .hsic import _check_estimator, centred_gram, centred_inner, hsic_normaliser
 from .kernels import KERNELS, gram
 from .procrustes import GROUPS, ProcrustesStats
@@ -61,14 +62,15 @@ class MinibatchCKA:
         # [sum HSIC(K,L), sum HSIC(K,K), sum HSIC(L,L), sum |K|^2/norm, sum |L|^2/norm]
         self._sums: torch.Tensor | None = None
         self._rtol = 0.0
+        self._shift: dict[str, int] = {}   # power-of-two exponents fixed by the first batch (linear kernel)
 
     def update(self, X_batch, Y_batch) -> None:
         """Add one minibatch of features of the same samples: X (b, ...), Y (b, ...)."""
         x = to_features(X_batch, "X_batch", self.device)
         y = to_features(Y_batch, "Y_batch", self.device if self.device is not None else x.device)
         check_pair(x, y, ("X_batch", "Y_batch"))
-        if self.estimator == "unbiased":
-            check_unbiased_n(x.shape[0], f"minibatch CKA with the unbiased estimator: batch {self.n_batches}")
+        check_min_samples(x.shape[0], self.estimator, f"minibatch CKA: batch {self.n_batches}")
+        x, y = self._scaled(x, "x"), self._scaled(y, "y")
         k = gram(x, self.kernel, name="X_batch", **self._opts)
         l = gram(y, self.kernel, name="Y_batch", **self._opts)
         self._rtol = max(self._rtol, degenerate_rtol(k.dtype, l.dtype))
@@ -80,6 +82,25 @@ class MinibatchCKA:
         self._sums = vals if self._sums is None else self._sums + vals.to(self._sums.device)
         self.n_batches += 1
         self.n_samples += x.shape[0]
+
+    def _scaled(self, t: torch.Tensor, which: str) -> torch.Tensor:
+        """Features ready for this kernel without overflow.
+
+        The linear kernel's HSIC values are summed over batches, so every batch must keep the same scale:
+        float64, times one power of two (exact) fixed by the first batch -- any finite input is safe. The max
+        kernel and the median-bandwidth RBF kernel are scale invariant per batch: each batch is rescaled by its
+        own power of two.
+        """
+        if self.kernel == "linear":
+            t = t.to(torch.float64)
+            if which not in self._shift:
+                m = float(t.abs().amax())
+                self._shift[which] = 0 if m == 0.0 or 2.0 ** -30 <= m <= 2.0 ** 30 else math.frexp(m)[1]
+            shift = self._shift[which]
+            return t if shift == 0 else torch.ldexp(t, torch.tensor(-shift, dtype=torch.int32, device=t.device))
+        if self.kernel == "max" or self._opts["sigma"] is None:
+            return unit_scale(t)
+        return t
 
     @property
     def hsic_values(self) -> tuple[float, float, float]:
@@ -93,6 +114,9 @@ class MinibatchCKA:
         """The minibatch CKA estimate; ValueError (never NaN) when a mean self-HSIC is not positive."""
         kl, kk, ll = self.hsic_values
         sk, sl = (self._sums[3:] / self.n_batches).tolist()
+        if not all(math.isfinite(v) for v in (kl, kk, ll, sk, sl)):
+            raise ValueError("minibatch CKA overflowed float64 (features of magnitude beyond about 1e75 with the "
+                             "linear kernel); rescale the features")
         return cka_from_hsic(kl, kk, ll, self.estimator, what=f" after {self.n_batches} batch(es)",
                              scales=(sk, sl), rtol=self._rtol)
 
@@ -168,8 +192,12 @@ def layer_similarity_matrix(model_a: nn.Module, model_b: nn.Module, data, sites_
             if measure in _PROCRUSTES_MEASURES else ""
         raise ValueError(f"measure must be one of {tuple(_CKA_MEASURES)}{hint}, got {measure!r}")
     _check_estimator(estimator)
-    if estimator == "unbiased":
-        check_unbiased_n(batch_size, "the unbiased estimator with batch_size")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples must be None or a positive integer, got {max_samples!r}")
+    check_min_samples(batch_size, estimator, "the layer x layer CKA matrix: batch_size")
     kernel = _CKA_MEASURES[measure]
     dev, ra, rb, moved, batches = _prepare(model_a, model_b, data, sites_a, sites_b, device, batch_size,
                                            max_samples)
@@ -181,9 +209,9 @@ def layer_similarity_matrix(model_a: nn.Module, model_b: nn.Module, data, sites_
     n_batches = 0
     try:
         for xb in batches:
-            if estimator == "unbiased" and len(xb) < 4:
-                warnings.warn(f"skipping a final batch of {len(xb)} samples (the unbiased HSIC needs >= 4)",
-                              stacklevel=2)
+            if len(xb) < (4 if estimator == "unbiased" else 2):
+                warnings.warn(f"skipping a final batch of {len(xb)} samples (the {estimator} HSIC needs >= "
+                              f"{4 if estimator == 'unbiased' else 2})", stacklevel=2)
                 continue
             ua, sa = _stacked_centred(ra(xb), ra.sites, kernel, estimator, opts)
             ub, sb = _stacked_centred(rb(xb), rb.sites, kernel, estimator, opts)
@@ -211,6 +239,9 @@ def _stacked_centred(feats, sites, kernel, estimator, opts) -> tuple[torch.Tenso
     rows, scales = [], []
     for s, f in zip(sites, feats):
         f = to_features(f, f"features at {s}")
+        # linear: float64 keeps every batch at its own scale (values are summed over batches); the max and RBF
+        # kernels are normalised per batch, so an exact power-of-two rescaling is safe
+        f = f.to(torch.float64) if kernel == "linear" else unit_scale(f)
         k = gram(f, kernel, name=f"features at {s}", **opts)
         scales.append(torch.linalg.vector_norm(k, dtype=torch.float64) ** 2)
         rows.append(centred_gram(k, estimator).reshape(-1))
