@@ -62,3 +62,19 @@ def test_stitching_similarity_dissection_names():
     assert d["quantile"].default == 0.005 and d["iou_threshold"].default == 0.04
     assert "seed" in inspect.signature(dissection.make_synthetic_broden).parameters
     assert callable(dissection.BrodenDataset)
+
+
+def test_alignment_names():
+    assert params(it.align)[:5] == ["model_a", "model_b", "data", "example_input", "method"]
+    assert inspect.signature(it.align).parameters["method"].default == "activations"
+    interp = inspect.signature(it.interpolate).parameters
+    assert list(interp)[:6] == ["model_a", "model_b", "data", "alphas", "reset_batchnorm", "train_data"]
+    assert interp["reset_batchnorm"].default is True and interp["train_data"].default is None
+    assert params(it.merge)[:2] == ["models", "data"]
+    assert params(it.canonicalize)[:2] == ["model", "example_input"]
+    net = models.mlp(4, hidden=(3,))
+    x = torch.randn(64, 4)
+    r = it.align(net, net, x)
+    assert set(r.elements) == {"act1"} and r.elements["act1"].shape == (3, 3)
+    curve = it.interpolate(net, r.model, (x, torch.zeros(64, dtype=torch.long)), alphas=[0, 1])
+    assert set(curve.barrier) == {"loss", "accuracy"} and len(curve.loss) == len(curve.accuracy) == 2

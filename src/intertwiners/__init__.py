@@ -28,10 +28,15 @@ def __getattr__(name):
         "random_symmetry": ("symmetries", "random_symmetry"),
         "apply_symmetry": ("symmetries", "apply_symmetry"),
         "verify_symmetry": ("symmetries", "verify_symmetry"),
+        "align": ("alignment", "align"),
+        "interpolate": ("alignment", "interpolate"),
+        "merge": ("alignment", "merge"),
+        "canonicalize": ("alignment", "canonicalize"),
     }
     if name in lazy:
         mod, attr = lazy[name]
         return getattr(importlib.import_module(f".{mod}", __name__), attr)
-    if name in ("similarity", "stitching", "dissection", "experiments", "training", "groups", "symmetries"):
+    if name in ("similarity", "stitching", "dissection", "experiments", "training", "groups", "symmetries",
+                "alignment"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'intertwiners' has no attribute {name!r}")

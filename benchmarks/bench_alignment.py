@@ -1,0 +1,179 @@
+"""Benchmark: aligning models through their intertwiner groups.
+
+1. Activation alignment of two ResNet20s (random weights, batch norm calibrated on the data) on the digits
+   test set (360 images, 16x16), against one forward pass of one model over the same data. Goal: < 10 s.
+2. Weight matching of two ResNet-50-sized networks with random weights (the builder of
+   bench_symmetries.py; example input 1x3x64x64, the spec only needs shapes), against one forward pass of a
+   batch of 8 at 224x224. Goal: < 60 s.
+3. ``--planted``: planted recovery, 100 trials per model family and method: align g·M to M for
+   g = random_symmetry(spec) and count the trials whose parameters come back to relative error <= 1e-6.
+
+4. ``--lmc``: train pairs of Myrtle CNNs (width 16, 64) and ResNet20s on digits and print the barriers of
+   (1-alpha)·A + alpha·B for no alignment, permutations only and the full group (both methods).
+
+    python benchmarks/bench_alignment.py [--threads 1] [--skip-resnet50] [--planted [--trials 100]] [--lmc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_symmetries import ResNet50  # noqa: E402
+
+from intertwiners import data, models  # noqa: E402
+from intertwiners.alignment import align  # noqa: E402
+from intertwiners.alignment.probe import calibrate_batch_norms  # noqa: E402
+from intertwiners.symmetries import symmetry_spec  # noqa: E402
+
+
+def forward_time(model, x, batch_size=256) -> float:
+    with torch.no_grad():
+        model(x[:2])
+        t = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size])
+    return time.perf_counter() - t
+
+
+def bench_resnet20(threads: int) -> None:
+    _, test = data.load("digits")
+    x = test.x
+    torch.manual_seed(0)
+    a = models.resnet20(in_channels=1).eval()
+    b = models.resnet20(in_channels=1).eval()
+    calibrate_batch_norms(a, x)
+    calibrate_batch_norms(b, x)
+    t_fwd = forward_time(a, x)
+    symmetry_spec(models.mlp(2, hidden=(2,)), torch.randn(2, 2))  # one-time imports (torch.fx shape propagation)
+    t = time.perf_counter()
+    r = align(a, b, x, method="activations", threads=threads)
+    t_align = time.perf_counter() - t
+    print(f"ResNet20 x2, activation alignment on digits test ({len(x)} images {tuple(x.shape[1:])}): "
+          f"{t_align:.2f} s = {t_align / t_fwd:.1f} x one forward pass ({t_fwd:.3f} s); "
+          f"{len(r.elements)} spaces; goal < 10 s: {'met' if t_align < 10 else 'NOT met'}")
+
+
+def bench_resnet50(threads: int) -> None:
+    torch.manual_seed(0)
+    a, b = ResNet50().eval(), ResNet50().eval()
+    x = torch.randn(8, 3, 224, 224)
+    with torch.no_grad():
+        a(x[:1])
+        t = time.perf_counter()
+        a(x)
+        t_fwd = time.perf_counter() - t
+    example = torch.randn(1, 3, 64, 64)
+    t = time.perf_counter()
+    r = align(a, b, example_input=example, method="weights", monomial=True, threads=threads)
+    t_align = time.perf_counter() - t
+    n = sum(p.numel() for p in a.parameters())
+    print(f"ResNet-50-sized x2 ({n / 1e6:.2f}M parameters), weight matching (full group, {r.sweeps} sweeps): "
+          f"{t_align:.2f} s = {t_align / t_fwd:.1f} x one forward pass of 8 at 224x224 ({t_fwd:.2f} s); "
+          f"{len(r.elements)} spaces; goal < 60 s: {'met' if t_align < 60 else 'NOT met'}")
+
+
+def planted(trials: int, first: int = 0) -> None:
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from test_alignment import planted_trials, positive_biases, ready
+
+    torch.manual_seed(0)
+    x_mlp = torch.randn(4096, 8, dtype=torch.float64)
+    x_img = torch.randn(96, 1, 8, 8, dtype=torch.float64)
+    x_res = torch.randn(24, 1, 8, 8, dtype=torch.float64)
+    families = [
+        ("MLP widths 3-16", lambda w: positive_biases(models.mlp(8, hidden=(3 + w % 14, 3 + (7 * w) % 14))), x_mlp),
+        ("MLP width 512", lambda w: positive_biases(models.mlp(8, hidden=(512,))), x_mlp),
+        ("Myrtle CNN + BN (w=4)", lambda w: models.myrtle_cnn(width=4, in_channels=1, input_size=8), x_img),
+        ("Myrtle CNN, no BN (w=4)", lambda w: positive_biases(models.myrtle_cnn(width=4, in_channels=1, input_size=8,
+                                                                                batch_norm=False)), x_img),
+        ("ResNet20 option A (4/8/16)", lambda w: models.resnet20(shortcut="A", in_channels=1, widths=(4, 8, 16)),
+         x_res),
+        ("ResNet20 option B (4/8/16)", lambda w: models.resnet20(shortcut="B", in_channels=1, widths=(4, 8, 16)),
+         x_res),
+    ]
+    for name, build, x in families[first:]:  # biases > 0 where there is no batch norm: every unit fires
+        for method in ("weights", "activations"):
+            t = time.perf_counter()
+            ok = redrawn = 0
+            models_used, seed = 10, 0  # 10 models x (trials / 10) planted elements each
+            while models_used:
+                torch.manual_seed(seed)
+                model = ready(build(seed), x)
+                seed += 1
+                try:
+                    ok += planted_trials(model, x, method, trials // 10, seed=seed)
+                except AssertionError:  # a unit never fires on the data: not a valid activation test
+                    redrawn += 1
+                    continue
+                models_used -= 1
+            print(f"planted recovery, {name:<28} {method:<11}: {ok}/{trials} ({time.perf_counter() - t:.1f} s"
+                  f"{f'; {redrawn} model(s) redrawn: a unit never fired on the data' if redrawn else ''})",
+                  flush=True)
+
+
+def lmc(pairs: int, out: Path, only: list[str] | None = None) -> None:
+    """Train pairs of models on digits and print the accuracy/loss barriers for every alignment variant."""
+    import json
+
+    from intertwiners.alignment.comparison import compare_alignments
+    from intertwiners.training import train_one
+
+    train, test = data.load("digits")
+    archs = [("myrtle_cnn w16", "myrtle_cnn", {"width": 16}), ("myrtle_cnn w64", "myrtle_cnn", {"width": 64}),
+             ("resnet20", "resnet20", {})]
+    archs = [a for a in archs if not only or a[0] in only]
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for label, arch, kw in archs:
+        for pair in range(pairs):
+            trained = []
+            for seed in (2 * pair, 2 * pair + 1):
+                folder = out / f"{arch}{kw.get('width', '')}-seed{seed}"
+                if (folder / "model.safetensors").is_file():
+                    trained.append(models.load(folder))
+                    continue
+                model, _ = train_one(arch, "digits", seed, data=(train, test), progress=False, **kw)
+                models.save(model, folder)
+                trained.append(model)
+            comp = compare_alignments(trained[0].eval(), trained[1].eval(), train, test)
+            row = {"model": label, "pair": pair, "barriers": comp.barriers(), "seconds": comp.seconds,
+                   "ends": [float(comp.curves["none"].accuracy[0]), float(comp.curves["none"].accuracy[-1])]}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    (out / "lmc.json").write_text(json.dumps(results, indent=2))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
+    p.add_argument("--skip-resnet50", action="store_true")
+    p.add_argument("--planted", action="store_true", help="run the planted-recovery trials instead")
+    p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--first-family", type=int, default=0, help="for --planted: skip the first families")
+    p.add_argument("--lmc", action="store_true", help="train pairs on digits and measure interpolation barriers")
+    p.add_argument("--pairs", type=int, default=2, help="pairs per architecture for --lmc")
+    p.add_argument("--out", default="runs/bench_alignment", help="folder for --lmc models and lmc.json")
+    p.add_argument("--models", nargs="*", default=None,
+                   help="for --lmc: only these of 'myrtle_cnn w16', 'myrtle_cnn w64', 'resnet20'")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.planted:
+        planted(args.trials, args.first_family)
+        return
+    if args.lmc:
+        lmc(args.pairs, Path(args.out), args.models)
+        return
+    bench_resnet20(args.threads)
+    if not args.skip_resnet50:
+        bench_resnet50(args.threads)
+
+
+if __name__ == "__main__":
+    main()

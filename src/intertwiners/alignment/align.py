@@ -1,0 +1,223 @@
+"""``align``: move model B into model A's basis through their intertwiner group (re-basin for any traced model).
+
+The two models must have the same class, modules and parameter shapes (ValueError naming the difference
+otherwise); B is traced (:func:`~intertwiners.symmetry_spec`), and its spec holds for A too. The element
+found for each space is applied to B with :func:`~intertwiners.apply_symmetry`, so the aligned model
+computes B's function (to rounding) with weights as close to A's as the method finds.
+
+* ``method="activations"``: features at every space's sites, streamed over ``data``
+  (:mod:`.activation_matching`);
+* ``method="weights"``: weight matching after putting the scaling part of both models in canonical form
+  (:mod:`.canonical`, :mod:`.weight_matching`). GL spaces (no activation between two linear maps) are
+  matched by their permutation part only with this method.
+
+``group="permutation"`` restricts either method to permutations (no scalings, no signs): the classical
+re-basin, for comparison.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import groups as G
+from .._util import as_tensor
+from ..features import SiteExtractor, iterate_inputs
+from .activation_matching import SpaceStats, fit_space
+from .canonical import canonical_scales
+from .probe import few_threads, probe_parameters, probe_sites
+from .weight_matching import match_permutations
+
+METHODS = ("activations", "weights")
+GROUPS = ("full", "permutation")
+
+
+@dataclass
+class AlignResult:
+    """``elements``: {space: element} (dense (n, n) matrices, or (perm, scale) pairs with ``monomial=True``)
+    that move B into A's basis; ``model``: B moved (same function as B); ``spec``: B's symmetry spec;
+    ``skipped``: spaces left at the identity (e.g. attention head groups), with the reason."""
+
+    elements: dict
+    model: nn.Module
+    method: str
+    group: str
+    spec: object = field(repr=False, default=None)
+    seconds: float = 0.0
+    sweeps: int = 0
+    skipped: dict = field(default_factory=dict)  # space -> why it was left at the identity
+
+
+def input_batches(data, batch_size: int = 256):
+    """Input batches from a tensor/array (N, ...), a dataset with ``.x``, an ``(x, y)`` pair of arrays, or an
+    iterable of batches (tensors or ``(x, y, ...)`` tuples)."""
+    if isinstance(data, tuple) and len(data) == 2 and all(hasattr(d, "shape") for d in data):
+        data = data[0]  # (x, y)
+    return iterate_inputs(data, batch_size)
+
+
+def first_batch(data, batch_size: int = 256) -> torch.Tensor:
+    batch = next(iter(input_batches(data, batch_size)), None)
+    if batch is None:
+        raise ValueError("data holds no input batches")
+    return batch
+
+
+def _state_shapes(model: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_same_structure_params(model_a: nn.Module, model_b: nn.Module) -> None:
+    """ValueError naming the first difference between two models' parameter and buffer shapes."""
+    if not isinstance(model_a, nn.Module) or not isinstance(model_b, nn.Module):
+        raise ValueError("expected two torch.nn.Module models")
+    sa, sb = _state_shapes(model_a), _state_shapes(model_b)
+    if sa.keys() != sb.keys():
+        only = sorted(set(sa) ^ set(sb))[:5]
+        raise ValueError(f"the models have different parameters (e.g. {only}): different architectures")
+    for k in sa:
+        if sa[k] != sb[k]:
+            raise ValueError(f"the models differ in {k!r}: shape {sa[k]} vs {sb[k]} (different widths?)")
+
+
+def check_same_structure(model_a: nn.Module, model_b: nn.Module) -> None:
+    """ValueError naming the first difference between two models' classes, modules, parameters and buffers.
+
+    Models that agree in all of these run the same forward code on the same shapes, so tracing either gives
+    the same symmetry spec (only B is traced)."""
+    if type(model_a) is not type(model_b):
+        raise ValueError(f"the models are of different classes: {type(model_a).__name__} and "
+                         f"{type(model_b).__name__}")
+    mods_a = [(n, type(m).__name__) for n, m in model_a.named_modules()]
+    mods_b = [(n, type(m).__name__) for n, m in model_b.named_modules()]
+    if mods_a != mods_b:
+        diff = next(((x, y) for x, y in zip(mods_a, mods_b) if x != y), (mods_a[len(mods_b):], mods_b[len(mods_a):]))
+        raise ValueError(f"the models have different modules (different architectures): {diff[0]} vs {diff[1]}")
+    check_same_structure_params(model_a, model_b)
+
+
+def check_runs(model: nn.Module, x, what: str = "data") -> None:
+    """ValueError when ``model`` cannot take the batch ``x`` (wrong shape or dtype)."""
+    p = next(iter(model.parameters()), None)
+    if isinstance(x, torch.Tensor) and p is not None and x.is_floating_point():
+        x = x.to(device=p.device, dtype=p.dtype)
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            try:
+                model(x[:2])
+            finally:
+                model.train(was)
+    except Exception as err:
+        raise ValueError(f"{what} of shape {tuple(x.shape)} does not fit the model: {err}") from err
+
+
+def _as_element(el, dense: bool):
+    if isinstance(el, tuple):
+        return G.monomial_matrix(*el) if dense else el
+    return el
+
+
+def _identity_scales(actions) -> dict:
+    return {n: torch.ones(a.size, dtype=torch.float64) for n, a in actions.items()}
+
+
+def align_weights(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, scaling: bool = True,
+                  max_sweeps: int = 30) -> tuple[dict, int]:
+    """{space: (perm, scale)} moving B into A's basis by weight matching; and the number of sweeps."""
+    pa = {k: p.detach().clone() for k, p in model_a.named_parameters()}
+    pb = {k: p.detach().clone() for k, p in model_b.named_parameters()}
+    if scaling:
+        sa, sb = canonical_scales(pa, actions), canonical_scales(pb, actions)
+    else:
+        sa, sb = _identity_scales(actions), _identity_scales(actions)
+    perms, sweeps = match_permutations(pa, pb, actions, max_sweeps)
+    out = {}
+    for name, act in actions.items():
+        n = act.size
+        ident = torch.arange(n)
+        to_canon_b = (ident, sb[name])
+        undo_a = G.monomial_inverse(ident, sa[name])
+        out[name] = G.monomial_compose(undo_a, G.monomial_compose((perms[name], torch.ones(n, dtype=torch.float64)),
+                                                                  to_canon_b))
+    return out, sweeps
+
+
+def align_activations(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, data, scaling: bool = True,
+                      batch_size: int = 256) -> dict:
+    """{space: element} moving B into A's basis by matching features streamed over ``data``."""
+    sites = list(dict.fromkeys(s.key for a in actions.values() for s in a.slots))
+    stats = {n: SpaceStats(a) for n, a in actions.items() if a.slots}
+    ext_a = ext_b = None
+    for xb in input_batches(data, batch_size):
+        if ext_a is None:
+            ext_a = SiteExtractor(model_a, sites, example=xb[:2])
+            ext_b = SiteExtractor(model_b, sites, example=xb[:2])
+        fa = dict(zip(ext_a.sites, ext_a(xb)))
+        fb = dict(zip(ext_b.sites, ext_b(xb)))
+        for st in stats.values():
+            st.update(fa, fb)
+    if ext_a is None:
+        raise ValueError("data holds no input batches")
+    return {n: fit_space(st, scaling) for n, st in stats.items()}
+
+
+def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None, method: str = "activations",
+          *, group: str = "full", spaces: list[str] | None = None, monomial: bool = False, batch_size: int = 256,
+          max_sweeps: int = 30, threads: int = 1) -> AlignResult:
+    """Move ``model_b`` into ``model_a``'s basis through their intertwiner group.
+
+    ``data``: inputs (tensor/array (N, ...), a dataset with ``.x``, ``(x, y)``, or an iterable of batches);
+    needed for ``method="activations"``. ``example_input``: one batch used to trace the models (default: the
+    first batch of ``data``). ``group``: ``"full"`` (the whole intertwiner group: permutations, scalings,
+    signs, GL) or ``"permutation"``. ``spaces``: the spaces to align (default all; the others keep the
+    identity). ``monomial=True`` returns (perm, scale) pairs instead of dense matrices for monomial spaces.
+    ``threads``: intra-op CPU threads for the matching (1 is fastest for the many small products of small
+    models on a busy machine; raise it for wide models).
+    Returns an :class:`AlignResult` (``.elements``, ``.model``).
+    """
+    from ..symmetries import apply_symmetry, symmetry_spec
+
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+    if not isinstance(model_a, nn.Module) or not isinstance(model_b, nn.Module):
+        raise ValueError("align needs two torch.nn.Module models")
+    if method == "activations" and data is None:
+        raise ValueError("method='activations' needs data (inputs to read features on)")
+    if example_input is None:
+        if data is None:
+            raise ValueError("align needs example_input (or data) to trace the models")
+        example_input = first_batch(data, batch_size)[:8]
+    example_input = as_tensor(example_input, name="example_input")
+    check_runs(model_a, example_input, "example_input")
+    if data is not None:
+        check_runs(model_a, first_batch(data, batch_size), "data")
+    check_same_structure(model_a, model_b)
+    spec_b = symmetry_spec(model_b, example_input)
+    names = list(spec_b.spaces) if spaces is None else list(spaces)
+    unknown = [n for n in names if n not in spec_b.spaces]
+    if unknown:
+        raise ValueError(f"unknown spaces {unknown}; the models' spaces are {list(spec_b.spaces)}")
+    skipped = {n: f"its group ({spec_b.spaces[n].group.kind}) is not an intertwiner group of an activation; "
+                  "left at the identity" for n in names if spec_b.spaces[n].group.kind not in G.KINDS}
+    names = [n for n in names if n not in skipped]
+    scaling = group == "full"
+    sweeps = 0
+    if method == "activations":
+        actions = probe_sites(model_b, spec_b, example_input, names)
+        with few_threads(threads):
+            found = align_activations(model_a, model_b, spec_b, actions, data, scaling, batch_size)
+    else:
+        actions = probe_parameters(model_b, spec_b, names)
+        with few_threads(threads):
+            found, sweeps = align_weights(model_a, model_b, spec_b, actions, scaling, max_sweeps)
+    elements = {n: _as_element(el, not monomial) for n, el in found.items()}
+    moved = apply_symmetry(model_b, found, spec_b)
+    return AlignResult(elements, moved, method, group, spec_b, time.perf_counter() - start, sweeps, skipped)

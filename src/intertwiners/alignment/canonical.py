@@ -1,0 +1,142 @@
+"""A function-preserving normal form of the scaling part of a model's intertwiner group.
+
+For every space whose group has scalings, each index j gets the scale that makes its *incoming* weights
+(the parameter slices a scaling d_j multiplies by d_j**e, e > 0: a producer's rows, or a batch norm's
+gamma and beta when a convolution feeds a batch norm) have unit norm; where the group has signs, the sign
+that makes the largest-magnitude entry of the slices a sign flip reaches positive. Both rules commute with
+permutations (a norm and a largest entry do not depend on the order of the other axes), so two models that
+differ by a group element g have canonical forms that differ by the permutation part of g alone.
+
+The slices of one space can depend on the scales of other spaces (a producer's columns belong to the
+previous space), so spaces are visited in dependency order and the pass is repeated until the scales
+settle (one pass when the dependencies have no cycle, e.g. whenever every incoming slice is a batch norm's
+or the dependency chain is feed-forward; a no-batch-norm residual network has cycles, and the repeated
+passes then converge to a fixed point instead of finishing in one).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import groups as G
+from .._util import as_tensor
+from .probe import Slot, SpaceAction, probe_parameters
+
+
+def slot_rows(t: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """(n, r * rest): row j holds every entry of index j's slice of ``t`` (a gather, not a view)."""
+    n = slot.positions.shape[0]
+    moved = torch.movedim(t, slot.axis, 0)
+    return moved[torch.as_tensor(slot.positions.reshape(-1), device=t.device)].reshape(n, -1)
+
+
+def scale_slot(t: torch.Tensor, slot: Slot, factor: torch.Tensor) -> None:
+    """Multiply index j's slice of ``t`` by ``factor[j]`` in place."""
+    mult = torch.ones(t.shape[slot.axis], dtype=torch.float64)
+    r = slot.positions.shape[1]
+    mult[torch.as_tensor(slot.positions.reshape(-1))] = factor.repeat_interleave(r)
+    shape = [1] * t.ndim
+    shape[slot.axis] = -1
+    t.mul_(mult.to(t.device, t.dtype).view(shape))
+
+
+def incoming_slots(action: SpaceAction) -> list[Slot]:
+    """The slots a positive scaling reaches with the smallest positive power (the 'incoming' weights)."""
+    powers = [s.exponent for s in action.slots if s.exponent is not None and s.exponent > 0]
+    if not powers:
+        return []
+    e = min(powers)
+    return [s for s in action.slots if s.exponent == e]
+
+
+def sign_slots(action: SpaceAction) -> list[Slot]:
+    return [s for s in action.slots if s.odd]
+
+
+def dependency_order(actions: dict[str, SpaceAction]) -> list[str]:
+    """Spaces ordered so that a space comes after those that scale the other axes of its deciding slices
+    (a topological order; spaces on a cycle keep their spec order)."""
+    on_key: dict[str, set[str]] = {}
+    for name, act in actions.items():
+        for s in act.slots:
+            on_key.setdefault(s.key, set()).add(name)
+    deps = {name: {o for s in incoming_slots(act) + sign_slots(act) for o in on_key[s.key] if o != name}
+            for name, act in actions.items()}
+    order: list[str] = []
+    done: set[str] = set()
+    pending = list(actions)
+    while pending:
+        ready = [n for n in pending if deps[n] <= done]
+        pick = ready[0] if ready else pending[0]
+        order.append(pick)
+        done.add(pick)
+        pending.remove(pick)
+    return order
+
+
+def canonical_scales(params: dict[str, torch.Tensor], actions: dict[str, SpaceAction], max_passes: int = 200,
+                     tol: float | None = None) -> dict[str, torch.Tensor]:
+    """Scales {space: (n,) float64} of the canonical form; ``params`` (copies!) are rescaled in place to it.
+
+    Spaces without scalings (permutation groups, GL spaces) get all ones. Passes stop when no scale moves
+    by more than ``tol`` (default: 100 units of rounding of the parameters' dtype).
+    """
+    if tol is None:
+        dtypes = [t.dtype for t in params.values() if t.is_floating_point()]
+        tol = 100 * max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float64).eps)
+    total = {name: torch.ones(act.size, dtype=torch.float64) for name, act in actions.items()}
+    order = dependency_order(actions)
+    for _ in range(max_passes):
+        worst = 0.0
+        for name in order:
+            act = actions[name]
+            if not act.group.is_monomial:
+                continue
+            factor = torch.ones(act.size, dtype=torch.float64)
+            inc = incoming_slots(act) if act.allows_positive_scaling else []
+            if inc:
+                sq = sum(slot_rows(params[s.key], s).double().pow(2).sum(1) for s in inc)
+                e = inc[0].exponent
+                norm = sq.sqrt()
+                factor = torch.where(norm > 0, norm.clamp_min(1e-300) ** (-1.0 / e), factor)
+            signs = sign_slots(act) if act.allows_signs else []
+            if signs:
+                rows = torch.cat([slot_rows(params[s.key], s).double() * s.factor(factor)[:, None]
+                                  for s in signs], 1)
+                pick = rows.gather(1, rows.abs().argmax(1, keepdim=True))[:, 0]
+                factor = factor * torch.where(pick < 0, -1.0, 1.0).to(torch.float64)
+            if torch.equal(factor, torch.ones_like(factor)):
+                continue
+            for s in act.slots:
+                scale_slot(params[s.key], s, s.factor(factor))
+            total[name] = total[name] * factor
+            worst = max(worst, float((factor - 1).abs().max()))
+        if not worst > tol:  # also stops on NaN, which then shows in the scales
+            break
+    for name, t in total.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"canonical scales of space {name!r} are not finite (zero or non-finite weights)")
+    return total
+
+
+def canonicalize(model: nn.Module, example_input, *, return_scales: bool = False):
+    """A copy of ``model`` with the same function whose scalings are in canonical form (see
+    :mod:`intertwiners.alignment.canonical`): every unit's incoming weights have unit norm and, where its
+    group has signs, the largest entry they share with a sign flip is positive. Two models that differ by a
+    group element canonicalise to models that differ by a permutation. GL spaces are left as they are.
+
+    ``return_scales=True`` also returns {space: scale} (the element diag(scale) that was applied).
+    """
+    from ..symmetries import apply_symmetry, symmetry_spec
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"canonicalize needs an nn.Module, got {type(model).__name__}")
+    x = as_tensor(example_input, name="example_input")
+    spec = symmetry_spec(model, x)
+    actions = probe_parameters(model, spec, [n for n, s in spec.spaces.items() if s.group.kind in G.KINDS])
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    scales = canonical_scales(params, actions)
+    elements = {n: (torch.arange(len(s)), s) for n, s in scales.items() if spec.spaces[n].group.is_monomial}
+    out = apply_symmetry(model, elements, spec)
+    return (out, scales) if return_scales else out

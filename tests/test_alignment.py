@@ -1,0 +1,348 @@
+"""Alignment through the intertwiner group: planted recovery, canonical forms, interpolation, merging, bad input.
+
+Planted recovery: for a model M and g = random_symmetry(spec), aligning g·M to M must give back M's
+parameters (relative error <= 1e-6). The activation method needs every unit to be active somewhere on the
+data (a unit that never fires cannot be told apart from another dead unit by its features), which each
+test checks first. benchmarks/bench_alignment.py --planted runs 100 trials per model family.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import intertwiners as it
+from intertwiners import models
+from intertwiners.alignment.align import align_activations, align_weights
+from intertwiners.alignment.interpolation import barrier, recompute_batchnorm
+from intertwiners.alignment.probe import calibrate_batch_norms, probe_parameters, probe_sites
+from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec
+
+
+def relerr(a: nn.Module, b: nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    worst = 0.0
+    for k, v in sa.items():
+        if v.is_floating_point():
+            e = float((v.double() - sb[k].double()).norm() / v.double().norm().clamp_min(1e-300))
+            worst = e if not e <= worst else worst  # NaN-propagating
+    return worst
+
+
+def ready(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """float64, eval mode, batch-norm statistics of x (so that units are centred and active)."""
+    model = model.double().eval()
+    calibrate_batch_norms(model, x)
+    return model
+
+
+def assert_alive(model, spec, x):
+    feats = it.extract_features(model, spec.sites, x)
+    for site, f in feats.items():
+        ch = torch.movedim(f, 1, 0).reshape(f.shape[1], -1)
+        assert (ch.abs().amax(1) > 0).all(), f"a unit at {site} never fires on the test data"
+
+
+def planted_trials(model, x, method, trials, seed=0, check_alive=True):
+    """Number of trials (of ``trials``) in which aligning g·M to M gives back M's parameters."""
+    spec = symmetry_spec(model, x[:4])
+    if method == "activations":
+        if check_alive:
+            assert_alive(model, spec, x)
+        actions = probe_sites(model, spec, x[:8])
+    else:
+        actions = probe_parameters(model, spec)
+    gen = torch.Generator().manual_seed(seed)
+    ok = 0
+    for _ in range(trials):
+        g = random_symmetry(spec, gen, monomial=True)
+        moved = apply_symmetry(model, g, spec)
+        if method == "activations":
+            found = align_activations(model, moved, spec, actions, x)
+        else:
+            found, _ = align_weights(model, moved, spec, actions)
+        ok += relerr(model, apply_symmetry(moved, found, spec)) <= 1e-6
+    return ok
+
+
+def positive_biases(model):
+    """Small positive biases, so that no ReLU unit of a network without batch norm is dead on N(0, 1) inputs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(0.05, 0.2)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planted recovery
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_planted_mlp_100_of_100_tiny_widths(method):
+    torch.manual_seed(0)
+    x = torch.randn(1024, 5, dtype=torch.float64)
+    total = 0
+    for hidden in [(3,), (3, 4), (5, 3, 4), (8, 6)]:
+        total += planted_trials(ready(models.mlp(5, hidden=hidden), x), x, method, 25, seed=len(hidden))
+    assert total == 100
+
+
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_planted_mlp_wide(method):
+    torch.manual_seed(1)
+    x = torch.randn(4096, 8, dtype=torch.float64)
+    assert planted_trials(ready(models.mlp(8, hidden=(512, 64)), x), x, method, 2) == 2
+
+
+@pytest.mark.parametrize("method", ["weights", "activations"])
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_planted_myrtle(method, batch_norm):
+    torch.manual_seed(2)
+    x = torch.randn(96, 1, 8, 8, dtype=torch.float64)
+    model = models.myrtle_cnn(width=3, in_channels=1, input_size=8, batch_norm=batch_norm)
+    if not batch_norm:
+        positive_biases(model)
+    assert planted_trials(ready(model, x), x, method, 20) == 20
+
+
+@pytest.mark.parametrize("method", ["weights", "activations"])
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_planted_resnet20(method, shortcut):
+    torch.manual_seed(3)
+    x = torch.randn(24, 1, 8, 8, dtype=torch.float64)
+    model = ready(models.resnet20(shortcut=shortcut, in_channels=1, widths=(4, 8, 16)), x)
+    assert planted_trials(model, x, method, 5) == 5
+
+
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_planted_tanh_signed_permutations(method):
+    torch.manual_seed(4)
+    x = torch.randn(96, 1, 8, 8, dtype=torch.float64)
+    model = ready(models.myrtle_cnn(width=3, in_channels=1, input_size=8, batch_norm=False, activation="tanh"), x)
+    spec = symmetry_spec(model, x[:2])
+    assert spec.spaces["relu1"].group.kind == "signed_permutation"
+    assert planted_trials(model, x, method, 10) == 10
+
+
+def test_planted_through_public_align_both_methods():
+    torch.manual_seed(5)
+    x = torch.randn(64, 1, 8, 8, dtype=torch.float64)
+    model = ready(models.resnet20(shortcut="A", in_channels=1, widths=(4, 8, 16)), x)
+    spec = it.symmetry_spec(model, x[:2])
+    g = it.random_symmetry(spec, torch.Generator().manual_seed(0))
+    moved = it.apply_symmetry(model, g, spec)
+    for method in ("activations", "weights"):
+        r = it.align(model, moved, data=x, method=method)
+        assert relerr(model, r.model) <= 1e-6
+        assert set(r.elements) == set(spec.spaces)
+        for name, el in r.elements.items():  # the form random_symmetry returns: (n, n) group elements
+            assert el.shape == (spec.spaces[name].size,) * 2 and spec.spaces[name].group.contains(el)
+        assert torch.allclose(r.model(x), moved(x), rtol=0, atol=1e-12)  # B's function, unchanged
+
+
+def test_permutations_alone_cannot_undo_scalings():
+    """The non-invariance side: with planted positive scalings, the permutation-only alignment leaves a
+    large parameter error, and not aligning at all leaves a larger one."""
+    torch.manual_seed(6)
+    x = torch.randn(1024, 5, dtype=torch.float64)
+    model = ready(models.mlp(5, hidden=(6, 4)), x)
+    spec = it.symmetry_spec(model, x[:2])
+    moved = it.apply_symmetry(model, it.random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert relerr(model, moved) > 1e-2
+    for method in ("activations", "weights"):
+        assert relerr(model, it.align(model, moved, x, method=method, group="permutation").model) > 1e-2
+        assert relerr(model, it.align(model, moved, x, method=method).model) <= 1e-6
+
+
+def test_activation_statistics_stream_independently_of_batch_size():
+    torch.manual_seed(7)
+    x = torch.randn(300, 5, dtype=torch.float64)
+    a, b = ready(models.mlp(5, hidden=(6,)), x), ready(models.mlp(5, hidden=(6,)), x)
+    r1 = it.align(a, b, x, batch_size=300, monomial=True)
+    r2 = it.align(a, b, x, batch_size=7, monomial=True)
+    for name in r1.elements:
+        assert torch.equal(r1.elements[name][0], r2.elements[name][0])
+        assert torch.allclose(r1.elements[name][1], r2.elements[name][1], rtol=1e-10)
+
+
+def test_least_squares_gl_element_for_a_linear_space():
+    """LeakyReLU with slope 1 is linear: its space has GL symmetry, and activation matching recovers a dense
+    planted GL element exactly by least squares (weight matching cannot: it only permutes such spaces)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LeakyReLU(1.0), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    x = torch.randn(256, 5, dtype=torch.float64)
+    spec = it.symmetry_spec(model, x[:2])
+    gl = [n for n, s in spec.spaces.items() if s.group.kind == "general_linear"]
+    assert len(gl) == 1 and spec.spaces[gl[0]].sites
+    g = it.random_symmetry(spec, torch.Generator().manual_seed(0))
+    assert not spec.spaces[gl[0]].group.is_monomial and g[gl[0]].count_nonzero() == 16  # dense
+    moved = it.apply_symmetry(model, g, spec)
+    r = it.align(model, moved, x)
+    assert relerr(model, r.model) <= 1e-6
+    assert relerr(model, it.align(model, moved, x, method="weights").model) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Canonical form
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build", [
+    lambda: models.mlp(5, hidden=(6, 4)),
+    lambda: models.myrtle_cnn(width=3, in_channels=1, input_size=8),
+    lambda: models.myrtle_cnn(width=3, in_channels=1, input_size=8, batch_norm=False, activation="tanh"),
+    lambda: models.resnet20(shortcut="B", in_channels=1, widths=(4, 8, 16)),
+])
+def test_canonical_forms_of_an_orbit_differ_by_a_permutation(build):
+    torch.manual_seed(9)
+    model = build().double().eval()
+    x = torch.randn(8, *((5,) if isinstance(model[0] if isinstance(model, nn.Sequential) else None, nn.Flatten)
+                         and model[1].in_features == 5 else (1, 8, 8)), dtype=torch.float64)
+    calibrate_batch_norms(model, x)
+    spec = it.symmetry_spec(model, x[:2])
+    moved = it.apply_symmetry(model, it.random_symmetry(spec, torch.Generator().manual_seed(2)), spec)
+    ca, cb = it.canonicalize(model, x), it.canonicalize(moved, x)
+    assert torch.allclose(ca(x), model(x), rtol=1e-10, atol=1e-12)  # function-preserving
+    assert torch.allclose(cb(x), moved(x), rtol=1e-10, atol=1e-12)
+    assert relerr(ca, cb) > 1e-3  # still permuted ...
+    r = it.align(ca, cb, method="weights", group="permutation", example_input=x)
+    assert relerr(ca, r.model) <= 1e-9  # ... but by a permutation alone
+    again = it.canonicalize(ca, x)
+    assert relerr(ca, again) <= 1e-12  # idempotent
+
+
+def test_canonical_incoming_norms_are_one():
+    torch.manual_seed(10)
+    model = models.mlp(5, hidden=(6, 4)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    c = it.canonicalize(model, x)
+    for layer in (c.fc1, c.fc2):
+        rows = torch.cat([layer.weight, layer.bias[:, None]], 1)
+        assert torch.allclose(rows.norm(dim=1), torch.ones(rows.shape[0], dtype=torch.float64), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Interpolation and merging
+# ----------------------------------------------------------------------------------------------------
+
+def test_barrier_formula_against_a_slow_reference():
+    rng = np.random.default_rng(0)
+    a = np.linspace(0, 1, 7)
+    v = rng.normal(size=7)
+    slow_up = max(v[i] - ((1 - a[i]) * v[0] + a[i] * v[-1]) for i in range(7))
+    assert barrier(a, v, True) == pytest.approx(slow_up)
+    assert barrier(a, v, False) == pytest.approx(max(((1 - a[i]) * v[0] + a[i] * v[-1]) - v[i] for i in range(7)))
+    assert np.isnan(barrier(a, np.array([0, np.nan, 0, 0, 0, 0, 0.0]), True))  # NaN propagates
+
+
+def test_interpolate_ends_and_a_flat_path():
+    torch.manual_seed(11)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    a, b = models.mlp(5, hidden=(6,), num_classes=3), models.mlp(5, hidden=(6,), num_classes=3)
+    curve = it.interpolate(a, b, (x, y), alphas=[0, 0.5, 1])
+    from intertwiners.alignment.interpolation import evaluate
+    assert curve.loss[0] == pytest.approx(evaluate(a, x, y)[0]) and curve.accuracy[-1] == evaluate(b, x, y)[1]
+    flat = it.interpolate(a, a, (x, y), alphas=[0, 0.25, 1])
+    assert abs(flat.barrier["loss"]) < 1e-6 and abs(flat.barrier["accuracy"]) < 1e-9
+    with pytest.raises(ValueError, match="alphas"):
+        it.interpolate(a, b, (x, y), alphas=[0.2, 1])
+    with pytest.raises(ValueError, match="labels"):
+        it.interpolate(a, b, x)
+
+
+def test_recomputed_batchnorm_statistics_are_the_exact_averages():
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    x = torch.randn(100, 3, dtype=torch.float64)
+    recompute_batchnorm(model, x, batch_size=100)
+    h = model[0](x).detach()
+    assert torch.allclose(model[1].running_mean, h.mean(0))
+    assert torch.allclose(model[1].running_var, h.var(0, unbiased=True))
+
+
+def test_merge_of_an_orbit_gives_back_the_model():
+    torch.manual_seed(13)
+    x = torch.randn(1024, 5, dtype=torch.float64)
+    model = ready(models.mlp(5, hidden=(6, 4)), x)
+    spec = it.symmetry_spec(model, x[:2])
+    moved = [it.apply_symmetry(model, it.random_symmetry(spec, torch.Generator().manual_seed(s)), spec)
+             for s in range(2)]
+    merged = it.merge([model] + moved, x)
+    assert relerr(model, merged) <= 1e-6
+    with pytest.raises(ValueError, match="at least two"):
+        it.merge([model], x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------
+
+def test_bad_input_is_a_clear_value_error():
+    x = torch.randn(16, 5)
+    a = models.mlp(5, hidden=(6,))
+    with pytest.raises(ValueError, match="differ|different"):
+        it.align(a, models.mlp(5, hidden=(7,)), x)
+    with pytest.raises(ValueError, match="differ|different"):
+        it.align(a, models.mlp(5, hidden=(6, 6)), x)
+    with pytest.raises(ValueError, match="does not fit"):
+        it.align(a, models.mlp(5, hidden=(6,)), torch.randn(16, 4))
+    with pytest.raises(ValueError, match="needs data"):
+        it.align(a, a, example_input=x)
+    with pytest.raises(ValueError, match="method"):
+        it.align(a, a, x, method="magic")
+    with pytest.raises(ValueError, match="unknown spaces"):
+        it.align(a, a, x, spaces=["nope"])
+    linear = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    spec = it.symmetry_spec(linear, x[:2])
+    if any(not s.sites for s in spec.spaces.values()):
+        with pytest.raises(ValueError, match="no activation sites"):
+            it.align(linear, linear, x)
+        it.align(linear, linear, x, method="weights")  # weights need no sites
+
+
+class TinyTransformerBlock(nn.Module):
+    """Embedding, pre-LayerNorm attention (2 heads, written out), pre-LayerNorm GELU MLP, head."""
+
+    def __init__(self, d=8, heads=2, hidden=16):
+        super().__init__()
+        self.emb = nn.Linear(4, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.act, self.fc2 = nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)
+        self.head = nn.Linear(d, 3)
+        self.heads = heads
+
+    def forward(self, x):
+        x = self.emb(x)
+        b, t, d = x.shape
+        y = self.ln1(x)
+        q, k, v = (m(y).view(b, t, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, -1) @ v
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
+        x = x + self.fc2(self.act(self.fc1(self.ln2(x))))
+        return self.head(x)
+
+
+def test_planted_transformer_block():
+    """Every space the engine finds in a small transformer block (MLP hidden units; the LayerNorm residual
+    stream where the engine ties it) is recovered exactly: by weights for all of them, by activations for
+    those with activation sites. Spaces with a group that is not an activation's (attention heads) are
+    left out of the planted element, as align leaves them at the identity."""
+    torch.manual_seed(14)
+    model = TinyTransformerBlock().double().eval()
+    x = torch.randn(64, 5, 4, dtype=torch.float64)
+    spec = it.symmetry_spec(model, x[:2])
+    from intertwiners.groups import KINDS
+    names = [n for n, s in spec.spaces.items() if s.group.kind in KINDS]
+    if not names:
+        pytest.skip(f"the symmetry engine finds no space in this block: pinned {spec.pinned}")
+    with_sites = [n for n in names if spec.spaces[n].sites]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        g = {n: el for n, el in it.random_symmetry(spec, gen).items() if n in names}
+        moved = it.apply_symmetry(model, g, spec)
+        assert relerr(model, moved) > 1e-3
+        assert relerr(model, it.align(model, moved, x, method="weights").model) <= 1e-6
+        if with_sites:  # activations: plant on the spaces that have sites, align those
+            moved = it.apply_symmetry(model, {n: g[n] for n in with_sites}, spec)
+            assert relerr(model, it.align(model, moved, x, spaces=with_sites).model) <= 1e-6
