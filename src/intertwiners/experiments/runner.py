@@ -165,6 +165,31 @@ def driver_lock(out: Path):
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _commit(store: ResultsStore, out: Path, job: Job, outcome: dict, summary: RunSummary, done: set[str],
+            failed: set[str]) -> None:
+    """Record one finished job: its artifact renamed into place, then its row (done), or its error (failed).
+    A failure to record a result (a full disk, say) is recorded as the job's failure; nothing is lost."""
+    summary.executed += 1
+    common = dict(id=job.id, kind=job.kind, label=job.label, config=job.config,
+                  deps={r: d.id for r, d in job.deps.items()}, started_at=outcome.get("started_at"),
+                  finished_at=time.time(), wall_s=outcome.get("wall_s"), worker=outcome.get("worker"))
+    if outcome.get("ok"):
+        try:
+            artifact, manifest = (_write_artifact(out, job, outcome["files"]) if outcome.get("files")
+                                  else (None, None))
+            store.record(status="done", result=outcome["result"], artifact=artifact, manifest=manifest, **common)
+            done.add(job.id)
+            summary.succeeded += 1
+            return
+        except Exception as err:  # e.g. disk full: record it as the job's failure
+            outcome = {"ok": False, "error": f"recording the result failed: {err!r}"}
+    store.record(status="failed", error=outcome.get("error", "unknown error"), **common)
+    failed.add(job.id)
+    summary.failed += 1
+    summary.failures.append((job.label, (outcome.get("error") or "").strip().splitlines()[-1:][0]
+                             if outcome.get("error") else "unknown error"))
+
+
 def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | None = None,
              progress: bool = True, plan_info: dict | None = None, meta: dict | None = None) -> RunSummary:
     """Run every job of ``jobs`` (and their dependencies) not yet done in ``out/results.sqlite``.
@@ -203,28 +228,6 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
                 dep_cache[dep.id] = Dependency(row.result or {}, files)
             return dep_cache[dep.id]
 
-        def commit(job: Job, outcome: dict) -> None:
-            summary.executed += 1
-            common = dict(id=job.id, kind=job.kind, label=job.label, config=job.config,
-                          deps={r: d.id for r, d in job.deps.items()}, started_at=outcome.get("started_at"),
-                          finished_at=time.time(), wall_s=outcome.get("wall_s"), worker=outcome.get("worker"))
-            if outcome.get("ok"):
-                try:
-                    artifact, manifest = (_write_artifact(out, job, outcome["files"]) if outcome.get("files")
-                                          else (None, None))
-                    store.record(status="done", result=outcome["result"], artifact=artifact, manifest=manifest,
-                                 **common)
-                    done.add(job.id)
-                    summary.succeeded += 1
-                    return
-                except Exception as err:  # e.g. disk full: record it as the job's failure
-                    outcome = {"ok": False, "error": f"recording the result failed: {err!r}"}
-            store.record(status="failed", error=outcome.get("error", "unknown error"), **common)
-            failed.add(job.id)
-            summary.failed += 1
-            summary.failures.append((job.label, (outcome.get("error") or "").strip().splitlines()[-1:][0]
-                                     if outcome.get("error") else "unknown error"))
-
         try:
             while waiting or in_flight:
                 still: list[Job] = []
@@ -249,7 +252,7 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
                     break
                 for handle in backend.wait(list(in_flight), timeout=None):
                     job = in_flight.pop(handle)
-                    commit(job, backend.outcome(handle))
+                    _commit(store, out, job, backend.outcome(handle), summary, done, failed)
                     if bar is not None:
                         bar.set_postfix_str(f"{job.label[:40]}" + (f", {summary.failed} failed"
                                                                      if summary.failed else ""))
