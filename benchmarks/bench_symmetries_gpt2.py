@@ -12,21 +12,12 @@ relative output error (float32 here, so expect ~1e-6, not 1e-15). Needs transfor
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
+from bench_symmetries import timed  # the same best-of-k timer (benchmarks/ is on sys.path when run as a script)
 
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec
-
-
-def timed(fn, repeats: int):
-    best, out = math.inf, None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main(argv=None):

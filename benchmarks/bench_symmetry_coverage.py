@@ -36,30 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import replicas  # noqa: E402
 
+from intertwiners._util import max_nan
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec  # noqa: E402
+from intertwiners.symmetries.engine import tensors_of
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def tensors(y) -> list[torch.Tensor]:
     """Every floating-point tensor of a model output (tensor, tuple, dict, transformers ModelOutput)."""
-    if isinstance(y, torch.Tensor):
-        return [y] if y.is_floating_point() else []
-    if isinstance(y, dict):
-        return [t for v in y.values() for t in tensors(v)]
-    if isinstance(y, list | tuple):
-        return [t for v in y for t in tensors(v)]
-    return []
+    return [t for t in tensors_of(y) if t.is_floating_point()]
 
 
 def nan_max(values) -> float:
-    out = 0.0
-    for v in values:
-        v = float(v)
-        if math.isnan(v):
-            return math.nan
-        out = max(out, v)
-    return out
+    """max (0 for none), NaN as soon as one value is NaN."""
+    return max_nan(0.0, *values)
 
 
 def relative_error(a, b) -> float:

@@ -123,26 +123,16 @@ def build_model(args):
 
 def _tensors(y) -> list:
     """The tensors of a model output (a tensor, a tuple/list, a dict or a transformers ModelOutput)."""
-    import torch
+    from ..symmetries.engine import tensors_of
 
-    if isinstance(y, torch.Tensor):
-        return [y]
-    if isinstance(y, dict):
-        return [t for v in y.values() for t in _tensors(v)]
-    if isinstance(y, list | tuple):
-        return [t for v in y for t in _tensors(v)]
-    return []
+    return tensors_of(y)
 
 
 def nan_max(values) -> float:
     """max of ``values`` (0 for none), NaN as soon as one is NaN: a NaN error never passes."""
-    out = 0.0
-    for v in values:
-        v = float(v)
-        if math.isnan(v):
-            return math.nan
-        out = max(out, v)
-    return out
+    from .._util import max_nan
+
+    return max_nan(0.0, *values)
 
 
 def _json_float(v: float):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._util import max_nan
 from ..features import eval_mode
 from .apply import apply_symmetry, random_symmetry
 from .engine import tensors_of
@@ -24,13 +25,8 @@ ALL = "<all spaces>"
 
 
 def _nanmax(values) -> float:
-    """max that propagates NaN (max(worst, nan) would silently keep worst)."""
-    out = 0.0
-    for v in values:
-        if math.isnan(v):
-            return float("nan")
-        out = max(out, v)
-    return out
+    """max (0 for none) that propagates NaN (max(worst, nan) would silently keep worst)."""
+    return max_nan(0.0, *values)
 
 
 @dataclass
