@@ -361,6 +361,23 @@ def test_as_monomial_rejects():
         monomial_matrix(torch.tensor([0, 0]), torch.ones(2))
 
 
+def test_as_monomial_exact_and_tolerant_paths_agree():
+    """A sampled element (exactly n non-zeros) and the same element with noise below atol read alike;
+    NaN/inf entries and scales at or below atol are rejected on either path."""
+    g = torch.Generator().manual_seed(3)
+    perm, scale = torch.randperm(7, generator=g), torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    A = monomial_matrix(perm, scale)
+    noisy = A + 1e-9 * (A == 0)
+    for M in (A, noisy):
+        p2, s2 = as_monomial(M)
+        assert torch.equal(p2, perm) and torch.allclose(s2, scale, atol=1e-8)
+    for bad in (float("nan"), float("inf"), 1e-8):
+        B = A.clone()
+        B[perm[2], 2] = bad
+        with pytest.raises(ValueError):
+            as_monomial(B)
+
+
 def test_scale_maps():
     s = torch.tensor([2.0, -0.5], dtype=torch.float64)
     assert torch.allclose(intertwiner_group("power:3").scale_map(s), s**3)

@@ -346,9 +346,29 @@ def test_apply_rejects_bad_elements():
         apply_symmetry(model, {"act1": torch.full((5, 5), float("nan"))}, spec)
     with pytest.raises(ValueError):
         random_symmetry("not a spec")
+    with pytest.raises(ValueError, match="non-finite"):  # also when membership is not checked
+        apply_symmetry(model, {"act1": torch.full((5, 5), float("nan"))}, spec, check=False)
     # the identity changes nothing
     new = apply_symmetry(model, {"act1": torch.eye(5)}, spec)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), new.parameters()))
+
+
+def test_sampled_matrix_edited_in_place_is_read_again():
+    """apply_symmetry reuses the (perm, scale) behind a matrix from random_symmetry only while the matrix is
+    unchanged: an in-place edit makes it read the matrix itself (here: no longer in G, so rejected)."""
+    model = models.mlp(4, (5,), 3).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    spec = symmetry_spec(model, x)
+    el = random_symmetry(spec, torch.Generator().manual_seed(0))
+    new = apply_symmetry(model, el, spec)
+    assert torch.allclose(new(x), model(x), atol=1e-12)
+    el["act1"][0, :] = 1.0
+    with pytest.raises(ValueError, match="not in G"):
+        apply_symmetry(model, el, spec)
+    fresh = random_symmetry(spec, torch.Generator().manual_seed(1))
+    fresh["act1"].data.fill_(float("nan"))  # .data bypasses the version counter; the entries are compared too
+    with pytest.raises(ValueError, match="non-finite"):
+        apply_symmetry(model, fresh, spec)
 
 
 def test_dense_and_monomial_elements_agree():

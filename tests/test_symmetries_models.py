@@ -186,16 +186,51 @@ def test_actions_name_parameters_dims_and_roles():
         spec.actions("nope")
 
 
-def test_block_inverse_equals_the_dense_inverse():
-    """Per-block inversion (one block per head, permuted) agrees with inverting the whole matrix."""
-    from intertwiners.symmetries.apply import block_inverse
+def test_block_matrix_agrees_with_dense_algebra():
+    """Splitting into blocks (one per head, permuted; unequal q/k and v/o widths) changes nothing:
+    products, inverses and transposes equal the dense ones; a singular pattern is still reported."""
+    from intertwiners.symmetries.blocks import BlockMatrix
     from intertwiners.symmetries.structured import AttentionGroup
 
     g = torch.Generator().manual_seed(3)
-    for heads, dk, dv in ((4, 3, 2), (1, 5, 5), (6, 1, 4)):
-        M = AttentionGroup(heads, dk, dv).sample(generator=g)
-        assert torch.allclose(block_inverse(M), torch.linalg.inv(M), atol=1e-10)
     dense = torch.randn(7, 7, generator=g, dtype=torch.float64) + 7 * torch.eye(7, dtype=torch.float64)
-    assert torch.allclose(block_inverse(dense), torch.linalg.inv(dense), atol=1e-12)
+    for M in [AttentionGroup(h, dk, dv).sample(generator=g) for h, dk, dv in ((4, 3, 2), (1, 5, 5), (6, 1, 4))] \
+            + [dense]:
+        B = BlockMatrix.of(M)
+        X = torch.randn(M.shape[0], 3, generator=g, dtype=torch.float64)
+        assert torch.equal(B.dense(), M)
+        assert torch.allclose(B.matmul(X), M @ X, atol=1e-12)
+        assert torch.allclose(B.inverse().dense(), torch.linalg.inv(M), atol=1e-10)
+        assert torch.equal(B.transpose().dense(), M.T)
+    assert len(BlockMatrix.of(AttentionGroup(4, 3, 2).sample(generator=g)).blocks) == 2   # sizes 3 and 2
     with pytest.raises(RuntimeError):  # a singular pattern (a zero column) is still reported
-        block_inverse(torch.diag(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)))
+        BlockMatrix.of(torch.diag(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64))).inverse()
+
+
+def test_attention_group_membership():
+    """Sampled elements are members and decompose into their permutation and blocks; an entry outside the
+    blocks, a singular block, a head permutation where none is allowed, or a non-scalar block of a scalar
+    group is not a member."""
+    from intertwiners.symmetries.structured import AttentionGroup
+
+    g = torch.Generator().manual_seed(5)
+    G = AttentionGroup(4, 3, 2)
+    M = G.sample(generator=g)
+    assert G.contains(M)
+    perm, qk, vo = G.decompose(M)
+    for src in range(4):
+        t = int(perm[src])
+        assert torch.equal(M[t * 3:(t + 1) * 3, src * 3:(src + 1) * 3], qk[src])
+        assert torch.equal(M[12 + t * 2:12 + (t + 1) * 2, 12 + src * 2:12 + (src + 1) * 2], vo[src])
+    leak = M.clone()
+    leak[0, 13] = 0.1  # a query coordinate fed from a value coordinate
+    assert not G.contains(leak)
+    singular = M.clone()
+    t = int(perm[0])
+    singular[t * 3:(t + 1) * 3, 0] = 0.0
+    assert not G.contains(singular)
+    fixed = AttentionGroup(4, 3, 2, permute_heads=False)
+    assert fixed.contains(fixed.sample(generator=g))
+    assert not torch.equal(perm, torch.arange(4)) and not fixed.contains(M)
+    scalar = AttentionGroup(4, 3, 2, qk="scalar")
+    assert scalar.contains(scalar.sample(generator=g)) and not scalar.contains(M)

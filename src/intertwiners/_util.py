@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from typing import Any
@@ -39,6 +40,25 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             raise ValueError(f"device={str(device)!r} was asked for but MPS is not available; use 'auto' or 'cpu'")
         return dev
     raise ValueError(f"device {str(device)!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:K'")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run small batched linear algebra (inverses, QR, eigenvalues of many (d, d) blocks) on one CPU thread.
+
+    torch's multi-threaded LAPACK calls on small matrices spend most of their time waiting for the other
+    threads; on a busy 2-core machine one thread was 40x faster (0.002 s against 0.08 s for twelve 64x64
+    inverses). The previous thread count is restored afterwards.
+    """
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def max_nan(*values: float) -> float:

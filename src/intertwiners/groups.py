@@ -155,6 +155,9 @@ def as_monomial(A: torch.Tensor, atol: float = 1e-6) -> tuple[torch.Tensor, torc
     if not A.is_floating_point():
         A = A.to(torch.float64)
     n = A.shape[0]
+    fast = _exact_monomial(A, atol)
+    if fast is not None:
+        return fast
     magnitude = A.abs()
     if not torch.isfinite(magnitude.sum()):
         raise ValueError("matrix has non-finite entries")
@@ -163,6 +166,23 @@ def as_monomial(A: torch.Tensor, atol: float = 1e-6) -> tuple[torch.Tensor, torc
         raise ValueError("matrix is not monomial (each row and each column needs exactly one non-zero entry)")
     perm = nonzero.to(torch.float32).argmax(0).long()
     scale = A[perm, torch.arange(n, device=A.device)]
+    return perm.cpu(), scale
+
+
+def _exact_monomial(A: torch.Tensor, atol: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(perm, scale) when A has exactly n non-zero entries, one per row and column, all finite and above
+    ``atol`` (two passes over A instead of several: the common case of a sampled element); None otherwise."""
+    n = A.shape[0]
+    if int(torch.count_nonzero(A)) != n:
+        return None
+    rows, cols = A.nonzero(as_tuple=True)    # NaN and inf count as non-zero
+    if not (torch.bincount(cols, minlength=n) == 1).all() or not (torch.bincount(rows, minlength=n) == 1).all():
+        return None
+    perm = torch.empty(n, dtype=torch.long, device=A.device)
+    perm[cols] = rows
+    scale = A[perm, torch.arange(n, device=A.device)]
+    if not (torch.isfinite(scale).all() and (scale.abs() > atol).all()):
+        return None
     return perm.cpu(), scale
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 from torch import nn
 
 from .. import groups as G
-from .constraints import DUAL, ONE, carried_dense, carried_scale
+from .blocks import BlockMatrix
+from .constraints import DUAL, ONE, carried_scale
 from .resolve import ParamAction, Segment
 from .spec import SymmetrySpec
 
@@ -35,7 +35,14 @@ def random_symmetry(spec: SymmetrySpec, generator: torch.Generator | None = None
     for name, space in spec.spaces.items():
         if space.group.is_monomial:
             perm, scale = space.group.sample_monomial(space.size, generator, dtype)
-            out[name] = (perm, scale) if monomial else G.monomial_matrix(perm, scale)
+            if monomial:
+                out[name] = (perm, scale)
+            else:
+                A = G.monomial_matrix(perm, scale)
+                # remembered so that apply_symmetry need not read the (n, n) matrix back; _version tells
+                # whether the matrix was modified in place since
+                A._intertwiners_monomial = (perm, scale, A._version)
+                out[name] = A
         else:
             out[name] = space.group.sample(space.size, generator, dtype)
     return out
@@ -70,15 +77,21 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
                     raise ValueError(f"element for {name!r} is not in G ({space.group.description})")
                 out[name] = ("mono" if member else "raw", perm.cpu(), scale)
                 continue
-        A = torch.as_tensor(el).detach().to(torch.float64).cpu()
-        if A.shape != (n, n):
+        known = getattr(el, "_intertwiners_monomial", None)
+        if known is not None and known[2] == el._version and tuple(el.shape) == (n, n) \
+                and torch.equal(el[known[0], torch.arange(n)], known[1]):
+            el = known[:2]  # a matrix from random_symmetry, unchanged since: its (perm, scale)
+        A = torch.as_tensor(el).detach().to(torch.float64).cpu() if not isinstance(el, tuple) else None
+        if A is not None and A.shape != (n, n):
             raise ValueError(f"element for {name!r} has shape {tuple(A.shape)}, the space has size {n}")
-        if not torch.isfinite(A).all():
+        if A is not None and not space.group.is_monomial and not torch.isfinite(A).all():
             raise ValueError(f"element for {name!r} has non-finite entries")
         if space.group.is_monomial:
             try:
-                perm, scale = G.as_monomial(A, atol)
+                perm, scale = G.as_monomial(A, atol) if A is not None else (el[0], el[1].to(torch.float64))
             except ValueError as err:
+                if not torch.isfinite(A).all():
+                    raise ValueError(f"element for {name!r} has non-finite entries") from err
                 if check:
                     raise ValueError(f"element for {name!r} is not in G ({space.group.kind}: "
                                      f"{space.group.description}): {err}; pass check=False to apply it anyway "
@@ -119,40 +132,26 @@ def _gather(seg: Segment, el, groups, length: int):
     return src, mult
 
 
-def _dense(seg: Segment, el, inverse: bool = False) -> torch.Tensor:
-    """The carried transform on this segment's coordinates (its inverse transpose-free inverse when asked);
-    cached on the element, since q/k/v rows, biases and output columns reuse the same blocks."""
+def _dense(seg: Segment, el, inverse: bool = False) -> BlockMatrix:
+    """The carried transform T on this segment's coordinates, or (T^-1)^T when ``inverse`` (for the
+    input side of a weight), as a :class:`BlockMatrix`; cached on the element, since q/k/v rows, biases
+    and output columns reuse the same blocks."""
     cache = el[2]
-    key = (seg.index.tobytes(), seg.chain, inverse)
+    key = (seg.index.tobytes(), seg.chain)
     if key not in cache:
-        A = el[1]
-        idx = torch.from_numpy(seg.index)
-        T = carried_dense(seg.chain, A[idx][:, idx], {})
-        cache[key] = block_inverse(T) if inverse else T
-    return cache[key]
-
-
-def block_inverse(T: torch.Tensor) -> torch.Tensor:
-    """The inverse of a square (n, n) matrix, block by block where its non-zero pattern splits into
-    independent square blocks up to a permutation of rows and columns (one block per attention head, say):
-    n/b inversions of (b, b) instead of one of (n, n). A matrix that does not split is inverted whole."""
-    from scipy.sparse import bmat, coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = T.shape[0]
-    pattern = coo_matrix((T != 0).cpu().numpy())
-    n_blocks, labels = connected_components(bmat([[None, pattern], [pattern.T, None]]), directed=False)
-    if n_blocks == 1:
-        return torch.linalg.inv(T)
-    rows, cols = labels[:n], labels[n:]
-    out = torch.zeros_like(T)
-    for b in range(n_blocks):
-        r, c = np.flatnonzero(rows == b), np.flatnonzero(cols == b)
-        if len(r) != len(c):   # singular pattern: let the whole inversion report it
-            return torch.linalg.inv(T)
-        ri, ci = torch.from_numpy(r), torch.from_numpy(c)
-        out[ci[:, None], ri[None, :]] = torch.linalg.inv(T[ri[:, None], ci[None, :]])
-    return out
+        if seg.index.tobytes() not in cache:   # queries and keys (values and outputs) share the blocks
+            idx = torch.from_numpy(seg.index)
+            cache[seg.index.tobytes()] = BlockMatrix.of(el[1][idx][:, idx])
+        T = cache[seg.index.tobytes()]
+        for entry in seg.chain:  # activations on a dense space are linear: phi(A) = A
+            if entry == DUAL:
+                T = T.inverse().transpose()
+            elif entry == ONE:
+                raise ValueError("a dense element cannot pass a batch norm")
+        cache[key] = T
+    if inverse and key + (True,) not in cache:
+        cache[key + (True,)] = cache[key].inverse().transpose()
+    return cache[key + (True,)] if inverse else cache[key]
 
 
 def _move(t: torch.Tensor, dim: int | None):
@@ -165,12 +164,12 @@ def _move(t: torch.Tensor, dim: int | None):
 def _rows(t: torch.Tensor, seg: Segment, el, groups, length: int, inverse: bool) -> torch.Tensor:
     """T t (or the columns of t^T times T^-1 when ``inverse``) along dim 0 of ``t`` (length ``length``)."""
     if el[0] == "dense":
-        M = (_dense(seg, el, True).T if inverse else _dense(seg, el)).to(t.device, t.dtype)
+        M = _dense(seg, el, inverse).to(t.device, t.dtype)
         t = t.clone()
         pos = torch.from_numpy(seg.positions).to(t.device)
         flat = t.reshape(length, -1)
         for r in range(pos.shape[1]):
-            flat[pos[:, r]] = M @ flat[pos[:, r]]
+            flat[pos[:, r]] = M.matmul(flat[pos[:, r]])
         return flat.reshape(t.shape)
     src, mult = _gather(seg, el, groups, length)
     if inverse:

@@ -93,16 +93,6 @@ def carried_scale(chain: tuple, scale: torch.Tensor, groups: dict) -> torch.Tens
     return scale
 
 
-def carried_dense(chain: tuple, A: torch.Tensor, groups: dict) -> torch.Tensor:
-    """The transform a value carries for a dense element A (only linear chains reach here)."""
-    for entry in chain:
-        if entry == DUAL:
-            A = torch.linalg.inv(A).T
-        elif entry == ONE:
-            raise ValueError("a dense element cannot pass a batch norm")
-    return A
-
-
 def _linear_chain(chain: tuple, groups: dict) -> bool:
     return all(e == DUAL or (e != ONE and not groups[e].is_monomial) for e in chain)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._util import one_thread
+
 _INNER = ("general_linear", "scalar", "identity")
 
 
@@ -77,7 +79,8 @@ class AttentionGroup:
             c = torch.exp(torch.randn(h, generator=generator, dtype=torch.float64) * 0.5)
             sign = torch.where(torch.rand(h, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
             return (sign * c)[:, None, None] * torch.eye(d, dtype=torch.float64)
-        q, r = torch.linalg.qr(torch.randn(h, d, d, generator=generator, dtype=torch.float64))
+        with one_thread():
+            q, r = torch.linalg.qr(torch.randn(h, d, d, generator=generator, dtype=torch.float64))
         diag = torch.diagonal(r, dim1=-2, dim2=-1)
         q = q * torch.where(diag < 0, -1.0, 1.0)[:, None, :]
         s = torch.exp(torch.rand(h, d, generator=generator, dtype=torch.float64) - 0.5)
@@ -99,39 +102,50 @@ class AttentionGroup:
             M[o + t * dv:o + (t + 1) * dv, o + g * dv:o + (g + 1) * dv] = B[g]
         return M.to(dtype)
 
-    def contains(self, A, atol: float = 1e-6) -> bool:
-        """Is A block structured as above (one head permutation for both parts, allowed blocks)?"""
+    def decompose(self, A, atol: float = 1e-6):
+        """``(perm, qk_blocks, vo_blocks)`` of an element (head g moves to perm[g]; blocks (heads, d, d)),
+        read off the largest block of every head column; None when A is not block structured like that
+        (entries outside the chosen blocks above ``atol``, or no permutation)."""
         A = torch.as_tensor(A).to(torch.float64)
         if A.shape != (self.size, self.size) or not torch.isfinite(A).all():
-            return False
+            return None
         h, dk, dv = self.heads, self.dk, self.dv
         o = h * dk
-        mask = torch.zeros_like(A, dtype=torch.bool)
-        perm, qk, vo = [], [], []
-        for g in range(h):
-            if dk:
-                col = A[:o, g * dk:(g + 1) * dk].reshape(h, dk, dk).abs().sum((1, 2))
-            else:
-                col = A[o:, o + g * dv:o + (g + 1) * dv].reshape(h, dv, dv).abs().sum((1, 2))
-            t = int(col.argmax())
-            perm.append(t)
-            mask[t * dk:(t + 1) * dk, g * dk:(g + 1) * dk] = True
-            mask[o + t * dv:o + (t + 1) * dv, o + g * dv:o + (g + 1) * dv] = True
-            qk.append(A[t * dk:(t + 1) * dk, g * dk:(g + 1) * dk])
-            vo.append(A[o + t * dv:o + (t + 1) * dv, o + g * dv:o + (g + 1) * dv])
-        if sorted(perm) != list(range(h)) or (not self.permute_heads and perm != list(range(h))):
+        qk = A[:o, :o].reshape(h, dk, h, dk)
+        vo = A[o:, o:].reshape(h, dv, h, dv)
+        norms = (qk.abs().sum((1, 3)) if dk else 0) + (vo.abs().sum((1, 3)) if dv else 0)   # (target, source)
+        perm = torch.as_tensor(norms).argmax(0)
+        if not torch.equal(torch.sort(perm).values, torch.arange(h)):
+            return None
+        src = torch.arange(h)
+        qk_blocks, vo_blocks = qk[perm, :, src, :], vo[perm, :, src, :]
+        rest_qk, rest_vo = qk.clone(), vo.clone()
+        rest_qk[perm, :, src, :] = 0
+        rest_vo[perm, :, src, :] = 0
+        off = max((float(t.abs().max()) for t in (rest_qk, rest_vo, A[:o, o:], A[o:, :o]) if t.numel()), default=0.0)
+        if off > atol:
+            return None
+        return perm, qk_blocks, vo_blocks
+
+    def contains(self, A, atol: float = 1e-6) -> bool:
+        """Is A block structured as above (one head permutation for both parts, allowed, invertible blocks)?"""
+        parts = self.decompose(A, atol)
+        if parts is None:
             return False
-        if not bool((A[~mask].abs() <= atol).all()):
+        perm, qk, vo = parts
+        if not self.permute_heads and not torch.equal(perm, torch.arange(self.heads)):
             return False
-        for kind, blocks, d in ((self.qk, qk, dk), (self.vo, vo, dv)):
+        for kind, X, d in ((self.qk, qk, self.dk), (self.vo, vo, self.dv)):
             if not d:
                 continue
-            X = torch.stack(blocks)
-            eye = torch.eye(d, dtype=A.dtype)
+            eye = torch.eye(d, dtype=X.dtype)
             if kind == "identity" and not torch.allclose(X, eye.expand_as(X), atol=atol):
                 return False
             if kind == "scalar" and not torch.allclose(X, X[:, :1, :1] * eye, atol=atol):
                 return False
-            if torch.linalg.svdvals(X).min() <= atol:
+            # smallest singular value, from the eigenvalues of X^T X (much cheaper than an SVD here)
+            with one_thread():
+                smallest = float(torch.linalg.eigvalsh(X.mT @ X).min().clamp_min(0).sqrt())
+            if smallest <= atol:
                 return False
         return True
