@@ -234,3 +234,41 @@ def test_attention_group_membership():
     assert not torch.equal(perm, torch.arange(4)) and not fixed.contains(M)
     scalar = AttentionGroup(4, 3, 2, qk="scalar")
     assert scalar.contains(scalar.sample(generator=g)) and not scalar.contains(M)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate x) * up x), as Llama/Mistral write it (and a hand-written swish gate)."""
+
+    def __init__(self, d=6, hidden=10, swish=False):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, hidden), nn.Linear(d, hidden), nn.Linear(hidden, 3)
+        self.swish = swish
+
+    def forward(self, x):
+        g = self.gate(x)
+        g = g * torch.sigmoid(g) if self.swish else nn.functional.silu(g)
+        return self.down(g * self.up(x))
+
+
+@pytest.mark.parametrize("swish", [False, True])
+def test_gated_mlp_scalings_are_carried_by_up(swish):
+    """The hidden units of a gated MLP: one permutation for gate and up, any non-zero scaling carried by
+    `up` (and undone by `down`); `gate` is only permuted. Scaling the gate rows too changes the output."""
+    torch.manual_seed(0)
+    model = GatedMLP(swish=swish).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    spec, new = check(model, x)
+    (space,) = spec.spaces.values()
+    assert space.kind == "scaled_permutation"
+    perm, scale = random_symmetry(spec, torch.Generator().manual_seed(3), monomial=True)[space.name]
+    new = apply_symmetry(model, {space.name: (perm, scale)}, spec)
+    inv = torch.argsort(perm)
+    assert torch.equal(new.gate.weight[perm], model.gate.weight)                 # only permuted
+    assert torch.allclose(new.up.weight[perm], scale[:, None] * model.up.weight)  # permuted and scaled
+    assert torch.allclose(new.down.weight[:, perm], model.down.weight / scale[None, :])
+    assert not torch.equal(inv, torch.arange(10))
+    wrong = copy.deepcopy(new)
+    with torch.no_grad():
+        wrong.gate.weight.mul_(scale[inv][:, None])
+        wrong.gate.bias.mul_(scale[inv])
+    assert float((wrong(x) - model(x)).abs().max().detach()) > 1e-6

@@ -96,10 +96,31 @@ def _feeds_only_norm(node: fx.Node) -> bool:
         and isinstance(users[0].args[1], fx.Node)
 
 
+def _feeds_only_gate(an: Analysis, node: fx.Node) -> bool:
+    """Is ``node`` read only by an activation whose output is read only by products with another value
+    (the gate branch of a gated MLP, act(W_gate x) * (W_up x))? Then the gate branch is only permuted
+    and the other branch carries the scaling (the product has the same permutation and the other's scale)."""
+    users = list(node.users)
+    if not users or users[0] not in an.regions:
+        return False
+    reg = an.regions[users[0]]
+    if reg["root"] is not node or any(u not in reg["members"] for u in users):
+        return False
+    products = list(reg["output"].users)
+    for u in products:
+        if _packet(u) is not aten.mul:
+            return False
+        others = [a for a in u.args if isinstance(a, fx.Node) and a is not reg["output"]]
+        if len(others) != 1 or (others[0].op == "placeholder" and others[0].name in an.cap.params) \
+                or others[0] in reg["members"]:
+            return False
+    return bool(products)
+
+
 def _producer(an: Analysis, node: fx.Node, x, weight: ParamRef, bias, out_dim: int, w_out: int, w_in: int,
               in_dim: int | None, groups: int = 1):
     shape = shape_of(node)
-    chain = an.chain_id((ONE,)) if _feeds_only_norm(node) else 0
+    chain = an.chain_id((ONE,)) if _feeds_only_norm(node) or _feeds_only_gate(an, node) else 0
     n_in = weight.shape[w_in] * groups
     if _is_hidden(x):
         got = L.atoms_along(x, [in_dim])
@@ -722,8 +743,11 @@ def gate(an, node, a: Layout, b: Layout, shape):
     if not L.same_structure(a, b):
         return an.unknown(node, f"{an.describe(node)} multiplies hidden values with different channel layouts")
     na, nb = int(np.prod(a.shape)), int(np.prod(b.shape))
+    a_one, b_one = (bool(np.all([an.chains[int(c)][:1] == (ONE,) for c in np.unique(v.chains)])) for v in (a, b))
     if na != nb:
         x, g = (a, b) if na > nb else (b, a)
+    elif a_one != b_one:  # the unscaled gate branch (see _feeds_only_gate) is g
+        x, g = (b, a) if a_one else (a, b)
     else:
         x, g = (a, b) if len(an.chains[int(b.chains[0])]) >= len(an.chains[int(a.chains[0])]) else (b, a)
     an.union_arrays(x.atoms, g.atoms, 0, f"{an.describe(node)} (product of two hidden values)")
