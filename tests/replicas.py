@@ -738,6 +738,11 @@ def bert_tiny(seed=0, dtype=torch.float32):
     return _hf("bert", seed, dtype)
 
 
+def bert_mlm_tiny(seed=0, dtype=torch.float32):
+    """BertForMaskedLM (prediction head with GELU and LayerNorm, decoder tied to the word embeddings); ``.logits``."""
+    return _hf("bert-mlm", seed, dtype)
+
+
 def llama_tiny(seed=0, dtype=torch.float32):
     """LlamaForCausalLM (RMSNorm, rotary embeddings, grouped-query attention, gated SiLU MLP); ``.logits``."""
     return _hf("llama", seed, dtype)
@@ -758,7 +763,7 @@ REPLICAS = {
 }
 """The vision replicas: name -> builder(seed=0, dtype=torch.float32) -> (model, example_input)."""
 
-HF_REPLICAS = {"gpt2": gpt2_tiny, "bert": bert_tiny, "llama": llama_tiny}
+HF_REPLICAS = {"gpt2": gpt2_tiny, "bert": bert_tiny, "bert_mlm": bert_mlm_tiny, "llama": llama_tiny}
 """The transformers replicas (skip the calling test when transformers is missing)."""
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-HF_TINY = ("gpt2", "bert", "llama")
+HF_TINY = ("gpt2", "bert", "bert-mlm", "llama")
 """The Hugging Face families :func:`hf_tiny` builds."""
 
 
@@ -66,8 +66,9 @@ def _import(package: str, spec: str):
 def hf_tiny(family: str, *, layers: int = 2, width: int = 64, heads: int = 4, vocab: int = 1000,
             positions: int = 128, seed: int = 0) -> nn.Module:
     """A tiny randomly initialised Hugging Face model: ``gpt2`` (GPT2LMHeadModel, tied unembedding),
-    ``bert`` (BertModel) or ``llama`` (LlamaForCausalLM, grouped-query attention with heads/2 key-value
-    heads, rotary embeddings, gated MLP, RMSNorm).
+    ``bert`` (BertModel: its output is the residual stream itself), ``bert-mlm`` (BertForMaskedLM: a
+    prediction head and a decoder tied to the word embeddings) or ``llama`` (LlamaForCausalLM, grouped-query
+    attention with heads/2 key-value heads, rotary embeddings, gated MLP, RMSNorm).
 
     ``layers`` blocks of ``width`` channels, ``heads`` heads, MLP width 4·width (Llama: 11/4·width rounded
     to a multiple of 8), ``vocab`` tokens, ``positions`` positions; dropout 0 and no KV cache, so that the
@@ -86,11 +87,11 @@ def hf_tiny(family: str, *, layers: int = 2, width: int = 64, heads: int = 4, vo
                                vocab_size=vocab, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
                                embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
         cls = tf.GPT2LMHeadModel
-    elif family == "bert":
+    elif family in ("bert", "bert-mlm"):
         config = tf.BertConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
                                intermediate_size=4 * width, vocab_size=vocab, max_position_embeddings=positions,
                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        cls = tf.BertModel
+        cls = tf.BertModel if family == "bert" else tf.BertForMaskedLM
     else:
         config = tf.LlamaConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
                                 num_key_value_heads=max(1, heads // 2), intermediate_size=8 * round(11 * width / 32),

@@ -8,7 +8,7 @@ import math
 NAME = "verify"
 HELP = ("Find a model's weight-space symmetries by tracing (spaces, groups, pinned spaces) and print the "
         "per-space max abs/relative output error of randomly transformed copies, in eval and train mode. "
-        "MODEL: an architecture name, a saved model folder, timm:NAME, hf:gpt2|bert|llama (tiny random "
+        "MODEL: an architecture name, a saved model folder, timm:NAME, hf:gpt2|bert|bert-mlm|llama (tiny random "
         "configs) or package.module:factory.")
 
 ARCHS = ("myrtle_cnn", "resnet20", "mlp")
@@ -98,7 +98,7 @@ def build_builtin(args, spec: str):
         model = models.load(spec)
     else:
         raise ValueError(f"{spec!r} is neither a saved model folder nor an architecture ({', '.join(ARCHS)}), "
-                         "nor timm:NAME, hf:gpt2|bert|llama or package.module:factory")
+                         "nor timm:NAME, hf:gpt2|bert|bert-mlm|llama or package.module:factory")
     cfg = getattr(model, "intertwiners_config", {"arch": "", "kwargs": {}})
     kw = cfg.get("kwargs", {})
     if cfg.get("arch") == "mlp":
