@@ -272,3 +272,28 @@ def test_gated_mlp_scalings_are_carried_by_up(swish):
         wrong.gate.weight.mul_(scale[inv][:, None])
         wrong.gate.bias.mul_(scale[inv])
     assert float((wrong(x) - model(x)).abs().max().detach()) > 1e-6
+
+
+def test_block_matrix_restriction_and_sampled_attention_elements():
+    """Restricting a block matrix to whole blocks equals restricting the dense matrix; an index set that cuts
+    a block is refused. A sampled attention element (applied from its remembered blocks) and a plain copy of
+    it (read back from the matrix) give the same model."""
+    from intertwiners.symmetries.blocks import BlockMatrix
+    from intertwiners.symmetries.structured import AttentionGroup
+
+    G = AttentionGroup(3, 4, 2)
+    M = G.sample(generator=torch.Generator().manual_seed(0))
+    B = BlockMatrix.of(M)
+    for idx in (torch.arange(12), torch.arange(12, 18), torch.arange(18)):
+        assert torch.equal(B.restrict(idx).dense(), M[idx][:, idx])
+    assert B.restrict(torch.arange(5)) is None
+    model = _hf("gpt2").double().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    spec = symmetry_spec(model, (ids,))
+    el = random_symmetry(spec, torch.Generator().manual_seed(4))
+    plain = {k: v.clone() for k, v in el.items()}
+    assert not any(hasattr(v, "_intertwiners_blocks") or hasattr(v, "_intertwiners_monomial") for v in plain.values())
+    a, b = apply_symmetry(model, el, spec), apply_symmetry(model, plain, spec)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14), name
+    assert compare(model, a, (ids,), ("eval",))["eval"][1] <= 1e-9

@@ -77,6 +77,14 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
                     raise ValueError(f"element for {name!r} is not in G ({space.group.description})")
                 out[name] = ("mono" if member else "raw", perm.cpu(), scale)
                 continue
+        blocks = getattr(el, "_intertwiners_blocks", None)
+        if blocks is not None and blocks[3] == el._version and tuple(el.shape) == (n, n) \
+                and hasattr(space.group, "block_matrix") and not space.group.is_monomial:
+            full = space.group.block_matrix(*blocks[:3])
+            if all(torch.equal(el[r[:, :, None], c[:, None, :]], b)
+                   for r, c, b in zip(full.rows, full.cols, full.blocks)):
+                out[name] = ("dense", el.detach(), {"full": full})  # from random_symmetry, unchanged since
+                continue
         known = getattr(el, "_intertwiners_monomial", None)
         if known is not None and known[2] == el._version and tuple(el.shape) == (n, n) \
                 and torch.equal(el[known[0], torch.arange(n)], known[1]):
@@ -106,7 +114,11 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
         elif check and not space.group.contains(A, atol):
             raise ValueError(f"element for {name!r} is not in G ({space.group.kind}: {space.group.description})"
                              "; pass check=False to apply it anyway (the output will then change)")
-        out[name] = ("dense", A, {})
+        cache = {}
+        parts = space.group.decompose(A, 0.0) if hasattr(space.group, "decompose") else None
+        if parts is not None:   # exactly block structured: act block by block
+            cache["full"] = space.group.block_matrix(*parts)
+        out[name] = ("dense", A, cache)
     return out
 
 
@@ -141,7 +153,9 @@ def _dense(seg: Segment, el, inverse: bool = False) -> BlockMatrix:
     if key not in cache:
         if seg.index.tobytes() not in cache:   # queries and keys (values and outputs) share the blocks
             idx = torch.from_numpy(seg.index)
-            cache[seg.index.tobytes()] = BlockMatrix.of(el[1][idx][:, idx])
+            full = cache.get("full")
+            T = full.restrict(idx) if full is not None else None
+            cache[seg.index.tobytes()] = T if T is not None else BlockMatrix.of(el[1][idx][:, idx])
         T = cache[seg.index.tobytes()]
         for entry in seg.chain:  # activations on a dense space are linear: phi(A) = A
             if entry == DUAL:
@@ -195,11 +209,14 @@ def _act(t: torch.Tensor, a: ParamAction, el, groups) -> torch.Tensor:
     if el[0] != "dense" and a.role in ("out", "in") and a.dim is not None:
         # monomial: one gather along the parameter's own axis (no transposed copy)
         src, mult = _gather(a.segment, el, groups, a.length)
+        moved = t.index_select(a.dim, src.to(t.device))
+        if bool((mult == 1).all()):  # a permutation: no second pass over the tensor
+            return moved
         if a.role == "in":
             mult = 1.0 / mult
         shape = [1] * t.ndim
         shape[a.dim] = -1
-        return t.index_select(a.dim, src.to(t.device)) * mult.to(t.device, t.dtype).view(shape)
+        return moved * mult.to(t.device, t.dtype).view(shape)
     moved, back = _move(t, a.dim)
     if a.role == "out":
         return back(_rows(moved, a.segment, el, groups, a.length, False))

@@ -60,6 +60,31 @@ class BlockMatrix:
             blocks.append(T[r[:, :, None], c[:, None, :]])
         return BlockMatrix(n, tuple(rows), tuple(cols), tuple(blocks))
 
+    @staticmethod
+    def from_blocks(n: int, parts) -> BlockMatrix:
+        """From ``(rows, cols, blocks)`` groups (rows/cols (nb, b) index tensors, blocks (nb, b, b)) that
+        together cover every row and column once; groups with no blocks are dropped."""
+        parts = [(r, c, b) for r, c, b in parts if r.numel()]
+        return BlockMatrix(n, tuple(p[0] for p in parts), tuple(p[1] for p in parts), tuple(p[2] for p in parts))
+
+    def restrict(self, index: torch.Tensor) -> BlockMatrix | None:
+        """T[index][:, index] when ``index`` is a union of whole blocks (rows and columns); None otherwise."""
+        where = torch.full((self.n,), -1, dtype=torch.long)
+        where[index.cpu()] = torch.arange(len(index))
+        parts, covered = [], 0
+        for r, c, b in zip(self.rows, self.cols, self.blocks):
+            wr, wc = where[r.cpu()], where[c.cpu()]
+            inside_r, inside_c = (wr >= 0).all(1), (wc >= 0).all(1)
+            if bool(((wr >= 0).any(1) & ~inside_r).any()) or bool(((wc >= 0).any(1) & ~inside_c).any()) \
+                    or not torch.equal(inside_r, inside_c):
+                return None     # a block cut by the index set, or rows kept without their columns
+            keep = inside_r
+            parts.append((wr[keep].to(r.device), wc[keep].to(c.device), b[keep.to(b.device)]))
+            covered += int(wr[keep].numel())
+        if covered != len(index):
+            return None
+        return BlockMatrix.from_blocks(len(index), parts)
+
     def inverse(self) -> BlockMatrix:
         """T^-1: each block inverted, rows and columns swapped (RuntimeError when a block is singular)."""
         with one_thread():

@@ -94,13 +94,10 @@ class AttentionGroup:
         h, dk, dv = self.heads, self.dk, self.dv
         perm = torch.randperm(h, generator=generator) if self.permute_heads else torch.arange(h)
         A, B = self._blocks(self.qk, dk, generator), self._blocks(self.vo, dv, generator)
-        M = torch.zeros(self.size, self.size, dtype=torch.float64)
-        o = h * dk
-        for g in range(h):
-            t = int(perm[g])
-            M[t * dk:(t + 1) * dk, g * dk:(g + 1) * dk] = A[g]
-            M[o + t * dv:o + (t + 1) * dv, o + g * dv:o + (g + 1) * dv] = B[g]
-        return M.to(dtype)
+        M = self._assemble(perm, A.contiguous(), B.contiguous()).to(dtype)
+        # remembered so that apply_symmetry need not read the matrix back (see apply._normalise)
+        M._intertwiners_blocks = (perm, A.to(dtype), B.to(dtype), M._version)
+        return M
 
     def decompose(self, A, atol: float = 1e-6):
         """``(perm, qk_blocks, vo_blocks)`` of an element (head g moves to perm[g]; blocks (heads, d, d)),
@@ -126,6 +123,23 @@ class AttentionGroup:
         if off > atol:
             return None
         return perm, qk_blocks, vo_blocks
+
+    def block_matrix(self, perm: torch.Tensor, qk: torch.Tensor, vo: torch.Tensor):
+        """The element with head permutation ``perm`` and blocks ``qk`` (heads, dk, dk), ``vo`` (heads, dv, dv)
+        as a :class:`~intertwiners.symmetries.blocks.BlockMatrix` (no (n, n) matrix is formed)."""
+        from .blocks import BlockMatrix
+
+        h, dk, dv = self.heads, self.dk, self.dv
+        src = torch.arange(h)
+        parts = []
+        for offset, d, blocks in ((0, dk, qk), (h * dk, dv, vo)):
+            if d:
+                ar = torch.arange(d)
+                parts.append((offset + perm[:, None] * d + ar, offset + src[:, None] * d + ar, blocks))
+        return BlockMatrix.from_blocks(self.size, parts)
+
+    def _assemble(self, perm: torch.Tensor, qk: torch.Tensor, vo: torch.Tensor) -> torch.Tensor:
+        return self.block_matrix(perm, qk, vo).dense()
 
     def contains(self, A, atol: float = 1e-6) -> bool:
         """Is A block structured as above (one head permutation for both parts, allowed, invertible blocks)?"""
