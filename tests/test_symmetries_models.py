@@ -297,3 +297,43 @@ def test_block_matrix_restriction_and_sampled_attention_elements():
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14), name
     assert compare(model, a, (ids,), ("eval",))["eval"][1] <= 1e-9
+
+
+class TokenMixer(nn.Module):
+    """x + fc2(act(fc1(LN(x)^T)))^T along the token axis (MLP-Mixer), then a channel head; ``read`` adds an
+    operation on the token-mixing hidden units that the side-axis tracking does not follow."""
+
+    def __init__(self, tokens=6, hidden=5, channels=4, read=None):
+        super().__init__()
+        self.inp, self.norm = nn.Linear(3, channels), nn.LayerNorm(channels)
+        self.fc1, self.fc2, self.head = nn.Linear(tokens, hidden), nn.Linear(hidden, tokens), nn.Linear(channels, 2)
+        self.read = read
+
+    def forward(self, x):
+        h = self.inp(x)
+        u = torch.relu(self.fc1(self.norm(h).transpose(1, 2)))
+        if self.read == "cumsum":   # mixes the hidden units: they must be pinned
+            u = u.cumsum(-1)
+        y = h + self.fc2(u).transpose(1, 2)
+        return self.head(y.mean(1))
+
+
+def test_token_mixing_hidden_units_are_a_space_of_their_own():
+    """The J hidden units of a token-mixing MLP: P·D (ReLU: positive scalings) on fc1's rows and fc2's
+    columns, independent of the channel permutation; outputs unchanged. A scaling with a negative entry
+    (outside G_ReLU) changes the output; an operation that mixes the units pins them."""
+    torch.manual_seed(0)
+    model = TokenMixer().double()
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+    spec, new = check(model, x)
+    token = spec.spaces["fc1"]
+    assert token.size == 5 and token.kind == "positive_scaled_permutation"
+    assert {(a.param, a.dim, a.role) for a in spec.actions("fc1")} == \
+        {("fc1.weight", 0, "out"), ("fc1.bias", 0, "out"), ("fc2.weight", 1, "in")}
+    assert not torch.equal(new.fc1.weight, model.fc1.weight) and not torch.equal(new.fc2.weight, model.fc2.weight)
+    bad = apply_symmetry(model, {"fc1": torch.diag(torch.tensor([1.0, -1.0, 2.0, 1.0, 1.0], dtype=torch.float64))},
+                         spec, check=False)
+    assert compare(model, bad, x, ("eval",))["eval"][1] > 1e-6
+    mixed = TokenMixer(read="cumsum").double()
+    spec2, _ = check(mixed, x)
+    assert "fc1" in spec2.pinned and "non-channel axis" in spec2.pinned["fc1"]

@@ -149,6 +149,7 @@ class Analysis:
         self.env: dict[fx.Node, object] = {}
         self.site_counts: dict[str, int] = defaultdict(int)
         self.regions: dict = {}
+        self.side: dict = {}  # node -> side.Side: hidden units along a non-channel axis (MLP-Mixer tokens)
 
     # -- atoms ------------------------------------------------------------------------------------------
     def new_atoms(self, n: int) -> np.ndarray:
@@ -263,6 +264,7 @@ class Analysis:
 
     # -- the pass -----------------------------------------------------------------------------------------
     def run(self) -> Analysis:
+        from . import side
         from .rules import dispatch, find_regions
         self.regions = find_regions(self)
         for node in self.cap.graph.nodes:
@@ -277,15 +279,19 @@ class Analysis:
                 self.env[node] = None
                 continue
             if node.op == "output":
+                side.follow(self, node)
                 for lay in self.hidden_inputs(node):
                     self.output_atoms.update(int(a) for a in np.unique(lay.atoms[lay.atoms >= 0]))
                     self.pin(lay, "the model's output")
                 continue
             try:
                 out = dispatch(self, node)
+                side.follow(self, node)
             except Exception as err:  # never crash on a model: pin what could not be followed
                 out = self.unknown(node, f"{self.describe(node)} could not be analysed: {type(err).__name__}: "
                                          f"{err}")
+                self.side.pop(node, None)
+                side.pin_inputs(self, node)
             self.env[node] = out
         self._tie_shared_parameters()
         return self

@@ -21,6 +21,7 @@ import torch.fx as fx
 from .. import groups as G
 from ..activations import ACTIVATION_MODULES
 from . import layout as L
+from . import side
 from .constraints import ONE, Activation, ConstantAdd, Monomial, PositiveScales, Signed, Unit
 from .engine import NON_TENSOR, Analysis, AttentionRecord, Binding, ParamRef, owner, shape_of
 from .layout import FIXED, ZERO, Layout
@@ -156,9 +157,12 @@ def linear(an, node):
         return an.unknown(node, f"{an.describe(node)} with a weight that is not a parameter")
     ndim = len(shape_of(node))
     if _is_hidden(x) and (x.ndim - 1) not in x.feature_dims():
-        # token mixing (MLP-Mixer): the same map for every channel; its bias is the same for every channel
+        # token mixing (MLP-Mixer): the same map for every channel; its bias is the same for every channel.
+        # Units it makes for an activation are hidden units of their own (a side axis, see side.py)
         if b is not None:
             an.constrain(ConstantAdd, x.atoms, x.chains)
+        if side.feeds_activation(an, node):
+            side.create(an, node, w, b)
         return an.keep(L.with_non_feature_size(x, x.ndim - 1, shape_of(node)[-1]))
     return _producer(an, node, x, w, b, ndim - 1, 0, 1, (x.ndim - 1) if _is_hidden(x) else None)
 
