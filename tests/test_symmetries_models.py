@@ -30,6 +30,11 @@ def check(model, args, tol=1e-9):
 
 def _hf(kind):
     transformers = pytest.importorskip("transformers")
+    if kind.endswith("-eager"):  # attention written out: softmax(q k^T / sqrt(d) + mask) v
+        model = _hf(kind[:-len("-eager")])
+        model.set_attn_implementation("eager")
+        assert model.config._attn_implementation == "eager"
+        return model
     torch.manual_seed(0)
     if kind == "gpt2":
         cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16, use_cache=False)
@@ -44,11 +49,11 @@ def _hf(kind):
     return transformers.LlamaForCausalLM(cfg)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama", "gpt2-eager", "llama-eager"])
 def test_transformers_residual_stream_mlps_and_attention(kind):
     model = _hf(kind).double().eval()
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
-    tol = 1e-5 if kind == "llama" else 1e-9  # Llama's RMSNorm computes in float32 even in a float64 model
+    tol = 1e-5 if kind.startswith("llama") else 1e-9  # Llama's RMSNorm computes in float32 in a float64 model
     spec, new = check(model, (ids,), tol)
     kinds = [s.kind for s in spec.spaces.values()]
     assert kinds.count("attention_heads") == 2
@@ -337,3 +342,51 @@ def test_token_mixing_hidden_units_are_a_space_of_their_own():
     mixed = TokenMixer(read="cumsum").double()
     spec2, _ = check(mixed, x)
     assert "fc1" in spec2.pinned and "non-channel axis" in spec2.pinned["fc1"]
+
+
+class WrittenOutAttention(nn.Module):
+    """Self-attention written out as softmax(q k^T * s + mask) v, optionally with a per-head relative
+    position bias on the scores (T5/Swin style) or with the attention weights returned as an output."""
+
+    def __init__(self, d=8, heads=2, tokens=5, bias=False, return_weights=False):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.inp, self.head = nn.Linear(3, d), nn.Linear(d, 2)
+        self.rel = nn.Parameter(torch.randn(heads, tokens, tokens)) if bias else None
+        self.return_weights = return_weights
+        self.register_buffer("mask", torch.triu(torch.full((tokens, tokens), -1e9), 1))
+
+    def forward(self, x):
+        h = self.inp(x)
+        B, T, D = h.shape
+        q, k, v = self.qkv(h).reshape(B, T, 3, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
+        s = (q @ k.transpose(-2, -1)) * self.dh ** -0.5 + self.mask
+        if self.rel is not None:
+            s = s + self.rel
+        p = s.softmax(-1)
+        y = h + self.proj((p @ v).transpose(1, 2).reshape(B, T, D))
+        out = self.head(y.mean(1))
+        return (out, p) if self.return_weights else out
+
+
+def test_written_out_attention_is_an_attention_block():
+    """softmax(q k^T) v written with matmul: heads permuted and per-head maps on q/k and v/o, outputs
+    unchanged; an element that mixes heads changes them. A per-head parameter on the scores, or the scores
+    returned as an output, pin the block instead (never a wrong symmetry)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    spec, new = check(WrittenOutAttention().double(), x)
+    (name,) = [k for k, s in spec.spaces.items() if s.kind == "attention_heads"]
+    assert spec.spaces[name].group.heads == 2 and not spec.pinned
+    model = WrittenOutAttention().double()
+    n = spec.spaces[name].size
+    A = torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, generator=torch.Generator().manual_seed(2),
+                                                              dtype=torch.float64)
+    bad = apply_symmetry(model, {name: A}, spec, check=False)
+    assert compare(model, bad, x, ("eval",))["eval"][1] > 1e-6
+    for kwargs, why in (({"bias": True}, "per-head parameter"), ({"return_weights": True}, "output")):
+        torch.manual_seed(0)
+        spec2, _ = check(WrittenOutAttention(**kwargs).double(), x)
+        assert not any(s.kind == "attention_heads" for s in spec2.spaces.values())
+        assert any(why in r for r in spec2.pinned.values()), spec2.pinned

@@ -62,6 +62,7 @@ class AttentionRecord:
     k: np.ndarray   # (H, dk) atoms of the keys (a key/value head repeated for grouped-query attention)
     v: np.ndarray   # (H, dv)
     kv_heads: int
+    heads: np.ndarray | None = None  # (H,) atoms of the head axis of written-out scores (softmax(q k^T) v)
 
 
 class _Wrap(nn.Module):
@@ -149,6 +150,7 @@ class Analysis:
         self.env: dict[fx.Node, object] = {}
         self.site_counts: dict[str, int] = defaultdict(int)
         self.regions: dict = {}
+        self.scores: dict = {}  # first head atom of a q k^T product -> (q table, k table), see rules.scores
         self.side: dict = {}  # node -> side.Side: hidden units along a non-channel axis (MLP-Mixer tokens)
 
     # -- atoms ------------------------------------------------------------------------------------------

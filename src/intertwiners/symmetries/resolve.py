@@ -186,6 +186,9 @@ class Resolver:
                 sv = {self.space_of[c] for c in v_rows.reshape(-1).tolist()}
                 if len(sq) != 1 or len(sv) != 1 or sq == sv:
                     reason = "attention whose queries/keys or values share channels with other values"
+            head_spaces = set()
+            if reason is None and rec.heads is not None:
+                reason, head_spaces = self._scores_check(rec.heads, {s for s in sq | sv if s >= 0})
             coarse = reason is None and dk > 0 and bool((qk_rows == qk_rows[:, :1]).all()) \
                 and len(set(qk_rows[:, 0].tolist())) == kv
             if coarse:  # queries/keys tied within each head (rotary embeddings): one scalar per head
@@ -222,12 +225,34 @@ class Resolver:
                 group = AttentionGroup(kv, 0, dv, qk="identity", permute_heads=False, name=name)
                 classes = [int(c) for c in v_rows.reshape(-1)]
             B["classes"] = []
+            for s in head_spaces:   # the scores' head axis moves with the heads of this block
+                spaces[s]["classes"] = []
             spaces.append(dict(classes=classes, reasons=[], output=False, constraints=set(),
                                sites=A["sites"] + B["sites"], ties=A["ties"] + B["ties"], group=group, name=name))
             sid = len(spaces) - 1
             for i, c in enumerate(classes):
                 self.space_of[c] = sid
                 self.index_of[c] = i
+
+    def _scores_check(self, heads: np.ndarray, qkv_spaces: set) -> tuple[str | None, set]:
+        """Written-out attention: the head atoms of its scores may only be read by the operations that keep
+        them (scaling, a mask shared by the heads, softmax, dropout) -- not pinned, not an output, not bound
+        to a parameter (a per-head bias), not tied to anything else. (reason or None, their spaces)."""
+        cls = self.classes(heads)
+        if (cls < 0).any():
+            return "attention scores with untransformed heads", set()
+        spaces = {self.space_of[int(c)] for c in cls}
+        if spaces & qkv_spaces or len(spaces) != 1 or len(self.spaces[next(iter(spaces))]["classes"]) != len(cls):
+            return "attention scores whose heads are tied to other channels", set()
+        sp = self.spaces[next(iter(spaces))]
+        if sp["reasons"] or sp["output"]:
+            return "attention scores read by an operation that needs them fixed: " + "; ".join(
+                dict.fromkeys(sp["reasons"] or ["the model's output"])), set()
+        if not hasattr(self, "_bound"):
+            self._bound = {int(c) for b in self.an.bindings for c in self.classes(b.atoms).tolist() if c >= 0}
+        if any(int(c) in self._bound for c in cls):
+            return "attention scores with a per-head parameter (e.g. a relative position bias)", set()
+        return None, spaces
 
     # -- output ---------------------------------------------------------------------------------------------
     def segments(self, atoms: np.ndarray, chains: np.ndarray, active: dict[int, str]) -> list[Segment] | str:

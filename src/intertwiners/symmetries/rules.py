@@ -178,8 +178,10 @@ def addmm(an, node):
 
 @rule(aten.matmul, aten.mm)
 def matmul(an, node):
-    """x @ W with W a parameter (in, out); a product of two hidden values is not supported."""
+    """x @ W with W a parameter (in, out); products of two hidden values: written-out attention."""
     x, w = an.value(node.args[0]), an.value(node.args[1])
+    if _is_hidden(x) and _is_hidden(w):
+        return attention_product(an, node, x, w)
     if not isinstance(w, ParamRef) or len(w.shape) != 2:
         return an.unknown(node, f"{an.describe(node)}: a product of hidden values (or a non-parameter "
                                 "weight) is not supported")
@@ -655,6 +657,8 @@ def add(an, node):
     x, other, other_node = (a, b, node.args[1]) if _is_hidden(a) else (b, a, node.args[0])
     if not _is_hidden(x):
         return None
+    if isinstance(other, ParamRef) and _constant_along_channels(an, other_node, x, shape):
+        other = None  # a parameter/buffer that is the same for every channel (an attention mask): a constant
     if isinstance(other, ParamRef):
         got = param_atoms(x, other, shape)
         if got is None or node.target.overloadpacket is aten.rsub:
@@ -816,6 +820,61 @@ def attention(an, node):
         if out.shape != tuple(shape):
             return an.unknown(node, f"{an.describe(node)}: unexpected output shape")
     return an.keep(out)
+
+
+def attention_product(an, node, a: Layout, b: Layout):
+    """Attention written out, ``softmax(q @ k^T * s + mask) @ v`` on (..., heads, tokens, width) values.
+
+    ``q @ k^T`` contracts the head width of queries and keys: they are tied with a dual transform per head
+    (as for scaled_dot_product_attention) and the scores get fresh *head atoms* on their head axis.
+    ``p @ v`` with ``p`` holding such head atoms records the attention block (queries, keys, values and
+    the head atoms, which resolve checks: nothing else may read the scores)."""
+    nd = a.ndim
+    shape = shape_of(node)
+    if nd < 3 or b.ndim != nd or shape is None:
+        return an.unknown(node, f"{an.describe(node)}: a product of hidden values that is not attention")
+    fa, fb = set(a.feature_dims()), set(b.feature_dims())
+    if nd - 1 in fa and nd - 2 not in fa and nd - 2 in fb and nd - 1 not in fb:       # q @ k^T
+        q, k = L.atoms_along(a, [nd - 3, nd - 1]), L.atoms_along(b, [nd - 3, nd - 2])
+        if q is None or k is None:
+            return an.unknown(node, f"{an.describe(node)}: channels outside the head and head-width axes")
+        (qa, qc), (ka, kc) = q, k
+        if ka.shape[0] != qa.shape[0] and ka.shape[0] and qa.shape[0] % ka.shape[0] == 0:
+            ka, kc = (np.repeat(t, qa.shape[0] // ka.shape[0], 0) for t in (ka, kc))
+        if ka.shape != qa.shape or not np.array_equal(qc, kc):
+            return an.unknown(node, f"{an.describe(node)}: queries and keys with different heads or transforms")
+        an.union_arrays(qa.reshape(-1), ka.reshape(-1), 1, f"{an.describe(node)}")
+        heads = an.new_atoms(qa.shape[0])
+        an.scores[int(heads[0])] = (qa, ka)
+        return an.keep(L.simple(heads, np.zeros(len(heads), np.int64), shape, nd - 3))
+    if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) in an.scores \
+            and nd - 1 in fb and nd - 2 not in fb:                                         # p @ v
+        qa, ka = an.scores.pop(int(a.atoms[0]))
+        got = L.atoms_along(b, [nd - 3, nd - 1])
+        if got is None:
+            return an.unknown(node, f"{an.describe(node)}: channels outside the head and head-width axes")
+        va = got[0]
+        H = qa.shape[0]
+        if va.shape[0] != H and va.shape[0] and H % va.shape[0] == 0:
+            va = np.repeat(va, H // va.shape[0], 0)
+        if va.shape[0] != H or len(a.atoms) != H:
+            return an.unknown(node, f"{an.describe(node)}: unexpected head shapes")
+        an.attention.append(AttentionRecord(node.name, qa, ka, va, len({tuple(r) for r in va.tolist()}),
+                                            heads=a.atoms))
+        return an.keep(L.with_non_feature_size(b, nd - 2, shape[nd - 2]))
+    return an.unknown(node, f"{an.describe(node)}: a product of hidden values that is not attention")
+
+
+@rule(aten.softmax, aten._softmax, aten._safe_softmax, aten.log_softmax, aten._log_softmax)
+def softmax(an, node):
+    """Along an axis without channels (attention scores over tokens): commutes with permutations only."""
+    x = an.value(node.args[0])
+    if not _is_hidden(x):
+        return None
+    if node.args[1] % x.ndim in x.feature_dims():
+        return an.unknown(node, f"{an.describe(node)}: a softmax across channels")
+    an.constrain(Unit, x.atoms, x.chains)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------------
