@@ -17,7 +17,7 @@ transformers is installed, the tiny GPT-2, BERT and Llama, in float64:
 
 A model whose analysis raises is listed with the error and counts as 0% changed in the average.
 
-    python benchmarks/bench_symmetry_coverage.py [--seeds 2] [--only NAME ...] [--no-hf]
+    python benchmarks/bench_symmetry_coverage.py [--seeds 3] [--only NAME ...] [--no-hf] [--wide 256]
 """
 
 from __future__ import annotations
@@ -148,6 +148,17 @@ def measure(name: str, builder, seeds: int) -> dict:
     return row
 
 
+def wide_hf(family: str, width: int, dtype):
+    """A tiny-config transformers model at ``width`` channels (heads of width 64, at least 4), random norms."""
+    from intertwiners.model_specs import hf_tiny
+
+    model = hf_tiny(family, width=width, heads=max(4, width // 64)).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    replicas.randomize_norms(model, g)
+    replicas._randomize_rms_norms(model, g)
+    return model, torch.randint(0, model.config.vocab_size, (replicas.BATCH, replicas.TOKENS), generator=g)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3,
@@ -156,6 +167,9 @@ def main(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip the transformers models")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     p.add_argument("--reasons", action="store_true", help="print why each pinned space is pinned")
+    p.add_argument("--wide", type=int, default=0, metavar="W",
+                   help="also the permutation-only families (ConvNeXt, MLP-Mixer) and the tiny transformers at width "
+                        "W: at the replicas' widths (8-64) a random permutation leaves 1/width of the rows in place")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,6 +181,13 @@ def main(argv=None):
             builders.update({f"hf_{k}": v for k, v in replicas.HF_REPLICAS.items()})
         except ImportError:
             print("transformers is not installed: the GPT-2/BERT/Llama rows are skipped")
+    if args.wide:
+        w = args.wide
+        builders[f"convnext_w{w}"] = lambda dtype: replicas.convnext(dtype=dtype, width=w)
+        builders[f"mlp_mixer_w{w}"] = lambda dtype: replicas.mlp_mixer(dtype=dtype, width=w)
+        if not args.no_hf:
+            for fam in ("gpt2", "bert", "bert-mlm", "llama"):
+                builders[f"hf_{fam}_w{w}"] = lambda dtype, fam=fam: wide_hf(fam, w, dtype)
     if args.only:
         builders = {k: v for k, v in builders.items() if k in args.only}
 

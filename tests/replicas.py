@@ -278,22 +278,22 @@ class CNBlock(nn.Module):
 
 
 class ConvNeXt(nn.Module):
-    def __init__(self):
+    def __init__(self, dim=8):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Sequential(nn.Conv2d(3, 8, 4, 4), LayerNorm2d(8, eps=1e-6)),
-            nn.Sequential(CNBlock(8), CNBlock(8)),
-            nn.Sequential(LayerNorm2d(8, eps=1e-6), nn.Conv2d(8, 8, 2, 2)),
-            nn.Sequential(CNBlock(8)))
+            nn.Sequential(nn.Conv2d(3, dim, 4, 4), LayerNorm2d(dim, eps=1e-6)),
+            nn.Sequential(CNBlock(dim), CNBlock(dim)),
+            nn.Sequential(LayerNorm2d(dim, eps=1e-6), nn.Conv2d(dim, dim, 2, 2)),
+            nn.Sequential(CNBlock(dim)))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(LayerNorm2d(8, eps=1e-6), nn.Flatten(1), nn.Linear(8, NUM_CLASSES))
+        self.classifier = nn.Sequential(LayerNorm2d(dim, eps=1e-6), nn.Flatten(1), nn.Linear(dim, NUM_CLASSES))
 
     def forward(self, x):
         return self.classifier(self.avgpool(self.features(x)))
 
 
-def convnext(seed=0, dtype=torch.float32):
-    return _build(ConvNeXt, seed, dtype)
+def convnext(seed=0, dtype=torch.float32, width=8):
+    return _build(lambda: ConvNeXt(width), seed, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -698,8 +698,8 @@ class MlpMixer(nn.Module):
         return self.head(x)
 
 
-def mlp_mixer(seed=0, dtype=torch.float32):
-    return _build(MlpMixer, seed, dtype)
+def mlp_mixer(seed=0, dtype=torch.float32, width=16):
+    return _build(lambda: MlpMixer(width), seed, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
