@@ -64,12 +64,15 @@ def relative_error(a, b) -> float:
 
 @torch.no_grad()
 def forward(model: nn.Module, x, train: bool):
+    """Dropout off; a fixed random state, so that stochastic depth drops the same samples in both models."""
     model.train(train)
     if train:
         for m in model.modules():
             if isinstance(m, _DROPOUTS):
                 m.eval()
-    return model(x)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return model(x)
 
 
 @torch.no_grad()

@@ -390,3 +390,21 @@ def test_written_out_attention_is_an_attention_block():
         spec2, _ = check(WrittenOutAttention(**kwargs).double(), x)
         assert not any(s.kind == "attention_heads" for s in spec2.spaces.values())
         assert any(why in r for r in spec2.pinned.values()), spec2.pinned
+
+
+def test_stochastic_depth_does_not_pin_train_mode():
+    """torchvision's EfficientNet drops whole residual branches per sample in train mode (stochastic depth,
+    p = 0.2). The safety check and verify compare both models from the same random state, so the same
+    samples are dropped and nothing is pinned; the check still sees a wrong element in train mode."""
+    import replicas
+
+    model, x = replicas.efficientnet(dtype=torch.float64)
+    for m in model.modules():
+        if isinstance(m, replicas.StochasticDepth):
+            m.p = 0.2
+    spec, new = check(model, x)
+    assert not spec.pinned and len(spec.spaces) == 8
+    name = next(k for k, s in spec.spaces.items() if s.size > 8)
+    D = torch.diag(torch.linspace(-2.0, 2.0, spec.spaces[name].size, dtype=torch.float64) + 0.01)
+    bad = apply_symmetry(model, {name: D}, spec, check=False)
+    assert compare(model, bad, x, ("train",))["train"][1] > 1e-6

@@ -121,7 +121,12 @@ def _no_dropout():
 
 
 def _forward(model: nn.Module, args: tuple, train: bool):
-    with eval_mode(model, train), _no_dropout():
+    """One forward pass in eval or train mode with dropout off, from a fixed random state: random choices
+    that do not depend on channels (stochastic depth drops whole samples) are then the same for the model
+    and its transformed copy. The caller's random state is restored."""
+    cuda = sorted({a.device.index or 0 for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
+    with torch.random.fork_rng(devices=cuda), eval_mode(model, train), _no_dropout():
+        torch.manual_seed(0)
         return model(*args)
 
 
