@@ -103,11 +103,16 @@ def capture(model: nn.Module, args: tuple) -> Captured:
         raise ValueError(f"symmetry_spec: torch.export could not capture {type(model).__name__} on the example "
                          f"input: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     sig = ep.graph_signature
-    params = {}
-    for ph, name in list(sig.inputs_to_parameters.items()) + list(sig.inputs_to_buffers.items()):
-        params[ph] = name[2:] if name.startswith("m.") else name
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    # a tied parameter (GPT-2's wte and lm_head) gets its first name in the model, as named_parameters() gives it
+    first = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        first.setdefault(id(t), name)
+    params = {}
+    for ph, name in list(sig.inputs_to_parameters.items()) + list(sig.inputs_to_buffers.items()):
+        name = name[2:] if name.startswith("m.") else name
+        params[ph] = first.get(id(tensors[name]), name) if name in tensors else name
     return Captured(ep.graph, params, list(sig.user_inputs), tensors)
 
 
