@@ -39,6 +39,7 @@ import replicas  # noqa: E402
 from intertwiners._util import max_nan
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec  # noqa: E402
 from intertwiners.symmetries.engine import tensors_of
+from intertwiners.symmetries.verify import _no_dropout
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -70,7 +71,7 @@ def forward(model: nn.Module, x, train: bool):
         for m in model.modules():
             if isinstance(m, _DROPOUTS):
                 m.eval()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _no_dropout():  # also functional and attention dropout
         torch.manual_seed(0)
         return model(x)
 

@@ -748,6 +748,58 @@ def llama_tiny(seed=0, dtype=torch.float32):
     return _hf("llama", seed, dtype)
 
 
+def hf_family(name: str, seed=0, dtype=torch.float32, vocab=100):
+    """More transformers families in tiny configurations (2 layers, width 64, 4 heads), random weights and
+    norms, input 2 x 12 token ids (an image batch for ``vit``): GPT-NeoX (fused per-head qkv, partial rotary),
+    Phi (partial rotary, parallel attention and MLP), Gemma (RMSNorm gain 1 + w, scaled embeddings,
+    multi-query attention, gated tanh-GELU), GPT-Neo (written-out attention, mask by ``torch.where``),
+    OPT, DistilBERT, RoBERTa, Mistral, Qwen2 (qkv biases), ViT."""
+    import pytest
+
+    tf = pytest.importorskip("transformers")
+    c = dict(vocab_size=vocab)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40)
+    lm = dict(use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=None, **c)
+    build = {
+        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(intermediate_size=128, **common, **lm)),
+        "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(intermediate_size=128, **common, **lm)),
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(intermediate_size=128, num_key_value_heads=1, head_dim=16,
+                                                            **common, **lm)),
+        "gpt_neo": lambda: tf.GPTNeoForCausalLM(tf.GPTNeoConfig(hidden_size=64, num_layers=2, num_heads=4,
+                                                                attention_types=[[["global", "local"], 1]],
+                                                                max_position_embeddings=40, **lm)),
+        "opt": lambda: tf.OPTForCausalLM(tf.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                      ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=40,
+                                                      **lm)),
+        "distilbert": lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+            dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=40, **c)),
+        "roberta": lambda: tf.RobertaForMaskedLM(tf.RobertaConfig(intermediate_size=128, **common, **c)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(intermediate_size=128, num_key_value_heads=2,
+                                                                  **common, **lm)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(intermediate_size=128, num_key_value_heads=2,
+                                                            **common, **lm)),
+        "vit": lambda: tf.ViTForImageClassification(tf.ViTConfig(intermediate_size=128, image_size=16, patch_size=4,
+                                                                 num_labels=NUM_CLASSES, hidden_size=64,
+                                                                 num_hidden_layers=2, num_attention_heads=4)),
+    }
+    if name not in build:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(build)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build[name]()
+    g = torch.Generator().manual_seed(seed + 1)
+    randomize_norms(model, g)
+    _randomize_rms_norms(model, g)
+    model = model.to(dtype).eval()
+    if name == "vit":
+        return model, torch.randn(BATCH, 3, SIDE, SIDE, generator=g, dtype=torch.float64).to(dtype)
+    return model, torch.randint(0, vocab, (BATCH, 12), generator=g)
+
+
+HF_FAMILIES = ("gpt_neox", "phi", "gemma", "gpt_neo", "opt", "distilbert", "roberta", "mistral", "qwen2", "vit")
+"""Families built by :func:`hf_family`. Gemma, Mistral and Qwen2 compute their RMSNorm in float32 and GPT-Neo
+its attention scores, even in a float64 model: their outputs agree to ~1e-7 / ~1e-8, not 1e-15."""
+
 REPLICAS = {
     "mobilenet_v2": mobilenet_v2,
     "mobilenet_v3": mobilenet_v3,

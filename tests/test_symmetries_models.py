@@ -408,3 +408,63 @@ def test_stochastic_depth_does_not_pin_train_mode():
     D = torch.diag(torch.linspace(-2.0, 2.0, spec.spaces[name].size, dtype=torch.float64) + 0.01)
     bad = apply_symmetry(model, {name: D}, spec, check=False)
     assert compare(model, bad, x, ("train",))["train"][1] > 1e-6
+
+
+FLOAT32_INSIDE = {"gemma", "mistral", "qwen2", "gpt_neo"}  # cast to float32 inside, even in a float64 model
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "phi", "gemma", "gpt_neo", "opt", "distilbert"])
+def test_more_transformers_families(family):
+    """Fused per-head qkv with partial rotary (GPT-NeoX), partial rotary with a parallel block (Phi), a gain
+    written as 1 + w, a scalar embedding scale and multi-query attention (Gemma), a causal mask applied with
+    torch.where in written-out attention (GPT-Neo), OPT, DistilBERT: every attention block and MLP is a free
+    space, nothing is pinned, outputs unchanged."""
+    import replicas
+
+    model, ids = replicas.hf_family(family, dtype=torch.float64)
+    spec, new = check(model, (ids,), 1e-5 if family in FLOAT32_INSIDE else 1e-9)
+    assert not spec.pinned, spec.pinned
+    assert sum(s.kind == "attention_heads" for s in spec.spaces.values()) == 2
+    assert changed_share(model, new) > 0.95
+
+
+class DerivedGain(nn.Module):
+    """tanh(scale · W1 x) · (1 + w) then W2, with a scalar buffer ``scale``; ``mask``: a torch.where that
+    varies across channels (must pin) or only across samples (channels pass)."""
+
+    def __init__(self, mask=None):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.w = nn.Parameter(torch.randn(6))
+        self.register_buffer("scale", torch.tensor(3.0))
+        self.mask = mask
+
+    def forward(self, x):
+        h = torch.tanh(self.lin1(x) * self.scale) * (1 + self.w)
+        if self.mask == "channels":
+            h = torch.where(torch.arange(6) % 2 == 0, h, 0.5)
+        elif self.mask == "samples":
+            h = torch.where(x[:, :1] > 0, h, 0.5)
+        return self.lin2(h)
+
+
+def test_derived_parameters_scalar_buffers_and_where():
+    """A gain written 1 + w is permuted through w; a scalar buffer factor commutes with the space; a
+    torch.where whose mask is the same for every channel keeps the channels (permutations), one that differs
+    across channels pins them."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for mask, kind in ((None, "signed_permutation"), ("samples", "permutation")):
+        model = DerivedGain(mask).double()
+        spec, new = check(model, x)
+        (space,) = spec.spaces.values()
+        assert space.kind == kind and ("w", None, "scale") in {(a.param, a.dim, a.role) for a in spec.actions()}
+        assert not torch.equal(new.w, model.w) and torch.equal(torch.sort(new.w).values, torch.sort(model.w).values)
+    model = DerivedGain().double()
+    spec = symmetry_spec(model, x)
+    (name,) = spec.spaces  # ":tanh", the site name of a functional tanh in the root module
+    bad = apply_symmetry(model, {name: torch.diag(torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0, 1.0],
+                                                                dtype=torch.float64))}, spec, check=False)
+    assert compare(model, bad, x, ("eval",))["eval"][1] > 1e-6
+    spec = symmetry_spec(DerivedGain("channels").double(), x)
+    assert not spec.spaces and any("varies across channels" in r for r in spec.pinned.values())

@@ -37,6 +37,15 @@ class ParamRef:
     shape: tuple
 
 
+@dataclass(frozen=True)
+class DerivedParam:
+    """An elementwise function of one parameter with constants (Gemma's RMSNorm gain ``1 + w``). Only a
+    per-channel product may use it (it permutes ``name``, and permuting w permutes f(w)); every other rule
+    sees an untransformed tensor."""
+    name: str
+    shape: tuple
+
+
 @dataclass
 class Binding:
     """How one parameter moves: along ``dim`` (None: the flattened tensor) in ``role``.
@@ -344,4 +353,5 @@ def fixed_layout_like(lay: Layout) -> Layout:
 
 
 __all__ = ["FIXED", "NON_TENSOR", "ZERO", "Analysis", "AttentionRecord", "Binding", "Captured", "Constraint",
+           "DerivedParam",
            "ParamRef", "capture", "field", "owner", "shape_of", "tensors_of"]

@@ -255,7 +255,8 @@ class Resolver:
         return None, spaces
 
     # -- output ---------------------------------------------------------------------------------------------
-    def segments(self, atoms: np.ndarray, chains: np.ndarray, active: dict[int, str]) -> list[Segment] | str:
+    def segments(self, atoms: np.ndarray, chains: np.ndarray, active: dict[int, str],
+                 splittable: set | frozenset = frozenset()) -> list[Segment] | str:
         cls = self.classes(atoms)
         eff = self.eff_chains(atoms, chains)
         out = []
@@ -271,11 +272,14 @@ class Resolver:
                 sel = eff[ps] == cid
                 sub_idx = idx[sel]
                 u2, c2 = np.unique(sub_idx, return_counts=True)
-                if len(set(c2.tolist())) != 1:
+                if len(set(c2.tolist())) != 1 and s not in splittable:
                     return f"space {active[s]} occurs unevenly in one tensor axis"
-                o2 = np.lexsort((ps[sel], sub_idx))
-                out.append(Segment(active[s], u2, ps[sel][o2].reshape(len(u2), int(c2[0])),
-                                   self.an.chains[int(cid)]))
+                for count in np.unique(c2).tolist():   # e.g. a fused qkv axis: coarse q/k rows, single v rows
+                    part = u2[c2 == count]
+                    m2 = np.isin(sub_idx, part)
+                    o2 = np.lexsort((ps[sel][m2], sub_idx[m2]))
+                    out.append(Segment(active[s], part, ps[sel][m2][o2].reshape(len(part), int(count)),
+                                       self.an.chains[int(cid)]))
         return out
 
 

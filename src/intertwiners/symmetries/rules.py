@@ -23,7 +23,7 @@ from ..activations import ACTIVATION_MODULES
 from . import layout as L
 from . import side
 from .constraints import ONE, Activation, ConstantAdd, Monomial, PositiveScales, Signed, Unit
-from .engine import NON_TENSOR, Analysis, AttentionRecord, Binding, ParamRef, owner, shape_of
+from .engine import NON_TENSOR, Analysis, AttentionRecord, Binding, DerivedParam, ParamRef, owner, shape_of
 from .layout import FIXED, ZERO, Layout
 
 aten = torch.ops.aten
@@ -39,6 +39,9 @@ def rule(*ops):
 
 
 def dispatch(an: Analysis, node: fx.Node):
+    derived = derived_param(an, node)  # before regions: ``1 + w.float()`` is a function of a parameter
+    if derived is not None:
+        return derived
     if node in an.regions:
         return region_rule(an, node)
     target = node.target
@@ -50,6 +53,23 @@ def dispatch(an: Analysis, node: fx.Node):
             return None if shape_of(node) is not None else NON_TENSOR
         return an.unknown(node)
     return fn(an, node)
+
+
+def derived_param(an: Analysis, node: fx.Node) -> DerivedParam | None:
+    """``f(w)`` for an elementwise operation on one parameter (or derived parameter) with scalar operands
+    and the parameter's shape (``1 + w``, ``exp(w)``); None for anything else."""
+    p = getattr(node.target, "overloadpacket", None)
+    if p not in _UNARY and p not in _BINARY:
+        return None
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if len(tensors) != 1 or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+        return None
+    w = an.value(tensors[0])
+    if not isinstance(w, ParamRef | DerivedParam) or shape_of(node) != tuple(w.shape):
+        return None
+    if any(not (_scalar(a) or a is None or isinstance(a, str | bool)) for a in node.args if a is not tensors[0]):
+        return None
+    return DerivedParam(w.name, tuple(w.shape))
 
 
 def _arg(node: fx.Node, i: int, name: str, default=None):
@@ -703,7 +723,9 @@ def mul(an, node):
     out = x if x.shape == tuple(shape) else _broadcast(x, shape)
     if isinstance(other, int | float):
         return x if other != 0 else an.unknown(node, "multiplication by zero")
-    if isinstance(other, ParamRef):
+    if isinstance(other, ParamRef | DerivedParam) and _constant_along_channels(an, other_node, x, shape):
+        return an.keep(out)  # a scalar (or per-token) parameter/buffer: commutes with any linear map
+    if isinstance(other, ParamRef | DerivedParam):
         got = param_atoms(x, other, shape)
         if got is None or div:
             return an.unknown(node, f"{an.describe(node)} multiplies by a parameter that is not per-channel")
@@ -735,8 +757,12 @@ def coarsen(an, x: Layout, other_node, shape) -> Layout | None:
             if len(facs) != 1:
                 return None
             varying.add(facs[0])
-    if not varying or len(varying) == len(x.fsizes):
+    if not varying:
         return None
+    if len(varying) == len(x.fsizes):   # c varies along every channel: only a scalar multiple of I commutes
+        an.union_arrays(x.atoms, np.full_like(x.atoms, x.atoms[0]), 0,
+                        f"{an.describe(other_node)} (channels tied by a factor that varies along all of them)")
+        return x
     A = x.atoms.reshape(x.fsizes)
     idx = tuple(slice(0, 1) if f in varying else slice(None) for f in range(len(x.fsizes)))
     base = np.broadcast_to(A[idx], A.shape)
@@ -766,6 +792,24 @@ def gate(an, node, a: Layout, b: Layout, shape):
                                              np.where(x.atoms >= 0, x.atoms, g.atoms))))
 
 
+@rule(aten.where)
+def where(an, node):
+    """where(mask, x, c) with a mask and a value c that are the same for every channel (a causal mask written
+    with ``torch.where``): channels pass; c is not scaled, so permutations only."""
+    if len(node.args) != 3:
+        return an.unknown(node)
+    cond, a, b = (an.value(v) for v in node.args)
+    shape = shape_of(node)
+    if _is_hidden(cond) or (_is_hidden(a) == _is_hidden(b)) or shape is None:
+        return an.unknown(node, f"{an.describe(node)}: a selection between values with channels")
+    x, other = (a, node.args[2]) if _is_hidden(a) else (b, node.args[1])
+    for arg in (node.args[0], other):
+        if isinstance(arg, fx.Node) and not _constant_along_channels(an, arg, x, shape):
+            return an.unknown(node, f"{an.describe(node)}: a mask or value that varies across channels")
+    an.constrain(Unit, x.atoms, x.chains)
+    return an.keep(x if x.shape == tuple(shape) else _broadcast(x, shape))
+
+
 @rule(aten.neg)
 def neg(an, node):
     x = an.value(node.args[0])
@@ -775,6 +819,15 @@ def neg(an, node):
 # ---------------------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------------------
+
+def _whole_heads(an, node, table: np.ndarray) -> None:
+    """Partial rotary embeddings (GPT-NeoX, Phi) tie the rotated channels of a head but not the others: tie
+    the whole head then (one scalar per head on queries/keys, a subgroup of the true blockdiag(c·I, GL))."""
+    for row in table:
+        row = row[row >= 0]
+        if len(row) > 1 and 1 < len({an.find(int(a))[0] for a in row}) < len(row):
+            an.union_arrays(row, np.full_like(row, row[0]), 0, f"{an.describe(node)} (partially rotated head)")
+
 
 @rule(aten.scaled_dot_product_attention)
 def attention(an, node):
@@ -802,6 +855,8 @@ def attention(an, node):
             return an.unknown(node, f"{an.describe(node)}: channels outside the head and head-width axes")
         tables.append(got)
     (qa, qc), (ka, kc), (va, vc) = tables
+    _whole_heads(an, node, qa)
+    _whole_heads(an, node, ka)
     H = qa.shape[0]
     if node.kwargs.get("enable_gqa", False) and ka.shape[0] != H:
         rep = H // ka.shape[0]
@@ -839,6 +894,8 @@ def attention_product(an, node, a: Layout, b: Layout):
         if q is None or k is None:
             return an.unknown(node, f"{an.describe(node)}: channels outside the head and head-width axes")
         (qa, qc), (ka, kc) = q, k
+        _whole_heads(an, node, qa)
+        _whole_heads(an, node, ka)
         if ka.shape[0] != qa.shape[0] and ka.shape[0] and qa.shape[0] % ka.shape[0] == 0:
             ka, kc = (np.repeat(t, qa.shape[0] // ka.shape[0], 0) for t in (ka, kc))
         if ka.shape != qa.shape or not np.array_equal(qc, kc):

@@ -164,9 +164,13 @@ def build(an: Analysis, model_type: str) -> SymmetrySpec:
         active[sid] = names[sid]
         result[names[sid]] = Space(names[sid], len(sp["classes"]), group, sp["sites"], [], [], sp["ties"])
     actions = []
+    # spaces whose coordinates may occur with different multiplicities in one axis: monomial elements act
+    # coordinate by coordinate, attention elements block by block
+    splittable = {sid for sid, name in active.items()
+                  if result[name].group.is_monomial or result[name].group.kind == "attention_heads"}
     for b in an.bindings:
-        segs = res.segments(b.atoms, b.chains, active)
-        in_segs = res.segments(b.in_atoms, b.in_chains, active) if b.in_atoms is not None else None
+        segs = res.segments(b.atoms, b.chains, active, splittable)
+        in_segs = res.segments(b.in_atoms, b.in_chains, active, splittable) if b.in_atoms is not None else None
         for bad in (segs, in_segs):
             if isinstance(bad, str):
                 raise ValueError(bad)  # pragma: no cover - the resolver keeps segments even
