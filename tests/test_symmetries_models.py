@@ -55,6 +55,7 @@ def test_transformers_residual_stream_mlps_and_attention(kind):
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
     tol = 1e-5 if kind.startswith("llama") else 1e-9  # Llama's RMSNorm computes in float32 in a float64 model
     spec, new = check(model, (ids,), tol)
+    assert spec.lower_precision_inside == kind.startswith("llama")  # LlamaRMSNorm casts to float32
     kinds = [s.kind for s in spec.spaces.values()]
     assert kinds.count("attention_heads") == 2
     assert sum(1 for s in spec.spaces.values() if s.sites) >= 2      # the MLP hidden layers
