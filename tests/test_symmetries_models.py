@@ -469,3 +469,20 @@ def test_derived_parameters_scalar_buffers_and_where():
     assert compare(model, bad, x, ("eval",))["eval"][1] > 1e-6
     spec = symmetry_spec(DerivedGain("channels").double(), x)
     assert not spec.spaces and any("varies across channels" in r for r in spec.pinned.values())
+
+
+def test_keyword_inputs_with_a_padding_mask():
+    """A dict of keyword inputs (a tokenizer's output: input_ids and an attention_mask with padding) works
+    for the spec, the safety check and verification; a non-tensor entry is a ValueError."""
+    from intertwiners.symmetries import verify_symmetry
+
+    model = _hf("bert").double().eval()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    spec, new = check(model, inputs)
+    assert not spec.pinned and sum(s.kind == "attention_heads" for s in spec.spaces.values()) == 2
+    assert verify_symmetry(model, inputs, spec, trials=1, per_space=False).max_rel <= 1e-9
+    with pytest.raises(ValueError, match="dict of tensors"):
+        symmetry_spec(model, {"input_ids": ids, "attention_mask": [1, 1]})

@@ -74,13 +74,31 @@ class AttentionRecord:
     heads: np.ndarray | None = None  # (H,) atoms of the head axis of written-out scores (softmax(q k^T) v)
 
 
+def call_model(model: nn.Module, inputs):
+    """``model(*inputs)`` for a tuple, ``model(**inputs)`` for a dict of keyword inputs (a tokenizer's output)."""
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def map_inputs(inputs, fn):
+    """``fn`` applied to every tensor of a tuple or dict of inputs (same container type)."""
+    if isinstance(inputs, dict):
+        return {k: fn(v) for k, v in inputs.items()}
+    return tuple(fn(a) for a in inputs)
+
+
+def input_tensors(inputs) -> list:
+    return list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+
+
 class _Wrap(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, keys=None):
         super().__init__()
         self.m = model
+        self.keys = keys
 
     def forward(self, *args):
-        return tuple(tensors_of(self.m(*args)))
+        out = self.m(*args) if self.keys is None else self.m(**dict(zip(self.keys, args)))
+        return tuple(tensors_of(out))
 
 
 def tensors_of(y) -> list[torch.Tensor]:
@@ -104,10 +122,10 @@ class Captured:
 
 def capture(model: nn.Module, args: tuple) -> Captured:
     """Export ``model`` (eval mode, non-strict) on ``args``; ValueError with the exporter's reason on failure."""
-    wrapper = _Wrap(model)
+    wrapper = _Wrap(model, list(args) if isinstance(args, dict) else None)
     try:
         with torch.no_grad(), eval_mode(model):
-            ep = torch.export.export(wrapper, args, strict=False)
+            ep = torch.export.export(wrapper, tuple(input_tensors(args)), strict=False)
     except Exception as err:
         raise ValueError(f"symmetry_spec: torch.export could not capture {type(model).__name__} on the example "
                          f"input: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
@@ -353,5 +371,5 @@ def fixed_layout_like(lay: Layout) -> Layout:
 
 
 __all__ = ["FIXED", "NON_TENSOR", "ZERO", "Analysis", "AttentionRecord", "Binding", "Captured", "Constraint",
-           "DerivedParam",
+           "DerivedParam", "call_model", "input_tensors", "map_inputs",
            "ParamRef", "capture", "field", "owner", "shape_of", "tensors_of"]

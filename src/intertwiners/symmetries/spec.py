@@ -13,13 +13,14 @@ that fails is pinned too: a misjudged operation may cost a symmetry, never give 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .. import groups as G
-from .engine import Analysis, capture
+from .engine import Analysis, capture, map_inputs
 from .resolve import ParamAction, Resolver, Segment, choose
 
 
@@ -88,24 +89,35 @@ class SymmetrySpec:
         return self.summary()
 
 
-def _as_args(model: nn.Module, example_input) -> tuple:
+def _as_args(model: nn.Module, example_input) -> tuple | dict:
+    """The example input as positional inputs (a tuple) or keyword inputs (a dict, e.g. a tokenizer's output
+    with ``input_ids`` and ``attention_mask``), on the model's device, floating inputs in its dtype."""
     if isinstance(example_input, torch.Tensor):
         args = (example_input,)
     elif isinstance(example_input, tuple | list):
         args = tuple(example_input)
+    elif isinstance(example_input, Mapping):
+        args = {str(k): v for k, v in example_input.items()}
     else:
         from .._util import as_tensor
         args = (as_tensor(example_input, name="example_input"),)
     p = next(iter(model.parameters()), None)
-    out = []
-    for a in args:
+
+    def prepare(a):
         if not isinstance(a, torch.Tensor):
-            raise ValueError(f"example_input must be a tensor or a tuple of tensors, got {type(a).__name__}")
+            raise ValueError("example_input must be a tensor, a tuple of tensors or a dict of tensors, got "
+                             f"{type(a).__name__} inside")
         if not torch.isfinite(a).all() if a.is_floating_point() else False:
             raise ValueError("example_input has non-finite entries")
         if p is not None:
             a = a.to(device=p.device, dtype=p.dtype if a.is_floating_point() else a.dtype)
-        out.append(a)
+        return a
+
+    if not args:
+        raise ValueError("example_input is empty")
+    out = map_inputs(args, prepare)
+    if isinstance(out, dict):
+        return out
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)), None)
     if first_conv is not None and out and out[0].is_floating_point():
         want = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first_conv)] if type(first_conv) in (

@@ -18,7 +18,7 @@ from torch import nn
 from .._util import max_nan
 from ..features import eval_mode
 from .apply import apply_symmetry, random_symmetry
-from .engine import tensors_of
+from .engine import call_model, input_tensors, map_inputs, tensors_of
 from .spec import SymmetrySpec, _as_args, drop_space, symmetry_spec
 
 ALL = "<all spaces>"
@@ -120,14 +120,14 @@ def _no_dropout():
         F.dropout, F.scaled_dot_product_attention = orig_dropout, orig_sdpa
 
 
-def _forward(model: nn.Module, args: tuple, train: bool):
+def _forward(model: nn.Module, args: tuple | dict, train: bool):
     """One forward pass in eval or train mode with dropout off, from a fixed random state: random choices
     that do not depend on channels (stochastic depth drops whole samples) are then the same for the model
     and its transformed copy. The caller's random state is restored."""
-    cuda = sorted({a.device.index or 0 for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
+    cuda = sorted({a.device.index or 0 for a in input_tensors(args) if isinstance(a, torch.Tensor) and a.is_cuda})
     with torch.random.fork_rng(devices=cuda), eval_mode(model, train), _no_dropout():
         torch.manual_seed(0)
-        return model(*args)
+        return call_model(model, args)
 
 
 def _has_running_stats(model: nn.Module) -> bool:
@@ -137,7 +137,7 @@ def _has_running_stats(model: nn.Module) -> bool:
 @torch.no_grad()
 def compare(model: nn.Module, new: nn.Module, x, modes=("eval", "train")) -> dict[str, tuple]:
     """{mode: (max_abs, max_rel)} between ``model`` and ``new`` on ``x`` (tensor or tuple); neither is modified."""
-    args = x if isinstance(x, tuple) else (x,)
+    args = x if isinstance(x, tuple | dict) else (x,)
     out = {}
     for mode in modes:
         if mode == "eval":
@@ -177,7 +177,7 @@ def verify_symmetry(model: nn.Module, example_input, spec: SymmetrySpec | None =
     if spec is None:
         spec = symmetry_spec(model, args)
     p = next(iter(model.parameters()), None)
-    report = VerifyReport(dtype=str(p.dtype if p is not None else args[0].dtype).replace("torch.", ""),
+    report = VerifyReport(dtype=str(p.dtype if p is not None else input_tensors(args)[0].dtype).replace("torch.", ""),
                           pinned=dict(spec.pinned))
     targets = ([(name, [name]) for name in spec.spaces] if per_space else []) + \
         ([(ALL, list(spec.spaces))] if spec.spaces else [])
@@ -208,7 +208,7 @@ def safety_check(model: nn.Module, args: tuple, spec: SymmetrySpec, generator: t
     floating = [p for p in model.parameters() if p.is_floating_point()]
     if floating and floating[0].dtype != torch.float64 and numel <= _CHECK_DOUBLE_LIMIT:
         work = copy.deepcopy(model).double()
-        args = tuple(a.double() if a.is_floating_point() else a for a in args)
+        args = map_inputs(args, lambda a: a.double() if a.is_floating_point() else a)
     else:
         work = model
         rtol = rtol if floating and floating[0].dtype == torch.float64 else 1e-3
