@@ -380,3 +380,26 @@ def test_dense_and_monomial_elements_agree():
     a = apply_symmetry(model, el, spec)
     b = apply_symmetry(model, {k: monomial_matrix(*v) for k, v in el.items()}, spec)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_safety_check_on_a_few_samples_of_a_large_batch():
+    """The safety check runs on the first 8 samples of a larger example batch (same spaces as on the whole
+    batch); a model that only runs on its full batch size is checked on the whole batch."""
+    from intertwiners.symmetries.verify import _first_samples
+
+    class FixedBatch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x.reshape(32, 4))))
+
+    x = torch.randn(32, 4, dtype=torch.float64)
+    mlp = models.mlp(4, (6,), 2).double()
+    assert _first_samples(mlp, (x,), 8)[0].shape == (8, 4)
+    assert _first_samples(FixedBatch().double(), (x,), 8)[0].shape == (32, 4)
+    assert _first_samples(mlp, {"x": x, "y": x[:5]}, 8)["x"].shape == (32, 4)   # no common batch axis
+    assert list(symmetry_spec(mlp, x).spaces) == list(symmetry_spec(mlp, x[:8]).spaces)
+    spec = symmetry_spec(FixedBatch().double(), x)
+    assert spec.spaces and not spec.pinned
