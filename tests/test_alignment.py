@@ -141,6 +141,67 @@ def test_planted_through_public_align_both_methods():
         assert torch.allclose(r.model(x), moved(x), rtol=0, atol=1e-12)  # B's function, unchanged
 
 
+@pytest.mark.parametrize("build", [lambda: models.mlp(5, hidden=(6, 4)),
+                                   lambda: models.resnet20(shortcut="B", in_channels=1, widths=(4, 8, 16))])
+def test_weight_matching_scores_kept_up_to_date_equal_scores_from_scratch(build):
+    """The descent corrects each space's scores by the cross-products of the slices a permutation moved; after
+    any sequence of permutations they equal the scores computed from scratch (the slow reference)."""
+    from intertwiners.alignment.weight_matching import _Scores
+
+    torch.manual_seed(16)
+    a, b = build().double().eval(), build().double().eval()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64) if isinstance(a, models.ResNet) else torch.randn(4, 5)
+    spec = symmetry_spec(b, x.double())
+    actions = probe_parameters(b, spec)
+    pa = {k: p.detach() for k, p in a.named_parameters()}
+    pb = {k: p.detach() for k, p in b.named_parameters()}
+    perms = {n: torch.arange(act.size) for n, act in actions.items()}
+    kept = _Scores(pa, pb, actions, perms)
+    for name in actions:
+        kept.score(name)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3 * len(actions)):
+        name = list(actions)[step % len(actions)]
+        perm = perms[name].clone()
+        idx = torch.randperm(len(perm), generator=gen)[:2]  # a transposition, or a random permutation
+        perm[idx] = perm[idx.flip(0)]
+        kept.set(name, perm if step % 2 else torch.randperm(len(perm), generator=gen))
+    fresh = _Scores(pa, pb, actions, dict(perms))
+    for name, act in actions.items():
+        assert torch.allclose(kept.score(name), fresh.partial(act.slots), rtol=1e-10, atol=1e-10), name
+
+
+def test_unchecked_spec_falls_back_to_the_checked_one(monkeypatch):
+    """align traces without the spec's safety check and checks the aligned model instead; when that check
+    fails it traces again with the safety check and aligns again (here the first check is forced to fail)."""
+    import sys
+
+    import intertwiners.symmetries as symmetries
+
+    align_module = sys.modules["intertwiners.alignment.align"]  # the package's ``align`` is the function
+
+    torch.manual_seed(17)
+    x = torch.randn(256, 5, dtype=torch.float64)
+    model = ready(models.mlp(5, hidden=(6, 4)), x)
+    spec = it.symmetry_spec(model, x[:2])
+    moved = it.apply_symmetry(model, it.random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    checks = []
+    real_spec, real_same = symmetries.symmetry_spec, align_module.same_function
+
+    def spy_spec(*args, **kwargs):
+        checks.append(kwargs.get("check"))
+        return real_spec(*args, **kwargs)
+
+    monkeypatch.setattr(symmetries, "symmetry_spec", spy_spec)
+    monkeypatch.setattr(align_module, "same_function", lambda *args: len(checks) > 1 and real_same(*args))
+    r = it.align(model, moved, x, method="weights")
+    assert checks == [False, True]
+    assert relerr(model, r.model) <= 1e-6
+    assert real_same(moved, r.model, x[:8])
+    other = models.mlp(5, hidden=(6, 4)).double().eval()
+    assert not real_same(moved, other, x[:8])  # the check is not vacuous
+
+
 def test_permutations_alone_cannot_undo_scalings():
     """The non-invariance side: with planted positive scalings, the permutation-only alignment leaves a
     large parameter error, and not aligning at all leaves a larger one."""

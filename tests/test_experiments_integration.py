@@ -19,7 +19,8 @@ TINY = Scale(
     resnet_epochs=1, resnet_widths=(4, 4, 8), slopes=(0.0,), slope_sites=("layer1.1.relu2",), slope_kinds=("grelu",),
     dissection_models=("resnet",), dissection_alphas=(0.0, 1.0), dissection_images=40, dissection_steps=4)
 
-KINDS = {"zoo", "stitch", "rotation_penalty", "procrustes", "cka", "dissection_model", "dissection"}
+KINDS = {"zoo", "stitch", "rotation_penalty", "procrustes", "cka", "dissection_model", "dissection",
+         "alignment_barrier"}
 
 
 def test_every_experiment_runs_on_a_tiny_plan(tmp_path):
@@ -44,6 +45,6 @@ def test_every_experiment_runs_on_a_tiny_plan(tmp_path):
     assert rows["dissection"].result["rows"] and "penalty" in rows["rotation_penalty"].result
     text = write_report(tmp_path).read_text()
     for name in ("fig1_stitching", "fig4_rotation_penalty", "d3_leaky_relu", "table2_procrustes", "fig5_cka",
-                 "fig2_cka", "fig3_dissection"):
+                 "fig2_cka", "fig3_dissection", "ext_alignment_barriers"):
         assert (tmp_path / "figures" / f"{name}.png").is_file() and f"figures/{name}.png" in text, name
     assert "not run" not in text

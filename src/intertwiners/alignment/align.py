@@ -3,7 +3,10 @@
 The two models must have the same class, modules and parameter shapes (ValueError naming the difference
 otherwise); B is traced (:func:`~intertwiners.symmetry_spec`), and its spec holds for A too. The element
 found for each space is applied to B with :func:`~intertwiners.apply_symmetry`, so the aligned model
-computes B's function (to rounding) with weights as close to A's as the method finds.
+computes B's function (to rounding) with weights as close to A's as the method finds. The spec is traced
+without its per-space safety check (seconds on a large model); the aligned model's outputs are compared
+with B's on ``example_input`` instead, and only if they differ is the spec traced again with the check
+(which pins any space that is not a symmetry) and the alignment redone.
 
 * ``method="activations"``: features at every space's sites, streamed over ``data``
   (:mod:`.activation_matching`);
@@ -116,6 +119,25 @@ def check_runs(model: nn.Module, x, what: str = "data") -> None:
         raise ValueError(f"{what} of shape {tuple(x.shape)} does not fit the model: {err}") from err
 
 
+def same_function(model: nn.Module, moved: nn.Module, example_input) -> bool:
+    """True when ``moved`` computes ``model``'s outputs on ``example_input`` (eval mode, and train mode where
+    the model has batch statistics) to rounding: relative 1e-8 in float64, 1e-3 otherwise (the tolerances
+    of the spec's safety check)."""
+    from ..symmetries.verify import compare
+
+    p = next(iter(model.parameters()), None)
+    x = example_input
+    if p is not None and x.is_floating_point():
+        x = x.to(device=p.device, dtype=p.dtype)
+    rtol = 1e-8 if p is not None and p.dtype == torch.float64 else 1e-3
+    modes = ("eval", "train") if any(getattr(m, "track_running_stats", False) for m in model.modules()) else ("eval",)
+    try:
+        errs = compare(model, moved, x, modes)
+    except Exception:  # noqa: BLE001 - a model that cannot run in a mode: the checked spec decides
+        return False
+    return all(e[1] <= rtol for e in errs.values())
+
+
 def _as_element(el, dense: bool):
     if isinstance(el, tuple):
         return G.monomial_matrix(*el) if dense else el
@@ -200,24 +222,30 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
     if data is not None:
         check_runs(model_a, first_batch(data, batch_size), "data")
     check_same_structure(model_a, model_b)
-    spec_b = symmetry_spec(model_b, example_input)
-    names = list(spec_b.spaces) if spaces is None else list(spaces)
-    unknown = [n for n in names if n not in spec_b.spaces]
-    if unknown:
-        raise ValueError(f"unknown spaces {unknown}; the models' spaces are {list(spec_b.spaces)}")
-    skipped = {n: f"its group ({spec_b.spaces[n].group.kind}) is not an intertwiner group of an activation; "
-                  "left at the identity" for n in names if spec_b.spaces[n].group.kind not in G.KINDS}
-    names = [n for n in names if n not in skipped]
-    scaling = group == "full"
-    sweeps = 0
-    if method == "activations":
-        actions = probe_sites(model_b, spec_b, example_input, names)
-        with few_threads(threads):
-            found = align_activations(model_a, model_b, spec_b, actions, data, scaling, batch_size)
-    else:
-        actions = probe_parameters(model_b, spec_b, names)
-        with few_threads(threads):
-            found, sweeps = align_weights(model_a, model_b, spec_b, actions, scaling, max_sweeps)
+    for checked in (False, True):
+        # the spec is traced without its per-space safety check; the aligned model is checked instead (below),
+        # and only if that fails is the spec traced again with the check (which pins spaces that are not
+        # symmetries) and the alignment redone
+        spec_b = symmetry_spec(model_b, example_input, check=checked)
+        names = list(spec_b.spaces) if spaces is None else list(spaces)
+        unknown = [n for n in names if n not in spec_b.spaces]
+        if unknown:
+            raise ValueError(f"unknown spaces {unknown}; the models' spaces are {list(spec_b.spaces)}")
+        skipped = {n: f"its group ({spec_b.spaces[n].group.kind}) is not an intertwiner group of an activation; "
+                      "left at the identity" for n in names if spec_b.spaces[n].group.kind not in G.KINDS}
+        names = [n for n in names if n not in skipped]
+        scaling = group == "full"
+        sweeps = 0
+        if method == "activations":
+            actions = probe_sites(model_b, spec_b, example_input, names)
+            with few_threads(threads):
+                found = align_activations(model_a, model_b, spec_b, actions, data, scaling, batch_size)
+        else:
+            actions = probe_parameters(model_b, spec_b, names)
+            with few_threads(threads):
+                found, sweeps = align_weights(model_a, model_b, spec_b, actions, scaling, max_sweeps)
+        moved = apply_symmetry(model_b, found, spec_b)
+        if checked or same_function(model_b, moved, example_input):
+            break
     elements = {n: _as_element(el, not monomial) for n, el in found.items()}
-    moved = apply_symmetry(model_b, found, spec_b)
     return AlignResult(elements, moved, method, group, spec_b, time.perf_counter() - start, sweeps, skipped)

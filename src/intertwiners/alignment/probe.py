@@ -323,7 +323,7 @@ def _probe_group(prober: _Prober, spaces: dict, owner: Callable[[str, list[str]]
     for name in names:
         for key, t1 in shifted[name].items():
             for axis in range(t1.ndim):
-                if axis not in skip_axes and t1.shape[axis] > 1:
+                if axis not in skip_axes and t1.shape[axis] >= max(sizes[name], 2):  # n indices need n slices
                     moves = moved_slices(prober.base[key], t1, axis, prober.base_fingerprints(key, axis))
                     if moves:
                         cycles[name][(key, axis)] = moves
@@ -425,7 +425,7 @@ def probe_parameters(model: nn.Module, spec, names: list[str] | None = None, see
     params = dict(probe.named_parameters())
 
     def read(keys):
-        return params if keys is None else {k: params[k] for k in keys if k in params}
+        return params if keys is None else {k: v for k, v in params.items() if k in keys}  # model order
 
     out = {}
     with few_threads():

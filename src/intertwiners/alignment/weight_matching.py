@@ -38,18 +38,90 @@ def _slots_by_key(actions: dict[str, SpaceAction]) -> dict[str, list[tuple[str, 
     return out
 
 
-def _score(slots: list[Slot], rows_a: dict, params_b: dict, by_key: dict, perms: dict) -> torch.Tensor:
-    """score[j, k] = sum over the slots of <B's slice j (other axes permuted), A's slice k>; ``rows_a`` holds
-    A's slices per slot (``slot_rows``), computed once."""
-    n = slots[0].positions.shape[0]
-    score = torch.zeros(n, n, dtype=torch.float64)
-    for slot in slots:
-        tb = params_b[slot.key]
-        for other_name, other in by_key[slot.key]:
-            if other is not slot:
-                tb = permute_slot(tb, other, perms[other_name])
-        score += (slot_rows(tb, slot) @ rows_a[id(slot)].T).double().cpu()
-    return score
+def _positions(slot: Slot, idx: torch.Tensor, device) -> torch.Tensor:
+    """The tensor positions along the slot's axis of the space's indices ``idx`` (each index's r repeats)."""
+    return torch.as_tensor(slot.positions[idx.numpy()].reshape(-1), device=device)
+
+
+class _Scores:
+    """The assignment scores of one coordinate descent, kept up to date as permutations change.
+
+    ``score(name)`` is the float64 (n, n) sum over the space's slots of the cross-products
+    ``C_s = slot_rows(T_s, s) @ slot_rows(A, s)^T``, where T_s is B with the slots on the tensor's other axes
+    permuted by their spaces' current permutations. It is computed in full once; afterwards, when a space's
+    permutation changes on the indices that moved, only the slices of those indices change in each T_s, so
+    every other space's score is corrected by the cross-product of the changed slices alone
+    (``(rows(T_new) - rows(T_old)) @ rows(A)^T`` restricted to them): late sweeps, in which few indices move,
+    cost a small fraction of a full pass. A space whose score has not changed since it was last solved keeps
+    its permutation without a new assignment (the Hungarian solution of the same scores).
+    """
+
+    def __init__(self, params_a: dict, params_b: dict, actions: dict[str, SpaceAction], perms: dict):
+        self.a, self.b, self.actions, self.perms = params_a, params_b, actions, perms
+        self.by_key = _slots_by_key(actions)
+        self.scores: dict[str, torch.Tensor] = {}
+        self.stale: set[str] = set()  # spaces whose scores changed since they were last solved
+
+    def contribution(self, slot: Slot) -> torch.Tensor:
+        """C_s (n, n) in the parameters' dtype, from scratch."""
+        tb = self.b[slot.key]
+        for name, other in self.by_key[slot.key]:
+            if other is not slot and other.axis != slot.axis:  # slots on the same axis never touch slot's slices
+                tb = permute_slot(tb, other, self.perms[name])
+        return slot_rows(tb, slot) @ slot_rows(self.a[slot.key], slot).T
+
+    def partial(self, slots: list[Slot]) -> torch.Tensor:
+        """The sum of C_s over some of a space's slots (the greedy start), from scratch."""
+        n = slots[0].positions.shape[0]
+        score = torch.zeros(n, n, dtype=torch.float64)
+        for slot in slots:
+            score += self.contribution(slot).cpu()
+        return score
+
+    def score(self, name: str) -> torch.Tensor:
+        if name not in self.scores:
+            self.scores[name] = self.partial(self.actions[name].slots)
+            self.stale.add(name)
+        return self.scores[name]
+
+    def solve(self, name: str) -> bool:
+        """Re-solve one space's assignment (if its scores changed); True when its permutation changed."""
+        if name in self.scores and name not in self.stale:
+            return False
+        perm = hungarian_permutation(self.score(name))
+        self.stale.discard(name)
+        return self.set(name, perm)
+
+    def set(self, name: str, perm: torch.Tensor) -> bool:
+        """Set a space's permutation and correct the scores it enters; True when it changed."""
+        old = self.perms[name]
+        if torch.equal(perm, old):
+            return False
+        moved = old[torch.nonzero(old != perm).flatten()]  # positions m whose source index changed
+        src_old, src_new = torch.argsort(old)[moved], torch.argsort(perm)[moved]
+        switched: set[int] = set()  # this space's slots already at the new permutation
+        for o in self.actions[name].slots:
+            for sname, s in self.by_key[o.key]:
+                if s is o or s.axis == o.axis or sname not in self.scores:
+                    continue
+                tb, ta = self.b[o.key], self.a[o.key]
+                t_old = tb.index_select(o.axis, _positions(o, src_old, tb.device))
+                t_new = tb.index_select(o.axis, _positions(o, src_new, tb.device))
+                for oname, other in self.by_key[o.key]:
+                    if other is s or other is o or other.axis in (o.axis, s.axis):
+                        continue
+                    if oname == name:
+                        p = perm if id(other) in switched else old
+                        t_old, t_new = permute_slot(t_old, other, p), permute_slot(t_new, other, p)
+                    else:
+                        t_old = permute_slot(t_old, other, self.perms[oname])
+                        t_new = permute_slot(t_new, other, self.perms[oname])
+                a_sub = ta.index_select(o.axis, _positions(o, moved, ta.device))
+                self.scores[sname] += (slot_rows(t_new - t_old, s) @ slot_rows(a_sub, s).T).cpu()
+                self.stale.add(sname)
+            switched.add(id(o))
+        self.perms[name] = perm
+        return True
 
 
 def objective(params_a: dict, params_b: dict, actions: dict[str, SpaceAction], perms: dict) -> float:
@@ -82,8 +154,8 @@ def match_permutations(params_a: dict[str, torch.Tensor], params_b: dict[str, to
 def _descend(params_a, params_b, actions, max_sweeps, init):
     names = [n for n, a in actions.items() if a.size > 1 and a.slots]
     perms = {n: torch.arange(a.size) for n, a in actions.items()}
-    by_key = _slots_by_key(actions)
-    rows_a = {id(s): slot_rows(params_a[s.key], s) for a in actions.values() for s in a.slots}
+    scores = _Scores(params_a, params_b, actions, perms)
+    by_key = scores.by_key
     matched: set[str] = set()
 
     def determined(name, slot):
@@ -99,7 +171,7 @@ def _descend(params_a, params_b, actions, max_sweeps, init):
                 break
         if pick is None:
             pick, use = pending[0], actions[pending[0]].slots
-        perms[pick] = hungarian_permutation(_score(use, rows_a, params_b, by_key, perms))
+        scores.set(pick, hungarian_permutation(scores.partial(use)))
         matched.add(pick)
         pending.remove(pick)
     sweeps, changed = 0, True
@@ -107,7 +179,5 @@ def _descend(params_a, params_b, actions, max_sweeps, init):
         sweeps += 1
         changed = False
         for name in names:
-            new = hungarian_permutation(_score(actions[name].slots, rows_a, params_b, by_key, perms))
-            if not torch.equal(new, perms[name]):
-                perms[name], changed = new, True
+            changed |= scores.solve(name)
     return perms, sweeps

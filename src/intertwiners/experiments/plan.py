@@ -24,6 +24,8 @@ SCALES = ("smoke", "small", "paper")
 MYRTLE_SITES = ("relu1", "relu2", "relu3", "relu4")
 # ResNet20 sites at the residual outputs (relu2 after each add) and inside blocks (relu1), for D.3.
 RESNET_D3_SITES = ("layer1.1.relu2", "layer2.1.relu2", "layer3.1.relu2")
+ALIGN_VARIANTS = ("none", "permutation (activations)", "full group (activations)", "permutation (weights)",
+                  "full group (weights)")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ class Scale:
     dissection_rotations: int = 1
     dissection_images: int = 200
     dissection_steps: int = 150
+    # extension beyond the paper: interpolation barriers of zoo pairs before/after alignment (Myrtle, ResNet20)
+    align_pairs: int = 1  # per architecture
+    align_alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
+    align_variants: tuple[str, ...] = ("none", "permutation (activations)", "full group (activations)")
+    align_samples: int = 256  # training images for the activation and batch-norm statistics
     # null calibration of Table 2 and Figs. 5/2: permutation tests of the same-layer similarity
     permutations: int = 200
     permutation_samples: int = 300  # test images in each permutation test (full Gram matrices: O(N^2))
@@ -85,7 +92,8 @@ PRESETS: dict[str, Scale] = {
         sigmoid_epochs=30, resnet_seeds=4, resnet_epochs=6, slopes=(0.0, 0.1, 0.5, 0.9, 1.0), slope_pairs=2,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=2,
         dissection_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), dissection_rotations=3, dissection_images=800,
-        dissection_steps=1500, permutations=500, permutation_samples=400),
+        dissection_steps=1500, permutations=500, permutation_samples=400, align_pairs=2,
+        align_alphas=tuple(i / 10 for i in range(11)), align_variants=ALIGN_VARIANTS, align_samples=1000),
     "paper": Scale(
         "paper", dataset="cifar10", mcnn_width=64, mcnn_seeds=16, mcnn_epochs=None, stitch_pairs=32,
         stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"), stitch_epochs=20,
@@ -95,7 +103,8 @@ PRESETS: dict[str, Scale] = {
         resnet_seeds=8, resnet_epochs=None, slopes=(0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), slope_pairs=4,
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=16,
         dissection_alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), dissection_rotations=5, dissection_images=1600,
-        dissection_steps=2000, permutations=1000, permutation_samples=1000),
+        dissection_steps=2000, permutations=1000, permutation_samples=1000, align_pairs=4,
+        align_alphas=tuple(i / 10 for i in range(11)), align_variants=ALIGN_VARIANTS, align_samples=5000),
 }
 
 
