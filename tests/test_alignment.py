@@ -385,25 +385,62 @@ class TinyTransformerBlock(nn.Module):
 
 
 def test_planted_transformer_block():
-    """Every space the engine finds in a small transformer block (MLP hidden units; the LayerNorm residual
-    stream where the engine ties it) is recovered exactly: by weights for all of them, by activations for
-    those with activation sites. Spaces with a group that is not an activation's (attention heads) are
-    left out of the planted element, as align leaves them at the identity."""
+    """A small transformer block (LayerNorm residual stream, written-out attention, GELU MLP): a random
+    element of its whole group -- head permutation and per-head GL maps on queries/keys and values/outputs
+    included -- is recovered exactly by weights; by activations on the spaces with activation sites and the
+    attention space (matched by its weights in either method; the stream has no sites)."""
     torch.manual_seed(14)
     model = TinyTransformerBlock().double().eval()
     x = torch.randn(64, 5, 4, dtype=torch.float64)
     spec = it.symmetry_spec(model, x[:2])
-    from intertwiners.groups import KINDS
-    names = [n for n, s in spec.spaces.items() if s.group.kind in KINDS]
-    if not names:
-        pytest.skip(f"the symmetry engine finds no space in this block: pinned {spec.pinned}")
-    with_sites = [n for n in names if spec.spaces[n].sites]
+    assert not spec.pinned and [s.kind for s in spec.spaces.values()].count("attention_heads") == 1
+    readable = [n for n, s in spec.spaces.items() if s.sites or s.kind == "attention_heads"]
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
-        g = {n: el for n, el in it.random_symmetry(spec, gen).items() if n in names}
+        g = it.random_symmetry(spec, gen)
         moved = it.apply_symmetry(model, g, spec)
         assert relerr(model, moved) > 1e-3
-        assert relerr(model, it.align(model, moved, x, method="weights").model) <= 1e-6
-        if with_sites:  # activations: plant on the spaces that have sites, align those
-            moved = it.apply_symmetry(model, {n: g[n] for n in with_sites}, spec)
-            assert relerr(model, it.align(model, moved, x, spaces=with_sites).model) <= 1e-6
+        r = it.align(model, moved, x, method="weights")
+        assert not r.skipped and relerr(model, r.model) <= 1e-6
+        moved = it.apply_symmetry(model, {n: g[n] for n in readable}, spec)
+        r = it.align(model, moved, x, spaces=readable)
+        assert not r.skipped and relerr(model, r.model) <= 1e-6
+
+
+def test_head_invariant_similarity_against_explicit_products():
+    """The per-head similarity computed from small Gram blocks equals the cosine of the explicit invariants
+    X_h^T Y_h (F x F' matrices), and those invariants do not change under per-head maps (A on X, A^-T on Y)."""
+    from intertwiners.alignment.attention import _invariant_similarity
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    xa, ya, xb, yb = rand(3, 2, 7), rand(3, 2, 5), rand(4, 2, 7), rand(4, 2, 5)
+    got = _invariant_similarity(xa, ya, xb, yb)
+    inv_a, inv_b = xa.mT @ ya, xb.mT @ yb
+    for i in range(3):
+        for j in range(4):
+            want = (inv_a[i] * inv_b[j]).sum() / (inv_a[i].norm() * inv_b[j].norm())
+            assert torch.allclose(got[i, j], want, atol=1e-12)
+    A = rand(3, 2, 2) + 2 * torch.eye(2, dtype=torch.float64)
+    moved = _invariant_similarity(A @ xa, torch.linalg.inv(A).mT @ ya, xb, yb)
+    assert torch.allclose(moved, got, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_planted_recovery_on_transformers(family):
+    """GPT-2 (fused Conv1D qkv, tied unembedding) and Llama (RMSNorm stream with signs, gated MLP with
+    scalings, grouped-query attention with rotary embeddings): a random element of the whole group is
+    undone exactly by weight matching, attention blocks included."""
+    pytest.importorskip("transformers")
+    import replicas
+
+    model, ids = {"gpt2": replicas.gpt2_tiny, "llama": replicas.llama_tiny}[family](dtype=torch.float64)
+    spec = it.symmetry_spec(model, ids)
+    for seed in range(2):
+        moved = it.apply_symmetry(model, it.random_symmetry(spec, torch.Generator().manual_seed(seed)), spec)
+        assert relerr(model, moved) > 0.1
+        r = it.align(model, moved, example_input=ids, method="weights")
+        assert not r.skipped and relerr(model, r.model) <= 1e-6

@@ -14,12 +14,16 @@ with B's on ``example_input`` instead, and only if they differ is the spec trace
   (:mod:`.canonical`, :mod:`.weight_matching`). GL spaces (no activation between two linear maps) are
   matched by their permutation part only with this method.
 
+Attention spaces (head permutations × per-head maps) are matched by their weights with either method
+(:mod:`.attention`), after the other spaces.
+
 ``group="permutation"`` restricts either method to permutations (no scalings, no signs): the classical
 re-basin, for comparison.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +34,7 @@ from .. import groups as G
 from .._util import as_tensor
 from ..features import SiteExtractor, iterate_inputs
 from .activation_matching import SpaceStats, fit_space
+from .attention import align_attention
 from .canonical import canonical_scales
 from .probe import few_threads, probe_parameters, probe_sites
 from .weight_matching import match_permutations
@@ -148,6 +153,15 @@ def _identity_scales(actions) -> dict:
     return {n: torch.ones(a.size, dtype=torch.float64) for n, a in actions.items()}
 
 
+def without_parameters(actions: dict, params: set) -> dict:
+    """The actions with the slots of ``params`` left out (a space that would keep no slot keeps them all)."""
+    out = {}
+    for name, act in actions.items():
+        kept = [sl for sl in act.slots if sl.key not in params]
+        out[name] = dataclasses.replace(act, slots=kept) if kept else act
+    return out
+
+
 def align_weights(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, scaling: bool = True,
                   max_sweeps: int = 30) -> tuple[dict, int]:
     """{space: (perm, scale)} moving B into A's basis by weight matching; and the number of sweeps."""
@@ -231,9 +245,11 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
         unknown = [n for n in names if n not in spec_b.spaces]
         if unknown:
             raise ValueError(f"unknown spaces {unknown}; the models' spaces are {list(spec_b.spaces)}")
+        attention = [n for n in names if spec_b.spaces[n].group.kind == "attention_heads"]
         skipped = {n: f"its group ({spec_b.spaces[n].group.kind}) is not an intertwiner group of an activation; "
-                      "left at the identity" for n in names if spec_b.spaces[n].group.kind not in G.KINDS}
-        names = [n for n in names if n not in skipped]
+                      "left at the identity" for n in names
+                   if spec_b.spaces[n].group.kind not in G.KINDS and n not in attention}
+        names = [n for n in names if n not in skipped and n not in attention]
         scaling = group == "full"
         sweeps = 0
         if method == "activations":
@@ -242,9 +258,14 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
                 found = align_activations(model_a, model_b, spec_b, actions, data, scaling, batch_size)
         else:
             actions = probe_parameters(model_b, spec_b, names)
+            if attention:  # B's attention weights are still in its heads' bases: leave them out of the costs
+                actions = without_parameters(actions, {a.param for n in attention for a in spec_b.actions(n)})
             with few_threads(threads):
                 found, sweeps = align_weights(model_a, model_b, spec_b, actions, scaling, max_sweeps)
         moved = apply_symmetry(model_b, found, spec_b)
+        if attention:  # heads matched on B with its other spaces already aligned (the spaces commute)
+            found.update(align_attention(model_a, moved, spec_b, attention, scaling))
+            moved = apply_symmetry(model_b, found, spec_b)
         if checked or same_function(model_b, moved, example_input):
             break
     elements = {n: _as_element(el, not monomial) for n, el in found.items()}

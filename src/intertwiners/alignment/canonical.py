@@ -50,18 +50,32 @@ def incoming_slots(action: SpaceAction) -> list[Slot]:
     return [s for s in action.slots if s.exponent == e]
 
 
-def sign_slots(action: SpaceAction) -> list[Slot]:
-    return [s for s in action.slots if s.odd]
+def spaces_on(actions: dict[str, SpaceAction]) -> dict[str, set[str]]:
+    """parameter -> the spaces that move it (along any axis)."""
+    on_key: dict[str, set[str]] = {}
+    for name, act in actions.items():
+        for s in act.slots:
+            on_key.setdefault(s.key, set()).add(name)
+    return on_key
+
+
+def sign_slots(action: SpaceAction, on_key: dict[str, set[str]] | None = None, name: str | None = None) -> list[Slot]:
+    """The slices whose sign a sign flip reverses. With ``on_key``: only those of parameters that no other
+    space moves (a token embedding for a residual stream), when there are such -- their largest entry does
+    not depend on any other space's signs, so the choice cannot cycle (RMSNorm streams with gated MLPs)."""
+    odd = [s for s in action.slots if s.odd]
+    if on_key is None:
+        return odd
+    anchored = [s for s in odd if on_key.get(s.key, set()) <= {name}]
+    return anchored or odd
 
 
 def dependency_order(actions: dict[str, SpaceAction]) -> list[str]:
     """Spaces ordered so that a space comes after those that scale the other axes of its deciding slices
     (a topological order; spaces on a cycle keep their spec order)."""
-    on_key: dict[str, set[str]] = {}
-    for name, act in actions.items():
-        for s in act.slots:
-            on_key.setdefault(s.key, set()).add(name)
-    deps = {name: {o for s in incoming_slots(act) + sign_slots(act) for o in on_key[s.key] if o != name}
+    on_key = spaces_on(actions)
+    deps = {name: {o for s in incoming_slots(act) + sign_slots(act, on_key, name) for o in on_key[s.key]
+                   if o != name}
             for name, act in actions.items()}
     order: list[str] = []
     done: set[str] = set()
@@ -87,6 +101,7 @@ def canonical_scales(params: dict[str, torch.Tensor], actions: dict[str, SpaceAc
         tol = 100 * max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float64).eps)
     total = {name: torch.ones(act.size, dtype=torch.float64) for name, act in actions.items()}
     order = dependency_order(actions)
+    on_key = spaces_on(actions)
     for _ in range(max_passes):
         worst = 0.0
         for name in order:
@@ -100,7 +115,7 @@ def canonical_scales(params: dict[str, torch.Tensor], actions: dict[str, SpaceAc
                 e = inc[0].exponent
                 norm = sq.sqrt()
                 factor = torch.where(norm > 0, norm.clamp_min(1e-300) ** (-1.0 / e), factor)
-            signs = sign_slots(act) if act.allows_signs else []
+            signs = sign_slots(act, on_key, name) if act.allows_signs else []
             if signs:
                 rows = torch.cat([slot_rows(params[s.key], s).double() * s.factor(factor)[:, None]
                                   for s in signs], 1)
