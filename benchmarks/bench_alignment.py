@@ -11,7 +11,8 @@
 4. ``--lmc``: train pairs of Myrtle CNNs (width 16, 64) and ResNet20s on digits and print the barriers of
    (1-alpha)·A + alpha·B for no alignment, permutations only and the full group (both methods).
 
-    python benchmarks/bench_alignment.py [--threads 1] [--skip-resnet50] [--planted [--trials 100]] [--lmc]
+    python benchmarks/bench_alignment.py [--threads 1] [--skip-resnet50] [--planted [--trials 100]
+                                         [--transformers-only]] [--lmc]
 """
 
 from __future__ import annotations
@@ -118,6 +119,44 @@ def planted(trials: int, first: int = 0) -> None:
                   flush=True)
 
 
+def planted_transformers(trials: int) -> None:
+    """Planted recovery through ``align`` with an element of the *whole* group (attention heads and their
+    per-head maps included): the transformer block of the tests, and tiny GPT-2 and Llama models."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    import replicas
+    from test_alignment import TinyTransformerBlock, relerr
+
+    import intertwiners as it
+
+    torch.manual_seed(14)
+    block = TinyTransformerBlock().double().eval()
+    x_block = torch.randn(64, 5, 4, dtype=torch.float64)
+    cases = [("transformer block", block, x_block, x_block, ("weights", "activations"))]
+    try:
+        for fam in ("gpt2", "llama"):
+            model, ids = replicas.HF_REPLICAS[fam](dtype=torch.float64)
+            cases.append((f"{fam} (tiny, transformers)", model, ids, None, ("weights",)))
+    except Exception as err:  # noqa: BLE001 - transformers missing: the block alone
+        print(f"transformers families skipped: {type(err).__name__}: {err}")
+    for name, model, example, data_, methods in cases:
+        spec = it.symmetry_spec(model, example)
+        readable = [n for n, s in spec.spaces.items() if s.sites or s.kind == "attention_heads"]
+        for method in methods:
+            t, ok = time.perf_counter(), 0
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(trials):
+                g = it.random_symmetry(spec, gen)
+                if method == "activations":  # the residual stream has no activation sites to read
+                    g = {n: g[n] for n in readable}
+                moved = it.apply_symmetry(model, g, spec)
+                r = it.align(model, moved, data_, example_input=example, method=method,
+                             spaces=readable if method == "activations" else None)
+                ok += relerr(model, r.model) <= 1e-6
+            print(f"planted recovery, {name:<28} {method:<11}: {ok}/{trials} ({time.perf_counter() - t:.1f} s; "
+                  f"{len(spec.spaces)} spaces, {sum(s.kind == 'attention_heads' for s in spec.spaces.values())} "
+                  "attention)", flush=True)
+
+
 def lmc(pairs: int, out: Path, only: list[str] | None = None) -> None:
     """Train pairs of models on digits and print the accuracy/loss barriers for every alignment variant."""
     import json
@@ -157,6 +196,8 @@ def main(argv=None):
     p.add_argument("--planted", action="store_true", help="run the planted-recovery trials instead")
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--first-family", type=int, default=0, help="for --planted: skip the first families")
+    p.add_argument("--transformers-only", action="store_true",
+                   help="for --planted: only the transformer block and the tiny GPT-2 / Llama (whole group)")
     p.add_argument("--lmc", action="store_true", help="train pairs on digits and measure interpolation barriers")
     p.add_argument("--pairs", type=int, default=2, help="pairs per architecture for --lmc")
     p.add_argument("--out", default="runs/bench_alignment", help="folder for --lmc models and lmc.json")
@@ -165,7 +206,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.planted:
-        planted(args.trials, args.first_family)
+        if not args.transformers_only:
+            planted(args.trials, args.first_family)
+        planted_transformers(args.trials)
         return
     if args.lmc:
         lmc(args.pairs, Path(args.out), args.models)
