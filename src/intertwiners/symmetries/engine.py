@@ -182,7 +182,7 @@ class Analysis:
         self.env: dict[fx.Node, object] = {}
         self.site_counts: dict[str, int] = defaultdict(int)
         self.regions: dict = {}
-        self.scores: dict = {}  # first head atom of a q k^T product -> (q table, k table), see rules.scores
+        self.scores: dict = {}  # first head atom of a q k^T product -> (q table, k table), see rules.attention_product
         self.side: dict = {}  # node -> side.Side: hidden units along a non-channel axis (MLP-Mixer tokens)
 
     # -- atoms ------------------------------------------------------------------------------------------

@@ -829,6 +829,26 @@ def _whole_heads(an, node, table: np.ndarray) -> None:
             an.union_arrays(row, np.full_like(row, row[0]), 0, f"{an.describe(node)} (partially rotated head)")
 
 
+def _tie_queries_keys(an, node, qa, qc, ka, kc, repeat: bool):
+    """Tie query and key channels per head with a dual transform (W_Q -> A W_Q, W_K -> A^-T W_K); keys of
+    fewer heads are repeated when ``repeat`` (grouped-query attention). (queries, keys) tables, or the reason
+    they cannot be tied."""
+    _whole_heads(an, node, qa)
+    _whole_heads(an, node, ka)
+    if repeat and ka.shape[0] != qa.shape[0] and ka.shape[0] and qa.shape[0] % ka.shape[0] == 0:
+        ka, kc = (np.repeat(t, qa.shape[0] // ka.shape[0], 0) for t in (ka, kc))
+    if ka.shape != qa.shape:
+        return "unexpected head shapes"
+    if not np.array_equal(qc, kc):
+        return "queries and keys carry different transforms"
+    an.union_arrays(qa.reshape(-1), ka.reshape(-1), 1, f"{an.describe(node)}")
+    return qa, ka
+
+
+def _record_attention(an, node, qa, ka, va, heads=None) -> None:
+    an.attention.append(AttentionRecord(node.name, qa, ka, va, len({tuple(r) for r in va.tolist()}), heads))
+
+
 @rule(aten.scaled_dot_product_attention)
 def attention(an, node):
     """softmax(q k^T / s + mask) v per head: (q, k) -> (A q, A^-T k) and v -> B v per head, heads permuted
@@ -843,7 +863,7 @@ def attention(an, node):
         H = (shape_of(node) or v.shape)[-3]
         if va.shape[0] != H:
             va = np.repeat(va, H // va.shape[0], 0)
-        an.attention.append(AttentionRecord(node.name, None, None, va, len({tuple(r) for r in va.tolist()})))
+        _record_attention(an, node, None, None, va)
         return an.keep(L.with_non_feature_size(v, v.ndim - 2, shape_of(node)[-2]))
     if _is_hidden(mask) or not all(_is_hidden(t) for t in (q, k, v)):
         return an.unknown(node, f"{an.describe(node)}: queries, keys and values must all be hidden values "
@@ -854,20 +874,16 @@ def attention(an, node):
         if got is None:
             return an.unknown(node, f"{an.describe(node)}: channels outside the head and head-width axes")
         tables.append(got)
-    (qa, qc), (ka, kc), (va, vc) = tables
-    _whole_heads(an, node, qa)
-    _whole_heads(an, node, ka)
-    H = qa.shape[0]
-    if node.kwargs.get("enable_gqa", False) and ka.shape[0] != H:
-        rep = H // ka.shape[0]
-        ka, kc, va, vc = (np.repeat(t, rep, 0) for t in (ka, kc, va, vc))
-    if ka.shape != qa.shape or va.shape[0] != H:
+    (qa, qc), (ka, kc), (va, _) = tables
+    gqa = node.kwargs.get("enable_gqa", False)
+    if gqa and va.shape[0] != qa.shape[0]:
+        va = np.repeat(va, qa.shape[0] // va.shape[0], 0)
+    if va.shape[0] != qa.shape[0]:
         return an.unknown(node, f"{an.describe(node)}: unexpected head shapes")
-    if not np.array_equal(qc, kc):
-        return an.unknown(node, f"{an.describe(node)}: queries and keys carry different transforms")
-    an.union_arrays(qa.reshape(-1), ka.reshape(-1), 1, f"{an.describe(node)}")
-    kv_heads = len({tuple(r) for r in va.tolist()})
-    an.attention.append(AttentionRecord(node.name, qa, ka, va, kv_heads))
+    tied = _tie_queries_keys(an, node, qa, qc, ka, kc, repeat=gqa)
+    if isinstance(tied, str):
+        return an.unknown(node, f"{an.describe(node)}: {tied}")
+    _record_attention(an, node, tied[0], tied[1], va)
     shape = shape_of(node)
     out = v
     if v.shape != tuple(shape):
@@ -893,16 +909,11 @@ def attention_product(an, node, a: Layout, b: Layout):
         q, k = L.atoms_along(a, [nd - 3, nd - 1]), L.atoms_along(b, [nd - 3, nd - 2])
         if q is None or k is None:
             return an.unknown(node, f"{an.describe(node)}: channels outside the head and head-width axes")
-        (qa, qc), (ka, kc) = q, k
-        _whole_heads(an, node, qa)
-        _whole_heads(an, node, ka)
-        if ka.shape[0] != qa.shape[0] and ka.shape[0] and qa.shape[0] % ka.shape[0] == 0:
-            ka, kc = (np.repeat(t, qa.shape[0] // ka.shape[0], 0) for t in (ka, kc))
-        if ka.shape != qa.shape or not np.array_equal(qc, kc):
-            return an.unknown(node, f"{an.describe(node)}: queries and keys with different heads or transforms")
-        an.union_arrays(qa.reshape(-1), ka.reshape(-1), 1, f"{an.describe(node)}")
-        heads = an.new_atoms(qa.shape[0])
-        an.scores[int(heads[0])] = (qa, ka)
+        tied = _tie_queries_keys(an, node, q[0], q[1], k[0], k[1], repeat=True)
+        if isinstance(tied, str):
+            return an.unknown(node, f"{an.describe(node)}: {tied}")
+        heads = an.new_atoms(tied[0].shape[0])
+        an.scores[int(heads[0])] = tied
         return an.keep(L.simple(heads, np.zeros(len(heads), np.int64), shape, nd - 3))
     if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) in an.scores \
             and nd - 1 in fb and nd - 2 not in fb:                                         # p @ v
@@ -916,8 +927,7 @@ def attention_product(an, node, a: Layout, b: Layout):
             va = np.repeat(va, H // va.shape[0], 0)
         if va.shape[0] != H or len(a.atoms) != H:
             return an.unknown(node, f"{an.describe(node)}: unexpected head shapes")
-        an.attention.append(AttentionRecord(node.name, qa, ka, va, len({tuple(r) for r in va.tolist()}),
-                                            heads=a.atoms))
+        _record_attention(an, node, qa, ka, va, heads=a.atoms)
         return an.keep(L.with_non_feature_size(b, nd - 2, shape[nd - 2]))
     return an.unknown(node, f"{an.describe(node)}: a product of hidden values that is not attention")
 

@@ -94,7 +94,7 @@ class AttentionGroup:
         h, dk, dv = self.heads, self.dk, self.dv
         perm = torch.randperm(h, generator=generator) if self.permute_heads else torch.arange(h)
         A, B = self._blocks(self.qk, dk, generator), self._blocks(self.vo, dv, generator)
-        M = self._assemble(perm, A.contiguous(), B.contiguous()).to(dtype)
+        M = self.block_matrix(perm, A.contiguous(), B.contiguous()).dense().to(dtype)
         # remembered so that apply_symmetry need not read the matrix back (see apply._normalise)
         M._intertwiners_blocks = (perm, A.to(dtype), B.to(dtype), M._version)
         return M
@@ -137,9 +137,6 @@ class AttentionGroup:
                 ar = torch.arange(d)
                 parts.append((offset + perm[:, None] * d + ar, offset + src[:, None] * d + ar, blocks))
         return BlockMatrix.from_blocks(self.size, parts)
-
-    def _assemble(self, perm: torch.Tensor, qk: torch.Tensor, vo: torch.Tensor) -> torch.Tensor:
-        return self.block_matrix(perm, qk, vo).dense()
 
     def contains(self, A, atol: float = 1e-6) -> bool:
         """Is A block structured as above (one head permutation for both parts, allowed, invertible blocks)?"""
