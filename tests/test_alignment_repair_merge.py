@@ -19,8 +19,14 @@ from torch import nn
 import intertwiners as it
 from intertwiners import models
 from intertwiners.alignment.interpolation import evaluate, lerp_model, recompute_batchnorm
-from intertwiners.alignment.repair import (Moments, affine_correction, channel_statistics, interpolated_targets,
-                                           repair, repair_sites)
+from intertwiners.alignment.repair import (
+    Moments,
+    affine_correction,
+    channel_statistics,
+    interpolated_targets,
+    repair,
+    repair_sites,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # A model with one layer of every kind REPAIR knows, and the captured outputs it is checked on

@@ -24,7 +24,8 @@ def add_arguments(p):
                         "package's models, weights for Hugging Face folders, which are aligned by weights only)")
     p.add_argument("--alphas", type=int, default=11, help="number of interpolation points from 0 to 1 (>= 2)")
     p.add_argument("--align-samples", type=int, default=5000,
-                   help="training inputs used for the activations (the first N)")
+                   help="training inputs (the first N) for the activations, the batch-norm statistics and REPAIR's "
+                        "statistics")
     p.add_argument("--tokens", type=int, default=8,
                    help="Hugging Face models: length of the token-id example input (2 rows of ids 0, 1, 2, ...) "
                         "the models are traced on")
@@ -92,8 +93,7 @@ def _align_package(args, fa, fb, stage) -> int:
     method = args.method or "activations"
     train, test = data.load(args.dataset, args.data_root)
     alphas = np.linspace(0.0, 1.0, args.alphas)
-    comparison = compare_alignments(fa.model, fb.model, train, test, alphas,
-                                    align_inputs=train.x[:args.align_samples])
+    comparison = compare_alignments(fa.model, fb.model, train.x[:args.align_samples], test, alphas)
     save_like(comparison.aligned[f"full group ({method})"], fb, stage / "aligned")
     with (stage / "interpolation.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["variant", "alpha", "loss", "accuracy"])
