@@ -128,35 +128,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return total / len(x), 100.0 * correct / len(x)
 
 
-class Repairer:
-    """REPAIR along one path: the end models' channel statistics, measured once, and the correction of each
-    interpolated model towards their interpolation (:mod:`.repair`).
-
-    ``ends``: A and B as the curve's ends are evaluated (batch norm already recomputed where asked);
-    ``inputs``: the training inputs of the statistics."""
-
-    def __init__(self, model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, batch_size: int = 2048):
-        from .repair import channel_statistics, repair_sites
-
-        self.inputs, self.batch_size = inputs, batch_size
-        self.sites = repair_sites(model_a, inputs[:2])
-        if not self.sites:
-            raise ValueError("repair=True, but the model has no channel REPAIR can correct (no Linear/Conv with a "
-                             "bias before an activation, no affine norm)")
-        self.stats_a = channel_statistics(model_a, self.sites, inputs, batch_size)
-        self.stats_b = channel_statistics(model_b, self.sites, inputs, batch_size)
-        names = {s.name for s in self.sites}
-        # every batch norm is a corrected site: REPAIR sets its statistics itself (the reset would be undone)
-        self.covers_batchnorm = all(n in names for n, m in model_a.named_modules()
-                                    if isinstance(m, nn.modules.batchnorm._BatchNorm))
-
-    def __call__(self, model: nn.Module, alpha: float) -> nn.Module:
-        from .repair import interpolated_targets, repair
-
-        targets = interpolated_targets(self.stats_a, self.stats_b, alpha)
-        return repair(model, self.sites, targets, self.inputs, self.batch_size)
-
-
 def interpolate(model_a: nn.Module, model_b: nn.Module, data, alphas=DEFAULT_ALPHAS, reset_batchnorm: bool = True,
                 train_data=None, repair: bool = False, *, device: str = "auto", batch_size: int = 512,
                 repair_batch_size: int = 2048) -> InterpolationCurve:
@@ -172,6 +143,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, alphas=DEFAULT_ALP
     :class:`InterpolationCurve`.
     """
     from .align import check_runs, check_same_structure_params
+    from .repair import PathRepair
 
     check_same_structure_params(model_a, model_b)
     x, y = labelled_data(data)
@@ -188,7 +160,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, alphas=DEFAULT_ALP
         if reset_batchnorm:
             for m in ends:
                 recompute_batchnorm(m, bn_inputs, batch_size)
-        repairer = Repairer(*ends, bn_inputs, repair_batch_size)
+        repairer = PathRepair(*ends, bn_inputs, repair_batch_size)
     losses, accs = [], []
     for alpha in a:
         model = lerp_model(model_a, model_b, alpha).to(dev)

@@ -324,3 +324,28 @@ def repair(model: nn.Module, sites: list[RepairSite], targets: dict, inputs, bat
         for h in handles:
             h.remove()
         model.train(was)
+
+
+class PathRepair:
+    """REPAIR along one path: the end models' channel statistics, measured once, and the correction of each
+    interpolated model towards their interpolation.
+
+    ``model_a``, ``model_b``: the end models as the path's ends are evaluated (batch norm already recomputed
+    where asked); ``inputs``: the training inputs of the statistics. ``covers_batchnorm``: every batch norm is
+    a corrected site, so REPAIR sets their statistics itself and a batch-norm reset before it is redundant."""
+
+    def __init__(self, model_a: nn.Module, model_b: nn.Module, inputs: torch.Tensor, batch_size: int = 2048):
+        self.inputs, self.batch_size = inputs, batch_size
+        self.sites = repair_sites(model_a, inputs[:2])
+        if not self.sites:
+            raise ValueError("repair=True, but the model has no channel REPAIR can correct (no Linear/Conv with a "
+                             "bias before an activation, no affine norm)")
+        self.stats_a = channel_statistics(model_a, self.sites, inputs, batch_size)
+        self.stats_b = channel_statistics(model_b, self.sites, inputs, batch_size)
+        names = {s.name for s in self.sites}
+        self.covers_batchnorm = all(n in names for n, m in model_a.named_modules()
+                                    if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+    def __call__(self, model: nn.Module, alpha: float) -> nn.Module:
+        targets = interpolated_targets(self.stats_a, self.stats_b, alpha)
+        return repair(model, self.sites, targets, self.inputs, self.batch_size)
