@@ -7,20 +7,24 @@
    batch of 8 at 224x224. Goal: < 60 s.
 3. ``--planted``: planted recovery, 100 trials per model family and method: align g·M to M for
    g = random_symmetry(spec) and count the trials whose parameters come back to relative error <= 1e-6.
-
 4. ``--lmc``: train pairs of Myrtle CNNs (width 16, 64) and ResNet20s on digits and print the barriers of
    (1-alpha)·A + alpha·B for no alignment, permutations only, the full group and the full group + REPAIR
    (both methods). ``--no-norm`` does the same for networks without batch norm (Myrtle CNN width 16 without
    batch norm, the digits MLP 256-128-128-10), where REPAIR has something to correct.
-5. ``--merge``: merge three trained models per architecture (the ``--lmc`` models, seeds 0-2) and print the
-   test accuracy of each model, of their unaligned average, of the average after aligning every model to the
-   first (``max_rounds=0``) and after MergeMany rounds, by both methods.
+5. ``--merge [--group permutation]``: merge three trained models per architecture (the ``--lmc`` models, seeds
+   0-2) and print the test accuracy of each model, of their unaligned average, of the average after aligning
+   every model to the first (``max_rounds=0``) and after MergeMany rounds, by both methods.
 6. ``--memory``: peak resident memory of weight matching (``align(..., method="weights")``) of two random
    GPT-2-small-sized models (124M parameters; ``--layers`` fewer for a quick look), as a multiple of one model's
    parameter bytes, with the peak of each stage (sampled every 20 ms). Run it in its own process.
+7. ``--job-cost``: the compute of one ``alignment_barrier`` job of ``intertwiners reproduce --scale small``
+   (``compare_alignments`` on a trained pair with the scale's alphas, variants and training images) for the
+   Myrtle CNN and the ResNet20 of ``--lmc``, against the settings the small scale had before (11 alphas, five
+   variants without REPAIR, 1,000 images), timed in the same run.
 
     python benchmarks/bench_alignment.py [--threads 1] [--skip-resnet50] [--planted [--trials 100]
                                          [--transformers-only]] [--lmc [--no-norm]] [--merge] [--memory]
+                                         [--job-cost]
 """
 
 from __future__ import annotations
@@ -211,7 +215,7 @@ def lmc(pairs: int, out: Path, only: list[str] | None = None, no_norm: bool = Fa
     (out / ("lmc_no_norm.json" if no_norm else "lmc.json")).write_text(json.dumps(results, indent=2))
 
 
-def merging(out: Path, only: list[str] | None = None, rounds: int = 5) -> None:
+def merging(out: Path, only: list[str] | None = None, rounds: int = 5, group: str = "full") -> None:
     """Merge three digits models per architecture: accuracy of each, of the unaligned average, of the average
     after aligning to the first only, and after MergeMany rounds (both methods)."""
     import json
@@ -227,14 +231,38 @@ def merging(out: Path, only: list[str] | None = None, rounds: int = 5) -> None:
         for method in ("activations", "weights"):
             for max_rounds in (0, rounds):
                 t = time.perf_counter()
-                merged = it.merge(three, train.x[:1000], method=method, train_data=train, eval_data=test,
-                                  max_rounds=max_rounds)
+                merged = it.merge(three, train.x[:1000], method=method, group=group, train_data=train,
+                                  eval_data=test, max_rounds=max_rounds)
                 r = merged.merge_report
-                print(json.dumps({"model": label, "method": method, "max_rounds": max_rounds, "rounds": r.rounds,
+                print(json.dumps({"model": label, "method": method, "group": group, "max_rounds": max_rounds,
+                                  "rounds": r.rounds,
                                   "moved": r.moved, "merged": round(r.accuracy["merged"], 2),
                                   "unaligned": round(r.accuracy["unaligned average"], 2),
                                   "models": [round(v, 2) for v in r.accuracy["models"]],
                                   "seconds": round(time.perf_counter() - t, 1)}), flush=True)
+
+
+def job_cost(out: Path) -> None:
+    """Seconds of one small-scale alignment_barrier job's compute, now and with the earlier settings."""
+    from intertwiners.alignment.comparison import VARIANTS, compare_alignments
+    from intertwiners.experiments.plan import PRESETS
+
+    small = PRESETS["small"]
+    earlier = (tuple(i / 10 for i in range(11)), ("none", "permutation (activations)", "full group (activations)",
+                                                  "permutation (weights)", "full group (weights)"), 1000)
+    now = (small.align_alphas, small.align_variants, small.align_samples)
+    train, test = data.load("digits")
+    for label, arch, kw in (LMC_ARCHS[0], LMC_ARCHS[2]):
+        a, b = trained_models(arch, kw, (0, 1), out, train, test)
+        times = {}
+        for name, (alphas, labels, samples) in (("earlier", earlier), ("now", now)):
+            t = time.perf_counter()
+            compare_alignments(a, b, train.x[:samples], test, alphas, [v for v in VARIANTS if v[0] in labels])
+            times[name] = time.perf_counter() - t
+        print(f"alignment_barrier job, {label}: {times['now']:.1f} s with the small scale's settings ({len(now[0])} "
+              f"alphas, {len(now[1])} variants, {now[2]} images) vs {times['earlier']:.1f} s with the earlier ones "
+              f"({len(earlier[0])}, {len(earlier[1])}, {earlier[2]}): {times['earlier'] / times['now']:.1f}x cheaper",
+              flush=True)
 
 
 def memory(layers: int) -> None:
@@ -320,7 +348,10 @@ def main(argv=None):
     p.add_argument("--no-norm", action="store_true", help="for --lmc: networks without batch norm")
     p.add_argument("--merge", action="store_true", help="merge three trained digits models per architecture")
     p.add_argument("--rounds", type=int, default=5, help="for --merge: MergeMany rounds at most")
+    p.add_argument("--group", default="full", choices=["full", "permutation"],
+                   help="for --merge: the group of the first alignment to the first model")
     p.add_argument("--memory", action="store_true", help="peak memory of weight matching two GPT-2-sized models")
+    p.add_argument("--job-cost", action="store_true", help="compute of one small-scale alignment_barrier job")
     p.add_argument("--layers", type=int, default=12, help="for --memory: GPT-2 layers (12: GPT-2 small)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -333,10 +364,13 @@ def main(argv=None):
         lmc(args.pairs, Path(args.out), args.models, args.no_norm)
         return
     if args.merge:
-        merging(Path(args.out), args.models, args.rounds)
+        merging(Path(args.out), args.models, args.rounds, args.group)
         return
     if args.memory:
         memory(args.layers)
+        return
+    if args.job_cost:
+        job_cost(Path(args.out))
         return
     bench_resnet20(args.threads)
     if not args.skip_resnet50:

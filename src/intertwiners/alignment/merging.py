@@ -84,7 +84,7 @@ def _has_labels(data) -> bool:
 
 
 def merge(models: list[nn.Module], data, *, method: str = "activations", group: str = "full", train_data=None,
-          reset_batchnorm: bool = True, example_input=None, eval_data=None, max_rounds: int = 10) -> nn.Module:
+          reset_batchnorm: bool = True, example_input=None, eval_data=None, max_rounds: int = 5) -> nn.Module:
     """Merge two or more models of one architecture into one model.
 
     ``data``: inputs for the activations (tensor, ``(x, y)`` or a dataset with ``.x``); ``method``/``group``:
