@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..data import DATASETS
+
 NAME = "align"
 HELP = ("Align model B to model A through their intertwiner group (beyond the paper): writes B in A's basis "
         "(safetensors + config), and loss/accuracy along (1-alpha)·A + alpha·B for no alignment, permutations "
@@ -11,7 +13,7 @@ HELP = ("Align model B to model A through their intertwiner group (beyond the pa
 def add_arguments(p):
     p.add_argument("a", help="model folder written by `intertwiners train` (the reference basis)")
     p.add_argument("b", help="model folder to align to A")
-    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
+    p.add_argument("--dataset", default="digits", choices=list(DATASETS))
     p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", default="activations", choices=["activations", "weights"],
