@@ -315,3 +315,9 @@ def test_cli_takes_the_dataset():
         assert args.dataset == "digits-cluttered"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--dataset", "mnist"])
+
+
+def test_load_takes_a_variant(monkeypatch, small_built):
+    calls = counting_build(monkeypatch, small_built)
+    train, test = data.load("digits-cluttered", spec=SMALL, cache=False)
+    assert calls == [SMALL] and len(train) == 1437 and len(test) == 360

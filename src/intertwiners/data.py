@@ -144,16 +144,17 @@ def load_digits(size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> tu
     return make(x_train, labels[i_train], "train"), make(x_test, labels[i_test], "test")
 
 
-def load_cluttered_digits(cache: bool = True) -> tuple[ArrayDataset, ArrayDataset]:
+def load_cluttered_digits(spec=None, cache: bool = True) -> tuple[ArrayDataset, ArrayDataset]:
     """``digits-cluttered``: 3x32x32 colour images of transformed digits among clutter (see :mod:`.cluttered`).
 
     5,748 train / 1,440 test images (4 per source digit of ``digits``' split), built deterministically in
-    seconds and cached (``cache=False``: always build, never read or write the cache). Per-channel
-    normalisation from the training part; augmentation: translation by 2 px, no flips.
+    seconds and cached (``cache=False``: always build, never read or write the cache). ``spec``: a
+    :class:`~intertwiners.cluttered.ClutterSpec` for a variant (default: the documented construction).
+    Per-channel normalisation from the training part; augmentation: translation by 2 px, no flips.
     """
     from .cluttered import load_arrays
 
-    built = load_arrays(cache=cache)
+    built = load_arrays(spec, cache=cache)
     x_train, x_test = _normalise(built.x("train").astype(np.float32) / 255.0,
                                  built.x("test").astype(np.float32) / 255.0)
     make = lambda x, y, tag: ArrayDataset(torch.from_numpy(np.ascontiguousarray(x)),  # noqa: E731
