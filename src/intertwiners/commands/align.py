@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..data import DATASETS
+
 NAME = "align"
 HELP = ("Align model B to model A through their intertwiner group (beyond the paper). A and B are this package's "
         "model folders or local Hugging Face model folders (config.json + model.safetensors); B in A's basis is "
@@ -15,7 +17,7 @@ def add_arguments(p):
     p.add_argument("a", help="model folder (the reference basis): written by `intertwiners train`, or a local "
                              "Hugging Face model folder")
     p.add_argument("b", help="model folder to align to A (the same kind and architecture as A)")
-    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"],
+    p.add_argument("--dataset", default="digits", choices=list(DATASETS),
                    help="data of this package's models (not used for Hugging Face folders)")
     p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
     p.add_argument("--out", required=True, help="output folder")
