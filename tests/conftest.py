@@ -1,3 +1,4 @@
+import fcntl
 import os
 
 import pytest
@@ -9,6 +10,31 @@ torch.set_num_threads(1)
 settings.register_profile("ci", deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory):
+    """``trained_once(name, make)``: ``make()``'s model (from :mod:`intertwiners.models`), made once per run.
+
+    Under pytest-xdist every worker has its own session fixtures, so an expensive trained model asked for by
+    tests on both workers would be trained twice. The first worker to get here saves it (safetensors) in the
+    session's temporary folder, common to all workers; the others wait on a file lock and load it. Without
+    xdist the model is saved and loaded alike, so both ways hand out the same weights in the same mode.
+    """
+    from intertwiners import models
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # <session>/popen-gwN -> <session>: this run's folder, shared by its workers
+
+    def get(name: str, make):
+        folder = root / f"trained-{name}"
+        with open(root / f"trained-{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not folder.is_dir():
+                models.save(make(), folder)
+        return models.load(folder)
+
+    return get
 
 
 @pytest.fixture(scope="session")

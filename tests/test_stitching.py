@@ -19,6 +19,7 @@ from intertwiners.training import accuracy as _accuracy
 from intertwiners.training import train_one
 
 SITES = ["relu1", "relu2", "relu3", "relu4"]
+WIDTH = 8                          # the pair's width: relu4 has 8 * WIDTH channels
 DEVICE = resolve_device("auto")   # the device stitch(device="auto") uses
 
 
@@ -33,11 +34,12 @@ def digits_data():
 
 
 @pytest.fixture(scope="session")
-def pair(digits_data):
-    """Two width-16 Myrtle CNNs trained on digits with different seeds (a few epochs)."""
-    a, _ = train_one("myrtle_cnn", "digits", 0, epochs=3, progress=False, data=digits_data)
-    b, _ = train_one("myrtle_cnn", "digits", 1, epochs=3, progress=False, data=digits_data)
-    return a, b
+def pair(digits_data, trained_once):
+    """Two width-8 Myrtle CNNs trained on digits with different seeds (a few epochs), trained once per run."""
+    def make(seed):
+        return lambda: train_one("myrtle_cnn", "digits", seed, epochs=3, progress=False, data=digits_data,
+                                 width=WIDTH)[0]
+    return tuple(trained_once(f"stitching-myrtle-seed{seed}", make(seed)) for seed in (0, 1))
 
 
 def myrtle_twin(model, seed=0):
@@ -313,7 +315,7 @@ def test_low_rank_has_the_rank(pair, digits_data, rank):
 def test_full_stitch_is_nearly_lossless_and_grelu_is_a_valid_group_element(pair, digits_data):
     r = stitch(*pair, "relu4", "full", *digits_data, epochs=2)
     assert r.penalty <= 3.0
-    assert r.bias is not None and r.matrix.shape == (128, 128)
+    assert r.bias is not None and r.matrix.shape == (8 * WIDTH, 8 * WIDTH)
 
 
 def test_bad_arguments_raise_value_errors(pair, digits_data):
