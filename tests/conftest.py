@@ -1,4 +1,5 @@
 import fcntl
+import json
 import os
 
 import pytest
@@ -14,25 +15,43 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(scope="session")
 def trained_once(tmp_path_factory):
-    """``trained_once(name, make)``: ``make()``'s model (from :mod:`intertwiners.models`), made once per run.
+    """``trained_once(name, train)``: ``train()``'s ``(model, metrics)`` (a model of :mod:`intertwiners.models`
+    and a JSON-able dict, as :func:`intertwiners.training.train_one` returns), computed once per test run.
 
-    Under pytest-xdist every worker has its own session fixtures, so an expensive trained model asked for by
-    tests on both workers would be trained twice. The first worker to get here saves it (safetensors) in the
-    session's temporary folder, common to all workers; the others wait on a file lock and load it. Without
-    xdist the model is saved and loaded alike, so both ways hand out the same weights in the same mode.
+    Under pytest-xdist every worker has its own session fixtures, so a model trained for tests that land on
+    both workers would be trained twice. The first worker to ask saves it (safetensors) in the run's temporary
+    folder, common to all its workers; the others wait on a file lock and load it. Without xdist it is saved
+    and loaded alike, so both ways hand out the same weights.
     """
     from intertwiners import models
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # <session>/popen-gwN -> <session>: this run's folder, shared by its workers
+        root = root.parent  # <run>/popen-gwN -> <run>: this run's folder, shared by its workers
 
-    def get(name: str, make):
+    def get(name: str, train):
         folder = root / f"trained-{name}"
         with open(root / f"trained-{name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not folder.is_dir():
-                models.save(make(), folder)
-        return models.load(folder)
+                model, metrics = train()
+                part = root / f"trained-{name}.partial"
+                models.save(model, part)
+                (part / "metrics.json").write_text(json.dumps(metrics))
+                part.rename(folder)
+        return models.load(folder), json.loads((folder / "metrics.json").read_text())
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def myrtle8_digits(digits, trained_once):
+    """``myrtle8_digits(seed)``: train_one's ``(model, metrics)`` for a width-8 Myrtle CNN trained on digits
+    for 3 epochs with ``seed``; each seed is trained once per test run (stitching and training tests share it)."""
+    from intertwiners.training import train_one
+
+    def get(seed: int):
+        return trained_once(f"myrtle8-digits-3ep-seed{seed}", lambda: train_one(
+            "myrtle_cnn", "digits", seed, epochs=3, progress=False, data=digits, width=8))
 
     return get
 

@@ -19,7 +19,7 @@ from intertwiners.training import accuracy as _accuracy
 from intertwiners.training import train_one
 
 SITES = ["relu1", "relu2", "relu3", "relu4"]
-WIDTH = 8                          # the pair's width: relu4 has 8 * WIDTH channels
+WIDTH = 8                          # the pair's width (myrtle8_digits): relu4 has 8 * WIDTH channels
 DEVICE = resolve_device("auto")   # the device stitch(device="auto") uses
 
 
@@ -34,12 +34,9 @@ def digits_data():
 
 
 @pytest.fixture(scope="session")
-def pair(digits_data, trained_once):
-    """Two width-8 Myrtle CNNs trained on digits with different seeds (a few epochs), trained once per run."""
-    def make(seed):
-        return lambda: train_one("myrtle_cnn", "digits", seed, epochs=3, progress=False, data=digits_data,
-                                 width=WIDTH)[0]
-    return tuple(trained_once(f"stitching-myrtle-seed{seed}", make(seed)) for seed in (0, 1))
+def pair(myrtle8_digits):
+    """Two width-8 Myrtle CNNs trained on digits with different seeds (3 epochs; trained once per test run)."""
+    return myrtle8_digits(0)[0], myrtle8_digits(1)[0]
 
 
 def myrtle_twin(model, seed=0):
