@@ -12,6 +12,18 @@ settings.register_profile("ci", deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The files holding the longest tests (10 s to 2 min each on 2 cores), run first. pytest-xdist's default
+# scheduler hands tests out in collection order as workers free up, so a two-minute test collected in the
+# middle of the suite starts late and can end alone after everything else: started first, it runs beside
+# the rest. Whole files move, so their module fixtures are still set up once.
+LONGEST_FIRST = ("test_experiments_integration.py", "test_experiments_alignment.py", "test_experiments_ray.py",
+                 "test_experiments.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def trained_once(tmp_path_factory):
