@@ -46,15 +46,13 @@ def batched_product_null(x: torch.Tensor, y: torch.Tensor, perms: np.ndarray, ch
 
     HSIC_1 = [tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3)), K~ = K with a zero diagonal,
     written with the features: tr(K~L~_pi) = |X'Y_pi|^2 - sum_i K_ii L_pi(i)pi(i)."""
-    n = x.shape[0]
+    n, work = x.shape[0], x.dtype              # products in the features' dtype, as the test runs them
     x = (x - x.mean(0)).double()
     y = (y - y.mean(0)).double()
+    xw, yw = x.T.to(work).contiguous(), y.to(work)
 
-    def terms(a, b):           # (a'b Frobenius^2 without diagonal, 1'K~1, row sums of K~) pieces
-        return a.sum(0), (a * a).sum(1)
-
-    sx, kd = terms(x, x)
-    sy, ld = terms(y, y)
+    sx, kd = x.sum(0), (x * x).sum(1)          # column sums, diagonal of K
+    sy, ld = y.sum(0), (y * y).sum(1)
     kr, lr = x @ sx - kd, y @ sy - ld
     ks, ls = float(sx @ sx - kd.sum()), float(sy @ sy - ld.sum())
 
@@ -66,8 +64,8 @@ def batched_product_null(x: torch.Tensor, y: torch.Tensor, perms: np.ndarray, ch
     ll = float(hsic(y.T @ y, (ld * ld).sum(), (lr * lr).sum()))
     out = []
     for p in torch.as_tensor(perms).split(chunk):
-        yp = y[p]                                   # (c, N, d_y): Y's samples shuffled by each pi
-        m = torch.matmul(x.T, yp)                   # (c, d_x, d_y): one batched product
+        yp = yw[p]                                  # (c, N, d_y): Y's samples shuffled by each pi
+        m = torch.matmul(xw, yp).double()           # (c, d_x, d_y): one batched product
         out.append(hsic(m, ld[p] @ kd, lr[p] @ kr))
     return torch.cat(out).numpy() / np.sqrt(kk * ll)
 
@@ -77,6 +75,7 @@ def today_module(rev: str):
     root = Path(__file__).resolve().parents[1]
     src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:src/intertwiners/similarity/permutation.py"],
                          check=True, capture_output=True, text=True).stdout
+    src = src.replace("cache=True", "cache=False")     # numba cannot cache code that has no file
     name = "intertwiners.similarity._permutation_today"
     spec = importlib.util.spec_from_loader(name, loader=None)
     mod = importlib.util.module_from_spec(spec)

@@ -267,7 +267,7 @@ class ProcrustesNull:
         n = x.shape[0]
         # sample-major rows (N, positions, C) -> position-major (positions, N, C): then the samples of a
         # batch of permutations gather into one contiguous (positions * N, c * C) matrix
-        self.xt = xm.reshape(n, -1, xm.shape[1]).transpose(0, 1).reshape(-1, xm.shape[1])
+        self.xt = xm.reshape(n, -1, xm.shape[1]).transpose(0, 1).reshape(-1, xm.shape[1]).T.contiguous()
         self.ys = ym.reshape(n, -1, ym.shape[1]).transpose(0, 1).contiguous()      # (positions, N, C_y)
 
     def null(self, perms: np.ndarray, groups: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -278,7 +278,7 @@ class ProcrustesNull:
         for p in idx.split(step):
             # row (position, i) of block b is Y's sample p_b(i) at that position: X' Y_pb for every b at once
             ybatch = self.ys[:, p.T].reshape(pos * n, -1)
-            xty = (self.xt.T @ ybatch).reshape(-1, len(p), cy).transpose(0, 1).to(torch.float64)
+            xty = (self.xt @ ybatch).reshape(-1, len(p), cy).transpose(0, 1).to(torch.float64)
             for g in groups:
                 out[g].append(self.stats.similarities(xty, g, center=self.center, drop_dead=self.drop_dead))
         return {g: np.concatenate(v) for g, v in out.items()}
@@ -290,15 +290,19 @@ class ProcrustesNull:
 
 def _sample_nulls(statistics: dict[str, float], evaluate, perms: np.ndarray, h: int | None,
                   batch: int) -> dict[str, np.ndarray]:
-    """Null values of every measure on the rows of ``perms``, in order, ``batch`` permutations at a time.
+    """Null values of every measure on the rows of ``perms``, in order: ``batch`` permutations first, then
+    batches twice as large as the one before.
 
     ``evaluate(perms, measures) -> {measure: values}``. With ``h`` (sequential), a measure stops at the
     draw that brings its h-th null value >= its statistic, and its null is cut there; the others go on.
     """
     found: dict[str, list[np.ndarray]] = {m: [] for m in statistics}
     active = tuple(statistics)
-    for start in range(0, len(perms), batch):
+    start = 0
+    while start < len(perms):
         values = evaluate(perms[start:start + batch], active)
+        start += batch
+        batch *= 2       # sequential: each batch doubles, so a long run costs a few large batches
         for m in active:
             found[m].append(values[m])
         if h is not None:
