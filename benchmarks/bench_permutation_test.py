@@ -93,8 +93,9 @@ def linear_cka(args, g) -> None:
         x = torch.randn(n, d, generator=g)
         y = x @ torch.randn(d, d, generator=g) / d ** 0.5 + torch.randn(n, d, generator=g)
         perms = permutations(n, args.permutations, 0)
-        base = best(lambda: batched_product_null(x, y, perms), args.repeats)
-        test = best(lambda: sim.permutation_test(x, y, "linear_cka", args.permutations, generator=0), args.repeats)
+        base = best(lambda x=x, y=y, perms=perms: batched_product_null(x, y, perms), args.repeats)
+        test = best(lambda x=x, y=y: sim.permutation_test(x, y, "linear_cka", args.permutations, generator=0),
+            args.repeats)
         r = sim.permutation_test(x, y, "linear_cka", args.permutations, generator=0)
         diff = float(np.abs(r.null_distribution - batched_product_null(x, y, perms)).max())
         print(f"{n:>5} {d:>4} {base:13.3f} {test:9.3f} {test / base:5.2f}x {diff:16.1e}")
@@ -108,8 +109,10 @@ def grelu_cka(args, g) -> None:
     for shape in shapes:
         x = torch.relu(torch.randn(*shape, generator=g))
         y = torch.relu(x + torch.randn(*shape, generator=g))
-        old = best(lambda: today.permutation_test(x, y, "grelu_cka", args.permutations, generator=0), args.repeats)
-        new = best(lambda: sim.permutation_test(x, y, "grelu_cka", args.permutations, generator=0), args.repeats)
+        old = best(lambda x=x, y=y: today.permutation_test(x, y, "grelu_cka", args.permutations, generator=0),
+            args.repeats)
+        new = best(lambda x=x, y=y: sim.permutation_test(x, y, "grelu_cka", args.permutations, generator=0),
+            args.repeats)
         print(f"{str(tuple(shape)):>14} {old:16.3f} {new:8.3f} {new / old:5.2f}x")
 
 
