@@ -294,3 +294,23 @@ def test_zoo_job_trains_and_keeps_a_loadable_model(tmp_path, digits):
     model = models.load(tmp_path / row.artifact)
     assert accuracy(model, digits[1]) == pytest.approx(row.result["test_accuracy"])
     assert "wall_time_s" not in row.result  # results stay deterministic; timing lives in the row
+
+
+def test_an_experiment_whose_module_cannot_be_imported_fails_with_its_name(tmp_path, monkeypatch):
+    """A module that does not exist makes its job type unavailable (a reason); one that exists but raises
+    on import is a defect: ImportError naming the job type and the module, never a silent skip."""
+    from intertwiners.experiments.jobs import JobType
+
+    (tmp_path / "broken_job_module.py").write_text("raise RuntimeError('half-edited')\n")
+    (tmp_path / "needs_absent_dep.py").write_text("import absent_package_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def job(needs):
+        return JobType("demo", lambda *a: {}, "demo", needs=needs)
+
+    assert job(("no_such_module_xyz",)).missing() == "module no_such_module_xyz is not available"
+    assert job(("json:no_such_function",)).missing() == "json.no_such_function is not available"
+    assert job(("json:dumps",)).missing() is None
+    for mod, why in (("broken_job_module", "half-edited"), ("needs_absent_dep", "absent_package_xyz")):
+        with pytest.raises(ImportError, match=f"job type 'demo': module {mod} cannot be imported.*{why}"):
+            job((mod,)).missing()

@@ -108,3 +108,44 @@ def test_cli_similarity_prints_and_writes_pvalues(tmp_path, capsys):
     assert all(1 / 31 <= v <= 1 for v in p)
     printed = capsys.readouterr().out
     assert "permutation tests (30 shuffles of the first 48 samples" in printed and "chance-corrected" in printed
+
+
+def slow_sequential_test(x, y, measure, max_draws, generator, h):
+    """Besag & Clifford by hand: the measure on Y's shuffled samples, one draw at a time, stopping at the
+    h-th null value >= the statistic (p = h / k), else p = (1 + hits) / (1 + max_draws)."""
+    t, null = DIRECT[measure](x, y), []
+    for p in permutations(x.shape[0], max_draws, generator):
+        null.append(DIRECT[measure](x, y[p]))
+        if np.sum(np.asarray(null) >= t - 1e-12) == h:
+            return t, h / len(null), null
+    return t, (1 + np.sum(np.asarray(null) >= t - 1e-12)) / (1 + max_draws), null
+
+
+@pytest.mark.parametrize("measure", ["procrustes_orthogonal", "procrustes_grelu", "linear_cka"])
+def test_sequential_test_matches_a_draw_by_draw_loop(measure):
+    for noise, seed in ((3.0, 0), (0.05, 1)):        # typical (stops early) and extreme (runs every draw)
+        x, y = related(n=16, d=3, noise=noise, seed=seed)
+        r = sim.permutation_test(x, y, measure, 60, generator=seed, sequential=True, h=3)
+        t, p, null = slow_sequential_test(x, y, measure, 60, seed, 3)
+        assert r.statistic == pytest.approx(t, abs=1e-9) and r.pvalue == pytest.approx(p)
+        np.testing.assert_allclose(r.null_distribution, null, atol=1e-9)
+        assert r.n_permutations == len(null) and r.h == 3
+    with pytest.raises(ValueError, match="positive integer"):
+        sim.permutation_test(x, y, measure, 10, sequential=True, h=0)
+
+
+def test_sequential_procrustes_rejects_at_most_five_percent_on_null_data():
+    """100 independent pairs, sequential test (h = 4, at most 39 draws): the share of p <= 0.05 is at most
+    5% within its 99% binomial interval, and typical values stop long before 39 draws."""
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(7)
+    p, draws = [], []
+    for _ in range(100):
+        x, y = rng.normal(size=(12, 2)), rng.normal(size=(12, 2))
+        r = sim.permutation_test(x, y, "procrustes_orthogonal", 39, generator=rng, sequential=True, h=4)
+        p.append(r.pvalue)
+        draws.append(r.n_permutations)
+    rejected = int(np.sum(np.asarray(p) <= 0.05))
+    assert binomtest(rejected, 100).proportion_ci(0.99).low <= 0.05, rejected
+    assert np.mean(draws) < 20

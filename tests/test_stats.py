@@ -11,18 +11,20 @@ from scipy import stats as sps
 
 from intertwiners.stats import (
     ANSWERS,
+    Interval,
     decide,
     evidence,
     mean_ci,
     paired_difference,
     permutation_pvalue,
+    sequential_pvalue,
     sign_test,
     summary,
     welch_difference,
 )
 
 
-@pytest.mark.parametrize("n", [2, 3, 5, 17])
+@pytest.mark.parametrize("n", [3, 5, 17])
 def test_mean_ci_is_scipys_t_interval(n):
     v = np.random.default_rng(n).normal(1.0, 2.0, n)
     iv = mean_ci(v)
@@ -92,7 +94,7 @@ def test_decide_gives_each_answer():
     assert decide("c", [up, down], "t").answer == "no"
     assert decide("c", [up, wide], "t").answer == "inconclusive"
     claim = decide("c", [single], "t")
-    assert claim.answer == "inconclusive" and "2 samples" in claim.detail
+    assert claim.answer == "inconclusive" and "at least 3 values" in claim.detail
     assert decide("c", [up], "t", precondition="model at chance").answer == "not testable"
     assert decide("c", [], "t").answer == "not testable"
     flipped = evidence("x", [0.05, 0.06, 0.04], threshold=0.02, direction=-1)   # claim: x < 0.02
@@ -104,7 +106,7 @@ def test_decide_gives_each_answer():
 @pytest.mark.filterwarnings("ignore:Precision loss occurred")
 def test_no_yes_or_no_where_the_interval_contains_the_opposite(scipy_side):
     """Over many random claims: a yes has every interval on the claimed side, a no has one interval wholly
-    on the other side (intervals recomputed by scipy), and with one sample the answer is never yes/no."""
+    on the other side (intervals recomputed by scipy), and with fewer than 3 values the answer is never yes/no."""
     rng = np.random.default_rng(0)
     seen = set()
     for trial in range(300):
@@ -118,10 +120,83 @@ def test_no_yes_or_no_where_the_interval_contains_the_opposite(scipy_side):
         claim = decide("claim", items, "test")
         seen.add(claim.answer)
         assert claim.answer in ANSWERS
-        sides = [0 if e.interval.n < 2 or (e.b is not None and min(len(e.a), len(e.b)) < 2) else scipy_side(e)
+        sides = [0 if e.interval.n < 3 or (e.b is not None and min(len(e.a), len(e.b)) < 3) else scipy_side(e)
                  for e in items]
         if claim.answer == "yes":
             assert all(s > 0 for s in sides), (claim, sides)
         if claim.answer == "no":
             assert any(s < 0 for s in sides), (claim, sides)
     assert {"yes", "no", "inconclusive"} <= seen
+
+
+# Degenerate intervals: fewer than three values, or none different, never decide a claim
+
+
+@pytest.mark.parametrize("values", [[3.0, 5.0], [-4.0, -4.5], [2.0, 2.0, 2.0], [-1.0] * 8, [0.5, 0.5]])
+def test_few_or_equal_values_give_no_interval_and_an_inconclusive_claim(values):
+    iv = mean_ci(values)
+    assert math.isnan(iv.half) and not iv.defined and iv.side(0.0) == 0
+    assert "no interval" in iv.text() and ("all equal" in iv.text()) == (len(values) >= 3)
+    claim = decide("positive", [evidence("v", values)], "t-interval")
+    assert claim.answer == "inconclusive" and "at least 3 values" in claim.detail
+    against = decide("negative", [evidence("v", values, direction=-1)], "t-interval")
+    assert against.answer == "inconclusive"
+
+
+def test_degenerate_differences_and_summary_rows_are_undefined():
+    assert not paired_difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0]).defined      # every difference equal
+    assert not paired_difference([1.0, 2.0], [0.0, 0.0]).defined                # two pairs
+    assert not welch_difference([1.0, 1.0, 1.0], [2.0, 2.0, 2.0]).defined        # neither side varies
+    assert not welch_difference([1.0, 2.0], [5.0, 6.0, 7.0]).defined             # a side with two values
+    assert welch_difference([1.0, 1.0, 1.0], [2.0, 2.5, 3.0]).defined            # one side varies: defined
+    assert not Interval.from_bounds(1.0, 1.0, 1.0, 5).defined                    # zero width read back
+    assert not Interval.from_bounds(1.0, 0.5, 1.5, 2).defined                    # two values read back
+    assert Interval.from_bounds(1.0, 0.5, 1.5, 3).defined
+
+
+def test_three_varying_values_can_still_decide():
+    assert decide("positive", [evidence("v", [5.0, 5.1, 4.9])], "t").answer == "yes"
+    assert decide("positive", [evidence("v", [-5.0, -5.1, -4.9])], "t").answer == "no"
+
+
+# Sequential Monte Carlo p-values (Besag & Clifford 1991)
+
+
+def slow_sequential_pvalue(statistic, draws, h):
+    """Draw by draw: stop at the h-th null value >= statistic (p = h / k), else (1 + hits) / (1 + B)."""
+    hits = 0
+    for k, v in enumerate(draws, start=1):
+        hits += v >= statistic
+        if hits == h:
+            return h / k, k
+    return (1 + hits) / (1 + len(draws)), len(draws)
+
+
+def test_sequential_pvalue_matches_a_draw_by_draw_loop():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        draws = rng.integers(0, 6, size=int(rng.integers(1, 40))).astype(float)   # ties included
+        t, h = float(rng.integers(0, 7)), int(rng.integers(1, 5))
+        p, k = slow_sequential_pvalue(t, draws, h)
+        assert sequential_pvalue(t, draws[:k], h, len(draws)) == pytest.approx(p)
+    with pytest.raises(ValueError, match="h must be"):
+        sequential_pvalue(0.0, [1.0], 0, 1)
+    with pytest.raises(ValueError, match="cannot have stopped"):
+        sequential_pvalue(5.0, [1.0, 2.0], 3, 10)
+
+
+def test_sequential_pvalue_is_valid_under_the_null():
+    """Statistic and draws exchangeable (the null): the share of p <= alpha is at most alpha within its
+    99.9% binomial interval, and the test stops early on most trials."""
+    rng = np.random.default_rng(1)
+    h, b = 5, 49
+    p, stops = [], []
+    for v in rng.random((1000, b + 1)):
+        k = slow_sequential_pvalue(v[0], v[1:], h)[1]
+        p.append(sequential_pvalue(v[0], v[1:1 + k], h, b))
+        stops.append(k)
+    p = np.asarray(p)
+    for alpha in (0.02, 0.05, 0.1, 0.5):
+        low = sps.binomtest(int(np.sum(p <= alpha)), p.size).proportion_ci(0.999).low
+        assert low <= alpha, (alpha, np.mean(p <= alpha))
+    assert np.median(stops) < b / 2

@@ -5,17 +5,23 @@ plots, so that the same data always get the same interval:
 
 * the interval of a mean of n values is the Student t interval ``mean ± t(1 - (1 - c)/2, n - 1) · s / √n``
   with ``s`` the sample standard deviation (``ddof=1``) and ``c`` the confidence (0.95 by default);
-* with n = 1 the interval is **undefined**: ``half`` and ``std`` are NaN (shown as "n = 1, no interval"),
-  never 0 — one sample says nothing about its own spread; with n = 0 the mean is NaN as well;
+* with fewer than :data:`MIN_VALUES` (3) values, or values that are all equal, the interval is **undefined**:
+  ``half`` is NaN (shown as "n = 2, no interval" or "n = 5, all equal, no interval"), never a zero or
+  near-degenerate width — two values, or values with no spread, say nothing reliable about their own
+  spread, so no answer may rest on such an interval; with n = 0 the mean is NaN as well;
 * a paired difference is the interval of the mean of the differences ``a_i − b_i`` (pairs share a model
   pair, a repeat seed or a rotation); an unpaired difference uses Welch's interval (unequal variances,
-  Welch–Satterthwaite degrees of freedom), undefined when either side has fewer than 2 values;
+  Welch–Satterthwaite degrees of freedom), undefined when either side has fewer than 3 values or neither
+  side varies;
 * :func:`sign_test` is the two-sided exact binomial test of the signs of paired differences (zeros dropped);
-* :func:`permutation_pvalue` is the Monte Carlo p-value with the +1 correction, (1 + #{null ≥ t}) / (1 + B).
+* :func:`permutation_pvalue` is the Monte Carlo p-value with the +1 correction, (1 + #{null ≥ t}) / (1 + B);
+  :func:`sequential_pvalue` the sequential one of Besag & Clifford (1991): h / k when the h-th null value
+  ≥ t came at draw k, else the fixed-B value.
 
 Claims (:class:`Claim`) turn intervals into one of four answers, each with the numbers and the test named:
 **yes** (every interval lies on the claimed side), **no** (some interval lies wholly on the other side),
-**inconclusive** (neither: the data cannot decide at this sample size, or an interval is undefined) and
+**inconclusive** (neither: the data cannot decide at this sample size, or an interval is undefined — so
+fewer than 3 values, or values that are all equal, always answer inconclusive) and
 **not testable** (a precondition fails: e.g. a model at chance, no interpretable units to lose).
 """
 
@@ -29,6 +35,7 @@ import numpy as np
 
 ANSWERS = ("yes", "no", "inconclusive", "not testable")
 CONFIDENCE = 0.95
+MIN_VALUES = 3      # the fewest values (per side of a Welch difference) an interval is built from
 
 
 def _values(values: Iterable[float], name: str = "values") -> np.ndarray:
@@ -38,11 +45,15 @@ def _values(values: Iterable[float], name: str = "values") -> np.ndarray:
     return v
 
 
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
 def _t_quantile(confidence: float, df: float) -> float:
     from scipy.stats import t as student_t
 
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check_confidence(confidence)
     return float(student_t.ppf(0.5 + confidence / 2, df))
 
 
@@ -68,7 +79,9 @@ class Interval:
 
     @property
     def defined(self) -> bool:
-        return self.n >= 1 and math.isfinite(self.half)
+        """At least :data:`MIN_VALUES` values and a finite, positive width (a zero-width interval, e.g. a
+        summary row of equal values read back by :meth:`from_bounds`, is undefined)."""
+        return self.n >= MIN_VALUES and math.isfinite(self.half) and self.half > 0
 
     @property
     def low(self) -> float:
@@ -85,29 +98,35 @@ class Interval:
         return 1 if self.low > threshold else (-1 if self.high < threshold else 0)
 
     def text(self, digits: int = 2, signed: bool = False) -> str:
-        """``1.23 ± 0.45``; ``1.23 (n = 1, no interval)``; ``–`` without data."""
+        """``1.23 ± 0.45``; ``1.23 (n = 2, no interval)``; ``1.23 (n = 5, all equal, no interval)``; ``–``
+        without data."""
         if self.n == 0 or not math.isfinite(self.mean):
             return "–"
         m = f"{self.mean:+.{digits}f}" if signed else f"{self.mean:.{digits}f}"
-        if not math.isfinite(self.half):
-            return f"{m} (n = {self.n}, no interval)"
+        if not self.defined:
+            equal = ", all equal" if self.n >= MIN_VALUES and (self.std == 0 or self.half == 0) else ""
+            return f"{m} (n = {self.n}{equal}, no interval)"
         return f"{m} ± {self.half:.{digits}f}"
 
     def bracket(self, digits: int = 2) -> str:
-        """``+1.23 [+0.78, +1.68]``, or ``+1.23 (n = 1, no interval)``."""
+        """``+1.23 [+0.78, +1.68]``, or ``+1.23 (n = 2, no interval)``."""
         if not self.defined:
             return self.text(digits, signed=True)
         return f"{self.mean:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
 
 
 def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> Interval:
-    """Mean of ``values`` with its Student t interval (see the module doc; n = 1: undefined, n = 0: NaN)."""
+    """Mean of ``values`` with its Student t interval (see the module doc; n < 3 or all values equal:
+    undefined, ``half`` NaN; n = 0: the mean is NaN too)."""
+    _check_confidence(confidence)
     v = _values(values)
     if v.size == 0:
         return Interval(math.nan, math.nan, 0, math.nan, confidence)
     if v.size == 1:
         return Interval(float(v[0]), math.nan, 1, math.nan, confidence)
     std = float(v.std(ddof=1))
+    if v.size < MIN_VALUES or np.all(v == v[0]):
+        return Interval(float(v.mean()), math.nan, int(v.size), std, confidence)
     half = _t_quantile(confidence, v.size - 1) * std / math.sqrt(v.size)
     return Interval(float(v.mean()), half, int(v.size), std, confidence)
 
@@ -121,7 +140,8 @@ def paired_difference(a: Iterable[float], b: Iterable[float], confidence: float 
 
 
 def welch_difference(a: Iterable[float], b: Iterable[float], confidence: float = CONFIDENCE) -> Interval:
-    """Interval of mean(a) - mean(b) for independent samples (Welch); undefined if either has < 2 values."""
+    """Interval of mean(a) - mean(b) for independent samples (Welch); undefined if either has fewer than
+    :data:`MIN_VALUES` values or neither varies."""
     a, b = _values(a, "a"), _values(b, "b")
     n = min(a.size, b.size)
     if n == 0:
@@ -131,8 +151,8 @@ def welch_difference(a: Iterable[float], b: Iterable[float], confidence: float =
         return Interval(mean, math.nan, n, math.nan, confidence)
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     se = math.sqrt(va + vb)
-    if se == 0:
-        return Interval(mean, 0.0, n, 0.0, confidence)
+    if n < MIN_VALUES or (np.all(a == a[0]) and np.all(b == b[0])):
+        return Interval(mean, math.nan, n, se, confidence)
     df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
     return Interval(mean, _t_quantile(confidence, df) * se, n, se, confidence)
 
@@ -148,6 +168,13 @@ def sign_test(differences: Iterable[float]) -> float:
     return float(binomtest(int((d > 0).sum()), int(d.size), 0.5).pvalue)
 
 
+def _reaches(statistic: float, null: np.ndarray) -> np.ndarray:
+    """Which null values count as at least as large as ``statistic`` (equal up to rounding, relative 1e-12,
+    counts): the one rule of every permutation p-value."""
+    tol = 1e-12 * max(1.0, abs(statistic))
+    return np.asarray(null, dtype=float) >= statistic - tol
+
+
 def permutation_pvalue(statistic: float, null: np.ndarray) -> float:
     """(1 + #{null >= statistic}) / (1 + B): the Monte Carlo permutation p-value of "greater than chance".
 
@@ -156,8 +183,35 @@ def permutation_pvalue(statistic: float, null: np.ndarray) -> float:
     null = np.asarray(null, dtype=float)
     if null.size == 0:
         raise ValueError("the null distribution is empty: use at least one permutation")
-    tol = 1e-12 * max(1.0, abs(statistic))
-    return float((1 + np.count_nonzero(null >= statistic - tol)) / (1 + null.size))
+    return float((1 + np.count_nonzero(_reaches(statistic, null))) / (1 + null.size))
+
+
+def sequential_stop(statistic: float, null: np.ndarray, h: int) -> int | None:
+    """The number of draws k after which ``h`` of the null values (in the order drawn) have reached the
+    statistic, or None if fewer than h of them do (Besag & Clifford 1991's stopping time)."""
+    hits = np.flatnonzero(_reaches(statistic, null))
+    return int(hits[h - 1]) + 1 if hits.size >= h else None
+
+
+def sequential_pvalue(statistic: float, null: np.ndarray, h: int, max_draws: int) -> float:
+    """Besag & Clifford's (1991) sequential Monte Carlo p-value of "greater than chance".
+
+    Null values are drawn one by one, at most ``max_draws``; sampling stops once ``h`` of them reach the
+    statistic. Stopped after k draws: p = h / k; otherwise (all ``max_draws`` drawn, fewer than h reached
+    it): p = (1 + #{null >= statistic}) / (1 + max_draws), the fixed-B p-value. Valid at every level:
+    P(p <= alpha) <= alpha under the null (exchangeable draws). ``null`` holds the draws in order: the
+    first k when stopped, else all ``max_draws``.
+    """
+    if isinstance(h, bool) or int(h) != h or h < 1:
+        raise ValueError(f"h must be a positive integer, got {h!r}")
+    null = np.asarray(null, dtype=float)
+    k = sequential_stop(statistic, null, int(h))
+    if k is not None:
+        return float(h) / k
+    if null.size != max_draws:
+        raise ValueError(f"fewer than h = {h} of the {null.size} null values reach the statistic, so sampling "
+                         f"cannot have stopped: expected all {max_draws} draws")
+    return permutation_pvalue(statistic, null)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,7 +289,7 @@ def decide(text: str, items: Sequence[Evidence], test: str, *, precondition: str
         answer = "inconclusive"
     why = ""
     if answer == "inconclusive" and any(not e.interval.defined for e in items):
-        why = " (an interval needs at least 2 samples)"
+        why = f" (an interval needs at least {MIN_VALUES} values, not all equal)"
     return Claim(text, answer, f"{test}: {numbers}{why}", list(items))
 
 

@@ -91,20 +91,23 @@ class JobType:
         return _code_version(self.sources) if self.sources else None
 
     def missing(self) -> str | None:
-        """``None`` when the job type can run here, else the reason (a missing module or function)."""
+        """``None`` when the job type can run here, else the reason (a module or function that does not
+        exist). A module that exists but cannot be imported is a defect, not a reason to skip the
+        experiment: ImportError naming this job type and the module, so the run fails with a non-zero exit."""
         for need in self.needs:
             mod, _, attr = need.partition(":")
             try:
                 found = importlib.util.find_spec(mod) is not None
-            except ModuleNotFoundError:
+                module = importlib.import_module(mod) if found else None
+            except ModuleNotFoundError as err:
+                if err.name is None or not (mod + ".").startswith(err.name + "."):   # exists; an import in it does not
+                    raise ImportError(f"job type {self.kind!r}: module {mod} cannot be imported: {err!r}") from err
                 found = False
+            except Exception as err:
+                raise ImportError(f"job type {self.kind!r}: module {mod} cannot be imported: {err!r}") from err
             if not found:
                 return f"module {mod} is not available"
             if attr:
-                try:
-                    module = importlib.import_module(mod)
-                except Exception as err:  # a module that exists but cannot be imported yet
-                    return f"module {mod} cannot be imported: {err!r}"
                 if not hasattr(module, attr):
                     return f"{mod}.{attr} is not available"
         return None
