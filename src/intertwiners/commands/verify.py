@@ -123,7 +123,7 @@ def build_model(args):
 
 def _tensors(y) -> list:
     """The tensors of a model output (a tensor, a tuple/list, a dict or a transformers ModelOutput)."""
-    from ..symmetries.engine import tensors_of
+    from ..symmetries.capture import tensors_of
 
     return tensors_of(y)
 
