@@ -72,6 +72,7 @@ class Rolled(nn.Module):
         return self.b(torch.relu(torch.roll(self.a(x), 1, -1)))
 
 
+@pytest.mark.safety_pins
 @pytest.mark.parametrize("build", [lambda: nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 3)), Rolled])
 def test_a_wrong_rule_fails_verification(wrong_rules, build):
     torch.manual_seed(0)
@@ -81,6 +82,26 @@ def test_a_wrong_rule_fails_verification(wrong_rules, build):
     # the safety check, the last line of defence, pins it (and says so)
     spec = symmetry_spec(model, X)
     assert any(SAFETY_REASON in r for r in spec.pinned.values())
+
+
+def test_the_no_safety_pins_guard_sees_a_wrong_rule(wrong_rules, no_safety_pins):
+    """The suite-wide guard (tests/conftest.py) records a safety pin: with a wrong rule it has one to report
+    (emptied here so this test passes; every other unmarked test fails on one)."""
+    model = Rolled().double()
+    spec = symmetry_spec(model, X)
+    assert no_safety_pins and all(SAFETY_REASON in p for p in no_safety_pins)
+    assert set(spec.pinned) >= {p.split(":")[0] for p in no_safety_pins}
+    no_safety_pins.clear()
+
+
+def test_spaces_pinned_on_purpose_keep_their_reason_and_are_not_failures():
+    """An output layer's channels are pinned with a reason; verify passes and lists the pin, not a failure."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    spec = symmetry_spec(model, X, check=False)
+    assert spec.pinned and all(isinstance(r, str) and r and SAFETY_REASON not in r for r in spec.pinned.values())
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and not report.failures() and report.pinned == spec.pinned
+    assert all(f"pinned: {r}" in str(report) for r in spec.pinned.values())
 
 
 def test_without_the_wrong_rule_sigmoid_is_a_permutation_space():

@@ -51,7 +51,7 @@ def _param_view(ctx: Context, node: fx.Node, x: ParamRef) -> ParamRef:
     return ParamRef(x.name, ctx.shape(node) or x.shape)
 
 
-@builtin(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten)
+@builtin(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.reshape_as, aten.view_as)
 def view(ctx: Context, node: fx.Node):
     x = ctx.value(node.args[0])
     shape = ctx.shape(node)
@@ -124,6 +124,52 @@ def expand(ctx: Context, node: fx.Node):
                 return ctx.unsupported(node, f"{ctx.describe(node)} broadcasts a channel axis")
             out = L.with_non_feature_size(out, d, s)
     return out
+
+
+@builtin(aten.repeat)
+def repeat(ctx: Context, node: fx.Node):
+    """Tiling along axes without channels (new leading axes included); tiling a channel axis is not supported."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    reps = list(node.args[1])
+    out = x
+    for _ in range(len(reps) - x.ndim):
+        out = L.unsqueeze(out, 0)
+    for d, r in enumerate(reps):
+        if r != 1:
+            if d in out.feature_dims():
+                return ctx.unsupported(node, f"{ctx.describe(node)} repeats a channel axis")
+            out = L.with_non_feature_size(out, d, out.shape[d] * r)
+    return out
+
+
+@builtin(aten.roll)
+def roll(ctx: Context, node: fx.Node):
+    """A cyclic shift along axes without channels (shifted windows) acts on every channel alike; a shift of a
+    channel axis (or of the flattened tensor) is not supported."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    dims = ctx.arg(node, 2, "dims", [])
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims or any(d % x.ndim in x.feature_dims() for d in dims):
+        return ctx.unsupported(node, f"{ctx.describe(node)} shifts a channel axis")
+    return x
+
+
+@builtin(aten.stack)
+def stack(ctx: Context, node: fx.Node):
+    """Values with the same channels stacked along a new axis (which holds no channels)."""
+    parts = [ctx.value(a) for a in node.args[0]]
+    if not any(isinstance(v, Layout) for v in parts):
+        return None
+    ref = parts[0]
+    if not all(isinstance(v, Layout) and L.same_structure(ref, v) and np.array_equal(ref.atoms, v.atoms)
+               and np.array_equal(ref.chains, v.chains) for v in parts):
+        return ctx.unsupported(node, f"{ctx.describe(node)} stacks values with different channels")
+    dim = ctx.arg(node, 1, "dim", 0) % (ref.ndim + 1)
+    return L.with_non_feature_size(L.unsqueeze(ref, dim), dim, len(parts))
 
 
 def index(ctx: Context, node: fx.Node, x: Layout, dim: int, idx):
