@@ -61,3 +61,29 @@ def test_shifting_or_tiling_the_channel_axis_pins_it():
             moved.a.bias.copy_(model.a.bias[perm])
             moved.b.weight.copy_(model.b.weight[:, perm])
         assert (moved(X) - model(X)).abs().max() > 1e-3
+
+
+class WrittenOutLinear(nn.Module):
+    """Linear layers written as products with a parameter: x @ W.T + b (Falcon, XGLM) and x @ W."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6))
+        self.w2 = nn.Parameter(torch.randn(5, 6))
+        self.w3 = nn.Parameter(torch.randn(5, 3))
+
+    def forward(self, x):
+        h = torch.relu(x @ self.w1.T + self.b1)
+        h = torch.tanh(torch.matmul(h, self.w2.transpose(0, 1)))
+        return h @ self.w3
+
+
+def test_products_with_a_transposed_parameter_are_linear_layers():
+    torch.manual_seed(0)
+    model = WrittenOutLinear().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert sorted(s.size for s in spec.spaces.values()) == [5, 6] and not spec.pinned, spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), new.parameters()))

@@ -97,10 +97,14 @@ def linear(ctx: Context, node: fx.Node):
 
 @builtin(aten.addmm)
 def addmm(ctx: Context, node: fx.Node):
-    """transformers' Conv1D: b + x @ W with W of shape (in, out)."""
+    """transformers' Conv1D: b + x @ W with W of shape (in, out); also b + x @ W.T with W (out, in)."""
     b, x, w = (ctx.value(a) for a in node.args[:3])
-    if not isinstance(w, ParamRef) or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+    wt = transposed_param(ctx, node.args[2])
+    if (wt is None and not isinstance(w, ParamRef)) or node.kwargs.get("beta", 1) != 1 \
+            or node.kwargs.get("alpha", 1) != 1:
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
+    if wt is not None:   # b + x @ W.T with W (out, in)
+        return producer(ctx, node, x, wt, b, 1, 0, 1, 1 if isinstance(x, Layout) else None)
     return producer(ctx, node, x, w, b, 1, 1, 0, 1 if isinstance(x, Layout) else None)
 
 
@@ -110,11 +114,30 @@ def matmul(ctx: Context, node: fx.Node):
     x, w = ctx.value(node.args[0]), ctx.value(node.args[1])
     if isinstance(x, Layout) and isinstance(w, Layout):
         return attention_product(ctx, node, x, w)
+    ndim = len(ctx.shape(node))
+    in_dim = (x.ndim - 1) if isinstance(x, Layout) else None
+    wt = transposed_param(ctx, node.args[1])
+    if wt is not None:   # x @ W.T with W (out, in): nn.Linear written out
+        return producer(ctx, node, x, wt, None, ndim - 1, 0, 1, in_dim)
     if not isinstance(w, ParamRef) or len(w.shape) != 2:
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values (or a non-parameter "
                                      "weight) is not supported")
-    ndim = len(ctx.shape(node))
-    return producer(ctx, node, x, w, None, ndim - 1, 1, 0, (x.ndim - 1) if isinstance(x, Layout) else None)
+    return producer(ctx, node, x, w, None, ndim - 1, 1, 0, in_dim)
+
+
+def transposed_param(ctx: Context, arg) -> ParamRef | None:
+    """The 2-D parameter W when ``arg`` is W.T (``.T``, ``.mT``, ``t``, ``transpose`` of its two axes,
+    ``permute(1, 0)``)."""
+    if not isinstance(arg, fx.Node) or arg.op != "call_function":
+        return None
+    op = getattr(arg.target, "overloadpacket", None)
+    w = ctx.value(arg.args[0]) if arg.args else None
+    if not isinstance(w, ParamRef) or len(w.shape) != 2:
+        return None
+    if op in (aten.t, aten.numpy_T, aten.mT, aten.adjoint) or (op is aten.transpose and {d % 2 for d in arg.args[1:3]} == {0, 1}) \
+            or (op is aten.permute and [d % 2 for d in arg.args[1]] == [1, 0]):
+        return w
+    return None
 
 
 @builtin(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
