@@ -134,7 +134,8 @@ def transposed_param(ctx: Context, arg) -> ParamRef | None:
     w = ctx.value(arg.args[0]) if arg.args else None
     if not isinstance(w, ParamRef) or len(w.shape) != 2:
         return None
-    if op in (aten.t, aten.numpy_T, aten.mT, aten.adjoint) or (op is aten.transpose and {d % 2 for d in arg.args[1:3]} == {0, 1}) \
+    if op in (aten.t, aten.numpy_T, aten.mT, aten.adjoint) \
+            or (op is aten.transpose and {d % 2 for d in arg.args[1:3]} == {0, 1}) \
             or (op is aten.permute and [d % 2 for d in arg.args[1]] == [1, 0]):
         return w
     return None
