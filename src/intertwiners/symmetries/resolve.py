@@ -224,6 +224,10 @@ class Resolver:
                                                    if t is not None])):
                     if c >= 0:
                         spaces[self.space_of[int(c)]].reasons.append(reason)
+                if rec.heads is not None:   # the scores' head axis (and a per-head parameter on it) stays fixed
+                    for c in np.unique(self.classes(np.asarray(rec.heads).reshape(-1))):
+                        if c >= 0:
+                            spaces[self.space_of[int(c)]].reasons.append(reason)
                 continue
             qk_free = not A.reasons and not A.output and all(holds("general_linear", c, an.groups)
                                                              for c in A.constraints)
