@@ -26,6 +26,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch default)")
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     p.add_argument("--check", action="store_true", help="also measure the output error of the transformed copy")
+    p.add_argument("--spec-tokens", type=int, default=32,
+                   help="sequence length for the symmetry_spec(check=False) row (issue 18: batch 1 x 32 tokens)")
     p.add_argument("--monomial", action="store_true",
                    help="random_symmetry(..., monomial=True): (perm, scale) elements where the engine offers them")
     args = p.parse_args(argv)
@@ -48,6 +50,11 @@ def main(argv=None):
         model(ids)  # warm-up
         t_fwd, reference = timed(lambda: model(ids), args.repeats)
     rows = [(f"forward, batch 1, {args.tokens} tokens (baseline)", t_fwd)]
+    # issue 18: the analysis alone (no safety check) on batch 1 x 32 tokens, against a forward of that input
+    short = ids[:, :args.spec_tokens]
+    with torch.no_grad():
+        t_fwd_short, _ = timed(lambda: model(short), args.repeats)
+    t_derive, _ = timed(lambda: symmetry_spec(model, short, check=False), args.repeats)
     try:
         t_spec, spec = timed(lambda: symmetry_spec(model, ids), args.repeats)
     except Exception as err:
@@ -68,6 +75,10 @@ def main(argv=None):
     for name, t in rows:
         print(f"  {name:<52} {t:8.3f} s   {t / t_fwd:8.1f} x forward")
     print(f"goal: spec + apply under 10 s -> {'met' if total < 10 else 'NOT met'} ({total:.2f} s)")
+    print(f"  {'forward, batch 1, ' + str(short.shape[1]) + ' tokens':<52} {t_fwd_short:8.3f} s")
+    print(f"  {'symmetry_spec(check=False), batch 1 x ' + str(short.shape[1]) + ' tokens':<52} {t_derive:8.3f} s   "
+          f"{t_derive / t_fwd_short:8.1f} x forward of the same input (goal <= 5x: "
+          f"{'met' if t_derive <= 5 * t_fwd_short else 'NOT met'})")
     if args.check:
         with torch.no_grad():
             a, b = reference.logits, new(ids).logits

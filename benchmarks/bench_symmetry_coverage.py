@@ -39,8 +39,8 @@ import replicas  # noqa: E402
 
 from intertwiners._util import max_nan
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec  # noqa: E402
-from intertwiners.symmetries.engine import tensors_of
-from intertwiners.symmetries.verify import _no_dropout
+from intertwiners.symmetries.capture import tensors_of
+from intertwiners.symmetries.compare import no_dropout
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -72,7 +72,7 @@ def forward(model: nn.Module, x, train: bool):
         for m in model.modules():
             if isinstance(m, _DROPOUTS):
                 m.eval()
-    with torch.random.fork_rng(devices=[]), _no_dropout():  # also functional and attention dropout
+    with torch.random.fork_rng(devices=[]), no_dropout():  # also functional and attention dropout
         torch.manual_seed(0)
         return model(x)
 

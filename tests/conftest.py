@@ -104,3 +104,26 @@ def scipy_side():
         return e.direction * (1 if lo > e.threshold else (-1 if hi < e.threshold else 0))
 
     return side
+
+
+@pytest.fixture(autouse=True)
+def no_safety_pins(request, monkeypatch):
+    """Every spec built in the tests passes the safety check untouched: a space pinned by it is a rule bug (the
+    engine derived a symmetry that is not one). Tests that build a wrong rule on purpose say so with
+    ``@pytest.mark.safety_pins``; every other test fails on a safety pin, naming the space and the error."""
+    if request.node.get_closest_marker("safety_pins") is not None:
+        yield []
+        return
+    from intertwiners.symmetries import derive
+
+    pins = []
+    real = derive.safety_check
+
+    def recording(model, args, spec, *rest, **kwargs):
+        checked = real(model, args, spec, *rest, **kwargs)
+        pins.extend((name, why) for name, why in checked.pinned.items() if name not in spec.pinned)
+        return checked
+
+    monkeypatch.setattr(derive, "safety_check", recording)
+    yield pins
+    assert not pins, "the safety check pinned derived spaces (a rule bug):\n" + "\n".join(f"{n}: {w}" for n, w in pins)

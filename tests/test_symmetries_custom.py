@@ -2,6 +2,7 @@
 concatenation, channel slicing, GL spaces, and what gets pinned (never a wrong symmetry)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -247,13 +248,13 @@ def test_unsupported_modules_pin_their_spaces(kind):
     import numpy as np
 
     from intertwiners.groups import kind_group
-    from intertwiners.symmetries import ParamAction, Segment, Space
+    from intertwiners.symmetries import Carried, Power, Rows, Slot, Space
 
-    forced = copy.deepcopy(spec)
-    forced.spaces["1"] = Space("1", 6, kind_group("permutation"))
-    seg = Segment("1", np.arange(6), np.arange(6)[:, None], ())
-    forced.param_actions += [ParamAction("0.weight", 0, "out", "1", seg, length=6),
-                             ParamAction("0.bias", 0, "out", "1", seg, length=6)]
+    rows = Rows(Carried(Power(1.0, True), Power(1.0, True)))
+    forced = dataclasses.replace(spec, spaces={**spec.spaces, "1": Space("1", 6, kind_group("permutation"))},
+                                 all_slots=spec.slots() + [Slot("1", p, "parameter", 0, 6, np.arange(6),
+                                                                np.arange(6)[:, None], rows)
+                                                           for p in ("0.weight", "0.bias")])
     P = torch.eye(6, dtype=torch.float64)[[1, 0, 3, 2, 5, 4]]
     new = apply_symmetry(model, {"1": P}, forced)
     with torch.no_grad():

@@ -15,31 +15,29 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ..symmetries.constraints import DUAL
+from ..symmetries.slots import HeadBlocks
 
 
 def head_features(model: nn.Module, spec, space: str) -> dict[str, torch.Tensor]:
     """Rows per coordinate of an attention space: ``q``/``k`` (heads·dk, F) query and key rows (weights and
-    biases concatenated), ``v`` (heads·dv, F) value rows, ``o`` (heads·dv, F) output columns (float64)."""
+    biases concatenated), ``v`` (heads·dv, F) value rows, ``o`` (heads·dv, F) output columns (float64),
+    read from the spec's :class:`~intertwiners.symmetries.slots.HeadBlocks` slots."""
     group = spec.spaces[space].group
-    nq = group.heads * group.dk
+    nq, nv = group.heads * group.dk, group.heads * group.dv
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
     parts: dict[str, list] = {"q": [], "k": [], "v": [], "o": []}
-    for a in spec.actions(space):
-        t = tensors[a.param].detach().to(torch.float64)
-        rows = t.reshape(-1, 1) if a.dim is None else t.movedim(a.dim, 0).reshape(t.shape[a.dim], -1)
-        seg = a.segment
-        idx = torch.from_numpy(seg.index)
-        feats = rows[torch.from_numpy(seg.positions)].reshape(len(seg.index), -1)   # (coordinates, r·F)
-        nv = group.heads * group.dv
-        for sel, kind, offset, n in ((idx < nq, "k" if DUAL in seg.chain else "q", 0, nq),
-                                     (idx >= nq, "o" if a.role == "in" else "v", nq, nv)):
-            if not bool(sel.any()):
-                continue   # a fused qkv weight holds queries and values in one segment
-            full = torch.zeros(n, feats.shape[1], dtype=torch.float64)
-            full[idx[sel] - offset] = feats[sel]
-            parts[kind].append(full)
+    for slot in spec.slots(space):
+        if not isinstance(slot.reach, HeadBlocks):
+            continue
+        t = tensors[slot.tensor].detach().to(torch.float64)
+        rows = t.reshape(-1, 1) if slot.axis is None else t.movedim(slot.axis, 0).reshape(t.shape[slot.axis], -1)
+        feats = rows[torch.from_numpy(slot.positions)].reshape(len(slot.coords), -1)   # (coordinates, r·F)
+        part = slot.reach.part
+        offset, n = (0, nq) if part in ("q", "k") else (nq, nv)
+        full = torch.zeros(n, feats.shape[1], dtype=torch.float64)
+        full[torch.from_numpy(slot.coords) - offset] = feats
+        parts[part].append(full)
     return {k: torch.cat(v, 1) if v else None for k, v in parts.items()}
 
 

@@ -1,12 +1,13 @@
 """Sampling group elements and acting with them on a model's parameters (paper Proposition 3.4).
 
-Every :class:`~intertwiners.symmetries.resolve.ParamAction` of a space moves one parameter/buffer along
-one axis: ``out`` t -> T t, ``in`` w -> w T^-1, ``scale`` (per-channel factors, batch-norm/layer-norm
-gains, layer scale, depthwise filters) w -> P diag(t/s) w, ``perm`` (running variances) permuted, where
-T = carried(A, chain) is the transform the value carries (see
-:mod:`intertwiners.symmetries.constraints`). Monomial elements are applied as index gathers and
-scalings, dense ones (general-linear spaces, attention blocks) as matrix products. Batch norm, with
-input transform P·diag(s) (|s| = 1) and output transform P·diag(t)::
+:func:`apply_symmetry` reads the spec's slots and nothing else (:mod:`~intertwiners.symmetries.slots`):
+each moves one parameter/buffer along one axis as its reach says -- rows t -> T t, columns w -> w T^-1,
+gains w -> P diag(t/s) w, running variances permuted, attention blocks -- with T the transform the slot
+carries (a :class:`~intertwiners.symmetries.chains.Power` of the element's scales, computed by the engine).
+Monomial elements are applied as one index gather (and one scaling unless the element is a permutation)
+per tensor axis, dense ones (general-linear spaces, attention blocks) as block products
+(:class:`~intertwiners.symmetries.blocks.BlockMatrix`). Batch norm, with input transform P·diag(s)
+(|s| = 1) and output transform P·diag(t)::
 
     gamma'[P] = t·gamma/s,  beta'[P] = t·beta,  running_mean'[P] = s·running_mean,  running_var'[P] = running_var
 """
@@ -15,13 +16,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import groups as G
 from .blocks import BlockMatrix
-from .constraints import DUAL, ONE, carried_scale
-from .resolve import ParamAction, Segment
+from .slots import Columns, Gain, GroupedColumns, HeadBlocks, Permuted, Rows, Slot
 from .spec import SymmetrySpec
 
 
@@ -49,7 +50,7 @@ def random_symmetry(spec: SymmetrySpec, generator: torch.Generator | None = None
 
 
 def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> dict:
-    """name -> ("mono" | "raw", perm, scale) or ("dense", A, cache)."""
+    """name -> ("mono" | "raw", perm, scale) or ("dense", _Dense)."""
     if not isinstance(elements, dict):
         raise ValueError("elements must be a dict {space name: matrix or (perm, scale)}")
     out = {}
@@ -83,7 +84,7 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
             full = space.group.block_matrix(*blocks[:3])
             if all(torch.equal(el[r[:, :, None], c[:, None, :]], b)
                    for r, c, b in zip(full.rows, full.cols, full.blocks)):
-                out[name] = ("dense", el.detach(), {"full": full})  # from random_symmetry, unchanged since
+                out[name] = ("dense", _Dense(el.detach(), full))  # from random_symmetry, unchanged since
                 continue
         known = getattr(el, "_intertwiners_monomial", None)
         if known is not None and known[2] == el._version and tuple(el.shape) == (n, n) \
@@ -114,123 +115,116 @@ def _normalise(spec: SymmetrySpec, elements: dict, check: bool, atol: float) -> 
         elif check and not space.group.contains(A, atol):
             raise ValueError(f"element for {name!r} is not in G ({space.group.kind}: {space.group.description})"
                              "; pass check=False to apply it anyway (the output will then change)")
-        cache = {}
         parts = space.group.decompose(A, 0.0) if hasattr(space.group, "decompose") else None
-        if parts is not None:   # exactly block structured: act block by block
-            cache["full"] = space.group.block_matrix(*parts)
-        out[name] = ("dense", A, cache)
+        # exactly block structured: act block by block
+        out[name] = ("dense", _Dense(A, space.group.block_matrix(*parts) if parts is not None else None))
     return out
 
 
-def _scale(el, chain: tuple, groups) -> torch.Tensor:
-    kind, _, scale = el
-    if kind == "raw":  # a non-member applied with check=False: as if phi(A) = A
-        for entry in chain:
-            scale = torch.ones_like(scale) if entry == ONE else (1.0 / scale if entry == DUAL else scale)
-        return scale
-    return carried_scale(chain, scale, groups)
+class _Dense:
+    """A dense element A with a cache of its blocks restricted to slot coordinates (q/k/v rows, biases and
+    output columns reuse the same blocks)."""
+
+    def __init__(self, A: torch.Tensor, full: BlockMatrix | None = None):
+        self.A, self.full, self.cache = A, full, {}
+
+    def blocks(self, coords: np.ndarray, dual: bool, inverse: bool) -> BlockMatrix:
+        """T = A (or A^-T when ``dual``) restricted to ``coords``; (T^-1)^T when ``inverse`` (the input side of
+        a weight)."""
+        key = (coords.tobytes(), dual, inverse)
+        if key not in self.cache:
+            if (coords.tobytes(), dual, False) not in self.cache:
+                base_key = (coords.tobytes(), False, False)
+                if base_key not in self.cache:
+                    idx = torch.from_numpy(coords)
+                    T = self.full.restrict(idx) if self.full is not None else None
+                    self.cache[base_key] = T if T is not None else BlockMatrix.of(self.A[idx][:, idx])
+                if dual:
+                    self.cache[(coords.tobytes(), True, False)] = self.cache[base_key].inverse().transpose()
+            T = self.cache[(coords.tobytes(), dual, False)]
+            if inverse:
+                self.cache[key] = T.inverse().transpose()
+        return self.cache[key]
 
 
-def _gather(seg: Segment, el, groups, length: int):
-    """(src, mult): T x has (T x)[q] = mult[q] x[src[q]] on this segment's positions."""
-    _, perm, _ = el
-    c = _scale(el, seg.chain, groups)
-    pos = torch.from_numpy(seg.positions)             # (n, r), row i = space index seg.index[i]
-    dst = pos[perm]                                   # index i moves to perm[i]
+def _multipliers(reach, kind: str, scale: torch.Tensor) -> torch.Tensor:
+    """The (n,) factor on each coordinate's slice for a monomial element with scales ``scale``; ``kind``
+    "raw" (an element outside the group, check=False) acts as if every activation were linear."""
+    def c(carried):
+        return (carried.power if kind == "mono" else carried.linear)(scale)
+    if isinstance(reach, Rows):
+        return c(reach.carried)
+    if isinstance(reach, Columns | GroupedColumns):
+        return 1.0 / c(reach.carried)
+    if isinstance(reach, Gain):
+        return c(reach.out) / c(reach.inp)
+    return torch.ones_like(scale)  # Permuted
+
+
+def _gather(slot: Slot, perm: torch.Tensor, mult: torch.Tensor, length: int):
+    """(src, m): the permuted tensor has slice q = m[q] * slice src[q] along the slot's axis (coordinate
+    coords[i] moves to the positions of coordinate perm[coords[i]])."""
+    pos = torch.from_numpy(slot.positions)                        # (k, r), row i = coordinate coords[i]
+    coords = torch.from_numpy(slot.coords)
+    row_of = torch.full((len(perm),), -1, dtype=torch.long)
+    row_of[coords] = torch.arange(len(coords))
+    target = row_of[perm[coords]]
+    if bool((target < 0).any()):
+        raise ValueError(f"the element of {slot.space!r} moves coordinates of {slot.tensor!r} outside the slot")
+    dst = pos[target]
     src = torch.arange(length)
-    mult = torch.ones(length, dtype=torch.float64)
+    m = torch.ones(length, dtype=torch.float64)
     src[dst.reshape(-1)] = pos.reshape(-1)
-    mult[dst.reshape(-1)] = c.repeat_interleave(pos.shape[1]) if pos.shape[1] > 1 else c
-    return src, mult
+    m[dst.reshape(-1)] = mult[coords].repeat_interleave(pos.shape[1])
+    return src, m
 
 
-def _dense(seg: Segment, el, inverse: bool = False) -> BlockMatrix:
-    """The carried transform T on this segment's coordinates, or (T^-1)^T when ``inverse`` (for the
-    input side of a weight), as a :class:`BlockMatrix`; cached on the element, since q/k/v rows, biases
-    and output columns reuse the same blocks."""
-    cache = el[2]
-    key = (seg.index.tobytes(), seg.chain)
-    if key not in cache:
-        if seg.index.tobytes() not in cache:   # queries and keys (values and outputs) share the blocks
-            idx = torch.from_numpy(seg.index)
-            full = cache.get("full")
-            T = full.restrict(idx) if full is not None else None
-            cache[seg.index.tobytes()] = T if T is not None else BlockMatrix.of(el[1][idx][:, idx])
-        T = cache[seg.index.tobytes()]
-        for entry in seg.chain:  # activations on a dense space are linear: phi(A) = A
-            if entry == DUAL:
-                T = T.inverse().transpose()
-            elif entry == ONE:
-                raise ValueError("a dense element cannot pass a batch norm")
-        cache[key] = T
-    if inverse and key + (True,) not in cache:
-        cache[key + (True,)] = cache[key].inverse().transpose()
-    return cache[key + (True,)] if inverse else cache[key]
+def _monomial(t: torch.Tensor, slot: Slot, axis: int, length: int, el) -> torch.Tensor:
+    kind, perm, scale = el
+    src, m = _gather(slot, perm, _multipliers(slot.reach, kind, scale), length)
+    moved = t.index_select(axis, src.to(t.device))
+    if bool((m == 1).all()):  # a permutation: no second pass over the tensor
+        return moved
+    shape = [1] * t.ndim
+    shape[axis] = -1
+    return moved * m.to(t.device, t.dtype).view(shape)
 
 
-def _move(t: torch.Tensor, dim: int | None):
-    if dim is None:
-        return t.reshape(-1), (lambda u: u.reshape(t.shape))
-    moved = t.movedim(dim, 0)
-    return moved, (lambda u: u.movedim(0, dim))
-
-
-def _rows(t: torch.Tensor, seg: Segment, el, groups, length: int, inverse: bool) -> torch.Tensor:
-    """T t (or the columns of t^T times T^-1 when ``inverse``) along dim 0 of ``t`` (length ``length``)."""
-    if el[0] == "dense":
-        M = _dense(seg, el, inverse).to(t.device, t.dtype)
-        t = t.clone()
-        pos = torch.from_numpy(seg.positions).to(t.device)
-        flat = t.reshape(length, -1)
-        for r in range(pos.shape[1]):
-            flat[pos[:, r]] = M.matmul(flat[pos[:, r]])
-        return flat.reshape(t.shape)
-    src, mult = _gather(seg, el, groups, length)
-    if inverse:
-        mult = 1.0 / mult
-    shape = (-1,) + (1,) * (t.ndim - 1)
-    return t.index_select(0, src.to(t.device)) * mult.to(t.device, t.dtype).view(shape)
-
-
-def _act(t: torch.Tensor, a: ParamAction, el, groups) -> torch.Tensor:
-    if a.role in ("scale", "perm") and el[0] == "dense":
-        raise ValueError(f"space {a.space!r} passes through a per-channel operation on {a.param!r}: only "
+def _dense_transform(slot: Slot, dense: _Dense) -> BlockMatrix:
+    reach = slot.reach
+    if isinstance(reach, Gain | Permuted):
+        raise ValueError(f"space {slot.space!r} passes through a per-channel operation on {slot.tensor!r}: only "
                          "monomial elements (P·D) can be applied there")
-    if a.role == "in" and a.groups > 1:
-        g = a.groups
-        w = t.reshape(g, t.shape[0] // g, *t.shape[1:])
-        ci = t.shape[1]
-        block = int(a.segment.positions.min()) // ci
-        seg = Segment(a.segment.space, a.segment.index, a.segment.positions - block * ci, a.segment.chain)
-        w = w.clone()
-        moved = w[block].movedim(1, 0)
-        w[block] = _rows(moved, seg, el, groups, ci, True).movedim(0, 1)
+    if isinstance(reach, HeadBlocks):
+        return dense.blocks(slot.coords, reach.part == "k", reach.part == "o")
+    exponent = reach.carried.linear.exponent
+    if exponent == 0:
+        raise ValueError("a dense element cannot pass a batch norm")
+    return dense.blocks(slot.coords, exponent < 0, isinstance(reach, Columns | GroupedColumns))
+
+
+def _dense(t: torch.Tensor, slot: Slot, axis: int, length: int, dense: _Dense) -> torch.Tensor:
+    M = _dense_transform(slot, dense).to(t.device, t.dtype)
+    flat = t.movedim(axis, 0).reshape(length, -1).clone()
+    pos = torch.from_numpy(slot.positions).to(t.device)
+    for r in range(pos.shape[1]):
+        flat[pos[:, r]] = M.matmul(flat[pos[:, r]])
+    return flat.reshape(t.movedim(axis, 0).shape).movedim(0, axis)
+
+
+def _act(t: torch.Tensor, slot: Slot, el) -> torch.Tensor:
+    """``t`` moved by the element ``el`` of its space along the slot."""
+    def along(u, axis, length):
+        return _dense(u, slot, axis, length, el[1]) if el[0] == "dense" else _monomial(u, slot, axis, length, el)
+
+    if isinstance(slot.reach, GroupedColumns):
+        g = slot.reach.groups
+        w = t.reshape(g, t.shape[0] // g, *t.shape[1:]).clone()
+        w[slot.reach.block] = along(w[slot.reach.block], 1, slot.length)
         return w.reshape(t.shape)
-    if el[0] != "dense" and a.role in ("out", "in") and a.dim is not None:
-        # monomial: one gather along the parameter's own axis (no transposed copy)
-        src, mult = _gather(a.segment, el, groups, a.length)
-        moved = t.index_select(a.dim, src.to(t.device))
-        if bool((mult == 1).all()):  # a permutation: no second pass over the tensor
-            return moved
-        if a.role == "in":
-            mult = 1.0 / mult
-        shape = [1] * t.ndim
-        shape[a.dim] = -1
-        return moved * mult.to(t.device, t.dtype).view(shape)
-    moved, back = _move(t, a.dim)
-    if a.role == "out":
-        return back(_rows(moved, a.segment, el, groups, a.length, False))
-    if a.role == "in":
-        return back(_rows(moved, a.segment, el, groups, a.length, True))
-    # scale / perm: P diag(t/s)
-    src, mult = _gather(a.segment, el, groups, a.length)
-    if a.role == "perm":
-        mult = torch.ones_like(mult)
-    elif a.in_segment is not None:
-        _, mult_in = _gather(a.in_segment, el, groups, a.length)
-        mult = mult / mult_in
-    shape = (-1,) + (1,) * (moved.ndim - 1)
-    return back(moved.index_select(0, src.to(t.device)) * mult.to(t.device, t.dtype).view(shape))
+    if slot.axis is None:
+        return along(t.reshape(-1), 0, slot.length).reshape(t.shape)
+    return along(t, slot.axis, slot.length)
 
 
 @torch.no_grad()
@@ -250,21 +244,14 @@ def apply_symmetry(model: nn.Module, elements: dict, spec: SymmetrySpec, *, chec
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
     new: dict[str, torch.Tensor] = {}
-    done = set()
-    for a in spec.param_actions:
-        el = els.get(a.space)
-        if el is None:
+    for slot in spec.all_slots:
+        el = els.get(slot.space)
+        if el is None or slot.kind == "site":
             continue
-        if a.param not in tensors:
-            raise ValueError(f"the model has no parameter {a.param!r}: was the spec made for another model?")
-        key = (id(tensors[a.param]), a.dim, a.space, tuple(a.segment.positions.reshape(-1)[:4].tolist()))
-        if key in done:
-            continue  # a tied parameter seen again (embedding and unembedding): moved once
-        done.add(key)
-        t = new.get(a.param)
-        if t is None:
-            t = tensors[a.param].detach()
-        new[a.param] = _act(t, a, el, spec.groups)
+        if slot.tensor not in tensors:
+            raise ValueError(f"the model has no parameter {slot.tensor!r}: was the spec made for another model?")
+        t = new.get(slot.tensor)
+        new[slot.tensor] = _act(tensors[slot.tensor].detach() if t is None else t, slot, el)
     if inplace:
         for name, t in new.items():
             tensors[name].copy_(t)

@@ -1,16 +1,9 @@
-"""Chains (the transform a value carries) and typed constraints on a space's group element.
+"""Typed constraints on a space's group element, and the largest group kind that satisfies them.
 
-A space has one element A (P·D for monomial groups). A value holding the space carries the transform
-``carried(A, chain)``, where a *chain* is a tuple of entries applied in order:
-
-* an activation key (a readable name such as ``"relu"`` or ``"h.0.mlp.act"``, looked up in the spec's
-  ``groups``): after an activation sigma the value carries phi_sigma(A) = P·diag(b(D));
-* ``ONE``: the scale is replaced by 1 (a convolution that feeds only a batch norm is only permuted, the
-  batch norm's affine parameters carry the scaling);
-* ``DUAL``: A^-T (the keys of attention: W_K -> A^-T W_K when W_Q -> A W_Q).
-
-Every operation on a space adds a constraint (a small frozen dataclass below) on the chain it sees; the
-space gets the largest group kind that satisfies all of them (:func:`holds`).
+Every operation on a hidden value puts a constraint on the transform the value carries (its ``chain``, see
+:mod:`~intertwiners.symmetries.chains`). Each constraint is a small frozen dataclass that can say whether a
+given monomial element ``P·diag(s)`` satisfies it (:meth:`satisfied_by`); a space gets the largest kind of
+:data:`CANDIDATE_KINDS` all of whose elements satisfy every constraint on it (:func:`choose_group`).
 """
 
 from __future__ import annotations
@@ -20,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import groups as G
+from .chains import DUAL, ONE, carried_scale, is_linear_chain
 
-ONE = "one"
-DUAL = "dual"
+__all__ = ["CANDIDATE_KINDS", "DUAL", "ONE", "Activation", "ConstantAdd", "Constraint", "Equal", "Monomial",
+           "PositiveScales", "Signed", "Unit", "choose_group", "holds"]
 
 _TEST_SCALES = {
     "permutation": [1.0, 1.0],
@@ -34,100 +28,113 @@ CANDIDATE_KINDS = ("general_linear", "scaled_permutation", "unit_row_sum", "posi
                    "signed_permutation", "permutation")
 
 
+class _Base:
+    chain: tuple
+
+    def carried(self, scale: torch.Tensor, groups: dict) -> torch.Tensor:
+        return carried_scale(self.chain, scale, groups)
+
+    def satisfied_by(self, scale: torch.Tensor, groups: dict) -> bool:
+        """Does the monomial element with (n,) scales ``scale`` satisfy this constraint?"""
+        try:
+            return bool(self._test(self.carried(torch.as_tensor(scale, dtype=torch.float64), groups), groups))
+        except ValueError:   # an activation of the chain does not allow these scales
+            return False
+
+    def dense_ok(self, kind: str, groups: dict) -> bool:
+        """Do all elements of a dense kind (``general_linear``/``unit_row_sum``) satisfy it?"""
+        return False
+
+
 @dataclass(frozen=True)
-class Activation:
+class Activation(_Base):
     """An elementwise activation (group ``key``) reads the value: its transform must lie in G_sigma."""
     chain: tuple
     key: str
 
+    def _test(self, c, groups):
+        return groups[self.key].allows_scale(c)
+
+    def dense_ok(self, kind, groups):
+        return DUAL not in self.chain and G.kind_leq(kind, groups[self.key].kind)
+
 
 @dataclass(frozen=True)
-class PositiveScales:
+class PositiveScales(_Base):
     """Max pooling: commutes with permutations and positive scalings only."""
     chain: tuple
 
+    def _test(self, c, groups):
+        return (c > 0).all()
+
 
 @dataclass(frozen=True)
-class Signed:
-    """Batch norm input, a weight tied between an input and an output role (needs T^-1 = T^T)."""
+class Signed(_Base):
+    """Batch norm input, a weight tied between an input and an output role: |scale| = 1 (T^-1 = T^T)."""
     chain: tuple
 
+    def _test(self, c, groups):
+        return ((c.abs() - 1).abs() < 1e-12).all()
+
 
 @dataclass(frozen=True)
-class Unit:
+class Unit(_Base):
     """Permutations only: layer norm input, a sum over channels, the gate of a product of two values."""
     chain: tuple
 
+    def _test(self, c, groups):
+        return ((c - 1).abs() < 1e-12).all()
+
 
 @dataclass(frozen=True)
-class Monomial:
+class Monomial(_Base):
     """A per-channel multiplication by a parameter (layer scale, norm gains, depthwise convolutions)."""
     chain: tuple
 
+    def _test(self, c, groups):
+        return True
+
 
 @dataclass(frozen=True)
-class ConstantAdd:
+class ConstantAdd(_Base):
     """x + c·1: A·1 = 1 (unit row sums; for monomials, permutations)."""
     chain: tuple
 
+    def _test(self, c, groups):
+        return ((c - 1).abs() < 1e-12).all()
+
+    def dense_ok(self, kind, groups):
+        return kind == "unit_row_sum" and DUAL not in self.chain
+
 
 @dataclass(frozen=True)
-class Equal:
+class Equal(_Base):
     """Two values added together (a residual connection) must carry the same transform."""
     chain: tuple
     other: tuple
 
+    def satisfied_by(self, scale, groups) -> bool:
+        scale = torch.as_tensor(scale, dtype=torch.float64)
+        try:
+            a, b = carried_scale(self.chain, scale, groups), carried_scale(self.other, scale, groups)
+        except ValueError:
+            return False
+        return bool(torch.allclose(a, b, rtol=1e-12, atol=1e-12))
+
+    def dense_ok(self, kind, groups):
+        return self.chain.count(DUAL) % 2 == self.other.count(DUAL) % 2
+
 
 Constraint = Activation | PositiveScales | Signed | Unit | Monomial | ConstantAdd | Equal
-
-
-def carried_scale(chain: tuple, scale: torch.Tensor, groups: dict) -> torch.Tensor:
-    """The scales c(s) a value carries when its space has element P·diag(s)."""
-    for entry in chain:
-        if entry == ONE:
-            scale = torch.ones_like(scale)
-        elif entry == DUAL:
-            scale = 1.0 / scale
-        else:
-            scale = groups[entry].scale_map(scale)
-    return scale
-
-
-def _linear_chain(chain: tuple, groups: dict) -> bool:
-    return all(e == DUAL or (e != ONE and not groups[e].is_monomial) for e in chain)
+"""Any of the constraint types (a rule passes the class to ``Context.require``)."""
 
 
 def holds(kind: str, c: Constraint, groups: dict) -> bool:
     """Does every element of ``kind`` satisfy ``c`` (on test scales for monomial kinds)?"""
-    chains = [c.chain, c.other] if isinstance(c, Equal) else [c.chain]
     if kind in ("general_linear", "unit_row_sum"):
-        if not all(_linear_chain(ch, groups) for ch in chains):
-            return False
-        if isinstance(c, Activation):
-            return DUAL not in c.chain and G.kind_leq(kind, groups[c.key].kind)
-        if isinstance(c, Equal):
-            return c.chain.count(DUAL) % 2 == c.other.count(DUAL) % 2
-        if isinstance(c, ConstantAdd):
-            return kind == "unit_row_sum" and DUAL not in c.chain
-        return False
-    s = torch.tensor(_TEST_SCALES[kind], dtype=torch.float64)
-    try:
-        v = carried_scale(c.chain, s, groups)
-        if isinstance(c, Equal):
-            return bool(torch.allclose(v, carried_scale(c.other, s, groups), rtol=1e-12, atol=1e-12))
-    except ValueError:
-        return False
-    if isinstance(c, Activation):
-        return groups[c.key].allows_scale(v)
-    if isinstance(c, PositiveScales):
-        return bool((v > 0).all())
-    if isinstance(c, Signed):
-        return bool(((v.abs() - 1).abs() < 1e-12).all())
-    if isinstance(c, Unit | ConstantAdd):
-        return bool(((v - 1).abs() < 1e-12).all())
-    if isinstance(c, Monomial):
-        return True
-    return False
+        chains = [c.chain, c.other] if isinstance(c, Equal) else [c.chain]
+        return all(is_linear_chain(ch, groups) for ch in chains) and c.dense_ok(kind, groups)
+    return c.satisfied_by(torch.tensor(_TEST_SCALES[kind], dtype=torch.float64), groups)
 
 
 def choose_group(n: int, constraints: set, groups: dict) -> G.IntertwinerGroup | str:

@@ -28,12 +28,46 @@ ZERO = -1    # a channel known to be zero (zero channel padding)
 FIXED = -2   # a channel that is never transformed
 
 
+@dataclass(frozen=True, eq=False)
+class Channels:
+    """The channels at the positions of one tensor axis (or of a flattened tensor): ``atoms`` (L,) atom ids
+    (or ``ZERO``/``FIXED``) and ``chains`` (L,) chain ids, position by position (repeats allowed)."""
+    atoms: np.ndarray
+    chains: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Side:
+    """Hidden units along an axis without channels (MLP-Mixer's token mixing): tensor dimension ``dim``
+    holds ``atoms`` (J,) with ``chains`` (J,), a space of their own next to the value's channels."""
+    dim: int
+    atoms: np.ndarray
+    chains: np.ndarray
+
+
+_KEEP = object()
+
+
 @dataclass(eq=False)
 class Layout:
+    """Where a hidden value's channels sit (see the module docstring): ``atoms``/``chains`` (F,) in feature
+    order, ``fsizes`` the feature axes (prod = F), ``dims`` the factors of every tensor dimension, ``side``
+    optional hidden units along a non-channel axis (:class:`Side`)."""
     atoms: np.ndarray
     chains: np.ndarray
     fsizes: tuple
     dims: tuple  # tuple[tuple[tuple[int, int], ...], ...]
+    side: Side | None = None
+
+    @property
+    def channels(self) -> Channels:
+        """The channels in feature order."""
+        return Channels(self.atoms, self.chains)
+
+    @property
+    def side_channels(self) -> Channels | None:
+        """The units of the side axis, if there is one."""
+        return None if self.side is None else Channels(self.side.atoms, self.side.chains)
 
     @property
     def shape(self) -> tuple:
@@ -43,9 +77,10 @@ class Layout:
     def ndim(self) -> int:
         return len(self.dims)
 
-    def derive(self, atoms=None, chains=None, fsizes=None, dims=None) -> Layout:
+    def derive(self, atoms=None, chains=None, fsizes=None, dims=None, side=_KEEP) -> Layout:
         return Layout(self.atoms if atoms is None else atoms, self.chains if chains is None else chains,
-                      self.fsizes if fsizes is None else fsizes, self.dims if dims is None else dims)
+                      self.fsizes if fsizes is None else fsizes, self.dims if dims is None else dims,
+                      self.side if side is _KEEP else side)
 
     def feature_dims(self) -> list[int]:
         return [i for i, d in enumerate(self.dims) if any(f >= 0 for _, f in d)]
@@ -149,18 +184,28 @@ def reshape(lay: Layout, new_shape: tuple) -> Layout | None:
     return lay.derive(fsizes=tuple(fsizes), dims=tuple(tuple(d) for d in out))
 
 
+def _move_side(side: Side | None, where) -> Side | None:
+    """The side axis at its new dimension (``where(dim)``; None drops it)."""
+    if side is None:
+        return None
+    dim = where(side.dim)
+    return None if dim is None else Side(dim, side.atoms, side.chains)
+
+
 def permute(lay: Layout, order: list[int]) -> Layout:
-    return lay.derive(dims=tuple(lay.dims[i] for i in order))
+    return lay.derive(dims=tuple(lay.dims[i] for i in order), side=_move_side(lay.side, order.index))
 
 
 def unsqueeze(lay: Layout, dim: int) -> Layout:
     dims = list(lay.dims)
     dims.insert(dim, ())
-    return lay.derive(dims=tuple(dims))
+    return lay.derive(dims=tuple(dims), side=_move_side(lay.side, lambda d: d + (d >= dim)))
 
 
 def squeeze(lay: Layout, dims_to_remove: list[int]) -> Layout:
-    return lay.derive(dims=tuple(d for i, d in enumerate(lay.dims) if i not in dims_to_remove))
+    return lay.derive(dims=tuple(d for i, d in enumerate(lay.dims) if i not in dims_to_remove),
+                      side=_move_side(lay.side, lambda d: None if d in dims_to_remove
+                                      else d - sum(r < d for r in dims_to_remove)))
 
 
 def with_non_feature_size(lay: Layout, dim: int, size: int) -> Layout:
@@ -212,3 +257,14 @@ def same_structure(a: Layout, b: Layout) -> bool:
             if fa != fb:
                 return False
     return True
+
+
+def broadcast_to(x: Layout, shape) -> Layout:
+    """x broadcast to ``shape`` (leading dimensions added, non-channel dimensions resized)."""
+    out = x
+    while out.ndim < len(shape):
+        out = unsqueeze(out, 0)
+    for d, s in enumerate(shape):
+        if out.shape[d] != s:
+            out = with_non_feature_size(out, d, s)
+    return out

@@ -1,48 +1,58 @@
-"""From atoms, ties and constraints to spaces, groups and parameter actions.
+"""Resolution: from atoms, ties and constraints to spaces and their groups.
 
 Atom classes (after the ties) that occur in exactly the same set of hidden values form one space (so a
 slice, a concatenation or zero padding splits a producer's output into independent spaces); its group is
 the largest kind satisfying every constraint on it; the queries/keys and values of one attention call form
-one attention space (:class:`~intertwiners.symmetries.structured.AttentionGroup`).
+one attention space (:class:`~intertwiners.symmetries.structured.AttentionGroup`). :meth:`Resolver.segments`
+says where each space sits along a tensor axis (the input of :mod:`~intertwiners.symmetries.slots`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .constraints import DUAL, Equal, choose_group, holds
-from .engine import Analysis, owner
+from .chains import DUAL
+from .constraints import Equal, choose_group, holds
+from .layout import Channels
+from .records import Analysis
 from .structured import AttentionGroup
 
 
 @dataclass
+class Draft:
+    """A space while it is being resolved: its atom ``classes`` (in coordinate order), why it must be pinned,
+    whether it reaches the output, its constraints, activation sites, residual ties, and (attention) its
+    group and name. ``multi``: some value holds its channels with different chains."""
+    classes: list
+    reasons: list = field(default_factory=list)
+    output: bool = False
+    constraints: set = field(default_factory=set)
+    sites: list = field(default_factory=list)
+    ties: int = 0
+    group: object = None
+    name: str | None = None
+    multi: bool = False
+
+    def choose(self, groups: dict):
+        """The group (or the reason only the identity is left)."""
+        return self.group if self.group is not None else choose_group(len(self.classes), self.constraints, groups)
+
+
+@dataclass(frozen=True, eq=False)
 class Segment:
-    """Where one space sits in a tensor axis: ``positions[i, r]`` holds occurrence r of space index
+    """Where one space sits in a tensor axis: ``positions[i, r]`` holds occurrence r of space coordinate
     ``index[i]``; the transform there is the space's element through ``chain``."""
-    space: str
+    space: int
     index: np.ndarray
     positions: np.ndarray
     chain: tuple
 
 
-@dataclass
-class ParamAction:
-    """How one space moves one parameter/buffer: along ``dim`` (None: the flattened tensor), ``role`` one of
-    ``out`` (t -> T t), ``in`` (w -> w T^-1), ``scale`` (a per-channel factor: w -> P diag(t/s) w), ``perm``."""
-    param: str
-    dim: int | None
-    role: str
-    space: str
-    segment: Segment
-    in_segment: Segment | None = None
-    groups: int = 1
-    length: int = 0
-
-
-def _ranges(positions: np.ndarray) -> str:
+def ranges(positions) -> str:
+    """'0:8,24:32' for a set of positions."""
     pos = np.sort(np.unique(positions))
     parts, start = [], pos[0]
     for i in range(1, len(pos) + 1):
@@ -54,12 +64,20 @@ def _ranges(positions: np.ndarray) -> str:
 
 
 class Resolver:
+    """Spaces of an :class:`~intertwiners.symmetries.records.Analysis` (``spaces``: list of :class:`Draft`,
+    ``space_of``/``index_of``: atom class -> space id / coordinate)."""
+
     def __init__(self, an: Analysis):
         self.an = an
-        n = len(an.parent)
-        found = [an.find(a) for a in range(n)]
-        self.root = np.array([r for r, _ in found], dtype=np.int64) if n else np.zeros(0, np.int64)
-        self.par = np.array([p for _, p in found], dtype=np.int64) if n else np.zeros(0, np.int64)
+        self.root, self.par = an.roots, an.parity
+        self.chains = list(an.chains)
+        self._chain_ids = {c: i for i, c in enumerate(self.chains)}
+
+    def chain_id(self, chain: tuple) -> int:
+        if chain not in self._chain_ids:
+            self._chain_ids[chain] = len(self.chains)
+            self.chains.append(chain)
+        return self._chain_ids[chain]
 
     def classes(self, atoms: np.ndarray) -> np.ndarray:
         out = atoms.copy()
@@ -74,22 +92,20 @@ class Resolver:
         odd = np.zeros(len(atoms), dtype=bool)
         odd[m] = self.par[atoms[m]] == 1
         for cid in np.unique(chains[odd]).tolist():
-            sel = odd & (chains == cid)
-            out[sel] = self.an.chain_id((DUAL,) + self.an.chains[cid])
+            out[odd & (chains == cid)] = self.chain_id((DUAL,) + self.chains[cid])
         return out
 
-    def run(self):
+    def run(self) -> Resolver:
         an = self.an
-        # distinct values (by atom array), in graph order
-        distinct, seen = [], set()
-        for lay in an.layouts:
+        distinct, seen = [], set()   # distinct values (by atom array), in graph order
+        for lay in an.values:
             if id(lay.atoms) not in seen:
                 seen.add(id(lay.atoms))
                 distinct.append(self.classes(lay.atoms))
         class_pins: dict[int, list[str]] = defaultdict(list)
         for atom, reasons in an.pins.items():
             class_pins[int(self.root[atom])].extend(reasons)
-        output_classes = {int(self.root[a]) for a in an.output_atoms}
+        output_classes = {int(self.root[a]) for a in an.outputs}
 
         # signature of each class = the set of values holding it (hashed: a sum of random 64-bit labels)
         cs, ls, ps = [], [], []
@@ -115,56 +131,58 @@ class Resolver:
         by_sig: dict[tuple, list[int]] = {}
         for k in np.lexsort((first_p, first_l)).tolist():
             by_sig.setdefault((int(sig_hash[k]), int(counts[k]), int(first_l[k])), []).append(int(cls_ids[k]))
-        spaces = [dict(classes=cs, reasons=[r for c in cs for r in class_pins.get(c, [])],
-                       output=any(c in output_classes for c in cs), constraints=set(), sites=[], ties=0,
-                       group=None, name=None) for cs in by_sig.values()]
-        space_of = {c: s for s, sp in enumerate(spaces) for c in sp["classes"]}
-        index_of = {c: i for sp in spaces for i, c in enumerate(sp["classes"])}
-        self.spaces, self.space_of, self.index_of = spaces, space_of, index_of
+        spaces = [Draft(cs, [r for c in cs for r in class_pins.get(c, [])], any(c in output_classes for c in cs))
+                  for cs in by_sig.values()]
+        self.spaces = spaces
+        self.space_of = {c: s for s, sp in enumerate(spaces) for c in sp.classes}
+        self.index_of = {c: i for sp in spaces for i, c in enumerate(sp.classes)}
+        self._index_arrays()
 
-        space_arr = np.full(len(self.root) + 1, -1, dtype=np.int64)
-        for c, sid in space_of.items():
-            space_arr[c] = sid
-
-        def pairs(atoms, chains):
-            cls = self.classes(atoms)
-            m = cls >= 0
-            eff = self.eff_chains(atoms, chains)
-            codes = np.unique(space_arr[cls[m]] * (1 << 24) + eff[m])
-            return [(int(c >> 24), int(c & ((1 << 24) - 1))) for c in codes]
-
-        for lay in an.layouts:
+        for lay in an.values:
             seen_space: dict[int, int] = {}
-            for s, e in pairs(lay.atoms, lay.chains):
+            for s, e in self._pairs(lay.channels):
                 if s in seen_space and seen_space[s] != e:
-                    spaces[s]["multi"] = True
+                    spaces[s].multi = True
                 seen_space[s] = e
-        for kind, (atoms, chains), extra in an.constraints:
-            for s, e in pairs(atoms, chains):
-                spaces[s]["constraints"].add(kind(chain=an.chains[e], **extra))
-        for a, ca, b, cb in an.adds:
-            cla, clb = self.classes(a), self.classes(b)
+        for req in an.requirements:
+            extra = {"key": req.key} if req.key is not None else {}
+            for s, e in self._pairs(req.channels):
+                spaces[s].constraints.add(req.kind(chain=self.chains[e], **extra))
+        for tie in an.ties:
+            a, b = tie.a, tie.b
+            cla, clb = self.classes(a.atoms), self.classes(b.atoms)
             both = (cla >= 0) & (clb >= 0)
-            ea, eb = self.eff_chains(a, ca), self.eff_chains(b, cb)
-            triples = np.unique(np.stack([space_arr[cla[both]], ea[both], eb[both]], 1), axis=0) \
+            ea, eb = self.eff_chains(a.atoms, a.chains), self.eff_chains(b.atoms, b.chains)
+            triples = np.unique(np.stack([self.space_arr[cla[both]], ea[both], eb[both]], 1), axis=0) \
                 if both.any() else np.zeros((0, 3), np.int64)
             for s, x, y in triples.tolist():
-                spaces[s]["ties"] += 1
+                spaces[s].ties += 1
                 if x != y:
-                    spaces[s]["constraints"].add(Equal(an.chains[x], an.chains[y]))
-        for name, lay in an.sites:
-            cls = self.classes(lay.atoms)
-            for s in dict.fromkeys(space_of[c] for c in cls[cls >= 0].tolist()):
-                spaces[s]["sites"].append(name)
+                    spaces[s].constraints.add(Equal(self.chains[x], self.chains[y]))
+        for site in an.sites:
+            cls = self.classes(site.value.atoms)
+            for s in dict.fromkeys(self.space_of[c] for c in cls[cls >= 0].tolist()):
+                spaces[s].sites.append(site.name)
         self._attention()
+        self._index_arrays()
+        return self
+
+    def _index_arrays(self) -> None:
         self.space_arr = np.full(len(self.root) + 1, -1, dtype=np.int64)
         self.index_arr = np.full(len(self.root) + 1, -1, dtype=np.int64)
         for c, sid in self.space_of.items():
             self.space_arr[c] = sid
             self.index_arr[c] = self.index_of[c]
-        return self
 
-    def _attention(self):
+    def _pairs(self, ch: Channels) -> list[tuple[int, int]]:
+        """The distinct (space, effective chain) pairs of some channels."""
+        cls = self.classes(ch.atoms)
+        m = cls >= 0
+        eff = self.eff_chains(ch.atoms, ch.chains)
+        codes = np.unique(self.space_arr[cls[m]] * (1 << 24) + eff[m])
+        return [(int(c >> 24), int(c & ((1 << 24) - 1))) for c in codes]
+
+    def _attention(self) -> None:
         """Merge the query/key space and the value space of each attention call into one attention space."""
         an, spaces = self.an, self.spaces
         for rec in an.attention:
@@ -195,10 +213,9 @@ class Resolver:
                 qk_rows, dk = qk_rows[:, :1], 1
             if reason is None:
                 s_qk, s_v = sq.pop(), sv.pop()
-                A = spaces[s_qk] if s_qk >= 0 else dict(classes=[], reasons=["no queries/keys"], output=False,
-                                                        constraints=set(), sites=[], ties=0)
+                A = spaces[s_qk] if s_qk >= 0 else Draft([], ["no queries/keys"])
                 B = spaces[s_v]
-                if len(A["classes"]) != kv * dk or len(B["classes"]) != kv * dv \
+                if len(A.classes) != kv * dk or len(B.classes) != kv * dv \
                         or len(set(qk_rows.reshape(-1).tolist())) != kv * dk \
                         or len(set(v_rows.reshape(-1).tolist())) != kv * dv:
                     reason = "attention heads that are not separate channels"
@@ -206,29 +223,30 @@ class Resolver:
                 for c in np.unique(np.concatenate([self.classes(t.reshape(-1)) for t in (rec.q, rec.k, rec.v)
                                                    if t is not None])):
                     if c >= 0:
-                        spaces[self.space_of[int(c)]]["reasons"].append(reason)
+                        spaces[self.space_of[int(c)]].reasons.append(reason)
+                if rec.heads is not None:   # the scores' head axis (and a per-head parameter on it) stays fixed
+                    for c in np.unique(self.classes(np.asarray(rec.heads).reshape(-1))):
+                        if c >= 0:
+                            spaces[self.space_of[int(c)]].reasons.append(reason)
                 continue
-            qk_free = not A["reasons"] and not A["output"] and all(
-                holds("general_linear", c, an.groups) for c in A["constraints"])
-            if B["reasons"] or B["output"] or not all(holds("general_linear", c, an.groups)
-                                                      for c in B["constraints"]):
-                B["reasons"].append("the attention output is read by an operation that needs a smaller group")
+            qk_free = not A.reasons and not A.output and all(holds("general_linear", c, an.groups)
+                                                             for c in A.constraints)
+            if B.reasons or B.output or not all(holds("general_linear", c, an.groups) for c in B.constraints):
+                B.reasons.append("the attention output is read by an operation that needs a smaller group")
                 if qk_free:
-                    A["reasons"].append("the values of this attention block are pinned")
+                    A.reasons.append("the values of this attention block are pinned")
                 continue
-            name = owner_name(an, rec)
             if qk_free:
-                group = AttentionGroup(kv, dk, dv, name=name)
+                group = AttentionGroup(kv, dk, dv, name=rec.owner)
                 classes = [int(c) for c in qk_rows.reshape(-1)] + [int(c) for c in v_rows.reshape(-1)]
-                A["classes"] = []
+                A.classes = []
             else:  # queries/keys pinned (e.g. rotary embeddings): per-head maps of the values only
-                group = AttentionGroup(kv, 0, dv, qk="identity", permute_heads=False, name=name)
+                group = AttentionGroup(kv, 0, dv, qk="identity", permute_heads=False, name=rec.owner)
                 classes = [int(c) for c in v_rows.reshape(-1)]
-            B["classes"] = []
+            B.classes = []
             for s in head_spaces:   # the scores' head axis moves with the heads of this block
-                spaces[s]["classes"] = []
-            spaces.append(dict(classes=classes, reasons=[], output=False, constraints=set(),
-                               sites=A["sites"] + B["sites"], ties=A["ties"] + B["ties"], group=group, name=name))
+                spaces[s].classes = []
+            spaces.append(Draft(classes, [], False, set(), A.sites + B.sites, A.ties + B.ties, group, rec.owner))
             sid = len(spaces) - 1
             for i, c in enumerate(classes):
                 self.space_of[c] = sid
@@ -236,29 +254,30 @@ class Resolver:
 
     def _scores_check(self, heads: np.ndarray, qkv_spaces: set) -> tuple[str | None, set]:
         """Written-out attention: the head atoms of its scores may only be read by the operations that keep
-        them (scaling, a mask shared by the heads, softmax, dropout) -- not pinned, not an output, not bound
-        to a parameter (a per-head bias), not tied to anything else. (reason or None, their spaces)."""
+        them (scaling, a mask shared by the heads, softmax, dropout) -- not pinned, not an output, not moved
+        with a parameter (a per-head bias), not tied to anything else. (reason or None, their spaces)."""
         cls = self.classes(heads)
         if (cls < 0).any():
             return "attention scores with untransformed heads", set()
         spaces = {self.space_of[int(c)] for c in cls}
-        if spaces & qkv_spaces or len(spaces) != 1 or len(self.spaces[next(iter(spaces))]["classes"]) != len(cls):
+        if spaces & qkv_spaces or len(spaces) != 1 or len(self.spaces[next(iter(spaces))].classes) != len(cls):
             return "attention scores whose heads are tied to other channels", set()
         sp = self.spaces[next(iter(spaces))]
-        if sp["reasons"] or sp["output"]:
+        if sp.reasons or sp.output:
             return "attention scores read by an operation that needs them fixed: " + "; ".join(
-                dict.fromkeys(sp["reasons"] or ["the model's output"])), set()
+                dict.fromkeys(sp.reasons or ["the model's output"])), set()
         if not hasattr(self, "_bound"):
-            self._bound = {int(c) for b in self.an.bindings for c in self.classes(b.atoms).tolist() if c >= 0}
+            self._bound = {int(c) for u in self.an.uses for c in self.classes(u.channels.atoms).tolist() if c >= 0}
         if any(int(c) in self._bound for c in cls):
             return "attention scores with a per-head parameter (e.g. a relative position bias)", set()
         return None, spaces
 
-    # -- output ---------------------------------------------------------------------------------------------
-    def segments(self, atoms: np.ndarray, chains: np.ndarray, active: dict[int, str],
-                 splittable: set | frozenset = frozenset()) -> list[Segment] | str:
-        cls = self.classes(atoms)
-        eff = self.eff_chains(atoms, chains)
+    def segments(self, ch: Channels, active: set | dict, splittable: set | frozenset = frozenset()) -> list[Segment]:
+        """Where the ``active`` spaces sit among the positions of ``ch``: one :class:`Segment` per space,
+        chain and multiplicity. A space whose coordinates occur unevenly must be ``splittable`` (monomial
+        and attention elements act coordinate by coordinate / block by block), else ValueError."""
+        cls = self.classes(ch.atoms)
+        eff = self.eff_chains(ch.atoms, ch.chains)
         out = []
         m = np.flatnonzero(cls >= 0)
         sp = self.space_arr[cls[m]]
@@ -267,29 +286,15 @@ class Resolver:
                 continue
             ps = m[sp == s]
             idx = self.index_arr[cls[ps]]
-            chain_ids = np.unique(eff[ps])
-            for cid in chain_ids.tolist():
+            for cid in np.unique(eff[ps]).tolist():
                 sel = eff[ps] == cid
                 sub_idx = idx[sel]
                 u2, c2 = np.unique(sub_idx, return_counts=True)
                 if len(set(c2.tolist())) != 1 and s not in splittable:
-                    return f"space {active[s]} occurs unevenly in one tensor axis"
+                    raise ValueError(f"space {s} occurs unevenly in one tensor axis")  # pragma: no cover
                 for count in np.unique(c2).tolist():   # e.g. a fused qkv axis: coarse q/k rows, single v rows
                     part = u2[c2 == count]
                     m2 = np.isin(sub_idx, part)
                     o2 = np.lexsort((ps[sel][m2], sub_idx[m2]))
-                    out.append(Segment(active[s], part, ps[sel][m2][o2].reshape(len(part), int(count)),
-                                       self.an.chains[int(cid)]))
+                    out.append(Segment(s, part, ps[sel][m2][o2].reshape(len(part), int(count)), self.chains[cid]))
         return out
-
-
-def owner_name(an: Analysis, rec) -> str:
-    node = next(n for n in an.cap.graph.nodes if n.name == rec.node)
-    path, _ = owner(node)
-    return f"{path or 'model'}.attention" if not path.endswith("attention") else path
-
-
-def choose(sp: dict, groups: dict):
-    if sp.get("group") is not None:
-        return sp["group"]
-    return choose_group(len(sp["classes"]), sp["constraints"], groups)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .._util import one_thread
+from .blocks import BlockMatrix
 
 _INNER = ("general_linear", "scalar", "identity")
 
@@ -127,8 +128,6 @@ class AttentionGroup:
     def block_matrix(self, perm: torch.Tensor, qk: torch.Tensor, vo: torch.Tensor):
         """The element with head permutation ``perm`` and blocks ``qk`` (heads, dk, dk), ``vo`` (heads, dv, dv)
         as a :class:`~intertwiners.symmetries.blocks.BlockMatrix` (no (n, n) matrix is formed)."""
-        from .blocks import BlockMatrix
-
         h, dk, dv = self.heads, self.dk, self.dv
         src = torch.arange(h)
         parts = []

@@ -1,0 +1,112 @@
+"""The pass: walk a captured graph once, run each node's rule, and gather what they found.
+
+For every node, :func:`~intertwiners.symmetries.registry.rule_for` picks the rule (a claim such as an
+activation region, a user's rule, or the built-in rule for its operation); the rule turns its inputs'
+values into its output's (:mod:`~intertwiners.symmetries.context`). A node without a rule that reads a
+hidden value pins its channels; a rule that raises pins them with the error; side axes (MLP-Mixer's
+token units) survive only rules that carry them. Parameters used more than once (tied weights, a module
+called twice) are tied afterwards. The result is one frozen :class:`~intertwiners.symmetries.records.Analysis`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch.fx as fx
+from torch import nn
+
+from . import ops  # noqa: F401 - registers the built-in rules
+from .capture import Captured, shape_of
+from .constraints import Signed
+from .context import Context
+from .layout import FIXED, Layout
+from .records import Analysis, DerivedParam, ParamRef, ParamUse
+from .registry import rule_for
+
+
+def analyse(cap: Captured, model: nn.Module) -> Analysis:
+    """Run every node's rule on ``cap``'s graph (``model`` names activation modules for sites)."""
+    ctx = Context(cap, model)
+    for node in cap.graph.nodes:
+        if node.op == "placeholder":
+            name = cap.params.get(node.name)
+            ctx.env[node] = ParamRef(name, shape_of(node) or ()) if name is not None else None
+        elif node.op == "get_attr":
+            ctx.env[node] = None
+        elif node.op == "output":
+            for lay in ctx.hidden_inputs(node):
+                ctx.mark_output(lay)
+        else:
+            ctx.env[node] = _run(ctx, node)
+    _tie_shared_parameters(ctx)
+    return ctx.result(cap.lowest_cast)
+
+
+def _run(ctx: Context, node: fx.Node):
+    rule = rule_for(ctx, node)
+    inputs = ctx.hidden_inputs(node)
+    carries_sides = getattr(rule, "side_aware", False)
+    if not carries_sides:
+        _pin_sides(ctx, node, inputs)
+    if rule is None:
+        return ctx.unsupported(node) if inputs else None
+    try:
+        out = rule(ctx, node)
+        bad = _invalid(out)
+        if bad is not None:
+            raise TypeError(f"the rule returned {bad} (expected a Layout, a ParamRef, None or a list of these)")
+    except Exception as err:  # noqa: BLE001 - never crash on a model: pin what could not be followed
+        return ctx.unsupported(node, f"{ctx.describe(node)} could not be analysed: {type(err).__name__}: {err}")
+    return _settle(ctx, out, carries_sides)
+
+
+def _pin_sides(ctx: Context, node: fx.Node, inputs: list[Layout]) -> None:
+    for lay in inputs:
+        if lay.side is not None:
+            ctx.pin_side(lay, node)
+
+
+def _invalid(out) -> str | None:
+    if out is None or isinstance(out, Layout | ParamRef | DerivedParam):
+        return None
+    if isinstance(out, list | tuple):
+        return next((b for b in map(_invalid, out) if b is not None), None)
+    return type(out).__name__
+
+
+def _settle(ctx: Context, out, carries_sides: bool):
+    """Register the hidden values a rule returned (without side axes unless the rule carries them)."""
+    if isinstance(out, list | tuple):
+        return type(out)(_settle(ctx, o, carries_sides) for o in out)
+    if isinstance(out, Layout):
+        if out.side is not None and not carries_sides:
+            out = out.derive(side=None)
+        return ctx.keep(out)
+    return out
+
+
+def _tie_shared_parameters(ctx: Context) -> None:
+    """A parameter used by several operations must move the same way in each (tied weights, a module
+    called twice): tie the channels of its uses position by position."""
+    by_param: dict[tuple, list[ParamUse]] = defaultdict(list)
+    for u in ctx.uses:
+        by_param[(u.param, u.dim)].append(u)
+    for (param, _), us in by_param.items():
+        first = us[0]
+        for u in us[1:]:
+            reason = f"parameter '{param}' is used more than once (it shares its weights)"
+            a1, a2 = first.channels.atoms, u.channels.atoms
+            if len(a1) != len(a2):
+                ctx.pin(first.channels, reason)
+                ctx.pin(u.channels, reason)
+                continue
+            if (a1 == FIXED).any() or (a2 == FIXED).any():
+                # an untransformed use (e.g. the first call of a re-used layer on the input) pins the others
+                ctx.pin(first.channels, reason + " and one use is untransformed")
+                ctx.pin(u.channels, reason + " and one use is untransformed")
+                continue
+            ctx.tie(first.channels, u.channels, reason)
+            if u.role != first.role:
+                # W T1^T = W T2^-1 (an embedding tied to an unembedding): T orthogonal
+                ctx.require(Signed, first.channels)
+                ctx.require(Signed, u.channels)

@@ -1,0 +1,118 @@
+"""Capture: export a model with ``torch.export`` (non-strict, aten level) and name what the graph holds.
+
+:func:`capture` exports the model in eval mode (the original is untouched) and returns the aten graph, the
+qualified name of every parameter/buffer placeholder and the model's tensors; :func:`owner` gives the module
+that created a node. A wrapper keeps only the tensors of the output, so transformers' ``ModelOutput``s work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..features import eval_mode
+
+LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def call_model(model: nn.Module, inputs):
+    """``model(*inputs)`` for a tuple, ``model(**inputs)`` for a dict of keyword inputs (a tokenizer's output)."""
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def map_inputs(inputs, fn):
+    """``fn`` applied to every tensor of a tuple or dict of inputs (same container type)."""
+    if isinstance(inputs, dict):
+        return {k: fn(v) for k, v in inputs.items()}
+    return tuple(fn(a) for a in inputs)
+
+
+def input_tensors(inputs) -> list:
+    return list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, model, keys=None):
+        super().__init__()
+        self.m = model
+        self.keys = keys
+
+    def forward(self, *args):
+        out = self.m(*args) if self.keys is None else self.m(**dict(zip(self.keys, args)))
+        return tuple(tensors_of(out))
+
+
+def tensors_of(y) -> list[torch.Tensor]:
+    """The tensors of a model output (tensor, tuple/list, dict or transformers ModelOutput), in order."""
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, dict):
+        return [t for v in y.values() for t in tensors_of(v)]
+    if isinstance(y, list | tuple):
+        return [t for v in y for t in tensors_of(v)]
+    return []
+
+
+@dataclass(frozen=True)
+class Captured:
+    """The exported aten graph; ``params``: placeholder name -> qualified parameter/buffer name (a tied
+    parameter under its first name); ``inputs``: user input placeholder names; ``tensors``: qualified
+    name -> parameter/buffer of the model."""
+    graph: fx.Graph
+    params: dict[str, str]
+    inputs: list[str]
+    tensors: dict[str, torch.Tensor]
+    buffers: frozenset = frozenset()
+
+    @property
+    def lowest_cast(self) -> torch.dtype | None:
+        """The lowest floating precision the graph casts to (float32/float16/bfloat16; transformers' RMSNorm
+        casts to float32 even in a float64 model), None when it casts to none. A transformed copy then
+        agrees with the model to that precision only."""
+        found = {a for n in self.graph.nodes for a in list(n.args) + list(n.kwargs.values())
+                 if isinstance(a, torch.dtype) and a in LOW_PRECISION}
+        return max(found, key=lambda d: LOW_PRECISION.index(d)) if found else None
+
+
+def capture(model: nn.Module, args: tuple) -> Captured:
+    """Export ``model`` (eval mode, non-strict) on ``args``; ValueError with the exporter's reason on failure."""
+    wrapper = _Wrap(model, list(args) if isinstance(args, dict) else None)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            ep = torch.export.export(wrapper, tuple(input_tensors(args)), strict=False)
+    except Exception as err:
+        raise ValueError(f"symmetry_spec: torch.export could not capture {type(model).__name__} on the example "
+                         f"input: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    sig = ep.graph_signature
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    # a tied parameter (GPT-2's wte and lm_head) gets its first name in the model, as named_parameters() gives it
+    first = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        first.setdefault(id(t), name)
+    params = {}
+    for ph, name in list(sig.inputs_to_parameters.items()) + list(sig.inputs_to_buffers.items()):
+        name = name[2:] if name.startswith("m.") else name
+        params[ph] = first.get(id(tensors[name]), name) if name in tensors else name
+    buffers = frozenset(params[ph] for ph in sig.inputs_to_buffers)
+    return Captured(ep.graph, params, list(sig.user_inputs), tensors, buffers)
+
+
+def owner(node: fx.Node) -> tuple[str, type | None]:
+    """(qualified name, class) of the innermost module whose forward created ``node``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", None
+    path, cls = list(stack.values())[-1]
+    path = path[2:] if path.startswith("m.") else ("" if path in ("m", "L['self'].m") else path)
+    return path, cls
+
+
+def shape_of(node) -> tuple | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(v, torch.Tensor):
+        return tuple(int(s) for s in v.shape)
+    return None

@@ -1,0 +1,97 @@
+"""Comparing a model with a transformed copy: output errors in eval and train mode, dropout off.
+
+Errors propagate NaN: a model whose outputs (or transformed outputs) are not finite gives NaN (which fails
+every tolerance), never 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._util import max_nan
+from ..features import eval_mode
+from .capture import call_model, input_tensors, tensors_of
+
+
+def nanmax(values) -> float:
+    """max (0 for none) that propagates NaN (max(worst, nan) would silently keep worst)."""
+    return max_nan(0.0, *values)
+
+
+def output_errors(a, b) -> tuple[float, float]:
+    ya, yb = tensors_of(a), tensors_of(b)
+    if len(ya) != len(yb):
+        return float("nan"), float("nan")
+    abs_err, scale = 0.0, 0.0
+    for u, v in zip(ya, yb):
+        if not u.is_floating_point() or u.numel() == 0:
+            if not torch.equal(u, v):
+                return float("inf"), float("inf")
+            continue
+        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+            return float("nan"), float("nan")
+        abs_err = max(abs_err, float((u - v).abs().max()))
+        scale = max(scale, float(u.abs().max()))
+    return abs_err, abs_err / max(scale, 1e-300)
+
+
+@contextlib.contextmanager
+def no_dropout():
+    """Dropout draws random masks: compare the deterministic part (functional dropout and attention dropout
+    switched off; dropout modules call F.dropout)."""
+    orig_dropout, orig_sdpa = F.dropout, F.scaled_dot_product_attention
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        return orig_dropout(x, 0.0, False, inplace)
+
+    def sdpa(*args, **kwargs):
+        args = list(args)
+        if len(args) > 4:
+            args[4] = 0.0
+        else:
+            kwargs["dropout_p"] = 0.0
+        return orig_sdpa(*args, **kwargs)
+
+    F.dropout, F.scaled_dot_product_attention = dropout, sdpa
+    try:
+        yield
+    finally:
+        F.dropout, F.scaled_dot_product_attention = orig_dropout, orig_sdpa
+
+
+def forward_once(model: nn.Module, args: tuple | dict, train: bool):
+    """One forward pass in eval or train mode with dropout off, from a fixed random state: random choices
+    that do not depend on channels (stochastic depth drops whole samples) are then the same for the model
+    and its transformed copy. The caller's random state is restored."""
+    cuda = sorted({a.device.index or 0 for a in input_tensors(args) if isinstance(a, torch.Tensor) and a.is_cuda})
+    with torch.random.fork_rng(devices=cuda), eval_mode(model, train), no_dropout():
+        torch.manual_seed(0)
+        return call_model(model, args)
+
+
+def has_running_stats(model: nn.Module) -> bool:
+    return any(getattr(m, "track_running_stats", False) for m in model.modules())
+
+
+@torch.no_grad()
+def compare(model: nn.Module, new: nn.Module, x, modes=("eval", "train")) -> dict[str, tuple]:
+    """{mode: (max_abs, max_rel)} between ``model`` and ``new`` on ``x`` (tensor or tuple); neither is modified."""
+    args = x if isinstance(x, tuple | dict) else (x,)
+    out = {}
+    for mode in modes:
+        if mode == "eval":
+            out[mode] = output_errors(forward_once(model, args, False), forward_once(new, args, False))
+        elif mode == "train":
+            stats = has_running_stats(model)
+            a, b = (copy.deepcopy(model), copy.deepcopy(new)) if stats else (model, new)
+            e1 = output_errors(forward_once(a, args, True), forward_once(b, args, True))
+            e2 = output_errors(forward_once(a, args, False), forward_once(b, args, False)) if stats else e1
+            out[mode] = (nanmax([e1[0], e2[0]]), nanmax([e1[1], e2[1]]))
+        else:
+            raise ValueError(f"unknown mode {mode!r}; use 'eval' and/or 'train'")
+    return out

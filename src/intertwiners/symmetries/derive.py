@@ -1,0 +1,45 @@
+"""``symmetry_spec``: the passes in order, capture -> analysis -> resolution and slots -> (safety check).
+
+:func:`~.capture.capture` exports the model with ``torch.export``; :func:`~.analysis.analyse` runs one rule
+per node (:mod:`~.ops`); :func:`~.spec.build_spec` resolves spaces and groups (:mod:`~.resolve`) and lists
+their slots (:mod:`~.slots`); with ``check=True``, :func:`~.safety.safety_check` pins any derived space that
+changes the outputs (a rule bug: the tests require that none is pinned on the models they build).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .analysis import analyse
+from .capture import capture
+from .inputs import check_model, explain_failure, prepare_inputs
+from .safety import safety_check
+from .spec import SymmetrySpec, build_spec
+
+
+def symmetry_spec(model: nn.Module, example_input, *, check: bool = True, leaf_types: tuple = ()) -> SymmetrySpec:
+    """The weight-space symmetries of ``model`` (paper §3.2), found from its captured graph.
+
+    ``example_input``: one input batch (a tensor, a tuple of positional inputs such as token ids, or a dict
+    of keyword inputs); the model runs on it in eval mode and is not modified. ``check`` (default True):
+    apply a random element of every space and compare outputs on ``example_input`` (eval and train mode,
+    float64 copy); a space that fails is pinned with the reason (the last line of defence; ``check=False``
+    gives the spec as derived, which :func:`~intertwiners.symmetries.verify_symmetry` checks).
+    ``leaf_types`` is accepted for compatibility (capture needs no leaves). Returns a
+    :class:`~intertwiners.symmetries.spec.SymmetrySpec`; ValueError naming the problem for a non-module,
+    non-finite weights or inputs, a model that fails on its example input or cannot be captured.
+    """
+    del leaf_types
+    check_model(model, "symmetry_spec")
+    args = prepare_inputs(model, example_input)
+    try:
+        cap = capture(model, args)
+    except ValueError as err:
+        why = explain_failure(model, args)
+        if why is not None:
+            raise ValueError(f"symmetry_spec: {why}") from err
+        raise
+    spec = build_spec(analyse(cap, model), type(model).__name__, cap.buffers)
+    if check and spec.spaces:
+        spec = safety_check(model, args, spec, rtol=1e-5 if spec.lower_precision_inside else 1e-8)
+    return spec

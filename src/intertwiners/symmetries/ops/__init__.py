@@ -1,0 +1,19 @@
+"""The built-in rules, one module per family of operations; importing this package registers them all.
+
+========================  ==================================================================================
+:mod:`.linear`            linear, addmm, matmul/mm by a parameter, convolutions (depthwise, grouped), embedding
+:mod:`.norm`              batch norm, layer norm (GroupNorm, instance norm pinned)
+:mod:`.shape`             copies, views, transposes, broadcasts, select/slice/split, cat, padding
+:mod:`.reduce`            pooling, upsampling, mean/sum/max/var, softmax
+:mod:`.arithmetic`        add/sub, mul/div (gains, gates, rotary factors), where, neg
+:mod:`.attention`         scaled_dot_product_attention, attention written out with matmul
+:mod:`.activation`        chains of elementwise operations (activations), functions of parameters
+========================  ==================================================================================
+
+Adding an operation is adding one rule to one of these modules (or, from a user's code,
+:func:`~intertwiners.symmetries.register_rule`).
+"""
+
+from . import activation, arithmetic, attention, linear, norm, reduce, shape
+
+__all__ = ["activation", "arithmetic", "attention", "linear", "norm", "reduce", "shape"]

@@ -1,0 +1,189 @@
+"""Arithmetic outside activations: residual additions, products with parameters and gates, ``where``, ``neg``.
+
+(Elementwise arithmetic with constants on one hidden value is an activation, claimed first by
+:mod:`.activation`; these rules see the rest.)
+
+* ``a + b`` of two hidden values ties their channels position by position (Remark 3.6);
+* ``x + p`` with a per-channel parameter moves p with the channels; ``x + c`` with a constant needs A·1 = 1;
+* ``x * p`` with a per-channel parameter (layer scale, a norm gain) is a gain (monomial elements only);
+  by a scalar or a per-token/per-pixel factor it commutes with any linear map; by an untransformed tensor
+  that varies along some channel axes (rotary cos/sin) it ties the channels along those axes;
+* ``x * g`` of two hidden values (gated MLPs, squeeze-excitation): one permutation for both, the gate only
+  permuted, the product carries x's transform.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .. import layout as L
+from ..chains import ONE
+from ..constraints import ConstantAdd, Monomial, Unit
+from ..context import Context
+from ..layout import FIXED, ZERO, Layout
+from ..records import DerivedParam, ParamRef
+from ..registry import builtin
+from .shape import param_channels
+
+aten = torch.ops.aten
+
+
+def constant_along_channels(ctx: Context, arg, x: Layout, out_shape) -> bool:
+    """Is the tensor ``arg`` (broadcast to ``out_shape``) the same for every channel of x?"""
+    s = ctx.shape(arg) if isinstance(arg, fx.Node) else ()
+    if s is None:
+        return False
+    s = (1,) * (len(out_shape) - len(s)) + tuple(s)
+    return all(s[d] == 1 for d in x.feature_dims())
+
+
+def _shaped(x: Layout, shape) -> Layout:
+    return x if x.shape == tuple(shape) else L.broadcast_to(x, shape)
+
+
+def _unzeroed(x: Layout) -> Layout:
+    """x after adding something: channels that were known to be zero no longer are."""
+    return x.derive(atoms=np.where(x.atoms == ZERO, FIXED, x.atoms))
+
+
+@builtin(aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub)
+def add(ctx: Context, node: fx.Node):
+    a, b = ctx.value(node.args[0]), ctx.value(node.args[1])
+    shape = ctx.shape(node)
+    if isinstance(a, Layout) and isinstance(b, Layout):
+        if not L.same_structure(a, b) or node.kwargs.get("alpha", 1) == 0:
+            return ctx.unsupported(node, f"{ctx.describe(node)} adds values with different channel layouts")
+        ctx.tie(a, b, f"{ctx.describe(node)}")
+        atoms = np.where(a.atoms >= 0, a.atoms, np.where(b.atoms >= 0, b.atoms, np.where(
+            (a.atoms == FIXED) | (b.atoms == FIXED), FIXED, ZERO)))
+        chains = np.where(a.atoms >= 0, a.chains, b.chains)
+        return (a if a.shape == tuple(shape) else b).derive(atoms=atoms, chains=chains)
+    x, other, other_node = (a, b, node.args[1]) if isinstance(a, Layout) else (b, a, node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    if isinstance(other, ParamRef) and constant_along_channels(ctx, other_node, x, shape):
+        other = None  # a parameter/buffer that is the same for every channel (an attention mask): a constant
+    if isinstance(other, ParamRef):
+        got = param_channels(x, other, shape)
+        if got is None or node.target.overloadpacket is aten.rsub:
+            return ctx.unsupported(node, f"{ctx.describe(node)} adds a parameter that is not per-channel")
+        ctx.rows(other, None, got)
+        return _unzeroed(x)
+    if isinstance(other, int | float):
+        if other == 0:
+            return x
+        ctx.require(ConstantAdd, x)
+        return _unzeroed(x)
+    if other is None and constant_along_channels(ctx, other_node, x, shape):
+        ctx.require(ConstantAdd, x)
+        return _unzeroed(_shaped(x, shape))
+    return ctx.unsupported(node, f"{ctx.describe(node)} adds an untransformed tensor that varies across channels")
+
+
+@builtin(aten.mul, aten.mul_, aten.div, aten.div_)
+def mul(ctx: Context, node: fx.Node):
+    a, b = ctx.value(node.args[0]), ctx.value(node.args[1])
+    shape = ctx.shape(node)
+    div = node.target.overloadpacket in (aten.div, aten.div_)
+    if isinstance(a, Layout) and isinstance(b, Layout):
+        if div:
+            return ctx.unsupported(node, f"{ctx.describe(node)} divides two hidden values")
+        return gate(ctx, node, a, b, shape)
+    x, other, other_node = (a, b, node.args[1]) if isinstance(a, Layout) else (b, a, node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    if div and x is not a:
+        return ctx.unsupported(node, f"{ctx.describe(node)} divides by a hidden value")
+    if isinstance(other, int | float):
+        return x if other != 0 else ctx.unsupported(node, "multiplication by zero")
+    if isinstance(other, ParamRef | DerivedParam) and constant_along_channels(ctx, other_node, x, shape):
+        return _shaped(x, shape)  # a scalar (or per-token) parameter/buffer: commutes with any linear map
+    if isinstance(other, ParamRef | DerivedParam):
+        got = param_channels(x, other, shape)
+        if got is None or div:
+            return ctx.unsupported(node, f"{ctx.describe(node)} multiplies by a parameter that is not per-channel")
+        ctx.require(Monomial, x)
+        ctx.gain(other, None, got, got)
+        return _shaped(x, shape)
+    if other is None and constant_along_channels(ctx, other_node, x, shape):
+        return _shaped(x, shape)  # a per-token/per-pixel factor (RMSNorm's 1/rms) commutes with any linear map
+    if other is None and not div and coarsen(ctx, x, other_node, shape):
+        return _shaped(x, shape)
+    return ctx.unsupported(node, f"{ctx.describe(node)} multiplies by a tensor that varies across channels")
+
+
+def coarsen(ctx: Context, x: Layout, other_node, shape) -> bool:
+    """x * c with c untransformed and varying along some channel axes V (rotary embeddings: cos/sin vary along
+    the head width, not across heads): the transform must act alike at every V coordinate. Tie the channels
+    that differ only in their V coordinates (then a space element acts per remaining coordinate, e.g. one
+    scalar per head, and commutes with c). False when c is not of that form."""
+    s = ctx.shape(other_node)
+    if s is None:
+        return False
+    s = (1,) * (len(shape) - len(s)) + tuple(s)
+    varying = set()
+    for d in x.feature_dims():
+        if s[d] > 1:
+            facs = [f for _, f in x.dims[d]]
+            if len(facs) != 1:
+                return False
+            varying.add(facs[0])
+    if not varying:
+        return False
+    if len(varying) == len(x.fsizes):   # c varies along every channel: only a scalar multiple of I commutes
+        ctx.atoms.union_arrays(x.atoms, np.full_like(x.atoms, x.atoms[0]), 0,
+                               f"{ctx.describe(other_node)} (channels tied by a factor that varies along all of them)")
+        return True
+    A = x.atoms.reshape(x.fsizes)
+    idx = tuple(slice(0, 1) if f in varying else slice(None) for f in range(len(x.fsizes)))
+    base = np.broadcast_to(A[idx], A.shape)
+    ctx.atoms.union_arrays(A.reshape(-1), base.reshape(-1), 0, f"{ctx.describe(other_node)} (channels tied by a "
+                                                               "factor that varies along them)")
+    return True
+
+
+def gate(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape):
+    """x * g with both hidden (gated MLPs, squeeze-excitation): one permutation for both; the gate must carry
+    no scaling, the product carries x's transform."""
+    if not L.same_structure(a, b):
+        return ctx.unsupported(node, f"{ctx.describe(node)} multiplies hidden values with different channel layouts")
+    na, nb = int(np.prod(a.shape)), int(np.prod(b.shape))
+    a_one, b_one = (all(ctx.chain(c)[:1] == (ONE,) for c in np.unique(v.chains).tolist()) for v in (a, b))
+    if na != nb:
+        x, g = (a, b) if na > nb else (b, a)
+    elif a_one != b_one:  # the unscaled gate branch (see activation.feeds_only_gate) is g
+        x, g = (b, a) if a_one else (a, b)
+    else:
+        x, g = (a, b) if len(ctx.chain(b.chains[0])) >= len(ctx.chain(a.chains[0])) else (b, a)
+    ctx.atoms.union_arrays(x.atoms, g.atoms, 0, f"{ctx.describe(node)} (product of two hidden values)")
+    ctx.require(Unit, g)
+    ctx.require(Monomial, x)
+    return _shaped(x, shape).derive(atoms=np.where((x.atoms == ZERO) | (g.atoms == ZERO), ZERO,
+                                                   np.where(x.atoms >= 0, x.atoms, g.atoms)))
+
+
+@builtin(aten.where)
+def where(ctx: Context, node: fx.Node):
+    """where(mask, x, c) with a mask and a value c that are the same for every channel (a causal mask written
+    with ``torch.where``): channels pass; c is not scaled, so permutations only."""
+    if len(node.args) != 3:
+        return ctx.unsupported(node)
+    cond, a, b = (ctx.value(v) for v in node.args)
+    shape = ctx.shape(node)
+    if isinstance(cond, Layout) or (isinstance(a, Layout) == isinstance(b, Layout)) or shape is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a selection between values with channels")
+    x, other = (a, node.args[2]) if isinstance(a, Layout) else (b, node.args[1])
+    for arg in (node.args[0], other):
+        if isinstance(arg, fx.Node) and not constant_along_channels(ctx, arg, x, shape):
+            return ctx.unsupported(node, f"{ctx.describe(node)}: a mask or value that varies across channels")
+    ctx.require(Unit, x)
+    return _shaped(x, shape)
+
+
+@builtin(aten.neg)
+def neg(ctx: Context, node: fx.Node):
+    """-x commutes with every linear map."""
+    x = ctx.value(node.args[0])
+    return x if isinstance(x, Layout) else None

@@ -1,0 +1,138 @@
+"""Attention: ``scaled_dot_product_attention`` and attention written out (``softmax(q @ k^T) @ v``).
+
+Per head, queries and keys are tied with a dual transform (W_Q -> A W_Q, W_K -> A^-T W_K); the output
+carries the values' transform (W_V -> B W_V, W_O -> W_O B^-1); heads are permuted together. Each call is
+recorded (:class:`~..records.AttentionRecord`); the resolver turns its query/key and value spaces into one
+attention space (:class:`~..structured.AttentionGroup`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .. import layout as L
+from ..capture import owner
+from ..context import Context
+from ..layout import Layout
+from ..records import AttentionRecord
+from ..registry import builtin
+
+aten = torch.ops.aten
+
+
+def _whole_heads(ctx: Context, node: fx.Node, table: np.ndarray) -> None:
+    """Partial rotary embeddings (GPT-NeoX, Phi) tie the rotated channels of a head but not the others: tie
+    the whole head then (one scalar per head on queries/keys, a subgroup of the true blockdiag(c·I, GL))."""
+    for row in table:
+        row = row[row >= 0]
+        if len(row) > 1 and 1 < len({ctx.atoms.find(int(a))[0] for a in row}) < len(row):
+            ctx.atoms.union_arrays(row, np.full_like(row, row[0]), 0, f"{ctx.describe(node)} (partially rotated head)")
+
+
+def tie_queries_keys(ctx: Context, node: fx.Node, qa, qc, ka, kc, repeat: bool):
+    """Tie query and key channels per head with a dual transform; keys of fewer heads are repeated when
+    ``repeat`` (grouped-query attention). (queries, keys) tables (H, dk), or the reason they cannot be tied."""
+    _whole_heads(ctx, node, qa)
+    _whole_heads(ctx, node, ka)
+    if repeat and ka.shape[0] != qa.shape[0] and ka.shape[0] and qa.shape[0] % ka.shape[0] == 0:
+        ka, kc = (np.repeat(t, qa.shape[0] // ka.shape[0], 0) for t in (ka, kc))
+    if ka.shape != qa.shape:
+        return "unexpected head shapes"
+    if not np.array_equal(qc, kc):
+        return "queries and keys carry different transforms"
+    ctx.atoms.union_arrays(qa.reshape(-1), ka.reshape(-1), 1, f"{ctx.describe(node)}")
+    return qa, ka
+
+
+def _record(ctx: Context, node: fx.Node, qa, ka, va, heads=None) -> None:
+    path, _ = owner(node)
+    name = f"{path or 'model'}.attention" if not path.endswith("attention") else path
+    ctx.record_attention(AttentionRecord(name, qa, ka, va, len({tuple(r) for r in va.tolist()}), heads))
+
+
+def _heads_table(t: Layout):
+    """(atoms, chains) per (head, head width) of a (..., heads, tokens, width) value, or None."""
+    return L.atoms_along(t, [t.ndim - 3, t.ndim - 1])
+
+
+@builtin(aten.scaled_dot_product_attention)
+def sdpa(ctx: Context, node: fx.Node):
+    """softmax(q k^T / s + mask) v per head: (q, k) -> (A q, A^-T k) and v -> B v per head, heads permuted
+    together. Keys are tied to queries with a dual transform; the output carries the values' transform."""
+    q, k, v = (ctx.value(a) for a in node.args[:3])
+    mask = ctx.value(ctx.arg(node, 3, "attn_mask"))
+    shape = ctx.shape(node)
+    if isinstance(v, Layout) and not isinstance(mask, Layout) and q is None and k is None:
+        got = _heads_table(v)
+        if got is None:
+            return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
+        va = got[0]
+        H = (shape or v.shape)[-3]
+        if va.shape[0] != H:
+            va = np.repeat(va, H // va.shape[0], 0)
+        _record(ctx, node, None, None, va)
+        return L.with_non_feature_size(v, v.ndim - 2, shape[-2])
+    if isinstance(mask, Layout) or not all(isinstance(t, Layout) for t in (q, k, v)):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: queries, keys and values must all be hidden values "
+                                     "(and the mask untransformed)")
+    tables = [_heads_table(t) for t in (q, k, v)]
+    if any(t is None for t in tables):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
+    (qa, qc), (ka, kc), (va, _) = tables
+    gqa = node.kwargs.get("enable_gqa", False)
+    if gqa and va.shape[0] != qa.shape[0]:
+        va = np.repeat(va, qa.shape[0] // va.shape[0], 0)
+    if va.shape[0] != qa.shape[0]:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected head shapes")
+    tied = tie_queries_keys(ctx, node, qa, qc, ka, kc, repeat=gqa)
+    if isinstance(tied, str):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: {tied}")
+    _record(ctx, node, tied[0], tied[1], va)
+    out = v
+    if v.shape != tuple(shape):
+        out = L.with_non_feature_size(v, v.ndim - 2, shape[-2])
+        if out.shape != tuple(shape):
+            return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected output shape")
+    return out
+
+
+def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
+    """A product of two hidden values (``matmul``): attention written out on (..., heads, tokens, width).
+
+    ``q @ k^T`` contracts the head width of queries and keys: they are tied with a dual transform per head
+    and the scores get fresh *head atoms* on their head axis. ``p @ v`` with ``p`` holding such head atoms
+    records the attention block (queries, keys, values and the head atoms, which the resolver checks:
+    nothing else may read the scores)."""
+    nd = a.ndim
+    shape = ctx.shape(node)
+    scores = ctx.scratch.setdefault("attention.scores", {})   # first head atom -> (q table, k table)
+    if nd < 3 or b.ndim != nd or shape is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
+    fa, fb = set(a.feature_dims()), set(b.feature_dims())
+    if nd - 1 in fa and nd - 2 not in fa and nd - 2 in fb and nd - 1 not in fb:       # q @ k^T
+        q, k = L.atoms_along(a, [nd - 3, nd - 1]), L.atoms_along(b, [nd - 3, nd - 2])
+        if q is None or k is None:
+            return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
+        tied = tie_queries_keys(ctx, node, q[0], q[1], k[0], k[1], repeat=True)
+        if isinstance(tied, str):
+            return ctx.unsupported(node, f"{ctx.describe(node)}: {tied}")
+        heads = ctx.atoms.new(tied[0].shape[0])
+        scores[int(heads[0])] = tied
+        return L.simple(heads, np.zeros(len(heads), np.int64), shape, nd - 3)
+    if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) in scores \
+            and nd - 1 in fb and nd - 2 not in fb:                                         # p @ v
+        qa, ka = scores.pop(int(a.atoms[0]))
+        got = _heads_table(b)
+        if got is None:
+            return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
+        va = got[0]
+        H = qa.shape[0]
+        if va.shape[0] != H and va.shape[0] and H % va.shape[0] == 0:
+            va = np.repeat(va, H // va.shape[0], 0)
+        if va.shape[0] != H or len(a.atoms) != H:
+            return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected head shapes")
+        _record(ctx, node, qa, ka, va, heads=a.atoms)
+        return L.with_non_feature_size(b, nd - 2, shape[nd - 2])
+    return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")

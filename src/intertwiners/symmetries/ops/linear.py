@@ -1,0 +1,188 @@
+"""Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm`` by a parameter, convolutions, embeddings.
+
+A producer makes new channels (the rows of W and b move with them, t -> T t); its input channels are W's
+columns (w -> w T^-1). A convolution with ``groups == channels`` (depthwise) keeps each channel's identity
+(its filter is a per-channel gain); a grouped one keeps channels within their group. A linear layer over an
+axis without channels (MLP-Mixer's token mixing) makes *side* units (:class:`~..layout.Side`) when it feeds
+an activation, and consumes them as its input columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .. import layout as L
+from ..constraints import ConstantAdd, Monomial
+from ..context import Context
+from ..layout import FIXED, ZERO, Channels, Layout, Side
+from ..records import ParamRef
+from ..registry import builtin
+from .activation import feeds_activation, feeds_only_gate
+from .attention import attention_product
+
+aten = torch.ops.aten
+
+
+def _feeds_only_norm(node: fx.Node) -> bool:
+    users = list(node.users)
+    return len(users) == 1 and getattr(users[0].target, "overloadpacket", None) is aten.batch_norm \
+        and isinstance(users[0].args[1], fx.Node)
+
+
+def producer(ctx: Context, node: fx.Node, x, weight: ParamRef, bias, out_dim: int, w_out: int, w_in: int,
+             in_dim: int | None, groups: int = 1):
+    """New channels on ``out_dim`` of the output: rows of ``weight`` (dim ``w_out``) and ``bias``; columns
+    (dim ``w_in``) read x's channels on ``in_dim``."""
+    shape = ctx.shape(node)
+    unscaled = _feeds_only_norm(node) or feeds_only_gate(ctx, node)
+    n_in = weight.shape[w_in] * groups
+    if isinstance(x, Layout):
+        got = L.atoms_along(x, [in_dim])
+        if got is None or len(got[0]) != n_in:
+            return ctx.unsupported(node, f"{ctx.describe(node)} does not act on the channel axis of its input")
+        inp = Channels(*got)
+    else:
+        inp = Channels(np.full(n_in, FIXED, np.int64), np.zeros(n_in, np.int64))
+    if groups > 1:
+        # grouped convolution: channels stay within their group (one value per group, both sides)
+        ci = n_in // groups
+        for g in range(groups):
+            ctx.keep(L.simple(inp.atoms[g * ci:(g + 1) * ci], inp.chains[g * ci:(g + 1) * ci], (ci,), 0))
+    out = ctx.fresh(shape, out_dim, unscaled=unscaled)
+    if groups > 1:
+        co = shape[out_dim] // groups
+        for g in range(groups):
+            ctx.keep(L.simple(out.atoms[g * co:(g + 1) * co], out.chains[g * co:(g + 1) * co], (co,), 0))
+    ctx.rows(weight, w_out, out)
+    ctx.columns(weight, w_in, inp, groups)
+    if isinstance(bias, ParamRef):
+        ctx.rows(bias, 0, out)
+    elif bias is not None:
+        return ctx.unsupported(node, f"{ctx.describe(node)} has a bias that is not a parameter")
+    return out
+
+
+@builtin(aten.linear, side_aware=True)
+def linear(ctx: Context, node: fx.Node):
+    """y = x W^T + b: rows of W (and b) follow the new channels, columns the input's. Over an axis without
+    channels (token mixing) channels pass, and the units the layer makes for an activation are a side axis."""
+    x, w, b = ctx.value(node.args[0]), ctx.value(node.args[1]), ctx.value(ctx.arg(node, 2, "bias"))
+    if not isinstance(w, ParamRef) or len(w.shape) != 2:
+        return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
+    shape = ctx.shape(node)
+    if isinstance(x, Layout) and x.side is not None:
+        side, x = x.side, x.derive(side=None)
+        if side.dim == x.ndim - 1 and w.shape[1] == len(side.atoms):
+            ctx.columns(w, 1, Channels(side.atoms, side.chains))   # consumed: the layer's input columns
+        else:
+            ctx.pin(Channels(side.atoms, side.chains), f"{ctx.describe(node)} reads hidden units along a "
+                                                       "non-channel axis")
+    if isinstance(x, Layout) and (x.ndim - 1) not in x.feature_dims():
+        # token mixing (MLP-Mixer): the same map for every channel; its bias is the same for every channel
+        if b is not None:
+            ctx.require(ConstantAdd, x)
+        side = None
+        if feeds_activation(ctx, node):
+            n = shape[-1]
+            units = ctx.fresh((n,), 0)
+            ctx.rows(w, 0, units)
+            if isinstance(b, ParamRef):
+                ctx.rows(b, 0, units)
+            side = Side(len(shape) - 1, units.atoms, units.chains)
+        return L.with_non_feature_size(x, x.ndim - 1, shape[-1]).derive(side=side)
+    return producer(ctx, node, x, w, b, len(shape) - 1, 0, 1, (x.ndim - 1) if isinstance(x, Layout) else None)
+
+
+@builtin(aten.addmm)
+def addmm(ctx: Context, node: fx.Node):
+    """transformers' Conv1D: b + x @ W with W of shape (in, out); also b + x @ W.T with W (out, in)."""
+    b, x, w = (ctx.value(a) for a in node.args[:3])
+    wt = transposed_param(ctx, node.args[2])
+    if (wt is None and not isinstance(w, ParamRef)) or node.kwargs.get("beta", 1) != 1 \
+            or node.kwargs.get("alpha", 1) != 1:
+        return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
+    if wt is not None:   # b + x @ W.T with W (out, in)
+        return producer(ctx, node, x, wt, b, 1, 0, 1, 1 if isinstance(x, Layout) else None)
+    return producer(ctx, node, x, w, b, 1, 1, 0, 1 if isinstance(x, Layout) else None)
+
+
+@builtin(aten.matmul, aten.mm)
+def matmul(ctx: Context, node: fx.Node):
+    """x @ W with W a parameter (in, out); a product of two hidden values is written-out attention."""
+    x, w = ctx.value(node.args[0]), ctx.value(node.args[1])
+    if isinstance(x, Layout) and isinstance(w, Layout):
+        return attention_product(ctx, node, x, w)
+    ndim = len(ctx.shape(node))
+    in_dim = (x.ndim - 1) if isinstance(x, Layout) else None
+    wt = transposed_param(ctx, node.args[1])
+    if wt is not None:   # x @ W.T with W (out, in): nn.Linear written out
+        return producer(ctx, node, x, wt, None, ndim - 1, 0, 1, in_dim)
+    if not isinstance(w, ParamRef) or len(w.shape) != 2:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values (or a non-parameter "
+                                     "weight) is not supported")
+    return producer(ctx, node, x, w, None, ndim - 1, 1, 0, in_dim)
+
+
+def transposed_param(ctx: Context, arg) -> ParamRef | None:
+    """The 2-D parameter W when ``arg`` is W.T (``.T``, ``.mT``, ``t``, ``transpose`` of its two axes,
+    ``permute(1, 0)``)."""
+    if not isinstance(arg, fx.Node) or arg.op != "call_function":
+        return None
+    op = getattr(arg.target, "overloadpacket", None)
+    w = ctx.value(arg.args[0]) if arg.args else None
+    if not isinstance(w, ParamRef) or len(w.shape) != 2:
+        return None
+    if op in (aten.t, aten.numpy_T, aten.mT, aten.adjoint) \
+            or (op is aten.transpose and {d % 2 for d in arg.args[1:3]} == {0, 1}) \
+            or (op is aten.permute and [d % 2 for d in arg.args[1]] == [1, 0]):
+        return w
+    return None
+
+
+@builtin(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+def conv(ctx: Context, node: fx.Node):
+    """Convolutions: out channels new; depthwise convolutions keep each channel's identity (a per-channel
+    filter, permuted with the channel; its scale carried through), grouped ones split channels into blocks."""
+    x, w = ctx.value(node.args[0]), ctx.value(node.args[1])
+    b = ctx.value(ctx.arg(node, 2, "bias"))
+    if node.target.overloadpacket is aten.convolution:
+        if node.args[6]:
+            return ctx.unsupported(node, f"{ctx.describe(node)} is a transposed convolution")
+        groups = node.args[8]
+    else:
+        groups = ctx.arg(node, 6, "groups", 1)
+    if not isinstance(w, ParamRef):
+        return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
+    if groups > 1 and w.shape[1] == 1 and isinstance(x, Layout):
+        return depthwise(ctx, node, x, w, b, groups)
+    if groups > 1 and not isinstance(x, Layout):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: grouped convolution of an untransformed input")
+    return producer(ctx, node, x, w, b, 1, 0, 1, 1 if isinstance(x, Layout) else None, groups)
+
+
+def depthwise(ctx: Context, node: fx.Node, x: Layout, w: ParamRef, b, groups: int):
+    """Each output channel is its input channel filtered: the filter is a per-channel gain (w -> P t/s w)."""
+    if x.simple_dim() != 1:
+        return ctx.unsupported(node, f"{ctx.describe(node)} does not act on the channel axis")
+    mult = w.shape[0] // groups
+    atoms, chains = np.repeat(x.atoms, mult), np.repeat(x.chains, mult)
+    ctx.require(Monomial, x)
+    out = ctx.keep(L.simple(np.where(atoms == ZERO, FIXED, atoms), chains, ctx.shape(node), 1))
+    ctx.gain(w, 0, out, Channels(atoms, chains))
+    if isinstance(b, ParamRef):
+        ctx.rows(b, 0, out)
+    return out
+
+
+@builtin(aten.embedding)
+def embedding(ctx: Context, node: fx.Node):
+    """A lookup table (V, C): its columns are the new channels (row v -> T row v)."""
+    w = ctx.value(node.args[0])
+    if not isinstance(w, ParamRef) or isinstance(ctx.value(node.args[1]), Layout):
+        return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices or a non-parameter table")
+    shape = ctx.shape(node)
+    out = ctx.fresh(shape, len(shape) - 1)
+    ctx.rows(w, 1, out)
+    return out

@@ -1,0 +1,78 @@
+"""Reductions and spatial operations: pooling, upsampling, reflection padding, mean/sum/max/var, softmax.
+
+Over axes without channels they act on every channel alike (max pooling and max: positive scalings only,
+softmax: permutations only); a reduction over all channel axes gives an untransformed value and needs unit
+scales (permutations).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .. import layout as L
+from ..constraints import PositiveScales, Unit
+from ..context import Context
+from ..layout import Layout
+from ..registry import builtin
+
+aten = torch.ops.aten
+
+
+@builtin(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d,
+         aten.adaptive_max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
+         aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
+         aten.reflection_pad1d, aten.reflection_pad2d, aten.replication_pad1d, aten.replication_pad2d,
+         aten.max_pool2d_with_indices)
+def spatial(ctx: Context, node: fx.Node):
+    """The same on every channel (channels on axis 1); max pooling commutes with positive scalings only."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    shape = ctx.shape(node)
+    if shape is None or x.simple_dim() != 1:
+        return ctx.unsupported(node, f"{ctx.describe(node)} needs channels on axis 1")
+    if "max" in str(node.target.overloadpacket):
+        ctx.require(PositiveScales, x)
+    out = x
+    for d in range(2, len(shape)):
+        out = L.with_non_feature_size(out, d, shape[d])
+    return out
+
+
+@builtin(aten.mean, aten.sum, aten.amax, aten.var, aten.std)
+def reduce(ctx: Context, node: fx.Node):
+    """Over non-channel axes: channels pass; over all channel axes: the result is untransformed, and the sum
+    must not see a scaling (permutations only)."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    dims = ctx.arg(node, 1, "dim")
+    if dims is None or (isinstance(dims, list | tuple) and len(dims) == 0):
+        dims = list(range(x.ndim))
+    dims = {d % x.ndim for d in ([dims] if isinstance(dims, int) else list(dims))}
+    keep = bool(ctx.arg(node, 2, "keepdim", False)) or node.kwargs.get("keepdim", False)
+    if node.target.overloadpacket in (aten.var, aten.std):
+        keep = node.kwargs.get("keepdim", False)
+    fdims = set(x.feature_dims())
+    if fdims <= dims:
+        ctx.require(Unit, x)
+        return None
+    if fdims & dims:
+        return ctx.unsupported(node, f"{ctx.describe(node)} reduces over part of the channel axes")
+    out = x
+    for d in sorted(dims):
+        out = L.with_non_feature_size(out, d, 1)
+    return out if keep else L.squeeze(out, sorted(dims))
+
+
+@builtin(aten.softmax, aten._softmax, aten._safe_softmax, aten.log_softmax, aten._log_softmax)
+def softmax(ctx: Context, node: fx.Node):
+    """Along an axis without channels (attention scores over tokens): commutes with permutations only."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    if node.args[1] % x.ndim in x.feature_dims():
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a softmax across channels")
+    ctx.require(Unit, x)
+    return x

@@ -1,0 +1,340 @@
+"""Moving channels around: copies, views, transposes, broadcasts, indexing, splitting, concatenation, padding.
+
+These operations only move a value's channel factors between tensor dimensions
+(:mod:`~intertwiners.symmetries.layout`): attention's head reshapes, ``nn.MultiheadAttention``'s
+batch×heads merge and a feature map flattened into a linear layer (each channel repeated once per pixel)
+are followed exactly. Slicing, concatenation and zero channel padding split a producer's channels into
+independent spaces (the resolver groups channels held by the same values).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .. import layout as L
+from ..constraints import ConstantAdd
+from ..context import Context
+from ..layout import FIXED, ZERO, Layout
+from ..records import ParamRef
+from ..registry import builtin
+
+aten = torch.ops.aten
+
+
+@builtin(aten.sym_size, aten.sym_numel, aten.sym_stride, aten._assert_tensor_metadata, aten._assert_scalar,
+         aten.sym_constrain_range_for_size)
+def not_a_tensor(ctx: Context, node: fx.Node):
+    """Sizes and assertions."""
+    return None
+
+
+@builtin(aten.alias, aten.clone, aten.contiguous, aten.detach, aten.detach_, aten.lift_fresh_copy, aten.to,
+         aten._to_copy, aten.type_as, aten.dropout, aten.dropout_, aten.feature_dropout,
+         aten.feature_dropout_, aten.alpha_dropout, aten.native_dropout, side_aware=True)
+def passthrough(ctx: Context, node: fx.Node):
+    """Identity on values (copies, dtype changes; dropout, which is off in the captured eval-mode graph)."""
+    x = ctx.value(node.args[0])
+    if isinstance(x, ParamRef):
+        return x
+    if isinstance(x, Layout):
+        if node.target.overloadpacket is aten.native_dropout:
+            return ctx.unsupported(node, "native dropout returns a mask")
+        return x
+    return None
+
+
+def _param_view(ctx: Context, node: fx.Node, x: ParamRef) -> ParamRef:
+    return ParamRef(x.name, ctx.shape(node) or x.shape)
+
+
+@builtin(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.reshape_as, aten.view_as)
+def view(ctx: Context, node: fx.Node):
+    x = ctx.value(node.args[0])
+    shape = ctx.shape(node)
+    if isinstance(x, ParamRef):
+        return _param_view(ctx, node, x)
+    if not isinstance(x, Layout):
+        return None
+    out = L.reshape(x, shape)
+    if out is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)} reshapes {x.shape} -> {shape} across channels")
+    return out
+
+
+@builtin(aten.unsqueeze)
+def unsqueeze(ctx: Context, node: fx.Node):
+    x = ctx.value(node.args[0])
+    if isinstance(x, ParamRef):
+        return _param_view(ctx, node, x)
+    if not isinstance(x, Layout):
+        return None
+    return L.unsqueeze(x, node.args[1] % (x.ndim + 1))
+
+
+@builtin(aten.squeeze)
+def squeeze(ctx: Context, node: fx.Node):
+    x = ctx.value(node.args[0])
+    if isinstance(x, ParamRef):
+        return _param_view(ctx, node, x)
+    if not isinstance(x, Layout):
+        return None
+    dims = node.args[1] if len(node.args) > 1 else list(range(x.ndim))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return L.squeeze(x, [d % x.ndim for d in dims if x.shape[d % x.ndim] == 1])
+
+
+@builtin(aten.transpose, aten.t, aten.permute, aten.swapaxes, aten.movedim, side_aware=True)
+def transpose(ctx: Context, node: fx.Node):
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None if not isinstance(x, ParamRef) else ctx.unsupported(node, "a transposed parameter")
+    op = node.target.overloadpacket
+    order = list(range(x.ndim))
+    if op is aten.permute:
+        order = [d % x.ndim for d in node.args[1]]
+    elif op is aten.movedim:
+        src, dst = node.args[1] % x.ndim, node.args[2] % x.ndim
+        order.remove(src)
+        order.insert(dst, src)
+    else:
+        i, j = (node.args[1] % x.ndim, node.args[2] % x.ndim) if op is not aten.t else (0, 1)
+        order[i], order[j] = order[j], order[i]
+    return L.permute(x, order)
+
+
+@builtin(aten.expand, aten.expand_as, aten.repeat_interleave)
+def expand(ctx: Context, node: fx.Node):
+    """Broadcasting along axes without channels."""
+    x = ctx.value(node.args[0])
+    if isinstance(x, ParamRef):
+        return x  # broadcasting: the parameter keeps its own shape
+    if not isinstance(x, Layout):
+        return None
+    shape = ctx.shape(node)
+    if node.target.overloadpacket is aten.repeat_interleave or len(shape) != x.ndim:
+        return ctx.unsupported(node)
+    out = x
+    for d, (a, s) in enumerate(zip(x.shape, shape)):
+        if a != s:
+            if d in x.feature_dims():
+                return ctx.unsupported(node, f"{ctx.describe(node)} broadcasts a channel axis")
+            out = L.with_non_feature_size(out, d, s)
+    return out
+
+
+@builtin(aten.repeat)
+def repeat(ctx: Context, node: fx.Node):
+    """Tiling along axes without channels (new leading axes included); tiling a channel axis is not supported."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    reps = list(node.args[1])
+    out = x
+    for _ in range(len(reps) - x.ndim):
+        out = L.unsqueeze(out, 0)
+    for d, r in enumerate(reps):
+        if r != 1:
+            if d in out.feature_dims():
+                return ctx.unsupported(node, f"{ctx.describe(node)} repeats a channel axis")
+            out = L.with_non_feature_size(out, d, out.shape[d] * r)
+    return out
+
+
+@builtin(aten.roll)
+def roll(ctx: Context, node: fx.Node):
+    """A cyclic shift along axes without channels (shifted windows) acts on every channel alike; a shift of a
+    channel axis (or of the flattened tensor) is not supported."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    dims = ctx.arg(node, 2, "dims", [])
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims or any(d % x.ndim in x.feature_dims() for d in dims):
+        return ctx.unsupported(node, f"{ctx.describe(node)} shifts a channel axis")
+    return x
+
+
+@builtin(aten.stack)
+def stack(ctx: Context, node: fx.Node):
+    """Values with the same channels stacked along a new axis (which holds no channels)."""
+    parts = [ctx.value(a) for a in node.args[0]]
+    if not any(isinstance(v, Layout) for v in parts):
+        return None
+    ref = parts[0]
+    if not all(isinstance(v, Layout) and L.same_structure(ref, v) and np.array_equal(ref.atoms, v.atoms)
+               and np.array_equal(ref.chains, v.chains) for v in parts):
+        return ctx.unsupported(node, f"{ctx.describe(node)} stacks values with different channels")
+    dim = ctx.arg(node, 1, "dim", 0) % (ref.ndim + 1)
+    return L.with_non_feature_size(L.unsqueeze(ref, dim), dim, len(parts))
+
+
+def index(ctx: Context, node: fx.Node, x: Layout, dim: int, idx):
+    """x indexed along ``dim`` by ``idx`` (an int, a slice or an array), channels kept track of."""
+    dim %= x.ndim
+    if dim not in x.feature_dims():
+        if isinstance(idx, int):
+            return ctx.keep(L.squeeze(L.with_non_feature_size(x, dim, 1), [dim]))
+        return ctx.keep(L.with_non_feature_size(x, dim, ctx.shape(node)[dim]))
+    out = L.index_feature_dim(x, dim, idx)
+    if out is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)} indexes an axis that mixes channels with other axes")
+    return ctx.keep(out)
+
+
+@builtin(aten.select)
+def select(ctx: Context, node: fx.Node):
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    return index(ctx, node, x, node.args[1], node.args[2] % x.shape[node.args[1] % x.ndim])
+
+
+@builtin(aten.slice)
+def slice_(ctx: Context, node: fx.Node):
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    dim = ctx.arg(node, 1, "dim", 0)
+    n = x.shape[dim % x.ndim]
+    start, end = ctx.arg(node, 2, "start"), ctx.arg(node, 3, "end")
+    sl = slice(*slice(0 if start is None else start, n if end is None else end, ctx.arg(node, 4, "step", 1)).indices(n))
+    if sl == slice(0, n, 1):
+        return x
+    return index(ctx, node, x, dim, sl)
+
+
+@builtin(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split)
+def split(ctx: Context, node: fx.Node):
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    op = node.target.overloadpacket
+    if op is aten.unbind:
+        dim = ctx.arg(node, 1, "dim", 0) % x.ndim
+        return [index(ctx, node, x, dim, i) for i in range(x.shape[dim])]
+    dim = ctx.arg(node, 2, "dim", 0) % x.ndim
+    n = x.shape[dim]
+    size_arg = node.args[1]
+    if op is aten.chunk:
+        size = -(-n // size_arg)
+        sizes = [min(size, n - i) for i in range(0, n, size)]
+    elif op is aten.tensor_split:
+        return ctx.unsupported(node)
+    elif isinstance(size_arg, int):
+        sizes = [min(size_arg, n - i) for i in range(0, n, size_arg)]
+    else:
+        sizes = list(size_arg)
+    out, start = [], 0
+    for s in sizes:
+        out.append(index(ctx, node, x, dim, slice(start, start + s, 1)))
+        start += s
+    return out
+
+
+@builtin(operator.getitem)
+def getitem(ctx: Context, node: fx.Node):
+    x = ctx.value(node.args[0])
+    return x[node.args[1]] if isinstance(x, list | tuple) else None
+
+
+@builtin(aten.cat, aten.concat)
+def cat(ctx: Context, node: fx.Node):
+    """Along a channel axis: the parts' channels side by side (untransformed parts are fixed channels).
+    Along another axis: the same channels in every part; a parameter part (a class token) moves with them."""
+    parts = [(a, ctx.value(a)) for a in node.args[0]]
+    shape = ctx.shape(node)
+    dim = ctx.arg(node, 1, "dim", 0) % len(shape)
+    hidden = [v for _, v in parts if isinstance(v, Layout)]
+    parts = [(a, v) for a, v in parts if isinstance(v, Layout) or (ctx.shape(a) and int(np.prod(ctx.shape(a))) > 0)]
+    ref = hidden[0]
+    if dim not in ref.feature_dims():
+        for a, v in parts:
+            if isinstance(v, ParamRef):  # a class token: moves with the channels it is concatenated to
+                part_shape = ctx.shape(a)
+                got = param_channels(L.with_non_feature_size(ref, dim, part_shape[dim]), v, part_shape)
+                if got is None:
+                    return ctx.unsupported(node, f"{ctx.describe(node)} concatenates a parameter that is not "
+                                                 "per-channel")
+                ctx.rows(v, None, got)
+            elif not isinstance(v, Layout) or not L.same_structure(ref, v) or not np.array_equal(ref.atoms, v.atoms):
+                return ctx.unsupported(node, f"{ctx.describe(node)} concatenates values with different channels")
+        return L.with_non_feature_size(ref, dim, shape[dim])
+    atoms, chains = [], []
+    for a, v in parts:
+        if not isinstance(v, Layout):
+            s = ctx.shape(a)
+            if ref.simple_dim() != dim:
+                return ctx.unsupported(node, f"{ctx.describe(node)} concatenates along a mixed axis")
+            atoms.append(np.full(s[dim], FIXED, np.int64))
+            chains.append(np.zeros(s[dim], np.int64))
+            continue
+        fd = [f for _, f in v.dims[dim]]
+        if len(fd) != 1 or v.fsizes[:fd[0]] != ref.fsizes[:fd[0]] or v.fsizes[fd[0] + 1:] != ref.fsizes[fd[0] + 1:]:
+            return ctx.unsupported(node, f"{ctx.describe(node)} concatenates along a mixed axis")
+        atoms.append(np.moveaxis(v.atoms.reshape(v.fsizes), fd[0], 0))
+        chains.append(np.moveaxis(v.chains.reshape(v.fsizes), fd[0], 0))
+    k = [f for _, f in ref.dims[dim]][0]
+    if any(a.ndim == 1 for a in atoms) and len(ref.fsizes) > 1:
+        return ctx.unsupported(node, f"{ctx.describe(node)} concatenates untransformed values along a mixed axis")
+    A = np.moveaxis(np.concatenate(atoms, 0), 0, k)
+    C = np.moveaxis(np.concatenate(chains, 0), 0, k)
+    fsizes = tuple(A.shape)
+    dims = tuple(((fsizes[k], k),) if i == dim else d for i, d in enumerate(ref.dims))
+    return Layout(np.ascontiguousarray(A).reshape(-1), np.ascontiguousarray(C).reshape(-1), fsizes, dims)
+
+
+def param_channels(x: Layout, p: ParamRef, out_shape) -> L.Channels | None:
+    """The channel at every element of parameter ``p`` (in its flat order) when it is broadcast against x and
+    varies along all of x's channel axes at full size (it may also vary along other axes, e.g. a position
+    embedding (1, tokens, C)); None otherwise."""
+    pshape = (1,) * (len(out_shape) - len(p.shape)) + tuple(p.shape)
+    if len(pshape) != x.ndim:
+        return None
+    fdims = x.feature_dims()
+    if any(pshape[d] != x.shape[d] for d in fdims):
+        return None
+    idx = L.feature_index(x, fdims)
+    if idx is None:
+        return None
+    view_shape = [1] * x.ndim
+    for d in fdims:
+        view_shape[d] = x.shape[d]
+    full = np.broadcast_to(idx.reshape(view_shape), pshape).reshape(-1)
+    if int(np.prod(p.shape)) != len(full):
+        return None
+    return L.Channels(x.atoms[full], x.chains[full])
+
+
+@builtin(aten.constant_pad_nd, aten.pad)
+def pad(ctx: Context, node: fx.Node):
+    """Zero padding: spatial axes act on every channel alike; padding the channel axis adds zero channels."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    pads = list(node.args[1])
+    const = node.target.overloadpacket is aten.constant_pad_nd
+    mode = "constant" if const else ctx.arg(node, 2, "mode", "constant")
+    value = ctx.arg(node, 2 if const else 3, "value", 0) or 0
+    out = x
+    for i in range(len(pads) // 2):
+        d = x.ndim - 1 - i
+        lo, hi = pads[2 * i], pads[2 * i + 1]
+        if (lo, hi) == (0, 0):
+            continue
+        if d in x.feature_dims():
+            if x.simple_dim() != d or mode != "constant" or value != 0 or lo < 0 or hi < 0:
+                return ctx.unsupported(node, f"{ctx.describe(node)} pads the channel axis with non-zero values")
+            n = out.fsizes[0] + lo + hi
+            zeros = (np.full(lo, ZERO, np.int64), np.full(hi, ZERO, np.int64))
+            out = out.derive(atoms=np.concatenate([zeros[0], out.atoms, zeros[1]]),
+                             chains=np.concatenate([np.zeros(lo, np.int64), out.chains, np.zeros(hi, np.int64)]),
+                             fsizes=(n,), dims=tuple(((n, 0),) if j == d else dd for j, dd in enumerate(out.dims)))
+        else:
+            out = L.with_non_feature_size(out, d, ctx.shape(node)[d])
+    if value != 0 and mode == "constant":
+        ctx.require(ConstantAdd, x)
+    return out

@@ -1,0 +1,127 @@
+"""What the analysis of a captured graph records: frozen, typed values.
+
+The rules (:mod:`~intertwiners.symmetries.ops`) see graph values as one of
+
+* a :class:`~intertwiners.symmetries.layout.Layout` — a *hidden* value (a tensor a symmetry acts on);
+* a :class:`ParamRef` — a parameter or buffer of the model (possibly viewed/unsqueezed);
+* a :class:`DerivedParam` — an elementwise function of one parameter (Gemma's ``1 + w``);
+* ``None`` — an untransformed tensor, or anything else (sizes, constants);
+
+and record, through :class:`~intertwiners.symmetries.context.Context`, the facts below. After the pass
+they are gathered in one frozen :class:`Analysis` that the resolver reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .layout import Channels, Layout
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A parameter or buffer (qualified ``name``), possibly viewed/unsqueezed to ``shape`` (element order
+    unchanged)."""
+    name: str
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class DerivedParam:
+    """An elementwise function of one parameter with constants (Gemma's RMSNorm gain ``1 + w``). Only a
+    per-channel product may use it (it permutes ``name``, and permuting w permutes f(w)); every other rule
+    sees an untransformed tensor."""
+    name: str
+    shape: tuple
+
+
+ROLES = ("rows", "columns", "gain", "permuted")
+
+
+@dataclass(frozen=True, eq=False)
+class ParamUse:
+    """How one use of a parameter/buffer moves it, along ``dim`` (None: the flattened tensor):
+
+    * ``rows``: t -> T t, T the transform of ``channels`` (a producer's weight rows, a bias, an embedding);
+    * ``columns``: w -> w T^-1 (a consumer's weight columns; ``groups`` > 1: a grouped convolution, each
+      block of output rows reads its own block of input channels);
+    * ``gain``: a per-channel factor w -> P diag(t/s) w with t from ``channels`` and s from ``inner`` (norm
+      gains, depthwise filters, layer scale);
+    * ``permuted``: permuted only (running variances).
+
+    ``channels`` (and ``inner``) list the channel at every position along ``dim``."""
+    param: str
+    dim: int | None
+    role: str
+    channels: Channels
+    inner: Channels | None = None
+    groups: int = 1
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class Requirement:
+    """Constraint ``kind`` (a class of :mod:`~intertwiners.symmetries.constraints`) on the transform of
+    ``channels``; ``key`` names the activation group for ``Activation``."""
+    kind: type
+    channels: Channels
+    key: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Tie:
+    """Two values added together (a residual connection) or two uses of one parameter: position by position,
+    the channels of ``a`` and ``b`` carry the same transform."""
+    a: Channels
+    b: Channels
+
+
+@dataclass(frozen=True, eq=False)
+class SiteRecord:
+    """An activation site (``name``, as :func:`~intertwiners.activation_sites` lists it), its input and the
+    key of its activation's group (None when the activation is pinned)."""
+    name: str
+    value: Layout
+    key: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionRecord:
+    """One attention call: atoms per head of the queries ``q`` (H, dk), the keys ``k`` (H, dk; a key/value
+    head repeated for grouped-query attention), the values ``v`` (H, dv); ``q``/``k`` None when they are
+    untransformed. ``heads`` (H,): the head atoms of written-out scores (softmax(q k^T) v). ``owner``: the
+    module that computes it (the attention space is named after it)."""
+    owner: str
+    q: np.ndarray | None
+    k: np.ndarray | None
+    v: np.ndarray
+    kv_heads: int
+    heads: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """Everything the pass over a captured graph found (input of :mod:`~intertwiners.symmetries.resolve`).
+
+    ``values``: every hidden value (and side axis), in graph order. ``roots``/``parity`` (atoms,): each
+    atom's class after the ties and its dual parity (1: it carries A^-T of its class). ``pins``: atom ->
+    reasons it must stay fixed. ``outputs``: atoms that reach the model's output. ``chains``: chain id ->
+    chain. ``groups``: activation key -> group."""
+    values: tuple
+    roots: np.ndarray
+    parity: np.ndarray
+    pins: dict
+    outputs: frozenset
+    chains: tuple
+    groups: dict
+    requirements: tuple
+    ties: tuple
+    uses: tuple
+    sites: tuple
+    attention: tuple
+    lowest_cast: object = None   # torch.dtype or None: see Captured.lowest_cast

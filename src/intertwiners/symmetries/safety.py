@@ -1,0 +1,82 @@
+"""The last line of defence: pin every derived space whose random element changes the outputs.
+
+``symmetry_spec(..., check=True)`` applies a random element of all spaces at once (then, if that fails, of
+each space alone) to a float64 copy of the model and compares outputs on (a few samples of) the example
+input. A space pinned here is a rule bug: the engine derived a symmetry that is not one. The tests require
+that no model they build needs it; ``verify_symmetry`` checks the spec without it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..features import eval_mode
+from .apply import apply_symmetry, random_symmetry
+from .capture import call_model, input_tensors, map_inputs
+from .compare import compare, has_running_stats
+from .spec import SymmetrySpec
+
+SAFETY_REASON = "pinned by the safety check"
+_CHECK_DOUBLE_LIMIT = 30_000_000
+_CHECK_SAMPLES = 8
+
+
+@torch.no_grad()
+def _first_samples(model: nn.Module, args, k: int):
+    """The first ``k`` samples of a larger example batch (every input sliced along a common leading batch
+    axis), when the model runs on them; otherwise the inputs unchanged. A random element that changes a
+    model's function changes its outputs on almost every input, so a few samples suffice for the check."""
+    tensors = input_tensors(args)
+    sizes = {t.shape[0] if t.ndim else None for t in tensors}
+    if len(sizes) != 1 or None in sizes or next(iter(sizes)) <= k:
+        return args
+    small = map_inputs(args, lambda t: t[:k])
+    try:
+        with eval_mode(model):
+            call_model(model, small)
+    except Exception:  # noqa: BLE001 - a model that needs the whole batch keeps it
+        return args
+    return small
+
+
+@torch.no_grad()
+def safety_check(model: nn.Module, args, spec: SymmetrySpec, generator: torch.Generator | None = None,
+                 rtol: float = 1e-8) -> SymmetrySpec:
+    """``spec`` with every space pinned whose random element changes the outputs on ``args`` (all spaces at
+    once first; each space on its own only if that fails). Runs on a float64 copy when the model is not too
+    large (else in its own dtype, tolerance 1e-3 in lower precision)."""
+    numel = sum(p.numel() for p in model.parameters())
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    args = _first_samples(model, args, _CHECK_SAMPLES)
+    if floating and floating[0].dtype != torch.float64 and numel <= _CHECK_DOUBLE_LIMIT:
+        work = copy.deepcopy(model).double()
+        args = map_inputs(args, lambda a: a.double() if a.is_floating_point() else a)
+    else:
+        work = model
+        rtol = rtol if floating and floating[0].dtype == torch.float64 else 1e-3
+    gen = generator or torch.Generator().manual_seed(1234)
+    modes = ("eval", "train") if has_running_stats(work) else ("eval",)
+
+    def failure(names):
+        el = random_symmetry(spec, gen, monomial=True)
+        try:
+            new = apply_symmetry(work, {k: el[k] for k in names}, spec)
+        except Exception as err:  # noqa: BLE001 - any failure to apply pins the space
+            return f"{type(err).__name__}: {err}"
+        errs = compare(work, new, args, modes)
+        bad = {m: e[1] for m, e in errs.items() if not e[1] <= rtol}
+        if not bad:
+            return None
+        return ", ".join(f"{m} mode relative error {e:.2e}" for m, e in bad.items())
+
+    if not spec.spaces or failure(list(spec.spaces)) is None:
+        return spec
+    pins = {}
+    for name in list(spec.spaces):
+        why = failure([name])
+        if why is not None:
+            pins[name] = f"a random element changed the outputs on the example input ({why}); {SAFETY_REASON}"
+    return spec.without(pins)
