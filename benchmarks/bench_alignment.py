@@ -42,7 +42,7 @@ from bench_symmetries import ResNet50  # noqa: E402
 
 from intertwiners import data, models  # noqa: E402
 from intertwiners.alignment import align  # noqa: E402
-from intertwiners.alignment.probe import calibrate_batch_norms  # noqa: E402
+from intertwiners.alignment.interpolation import recompute_batchnorm  # noqa: E402
 from intertwiners.symmetries import symmetry_spec  # noqa: E402
 
 
@@ -61,8 +61,8 @@ def bench_resnet20(threads: int) -> None:
     torch.manual_seed(0)
     a = models.resnet20(in_channels=1).eval()
     b = models.resnet20(in_channels=1).eval()
-    calibrate_batch_norms(a, x)
-    calibrate_batch_norms(b, x)
+    recompute_batchnorm(a, x, len(x)).eval()
+    recompute_batchnorm(b, x, len(x)).eval()
     t_fwd = forward_time(a, x)
     symmetry_spec(models.mlp(2, hidden=(2,)), torch.randn(2, 2))  # one-time imports (torch.fx shape propagation)
     t = time.perf_counter()
@@ -303,7 +303,7 @@ def memory(layers: int) -> None:
                 stage[0] = outer
         setattr(module, name, wrapper)
 
-    for name in ("probe_parameters", "canonical_scales", "match_permutations", "same_function"):
+    for name in ("space_slots", "canonical_scales", "match_permutations", "same_function"):
         staged(align_module, name)
     for name in ("symmetry_spec", "apply_symmetry"):
         staged(symmetries, name)

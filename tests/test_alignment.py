@@ -15,7 +15,7 @@ import intertwiners as it
 from intertwiners import models
 from intertwiners.alignment.align import align_activations, align_weights
 from intertwiners.alignment.interpolation import barrier, recompute_batchnorm
-from intertwiners.alignment.probe import calibrate_batch_norms, probe_parameters, probe_sites
+from intertwiners.alignment.spaces import space_slots
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec
 
 
@@ -32,7 +32,7 @@ def relerr(a: nn.Module, b: nn.Module) -> float:
 def ready(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """float64, eval mode, batch-norm statistics of x (so that units are centred and active)."""
     model = model.double().eval()
-    calibrate_batch_norms(model, x)
+    recompute_batchnorm(model, x, len(x)).eval()
     return model
 
 
@@ -49,9 +49,9 @@ def planted_trials(model, x, method, trials, seed=0, check_alive=True):
     if method == "activations":
         if check_alive:
             assert_alive(model, spec, x)
-        actions = probe_sites(model, spec, x[:8])
+        actions = {n: space_slots(spec, n, "sites") for n in spec.spaces}
     else:
-        actions = probe_parameters(model, spec)
+        actions = {n: space_slots(spec, n) for n in spec.spaces}
     gen = torch.Generator().manual_seed(seed)
     ok = 0
     for _ in range(trials):
@@ -152,7 +152,7 @@ def test_weight_matching_scores_kept_up_to_date_equal_scores_from_scratch(build)
     a, b = build().double().eval(), build().double().eval()
     x = torch.randn(4, 1, 8, 8, dtype=torch.float64) if isinstance(a, models.ResNet) else torch.randn(4, 5)
     spec = symmetry_spec(b, x.double())
-    actions = probe_parameters(b, spec)
+    actions = {n: space_slots(spec, n) for n in spec.spaces}
     pa = {k: p.detach() for k, p in a.named_parameters()}
     pb = {k: p.detach() for k, p in b.named_parameters()}
     perms = {n: torch.arange(act.size) for n, act in actions.items()}
@@ -259,7 +259,7 @@ def test_canonical_forms_of_an_orbit_differ_by_a_permutation(build):
     model = build().double().eval()
     x = torch.randn(8, *((5,) if isinstance(model[0] if isinstance(model, nn.Sequential) else None, nn.Flatten)
                          and model[1].in_features == 5 else (1, 8, 8)), dtype=torch.float64)
-    calibrate_batch_norms(model, x)
+    recompute_batchnorm(model, x, len(x)).eval()
     spec = it.symmetry_spec(model, x[:2])
     moved = it.apply_symmetry(model, it.random_symmetry(spec, torch.Generator().manual_seed(2)), spec)
     ca, cb = it.canonicalize(model, x), it.canonicalize(moved, x)
@@ -355,10 +355,11 @@ def test_bad_input_is_a_clear_value_error():
         it.align(a, a, x, spaces=["nope"])
     linear = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     spec = it.symmetry_spec(linear, x[:2])
-    if any(not s.sites for s in spec.spaces.values()):
-        with pytest.raises(ValueError, match="no activation sites"):
-            it.align(linear, linear, x)
-        it.align(linear, linear, x, method="weights")  # weights need no sites
+    siteless = [n for n, s in spec.spaces.items() if not s.sites]
+    assert siteless  # the GL space between the two linear maps
+    r = it.align(linear, linear, x)  # no refusal: spaces without sites are matched by their weights
+    assert {r.found_by[n] for n in siteless} == {"weights"}
+    assert all(r.found_by[n] == "activations" for n, s in spec.spaces.items() if s.sites)
 
 
 class TinyTransformerBlock(nn.Module):
@@ -444,3 +445,85 @@ def test_planted_recovery_on_transformers(family):
         assert relerr(model, moved) > 0.1
         r = it.align(model, moved, example_input=ids, method="weights")
         assert not r.skipped and relerr(model, r.model) <= 1e-6
+
+
+class ResidualMLP(nn.Module):
+    """h = relu(a(x)); h = h + relu(b(h)): b maps the space of h to itself (W -> P D W D^-1 P^T)."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, width), nn.Linear(width, width), nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(h + torch.relu(self.b(h)))
+
+
+class RecurrentCell(nn.Module):
+    """One weight applied three times: h <- tanh(w(h) + i(x))."""
+
+    def __init__(self, width: int = 5):
+        super().__init__()
+        self.i, self.w, self.o = nn.Linear(3, width), nn.Linear(width, width), nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.i(x))
+        for _ in range(3):
+            h = torch.tanh(self.w(h) + self.i(x))
+        return self.o(h)
+
+
+def dead_unit_mlp():
+    m = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        m[0].bias[:2] = -100.0  # two units that never fire: the data cannot tell them apart
+    return m
+
+
+@pytest.mark.parametrize("build, rows", [(ResidualMLP, 16), (RecurrentCell, 16), (dead_unit_mlp, 16),
+                                         (lambda: nn.Sequential(nn.Linear(3, 24), nn.ReLU(), nn.Linear(24, 2)), 8)],
+                         ids=["residual-self-map", "recurrent", "dead-units", "fewer-samples-than-units"])
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_planted_recovery_on_self_maps_dead_units_and_few_samples(build, rows, method):
+    """Planted g·M aligned back to M exactly by both methods; where the data cannot identify a space's
+    coordinates (dead units, fewer samples than units) activation matching says it used the weights."""
+    torch.manual_seed(3)
+    model = build().double().eval()
+    x = torch.randn(rows, 3, dtype=torch.float64)
+    spec = symmetry_spec(model, x[:4])
+    assert spec.spaces
+    for trial in range(2):
+        g = random_symmetry(spec, torch.Generator().manual_seed(trial), monomial=True)
+        r = it.align(model, apply_symmetry(model, g, spec), x, method=method)
+        assert relerr(model, r.model) <= 1e-6
+        assert max(r.residual.values()) <= 1e-6
+        assert set(r.found_by) == set(spec.spaces)
+    if method == "activations" and build is not ResidualMLP and build is not RecurrentCell:
+        assert set(r.found_by.values()) == {"weights"}  # unidentifiable by the data: matched by weights
+
+
+def test_activation_matching_reports_a_bad_fit():
+    """Two unrelated models: the residual of the fit is reported and is not small (a checker that can fail)."""
+    torch.manual_seed(4)
+    a = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    b = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    r = it.align(a, b, torch.randn(32, 3, dtype=torch.float64))
+    assert min(r.residual.values()) > 1e-2
+
+
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_planted_recovery_on_a_tiny_llama_with_grouped_query_attention(method):
+    """A Llama-style model (RMSNorm, gated MLP, 4 query heads sharing 2 key/value heads): both methods give
+    the planted model back; spaces whose sites cannot be read are matched by their weights (found_by)."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, use_cache=False)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).double().eval()
+    ids = torch.arange(16).reshape(2, 8)
+    spec = symmetry_spec(model, ids)
+    assert any(s.kind == "attention_heads" for s in spec.spaces.values())
+    g = random_symmetry(spec, torch.Generator().manual_seed(1), monomial=True)
+    r = it.align(model, apply_symmetry(model, g, spec), ids, example_input=ids, method=method)
+    assert relerr(model, r.model) <= 1e-5  # RMSNorm computes in float32 inside
+    assert set(r.found_by) == set(spec.spaces)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from probe_reference import probe_parameters, probe_sites
 from torch import nn
 
 import intertwiners as it
 from intertwiners import groups as G
 from intertwiners import models
-from intertwiners.alignment.probe import probe_parameters, probe_sites
 from intertwiners.symmetries import Columns, Features, Gain, HeadBlocks, Permuted, Rows, symmetry_spec
 from intertwiners.symmetries.chains import DUAL, ONE, carried_scale, linear_power, power_of
 from intertwiners.symmetries.constraints import Activation, Equal, PositiveScales, Signed, Unit

@@ -35,7 +35,8 @@ def _hook_sites(model: nn.Module, example_input) -> list[str]:
     handles = [m.register_forward_hook(hook) for m in names]
     try:
         with torch.no_grad(), eval_mode(model):
-            model(as_tensor(example_input, dtype=_param_dtype(model), device=_param_device(model)))
+            x = as_tensor(example_input, device=_param_device(model))
+            model(x.to(_param_dtype(model)) if x.is_floating_point() else x)  # token ids stay integers
     finally:
         for h in handles:
             h.remove()
@@ -138,7 +139,8 @@ class SiteExtractor:
 
     def __call__(self, xb: torch.Tensor, train_mode: bool = False) -> tuple[torch.Tensor, ...]:
         """Features ``(site_1, site_2, ...)`` for the batch ``xb``, on the model's device, without autograd."""
-        xb = xb.to(device=_param_device(self.model), dtype=_param_dtype(self.model))
+        xb = xb.to(device=_param_device(self.model),
+                   dtype=_param_dtype(self.model) if xb.is_floating_point() else xb.dtype)  # token ids stay integers
         with torch.no_grad(), eval_mode(self.model, train_mode), eval_mode(self.runner, train_mode):
             return tuple(self.runner(xb))
 

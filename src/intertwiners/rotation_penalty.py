@@ -294,7 +294,8 @@ def with_control(results: list[dict], control: str = "identity") -> list[dict]:
 
 def summarize(results: list[dict], key: str = "penalty", by: tuple[str, ...] = ("layer", "transform")) -> list[dict]:
     """Mean, standard deviation and the 95% t confidence half-width of ``key`` per group of ``by``
-    (:func:`intertwiners.stats.mean_ci`: ddof=1; one run per group has no interval, ``std`` and ``ci95`` NaN)."""
+    (:func:`intertwiners.stats.mean_ci`: ddof=1; fewer than three runs, or runs that all agree, have no interval:
+    ``ci95`` NaN, and one run has no ``std`` either)."""
     from .stats import mean_ci
 
     groups: dict[tuple, list[float]] = {}

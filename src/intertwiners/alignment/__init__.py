@@ -6,8 +6,9 @@
 >>> merged = merge([m1, m2, m3], data, eval_data=test)  # a model; merged.merge_report: accuracies, rounds
 >>> canon = canonicalize(model, x)                      # normal form of the scaling part of the group
 
-Everything is built on the public symmetry API (``symmetry_spec``, ``apply_symmetry``): where each space
-acts is read off by probing (:mod:`.probe`), so nothing here is specific to an architecture.
+Everything is built on the symmetry spec: where each space acts (which tensor axes, which positions, with
+which power of a scaling) is read from the spec's slots (:mod:`.spaces`) and moved with ``apply_symmetry``,
+so nothing here is specific to an architecture.
 See docs/alignment.md.
 """
 

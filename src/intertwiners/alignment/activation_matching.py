@@ -4,7 +4,7 @@ For each space, the features of A (X) and B (Y) at every site of the space are s
 :class:`~intertwiners.stitching.matching.ChannelStats` (first and second moments, float64; memory
 independent of N). A site slot of the space reads the channels ``positions`` of the site; when B = g·A with
 g = P·diag(d), the site's channels obey ``Y[:, pi(j)] = c(d_j) X[:, j]`` with ``c(d) = sign(d)**odd *
-|d|**e`` (the slot's known chain, see :mod:`.probe`). The fit is the closed-form P·D match used for
+|d|**e`` (the slot's power, from the spec: :mod:`.spaces`). The fit is the closed-form P·D match used for
 stitching, summed over the sites of a tied space:
 
 * P: the Hungarian algorithm on the sum over sites of the channel cross-correlations (absolute values
@@ -26,7 +26,8 @@ import torch
 
 from .. import groups as G
 from ..stitching.matching import ChannelStats, hungarian_permutation
-from .probe import Slot, SpaceAction
+from ..symmetries.slots import Slot
+from .spaces import SpaceSlots
 
 
 def slot_columns(features: torch.Tensor, slot: Slot) -> torch.Tensor:
@@ -49,16 +50,16 @@ def slot_columns(features: torch.Tensor, slot: Slot) -> torch.Tensor:
 class SpaceStats:
     """Streaming statistics of one space: one :class:`ChannelStats` per site slot."""
 
-    def __init__(self, action: SpaceAction):
+    def __init__(self, action: SpaceSlots):
         self.action = action
         self.stats = [ChannelStats() for _ in action.slots]
 
     def update(self, feats_a: dict, feats_b: dict) -> None:
         for slot, st in zip(self.action.slots, self.stats):
-            st.update(slot_columns(feats_a[slot.key], slot), slot_columns(feats_b[slot.key], slot))
+            st.update(slot_columns(feats_a[slot.tensor], slot), slot_columns(feats_b[slot.tensor], slot))
 
 
-def _signed_sites(action: SpaceAction) -> list[bool]:
+def _signed_sites(action: SpaceSlots) -> list[bool]:
     return [bool(slot.odd) and action.allows_signs for slot in action.slots]
 
 
@@ -96,6 +97,31 @@ def fit_monomial(space: SpaceStats, scaling: bool = True) -> tuple[torch.Tensor,
                 total += st.cov_xy()[idx, pi]
         scale = scale * torch.where(total < 0, -1.0, 1.0).to(torch.float64)
     return pi, scale
+
+
+def identified(space: SpaceStats, perm: torch.Tensor) -> bool:
+    """Can the data tell every coordinate of the space apart? False when a channel is constant at every site
+    in either model (a dead unit), when there are no more samples than coordinates at a site, or when a
+    coordinate's matched correlation is not clearly above its next best (ties): the fit would then pick
+    one of several equally good elements, and the space is matched by its weights instead."""
+    n = space.action.size
+    if not space.stats:
+        return False
+    best = torch.zeros(n, dtype=torch.float64)
+    second = torch.zeros(n, dtype=torch.float64)
+    for st in space.stats:
+        if st.n <= n:
+            return False
+        vx, vy = st.cov_xx().diagonal(), st.cov_yy().diagonal()
+        if bool((vx <= 1e-12 * vx.abs().max().clamp_min(1e-300)).any()) \
+                or bool((vy <= 1e-12 * vy.abs().max().clamp_min(1e-300)).any()):
+            return False
+        corr = st.correlation().abs()
+        best += corr[torch.arange(n), perm]
+        other = corr.clone()
+        other[torch.arange(n), perm] = -1.0
+        second += other.max(1).values if n > 1 else torch.zeros(n, dtype=torch.float64)
+    return bool((best - second > 1e-6 * len(space.stats)).all())
 
 
 def fit_linear(space: SpaceStats) -> torch.Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -33,10 +34,10 @@ from torch import nn
 from .. import groups as G
 from .._util import as_tensor
 from ..features import SiteExtractor, iterate_inputs
-from .activation_matching import SpaceStats, fit_space
+from .activation_matching import SpaceStats, fit_space, identified
 from .attention import align_attention
 from .canonical import canonical_scales
-from .probe import few_threads, probe_parameters, probe_sites
+from .spaces import space_slots
 from .weight_matching import match_permutations
 
 METHODS = ("activations", "weights")
@@ -57,6 +58,12 @@ class AlignResult:
     seconds: float = 0.0
     sweeps: int = 0
     skipped: dict = field(default_factory=dict)  # space -> why it was left at the identity
+    found_by: dict = field(default_factory=dict)
+    """space -> how its element was found: ``"activations"``, ``"weights"`` (no activation sites to read, or
+    ``method="weights"``) or ``"attention weights"``."""
+    residual: dict = field(default_factory=dict)
+    """space -> the relative distance ||A - moved B|| / ||A|| over the parameters the space moves, after
+    alignment (0 for models that differ by a group element, to rounding)."""
 
 
 def input_batches(data, batch_size: int = 256):
@@ -149,6 +156,22 @@ def _as_element(el, dense: bool):
     return el
 
 
+class SiteError(ValueError):
+    """The spec's activation sites cannot be read on the model (feature extraction does not find them)."""
+
+
+@contextmanager
+def few_threads(n: int = 1):
+    """Run many small tensor operations on ``n`` intra-op threads (restored afterwards): on a busy
+    machine, small reductions are an order of magnitude faster without thread hand-offs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(n, old))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _identity_scales(actions) -> dict:
     return {n: torch.ones(a.size, dtype=torch.float64) for n, a in actions.items()}
 
@@ -157,17 +180,34 @@ def without_parameters(actions: dict, params: set) -> dict:
     """The actions with the slots of ``params`` left out (a space that would keep no slot keeps them all)."""
     out = {}
     for name, act in actions.items():
-        kept = [sl for sl in act.slots if sl.key not in params]
+        kept = [sl for sl in act.slots if sl.tensor not in params]
         out[name] = dataclasses.replace(act, slots=kept) if kept else act
+    return out
+
+
+def weight_residuals(model_a: nn.Module, moved: nn.Module, spec, names: list[str]) -> dict[str, float]:
+    """{space: ||A - moved||_F / ||A||_F over the parameters the space's slots move}."""
+    pa, pm = dict(model_a.named_parameters()), dict(moved.named_parameters())
+    out = {}
+    with torch.no_grad():
+        for name in names:
+            keys = {s.tensor for s in spec.slots(name) if s.kind == "parameter" and s.tensor in pa}
+            num = sum(float((pa[k].double() - pm[k].double()).pow(2).sum()) for k in keys)
+            den = sum(float(pa[k].double().pow(2).sum()) for k in keys)
+            out[name] = (num / den) ** 0.5 if den > 0 else 0.0
     return out
 
 
 def align_weights(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, scaling: bool = True,
                   max_sweeps: int = 30) -> tuple[dict, int]:
     """{space: (perm, scale)} moving B into A's basis by weight matching; and the number of sweeps."""
-    pa = {k: p.detach().clone() for k, p in model_a.named_parameters()}
-    pb = {k: p.detach().clone() for k, p in model_b.named_parameters()}
+    # only the parameters some space moves are read; they are copied only where the canonical form rescales
+    # them (in place), so that weight matching holds at most one extra copy of each model's moved parameters
+    used = {s.tensor for act in actions.values() for s in act.slots}
+    pa = {k: p.detach() for k, p in model_a.named_parameters() if k in used}
+    pb = {k: p.detach() for k, p in model_b.named_parameters() if k in used}
     if scaling:
+        pa, pb = {k: t.clone() for k, t in pa.items()}, {k: t.clone() for k, t in pb.items()}
         sa, sb = canonical_scales(pa, actions), canonical_scales(pb, actions)
     else:
         sa, sb = _identity_scales(actions), _identity_scales(actions)
@@ -184,22 +224,42 @@ def align_weights(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, s
 
 
 def align_activations(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, data, scaling: bool = True,
-                      batch_size: int = 256) -> dict:
-    """{space: element} moving B into A's basis by matching features streamed over ``data``."""
-    sites = list(dict.fromkeys(s.key for a in actions.values() for s in a.slots))
+                      batch_size: int = 256, identify: bool = False):
+    """{space: element} moving B into A's basis by matching features streamed over ``data``.
+
+    ``identify=True``: ``(found, unidentified)``, leaving out of ``found`` the spaces whose coordinates the
+    data cannot tell apart (:func:`~.activation_matching.identified`; dense spaces: no more samples than
+    coordinates), for the weights."""
+    sites = list(dict.fromkeys(s.tensor for a in actions.values() for s in a.slots))
     stats = {n: SpaceStats(a) for n, a in actions.items() if a.slots}
     ext_a = ext_b = None
     for xb in input_batches(data, batch_size):
         if ext_a is None:
-            ext_a = SiteExtractor(model_a, sites, example=xb[:2])
-            ext_b = SiteExtractor(model_b, sites, example=xb[:2])
+            try:
+                ext_a = SiteExtractor(model_a, sites, example=xb[:2])
+                ext_b = SiteExtractor(model_b, sites, example=xb[:2])
+            except ValueError as err:
+                if "unknown activation site" not in str(err):
+                    raise
+                raise SiteError(str(err)) from err
         fa = dict(zip(ext_a.sites, ext_a(xb)))
         fb = dict(zip(ext_b.sites, ext_b(xb)))
         for st in stats.values():
             st.update(fa, fb)
     if ext_a is None:
         raise ValueError("data holds no input batches")
-    return {n: fit_space(st, scaling) for n, st in stats.items()}
+    found = {n: fit_space(st, scaling) for n, st in stats.items()}
+    if not identify:
+        return found
+    unknown = set()
+    for n, st in stats.items():
+        if st.action.group.is_monomial or not scaling:
+            perm, scale = G.monomial_inverse(*found[n])  # the fitted g (B ~ g·A)
+            if not identified(st, perm):
+                unknown.add(n)
+        elif any(st_.n <= st.action.size for st_ in st.stats):
+            unknown.add(n)  # a dense element by least squares needs more samples than coordinates
+    return {n: el for n, el in found.items() if n not in unknown}, unknown
 
 
 def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None, method: str = "activations",
@@ -252,21 +312,35 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
         names = [n for n in names if n not in skipped and n not in attention]
         scaling = group == "full"
         sweeps = 0
+        found, found_by = {}, {}
         if method == "activations":
-            actions = probe_sites(model_b, spec_b, example_input, names)
+            sites = {n: space_slots(spec_b, n, "sites") for n in names}
+            by_data = {n: a for n, a in sites.items() if a.slots}
             with few_threads(threads):
-                found = align_activations(model_a, model_b, spec_b, actions, data, scaling, batch_size)
-        else:
-            actions = probe_parameters(model_b, spec_b, names)
+                try:
+                    found, _ = align_activations(model_a, model_b, spec_b, by_data, data, scaling, batch_size,
+                                                 identify=True)
+                except SiteError:  # the sites cannot be read on this model (its forward is not traceable
+                    found = {}     # by torch.fx): every space is matched by its weights, found_by says so
+            found_by = dict.fromkeys(found, "activations")
+        rest = [n for n in names if n not in found]
+        moved = apply_symmetry(model_b, found, spec_b) if found else model_b
+        if rest:  # matched by their weights (on B with the spaces found by data already moved)
+            actions = {n: space_slots(spec_b, n) for n in rest}
             if attention:  # B's attention weights are still in its heads' bases: leave them out of the costs
                 actions = without_parameters(actions, {a.param for n in attention for a in spec_b.actions(n)})
             with few_threads(threads):
-                found, sweeps = align_weights(model_a, model_b, spec_b, actions, scaling, max_sweeps)
-        moved = apply_symmetry(model_b, found, spec_b)
+                by_weights, sweeps = align_weights(model_a, moved, spec_b, actions, scaling, max_sweeps)
+            found.update(by_weights)
+            found_by.update(dict.fromkeys(by_weights, "weights"))
+            moved = apply_symmetry(model_b, found, spec_b)
         if attention:  # heads matched on B with its other spaces already aligned (the spaces commute)
             found.update(align_attention(model_a, moved, spec_b, attention, scaling))
+            found_by.update(dict.fromkeys(attention, "attention weights"))
             moved = apply_symmetry(model_b, found, spec_b)
         if checked or same_function(model_b, moved, example_input):
             break
     elements = {n: _as_element(el, not monomial) for n, el in found.items()}
-    return AlignResult(elements, moved, method, group, spec_b, time.perf_counter() - start, sweeps, skipped)
+    residual = weight_residuals(model_a, moved, spec_b, list(found))
+    return AlignResult(elements, moved, method, group, spec_b, time.perf_counter() - start, sweeps, skipped,
+                       found_by, residual)

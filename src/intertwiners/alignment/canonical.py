@@ -21,27 +21,30 @@ from torch import nn
 
 from .. import groups as G
 from .._util import as_tensor
-from .probe import Slot, SpaceAction, probe_parameters
+from ..symmetries.slots import Slot
+from .spaces import SpaceSlots, along, space_slots
 
 
 def slot_rows(t: torch.Tensor, slot: Slot) -> torch.Tensor:
     """(n, r * rest): row j holds every entry of index j's slice of ``t`` (a gather, not a view)."""
     n = slot.positions.shape[0]
-    moved = torch.movedim(t, slot.axis, 0)
+    t, axis = along(t, slot)
+    moved = torch.movedim(t, axis, 0)
     return moved[torch.as_tensor(slot.positions.reshape(-1), device=t.device)].reshape(n, -1)
 
 
 def scale_slot(t: torch.Tensor, slot: Slot, factor: torch.Tensor) -> None:
     """Multiply index j's slice of ``t`` by ``factor[j]`` in place."""
-    mult = torch.ones(t.shape[slot.axis], dtype=torch.float64)
+    view, axis = along(t, slot)
+    mult = torch.ones(view.shape[axis], dtype=torch.float64)
     r = slot.positions.shape[1]
     mult[torch.as_tensor(slot.positions.reshape(-1))] = factor.repeat_interleave(r)
-    shape = [1] * t.ndim
-    shape[slot.axis] = -1
-    t.mul_(mult.to(t.device, t.dtype).view(shape))
+    shape = [1] * view.ndim
+    shape[axis] = -1
+    view.mul_(mult.to(t.device, t.dtype).view(shape))
 
 
-def incoming_slots(action: SpaceAction) -> list[Slot]:
+def incoming_slots(action: SpaceSlots) -> list[Slot]:
     """The slots a positive scaling reaches with the smallest positive power (the 'incoming' weights)."""
     powers = [s.exponent for s in action.slots if s.exponent is not None and s.exponent > 0]
     if not powers:
@@ -50,31 +53,31 @@ def incoming_slots(action: SpaceAction) -> list[Slot]:
     return [s for s in action.slots if s.exponent == e]
 
 
-def spaces_on(actions: dict[str, SpaceAction]) -> dict[str, set[str]]:
+def spaces_on(actions: dict[str, SpaceSlots]) -> dict[str, set[str]]:
     """parameter -> the spaces that move it (along any axis)."""
     on_key: dict[str, set[str]] = {}
     for name, act in actions.items():
         for s in act.slots:
-            on_key.setdefault(s.key, set()).add(name)
+            on_key.setdefault(s.tensor, set()).add(name)
     return on_key
 
 
-def sign_slots(action: SpaceAction, on_key: dict[str, set[str]] | None = None, name: str | None = None) -> list[Slot]:
+def sign_slots(action: SpaceSlots, on_key: dict[str, set[str]] | None = None, name: str | None = None) -> list[Slot]:
     """The slices whose sign a sign flip reverses. With ``on_key``: only those of parameters that no other
     space moves (a token embedding for a residual stream), when there are such -- their largest entry does
     not depend on any other space's signs, so the choice cannot cycle (RMSNorm streams with gated MLPs)."""
     odd = [s for s in action.slots if s.odd]
     if on_key is None:
         return odd
-    anchored = [s for s in odd if on_key.get(s.key, set()) <= {name}]
+    anchored = [s for s in odd if on_key.get(s.tensor, set()) <= {name}]
     return anchored or odd
 
 
-def dependency_order(actions: dict[str, SpaceAction]) -> list[str]:
+def dependency_order(actions: dict[str, SpaceSlots]) -> list[str]:
     """Spaces ordered so that a space comes after those that scale the other axes of its deciding slices
     (a topological order; spaces on a cycle keep their spec order)."""
     on_key = spaces_on(actions)
-    deps = {name: {o for s in incoming_slots(act) + sign_slots(act, on_key, name) for o in on_key[s.key]
+    deps = {name: {o for s in incoming_slots(act) + sign_slots(act, on_key, name) for o in on_key[s.tensor]
                    if o != name}
             for name, act in actions.items()}
     order: list[str] = []
@@ -89,7 +92,7 @@ def dependency_order(actions: dict[str, SpaceAction]) -> list[str]:
     return order
 
 
-def canonical_scales(params: dict[str, torch.Tensor], actions: dict[str, SpaceAction], max_passes: int = 200,
+def canonical_scales(params: dict[str, torch.Tensor], actions: dict[str, SpaceSlots], max_passes: int = 200,
                      tol: float | None = None) -> dict[str, torch.Tensor]:
     """Scales {space: (n,) float64} of the canonical form; ``params`` (copies!) are rescaled in place to it.
 
@@ -111,20 +114,20 @@ def canonical_scales(params: dict[str, torch.Tensor], actions: dict[str, SpaceAc
             factor = torch.ones(act.size, dtype=torch.float64)
             inc = incoming_slots(act) if act.allows_positive_scaling else []
             if inc:
-                sq = sum(slot_rows(params[s.key], s).double().pow(2).sum(1) for s in inc)
+                sq = sum(slot_rows(params[s.tensor], s).double().pow(2).sum(1) for s in inc)
                 e = inc[0].exponent
                 norm = sq.sqrt()
                 factor = torch.where(norm > 0, norm.clamp_min(1e-300) ** (-1.0 / e), factor)
             signs = sign_slots(act, on_key, name) if act.allows_signs else []
             if signs:
-                rows = torch.cat([slot_rows(params[s.key], s).double() * s.factor(factor)[:, None]
+                rows = torch.cat([slot_rows(params[s.tensor], s).double() * s.factor(factor)[:, None]
                                   for s in signs], 1)
                 pick = rows.gather(1, rows.abs().argmax(1, keepdim=True))[:, 0]
                 factor = factor * torch.where(pick < 0, -1.0, 1.0).to(torch.float64)
             if torch.equal(factor, torch.ones_like(factor)):
                 continue
             for s in act.slots:
-                scale_slot(params[s.key], s, s.factor(factor))
+                scale_slot(params[s.tensor], s, s.factor(factor))
             total[name] = total[name] * factor
             worst = max(worst, float((factor - 1).abs().max()))
         if not worst > tol:  # also stops on NaN, which then shows in the scales
@@ -149,7 +152,7 @@ def canonicalize(model: nn.Module, example_input, *, return_scales: bool = False
         raise ValueError(f"canonicalize needs an nn.Module, got {type(model).__name__}")
     x = as_tensor(example_input, name="example_input")
     spec = symmetry_spec(model, x)
-    actions = probe_parameters(model, spec, [n for n, s in spec.spaces.items() if s.group.kind in G.KINDS])
+    actions = {n: space_slots(spec, n) for n, s in spec.spaces.items() if s.group.kind in G.KINDS}
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
     scales = canonical_scales(params, actions)
     elements = {n: (torch.arange(len(s)), s) for n, s in scales.items() if spec.spaces[n].group.is_monomial}

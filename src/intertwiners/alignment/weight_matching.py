@@ -19,22 +19,31 @@ import numpy as np
 import torch
 
 from ..stitching.matching import hungarian_permutation
+from ..symmetries.slots import Slot
 from .canonical import slot_rows
-from .probe import Slot, SpaceAction
+from .spaces import SpaceSlots, along
 
 
 def permute_slot(t: torch.Tensor, slot: Slot, perm: torch.Tensor) -> torch.Tensor:
     """``t`` with index j's slice moved to index perm[j]'s positions along the slot's axis."""
-    src = np.arange(t.shape[slot.axis])
+    view, axis = along(t, slot)
+    src = np.arange(view.shape[axis])
     src[slot.positions[perm.numpy()].reshape(-1)] = slot.positions.reshape(-1)
-    return t.index_select(slot.axis, torch.as_tensor(src, device=t.device))
+    return view.index_select(axis, torch.as_tensor(src, device=t.device)).reshape(t.shape)
 
 
-def _slots_by_key(actions: dict[str, SpaceAction]) -> dict[str, list[tuple[str, Slot]]]:
+def select_slices(t: torch.Tensor, slot: Slot, idx: torch.Tensor) -> torch.Tensor:
+    """The slices of the space's indices ``idx`` along the slot's axis (each index's r repeats), as a tensor
+    of ``t``'s shape except along that axis (flattened tensors stay flat)."""
+    view, axis = along(t, slot)
+    return view.index_select(axis, _positions(slot, idx, t.device))
+
+
+def _slots_by_key(actions: dict[str, SpaceSlots]) -> dict[str, list[tuple[str, Slot]]]:
     out: dict[str, list[tuple[str, Slot]]] = {}
     for name, act in actions.items():
         for s in act.slots:
-            out.setdefault(s.key, []).append((name, s))
+            out.setdefault(s.tensor, []).append((name, s))
     return out
 
 
@@ -56,7 +65,7 @@ class _Scores:
     its permutation without a new assignment (the Hungarian solution of the same scores).
     """
 
-    def __init__(self, params_a: dict, params_b: dict, actions: dict[str, SpaceAction], perms: dict):
+    def __init__(self, params_a: dict, params_b: dict, actions: dict[str, SpaceSlots], perms: dict):
         self.a, self.b, self.actions, self.perms = params_a, params_b, actions, perms
         self.by_key = _slots_by_key(actions)
         self.scores: dict[str, torch.Tensor] = {}
@@ -64,11 +73,11 @@ class _Scores:
 
     def contribution(self, slot: Slot) -> torch.Tensor:
         """C_s (n, n) in the parameters' dtype, from scratch."""
-        tb = self.b[slot.key]
-        for name, other in self.by_key[slot.key]:
+        tb = self.b[slot.tensor]
+        for name, other in self.by_key[slot.tensor]:
             if other is not slot and other.axis != slot.axis:  # slots on the same axis never touch slot's slices
                 tb = permute_slot(tb, other, self.perms[name])
-        return slot_rows(tb, slot) @ slot_rows(self.a[slot.key], slot).T
+        return slot_rows(tb, slot) @ slot_rows(self.a[slot.tensor], slot).T
 
     def partial(self, slots: list[Slot]) -> torch.Tensor:
         """The sum of C_s over some of a space's slots (the greedy start), from scratch."""
@@ -101,13 +110,12 @@ class _Scores:
         src_old, src_new = torch.argsort(old)[moved], torch.argsort(perm)[moved]
         switched: set[int] = set()  # this space's slots already at the new permutation
         for o in self.actions[name].slots:
-            for sname, s in self.by_key[o.key]:
+            for sname, s in self.by_key[o.tensor]:
                 if s is o or s.axis == o.axis or sname not in self.scores:
                     continue
-                tb, ta = self.b[o.key], self.a[o.key]
-                t_old = tb.index_select(o.axis, _positions(o, src_old, tb.device))
-                t_new = tb.index_select(o.axis, _positions(o, src_new, tb.device))
-                for oname, other in self.by_key[o.key]:
+                tb, ta = self.b[o.tensor], self.a[o.tensor]
+                t_old, t_new = select_slices(tb, o, src_old), select_slices(tb, o, src_new)
+                for oname, other in self.by_key[o.tensor]:
                     if other is s or other is o or other.axis in (o.axis, s.axis):
                         continue
                     if oname == name:
@@ -116,7 +124,7 @@ class _Scores:
                     else:
                         t_old = permute_slot(t_old, other, self.perms[oname])
                         t_new = permute_slot(t_new, other, self.perms[oname])
-                a_sub = ta.index_select(o.axis, _positions(o, moved, ta.device))
+                a_sub = select_slices(ta, o, moved)
                 self.scores[sname] += (slot_rows(t_new - t_old, s) @ slot_rows(a_sub, s).T).cpu()
                 self.stale.add(sname)
             switched.add(id(o))
@@ -124,7 +132,7 @@ class _Scores:
         return True
 
 
-def objective(params_a: dict, params_b: dict, actions: dict[str, SpaceAction], perms: dict) -> float:
+def objective(params_a: dict, params_b: dict, actions: dict[str, SpaceSlots], perms: dict) -> float:
     """sum over the parameters the spaces move of <A, B with every space's permutation applied>."""
     total = 0.0
     for key, slots in _slots_by_key(actions).items():
@@ -136,7 +144,7 @@ def objective(params_a: dict, params_b: dict, actions: dict[str, SpaceAction], p
 
 
 def match_permutations(params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor],
-                       actions: dict[str, SpaceAction], max_sweeps: int = 30, init: str = "best"
+                       actions: dict[str, SpaceSlots], max_sweeps: int = 30, init: str = "best"
                        ) -> tuple[dict[str, torch.Tensor], int]:
     """({space: perm}, sweeps): B's index j goes to A's index perm[j] (the element (perm, 1) moves B to A).
 
@@ -159,7 +167,7 @@ def _descend(params_a, params_b, actions, max_sweeps, init):
     matched: set[str] = set()
 
     def determined(name, slot):
-        return all(o in matched for o, s in by_key[slot.key] if s is not slot)
+        return all(o in matched for o, s in by_key[slot.tensor] if s is not slot)
 
     pending = list(names) if init == "greedy" else []
     while pending:

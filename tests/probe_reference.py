@@ -1,4 +1,9 @@
-"""Where each symmetry space acts, read off through the public symmetry API only.
+"""Test-only reference: where each symmetry space acts, measured by applying elements (independent of the slots).
+
+The library reads where a space acts from the spec's slots; this module measures the same facts the slow way,
+through the public API only, so that tests can check the slots against it. It is not part of the package.
+
+Where each symmetry space acts, read off through the public symmetry API only.
 
 Alignment needs, for every space of ``symmetry_spec(model, x)``, the tensor axes it moves: which
 parameter axes (for weight matching and :func:`~intertwiners.alignment.canonicalize`) and which channels
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..features import SiteExtractor
+from intertwiners.features import SiteExtractor
 
 
 @dataclass
@@ -418,7 +423,7 @@ def _find_single(prober: _Prober, changed: dict, slots: dict, skip_axes: tuple[i
 def probe_parameters(model: nn.Module, spec, names: list[str] | None = None, seed: int = 0
                      ) -> dict[str, SpaceAction]:
     """{space: SpaceAction} whose slots are the parameter axes each space acts on (one space at a time)."""
-    from ..symmetries import apply_symmetry
+    from intertwiners.symmetries import apply_symmetry
 
     probe = probe_copy(model, seed)
 
@@ -442,7 +447,7 @@ def probe_sites(model: nn.Module, spec, example_input, names: list[str] | None =
     Spaces that share no site are probed together (features at a site change only under the spaces that
     hold it). Raises ValueError for a space without activation sites (nothing to read features from).
     """
-    from ..symmetries import apply_symmetry
+    from intertwiners.symmetries import apply_symmetry
 
     names = list(names or spec.spaces)
     for name in names:
