@@ -30,13 +30,13 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from intertwiners.alignment.align import few_threads
 from intertwiners.features import SiteExtractor
 
 
@@ -91,18 +91,6 @@ def _allows(group, scale: torch.Tensor) -> bool:
     if allows is not None:
         return bool(allows(scale))
     return bool(group.contains(torch.diag(scale)))
-
-
-@contextmanager
-def few_threads(n: int = 1):
-    """Run many small tensor operations on ``n`` intra-op threads (restored afterwards): on a busy
-    machine, small reductions are an order of magnitude faster without thread hand-offs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(n, old))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------------------------------
