@@ -24,8 +24,10 @@ SCALES = ("smoke", "small", "paper")
 MYRTLE_SITES = ("relu1", "relu2", "relu3", "relu4")
 # ResNet20 sites at the residual outputs (relu2 after each add) and inside blocks (relu1), for D.3.
 RESNET_D3_SITES = ("layer1.1.relu2", "layer2.1.relu2", "layer3.1.relu2")
-ALIGN_VARIANTS = ("none", "permutation (activations)", "full group (activations)", "permutation (weights)",
-                  "full group (weights)")
+ALIGN_VARIANTS_ACTIVATIONS = ("none", "permutation (activations)", "full group (activations)",
+                              "full group + REPAIR (activations)")
+ALIGN_VARIANTS = ALIGN_VARIANTS_ACTIVATIONS + ("permutation (weights)", "full group (weights)",
+                                               "full group + REPAIR (weights)")
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class Scale:
     # extension beyond the paper: interpolation barriers of zoo pairs before/after alignment (Myrtle, ResNet20)
     align_pairs: int = 1  # per architecture
     align_alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
-    align_variants: tuple[str, ...] = ("none", "permutation (activations)", "full group (activations)")
+    align_variants: tuple[str, ...] = ALIGN_VARIANTS_ACTIVATIONS
     align_samples: int = 256  # training images for the activation and batch-norm statistics
     # null calibration of Table 2 and Figs. 5/2: permutation tests of the same-layer similarity
     permutations: int = 200
@@ -93,7 +95,7 @@ PRESETS: dict[str, Scale] = {
         slope_sites=RESNET_D3_SITES, resnet_cka_pairs=2,
         dissection_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), dissection_rotations=3, dissection_images=800,
         dissection_steps=1500, permutations=500, permutation_samples=400, align_pairs=2,
-        align_alphas=tuple(i / 10 for i in range(11)), align_variants=ALIGN_VARIANTS, align_samples=1000),
+        align_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), align_variants=ALIGN_VARIANTS_ACTIVATIONS, align_samples=500),
     "paper": Scale(
         "paper", dataset="cifar10", mcnn_width=64, mcnn_seeds=16, mcnn_epochs=None, stitch_pairs=32,
         stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"), stitch_epochs=20,
