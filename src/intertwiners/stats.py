@@ -17,7 +17,8 @@ plots, so that the same data always get the same interval:
 
 Claims (:class:`Claim`) turn intervals into one of four answers, each with the numbers and the test named:
 **yes** (every interval lies on the claimed side), **no** (some interval lies wholly on the other side),
-**inconclusive** (neither: the data cannot decide at this sample size, or an interval is undefined) and
+**inconclusive** (neither: the data cannot decide at this sample size, or an interval is undefined, rests
+on fewer than three values, or has width 0 because every value is the same) and
 **not testable** (a precondition fails: e.g. a model at chance, no interpretable units to lose).
 """
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ANSWERS = ("yes", "no", "inconclusive", "not testable")
+MIN_DECISIVE = 3   # an interval answers a claim only with at least this many values (and a positive width)
 CONFIDENCE = 0.95
 
 
@@ -73,6 +75,13 @@ class Interval:
         return self.n >= 1 and math.isfinite(self.half)
 
     @property
+    def decisive(self) -> bool:
+        """Whether the interval may answer a claim: at least :data:`MIN_DECISIVE` values and a positive
+        width (with fewer values, or values that all agree, the t interval says nothing about the spread of
+        a new sample: an interval of width 0 from two equal values must not decide)."""
+        return self.defined and self.n >= MIN_DECISIVE and self.half > 0
+
+    @property
     def low(self) -> float:
         return self.mean - self.half
 
@@ -81,8 +90,9 @@ class Interval:
         return self.mean + self.half
 
     def side(self, threshold: float = 0.0) -> int:
-        """+1 if the whole interval lies above ``threshold``, -1 if below, 0 if it contains it or is undefined."""
-        if not self.defined:
+        """+1 if the whole interval lies above ``threshold``, -1 if below, 0 if it contains it or is not
+        :attr:`decisive` (undefined, fewer than 3 values, or width 0)."""
+        if not self.decisive:
             return 0
         return 1 if self.low > threshold else (-1 if self.high < threshold else 0)
 
@@ -270,8 +280,8 @@ def decide(text: str, items: Sequence[Evidence], test: str, *, precondition: str
     else:
         answer = "inconclusive"
     why = ""
-    if answer == "inconclusive" and any(not e.interval.defined for e in items):
-        why = " (an interval needs at least 2 samples)"
+    if answer == "inconclusive" and any(not e.interval.decisive for e in items):
+        why = f" (an answer needs at least {MIN_DECISIVE} values that are not all equal)"
     return Claim(text, answer, f"{test}: {numbers}{why}", list(items))
 
 
