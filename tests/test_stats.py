@@ -11,11 +11,11 @@ from scipy import stats as sps
 
 from intertwiners.stats import (
     ANSWERS,
+    Interval,
     decide,
     evidence,
     mean_ci,
     paired_difference,
-    Interval,
     permutation_pvalue,
     sequential_pvalue,
     sign_test,
