@@ -292,13 +292,18 @@ def _sample_nulls(statistics: dict[str, float], evaluate, perms: np.ndarray, h: 
                   batch: int) -> dict[str, np.ndarray]:
     """Null values of every measure on the rows of ``perms``, in order, ``batch`` permutations at a time.
 
-    ``evaluate(perms, measures) -> {measure: values}``. With ``h`` (sequential), a measure stops at the
-    draw that brings its h-th null value >= its statistic, and its null is cut there; the others go on.
+    ``evaluate(perms, measures) -> {measure: values}``. With ``h`` (sequential) the batches double in size,
+    and a measure stops at the draw that brings its h-th null value >= its statistic (its null is cut
+    there; the others go on).
     """
     found: dict[str, list[np.ndarray]] = {m: [] for m in statistics}
     active = tuple(statistics)
-    for start in range(0, len(perms), batch):
+    start = 0
+    while start < len(perms):
         values = evaluate(perms[start:start + batch], active)
+        start += batch
+        if h is not None:
+            batch *= 2       # a typical score stops in the first batches; an extreme one runs in few large ones
         for m in active:
             found[m].append(values[m])
         if h is not None:
