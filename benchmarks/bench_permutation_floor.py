@@ -1,6 +1,6 @@
 """Permutation tests at their floor (issue 19): ratios against baselines timed in the same run.
 
-    python benchmarks/bench_permutation_floor.py [--permutations 1000] [--repeats 3] [--quick]
+    python benchmarks/bench_permutation_floor.py [--permutations 1000] [--repeats 3] [--quick] [--sections 123]
 
 1. linear CKA, ``permutation_test`` (1,000 permutations) over a plain batched-product evaluation of the same
    1,000 statistics: X' [Y_p1 ... Y_pb] by ``torch.matmul`` in batches, then |.|_F^2 over the self terms
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--permutations", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="N = 1000 only, one repeat")
+    ap.add_argument("--sections", default="123", help="which parts to run, e.g. 3 (default: 123)")
     args = ap.parse_args()
     reps = 1 if args.quick else args.repeats
     b = args.permutations
@@ -79,6 +80,15 @@ def main() -> None:
     previous_grelu_test(x0, x0, permutations(16, 2, 0))
     print(f"{b} permutations, best of {reps} (torch threads: {torch.get_num_threads()})")
 
+    if "1" in args.sections:
+        linear_cka(args, g, reps, b)
+    if "2" in args.sections:
+        grelu_cka(g, reps, b)
+    if "3" in args.sections:
+        sequential_procrustes(g, reps, b)
+
+
+def linear_cka(args, g, reps, b):
     print("\n1. linear CKA: permutation_test / batched-product evaluation of the same statistics (target <= 1.5x)")
     for n in (1000,) if args.quick else (1000, 2000):
         perms = permutations(n, b, 0)
@@ -90,6 +100,9 @@ def main() -> None:
             print(f"   N = {n:5d}, d = {d:3d}: batched products {base:7.3f} s, permutation_test {test:7.3f} s, "
                   f"ratio {test / base:5.2f}x")
 
+
+
+def grelu_cka(g, reps, b):
     print("\n2. G_ReLU-CKA: permutation_test / the previous implementation (target <= 1x)")
     for n, shape in ((1000, (64,)), (1000, (256,))):
         perms = permutations(n, b, 0)
@@ -100,6 +113,9 @@ def main() -> None:
         print(f"   N = {n:5d}, d = {shape[0]:3d}: previous {base:7.3f} s, permutation_test {test:7.3f} s, "
               f"ratio {test / base:5.2f}x")
 
+
+
+def sequential_procrustes(g, reps, b):
     print("\n3. Procrustes, sequential test (h = 10, at most B) / fixed B-permutation test")
     n, d = 1000, 64
     x = torch.relu(torch.randn(n, d, generator=g))
