@@ -7,12 +7,24 @@
    batch of 8 at 224x224. Goal: < 60 s.
 3. ``--planted``: planted recovery, 100 trials per model family and method: align g·M to M for
    g = random_symmetry(spec) and count the trials whose parameters come back to relative error <= 1e-6.
-
 4. ``--lmc``: train pairs of Myrtle CNNs (width 16, 64) and ResNet20s on digits and print the barriers of
-   (1-alpha)·A + alpha·B for no alignment, permutations only and the full group (both methods).
+   (1-alpha)·A + alpha·B for no alignment, permutations only, the full group and the full group + REPAIR
+   (both methods). ``--no-norm`` does the same for networks without batch norm (Myrtle CNN width 16 without
+   batch norm, the digits MLP 256-128-128-10), where REPAIR has something to correct.
+5. ``--merge [--group permutation]``: merge three trained models per architecture (the ``--lmc`` models, seeds
+   0-2) and print the test accuracy of each model, of their unaligned average, of the average after aligning
+   every model to the first (``max_rounds=0``) and after MergeMany rounds, by both methods.
+6. ``--memory``: peak resident memory of weight matching (``align(..., method="weights")``) of two random
+   GPT-2-small-sized models (124M parameters; ``--layers`` fewer for a quick look), as a multiple of one model's
+   parameter bytes, with the peak of each stage (sampled every 20 ms). Run it in its own process.
+7. ``--job-cost``: the compute of one ``alignment_barrier`` job of ``intertwiners reproduce --scale small``
+   (``compare_alignments`` on a trained pair with the scale's alphas, variants and training images) for the
+   Myrtle CNN and the ResNet20 of ``--lmc``, against the settings the small scale had before (11 alphas, five
+   variants without REPAIR, 1,000 images), timed in the same run.
 
     python benchmarks/bench_alignment.py [--threads 1] [--skip-resnet50] [--planted [--trials 100]
-                                         [--transformers-only]] [--lmc]
+                                         [--transformers-only]] [--lmc [--no-norm]] [--merge] [--memory]
+                                         [--job-cost]
 """
 
 from __future__ import annotations
@@ -157,36 +169,165 @@ def planted_transformers(trials: int) -> None:
                   "attention)", flush=True)
 
 
-def lmc(pairs: int, out: Path, only: list[str] | None = None) -> None:
+LMC_ARCHS = [("myrtle_cnn w16", "myrtle_cnn", {"width": 16}), ("myrtle_cnn w64", "myrtle_cnn", {"width": 64}),
+             ("resnet20", "resnet20", {})]
+NO_NORM_ARCHS = [("myrtle_cnn w16 no BN", "myrtle_cnn", {"width": 16, "batch_norm": False}),
+                 ("mlp 128-128", "mlp", {})]
+
+
+def trained_models(arch: str, kw: dict, seeds, out: Path, train, test) -> list:
+    """Models trained on digits with the digits recipe (kept in ``out`` and reused)."""
+    from intertwiners.training import train_one
+
+    found = []
+    tag = "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+    for seed in seeds:
+        folder = out / f"{arch}{tag}-seed{seed}"
+        if (folder / "model.safetensors").is_file():
+            found.append(models.load(folder).eval())
+            continue
+        model, _ = train_one(arch, "digits", seed, data=(train, test), progress=False, **kw)
+        models.save(model, folder)
+        found.append(model.eval())
+    return found
+
+
+def lmc(pairs: int, out: Path, only: list[str] | None = None, no_norm: bool = False) -> None:
     """Train pairs of models on digits and print the accuracy/loss barriers for every alignment variant."""
     import json
 
     from intertwiners.alignment.comparison import compare_alignments
-    from intertwiners.training import train_one
 
     train, test = data.load("digits")
-    archs = [("myrtle_cnn w16", "myrtle_cnn", {"width": 16}), ("myrtle_cnn w64", "myrtle_cnn", {"width": 64}),
-             ("resnet20", "resnet20", {})]
-    archs = [a for a in archs if not only or a[0] in only]
+    archs = [a for a in (NO_NORM_ARCHS if no_norm else LMC_ARCHS) if not only or a[0] in only]
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for label, arch, kw in archs:
         for pair in range(pairs):
-            trained = []
-            for seed in (2 * pair, 2 * pair + 1):
-                folder = out / f"{arch}{kw.get('width', '')}-seed{seed}"
-                if (folder / "model.safetensors").is_file():
-                    trained.append(models.load(folder))
-                    continue
-                model, _ = train_one(arch, "digits", seed, data=(train, test), progress=False, **kw)
-                models.save(model, folder)
-                trained.append(model)
-            comp = compare_alignments(trained[0].eval(), trained[1].eval(), train, test)
+            a, b = trained_models(arch, kw, (2 * pair, 2 * pair + 1), out, train, test)
+            t = time.perf_counter()
+            comp = compare_alignments(a, b, train, test)
             row = {"model": label, "pair": pair, "barriers": comp.barriers(), "seconds": comp.seconds,
+                   "total_seconds": round(time.perf_counter() - t, 1),
                    "ends": [float(comp.curves["none"].accuracy[0]), float(comp.curves["none"].accuracy[-1])]}
             results.append(row)
             print(json.dumps(row), flush=True)
-    (out / "lmc.json").write_text(json.dumps(results, indent=2))
+    (out / ("lmc_no_norm.json" if no_norm else "lmc.json")).write_text(json.dumps(results, indent=2))
+
+
+def merging(out: Path, only: list[str] | None = None, rounds: int = 5, group: str = "full") -> None:
+    """Merge three digits models per architecture: accuracy of each, of the unaligned average, of the average
+    after aligning to the first only, and after MergeMany rounds (both methods)."""
+    import json
+
+    import intertwiners as it
+
+    train, test = data.load("digits")
+    default = [a for a in LMC_ARCHS + NO_NORM_ARCHS if a[0] != "myrtle_cnn w64"]  # w64 trains slowly on a CPU
+    archs = [a for a in LMC_ARCHS + NO_NORM_ARCHS if a[0] in only] if only else default
+    out.mkdir(parents=True, exist_ok=True)
+    for label, arch, kw in archs:
+        three = trained_models(arch, kw, (0, 1, 2), out, train, test)
+        for method in ("activations", "weights"):
+            for max_rounds in (0, rounds):
+                t = time.perf_counter()
+                merged = it.merge(three, train.x[:1000], method=method, group=group, train_data=train,
+                                  eval_data=test, max_rounds=max_rounds)
+                r = merged.merge_report
+                print(json.dumps({"model": label, "method": method, "group": group, "max_rounds": max_rounds,
+                                  "rounds": r.rounds,
+                                  "moved": r.moved, "merged": round(r.accuracy["merged"], 2),
+                                  "unaligned": round(r.accuracy["unaligned average"], 2),
+                                  "models": [round(v, 2) for v in r.accuracy["models"]],
+                                  "seconds": round(time.perf_counter() - t, 1)}), flush=True)
+
+
+def job_cost(out: Path) -> None:
+    """Seconds of one small-scale alignment_barrier job's compute, now and with the earlier settings."""
+    from intertwiners.alignment.comparison import VARIANTS, compare_alignments
+    from intertwiners.experiments.plan import PRESETS
+
+    small = PRESETS["small"]
+    earlier = (tuple(i / 10 for i in range(11)), ("none", "permutation (activations)", "full group (activations)",
+                                                  "permutation (weights)", "full group (weights)"), 1000)
+    now = (small.align_alphas, small.align_variants, small.align_samples)
+    train, test = data.load("digits")
+    for label, arch, kw in (LMC_ARCHS[0], LMC_ARCHS[2]):
+        a, b = trained_models(arch, kw, (0, 1), out, train, test)
+        times = {}
+        for name, (alphas, labels, samples) in (("earlier", earlier), ("now", now)):
+            t = time.perf_counter()
+            compare_alignments(a, b, train.x[:samples], test, alphas, [v for v in VARIANTS if v[0] in labels])
+            times[name] = time.perf_counter() - t
+        print(f"alignment_barrier job, {label}: {times['now']:.1f} s with the small scale's settings ({len(now[0])} "
+              f"alphas, {len(now[1])} variants, {now[2]} images) vs {times['earlier']:.1f} s with the earlier ones "
+              f"({len(earlier[0])}, {len(earlier[1])}, {earlier[2]}): {times['earlier'] / times['now']:.1f}x cheaper",
+              flush=True)
+
+
+def memory(layers: int) -> None:
+    """Peak RSS of weight matching two random GPT-2-small-sized models, per stage, in units of one model."""
+    import importlib
+    import os
+    import resource
+    import threading
+
+    import transformers as tf
+
+    import intertwiners.symmetries as symmetries
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page / 2**20
+
+    stage, peaks = ["build"], {}
+
+    def sample():
+        while True:
+            peaks[stage[0]] = max(peaks.get(stage[0], 0.0), rss())
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    align_module = importlib.import_module("intertwiners.alignment.align")
+
+    def staged(module, name):
+        inner = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            outer, stage[0] = stage[0], name
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                stage[0] = outer
+        setattr(module, name, wrapper)
+
+    for name in ("probe_parameters", "canonical_scales", "match_permutations", "same_function"):
+        staged(align_module, name)
+    for name in ("symmetry_spec", "apply_symmetry"):
+        staged(symmetries, name)
+    cfg = tf.GPT2Config(n_layer=layers, use_cache=False)
+    torch.manual_seed(0)
+    a, b = tf.GPT2LMHeadModel(cfg).eval(), tf.GPT2LMHeadModel(cfg).eval()
+    one = sum(p.numel() * p.element_size() for p in a.parameters()) / 2**20
+    stage[0] = "two models loaded"
+    time.sleep(0.1)
+    base = rss()
+    ids = torch.arange(16).reshape(2, 8)
+    t = time.perf_counter()
+    stage[0] = "align (other)"
+    r = align(a, b, example_input=ids, method="weights", monomial=True)
+    stage[0] = "done"
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"GPT-2 ({layers} layers, {one:.0f} MiB of float32 parameters per model), weight matching in {seconds:.1f} s "
+          f"({r.sweeps} sweeps): RSS with the two models loaded {base:.0f} MiB = {base / one:.2f} x one model; peak "
+          f"{peak:.0f} MiB = {peak / one:.2f} x one model (+{(peak - base) / one:.2f} x during align; goal: peak "
+          f"<= 3 x one model: {'met' if peak <= 3 * one else 'NOT met'})")
+    for name, value in sorted(peaks.items(), key=lambda kv: -kv[1]):
+        print(f"  peak during {name:<22} {value:7.0f} MiB = {value / one:5.2f} x one model "
+              f"(+{(value - base) / one:5.2f} over the two models)")
 
 
 def main(argv=None):
@@ -202,7 +343,16 @@ def main(argv=None):
     p.add_argument("--pairs", type=int, default=2, help="pairs per architecture for --lmc")
     p.add_argument("--out", default="runs/bench_alignment", help="folder for --lmc models and lmc.json")
     p.add_argument("--models", nargs="*", default=None,
-                   help="for --lmc: only these of 'myrtle_cnn w16', 'myrtle_cnn w64', 'resnet20'")
+                   help="for --lmc/--merge: only these of 'myrtle_cnn w16', 'myrtle_cnn w64', 'resnet20' (with "
+                        "--no-norm: 'myrtle_cnn w16 no BN', 'mlp 128-128')")
+    p.add_argument("--no-norm", action="store_true", help="for --lmc: networks without batch norm")
+    p.add_argument("--merge", action="store_true", help="merge three trained digits models per architecture")
+    p.add_argument("--rounds", type=int, default=5, help="for --merge: MergeMany rounds at most")
+    p.add_argument("--group", default="full", choices=["full", "permutation"],
+                   help="for --merge: the group of the first alignment to the first model")
+    p.add_argument("--memory", action="store_true", help="peak memory of weight matching two GPT-2-sized models")
+    p.add_argument("--job-cost", action="store_true", help="compute of one small-scale alignment_barrier job")
+    p.add_argument("--layers", type=int, default=12, help="for --memory: GPT-2 layers (12: GPT-2 small)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.planted:
@@ -211,7 +361,16 @@ def main(argv=None):
         planted_transformers(args.trials)
         return
     if args.lmc:
-        lmc(args.pairs, Path(args.out), args.models)
+        lmc(args.pairs, Path(args.out), args.models, args.no_norm)
+        return
+    if args.merge:
+        merging(Path(args.out), args.models, args.rounds, args.group)
+        return
+    if args.memory:
+        memory(args.layers)
+        return
+    if args.job_cost:
+        job_cost(Path(args.out))
         return
     bench_resnet20(args.threads)
     if not args.skip_resnet50:

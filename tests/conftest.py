@@ -1,3 +1,5 @@
+import fcntl
+import json
 import os
 
 import pytest
@@ -9,6 +11,61 @@ torch.set_num_threads(1)
 settings.register_profile("ci", deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The files holding the longest tests (10 s to 2 min each on 2 cores), run first. pytest-xdist's default
+# scheduler hands tests out in collection order as workers free up, so a two-minute test collected in the
+# middle of the suite starts late and can end alone after everything else: started first, it runs beside
+# the rest. Whole files move, so their module fixtures are still set up once.
+LONGEST_FIRST = ("test_experiments_integration.py", "test_experiments_alignment.py", "test_experiments_ray.py",
+                 "test_experiments.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory):
+    """``trained_once(name, train)``: ``train()``'s ``(model, metrics)`` (a model of :mod:`intertwiners.models`
+    and a JSON-able dict, as :func:`intertwiners.training.train_one` returns), computed once per test run.
+
+    Under pytest-xdist every worker has its own session fixtures, so a model trained for tests that land on
+    both workers would be trained twice. The first worker to ask saves it (safetensors) in the run's temporary
+    folder, common to all its workers; the others wait on a file lock and load it. Without xdist it is saved
+    and loaded alike, so both ways hand out the same weights.
+    """
+    from intertwiners import models
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # <run>/popen-gwN -> <run>: this run's folder, shared by its workers
+
+    def get(name: str, train):
+        folder = root / f"trained-{name}"
+        with open(root / f"trained-{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not folder.is_dir():
+                model, metrics = train()
+                part = root / f"trained-{name}.partial"
+                models.save(model, part)
+                (part / "metrics.json").write_text(json.dumps(metrics))
+                part.rename(folder)
+        return models.load(folder), json.loads((folder / "metrics.json").read_text())
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def myrtle8_digits(digits, trained_once):
+    """``myrtle8_digits(seed)``: train_one's ``(model, metrics)`` for a width-8 Myrtle CNN trained on digits
+    for 3 epochs with ``seed``; each seed is trained once per test run (stitching and training tests share it)."""
+    from intertwiners.training import train_one
+
+    def get(seed: int):
+        return trained_once(f"myrtle8-digits-3ep-seed{seed}", lambda: train_one(
+            "myrtle_cnn", "digits", seed, epochs=3, progress=False, data=digits, width=8))
+
+    return get
 
 
 @pytest.fixture(scope="session")

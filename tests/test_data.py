@@ -124,5 +124,20 @@ def test_augment_translate_and_flip():
 
 
 def test_unknown_dataset():
-    with pytest.raises(ValueError, match="unknown dataset"):
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; known: digits, digits-cluttered, cifar10"):
         data.load("imagenet")
+
+
+def test_part_names_give_their_dataset():
+    assert data.dataset_of("digits-train") == "digits"
+    assert data.dataset_of("digits-cluttered-train-val") == "digits-cluttered"
+    assert data.dataset_of("cifar10-test") == "cifar10"
+    assert data.dataset_of("mystery-train") == "mystery"
+
+
+def test_digits_and_cluttered_digits_share_the_split(digits):
+    images, labels, i_train, i_test = data.digits_source()
+    train, test = digits
+    assert len(i_train) == len(train) and len(i_test) == len(test)
+    assert torch.equal(test.y, torch.from_numpy(labels[i_test]))
+    assert images.shape == (1797, 8, 8) and images.max() == 16

@@ -282,15 +282,18 @@ def test_reproduce_list_prints_the_plan_and_cifar_needs_a_folder(capsys, tmp_pat
 
 
 def test_zoo_job_trains_and_keeps_a_loadable_model(tmp_path, digits):
-    from intertwiners import models
+    from intertwiners.experiments.figures.common import model_from_files
     from intertwiners.training import accuracy
 
-    job = Job("zoo", {"arch": "mlp", "dataset": "digits", "seed": 0, "epochs": 1, "arch_kwargs": {"hidden": [16]}},
-              label="tiny mlp")
+    job = Job("zoo", {"arch": "mlp", "dataset": "digits", "seeds": [0, 1], "epochs": 1,
+                      "arch_kwargs": {"hidden": [16]}}, label="tiny mlps")
     s = run_jobs([job], tmp_path, InlineBackend(), progress=False)
     assert s.succeeded == 1
     with ResultsStore(tmp_path) as store:
         row = store.get(job.id)
-    model = models.load(tmp_path / row.artifact)
-    assert accuracy(model, digits[1]) == pytest.approx(row.result["test_accuracy"])
-    assert "wall_time_s" not in row.result  # results stay deterministic; timing lives in the row
+    folder = tmp_path / row.artifact
+    for seed in (0, 1):  # each model of the group is kept on its own and evaluates to its own metrics
+        files = {f.name.split(".", 1)[1]: f.read_bytes() for f in folder.iterdir() if f.name.startswith(f"seed{seed}.")}
+        part = row.result["parts"][f"seed{seed}"]
+        assert accuracy(model_from_files(files), digits[1]) == pytest.approx(part["test_accuracy"])
+        assert "wall_time_s" not in part  # results stay deterministic; timing lives in the row

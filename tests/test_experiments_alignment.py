@@ -25,7 +25,7 @@ SCALE = Scale.preset(
          "resnet_widths": (4, 4, 8)},
     alignment_barriers={"alphas": (0.0, 0.5, 1.0), "samples": 64,
                         "variants": ("none", "permutation (activations)", "full group (activations)",
-                                     "full group (weights)")})
+                                     "full group + REPAIR (activations)", "full group (weights)")})
 ALIGN = SCALE.alignment_barriers
 
 
@@ -91,10 +91,15 @@ def test_section_is_marked_as_an_extension_and_quotes_its_numbers(run):
         r = next(r for r in rows if r.result["arch"] == arch)
         none = r.result["curves"]["none"]["barrier"]["accuracy"]
         full = r.result["curves"]["full group (activations)"]["barrier"]["accuracy"]
+        fixed = r.result["curves"][ab.REPAIR]["barrier"]["accuracy"]
         sentence = re.search(rf"^{arch}: the accuracy barrier is (\S+) points without alignment and (\S+) with "
-                             r"the full group .*? lowers it in (\d) of 1 pair", part, flags=re.M)
+                             r"the full group .*?, (\S+) with the full group \+ REPAIR; .*? lowers it in (\d) of 1 "
+                             r"pair.*?REPAIR leaves it no higher than the full group alone in (\d) of 1", part,
+                             flags=re.M)
         assert sentence, part
         assert float(sentence.group(1)) == pytest.approx(none, abs=0.051)
         assert float(sentence.group(2)) == pytest.approx(full, abs=0.051)
-        assert int(sentence.group(3)) == int(full < none)
+        assert float(sentence.group(3)) == pytest.approx(fixed, abs=0.051)
+        assert int(sentence.group(4)) == int(full < none)
+        assert int(sentence.group(5)) == int(fixed <= full)
         assert f"| {arch} | none | 1 | {none:.1f} |" in part  # the table holds the same number

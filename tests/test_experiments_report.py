@@ -20,12 +20,13 @@ from intertwiners.stats import mean_ci
 SITES = ["relu1", "relu2", "relu3", "relu4"]
 
 
-def fill(out: Path, grelu_better: bool, n_pairs: int = 3, noise: float = 0.0, seed: int = 0,
+def fill(out: Path, grelu_better: bool, n_pairs: int = 3, noise: float = 0.01, seed: int = 0,
          accuracy: float = 98.0, nulls: bool = False) -> None:
     """Synthetic rows of every experiment kind; ``grelu_better`` decides every G_ReLU-vs-other claim.
 
-    ``noise`` adds Gaussian noise (seeded) to every number, so that intervals have width; ``accuracy`` is
-    every model's test accuracy (10 classes: 10% is chance); ``nulls`` adds permutation-test results.
+    ``noise`` adds Gaussian noise (seeded) to every number, so that intervals have width (equal values never
+    decide a claim); ``accuracy`` is every model's test accuracy (10 classes: 10% is chance); ``nulls`` adds
+    permutation-test results.
     """
     n = 0
     rng = np.random.default_rng(seed)

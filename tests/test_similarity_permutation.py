@@ -108,3 +108,68 @@ def test_cli_similarity_prints_and_writes_pvalues(tmp_path, capsys):
     assert all(1 / 31 <= v <= 1 for v in p)
     printed = capsys.readouterr().out
     assert "permutation tests (30 shuffles of the first 48 samples" in printed and "chance-corrected" in printed
+
+
+def _sequential_loop(x, y, measure, perms, h):
+    """Besag & Clifford by hand: the measure on each shuffled Y in turn, stopping at the h-th value that
+    reaches the statistic (p = h / k), else after all B (p = (1 + hits) / (1 + B))."""
+    t, null = DIRECT[measure](x, y), []
+    for p in perms:
+        null.append(DIRECT[measure](x, y[p]))
+        if np.sum(np.asarray(null) >= t - 1e-12) == h:
+            return h / len(null), null
+    return (1 + np.sum(np.asarray(null) >= t - 1e-12)) / (1 + len(perms)), null
+
+
+@pytest.mark.parametrize("measure", ["procrustes_orthogonal", "procrustes_grelu", "linear_cka"])
+def test_sequential_test_is_besag_clifford_on_the_same_draws(measure):
+    """Typical score: stops early, after exactly the draws a one-at-a-time loop needs; related features:
+    runs all B and gives the fixed test's p-value."""
+    for noise, stops in ((3.0, True), (0.05, False)):
+        x, y = related(n=16, d=4, noise=noise, seed=4)
+        if noise > 1:
+            y = np.random.default_rng(9).normal(size=y.shape)      # unrelated: a typical statistic
+        r = sim.permutation_test(x, y, measure, n_permutations=60, generator=3, sequential=True, h=3)
+        slow_p, slow_null = _sequential_loop(x, y, measure, permutations(16, 60, 3), 3)
+        assert r.pvalue == pytest.approx(slow_p) and r.h == 3
+        np.testing.assert_allclose(r.null_distribution, slow_null, atol=1e-9)
+        assert (r.n_permutations < 60) == stops
+        if not stops:
+            fixed = sim.permutation_test(x, y, measure, n_permutations=60, generator=3)
+            assert r.pvalue == fixed.pvalue
+
+
+def test_sequential_procrustes_is_calibrated_on_null_data():
+    """150 independent pairs, sequential test (h = 5, at most 99 draws): the share of p <= 0.05 is at most
+    5% within its binomial interval (upper 99% bound of 150 draws at 5%: 10.7%) and not far below it."""
+    rng = np.random.default_rng(11)
+    p, draws = [], []
+    for _ in range(150):
+        x, y = rng.normal(size=(10, 3)), rng.normal(size=(10, 3))
+        r = sim.permutation_test(x, y, "procrustes_orthogonal", n_permutations=99, generator=rng,
+                                 sequential=True, h=5)
+        p.append(r.pvalue)
+        draws.append(r.n_permutations)
+    share = np.mean(np.asarray(p) <= 0.05)
+    assert 0.005 <= share <= 0.107, share
+    assert np.mean(draws) < 30          # a typical statistic stops after about h (1 + ln(B / h)) draws
+
+
+def test_linear_cka_gram_route_matches_the_measure():
+    """Wide features take linear CKA's Gram route (d_x d_y > LINEAR_FEATURE_ROUTE N): same null as the loop."""
+    from intertwiners.similarity.permutation import LINEAR_FEATURE_ROUTE
+
+    g = np.random.default_rng(1)
+    x, y = g.normal(size=(10, 20)), g.normal(size=(10, 20))
+    assert x.shape[1] * y.shape[1] > LINEAR_FEATURE_ROUTE * 10
+    for estimator in ("unbiased", "biased"):
+        r = sim.permutation_test(x, y, "linear_cka", n_permutations=5, generator=2, estimator=estimator)
+        slow = [sim.cka(x, y[p], kernel="linear", estimator=estimator) for p in permutations(10, 5, 2)]
+        np.testing.assert_allclose(r.null_distribution, slow, atol=1e-9)
+
+
+def test_bad_h():
+    x, y = related(n=10, d=3)
+    for h in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="h"):
+            sim.permutation_test(x, y, "procrustes_grelu", 10, sequential=True, h=h)

@@ -100,7 +100,7 @@ def test_cli_similarity_writes_csv_heatmaps_and_table(tmp_path, pair, inputs, ca
     out = tmp_path / "out"
     rc = main(["similarity", str(tmp_path / "a"), str(tmp_path / "b"), "--max-samples", "64", "--batch-size",
                "32", "--measures", "grelu_cka,cka", "--procrustes", "grelu,orthogonal", "--device", "cpu",
-               "--out", str(out), "--quiet"])
+               "--permutations", "20", "--out", str(out), "--quiet"])
     assert rc == 0
     for name in ("grelu_cka.csv", "grelu_cka.png", "cka.csv", "cka.png", "procrustes.csv", "similarity.json"):
         assert (out / name).stat().st_size > 0
@@ -110,4 +110,4 @@ def test_cli_similarity_writes_csv_heatmaps_and_table(tmp_path, pair, inputs, ca
     ref = sim.layer_similarity_matrix(a, b, test, measure="cka", batch_size=32, max_samples=64, device="cpu")
     np.testing.assert_allclose(M, ref, atol=1e-6)
     printed = capsys.readouterr().out
-    assert "relu4" in printed and "orthogonal" in printed
+    assert "relu4" in printed and "orthogonal" in printed and "permutation tests (20 shuffles" in printed

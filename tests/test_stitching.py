@@ -19,6 +19,7 @@ from intertwiners.training import accuracy as _accuracy
 from intertwiners.training import train_one
 
 SITES = ["relu1", "relu2", "relu3", "relu4"]
+WIDTH = 8                          # the pair's width (myrtle8_digits): relu4 has 8 * WIDTH channels
 DEVICE = resolve_device("auto")   # the device stitch(device="auto") uses
 
 
@@ -33,11 +34,16 @@ def digits_data():
 
 
 @pytest.fixture(scope="session")
-def pair(digits_data):
-    """Two width-16 Myrtle CNNs trained on digits with different seeds (a few epochs)."""
-    a, _ = train_one("myrtle_cnn", "digits", 0, epochs=3, progress=False, data=digits_data)
-    b, _ = train_one("myrtle_cnn", "digits", 1, epochs=3, progress=False, data=digits_data)
-    return a, b
+def small_train(digits_data):
+    """(first 400 training images, the whole test set): for the tests of a layer's structure, not its accuracy."""
+    train, test = digits_data
+    return train.subset(torch.arange(400)), test
+
+
+@pytest.fixture(scope="session")
+def pair(myrtle8_digits):
+    """Two width-8 Myrtle CNNs trained on digits with different seeds (3 epochs; trained once per test run)."""
+    return myrtle8_digits(0)[0], myrtle8_digits(1)[0]
 
 
 def myrtle_twin(model, seed=0):
@@ -136,12 +142,12 @@ def _snapshot(model):
 
 
 @pytest.mark.parametrize("kind", ["full", "grelu"])
-def test_front_and_back_stay_frozen_bit_identical(pair, digits_data, kind):
+def test_front_and_back_stay_frozen_bit_identical(pair, small_train, kind):
     a, b = pair
     a.train()  # a caller's model in train mode: batch norm would update its statistics if it ran in train mode
     before_a, before_b = _snapshot(a), _snapshot(b)
     flags = [p.requires_grad for p in a.parameters()]
-    r = stitch(a, b, "relu2", kind, *digits_data, epochs=1)
+    r = stitch(a, b, "relu2", kind, *small_train, epochs=1)
     for snap, m in ((before_a, a), (before_b, b)):
         after = m.state_dict()
         assert all(torch.equal(snap[k], after[k]) for k in snap)
@@ -227,8 +233,8 @@ def _assert_permutation_times_positive_diagonal(m):
 
 
 @pytest.mark.parametrize("settings", ["default", "authors"])
-def test_grelu_at_evaluation_is_exactly_a_permutation_times_a_positive_diagonal(pair, digits_data, settings):
-    r = stitch(*pair, "relu3", "grelu", *digits_data, epochs=2, settings=settings)
+def test_grelu_at_evaluation_is_exactly_a_permutation_times_a_positive_diagonal(pair, small_train, settings):
+    r = stitch(*pair, "relu3", "grelu", *small_train, epochs=2, settings=settings)
     _assert_permutation_times_positive_diagonal(r.matrix)
     assert r.bias is None
     h = torch.rand(5, r.matrix.shape[1], 3, 3)
@@ -241,11 +247,11 @@ def test_grelu_at_evaluation_is_exactly_a_permutation_times_a_positive_diagonal(
     torch.testing.assert_close(p.sum(1), torch.ones(len(p)), atol=1e-3, rtol=0)
 
 
-def test_authors_schedule_trains_the_permutation_first_then_the_scalings(pair, digits_data):
-    r = stitch(*pair, "relu4", "grelu", *digits_data, epochs=2, settings="authors")
+def test_authors_schedule_trains_the_permutation_first_then_the_scalings(pair, small_train):
+    r = stitch(*pair, "relu4", "grelu", *small_train, epochs=2, settings="authors")
     assert r.settings["relaxation"] == "soft" and r.settings["optimizer"] == "sgd"
     assert r.history[1]["scale_change"] == 0.0 < r.history[2]["scale_change"]
-    joint = stitch(*pair, "relu4", "grelu", *digits_data, epochs=2)
+    joint = stitch(*pair, "relu4", "grelu", *small_train, epochs=2)
     assert joint.history[1]["scale_change"] > 0.0
 
 
@@ -290,16 +296,16 @@ def test_sinkhorn_projects_onto_the_birkhoff_polytope_and_rounding_is_a_permutat
         assert float((hard * p).sum()) == pytest.approx(best, abs=1e-9)
 
 
-def test_orthogonal_stays_orthogonal(pair, digits_data):
-    r = stitch(*pair, "relu3", "orthogonal", *digits_data, epochs=1, lr=1e-2)
+def test_orthogonal_stays_orthogonal(pair, small_train):
+    r = stitch(*pair, "relu3", "orthogonal", *small_train, epochs=1, lr=1e-2)
     q = r.matrix.double()
     torch.testing.assert_close(q.T @ q, torch.eye(len(q), dtype=q.dtype), atol=1e-5, rtol=0)
     assert r.bias is None and r.best_epoch >= 0
 
 
 @pytest.mark.parametrize("rank", [1, 3])
-def test_low_rank_has_the_rank(pair, digits_data, rank):
-    r = stitch(*pair, "relu4", f"low_rank:{rank}", *digits_data, epochs=1)
+def test_low_rank_has_the_rank(pair, small_train, rank):
+    r = stitch(*pair, "relu4", f"low_rank:{rank}", *small_train, epochs=1)
     sv = torch.linalg.svdvals(r.matrix.double())
     assert sv[rank - 1] > 1e-3 * sv[0] and (sv[rank:] <= 1e-5 * sv[0]).all()   # rank r up to float32 rounding
     torch.testing.assert_close(r.matrix, r.layer.u.detach() @ r.layer.v.detach().T)
@@ -313,7 +319,7 @@ def test_low_rank_has_the_rank(pair, digits_data, rank):
 def test_full_stitch_is_nearly_lossless_and_grelu_is_a_valid_group_element(pair, digits_data):
     r = stitch(*pair, "relu4", "full", *digits_data, epochs=2)
     assert r.penalty <= 3.0
-    assert r.bias is not None and r.matrix.shape == (128, 128)
+    assert r.bias is not None and r.matrix.shape == (8 * WIDTH, 8 * WIDTH)
 
 
 def test_bad_arguments_raise_value_errors(pair, digits_data):
@@ -463,7 +469,7 @@ def _write_zoo(root, models_):
     return zoo
 
 
-def test_sweep_rows_plot_and_cli(pair, digits_data, tmp_path):
+def test_sweep_rows_plot_and_cli(pair, small_train, tmp_path):
     import csv
 
     from intertwiners import cli
@@ -475,14 +481,14 @@ def test_sweep_rows_plot_and_cli(pair, digits_data, tmp_path):
     folders = model_folders(tmp_path)
     assert [f.name for f in folders] == ["seed0", "seed1", "seed2"]
     seen = []
-    rows = stitch_sweep(folders, ["relu4"], ["identity", "grelu"], *digits_data, n_pairs=2, pair_seed=0,
+    rows = stitch_sweep(folders, ["relu4"], ["identity", "grelu"], *small_train, n_pairs=2, pair_seed=0,
                         epochs=1, on_row=seen.append)
     assert rows == seen and len(rows) == 4
     for r in rows:
         assert all(isinstance(v, int | float | str | type(None)) for v in r.values())
         assert r["penalty"] == pytest.approx((r["front_accuracy"] + r["back_accuracy"]) / 2 - r["accuracy"])
         assert r["activation"] == "relu" and r["dataset"] == "digits" and r["site_index"] == 3
-    skipped = stitch_sweep(folders, ["relu4"], ["identity"], *digits_data, n_pairs=2, skip=lambda key: True)
+    skipped = stitch_sweep(folders, ["relu4"], ["identity"], *small_train, n_pairs=2, skip=lambda key: True)
     assert skipped == []
     fig = plot_penalties(rows, tmp_path / "fig1.png")
     assert (tmp_path / "fig1.png").stat().st_size > 1000 and len(fig.axes[0].lines) >= 2

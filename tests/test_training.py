@@ -24,8 +24,8 @@ def test_training_is_deterministic_per_seed(small_digits):
     assert not all(torch.equal(x, z) for x, z in zip(a.state_dict().values(), c.state_dict().values()))
 
 
-def test_short_digits_run_learns(digits):
-    model, m = train_one("myrtle_cnn", "digits", 0, epochs=3, progress=False, data=digits, width=8)
+def test_short_digits_run_learns(digits, myrtle8_digits):
+    model, m = myrtle8_digits(0)   # train_one("myrtle_cnn", "digits", 0, epochs=3, data=digits, width=8), shared
     # three epochs of an 8-wide mCNN on digits: chance is 10%; measured ~98%
     assert m["test_accuracy"] > 90.0
     assert 0 <= m["train_accuracy"] <= 100 and 0 <= m["val_accuracy"] <= 100

@@ -15,7 +15,7 @@ from . import __version__
 
 # Subcommand modules, in the order --help lists them.
 COMMANDS = ("train", "group", "verify", "rotation_penalty", "stitch", "similarity", "dissect",
-            "reproduce", "report", "align")
+            "reproduce", "report", "align", "merge")
 
 
 def _load_commands():

@@ -1,4 +1,5 @@
-"""Datasets: scikit-learn's bundled ``digits`` (no download) and CIFAR-10 from the standard python batches.
+"""Datasets: scikit-learn's bundled ``digits`` (no download), ``digits-cluttered`` built from them
+(:mod:`intertwiners.cluttered`), and CIFAR-10 from the standard python batches.
 
 ``load(name, root=None)`` returns ``(train, test)`` as :class:`ArrayDataset` objects holding normalised
 float32 images (N, C, H, W) and int64 labels. CIFAR batches are read with an unpickler that admits only
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-DATASETS = ("digits", "cifar10")
+DATASETS = ("digits", "digits-cluttered", "cifar10")
 
 
 @dataclass
@@ -52,6 +53,11 @@ class ArrayDataset(Dataset):
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])
 
+    @property
+    def dataset(self) -> str:
+        """The dataset this part comes from: ``"digits-cluttered"`` for ``"digits-cluttered-train-val"``."""
+        return dataset_of(self.name)
+
     def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> ArrayDataset:
         index = torch.as_tensor(index, dtype=torch.long)
         return ArrayDataset(self.x[index], self.y[index], self.num_classes, name or self.name,
@@ -65,6 +71,12 @@ class ArrayDataset(Dataset):
         perm = torch.randperm(len(self), generator=g)
         n_held = max(1, int(round(fraction * len(self))))
         return self.subset(perm[n_held:], self.name), self.subset(perm[:n_held], self.name + "-val")
+
+
+def dataset_of(name: str) -> str:
+    """The dataset name in a part's name ``<dataset>-<part>`` (the longest known dataset name it starts with)."""
+    known = [d for d in DATASETS if name == d or name.startswith(d + "-")]
+    return max(known, key=len) if known else name.split("-")[0]
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, flip: bool, translate: int) -> torch.Tensor:
@@ -94,31 +106,61 @@ def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndar
     return (train - mean) / std, (test - mean) / std
 
 
+def digits_source(test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits and their fixed split: ``(images, labels, i_train, i_test)``.
+
+    images (1797, 8, 8) float64 grey levels 0..16, labels (1797,) int64; the split is stratified and seeded
+    (``train_test_split(random_state=seed)``), 1,437 / 360 by default. ``digits`` and ``digits-cluttered``
+    both use it, so their test sets come from the same source digits.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    if not (isinstance(test_fraction, int | float) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
+    bunch = sk_digits()
+    labels = bunch.target.astype(np.int64)
+    i_train, i_test = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed,
+                                       stratify=labels)
+    return bunch.images.astype(np.float64), labels, i_train, i_test
+
+
 def load_digits(size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
     """scikit-learn's 1,797 8x8 digits, upsampled (bilinear) to ``size`` x ``size``, 1 channel.
 
     A fixed seeded stratified split (default 1,437 train / 360 test); per-channel normalisation from
     the training part. Augmentation: translation by 1 px, no flips (digits are not mirror-symmetric).
     """
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
-
     if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8:
         raise ValueError(f"digits size must be a positive multiple of 8, got {size!r}")
-    if not (isinstance(test_fraction, int | float) and 0 < test_fraction < 1):
-        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction!r}")
-    bunch = sk_digits()
-    images = bunch.images.astype(np.float32)[:, None] / 16.0
-    labels = bunch.target.astype(np.int64)
+    raw, labels, i_train, i_test = digits_source(test_fraction, seed)
+    images = raw.astype(np.float32)[:, None] / 16.0
     if size != 8:
         images = F.interpolate(torch.from_numpy(images), size=(size, size), mode="bilinear",
                                align_corners=False).numpy()
-    i_train, i_test = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed,
-                                       stratify=labels)
     x_train, x_test = _normalise(images[i_train], images[i_test])
     make = lambda x, y, tag: ArrayDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y),  # noqa: E731
                                           10, f"digits-{tag}", flip=False, translate=1)
     return make(x_train, labels[i_train], "train"), make(x_test, labels[i_test], "test")
+
+
+def load_cluttered_digits(spec=None, cache: bool = True) -> tuple[ArrayDataset, ArrayDataset]:
+    """``digits-cluttered``: 3x32x32 colour images of transformed digits among clutter (see :mod:`.cluttered`).
+
+    5,748 train / 1,440 test images (4 per source digit of ``digits``' split), built deterministically in
+    seconds and cached (``cache=False``: always build, never read or write the cache). ``spec``: a
+    :class:`~intertwiners.cluttered.ClutterSpec` for a variant (default: the documented construction).
+    Per-channel normalisation from the training part; augmentation: translation by 2 px, no flips.
+    """
+    from .cluttered import load_arrays
+
+    built = load_arrays(spec, cache=cache)
+    x_train, x_test = _normalise(built.x("train").astype(np.float32) / 255.0,
+                                 built.x("test").astype(np.float32) / 255.0)
+    make = lambda x, y, tag: ArrayDataset(torch.from_numpy(np.ascontiguousarray(x)),  # noqa: E731
+                                          torch.from_numpy(y.astype(np.int64)), 10, f"digits-cluttered-{tag}",
+                                          flip=False, translate=2)
+    return make(x_train, built.y("train"), "train"), make(x_test, built.y("test"), "test")
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -197,9 +239,12 @@ def load_cifar10(root: str | Path | None) -> tuple[ArrayDataset, ArrayDataset]:
 
 
 def load(name: str, root: str | Path | None = None, **kwargs) -> tuple[ArrayDataset, ArrayDataset]:
-    """``(train, test)`` for ``"digits"`` (bundled) or ``"cifar10"`` (python batches under ``root``)."""
+    """``(train, test)`` for ``"digits"`` (bundled), ``"digits-cluttered"`` (built from digits, cached) or
+    ``"cifar10"`` (python batches under ``root``)."""
     if name == "digits":
         return load_digits(**kwargs)
+    if name == "digits-cluttered":
+        return load_cluttered_digits(**kwargs)
     if name == "cifar10":
         return load_cifar10(root)
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -11,11 +11,14 @@ plots, so that the same data always get the same interval:
   pair, a repeat seed or a rotation); an unpaired difference uses Welch's interval (unequal variances,
   Welch–Satterthwaite degrees of freedom), undefined when either side has fewer than 2 values;
 * :func:`sign_test` is the two-sided exact binomial test of the signs of paired differences (zeros dropped);
-* :func:`permutation_pvalue` is the Monte Carlo p-value with the +1 correction, (1 + #{null ≥ t}) / (1 + B).
+* :func:`permutation_pvalue` is the Monte Carlo p-value with the +1 correction, (1 + #{null ≥ t}) / (1 + B);
+  :func:`sequential_pvalue` the sequential one of Besag & Clifford (1991): h / k when the h-th null value
+  ≥ t came at draw k, else the fixed-B value.
 
 Claims (:class:`Claim`) turn intervals into one of four answers, each with the numbers and the test named:
 **yes** (every interval lies on the claimed side), **no** (some interval lies wholly on the other side),
-**inconclusive** (neither: the data cannot decide at this sample size, or an interval is undefined) and
+**inconclusive** (neither: the data cannot decide at this sample size, or an interval is undefined, rests
+on fewer than three values, or has width 0 because every value is the same) and
 **not testable** (a precondition fails: e.g. a model at chance, no interpretable units to lose).
 """
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ANSWERS = ("yes", "no", "inconclusive", "not testable")
+MIN_DECISIVE = 3   # an interval answers a claim only with at least this many values (and a positive width)
 CONFIDENCE = 0.95
 
 
@@ -71,6 +75,13 @@ class Interval:
         return self.n >= 1 and math.isfinite(self.half)
 
     @property
+    def decisive(self) -> bool:
+        """Whether the interval may answer a claim: at least :data:`MIN_DECISIVE` values and a positive
+        width (with fewer values, or values that all agree, the t interval says nothing about the spread of
+        a new sample: an interval of width 0 from two equal values must not decide)."""
+        return self.defined and self.n >= MIN_DECISIVE and self.half > 0
+
+    @property
     def low(self) -> float:
         return self.mean - self.half
 
@@ -79,8 +90,9 @@ class Interval:
         return self.mean + self.half
 
     def side(self, threshold: float = 0.0) -> int:
-        """+1 if the whole interval lies above ``threshold``, -1 if below, 0 if it contains it or is undefined."""
-        if not self.defined:
+        """+1 if the whole interval lies above ``threshold``, -1 if below, 0 if it contains it or is not
+        :attr:`decisive` (undefined, fewer than 3 values, or width 0)."""
+        if not self.decisive:
             return 0
         return 1 if self.low > threshold else (-1 if self.high < threshold else 0)
 
@@ -148,6 +160,13 @@ def sign_test(differences: Iterable[float]) -> float:
     return float(binomtest(int((d > 0).sum()), int(d.size), 0.5).pvalue)
 
 
+def _reaches(statistic: float, null: np.ndarray) -> np.ndarray:
+    """Which null values count as at least as large as ``statistic`` (equal up to rounding, relative 1e-12,
+    counts): the one rule of every permutation p-value."""
+    tol = 1e-12 * max(1.0, abs(statistic))
+    return np.asarray(null, dtype=float) >= statistic - tol
+
+
 def permutation_pvalue(statistic: float, null: np.ndarray) -> float:
     """(1 + #{null >= statistic}) / (1 + B): the Monte Carlo permutation p-value of "greater than chance".
 
@@ -156,8 +175,35 @@ def permutation_pvalue(statistic: float, null: np.ndarray) -> float:
     null = np.asarray(null, dtype=float)
     if null.size == 0:
         raise ValueError("the null distribution is empty: use at least one permutation")
-    tol = 1e-12 * max(1.0, abs(statistic))
-    return float((1 + np.count_nonzero(null >= statistic - tol)) / (1 + null.size))
+    return float((1 + np.count_nonzero(_reaches(statistic, null))) / (1 + null.size))
+
+
+def sequential_stop(statistic: float, null: np.ndarray, h: int) -> int | None:
+    """The number of draws k after which ``h`` of the null values (in the order drawn) have reached the
+    statistic, or None if fewer than h of them do (Besag & Clifford 1991's stopping time)."""
+    hits = np.flatnonzero(_reaches(statistic, null))
+    return int(hits[h - 1]) + 1 if hits.size >= h else None
+
+
+def sequential_pvalue(statistic: float, null: np.ndarray, h: int, max_draws: int) -> float:
+    """Besag & Clifford's (1991) sequential Monte Carlo p-value of "greater than chance".
+
+    Null values are drawn one by one, at most ``max_draws``; sampling stops once ``h`` of them reach the
+    statistic. Stopped after k draws: p = h / k; otherwise (all ``max_draws`` drawn, fewer than h reached
+    it): p = (1 + #{null >= statistic}) / (1 + max_draws), the fixed-B p-value. Valid at every level:
+    P(p <= alpha) <= alpha under the null (exchangeable draws). ``null`` holds the draws in order: the
+    first k when stopped, else all ``max_draws``.
+    """
+    if isinstance(h, bool) or int(h) != h or h < 1:
+        raise ValueError(f"h must be a positive integer, got {h!r}")
+    null = np.asarray(null, dtype=float)
+    k = sequential_stop(statistic, null, int(h))
+    if k is not None:
+        return float(h) / k
+    if null.size != max_draws:
+        raise ValueError(f"fewer than h = {h} of the {null.size} null values reach the statistic, so sampling "
+                         f"cannot have stopped: expected all {max_draws} draws")
+    return permutation_pvalue(statistic, null)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,8 +280,8 @@ def decide(text: str, items: Sequence[Evidence], test: str, *, precondition: str
     else:
         answer = "inconclusive"
     why = ""
-    if answer == "inconclusive" and any(not e.interval.defined for e in items):
-        why = " (an interval needs at least 2 samples)"
+    if answer == "inconclusive" and any(not e.interval.decisive for e in items):
+        why = f" (an answer needs at least {MIN_DECISIVE} values that are not all equal)"
     return Claim(text, answer, f"{test}: {numbers}{why}", list(items))
 
 

@@ -1,9 +1,9 @@
 """Training a zoo of models with the paper's recipe, deterministic per seed.
 
 The CIFAR-10 recipe is the authors': Adam (lr 1e-3, weight decay 1e-4), StepLR(12, 0.5), batch 32,
-50 epochs, random flips and 2-pixel translations. Digits gets a fast recipe (see ``RECIPES``). A validation
-split carved from the training data (fixed across seeds) picks the best epoch and decides when training has
-converged (:class:`Convergence`); the test set is only ever used to report accuracy.
+50 epochs, random flips and 2-pixel translations. Digits and cluttered digits get a fast recipe (see
+``RECIPES``). A validation split carved from the training data (fixed across seeds) picks the best epoch
+and decides when training has converged (:class:`Convergence`); the test set is only ever used to report accuracy.
 
 Several models of one architecture train together, each exactly as it would alone, through
 :func:`intertwiners.batched.fit_many` (:func:`train_many`).
@@ -27,7 +27,6 @@ from . import models as model_zoo
 from ._util import resolve_device
 from .data import ArrayDataset, augment
 from .data import load as load_data
-
 
 PATIENCE = 3   # digits: epochs without a better validation split before training stops (docs/foundation.md)
 
@@ -87,12 +86,15 @@ class Convergence:
 RECIPES = {
     "cifar10": Recipe(epochs=50, patience=5),
     "digits": Recipe(epochs=12, batch_size=32, step_size=5, patience=PATIENCE),
+    "digits-cluttered": Recipe(epochs=12, batch_size=32, step_size=5, patience=PATIENCE),
 }
 
-# Architecture defaults per dataset (smaller widths on the tiny digits images keep CPU training fast).
+# Architecture defaults per dataset (smaller widths on the small digits datasets keep CPU training fast).
 ARCH_DEFAULTS = {
     ("myrtle_cnn", "digits"): {"width": 16},
     ("mlp", "digits"): {"hidden": [128, 128]},
+    ("myrtle_cnn", "digits-cluttered"): {"width": 16},
+    ("mlp", "digits-cluttered"): {"hidden": [128, 128]},
 }
 
 
@@ -138,8 +140,7 @@ def evaluate(model: nn.Module, data: ArrayDataset, device: str | torch.device = 
 def build_for(arch: str, train: ArrayDataset, **kwargs) -> nn.Module:
     """Build ``arch`` shaped for ``train``'s images and classes."""
     c, h, w = train.input_shape
-    dataset = train.name.split("-")[0]
-    merged = {**ARCH_DEFAULTS.get((arch, dataset), {}), **kwargs}
+    merged = {**ARCH_DEFAULTS.get((arch, train.dataset), {}), **kwargs}
     if arch == "myrtle_cnn":
         if h != w:
             raise ValueError(f"myrtle_cnn needs square images, got {h}x{w}")

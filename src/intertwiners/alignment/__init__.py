@@ -2,7 +2,8 @@
 
 >>> r = align(model_a, model_b, data)                  # B moved into A's basis: r.model, r.elements
 >>> curve = interpolate(model_a, r.model, test, train_data=train)   # curve.barrier["accuracy"]
->>> merged = merge([m1, m2, m3], data)
+>>> curve = interpolate(model_a, r.model, test, train_data=train, repair=True)   # REPAIR along the path
+>>> merged = merge([m1, m2, m3], data, eval_data=test)  # a model; merged.merge_report: accuracies, rounds
 >>> canon = canonicalize(model, x)                      # normal form of the scaling part of the group
 
 Everything is built on the public symmetry API (``symmetry_spec``, ``apply_symmetry``): where each space
@@ -13,6 +14,6 @@ See docs/alignment.md.
 from .align import AlignResult, align
 from .canonical import canonicalize
 from .interpolation import InterpolationCurve, interpolate
-from .merging import merge
+from .merging import MergeReport, merge
 
-__all__ = ["AlignResult", "InterpolationCurve", "align", "canonicalize", "interpolate", "merge"]
+__all__ = ["AlignResult", "InterpolationCurve", "MergeReport", "align", "canonicalize", "interpolate", "merge"]

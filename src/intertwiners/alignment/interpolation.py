@@ -4,8 +4,10 @@
 parameter and buffer interpolated). With ``reset_batchnorm=True`` (the default, as in REPAIR and
 git-re-basin) the batch-norm running statistics of each interpolated model are recomputed from scratch
 on ``train_data`` (``data`` when no training data is given), since averaged statistics do not describe
-the averaged network. The barrier is the largest rise of the loss, and the largest drop of the accuracy,
-above the straight line between the two ends.
+the averaged network. With ``repair=True`` every hidden channel of each interpolated model is corrected by
+REPAIR (:mod:`.repair`, Jordan et al. 2023) so that its mean and standard deviation on the training inputs
+interpolate those of the two end models. The barrier is the largest rise of the loss, and the largest drop of
+the accuracy, above the straight line between the two ends.
 """
 
 from __future__ import annotations
@@ -127,14 +129,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, data, alphas=DEFAULT_ALPHAS, reset_batchnorm: bool = True,
-                train_data=None, *, device: str = "auto", batch_size: int = 512) -> InterpolationCurve:
+                train_data=None, repair: bool = False, *, device: str = "auto", batch_size: int = 512,
+                repair_batch_size: int = 2048) -> InterpolationCurve:
     """Loss and accuracy of (1 - alpha)·A + alpha·B on ``data`` ((x, y) or a dataset with .x/.y).
 
     ``alphas``: increasing, from 0 to 1 (the barrier is measured against the line between the ends).
     ``reset_batchnorm``: recompute batch-norm statistics at each alpha on ``train_data`` (inputs; ``data``'s
-    inputs when None). Returns an :class:`InterpolationCurve`.
+    inputs when None). ``repair``: correct every hidden channel at each alpha so that its mean and standard
+    deviation on the same inputs are ``(1 - alpha)`` times A's plus ``alpha`` times B's (REPAIR, Jordan et al.
+    2023; :mod:`intertwiners.alignment.repair` says which channels), the end models taken as the curve's ends
+    (batch norm recomputed when ``reset_batchnorm``). The correction runs in one forward pass when the inputs
+    fit one batch of ``repair_batch_size``, else in one pass per corrected layer. Returns an
+    :class:`InterpolationCurve`.
     """
-    from .align import check_same_structure_params
+    from .align import check_runs, check_same_structure_params
+    from .repair import PathRepair
 
     check_same_structure_params(model_a, model_b)
     x, y = labelled_data(data)
@@ -143,11 +152,22 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, alphas=DEFAULT_ALP
         raise ValueError(f"alphas must increase from 0 to 1, got {alphas}")
     dev = resolve_device(device)
     bn_inputs = inputs_of(train_data) if train_data is not None else x
+    check_runs(model_a, x[:2], "data")
+    check_runs(model_a, bn_inputs[:2], "train_data")
+    repairer = None
+    if repair:
+        ends = [copy.deepcopy(m).to(dev) for m in (model_a, model_b)]
+        if reset_batchnorm:
+            for m in ends:
+                recompute_batchnorm(m, bn_inputs, batch_size)
+        repairer = PathRepair(*ends, bn_inputs, repair_batch_size)
     losses, accs = [], []
     for alpha in a:
         model = lerp_model(model_a, model_b, alpha).to(dev)
-        if reset_batchnorm and has_batchnorm(model):
+        if reset_batchnorm and has_batchnorm(model) and not (repairer and repairer.covers_batchnorm):
             recompute_batchnorm(model, bn_inputs, batch_size)
+        if repairer is not None:
+            repairer(model, alpha)
         lo, ac = evaluate(model, x, y, batch_size)
         losses.append(lo)
         accs.append(ac)

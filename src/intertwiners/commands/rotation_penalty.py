@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+from ..data import DATASETS
 from . import _args
 
 NAME = "rotation-penalty"
@@ -18,7 +19,7 @@ FIELDS = ("panel", "layer", "conv", "site", "position", "transform", "seed", "ch
 
 
 def add_arguments(p):
-    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
+    p.add_argument("--dataset", default="digits", choices=list(DATASETS))
     p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
     p.add_argument("--activations", default="relu,sigmoid",
                    help="comma-separated activations of the batch-norm-free Myrtle CNNs to test")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..data import DATASETS
 from . import _args
 
 NAME = "similarity"
@@ -24,7 +25,7 @@ def _list(text: str | None) -> list[str] | None:
 def add_arguments(p):
     p.add_argument("model_a", help="folder (or .safetensors file) written by `intertwiners train`")
     p.add_argument("model_b", help="the second model (e.g. another seed)")
-    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
+    p.add_argument("--dataset", default="digits", choices=list(DATASETS))
     p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--max-samples", type=_args.positive_int, default=None, help="use only the first N samples")

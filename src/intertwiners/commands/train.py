@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..data import DATASETS
 from . import _args
 
 NAME = "train"
@@ -12,11 +13,11 @@ HELP = "Train one model per seed (model.safetensors, config.json, metrics.json i
 
 def add_arguments(p):
     p.add_argument("--arch", default="myrtle_cnn", choices=["myrtle_cnn", "resnet20", "mlp"])
-    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
+    p.add_argument("--dataset", default="digits", choices=list(DATASETS))
     p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
     p.add_argument("--seeds", default="0-1", help="e.g. 0-7 or 0,3,5")
     p.add_argument("--epochs", type=_args.positive_int, default=None,
-                   help="default: the dataset's recipe (digits 12, cifar10 50)")
+                   help="default: the dataset's recipe (digits and digits-cluttered 12, cifar10 50)")
     p.add_argument("--activation", default=None, help="e.g. relu, sigmoid, leaky_relu:0.3 (default: relu)")
     p.add_argument("--width", type=_args.positive_int, default=None,
                    help="myrtle_cnn width (default 16 on digits, 64 otherwise)")

@@ -12,7 +12,8 @@ between machines without changing the answer (the data folder, the device); it i
 Results are deterministic for a given configuration (seeds are part of every configuration).
 
 Experiment job types whose library module is not installed report it through ``missing()``; the plan
-leaves them out and the report lists them as missing. The paper's job types live with their figures in
+leaves them out and the report lists them as missing. A module that is installed but fails to import
+fails the run, naming the job (:func:`need_missing`). The paper's job types live with their figures in
 :mod:`intertwiners.experiments.figures` (one module per experiment); this module knows none of them but
 the ``probe`` job that tests the machinery itself.
 """
@@ -146,23 +147,36 @@ class JobType:
         return _code_version(self.run, self.sources)
 
     def missing(self) -> str | None:
-        """``None`` when the job type can run here, else the reason (a missing module or function)."""
+        """``None`` when the job type can run here, else the reason (a module that is not installed, or a
+        missing function). A module that is installed but fails to import raises (:func:`need_missing`)."""
         for need in self.needs:
-            mod, _, attr = need.partition(":")
-            try:
-                found = importlib.util.find_spec(mod) is not None
-            except ModuleNotFoundError:
-                found = False
-            if not found:
-                return f"module {mod} is not available"
-            if attr:
-                try:
-                    module = importlib.import_module(mod)
-                except Exception as err:  # a module that exists but cannot be imported yet
-                    return f"module {mod} cannot be imported: {err!r}"
-                if not hasattr(module, attr):
-                    return f"{mod}.{attr} is not available"
+            reason = need_missing(need, self.kind)
+            if reason:
+                return reason
         return None
+
+
+def need_missing(need: str, kind: str) -> str | None:
+    """Why ``need`` ("module" or "module:attribute") is not available, or ``None`` when it is.
+
+    A module that is not installed is a reason (the plan leaves the experiment out and the report names
+    it). A module that is installed but cannot be imported is a broken experiment, never a skipped one:
+    ``ValueError`` naming the job kind and the error, so that the run fails with a non-zero exit.
+    """
+    mod, _, attr = need.partition(":")
+    try:
+        if importlib.util.find_spec(mod) is None:
+            return f"module {mod} is not available"
+        module = importlib.import_module(mod)
+    except ModuleNotFoundError as err:
+        if err.name is not None and mod.startswith(err.name) and mod[len(err.name):len(err.name) + 1] in ("", "."):
+            return f"module {mod} is not available"         # the module (or a package above it) is not there
+        raise ValueError(f"experiment job {kind!r}: module {mod} cannot be imported: {err!r}") from err
+    except Exception as err:
+        raise ValueError(f"experiment job {kind!r}: module {mod} cannot be imported: {err!r}") from err
+    if attr and not hasattr(module, attr):
+        return f"{mod}.{attr} is not available"
+    return None
 
 
 JOB_TYPES: dict[str, JobType] = {}

@@ -17,9 +17,17 @@ import itertools
 import random
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .figures import (EXPERIMENTS,  # importing the experiment modules registers their job types
-                      alignment_barriers, cka, d3_slopes, fig1_stitching, fig3_dissection, fig4_rotation,
-                      table2_procrustes, zoo)
+from .figures import (  # importing the experiment modules registers their job types
+    EXPERIMENTS,
+    alignment_barriers,
+    cka,
+    d3_slopes,
+    fig1_stitching,
+    fig3_dissection,
+    fig4_rotation,
+    table2_procrustes,
+    zoo,
+)
 from .jobs import JOB_TYPES, Job
 
 EXPERIMENT_MODULES = (("zoo", zoo), ("fig1_stitching", fig1_stitching), ("table2_procrustes", table2_procrustes),
@@ -53,7 +61,8 @@ class Scale:
         base = base or name
         if base not in SCALES:
             raise ValueError(f"unknown scale {base!r}; known: {', '.join(SCALES)}")
-        scale = cls(name, **{f.name: _module(f.name).PRESETS[base] for f in fields(cls) if f.name not in ("name", "seed")})
+        scale = cls(name, **{f.name: _module(f.name).PRESETS[base] for f in fields(cls)
+                             if f.name not in ("name", "seed")})
         return scale.with_(**changes)
 
     def with_(self, seed: int | None = None, **changes: dict) -> Scale:
@@ -78,7 +87,8 @@ class Scale:
 
     def datasets(self) -> list[str]:
         """The datasets the plan trains or measures on."""
-        return sorted({getattr(self, f.name).dataset for f in fields(self) if hasattr(getattr(self, f.name), "dataset")})
+        values = [getattr(self, f.name) for f in fields(self)]
+        return sorted({v.dataset for v in values if hasattr(v, "dataset")})
 
     def as_dict(self) -> dict:
         return asdict(self)

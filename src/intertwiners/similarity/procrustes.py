@@ -72,11 +72,14 @@ class ProcrustesStats:
             self.syy += (yb * yb).sum(0)
         self.rows += xm.shape[0]
 
-    def moments(self, center: bool):
-        """(X'Y, |x_col|^2, |y_col|^2) as float64 NumPy arrays, centred when asked."""
+    def moments(self, center: bool, xty: torch.Tensor | None = None):
+        """(X'Y, |x_col|^2, |y_col|^2) as float64 NumPy arrays, centred when asked. ``xty`` replaces the
+        accumulated X'Y (any leading batch dimensions), e.g. X'Y_pi for Y's samples shuffled by pi: a
+        shuffle changes no column sum or norm."""
         if self.xty is None or self.rows == 0:
             raise ValueError("no data was given to the Procrustes statistics")
-        xty, sxx, syy = self.xty, self.sxx, self.syy
+        xty = self.xty if xty is None else xty
+        sxx, syy = self.sxx, self.syy
         if center:
             xty = xty - torch.outer(self.sx, self.sy) / self.rows
             sxx = (sxx - self.sx ** 2 / self.rows).clamp_min(0.0)
@@ -85,11 +88,17 @@ class ProcrustesStats:
 
     def similarity(self, group: str = "grelu", center: bool = False, drop_dead: bool = False) -> float:
         """The Procrustes similarity for ``group`` from the accumulated statistics (see module doc)."""
+        return float(self.similarities(self.xty[None], group, center, drop_dead)[0])
+
+    def similarities(self, xtys: torch.Tensor, group: str = "grelu", center: bool = False,
+                     drop_dead: bool = False) -> np.ndarray:
+        """The similarity for ``group`` with the accumulated X'Y replaced by each of ``xtys`` (B, d_x, d_y)
+        (float64; the column sums and norms stay those accumulated): (B,) float64."""
         if self.rows < 2:
             raise ValueError(f"Procrustes needs at least 2 rows (samples x positions), got {self.rows}")
-        return similarity_from_moments(*self.moments(center), group=group, center=center,
-                                       drop_dead=drop_dead, raw_sxx=self.sxx.cpu().numpy(),
-                                       raw_syy=self.syy.cpu().numpy(), rows=self.rows)
+        return similarities_from_moments(*self.moments(center, xtys), group=group, center=center,
+                                         drop_dead=drop_dead, raw_sxx=self.sxx.cpu().numpy(),
+                                         raw_syy=self.syy.cpu().numpy(), rows=self.rows)
 
 
 def _dead(sq: np.ndarray, raw: np.ndarray) -> np.ndarray:
@@ -111,9 +120,21 @@ def similarity_from_moments(xty: np.ndarray, sxx: np.ndarray, syy: np.ndarray, g
     leaves float64 rounding of about eps per column; a delta^2 at that level (:func:`rounding_level`) is
     taken as exactly 0, so that Y = X P D gives exactly 1 rather than 1 - 1e-8.
     """
+    return float(similarities_from_moments(np.asarray(xty)[None], sxx, syy, group, center, drop_dead, raw_sxx,
+                                           raw_syy, rows)[0])
+
+
+def similarities_from_moments(xty: np.ndarray, sxx: np.ndarray, syy: np.ndarray, group: str = "grelu",
+                              center: bool = False, drop_dead: bool = False, raw_sxx: np.ndarray | None = None,
+                              raw_syy: np.ndarray | None = None, rows: int = 1) -> np.ndarray:
+    """:func:`similarity_from_moments` for a batch of cross products ``xty`` (B, d_x, d_y) that share the
+    squared column norms (e.g. X'Y_pi for shuffles pi of Y's samples): (B,) float64. The norms, the dead
+    columns and the normalisation are worked out once; then one batched SVD (orthogonal) or one Hungarian
+    solve per matrix (permutation, grelu)."""
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
-    dx, dy = xty.shape
+    xty = np.asarray(xty, dtype=np.float64)
+    dx, dy = xty.shape[1:]
     if group != "orthogonal" and dx != dy:
         raise ValueError(f"{group} Procrustes matches columns one to one: X has {dx} columns/channels and Y "
                          f"{dy}; use group='orthogonal' to compare different widths")
@@ -129,16 +150,14 @@ def similarity_from_moments(xty: np.ndarray, sxx: np.ndarray, syy: np.ndarray, g
             ky = np.setdiff1d(np.arange(dy), dead[1])
             if len(kx) == 0 or len(ky) == 0:
                 raise ValueError("every column/channel is dead in X or Y; nothing is left to compare")
-            xty, sxx, syy = xty[np.ix_(kx, ky)], sxx[kx], syy[ky]
-            dx, dy = xty.shape
+            xty, sxx, syy = xty[:, kx][:, :, ky], sxx[kx], syy[ky]
+            dx, dy = xty.shape[1:]
         m = xty / np.sqrt(sxx)[:, None] / np.sqrt(syy)[None, :]
-        r, c = linear_sum_assignment(m, maximize=True)
+        matched = np.array([mb[linear_sum_assignment(mb, maximize=True)].sum() for mb in m])
         # unmatched columns (only after drop_dead with different counts) contribute |x|^2 = 1 each
-        delta_sq = dx + dy - 2.0 * float(m[r, c].sum())
-        if delta_sq <= (dx + dy) * rounding_level(rows):
-            delta_sq = 0.0
-        d = max(dx, dy)
-        return 1.0 - math.sqrt(delta_sq) / (2.0 * math.sqrt(d))
+        delta_sq = dx + dy - 2.0 * matched
+        delta_sq[delta_sq <= (dx + dy) * rounding_level(rows)] = 0.0
+        return 1.0 - np.sqrt(delta_sq) / (2.0 * math.sqrt(max(dx, dy)))
     fx, fy = float(sxx.sum()), float(syy.sum())
     for name, f in (("X", fx), ("Y", fy)):
         if not f > 0:
@@ -146,14 +165,12 @@ def similarity_from_moments(xty: np.ndarray, sxx: np.ndarray, syy: np.ndarray, g
                              "to unit norm for Procrustes")
     scale = math.sqrt(fx * fy)
     if group == "orthogonal":
-        inner = float(np.linalg.svd(xty, compute_uv=False).sum()) / scale
+        inner = np.linalg.svd(xty, compute_uv=False).sum(-1) / scale
     else:
-        r, c = linear_sum_assignment(xty, maximize=True)
-        inner = float(xty[r, c].sum()) / scale
+        inner = np.array([mb[linear_sum_assignment(mb, maximize=True)].sum() for mb in xty]) / scale
     delta_sq = 2.0 - 2.0 * inner
-    if delta_sq <= 2.0 * rounding_level(rows, max(dx, dy) if group == "orthogonal" else 1):
-        delta_sq = 0.0
-    return 1.0 - math.sqrt(delta_sq) / 2.0
+    delta_sq[delta_sq <= 2.0 * rounding_level(rows, max(dx, dy) if group == "orthogonal" else 1)] = 0.0
+    return 1.0 - np.sqrt(delta_sq) / 2.0
 
 
 def procrustes(X, Y, group: str = "grelu", center: bool = False, *, drop_dead: bool = False,
