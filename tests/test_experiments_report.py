@@ -49,7 +49,7 @@ def fill(out: Path, grelu_better: bool, n_pairs: int = 3, noise: float = 0.01, s
         g, o = (1.0, 5.0) if grelu_better else (5.0, 1.0)
         accs = {"front_accuracy": accuracy, "back_accuracy": accuracy}
         for pair in range(n_pairs):
-            deps = {"front": f"zoo{pair + 1:04d}", "back": f"zoo{pair + 2:04d}"}
+            deps = {"front": f"zoo{pair + 1:04d}:seed{pair}", "back": f"zoo{pair + 2:04d}:seed{pair + 1}"}
             for i, site in enumerate(SITES):
                 kinds = {kind: {"penalty": jitter(pen + 0.1 * pair), **accs}
                          for kind, pen in [("full", 0.5), ("low_rank:1", 30.0 + i), ("grelu", 10 * g)]}
