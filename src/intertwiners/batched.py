@@ -267,6 +267,11 @@ def _numel(shape) -> int:
 
 
 @torch.no_grad()
+def _momentum_of(model: nn.Module, key: str):
+    """The momentum of the batch norm owning state ``key`` (``None``: a cumulative average)."""
+    return getattr(model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model, "momentum", None)
+
+
 def stack(models: Sequence[nn.Module]) -> Stack:
     """One :class:`Stack` computing all ``models`` (same structure) at once, with their current values.
 
@@ -290,7 +295,10 @@ def stack(models: Sequence[nn.Module]) -> Stack:
         if t.numel() == k * parts[0].numel():
             t.copy_(torch.stack(parts).reshape(t.shape))
         elif t.numel() == parts[0].numel():
-            if any(not torch.equal(p, parts[0]) for p in parts):
+            # a batch norm's step counter only matters with momentum=None (a cumulative average); models that
+            # stopped at different epochs differ in it, and evaluating them together never reads it
+            counter = key.endswith("num_batches_tracked") and _momentum_of(models[0], key) is not None
+            if not counter and any(not torch.equal(p, parts[0]) for p in parts):
                 raise ValueError(f"cannot stack: {key!r} differs between the models but is shared when stacked")
             t.copy_(parts[0].reshape(t.shape))
         else:  # pragma: no cover - a rule that builds the wrong shape
