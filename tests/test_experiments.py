@@ -45,17 +45,17 @@ def test_job_id_hashes_the_full_canonical_configuration(monkeypatch):
 
 def test_job_ids_follow_the_code_that_computes_them(monkeypatch):
     import dataclasses
-    import hashlib
 
-    import intertwiners.experiments.store as store_module
     from intertwiners.experiments import jobs
 
-    path = Path(store_module.__file__)
-    expected = hashlib.sha256(f"intertwiners.experiments.store/{path.name}".encode() + path.read_bytes())
-    assert jobs._code_version(("intertwiners.experiments.store",)) == expected.hexdigest()[:16]
-    config = {"arch": "mlp", "dataset": "digits", "seed": 0, "epochs": 1, "arch_kwargs": {}}
+    # the code version is derived from the job function: the library it reaches, not the engine or the report
+    reached = jobs.code_sources(jobs.JOB_TYPES["zoo"].run)
+    assert "intertwiners.training/" in reached and "intertwiners.models/" in reached
+    assert "intertwiners.experiments.figures.zoo:run_zoo" in reached
+    assert not any(k.startswith(("intertwiners.experiments.store", "intertwiners.experiments.report",
+                                 "intertwiners.experiments.figures.zoo:section")) for k in reached)
+    config = {"arch": "mlp", "dataset": "digits", "seeds": [0], "epochs": 1, "arch_kwargs": {}}
     before = Job("zoo", config).id
-    assert jobs.JOB_TYPES["zoo"].code_version() is not None
     monkeypatch.setitem(jobs.JOB_TYPES, "zoo", dataclasses.replace(jobs.JOB_TYPES["zoo"],
                                                                    sources=("intertwiners.experiments.store",)))
     assert Job("zoo", config).id != before  # other code, other job: nothing stale is reused
@@ -262,8 +262,8 @@ def test_plans_have_distinct_pairs_and_unique_ids():
         ids = [j.id for j in closure(plan.jobs)]
         assert len(ids) == len(set(ids))
         zoo = [j for j in closure(plan.jobs) if j.kind == "zoo"]
-        assert len([j for j in zoo if j.config["arch"] == "myrtle_cnn"
-                    and j.config["arch_kwargs"].get("batch_norm", True)]) == PRESETS[scale].mcnn_seeds
+        assert sum(len(j.config["seeds"]) for j in zoo if j.config["arch"] == "myrtle_cnn"
+                   and j.config["arch_kwargs"].get("batch_norm", True)) == PRESETS[scale].zoo.mcnn_seeds
     paper = build_plan("paper")
     assert all(j.config["dataset"] == "cifar10" for j in closure(paper.jobs) if j.kind == "zoo")
     first_zoo = next(j for j in build_plan("smoke", dataset="cifar10").jobs if j.kind == "zoo")
@@ -275,25 +275,28 @@ def test_plans_have_distinct_pairs_and_unique_ids():
 def test_reproduce_list_prints_the_plan_and_cifar_needs_a_folder(capsys, tmp_path):
     assert cli.main(["reproduce", "--scale", "smoke", "--list"]) == 0
     printed = capsys.readouterr().out
-    assert "zoo myrtle_cnn digits seed0" in printed
+    assert "zoo myrtle_cnn digits seeds 0,1,2" in printed
     assert cli.main(["reproduce", "--scale", "paper", "--out", str(tmp_path / "p")]) == 2
     assert "--data-root" in capsys.readouterr().err and not (tmp_path / "p").exists()
     assert cli.main(["reproduce", "--scale", "huge", "--out", str(tmp_path / "h")]) == 2
 
 
 def test_zoo_job_trains_and_keeps_a_loadable_model(tmp_path, digits):
-    from intertwiners import models
+    from intertwiners.experiments.figures.common import model_from_files
     from intertwiners.training import accuracy
 
-    job = Job("zoo", {"arch": "mlp", "dataset": "digits", "seed": 0, "epochs": 1, "arch_kwargs": {"hidden": [16]}},
-              label="tiny mlp")
+    job = Job("zoo", {"arch": "mlp", "dataset": "digits", "seeds": [0, 1], "epochs": 1,
+                      "arch_kwargs": {"hidden": [16]}}, label="tiny mlps")
     s = run_jobs([job], tmp_path, InlineBackend(), progress=False)
     assert s.succeeded == 1
     with ResultsStore(tmp_path) as store:
         row = store.get(job.id)
-    model = models.load(tmp_path / row.artifact)
-    assert accuracy(model, digits[1]) == pytest.approx(row.result["test_accuracy"])
-    assert "wall_time_s" not in row.result  # results stay deterministic; timing lives in the row
+    folder = tmp_path / row.artifact
+    for seed in (0, 1):  # each model of the group is kept on its own and evaluates to its own metrics
+        files = {f.name.split(".", 1)[1]: f.read_bytes() for f in folder.iterdir() if f.name.startswith(f"seed{seed}.")}
+        part = row.result["parts"][f"seed{seed}"]
+        assert accuracy(model_from_files(files), digits[1]) == pytest.approx(part["test_accuracy"])
+        assert "wall_time_s" not in part  # results stay deterministic; timing lives in the row
 
 
 def test_an_experiment_whose_module_cannot_be_imported_fails_with_its_name(tmp_path, monkeypatch):

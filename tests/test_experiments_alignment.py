@@ -19,10 +19,14 @@ from intertwiners.experiments.backends import InlineBackend
 from intertwiners.experiments.figures import alignment_barriers as ab
 from intertwiners.experiments.report import write_report
 
-SCALE = Scale("tiny", mcnn_width=4, mcnn_seeds=2, mcnn_epochs=1, resnet_seeds=2, resnet_epochs=1,
-              resnet_widths=(4, 4, 8), align_alphas=(0.0, 0.5, 1.0), align_samples=64,
-              align_variants=("none", "permutation (activations)", "full group (activations)",
-                              "full group + REPAIR (activations)", "full group (weights)"))
+SCALE = Scale.preset(
+    "tiny", base="smoke",
+    zoo={"mcnn_width": 4, "mcnn_seeds": 2, "mcnn_epochs": 1, "resnet_seeds": 2, "resnet_epochs": 1,
+         "resnet_widths": (4, 4, 8)},
+    alignment_barriers={"alphas": (0.0, 0.5, 1.0), "samples": 64,
+                        "variants": ("none", "permutation (activations)", "full group (activations)",
+                                     "full group + REPAIR (activations)", "full group (weights)")})
+ALIGN = SCALE.alignment_barriers
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def test_barriers_follow_the_curves_and_alignment_keeps_b_s_function(run):
     for r in rows:
         alphas = np.array(r.result["alphas"])
         curves = r.result["curves"]
-        assert set(curves) == set(SCALE.align_variants)
+        assert set(curves) == set(ALIGN.variants)
         for label, c in curves.items():
             assert c["barrier"]["accuracy"] == pytest.approx(barrier(alphas, np.array(c["accuracy"]), False))
             assert c["barrier"]["loss"] == pytest.approx(barrier(alphas, np.array(c["loss"]), True))
@@ -82,7 +86,7 @@ def test_section_is_marked_as_an_extension_and_quotes_its_numbers(run):
     assert (out / "figures" / ab.FIGURE).stat().st_size > 1000 and f"figures/{ab.FIGURE}" in part
     with open(out / "figures" / ab.CSV) as f:
         lines = list(csv.DictReader(f))
-    assert len(lines) == len(rows) * len(SCALE.align_variants) * len(SCALE.align_alphas)
+    assert len(lines) == len(rows) * len(ALIGN.variants) * len(ALIGN.alphas)
     for arch in ("myrtle_cnn", "resnet20"):
         r = next(r for r in rows if r.result["arch"] == arch)
         none = r.result["curves"]["none"]["barrier"]["accuracy"]

@@ -13,11 +13,15 @@ from intertwiners.experiments.backends import InlineBackend
 from intertwiners.experiments.report import write_report
 from intertwiners.experiments.runner import closure
 
-TINY = Scale(
-    "tiny", mcnn_width=4, mcnn_seeds=2, mcnn_epochs=1, stitch_sites=("relu2",), stitch_kinds=("full", "grelu"),
-    stitch_epochs=1, max_samples=64, rotation_layers=("conv2",), rotation_epochs=1, resnet_seeds=2,
-    resnet_epochs=1, resnet_widths=(4, 4, 8), slopes=(0.0,), slope_sites=("layer1.1.relu2",), slope_kinds=("grelu",),
-    dissection_models=("resnet",), dissection_alphas=(0.0, 1.0), dissection_images=40, dissection_steps=4)
+TINY = Scale.preset(
+    "tiny", base="smoke",
+    zoo={"mcnn_width": 4, "mcnn_seeds": 2, "mcnn_epochs": 1, "resnet_seeds": 2, "resnet_epochs": 1,
+         "resnet_widths": (4, 4, 8)},
+    fig1_stitching={"sites": ("relu2",), "kinds": ("full", "grelu"), "epochs": 1},
+    table2_procrustes={"max_samples": 64}, cka={"max_samples": 64},
+    fig4_rotation={"width": 4, "layers": ("conv2",), "epochs": 1, "base_epochs": 1},
+    d3_slopes={"slopes": (0.0,), "sites": ("layer1.1.relu2",), "kinds": ("grelu",), "epochs": 1},
+    fig3_dissection={"models": ("resnet",), "alphas": (0.0, 1.0), "images": 40, "steps": 4})
 
 KINDS = {"zoo", "stitch", "rotation_penalty", "procrustes", "cka", "dissection_model", "dissection",
          "alignment_barrier"}

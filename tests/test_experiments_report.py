@@ -20,12 +20,13 @@ from intertwiners.stats import mean_ci
 SITES = ["relu1", "relu2", "relu3", "relu4"]
 
 
-def fill(out: Path, grelu_better: bool, n_pairs: int = 3, noise: float = 0.0, seed: int = 0,
+def fill(out: Path, grelu_better: bool, n_pairs: int = 3, noise: float = 0.01, seed: int = 0,
          accuracy: float = 98.0, nulls: bool = False) -> None:
     """Synthetic rows of every experiment kind; ``grelu_better`` decides every G_ReLU-vs-other claim.
 
-    ``noise`` adds Gaussian noise (seeded) to every number, so that intervals have width; ``accuracy`` is
-    every model's test accuracy (10 classes: 10% is chance); ``nulls`` adds permutation-test results.
+    ``noise`` adds Gaussian noise (seeded) to every number, so that intervals have width (equal values never
+    decide a claim); ``accuracy`` is every model's test accuracy (10 classes: 10% is chance); ``nulls`` adds
+    permutation-test results.
     """
     n = 0
     rng = np.random.default_rng(seed)
@@ -43,30 +44,33 @@ def fill(out: Path, grelu_better: bool, n_pairs: int = 3, noise: float = 0.0, se
         store.set_meta("plan", {"name": "synthetic", "scale": {"dataset": "digits"}, "jobs": 0,
                                 "missing": {"fig0_nothing": "module intertwiners.nothing is not available"}})
         for seed_ in range(n_pairs + 1):
-            rec("zoo", {"arch": "myrtle_cnn", "dataset": "digits", "seed": seed_, "epochs": 3, "arch_kwargs": {}},
-                {"test_accuracy": accuracy + 0.1 * seed_, "epochs": 3})
+            rec("zoo", {"arch": "myrtle_cnn", "dataset": "digits", "seeds": [seed_], "epochs": 3, "arch_kwargs": {}},
+                {"parts": {f"seed{seed_}": {"test_accuracy": accuracy + 0.1 * seed_, "epochs": 3}}})
         g, o = (1.0, 5.0) if grelu_better else (5.0, 1.0)
         accs = {"front_accuracy": accuracy, "back_accuracy": accuracy}
         for pair in range(n_pairs):
-            deps = {"front": f"zoo{pair + 1:04d}", "back": f"zoo{pair + 2:04d}"}
+            deps = {"front": f"zoo{pair + 1:04d}:seed{pair}", "back": f"zoo{pair + 2:04d}:seed{pair + 1}"}
             for i, site in enumerate(SITES):
-                for kind, rank, pen in [("full", None, 0.5), ("low_rank", 1, 30.0 + i), ("grelu", None, 10 * g)]:
-                    rec("stitch", {"experiment": "fig1", "site": site, "kind": kind, "rank": rank},
-                        {"penalty": jitter(pen + 0.1 * pair), **accs}, deps)
+                kinds = {kind: {"penalty": jitter(pen + 0.1 * pair), **accs}
+                         for kind, pen in [("full", 0.5), ("low_rank:1", 30.0 + i), ("grelu", 10 * g)]}
+                rec("stitch", {"experiment": "fig1", "site": site, "kinds": list(kinds)}, {"kinds": kinds}, deps)
             for slope in (0.0, 0.5, 1.0):
                 grelu = (20.0 if slope == 1.0 else 5.0) if grelu_better else (2.0 if slope == 1.0 else 5.0)
-                for kind, pen in [("full", 1.0), ("grelu", grelu)]:
-                    rec("stitch", {"experiment": "d3", "site": "layer1.1.relu2", "kind": kind, "rank": None,
-                                   "slope": slope}, {"penalty": jitter(pen + 0.1 * pair), **accs}, deps)
+                kinds = {kind: {"penalty": jitter(pen + 0.1 * pair), **accs} for kind, pen in [("full", 1.0),
+                                                                                                ("grelu", grelu)]}
+                rec("stitch", {"experiment": "d3", "site": "layer1.1.relu2", "kinds": list(kinds), "slope": slope},
+                    {"kinds": kinds}, deps)
             for layer in ("conv1", "conv2", "conv3"):
-                for transform, pen in [("grelu", g), ("orthogonal", o)]:
-                    rec("rotation_penalty", {"layer": layer, "transform": transform, "seed": pair},
-                        {"penalty": jitter(pen + 0.1 * pair), "baseline_accuracy": accuracy})
-                    # sigmoid: P·D is no symmetry, so it loses its advantage (when the paper's claims hold)
-                    sig = 3.0 if grelu_better else (0.0 if transform == "grelu" else 10.0)
-                    rec("rotation_penalty", {"layer": layer, "transform": transform, "seed": pair,
-                                             "activation": "sigmoid"},
-                        {"penalty": jitter(sig), "baseline_accuracy": accuracy})
+                transforms = [("grelu", g), ("orthogonal", o)]
+                rec("rotation_penalty", {"layer": layer, "transforms": [t for t, _ in transforms], "seeds": [pair]},
+                    {"runs": [{"transform": t, "seed": pair, "penalty": jitter(pen + 0.1 * pair),
+                               "baseline_accuracy": accuracy} for t, pen in transforms]})
+                # sigmoid: P·D is no symmetry, so it loses its advantage (when the paper's claims hold)
+                rec("rotation_penalty", {"layer": layer, "transforms": [t for t, _ in transforms], "seeds": [pair],
+                                         "activation": "sigmoid"},
+                    {"runs": [{"transform": t, "seed": pair, "baseline_accuracy": accuracy,
+                               "penalty": jitter(3.0 if grelu_better else (0.0 if t == "grelu" else 10.0))}
+                              for t, _ in transforms]})
             null = {m: {"pvalue": [0.002 if grelu_better else 0.4] * 4, "statistic": [0.5] * 4,
                         "chance_corrected": [0.3] * 4} for m in ("procrustes_grelu", "procrustes_orthogonal")}
             rec("procrustes", {"experiment": "table2"},

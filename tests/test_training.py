@@ -56,12 +56,12 @@ def test_zoo_folders_and_skip(tmp_path, monkeypatch, small_digits):
     assert accuracy(loaded, small_digits[1]) == pytest.approx(metrics["test_accuracy"])
     # a second run trains nothing
     calls = []
-    monkeypatch.setattr(tr, "train_one", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(tr, "train_many", lambda *a, **k: calls.append(a))
     assert train_zoo("myrtle_cnn", "digits", [0, 1], tmp_path, epochs=1, progress=False, width=4) == res
     assert calls == []
     # a half-written folder (no metrics.json) is not taken as complete
     (tmp_path / "myrtle_cnn-digits" / "seed0" / "metrics.json").unlink()
-    with pytest.raises(TypeError):  # the stub train_one is called for seed 0 again
+    with pytest.raises(TypeError):  # the stub train_many is called for seed 0 again
         train_zoo("myrtle_cnn", "digits", [0, 1], tmp_path, epochs=1, progress=False, width=4)
     assert len(calls) == 1
 

@@ -251,6 +251,19 @@ def rotation_penalty(model: nn.Module, layer: str | int, transform: str | torch.
             "wall_time_s": time.perf_counter() - start}
 
 
+def rotation_penalties(model: nn.Module, layer: str | int, runs: Iterable[tuple[str, int]], train: ArrayDataset,
+                       test: ArrayDataset, *, epochs: int = 50, patience: int | None = None, device: str = "auto",
+                       baseline: float | None = None) -> list[dict]:
+    """:func:`rotation_penalty` at ``layer`` for each ``(transform, seed)`` of ``runs``, one after another,
+    the baseline accuracy measured once. ``patience`` is accepted for the job's interface but not used yet:
+    each run fine-tunes ``epochs`` epochs and keeps its best validation epoch (not batched yet)."""
+    runs = list(runs)
+    if baseline is None:
+        baseline = accuracy(copy.deepcopy(model).to(resolve_device(device)), test, resolve_device(device))
+    return [rotation_penalty(model, layer, transform, train, test, epochs=epochs, seed=int(seed), device=device,
+                             baseline=baseline) for transform, seed in runs]
+
+
 def rotation_penalty_sweep(model: nn.Module, layers: Iterable[str | int], transforms: Iterable[str],
                            train: ArrayDataset, test: ArrayDataset, *, seeds: Iterable[int] = range(10),
                            epochs: int = 50, device: str = "auto", done: set | None = None,

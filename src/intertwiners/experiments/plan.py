@@ -1,113 +1,104 @@
 """The reproduction plans: which jobs make up each scale (``smoke``, ``small``, ``paper``).
 
-* ``smoke``: a tiny zoo, few epochs, one or two pairs: every experiment once, < 5 min on 2 cores (digits).
-* ``small``: more seeds, pairs and epochs: the paper's shapes with visible error bars, < 30 min on 2 cores.
+* ``smoke``: a tiny zoo, few epochs, one or two pairs: every experiment once (digits).
+* ``small``: more seeds, pairs and epochs: the paper's shapes with visible error bars (digits).
 * ``paper``: the paper's settings (CIFAR-10, width-64 Myrtle CNNs, 50 epochs, 32 distinct pairs, 10
   rotation repeats, 20 stitching epochs): for a GPU or a Ray cluster.
 * ``test`` (hidden): a handful of ``probe`` jobs for the machinery's own tests.
 
 An experiment whose library module is not installed is left out and named in ``Plan.missing``. The jobs
-of each experiment come from its module in :mod:`intertwiners.experiments.figures` (``jobs(scale)``).
+of each experiment come from its module in :mod:`intertwiners.experiments.figures` (``jobs(scale)``), and
+so do its settings (``Settings`` and its ``PRESETS``); :class:`Scale` composes them.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
-from .figures import EXPERIMENTS  # importing the experiment modules registers their job types
+from .figures import (  # importing the experiment modules registers their job types
+    EXPERIMENTS,
+    alignment_barriers,
+    cka,
+    d3_slopes,
+    fig1_stitching,
+    fig3_dissection,
+    fig4_rotation,
+    table2_procrustes,
+    zoo,
+)
 from .jobs import JOB_TYPES, Job
 
-SCALES = ("smoke", "small", "paper")
+EXPERIMENT_MODULES = (("zoo", zoo), ("fig1_stitching", fig1_stitching), ("table2_procrustes", table2_procrustes),
+                      ("cka", cka), ("fig4_rotation", fig4_rotation), ("d3_slopes", d3_slopes),
+                      ("fig3_dissection", fig3_dissection), ("alignment_barriers", alignment_barriers))
 
-MYRTLE_SITES = ("relu1", "relu2", "relu3", "relu4")
-# ResNet20 sites at the residual outputs (relu2 after each add) and inside blocks (relu1), for D.3.
-RESNET_D3_SITES = ("layer1.1.relu2", "layer2.1.relu2", "layer3.1.relu2")
-ALIGN_VARIANTS_ACTIVATIONS = ("none", "permutation (activations)", "full group (activations)",
-                              "full group + REPAIR (activations)")
-ALIGN_VARIANTS = ALIGN_VARIANTS_ACTIVATIONS + ("permutation (weights)", "full group (weights)",
-                                               "full group + REPAIR (weights)")
+SCALES = ("smoke", "small", "paper")
 
 
 @dataclass(frozen=True)
 class Scale:
-    """Every knob of a plan. ``None`` epochs mean the dataset's training recipe (digits 12, CIFAR-10 50)."""
+    """A plan's settings: one frozen dataclass per experiment, each defined next to its plan in its module of
+    :mod:`intertwiners.experiments.figures` (``Settings``, with its ``PRESETS``), and ``seed`` (draws the
+    model pairs). Build one with :meth:`preset` and change it with :meth:`with_`."""
 
     name: str
-    dataset: str = "digits"
-    # the Myrtle CNN zoo (Fig. 1, Table 2, Fig. 5)
-    mcnn_width: int | None = None
-    mcnn_seeds: int = 3
-    mcnn_epochs: int | None = None
-    stitch_pairs: int = 1
-    stitch_sites: tuple[str, ...] = MYRTLE_SITES
-    stitch_kinds: tuple[str, ...] = ("full", "low_rank:1", "low_rank:4", "grelu")
-    stitch_epochs: int = 2
-    stitch_settings: str = "default"  # intertwiners.stitching SETTINGS: "default" (Adam) or "authors" (SGD)
-    similarity_pairs: int = 1
-    cka_pairs: int = 1
-    max_samples: int = 2000  # test images used for Procrustes/CKA features
-    # rotation penalty (Fig. 4): Myrtle CNN without batch norm
-    rotation_layers: tuple[str, ...] = ("conv1", "conv2", "conv3")
-    rotation_transforms: tuple[str, ...] = ("grelu", "orthogonal")
-    rotation_repeats: int = 1
-    rotation_epochs: int | None = 2
-    rotation_activations: tuple[str, ...] = ("relu",)  # "sigmoid" too: P·D is then no symmetry (control)
-    sigmoid_epochs: int | None = None  # the sigmoid base model's epochs (None: mcnn_epochs); it trains slowly
-    # ResNet20 with LeakyReLU slopes (appendix D.3) and ResNet20 CKA (Fig. 2)
-    resnet_seeds: int = 2
-    resnet_epochs: int | None = 3
-    resnet_widths: tuple[int, int, int] | None = None  # None: the paper's 16/32/64
-    slopes: tuple[float, ...] = (0.0, 1.0)
-    slope_pairs: int = 1
-    slope_sites: tuple[str, ...] = RESNET_D3_SITES[:2]
-    slope_kinds: tuple[str, ...] = ("full", "grelu")
-    resnet_cka_pairs: int = 1
-    # dissection under rotation (Fig. 3)
-    dissection_models: tuple[str, ...] = ("resnet", "resnet_noact", "convnext")
-    dissection_alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
-    dissection_rotations: int = 1
-    dissection_images: int = 200
-    dissection_steps: int = 150
-    # extension beyond the paper: interpolation barriers of zoo pairs before/after alignment (Myrtle, ResNet20)
-    align_pairs: int = 1  # per architecture
-    align_alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
-    align_variants: tuple[str, ...] = ALIGN_VARIANTS_ACTIVATIONS
-    align_samples: int = 256  # training images for the activation and batch-norm statistics
-    # null calibration of Table 2 and Figs. 5/2: permutation tests of the same-layer similarity
-    permutations: int = 200
-    permutation_samples: int = 300  # test images in each permutation test (full Gram matrices: O(N^2))
-    seed: int = 0  # draws the pairs
+    zoo: zoo.Settings
+    fig1_stitching: fig1_stitching.Settings
+    table2_procrustes: table2_procrustes.Settings
+    cka: cka.Settings
+    fig4_rotation: fig4_rotation.Settings
+    d3_slopes: d3_slopes.Settings
+    fig3_dissection: fig3_dissection.Settings
+    alignment_barriers: alignment_barriers.Settings
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, name: str, base: str | None = None, **changes: dict) -> Scale:
+        """The preset ``base`` (default: ``name``) of every experiment, with ``changes`` per experiment
+        (e.g. ``fig1_stitching={"epochs": 1}``), called ``name``."""
+        base = base or name
+        if base not in SCALES:
+            raise ValueError(f"unknown scale {base!r}; known: {', '.join(SCALES)}")
+        scale = cls(name, **{f.name: _module(f.name).PRESETS[base] for f in fields(cls)
+                             if f.name not in ("name", "seed")})
+        return scale.with_(**changes)
+
+    def with_(self, seed: int | None = None, **changes: dict) -> Scale:
+        """A copy with the fields ``changes[experiment]`` of each experiment's settings replaced."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)} - {"name"})
+        if unknown:
+            raise ValueError(f"unknown experiments {unknown}; known: {[f.name for f in fields(self)][1:-1]}")
+        out = {k: replace(getattr(self, k), **v) for k, v in changes.items() if k != "name"}
+        return replace(self, **out, **({} if seed is None else {"seed": seed}),
+                       **({"name": changes["name"]} if "name" in changes else {}))
+
+    def for_dataset(self, dataset: str) -> Scale:
+        """Every experiment on ``dataset`` (each settings' ``for_dataset``, or its ``dataset`` field)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "for_dataset"):
+                out[f.name] = value.for_dataset(dataset)
+            elif hasattr(value, "dataset"):
+                out[f.name] = replace(value, dataset=dataset)
+        return replace(self, **out)
+
+    def datasets(self) -> list[str]:
+        """The datasets the plan trains or measures on."""
+        values = [getattr(self, f.name) for f in fields(self)]
+        return sorted({v.dataset for v in values if hasattr(v, "dataset")})
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-PRESETS: dict[str, Scale] = {
-    "smoke": Scale("smoke", mcnn_epochs=6, resnet_epochs=5),
-    "small": Scale(
-        "small", mcnn_seeds=6, mcnn_epochs=12, stitch_pairs=4, stitch_epochs=4,
-        stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"),
-        similarity_pairs=6, cka_pairs=3, rotation_repeats=3, rotation_epochs=6,
-        rotation_activations=("relu", "sigmoid"), rotation_transforms=("grelu", "orthogonal", "identity"),
-        sigmoid_epochs=30, resnet_seeds=4, resnet_epochs=6, slopes=(0.0, 0.1, 0.5, 0.9, 1.0), slope_pairs=2,
-        slope_sites=RESNET_D3_SITES, resnet_cka_pairs=2,
-        dissection_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), dissection_rotations=3, dissection_images=800,
-        dissection_steps=1500, permutations=500, permutation_samples=400, align_pairs=2,
-        align_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), align_variants=ALIGN_VARIANTS_ACTIVATIONS, align_samples=500),
-    "paper": Scale(
-        "paper", dataset="cifar10", mcnn_width=64, mcnn_seeds=16, mcnn_epochs=None, stitch_pairs=32,
-        stitch_kinds=("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu"), stitch_epochs=20,
-        stitch_settings="authors",
-        similarity_pairs=32, cka_pairs=16, max_samples=2000, rotation_repeats=10, rotation_epochs=50,
-        rotation_activations=("relu", "sigmoid"), rotation_transforms=("grelu", "orthogonal", "identity"),
-        resnet_seeds=8, resnet_epochs=None, slopes=(0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), slope_pairs=4,
-        slope_sites=RESNET_D3_SITES, resnet_cka_pairs=16,
-        dissection_alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), dissection_rotations=5, dissection_images=1600,
-        dissection_steps=2000, permutations=1000, permutation_samples=1000, align_pairs=4,
-        align_alphas=tuple(i / 10 for i in range(11)), align_variants=ALIGN_VARIANTS, align_samples=5000),
-}
+def _module(name: str):
+    return dict(EXPERIMENT_MODULES)[name]
+
+
+PRESETS: dict[str, Scale] = {name: Scale.preset(name) for name in SCALES}
 
 
 @dataclass
@@ -146,8 +137,8 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan
         if scale not in PRESETS:
             raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
         scale = PRESETS[scale]
-    if dataset is not None and dataset != scale.dataset:
-        scale = replace(scale, dataset=dataset, mcnn_width=scale.mcnn_width if dataset == "digits" else 64)
+    if dataset is not None:
+        scale = scale.for_dataset(dataset)
     jobs: dict[str, Job] = {}
     missing: dict[str, str] = {}
     for name, module in EXPERIMENTS:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .jobs import Dependency, Job
+from .jobs import Dependency, Job, Part
 from .store import ResultsStore
 
 ARTIFACTS = "artifacts"
@@ -68,13 +68,18 @@ def closure(jobs: Iterable[Job]) -> list[Job]:
         state[job.id] = 1
         seen[job.id] = job
         for dep in job.deps.values():
-            visit(dep, (*path, job.label))
+            visit(producer(dep), (*path, job.label))
         state[job.id] = 2
         order.append(job)
 
     for job in jobs:
         visit(job, ())
     return order
+
+
+def producer(dep: Job | Part) -> Job:
+    """The job that computes a dependency (a :class:`Part`'s job)."""
+    return dep.job if isinstance(dep, Part) else dep
 
 
 def _safe(label: str) -> str:
@@ -221,7 +226,9 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
         in_flight: dict = {}
         dep_cache: dict[str, Dependency] = {}
 
-        def dependency(dep: Job) -> Dependency:
+        def dependency(dep: Job | Part) -> Dependency:
+            if isinstance(dep, Part):
+                return dependency(dep.job).part(dep.name)
             if dep.id not in dep_cache:
                 row = store.get(dep.id)
                 files = read_artifact(out, row.artifact, store.manifest(dep.id))
@@ -232,7 +239,7 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
             while waiting or in_flight:
                 still: list[Job] = []
                 for job in waiting:
-                    dep_ids = [d.id for d in job.deps.values()]
+                    dep_ids = [producer(d).id for d in job.deps.values()]
                     if any(d in failed for d in dep_ids):
                         failed.add(job.id)  # blocked: propagate to its own dependants, record nothing
                         summary.blocked += 1

@@ -11,10 +11,19 @@ Main entry points:
 from .layers import KINDS, apply_channel_map, make_layer
 from .matching import ChannelStats, closed_form_match
 from .plot import plot_penalties, plot_slope_sweep
-from .stitch import SETTINGS, StitchResult, StitchSettings, split_model, stitch, stitchable_sites, stitching_penalty
+from .stitch import (
+                     SETTINGS,
+                     StitchResult,
+                     StitchSettings,
+                     split_model,
+                     stitch,
+                     stitch_many,
+                     stitchable_sites,
+                     stitching_penalty,
+)
 from .sweep import DEFAULT_KINDS, draw_pairs, model_folders, stitch_sweep, summarize
 
 __all__ = ["DEFAULT_KINDS", "KINDS", "SETTINGS", "ChannelStats", "StitchResult", "StitchSettings",
            "apply_channel_map", "closed_form_match", "draw_pairs", "make_layer", "model_folders",
-           "plot_penalties", "plot_slope_sweep", "split_model", "stitch", "stitch_sweep", "stitchable_sites",
-           "stitching_penalty", "summarize"]
+           "plot_penalties", "plot_slope_sweep", "split_model", "stitch", "stitch_many", "stitch_sweep",
+           "stitchable_sites", "stitching_penalty", "summarize"]

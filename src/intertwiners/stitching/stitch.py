@@ -83,7 +83,7 @@ class StitchResult:
     val_accuracy: float              # best validation accuracy (the epoch that was kept)
     init_val_accuracy: float         # validation accuracy of the initial layer
     best_epoch: int                  # 0 = the initial layer was best
-    epochs: int
+    epochs: int                      # epochs run (the most: settings["epochs"]; fewer when it converged)
     seconds: float
     seed: int
     settings: dict = field(default_factory=dict)
@@ -226,6 +226,18 @@ def _run_batches(fn, x: torch.Tensor, device, batch_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _scores(fn, x: torch.Tensor, y: torch.Tensor, device, batch_size: int = 512) -> tuple[float, float]:
+    """(accuracy %, mean cross-entropy) of ``fn`` on (x, y), in batches, no autograd."""
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), batch_size):
+        out = fn(x[i:i + batch_size].to(device))
+        yb = y[i:i + batch_size].to(device)
+        correct += int((out.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
+    return 100.0 * correct / len(x), loss / len(x)
+
+
+@torch.no_grad()
 def evaluate(fn, x: torch.Tensor, y: torch.Tensor, device, batch_size: int = 512) -> float:
     """Top-1 accuracy (percent) of ``fn`` (a callable on input batches) on (x, y), in batches, no autograd."""
     correct = 0
@@ -282,7 +294,7 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
            lr: float | None = None, weight_decay: float | None = None, momentum: float | None = None,
            alpha: float | None = None, schedule: str | None = None, init: str | None = None,
            smoothing: float | None = None, relaxation: str | None = None, val_fraction: float = 0.1,
-           val_seed: int = 0, augment_data: bool = False,
+           val_seed: int = 0, augment_data: bool = False, patience: int | None = None,
            device: str | torch.device = "auto", cache_bytes: int = 1 << 30, eval_batch_size: int = 512,
            front_accuracy: float | None = None, back_accuracy: float | None = None,
            keep_model: bool = True, fast: bool = True, progress: bool = False) -> StitchResult:
@@ -296,7 +308,10 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
             ``orthogonal`` | ``identity``.
         train_data, test_data: ArrayDatasets (or ``(x, y)`` pairs). A validation split of ``val_fraction``
             (seed ``val_seed``) is carved from ``train_data`` for picking the best epoch.
-        epochs: training epochs (default from ``settings``: 5; ``identity`` trains nothing).
+        epochs: the most training epochs (default from ``settings``: 5; ``identity`` trains nothing).
+        patience: stop once the validation split has not improved for this many epochs
+            (:class:`intertwiners.training.Convergence`; the initial layer counts as epoch 0); ``None``
+            (default) runs every epoch.
         seed: seeds the shuffling and any randomness; the result is deterministic on a given machine.
         settings: ``"default"`` (Adam lr 1e-3, 5 epochs, batch 32, joint schedule, init from the
             closed-form match) or ``"authors"`` (SGD lr 1e-3, wd 1e-4, 20 epochs, permutation first);
@@ -314,16 +329,72 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
             the original back.
 
     Returns a :class:`StitchResult` with the test accuracies, the penalty (eq. 4.3), the layer, its
-    evaluation ``matrix`` and ``bias``.
+    evaluation ``matrix`` and ``bias``. :func:`stitch_many` stitches several kinds at once.
     """
-    start = time.perf_counter()
     kind_name, rank = parse_kind(kind, rank)
+    return stitch_many(front, back, site, [kind_label(kind_name, rank)], train_data, test_data, epochs, seed,
+                       settings=settings, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                       weight_decay=weight_decay, momentum=momentum, alpha=alpha, schedule=schedule, init=init,
+                       smoothing=smoothing, relaxation=relaxation, val_fraction=val_fraction, val_seed=val_seed,
+                       augment_data=augment_data, patience=patience, device=device, cache_bytes=cache_bytes,
+                       eval_batch_size=eval_batch_size, front_accuracy=front_accuracy, back_accuracy=back_accuracy,
+                       keep_model=keep_model, fast=fast, progress=progress)[0]
+
+
+@dataclass
+class _Run:
+    """One kind's training state inside :func:`stitch_many`."""
+
+    kind: str
+    rank: int | None
+    layer: StitchingLayer
+    stop: object                      # training.Convergence
+    epochs: int
+    best_state: dict
+    init_acc: float
+    history: list
+    opt: torch.optim.Optimizer | None = None
+    init_log_scale: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.opt is not None and not self.stop.done
+
+
+def stitch_many(front: nn.Module, back: nn.Module, site: str, kinds, train_data, test_data,
+                epochs: int | None = None, seed: int = 0, *, settings: str | StitchSettings = "default",
+                batch_size: int | None = None, optimizer: str | None = None, lr: float | None = None,
+                weight_decay: float | None = None, momentum: float | None = None, alpha: float | None = None,
+                schedule: str | None = None, init: str | None = None, smoothing: float | None = None,
+                relaxation: str | None = None, val_fraction: float = 0.1, val_seed: int = 0,
+                augment_data: bool = False, patience: int | None = None, device: str | torch.device = "auto",
+                cache_bytes: int = 1 << 30, eval_batch_size: int = 512, front_accuracy: float | None = None,
+                back_accuracy: float | None = None, keep_model: bool = True, fast: bool = True,
+                progress: bool = False) -> list[StitchResult]:
+    """:func:`stitch` for every kind of ``kinds`` (``"low_rank:R"`` for rank R) at one site of one pair, at once.
+
+    What the kinds share is done once: splitting and freezing the models, front's features (training,
+    validation and test images), the channel statistics of the closed-form initialisation, and every
+    training step's minibatch (all kinds draw the same order from ``seed``, as separate calls with that
+    seed would). Each step runs back once on the K layers' outputs stacked along the batch axis; each layer
+    gets the gradient of its own loss, its own optimiser, projection and regulariser, keeps its own best
+    epoch and stops on its own :class:`~intertwiners.training.Convergence`. Each result is what
+    :func:`stitch` returns for that kind, up to floating-point rounding. Arguments as for :func:`stitch`.
+    """
+    from ..training import Convergence
+
+    start = time.perf_counter()
+    parsed = [parse_kind(k) for k in kinds]
+    if not parsed:
+        raise ValueError("stitch_many needs at least one kind")
+    labels = [kind_label(n, r) for n, r in parsed]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"stitch_many: kinds repeat: {labels}")
     s = _resolve_settings(settings, dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                                          weight_decay=weight_decay, momentum=momentum, alpha=alpha,
                                          schedule=schedule, init=init, smoothing=smoothing,
                                          relaxation=relaxation))
-    if kind_name == "identity":
-        s = replace(s, epochs=0)
+    Convergence(1, patience)   # validates patience
     if not isinstance(front, nn.Module) or not isinstance(back, nn.Module):
         raise ValueError("front and back must be torch.nn.Module models")
     train_full = as_dataset(train_data, "train_data")
@@ -344,10 +415,11 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
     if probe.ndim < 2 or back_probe.ndim < 2 or probe.shape[2:] != back_probe.shape[2:]:
         raise ValueError(f"features at {site!r} do not line up: front gives {tuple(probe.shape[1:])}, "
                          f"back expects {tuple(back_probe.shape[1:])}")
-    torch.manual_seed(seed)
-    layer = make_layer(kind_name, probe.shape[1], back_probe.shape[1], rank=rank, alpha=s.alpha,
-                       sinkhorn_iterations=s.sinkhorn_iterations, relaxation=s.relaxation).to(dev)
-    model = StitchedModel(front_part, layer, back_part)
+    layers = []
+    for name, rank in parsed:
+        torch.manual_seed(seed)
+        layers.append(make_layer(name, probe.shape[1], back_probe.shape[1], rank=rank, alpha=s.alpha,
+                                 sinkhorn_iterations=s.sinkhorn_iterations, relaxation=s.relaxation).to(dev))
 
     # front's features: cached once (no autograd) when they fit, else recomputed per batch
     feat_bytes = probe[0].numel() * probe.element_size() * (len(train) + len(val))
@@ -356,102 +428,134 @@ def stitch(front: nn.Module, back: nn.Module, site: str, kind: str, train_data, 
         train_h = _run_batches(front_part, train.x, dev, eval_batch_size)
         val_h = _run_batches(front_part, val.x, dev, eval_batch_size)
 
-    def stats_fn() -> ChannelStats:
-        stats = ChannelStats()
-        for i in range(0, len(train), eval_batch_size):
-            xb = train.x[i:i + eval_batch_size].to(dev)
-            with torch.no_grad():
-                hx = train_h[i:i + eval_batch_size] if cache else front_part(xb)
-                stats.update(hx, back_head(xb))
-        return stats
+    stats_cache: list[ChannelStats] = []
 
-    _initialise(layer, kind_name, rank, s, stats_fn)
+    def stats_fn() -> ChannelStats:   # the closed-form initialisations share one pass over the training set
+        if not stats_cache:
+            stats = ChannelStats()
+            for i in range(0, len(train), eval_batch_size):
+                xb = train.x[i:i + eval_batch_size].to(dev)
+                with torch.no_grad():
+                    hx = train_h[i:i + eval_batch_size] if cache else front_part(xb)
+                    stats.update(hx, back_head(xb))
+            stats_cache.append(stats)
+        return stats_cache[0]
 
-    def val_accuracy() -> float:
-        model.eval()
+    for layer, (name, rank) in zip(layers, parsed):
+        _initialise(layer, name, rank, s, stats_fn)
+
+    def val_scores(layer: StitchingLayer) -> tuple[float, float]:
+        layer.eval()
         if cache:
-            return evaluate(lambda h: back_part(layer(h)), val_h, val.y, dev, eval_batch_size)
-        return evaluate(model, val.x, val.y, dev, eval_batch_size)
+            return _scores(lambda h: back_part(layer(h)), val_h, val.y, dev, eval_batch_size)
+        return _scores(lambda x: back_part(layer(front_part(x))), val.x, val.y, dev, eval_batch_size)
 
     train_back, channels_last = fast_back(back_part, probe) if fast else (back_part, False)
 
     def train_features(h: torch.Tensor) -> torch.Tensor:
         return h.contiguous(memory_format=torch.channels_last) if channels_last else h
 
-    init_log_scale = layer.log_scale.detach().clone() if isinstance(layer, GReLUStitch) else None
-    best_acc = init_acc = val_accuracy()
-    best_epoch, best_state = 0, copy.deepcopy(layer.state_dict())
-    history = [{"epoch": 0, "loss": None, "val_accuracy": init_acc}]
-    params = [p for p in layer.parameters()]
-    if params and s.epochs > 0:
-        if s.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-        gen = torch.Generator().manual_seed(seed)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=s.epochs, desc=f"stitch {kind_label(kind_name, rank)} @ {site}", leave=False)
-        for epoch in range(1, s.epochs + 1):
-            if isinstance(layer, GReLUStitch):
-                scales_on = s.schedule == "joint" or epoch > s.epochs // 2
-                layer.log_scale.requires_grad_(scales_on)
-                if not scales_on:
-                    layer.log_scale.grad = None
-            model.train()
-            perm = torch.randperm(len(train), generator=gen)
-            total, count = 0.0, 0
-            for i in range(0, len(train), s.batch_size):
-                idx = perm[i:i + s.batch_size]
-                if cache:
-                    h = train_h[idx.to(train_h.device)]
-                else:
-                    xb = train.x[idx]
-                    if augment_data:
-                        xb = augment(xb, gen, train.flip, train.translate)
-                    with torch.no_grad():
-                        h = front_part(xb.to(dev))
-                logits = train_back(layer(train_features(h)))
-                loss = F.cross_entropy(logits, train.y[idx].to(dev))
-                reg = layer.regularizer()
-                objective = loss if reg is None else loss + reg
-                opt.zero_grad(set_to_none=True)
-                objective.backward()
-                opt.step()
-                layer.project_()
-                total += loss.detach() * len(idx)
-                count += len(idx)
-            acc = val_accuracy()
-            entry = {"epoch": epoch, "loss": float(total) / count, "val_accuracy": acc}
-            if init_log_scale is not None:   # how far the scalings moved (0 while the schedule holds them)
-                entry["scale_change"] = float((layer.log_scale.detach() - init_log_scale).abs().max())
-            history.append(entry)
-            if acc > best_acc:
-                best_acc, best_epoch, best_state = acc, epoch, copy.deepcopy(layer.state_dict())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(val=f"{acc:.1f}%")
-        if bar is not None:
-            bar.close()
-        layer.load_state_dict(best_state)
-    if isinstance(layer, GReLUStitch):
-        layer.log_scale.requires_grad_(True)
-    model.eval()
+    runs = []
+    for layer, (name, rank), label in zip(layers, parsed, labels):
+        n_epochs = 0 if name == "identity" else s.epochs
+        stop = Convergence(n_epochs, patience)
+        acc, loss = val_scores(layer)
+        stop.update(0, acc, loss)
+        run = _Run(label, rank, layer, stop, n_epochs, copy.deepcopy(layer.state_dict()), acc,
+                   [{"epoch": 0, "loss": None, "val_accuracy": acc}],
+                   init_log_scale=layer.log_scale.detach().clone() if isinstance(layer, GReLUStitch) else None)
+        params = list(layer.parameters())
+        if params and n_epochs > 0:
+            run.opt = (torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay) if s.optimizer == "adam"
+                       else torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay))
+        runs.append(run)
 
-    # test accuracies: the same routine and batches for the stitched network and both models
-    acc = evaluate(model, test.x, test.y, dev, eval_batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=s.epochs, desc=f"stitch {', '.join(labels)} @ {site}", leave=False)
+    epoch = 0
+    while any(r.active for r in runs):
+        epoch += 1
+        active = [r for r in runs if r.active]
+        for r in active:
+            r.layer.train()
+            if isinstance(r.layer, GReLUStitch):
+                scales_on = s.schedule == "joint" or epoch > s.epochs // 2
+                r.layer.log_scale.requires_grad_(scales_on)
+                if not scales_on:
+                    r.layer.log_scale.grad = None
+        perm = torch.randperm(len(train), generator=gen)
+        totals = torch.zeros(len(active))
+        count = 0
+        for i in range(0, len(train), s.batch_size):
+            idx = perm[i:i + s.batch_size]
+            if cache:
+                h = train_h[idx.to(train_h.device)]
+            else:
+                xb = train.x[idx]
+                if augment_data:
+                    xb = augment(xb, gen, train.flip, train.translate)
+                with torch.no_grad():
+                    h = front_part(xb.to(dev))
+            h = train_features(h)
+            outs = [r.layer(h) for r in active]
+            logits = train_back(torch.cat(outs) if len(outs) > 1 else outs[0])
+            yb = train.y[idx].to(dev)
+            losses = F.cross_entropy(logits.reshape(len(active), len(idx), -1).permute(1, 2, 0),
+                                     yb[:, None].expand(-1, len(active)), reduction="none").mean(0)
+            objective = losses.sum()
+            for r in active:
+                reg = r.layer.regularizer()
+                if reg is not None:
+                    objective = objective + reg
+                r.opt.zero_grad(set_to_none=True)
+            objective.backward()
+            for r in active:
+                r.opt.step()
+                r.layer.project_()
+            totals += losses.detach().cpu() * len(idx)
+            count += len(idx)
+        for j, r in enumerate(active):
+            acc, loss = val_scores(r.layer)
+            entry = {"epoch": epoch, "loss": float(totals[j]) / count, "val_accuracy": acc}
+            if r.init_log_scale is not None:   # how far the scalings moved (0 while the schedule holds them)
+                entry["scale_change"] = float((r.layer.log_scale.detach() - r.init_log_scale).abs().max())
+            r.history.append(entry)
+            if r.stop.update(epoch, acc, loss):
+                r.best_state = copy.deepcopy(r.layer.state_dict())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    if cache:
+        test_h = _run_batches(front_part, test.x, dev, eval_batch_size)
     if front_accuracy is None:
         front_accuracy = evaluate(front_model, test.x, test.y, dev, eval_batch_size)
     if back_accuracy is None:
         back_accuracy = evaluate(back_model, test.x, test.y, dev, eval_batch_size)
-    penalty = stitching_penalty(front_accuracy, back_accuracy, acc)
-    with torch.no_grad():
-        matrix = layer.matrix.detach().cpu().clone()
-        bias = None if layer.bias is None else layer.bias.detach().cpu().clone()
-    return StitchResult(
-        accuracy=acc, front_accuracy=front_accuracy, back_accuracy=back_accuracy, penalty=penalty,
-        layer=layer.cpu().eval(), matrix=matrix, bias=bias, site=site, kind=kind_label(kind_name, rank), rank=rank,
-        val_accuracy=best_acc, init_val_accuracy=init_acc, best_epoch=best_epoch, epochs=s.epochs,
-        seconds=time.perf_counter() - start, seed=seed, settings=asdict(s), history=history,
-        model=model.cpu() if keep_model else None)
+    results = []
+    for r in runs:
+        layer = r.layer
+        layer.load_state_dict(r.best_state)
+        if isinstance(layer, GReLUStitch):
+            layer.log_scale.requires_grad_(True)
+        model = StitchedModel(front_part, layer, back_part)
+        model.eval()
+        # test accuracy: the same routine and batches as for the two models
+        acc = (evaluate(lambda h, layer=layer: back_part(layer(h)), test_h, test.y, dev, eval_batch_size) if cache
+               else evaluate(model, test.x, test.y, dev, eval_batch_size))
+        penalty = stitching_penalty(front_accuracy, back_accuracy, acc)
+        with torch.no_grad():
+            matrix = layer.matrix.detach().cpu().clone()
+            bias = None if layer.bias is None else layer.bias.detach().cpu().clone()
+        results.append(StitchResult(
+            accuracy=acc, front_accuracy=front_accuracy, back_accuracy=back_accuracy, penalty=penalty,
+            layer=layer.cpu().eval(), matrix=matrix, bias=bias, site=site, kind=r.kind, rank=r.rank,
+            val_accuracy=r.stop.best_accuracy, init_val_accuracy=r.init_acc, best_epoch=r.stop.best_epoch,
+            epochs=r.stop.epoch, seconds=time.perf_counter() - start, seed=seed,
+            settings={**asdict(s), "epochs": r.epochs, "patience": patience}, history=r.history,
+            model=model.cpu() if keep_model else None))
+    return results

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 from ...stats import mean_ci
 from ..jobs import Dependency, Job, Output, register
 from . import common
-from .common import COMMON, Section, at_chance, dataset, fmt, model_from_files, table
+from .common import Section, at_chance, dataset, fmt, model_from_files, table
 from .zoo import myrtle_zoo, resnet_zoo
 
 KINDS = ("alignment_barrier",)
@@ -34,30 +35,50 @@ TITLE = ("Extension (beyond the paper) — interpolation barriers before and aft
          "intertwiner group")
 NONE, PERM, FULL = "none", "permutation (activations)", "full group (activations)"
 REPAIR = "full group + REPAIR (activations)"
+ALIGN_VARIANTS_ACTIVATIONS = (NONE, PERM, FULL, REPAIR)
+ALIGN_VARIANTS = ALIGN_VARIANTS_ACTIVATIONS + ("permutation (weights)", "full group (weights)",
+                                               "full group + REPAIR (weights)")
 
 
-def zoos(s) -> dict[str, list[Job]]:
+@dataclass(frozen=True)
+class Settings:
+    """``pairs`` pairs per architecture of the zoo's models, interpolated at ``alphas`` with each alignment of
+    ``variants``; ``samples`` training images for the activation and batch-norm statistics."""
+
+    pairs: int = 1
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
+    variants: tuple[str, ...] = ALIGN_VARIANTS_ACTIVATIONS
+    samples: int = 256
+
+
+PRESETS = {
+    "smoke": Settings(),
+    "small": Settings(pairs=2, alphas=(0.0, 0.25, 0.5, 0.75, 1.0), variants=ALIGN_VARIANTS_ACTIVATIONS, samples=500),
+    "paper": Settings(pairs=4, alphas=tuple(i / 10 for i in range(11)), variants=ALIGN_VARIANTS, samples=5000),
+}
+
+
+def zoos(scale) -> dict[str, list]:
     """The zoo models paired here: those other experiments train already."""
-    return {"myrtle_cnn": myrtle_zoo(s), "resnet20": resnet_zoo(s, 0.0)}
+    return {"myrtle_cnn": myrtle_zoo(scale), "resnet20": resnet_zoo(scale, 0.0)}
 
 
-def jobs(s) -> list[Job]:
+def jobs(scale) -> list[Job]:
     from ..plan import draw_pairs
 
+    s = scale.alignment_barriers
     out = []
-    for arch, zoo in zoos(s).items():
-        for a, b in draw_pairs(len(zoo), s.align_pairs, s.seed + 13):
+    for arch, zoo in zoos(scale).items():
+        for a, b in draw_pairs(len(zoo), s.pairs, scale.seed + 13):
             out.append(Job("alignment_barrier", {
-                "experiment": "alignment", "dataset": s.dataset, "alphas": [float(x) for x in s.align_alphas],
-                "variants": list(s.align_variants), "samples": s.align_samples},
+                "experiment": "alignment", "dataset": scale.zoo.dataset, "alphas": [float(x) for x in s.alphas],
+                "variants": list(s.variants), "samples": s.samples},
                 {"a": zoo[a], "b": zoo[b]}, label=f"alignment {arch} {a}-{b}"))
     return out
 
 
 @register("alignment_barrier", "interpolation barrier of a zoo pair with and without alignment (extension)",
-          needs=("intertwiners.alignment.comparison:compare_alignments",),
-          sources=(COMMON, "intertwiners.experiments.figures.alignment_barriers:run_alignment_barrier",
-                   "intertwiners.alignment", "intertwiners.symmetries", "intertwiners.features"))
+          needs=("intertwiners.alignment.comparison:compare_alignments",))
 def run_alignment_barrier(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``dataset``, ``alphas``, ``variants`` (labels of
     :data:`intertwiners.alignment.comparison.VARIANTS`), ``samples`` (the first training images: inputs for

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from ...stats import decide, evidence
 from ..jobs import Dependency, Job, Output, register
 from . import common
-from .common import COMMON, FEATURES, Section, dataset, device, model_from_files, table
+from .common import Section, dataset, device, model_from_files, table
 from .fig1_stitching import MYRTLE_PAPER_LAYERS
 from .zoo import myrtle_zoo, resnet_zoo
 
@@ -22,27 +23,47 @@ TITLES = {"fig5": "Fig. 5 — G_ReLU-CKA and linear CKA between two Myrtle CNNs"
 PANELS = {"grelu": "(a) G_ReLU-CKA", "linear": "(b) linear CKA"}
 
 
-def cka_job(experiment: str, a: Job, b: Job, s, name: str) -> Job:
+@dataclass(frozen=True)
+class Settings:
+    """Figs. 5 and 2 on ``pairs`` pairs of the zoo's Myrtle CNNs and ``resnet_pairs`` pairs of its ReLU
+    ResNet20s; features of the first ``max_samples`` test images; permutation tests as in Table 2."""
+
+    pairs: int = 1
+    resnet_pairs: int = 1
+    max_samples: int = 2000
+    permutations: int = 200
+    permutation_samples: int = 300
+
+
+PRESETS = {
+    "smoke": Settings(),
+    "small": Settings(pairs=3, resnet_pairs=2, permutations=500, permutation_samples=400),
+    "paper": Settings(pairs=16, resnet_pairs=16, permutations=1000, permutation_samples=1000),
+}
+
+
+def cka_job(experiment: str, a, b, scale, name: str) -> Job:
+    s = scale.cka
     return Job("cka", {"experiment": experiment, "measures": ["linear", "grelu"], "max_samples": s.max_samples,
-                       "dataset": s.dataset, "permutations": s.permutations,
+                       "dataset": scale.zoo.dataset, "permutations": s.permutations,
                        "permutation_samples": s.permutation_samples}, {"a": a, "b": b},
                label=f"cka {experiment} {name}")
 
 
-def jobs(s) -> list[Job]:
+def jobs(scale) -> list[Job]:
     """Fig. 5 on Myrtle CNN pairs, Fig. 2 on ReLU ResNet20 pairs."""
     from ..plan import draw_pairs
 
-    mcnn, resnets = myrtle_zoo(s), resnet_zoo(s, 0.0)
-    return ([cka_job("fig5", mcnn[a], mcnn[b], s, f"mcnn {a}-{b}") for a, b in draw_pairs(len(mcnn), s.cka_pairs,
-                                                                                            s.seed + 2)]
-            + [cka_job("fig2", resnets[a], resnets[b], s, f"resnet20 {a}-{b}")
-               for a, b in draw_pairs(len(resnets), s.resnet_cka_pairs, s.seed + 4)])
+    s = scale.cka
+    mcnn, resnets = myrtle_zoo(scale), resnet_zoo(scale, 0.0)
+    return ([cka_job("fig5", mcnn[a], mcnn[b], scale, f"mcnn {a}-{b}")
+             for a, b in draw_pairs(len(mcnn), s.pairs, scale.seed + 2)]
+            + [cka_job("fig2", resnets[a], resnets[b], scale, f"resnet20 {a}-{b}")
+               for a, b in draw_pairs(len(resnets), s.resnet_pairs, scale.seed + 4)])
 
 
 @register("cka", "layer x layer G_ReLU-CKA and linear CKA matrices for one pair (Figs. 2 and 5)",
-          needs=("intertwiners.similarity:layer_similarity_matrix",),
-          sources=(COMMON, "intertwiners.experiments.figures.cka:run_cka", "intertwiners.similarity") + FEATURES)
+          needs=("intertwiners.similarity:layer_similarity_matrix",))
 def run_cka(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``measures`` (linear | grelu), ``sites`` (null: every activation site), ``max_samples``,
     ``dataset``, ``permutations`` and ``permutation_samples`` (0: no tests); deps ``a``, ``b``. Result:

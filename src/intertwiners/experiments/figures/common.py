@@ -12,8 +12,6 @@ from ...stats import Claim, Interval
 # job helpers
 
 _DATA_CACHE: dict[tuple, Any] = {}
-COMMON = "intertwiners.experiments.figures.common"   # part of every experiment job's code version
-FEATURES = ("intertwiners.features", "intertwiners.tracing")
 
 
 def dataset(name: str, context: dict):
@@ -90,11 +88,6 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def kind_name(config: dict) -> str:
-    """A stitching job's kind as in the plan: ``low_rank:R`` for rank R."""
-    return config["kind"] if config.get("rank") is None else f"{config['kind']}:{config['rank']}"
-
-
 def fmt(iv: Interval, digits: int = 2) -> str:
     return iv.text(digits)
 
@@ -113,14 +106,16 @@ def at_chance(accuracies, n_classes: int = 10) -> str | None:
 
 
 def zoo_accuracies(view, rows) -> list[float]:
-    """Test accuracies of the zoo models that ``rows`` depend on (roles front/back/a/b/model)."""
+    """Test accuracies of the zoo models that ``rows`` depend on (roles front/back/a/b/model; each a part
+    ``<zoo job id>:<part>`` of a zoo job)."""
     zoo = {r.id: r for r in view.rows(kind="zoo", status="done")}
     accs = []
     for r in rows:
         for role in ("front", "back", "a", "b", "model"):
-            dep = r.deps.get(role)
-            if dep in zoo and "test_accuracy" in zoo[dep].result:
-                accs.append(float(zoo[dep].result["test_accuracy"]))
+            job, _, part = str(r.deps.get(role, "")).partition(":")
+            found = zoo[job].result.get("parts", {}).get(part, {}) if job in zoo else {}
+            if "test_accuracy" in found:
+                accs.append(float(found["test_accuracy"]))
     return accs
 
 

@@ -5,6 +5,7 @@ Plan, report section and figure; the jobs are stitching jobs (:mod:`.fig1_stitch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +18,45 @@ from .zoo import activation_of_slope, resnet_zoo
 
 KINDS = ("stitch",)
 FIGURE = "d3_leaky_relu.png"
+# ResNet20 sites at the residual outputs (relu2 after each add): stitchable, unlike those inside blocks
+RESNET_D3_SITES = ("layer1.1.relu2", "layer2.1.relu2", "layer3.1.relu2")
 
 
-def jobs(s) -> list[Job]:
-    """Per slope: a ResNet20 zoo, pairs x residual-output sites x kinds."""
+@dataclass(frozen=True)
+class Settings:
+    """Appendix D.3: ResNet20s with LeakyReLU ``slopes`` (the zoo's seeds and epochs, trained on ``dataset``),
+    ``pairs`` per slope stitched at ``sites`` with ``kinds``; stitching ``epochs``/``patience``/``settings``
+    as in Fig. 1."""
+
+    dataset: str = "digits"
+    slopes: tuple[float, ...] = (0.0, 1.0)
+    pairs: int = 1
+    sites: tuple[str, ...] = RESNET_D3_SITES[:2]
+    kinds: tuple[str, ...] = ("full", "grelu")
+    epochs: int = 2
+    patience: int | None = 1
+    settings: str = "default"
+
+
+PRESETS = {
+    "smoke": Settings(),
+    "small": Settings(slopes=(0.0, 0.1, 0.5, 0.9, 1.0), pairs=2, sites=RESNET_D3_SITES, epochs=4),
+    "paper": Settings(dataset="cifar10", slopes=(0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), pairs=4,
+                      sites=RESNET_D3_SITES, epochs=20, settings="authors", patience=5),
+}
+
+
+def jobs(scale) -> list[Job]:
+    """Per slope: a ResNet20 zoo, pairs x residual-output sites (all kinds in one job)."""
     from ..plan import draw_pairs
 
+    s = scale.d3_slopes
     out = []
     for slope in s.slopes:
-        resnets = resnet_zoo(s, slope)
-        out += [stitch_job("d3", resnets[a], resnets[b], site, kind, s, extra={"slope": float(slope)})
-                for a, b in draw_pairs(len(resnets), s.slope_pairs, s.seed + 3)
-                for site in s.slope_sites for kind in s.slope_kinds]
+        resnets = resnet_zoo(scale, slope, s.dataset)
+        out += [stitch_job("d3", resnets[a], resnets[b], site, s.kinds, s.dataset, s.epochs, s.patience, s.settings,
+                           extra={"slope": float(slope)})
+                for a, b in draw_pairs(len(resnets), s.pairs, scale.seed + 3) for site in s.sites]
     return out
 
 

@@ -2,64 +2,92 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...stats import decide, evidence, mean_ci
-from ..jobs import Dependency, Job, Output, register
+from ..jobs import Dependency, Job, Output, Part, register
 from . import common
-from .common import COMMON, FEATURES, Section, at_chance, dataset, device, fmt, model_from_files, table
+from .common import Section, at_chance, dataset, device, fmt, model_from_files, table
 from .zoo import myrtle_zoo
 
 KINDS = ("stitch",)
 MYRTLE_PAPER_LAYERS = {"relu1": 3, "relu2": 6, "relu3": 10, "relu4": 14}
+MYRTLE_SITES = tuple(MYRTLE_PAPER_LAYERS)
 PAPER_STITCHING = {  # penalty in accuracy points at layers 3/6/10/14 (REFERENCE.md)
     "full": [1.5, 1.7, 2.7, 2.5], "low_rank:4": [8.7, 14.0, 26.5, 16.0],
     "low_rank:1": [42.0, 53.0, 57.0, 62.0], "grelu": [8.3, 7.5, 17.0, 6.0]}
 KIND_ORDER = ["full", "low_rank:4", "low_rank:2", "low_rank:1", "grelu"]
 FIGURE = "fig1_stitching.png"
+ALL_KINDS = ("full", "low_rank:1", "low_rank:2", "low_rank:4", "grelu")
 
 
-def stitch_job(experiment: str, front: Job, back: Job, site: str, kind: str, s, extra: dict | None = None) -> Job:
-    """One stitching penalty: ``kind`` is a stitching kind, ``low_rank:R`` for rank R."""
-    base, _, rank = kind.partition(":")
-    config = {"experiment": experiment, "site": site, "kind": base, "rank": int(rank) if rank else None,
-              "epochs": s.stitch_epochs, "seed": 0, "dataset": s.dataset, "settings": s.stitch_settings,
-              **(extra or {})}
-    label = f"stitch {experiment} {front.config['seed']}-{back.config['seed']} {site} {kind}"
+@dataclass(frozen=True)
+class Settings:
+    """Fig. 1: stitching the zoo's Myrtle CNNs. ``epochs``: the most epochs of a stitching layer, ``patience``
+    its convergence criterion (:class:`intertwiners.training.Convergence`, epoch 0 = the closed-form
+    initialisation counted), ``settings``: :data:`intertwiners.stitching.SETTINGS` (``default``: Adam;
+    ``authors``: SGD)."""
+
+    pairs: int = 1
+    sites: tuple[str, ...] = MYRTLE_SITES
+    kinds: tuple[str, ...] = ("full", "low_rank:1", "low_rank:4", "grelu")
+    epochs: int = 2
+    patience: int | None = 1
+    settings: str = "default"
+
+
+PRESETS = {
+    "smoke": Settings(),
+    "small": Settings(pairs=4, epochs=4, kinds=ALL_KINDS),
+    "paper": Settings(pairs=32, epochs=20, kinds=ALL_KINDS, settings="authors", patience=5),
+}
+
+
+def stitch_job(experiment: str, front: Part, back: Part, site: str, kinds, dataset_name: str, epochs: int,
+               patience: int | None, settings: str, extra: dict | None = None) -> Job:
+    """Every stitching layer of ``kinds`` (``low_rank:R`` for rank R) for one (front, back) pair at ``site``,
+    trained together on front's features, computed once (:func:`intertwiners.stitching.stitch_many`)."""
+    config = {"experiment": experiment, "site": site, "kinds": list(kinds), "epochs": epochs, "patience": patience,
+              "seed": 0, "dataset": dataset_name, "settings": settings, **(extra or {})}
+    label = f"stitch {experiment} {front.name}-{back.name} {site}"
     if extra and "slope" in extra:
         label += f" slope={extra['slope']}"
     return Job("stitch", config, {"front": front, "back": back}, label=label)
 
 
-def jobs(s) -> list[Job]:
-    """Myrtle CNN pairs x sites x kinds."""
+def jobs(scale) -> list[Job]:
+    """Myrtle CNN pairs x sites (all kinds in one job)."""
     from ..plan import draw_pairs
 
-    mcnn = myrtle_zoo(s)
-    return [stitch_job("fig1", mcnn[a], mcnn[b], site, kind, s)
-            for a, b in draw_pairs(len(mcnn), s.stitch_pairs, s.seed)
-            for site in s.stitch_sites for kind in s.stitch_kinds]
+    s = scale.fig1_stitching
+    mcnn = myrtle_zoo(scale)
+    return [stitch_job("fig1", mcnn[a], mcnn[b], site, s.kinds, scale.zoo.dataset, s.epochs, s.patience, s.settings)
+            for a, b in draw_pairs(len(mcnn), s.pairs, scale.seed) for site in s.sites]
 
 
-@register("stitch", "a stitching penalty for one (front, back) pair, site and kind (Fig. 1, D.3)",
-          needs=("intertwiners.stitching:stitch",),
-          sources=(COMMON, "intertwiners.experiments.figures.fig1_stitching:run_stitch", "intertwiners.stitching")
-          + FEATURES)
+@register("stitch", "the stitching penalties of one (front, back) pair at one site, every kind (Fig. 1, D.3)",
+          needs=("intertwiners.stitching:stitch_many",))
 def run_stitch(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """Config: ``site``, ``kind``, ``rank``, ``epochs``, ``seed``, ``dataset``, ``settings`` (default
-    ``"default"``); deps ``front``, ``back`` (zoo jobs). Result: the accuracies and the penalty (eq. 4.3)."""
-    from ...stitching import stitch
+    """Config: ``site``, ``kinds``, ``epochs``, ``patience``, ``seed``, ``dataset``, ``settings``; deps
+    ``front``, ``back`` (zoo models). Result: ``{"kinds": {kind: row}}``, each row with the accuracies and
+    the penalty (eq. 4.3)."""
+    from ...stitching import stitch_many
 
     train, test = dataset(config["dataset"], context)
     front = model_from_files(inputs["front"].files)
     back = model_from_files(inputs["back"].files)
-    r = stitch(front, back, config["site"], config["kind"], train, test, epochs=config["epochs"],
-               rank=config.get("rank"), seed=int(config.get("seed", 0)), settings=config.get("settings", "default"),
-               device=device(context), front_accuracy=inputs["front"].result.get("test_accuracy"),
-               back_accuracy=inputs["back"].result.get("test_accuracy"), keep_model=False)
-    row = r.as_row()
-    row.pop("seconds", None)
-    return Output(row)
+    found = stitch_many(front, back, config["site"], config["kinds"], train, test, epochs=config["epochs"],
+                        patience=config.get("patience"), seed=int(config.get("seed", 0)),
+                        settings=config.get("settings", "default"), device=device(context),
+                        front_accuracy=inputs["front"].result.get("test_accuracy"),
+                        back_accuracy=inputs["back"].result.get("test_accuracy"), keep_model=False)
+    rows = {}
+    for kind, r in zip(config["kinds"], found):
+        row = r.as_row()
+        row.pop("seconds", None)
+        rows[kind] = row
+    return Output({"kinds": rows})
 
 
 def stitch_rows(view, experiment: str) -> list[dict]:
@@ -68,10 +96,11 @@ def stitch_rows(view, experiment: str) -> list[dict]:
     for r in view.rows(kind="stitch", status="done"):
         if r.config.get("experiment") != experiment:
             continue
-        out.append({"site": r.config["site"], "kind": common.kind_name(r.config), "penalty": float(r.result["penalty"]),
-                    "front": r.deps.get("front"), "back": r.deps.get("back"),
-                    "site_index": MYRTLE_PAPER_LAYERS.get(r.config["site"]), "slope": r.config.get("slope"),
-                    "accuracies": [r.result.get("front_accuracy"), r.result.get("back_accuracy")]})
+        for kind, row in r.result["kinds"].items():
+            out.append({"site": r.config["site"], "kind": kind, "penalty": float(row["penalty"]),
+                        "front": r.deps.get("front"), "back": r.deps.get("back"),
+                        "site_index": MYRTLE_PAPER_LAYERS.get(r.config["site"]), "slope": r.config.get("slope"),
+                        "accuracies": [row.get("front_accuracy"), row.get("back_accuracy")]})
     return out
 
 

@@ -2,32 +2,53 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...stats import decide, evidence, mean_ci
 from ..jobs import Dependency, Job, Output, register
-from .common import COMMON, Section, at_chance, device, fmt, model_files, model_from_files, table
+from .common import Section, at_chance, device, fmt, model_files, model_from_files, table
 
 KINDS = ("dissection", "dissection_model")
 FIGURE = "fig3_dissection.png"
 N_CLASSES = 4          # the synthetic dataset's classes: the object's shape
 MAX_DROP = 0.02        # "does not drop": the fraction of interpretable units falls by less than this
-_SOURCES = (COMMON, "intertwiners.dissection")
 
 
-def jobs(s) -> list[Job]:
+@dataclass(frozen=True)
+class Settings:
+    """Fig. 3: ``models`` trained ``steps`` Adam steps on a synthetic Broden-layout dataset of ``images``
+    images, dissected at ``alphas`` for ``rotations`` random rotations. ``steps`` is sized to what the claims
+    need (docs/reproduce.md: the claims' answers against the steps)."""
+
+    models: tuple[str, ...] = ("resnet", "resnet_noact", "convnext")
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
+    rotations: int = 1
+    images: int = 200
+    steps: int = 150
+
+
+PRESETS = {
+    "smoke": Settings(),
+    "small": Settings(alphas=(0.0, 0.25, 0.5, 0.75, 1.0), rotations=3, images=800, steps=1500),
+    "paper": Settings(alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), rotations=5, images=1600, steps=2000),
+}
+
+
+def jobs(scale) -> list[Job]:
     """One training job per Fig. 3 model and one dissection job per (model, probed site), all alphas at once."""
     from ...dissection.experiment import DEFAULT_SITES
 
-    data = {"n_images": s.dissection_images, "image_size": 32, "data_seed": 0}
+    s = scale.fig3_dissection
+    data = {"n_images": s.images, "image_size": 32, "data_seed": 0}
     out = []
-    for arch in s.dissection_models:
-        model = Job("dissection_model", {**data, "arch": arch, "steps": s.dissection_steps, "seed": 0},
+    for arch in s.models:
+        model = Job("dissection_model", {**data, "arch": arch, "steps": s.steps, "seed": 0},
                     label=f"dissection model {arch}")
         for site, layer in DEFAULT_SITES.get(arch, []):
             out.append(Job("dissection", {
-                **data, "experiment": "fig3", "site": site, "layer": layer, "alphas": list(s.dissection_alphas),
-                "n_rotations": s.dissection_rotations, "quantile": 0.05, "iou_threshold": 0.1, "seed": 0},
+                **data, "experiment": "fig3", "site": site, "layer": layer, "alphas": list(s.alphas),
+                "n_rotations": s.rotations, "quantile": 0.05, "iou_threshold": 0.1, "seed": 0},
                 {"model": model}, label=f"dissection {arch} {site}"))
     return out
 
@@ -50,8 +71,7 @@ def synthetic_broden(config: dict) -> str:
 
 
 @register("dissection_model", "train a Fig. 3 model on the synthetic Broden-layout dataset",
-          needs=("intertwiners.dissection.experiment:train_fig3_model",),
-          sources=_SOURCES + ("intertwiners.experiments.figures.fig3_dissection:run_dissection_model",))
+          needs=("intertwiners.dissection.experiment:train_fig3_model",))
 def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``arch`` (resnet | resnet_noact | convnext), ``n_images``, ``image_size``, ``data_seed``,
     ``steps``, ``seed``. Result: training and probe-split accuracies; files: the model."""
@@ -70,8 +90,7 @@ def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: d
 
 
 @register("dissection", "interpretable units of one site in rotated bases Q**alpha (Fig. 3)",
-          needs=("intertwiners.dissection.experiment:rotation_curve",),
-          sources=_SOURCES + ("intertwiners.experiments.figures.fig3_dissection:run_dissection",))
+          needs=("intertwiners.dissection.experiment:rotation_curve",))
 def run_dissection(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``site``, ``layer`` (description), ``alphas``, ``n_rotations``, ``quantile``, ``iou_threshold``,
     ``seed`` and the dataset keys of ``dissection_model``; dep ``model``. Result: one row per (alpha,

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ...stats import decide, evidence, mean_ci
 from ..jobs import Dependency, Job, Output, register
-from .common import COMMON, Section, at_chance, dataset, device, fmt, model_from_files, table
-from .zoo import mcnn_kwargs, zoo_job
+from .common import Section, at_chance, dataset, device, fmt, model_from_files, table
+from .zoo import models_of, zoo_job
 
 KINDS = ("rotation_penalty",)
 PAPER_ROTATION = {"layers": ["conv1", "conv2", "conv3"], "paper_layers": [0, 2, 5],
@@ -17,48 +18,83 @@ PAPER_ROTATION = {"layers": ["conv1", "conv2", "conv3"], "paper_layers": [0, 2, 
 FIGURE = "fig4_rotation_penalty.png"
 
 
-def jobs(s) -> list[Job]:
-    """Per activation: one base model, then layers x transforms x repeats."""
+@dataclass(frozen=True)
+class Settings:
+    """Fig. 4 on ``dataset``: a batch-norm-free Myrtle CNN per activation of ``activations`` (``base_epochs``
+    at most, ``sigmoid_epochs`` for sigmoid, which trains slowly; ``None``: the recipe's), then per layer of
+    ``layers``, transform of ``transforms`` and repeat: the transform inserted, the later layers fine-tuned
+    for at most ``epochs`` (``patience``: the convergence criterion; ``None``: every epoch)."""
+
+    dataset: str = "digits"
+    width: int | None = None
+    layers: tuple[str, ...] = ("conv1", "conv2", "conv3")
+    transforms: tuple[str, ...] = ("grelu", "orthogonal")
+    repeats: int = 1
+    epochs: int = 2
+    patience: int | None = 2
+    activations: tuple[str, ...] = ("relu",)   # "sigmoid" too: P·D is then no symmetry (control)
+    base_epochs: int | None = None
+    sigmoid_epochs: int | None = None
+
+
+PRESETS = {
+    "smoke": Settings(base_epochs=6),
+    "small": Settings(repeats=3, epochs=6, activations=("relu", "sigmoid"),
+                      transforms=("grelu", "orthogonal", "identity"), base_epochs=12, sigmoid_epochs=30),
+    "paper": Settings(dataset="cifar10", width=64, repeats=10, epochs=50, patience=5, activations=("relu", "sigmoid"),
+                      transforms=("grelu", "orthogonal", "identity")),
+}
+
+
+def base_model(s: Settings, act: str, patience: int | None):
+    """The batch-norm-free Myrtle CNN with activation ``act`` that the penalties of ``act`` start from."""
+    kwargs = {**({} if s.width is None else {"width": s.width}), "batch_norm": False,
+              **({} if act == "relu" else {"activation": act})}
+    epochs = s.sigmoid_epochs if act == "sigmoid" and s.sigmoid_epochs else s.base_epochs
+    return models_of(zoo_job("myrtle_cnn", s.dataset, [0], epochs, patience, **kwargs))[0]
+
+
+def jobs(scale) -> list[Job]:
+    """Per activation: one base model; then per layer one job (every transform and repeat, trained together)."""
+    s = scale.fig4_rotation
     out = []
-    for act in s.rotation_activations:
-        base_kwargs = {**mcnn_kwargs(s), "batch_norm": False, **({} if act == "relu" else {"activation": act})}
-        epochs = s.sigmoid_epochs if act == "sigmoid" and s.sigmoid_epochs else s.mcnn_epochs
-        base = zoo_job("myrtle_cnn", s.dataset, 0, epochs, **base_kwargs)
-        tag = {} if act == "relu" else {"activation": act}  # relu keeps the ids of earlier plans
-        for layer in s.rotation_layers:
-            for transform in s.rotation_transforms:
-                for r in range(s.rotation_repeats):
-                    out.append(Job("rotation_penalty", {
-                        "experiment": "fig4", "layer": layer, "transform": transform, "seed": r,
-                        "epochs": s.rotation_epochs, "dataset": s.dataset, **tag},
-                        {"model": base}, label=f"rotation {act} {layer} {transform} r{r}"))
+    for act in s.activations:
+        base = base_model(s, act, scale.zoo.patience)
+        tag = {} if act == "relu" else {"activation": act}
+        for layer in s.layers:
+            out.append(Job("rotation_penalty", {
+                "experiment": "fig4", "layer": layer, "transforms": list(s.transforms),
+                "seeds": list(range(s.repeats)), "epochs": s.epochs, "patience": s.patience, "dataset": s.dataset,
+                **tag}, {"model": base}, label=f"rotation {act} {layer}"))
     return out
 
 
-@register("rotation_penalty", "fixed transform before an activation, then fine-tuning (Fig. 4)",
-          needs=("intertwiners.rotation_penalty:rotation_penalty",),
-          sources=(COMMON, "intertwiners.experiments.figures.fig4_rotation:run_rotation_penalty",
-                   "intertwiners.rotation_penalty", "intertwiners.groups"))
+@register("rotation_penalty", "fixed transforms before one activation, then fine-tuning, every transform and "
+          "repeat together (Fig. 4)", needs=("intertwiners.rotation_penalty:rotation_penalties",))
 def run_rotation_penalty(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """Config: ``layer``, ``transform`` (grelu | orthogonal | ...), ``seed``, ``epochs``, ``dataset``;
-    dep ``model`` (a zoo job). Result: baseline, transformed and fine-tuned accuracies and the penalty."""
-    from ...rotation_penalty import rotation_penalty
+    """Config: ``layer``, ``transforms`` (grelu | orthogonal | ...), ``seeds`` (repeats), ``epochs`` (the
+    most), ``patience``, ``dataset``; dep ``model`` (a zoo model). Result: ``{"runs": [row per (transform,
+    seed)]}`` with the baseline, transformed and fine-tuned accuracies and the penalty."""
+    from ...rotation_penalty import rotation_penalties
 
     train, test = dataset(config["dataset"], context)
     model = model_from_files(inputs["model"].files)
-    r = rotation_penalty(model, config["layer"], config["transform"], train, test, epochs=int(config["epochs"]),
-                         seed=int(config["seed"]), device=device(context))
-    r.pop("wall_time_s", None)
-    return Output(r)
+    runs = [(t, int(seed)) for t in config["transforms"] for seed in config["seeds"]]
+    found = rotation_penalties(model, config["layer"], runs, train, test, epochs=int(config["epochs"]),
+                               patience=config.get("patience"), device=device(context),
+                               baseline=inputs["model"].result.get("test_accuracy"))
+    for r in found:
+        r.pop("wall_time_s", None)
+    return Output({"runs": found})
 
 
 def rotation_rows(view) -> list[dict]:
     """Stored results as the rows :func:`intertwiners.rotation_penalty.plot_rotation_penalties` draws."""
     rows = view.rows(kind="rotation_penalty", status="done")
     order = sorted({r.config["layer"] for r in rows})
-    return [{"position": order.index(r.config["layer"]), "conv": r.config["layer"], **r.result,
+    return [{"position": order.index(r.config["layer"]), "conv": r.config["layer"], **run,
              "panel": r.config.get("activation", "relu"), "layer": r.config["layer"],
-             "transform": r.config["transform"], "seed": int(r.config["seed"])} for r in rows]
+             "transform": run["transform"], "seed": int(run["seed"])} for r in rows for run in r.result["runs"]]
 
 
 def penalties(rows, act: str, transform: str, layer: str) -> dict[int, float]:

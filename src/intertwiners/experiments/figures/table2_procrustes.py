@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...stats import decide, evidence, mean_ci
 from ..jobs import Dependency, Job, Output, register
 from . import common
-from .common import COMMON, FEATURES, Section, at_chance, dataset, device, fmt, model_from_files, table
+from .common import Section, at_chance, dataset, device, fmt, model_from_files, table
 from .fig1_stitching import MYRTLE_PAPER_LAYERS
 from .zoo import myrtle_zoo
 
@@ -18,21 +19,38 @@ FIGURE = "table2_procrustes.png"
 MEASURES = {"procrustes_grelu": "G_ReLU-Procrustes", "procrustes_orthogonal": "orthogonal Procrustes"}
 
 
-def jobs(s) -> list[Job]:
+@dataclass(frozen=True)
+class Settings:
+    """Table 2 on ``pairs`` pairs of the zoo's Myrtle CNNs: features of the first ``max_samples`` test images;
+    permutation tests with ``permutations`` shuffles of the first ``permutation_samples`` (0: none)."""
+
+    pairs: int = 1
+    max_samples: int = 2000
+    permutations: int = 200
+    permutation_samples: int = 300
+
+
+PRESETS = {
+    "smoke": Settings(),
+    "small": Settings(pairs=6, permutations=500, permutation_samples=400),
+    "paper": Settings(pairs=32, permutations=1000, permutation_samples=1000),
+}
+
+
+def jobs(scale) -> list[Job]:
     from ..plan import draw_pairs
 
-    mcnn = myrtle_zoo(s)
+    s = scale.table2_procrustes
+    mcnn = myrtle_zoo(scale)
     return [Job("procrustes", {"experiment": "table2", "sites": list(SITES), "groups": ["grelu", "orthogonal"],
-                               "max_samples": s.max_samples, "dataset": s.dataset,
+                               "max_samples": s.max_samples, "dataset": scale.zoo.dataset,
                                "permutations": s.permutations, "permutation_samples": s.permutation_samples},
                 {"a": mcnn[a], "b": mcnn[b]}, label=f"procrustes mcnn {a}-{b}")
-            for a, b in draw_pairs(len(mcnn), s.similarity_pairs, s.seed + 1)]
+            for a, b in draw_pairs(len(mcnn), s.pairs, scale.seed + 1)]
 
 
 @register("procrustes", "G_ReLU and orthogonal Procrustes similarity per layer for one pair (Table 2)",
-          needs=("intertwiners.similarity:procrustes_per_layer",),
-          sources=(COMMON, "intertwiners.experiments.figures.table2_procrustes:run_procrustes",
-                   "intertwiners.similarity") + FEATURES)
+          needs=("intertwiners.similarity:procrustes_per_layer",))
 def run_procrustes(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``sites``, ``groups``, ``max_samples``, ``dataset``, ``permutations`` and
     ``permutation_samples`` (0: no permutation tests); deps ``a``, ``b``. Result: per group a list of

@@ -1,31 +1,75 @@
-"""The model zoo: trained Myrtle CNNs and ResNet20s shared by the other experiments, and its accuracy table."""
+"""The model zoo: trained Myrtle CNNs and ResNet20s shared by the other experiments, and its accuracy table.
+
+A ``zoo`` job trains the models of one group -- one architecture, dataset and setting, several seeds --
+together (:func:`intertwiners.training.train_many`: each as it would train alone). Each model is a
+:class:`~intertwiners.experiments.jobs.Part` of its job (``seed<k>``): a job that depends on one model sees
+that model's files and metrics only.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 from ...stats import mean_ci
-from ..jobs import Dependency, Job, Output, register
-from .common import COMMON, Section, dataset, device, fmt, model_files, table
+from ..jobs import Dependency, Job, Output, Part, parts_output, register
+from .common import Section, dataset, device, fmt, model_files, table
 
 PAPER_ACCURACY = {"myrtle_cnn": 91.4, "myrtle_cnn-batch_norm=False": 87.4, "resnet20": 89.9}
-ZOO_SOURCES = ("intertwiners.training", "intertwiners.models", "intertwiners.data", "intertwiners.activations")
 
 
-def zoo_job(arch: str, dataset_name: str, seed: int, epochs: int | None, **arch_kwargs) -> Job:
+@dataclass(frozen=True)
+class Settings:
+    """The zoo's models: Myrtle CNNs (Fig. 1, Table 2, Fig. 5, the extension) and ReLU ResNet20s (Fig. 2, the
+    extension). ``*_epochs``: the most epochs (``None``: the dataset's recipe); ``patience``: the convergence
+    criterion (:class:`intertwiners.training.Convergence`; ``None``: the recipe's)."""
+
+    dataset: str = "digits"
+    mcnn_width: int | None = None          # None: the dataset's default (16 on digits)
+    mcnn_seeds: int = 3
+    mcnn_epochs: int | None = None
+    resnet_seeds: int = 2
+    resnet_epochs: int | None = 3
+    resnet_widths: tuple[int, int, int] | None = None   # None: the paper's 16/32/64
+    patience: int | None = None
+
+    def for_dataset(self, name: str) -> Settings:
+        from dataclasses import replace
+
+        return replace(self, dataset=name, mcnn_width=self.mcnn_width if name.startswith("digits") else 64)
+
+
+PRESETS = {
+    "smoke": Settings(mcnn_epochs=6, resnet_epochs=5),
+    "small": Settings(mcnn_seeds=6, mcnn_epochs=12, resnet_seeds=4, resnet_epochs=6),
+    "paper": Settings(dataset="cifar10", mcnn_width=64, mcnn_seeds=16, resnet_seeds=8, resnet_epochs=None),
+}
+
+
+def zoo_job(arch: str, dataset_name: str, seeds, epochs: int | None, patience: int | None = None,
+            **arch_kwargs) -> Job:
+    """One group: ``arch`` on ``dataset_name`` with ``arch_kwargs``, one model per seed, trained together."""
+    seeds = [int(s) for s in seeds]
     tag = "-".join(f"{k}={v}" for k, v in sorted(arch_kwargs.items()))
-    label = f"zoo {arch}{'-' + tag if tag else ''} {dataset_name} seed{seed}"
-    return Job("zoo", {"arch": arch, "dataset": dataset_name, "seed": seed, "epochs": epochs,
-                       "arch_kwargs": arch_kwargs}, label=label)
+    label = f"zoo {arch}{'-' + tag if tag else ''} {dataset_name} seeds {','.join(map(str, seeds))}"
+    return Job("zoo", {"arch": arch, "dataset": dataset_name, "seeds": seeds, "epochs": epochs,
+                       "patience": patience, "arch_kwargs": arch_kwargs}, label=label)
 
 
-def mcnn_kwargs(s) -> dict:
+def models_of(job: Job) -> list[Part]:
+    """The models of a zoo job, one :class:`Part` per seed."""
+    return [job.part(f"seed{k}") for k in job.config["seeds"]]
+
+
+def mcnn_kwargs(s: Settings) -> dict:
     return {} if s.mcnn_width is None else {"width": s.mcnn_width}
 
 
-def myrtle_zoo(s) -> list[Job]:
+def myrtle_zoo(scale) -> list[Part]:
     """The Myrtle CNNs (with batch norm) of Fig. 1, Table 2 and Fig. 5, one per seed."""
-    return [zoo_job("myrtle_cnn", s.dataset, k, s.mcnn_epochs, **mcnn_kwargs(s)) for k in range(s.mcnn_seeds)]
+    z = scale.zoo
+    return models_of(zoo_job("myrtle_cnn", z.dataset, range(z.mcnn_seeds), z.mcnn_epochs, z.patience,
+                             **mcnn_kwargs(z)))
 
 
 def activation_of_slope(slope: float) -> str:
@@ -33,25 +77,38 @@ def activation_of_slope(slope: float) -> str:
     return "relu" if slope == 0 else f"leaky_relu:{float(slope)}"
 
 
-def resnet_zoo(s, slope: float) -> list[Job]:
-    """The ResNet20s with LeakyReLU ``slope`` (0: ReLU) of appendix D.3 and Fig. 2."""
-    widths = {} if s.resnet_widths is None else {"widths": list(s.resnet_widths)}
-    return [zoo_job("resnet20", s.dataset, k, s.resnet_epochs, activation=activation_of_slope(slope), **widths)
-            for k in range(s.resnet_seeds)]
+def resnet_zoo(scale, slope: float, dataset_name: str | None = None) -> list[Part]:
+    """The ResNet20s with LeakyReLU ``slope`` (0: ReLU) on ``dataset_name`` (default: the zoo's), one per seed
+    (appendix D.3 and Fig. 2)."""
+    z = scale.zoo
+    widths = {} if z.resnet_widths is None else {"widths": list(z.resnet_widths)}
+    return models_of(zoo_job("resnet20", dataset_name or z.dataset, range(z.resnet_seeds), z.resnet_epochs,
+                             z.patience, activation=activation_of_slope(slope), **widths))
 
 
-@register("zoo", "train one model (intertwiners.training.train_one) and keep its weights",
-          sources=(COMMON, "intertwiners.experiments.figures.zoo:run_zoo") + ZOO_SOURCES)
+@register("zoo", "train a group of models together (intertwiners.training.train_many) and keep their weights")
 def run_zoo(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
-    """Config: ``arch``, ``dataset``, ``seed``, ``epochs`` (null: the recipe's), ``arch_kwargs``."""
-    from ...training import train_one
+    """Config: ``arch``, ``dataset``, ``seeds``, ``epochs`` (the most; null: the recipe's), ``patience`` (null:
+    the recipe's), ``arch_kwargs``. Output: one part per seed (``seed<k>``: metrics, model files)."""
+    from ...training import RECIPES, train_many
 
     data = dataset(config["dataset"], context)
-    model, metrics = train_one(config["arch"], config["dataset"], int(config["seed"]), epochs=config.get("epochs"),
-                               device=device(context), progress=False, data=data,
-                               **config.get("arch_kwargs", {}))
-    metrics.pop("wall_time_s", None)  # timing lives in the row, results stay deterministic
-    return Output(metrics, model_files(model))
+    patience = config.get("patience")
+    if patience is None:
+        patience = RECIPES.get(config["dataset"], RECIPES["cifar10"]).patience
+    trained = train_many(config["arch"], config["dataset"], config["seeds"], epochs=config.get("epochs"),
+                         patience=patience, device=device(context), progress=False, data=data,
+                         **config.get("arch_kwargs", {}))
+    parts = {}
+    for seed, (model, metrics) in zip(config["seeds"], trained):
+        metrics.pop("wall_time_s", None)  # timing lives in the row, results stay deterministic
+        parts[f"seed{seed}"] = Output(metrics, model_files(model))
+    return parts_output(parts)
+
+
+def members(row) -> list[dict]:
+    """The per-model metrics of a stored zoo row."""
+    return list(row.result.get("parts", {}).values())
 
 
 def section(view, figdir) -> Section:
@@ -63,23 +120,26 @@ def section(view, figdir) -> Section:
     for r in rows:
         kw = r.config.get("arch_kwargs", {})
         tag = "-".join(f"{k}={v}" for k, v in sorted(kw.items()) if k != "width")
-        groups[(r.config["arch"], tag, r.config["dataset"])].append(r)
+        groups[(r.config["arch"], tag, r.config["dataset"])] += members(r)
     out = []
-    for (arch, tag, ds), rs in sorted(groups.items()):
-        iv = mean_ci(r.result["test_accuracy"] for r in rs)
+    for (arch, tag, ds), ms in sorted(groups.items()):
+        iv = mean_ci(m["test_accuracy"] for m in ms)
         ref_key = arch + ("-batch_norm=False" if "batch_norm=False" in tag else "")
         ref = PAPER_ACCURACY.get(ref_key) if "activation" not in tag or "activation=relu" == tag else None
-        out.append([arch, tag or "default", ds, iv.n, fmt(iv, 1), rs[0].result.get("epochs", "–"),
+        epochs = sorted({m.get("epochs") for m in ms if m.get("epochs") is not None})
+        ran = "–" if not epochs else (str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}")
+        out.append([arch, tag or "default", ds, iv.n, fmt(iv, 1), ran, ms[0].get("max_epochs", "–"),
                     f"{ref} (CIFAR-10)" if ref else "–"])
     return Section(title, "Test accuracy (%) of the trained models (mean ± 95% t-interval over seeds; one seed "
-                   "has no interval).\n\n"
-                   + table(["architecture", "variant", "dataset", "models", "test accuracy", "epochs", "paper"],
-                           out))
+                   "has no interval). Each model trains until its validation split (10% of the training set) has "
+                   "not improved for the recipe's patience, at most the epochs shown.\n\n"
+                   + table(["architecture", "variant", "dataset", "models", "test accuracy", "epochs run",
+                            "at most", "paper"], out))
 
 
 KINDS = ("zoo",)
 
 
-def jobs(s) -> list[Job]:
+def jobs(scale) -> list[Job]:
     """The Myrtle CNN zoo (the other zoos come with the experiments that use them)."""
-    return myrtle_zoo(s)
+    return [p.job for p in myrtle_zoo(scale)][:1]
