@@ -39,14 +39,16 @@ def test_every_experiment_runs_on_a_tiny_plan(tmp_path):
         rows = {r.kind: r for r in store.rows()}
         store.set_meta("plan", {"name": "tiny", "scale": TINY.as_dict(), "missing": {}, "jobs": len(jobs)})
     assert summary.succeeded == len(jobs)
-    stitch = rows["stitch"].result
-    assert stitch["penalty"] == pytest.approx((stitch["front_accuracy"] + stitch["back_accuracy"]) / 2
-                                              - stitch["accuracy"])
+    stitched = rows["stitch"].result["kinds"]          # one stitch job holds every kind of its pair and site
+    assert set(stitched) == {"full", "grelu"}
+    for stitch in stitched.values():
+        assert stitch["penalty"] == pytest.approx((stitch["front_accuracy"] + stitch["back_accuracy"]) / 2
+                                                  - stitch["accuracy"])
     cka = rows["cka"].result
     assert len(cka["grelu"]) == len(cka["sites"]) == len(cka["linear"][0])
     assert all(0 <= v <= 1 + 1e-9 for row in cka["grelu"] + cka["linear"] for v in row)
     assert len(rows["procrustes"].result["grelu"]) == 4
-    assert rows["dissection"].result["rows"] and "penalty" in rows["rotation_penalty"].result
+    assert rows["dissection"].result["rows"] and all("penalty" in run for run in rows["rotation_penalty"].result["runs"])
     text = write_report(tmp_path).read_text()
     for name in ("fig1_stitching", "fig4_rotation_penalty", "d3_leaky_relu", "table2_procrustes", "fig5_cka",
                  "fig2_cka", "fig3_dissection", "ext_alignment_barriers"):

@@ -32,6 +32,7 @@ def add_arguments(p):
 def run(args) -> int:
     from ..experiments import build_plan, reproduce
     from ..experiments.plan import SCALES
+    from ..experiments.runner import closure
 
     if args.scale not in (*SCALES, "test"):
         raise ValueError(f"unknown scale {args.scale!r}; choose one of {', '.join(SCALES)}")
@@ -39,7 +40,6 @@ def run(args) -> int:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.list:
         plan = build_plan(args.scale, args.dataset)
-        from ..experiments.runner import closure
         for job in closure(plan.jobs):
             print(f"{job.id}  {job.label}")
         for name, reason in plan.missing.items():
@@ -54,7 +54,7 @@ def run(args) -> int:
     if args.gpus_per_job and args.backend != "ray":
         raise ValueError("--gpus-per-job needs --backend ray")
     plan = build_plan(args.scale, args.dataset)
-    if plan.info.get("scale", {}).get("dataset") == "cifar10" and args.data_root is None:
+    if "cifar10" in plan.datasets and args.data_root is None:
         raise ValueError("this plan trains on CIFAR-10: pass --data-root DIR (the folder with data_batch_1..5 and "
                          "test_batch; nothing is downloaded), or use --dataset digits")
     _args.out_dir(args.out)

@@ -27,7 +27,7 @@ def reproduce(out, scale="smoke", *, dataset=None, data_root=None, backend="loca
     from .runner import closure
 
     plan = build_plan(scale, dataset)
-    if plan.info.get("scale", {}).get("dataset") == "cifar10" and data_root is None:
+    if "cifar10" in plan.datasets and data_root is None:
         raise ValueError("this plan trains on CIFAR-10: pass --data-root DIR (the folder with data_batch_1..5 and "
                          "test_batch; nothing is downloaded), or use --dataset digits")
     out = Path(out)

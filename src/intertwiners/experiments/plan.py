@@ -110,6 +110,21 @@ class Plan:
     missing: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
+    @property
+    def datasets(self) -> list[str]:
+        """The datasets named by its jobs and the jobs they depend on, sorted (e.g. ``["digits",
+        "digits-cluttered"]``): what a run needs on disk, and what the report says it used."""
+        seen, stack, found = set(), list(self.jobs), set()
+        while stack:
+            job = stack.pop()
+            if job.id in seen:
+                continue
+            seen.add(job.id)
+            if isinstance(job.config.get("dataset"), str):
+                found.add(job.config["dataset"])
+            stack.extend(getattr(dep, "job", dep) for dep in job.deps.values())     # a Part depends on its job
+        return sorted(found)
+
 
 def draw_pairs(n_models: int, n_pairs: int, seed: int) -> list[tuple[int, int]]:
     """``n_pairs`` distinct unordered pairs of model indices, drawn without repetition (seeded).
@@ -148,7 +163,9 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None) -> Plan
             continue
         for job in module.jobs(scale):
             jobs.setdefault(job.id, job)
-    return Plan(scale.name, list(jobs.values()), missing, {"scale": scale.as_dict()})
+    plan = Plan(scale.name, list(jobs.values()), missing, {"scale": scale.as_dict()})
+    plan.info["datasets"] = plan.datasets
+    return plan
 
 
 def probe_plan(sleep_s: float = 0.3, n: int = 8) -> Plan:

@@ -121,8 +121,8 @@ def _header(plan: dict) -> list[str]:
              "numbers are from CIFAR-10 at full scale; at smaller scales or on `digits` only the "
              "qualitative claims are comparable.\n"]
     if plan:
-        scale = plan.get("scale", {})
-        parts.append(f"Plan: scale `{plan.get('name')}`, dataset `{scale.get('dataset', '–')}`, "
+        datasets = ", ".join(f"`{d}`" for d in plan.get("datasets", [])) or "–"
+        parts.append(f"Plan: scale `{plan.get('name')}`, datasets {datasets} (each section names its own), "
                      f"{plan.get('jobs', '–')} jobs.\n")
         if plan.get("missing"):
             parts.append("Experiments **not run** because their code is missing here:\n\n"
