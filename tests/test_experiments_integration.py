@@ -48,7 +48,8 @@ def test_every_experiment_runs_on_a_tiny_plan(tmp_path):
     assert len(cka["grelu"]) == len(cka["sites"]) == len(cka["linear"][0])
     assert all(0 <= v <= 1 + 1e-9 for row in cka["grelu"] + cka["linear"] for v in row)
     assert len(rows["procrustes"].result["grelu"]) == 4
-    assert rows["dissection"].result["rows"] and all("penalty" in run for run in rows["rotation_penalty"].result["runs"])
+    assert rows["dissection"].result["rows"]
+    assert all("penalty" in run for run in rows["rotation_penalty"].result["runs"])
     text = write_report(tmp_path).read_text()
     for name in ("fig1_stitching", "fig4_rotation_penalty", "d3_leaky_relu", "table2_procrustes", "fig5_cka",
                  "fig2_cka", "fig3_dissection", "ext_alignment_barriers"):
