@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from intertwiners.batched import evaluate_many, stack
+from intertwiners.batched import evaluate_many, fit_many, stack
 from intertwiners.data import ArrayDataset
 from intertwiners.models import myrtle_cnn
-from intertwiners.training import accuracy
+from intertwiners.rotation_penalty import Frozen
+from intertwiners.training import Recipe, accuracy, fit
 
 
 def _models(steps):
@@ -41,3 +44,67 @@ def test_stacking_refuses_a_differing_counter_of_a_cumulative_batch_norm():
     models[1](torch.randn(4, 1, 8, 8))
     with pytest.raises(ValueError, match="num_batches_tracked"):
         stack(models)
+
+
+def _noise_data(n: int, seed: int, flip: bool = True, translate: int = 1) -> ArrayDataset:
+    g = torch.Generator().manual_seed(seed)
+    return ArrayDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g),
+                        num_classes=10, name="noise", flip=flip, translate=translate)
+
+
+def _close(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-4, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_fit_many_trains_each_model_as_fit_alone(batch_norm):
+    """Models trained together (stacked into grouped convolutions, one Adam over all of them) end with the
+    weights, best epochs and validation scores that :func:`fit` gives each alone with its seed; a model whose
+    convergence criterion stops it early leaves the stack without changing the others; a shared seed is one
+    shared minibatch stream. The slow reference is ``fit``, one model after another."""
+    torch.manual_seed(0)
+    models = [myrtle_cnn(width=4, in_channels=1, input_size=8, batch_norm=batch_norm) for _ in range(3)]
+    train, val = _noise_data(48, 1), _noise_data(24, 2, flip=False, translate=0)
+    recipe = Recipe(epochs=4, batch_size=16, lr=3e-3, step_size=2, patience=1)
+    seeds = [0, 1, 0]
+    alone = [copy.deepcopy(m) for m in models]
+    expected = [fit(m, train, val, recipe, s, "cpu", progress=False) for m, s in zip(alone, seeds)]
+    found = fit_many(models, train, val, recipe, seeds, "cpu", progress=False)
+    for a, b, e, f in zip(models, alone, expected, found):
+        _close(a, b)
+        assert (f["best_epoch"], f["epochs"], f["val_accuracy"]) == (e["best_epoch"], e["epochs"], e["val_accuracy"])
+        assert f["val_loss"] == pytest.approx(e["val_loss"], rel=1e-4)
+
+
+def test_fit_many_with_a_frozen_prefix_trains_as_fit_on_the_whole_model():
+    """A frozen front shared by every model (run once per batch) trains each back as ``fit`` trains
+    ``Sequential(Frozen(front), back)``."""
+    torch.manual_seed(1)
+    whole = myrtle_cnn(width=4, in_channels=1, input_size=8)
+    front, back = whole[:3], whole[3:]
+    backs = [copy.deepcopy(back) for _ in range(2)]
+    for b in backs[1:]:
+        for p in b.parameters():
+            if p.ndim > 1:
+                torch.nn.init.normal_(p, std=0.3)
+    train, val = _noise_data(40, 3), _noise_data(20, 4, flip=False, translate=0)
+    recipe = Recipe(epochs=2, batch_size=8, lr=3e-3)
+    alone = [torch.nn.Sequential(Frozen(copy.deepcopy(front)), copy.deepcopy(b)) for b in backs]
+    expected = [fit(m, train, val, recipe, s, "cpu", progress=False) for m, s in zip(alone, (5, 6))]
+    found = fit_many(backs, train, val, recipe, [5, 6], "cpu", progress=False, prefix=copy.deepcopy(front))
+    for b, a, e, f in zip(backs, alone, expected, found):
+        _close(b, a[1])
+        assert f["best_epoch"] == e["best_epoch"] and f["val_accuracy"] == e["val_accuracy"]
+
+
+def test_fit_many_is_not_fit_with_other_seeds():
+    """The equality above is not vacuous: another seed gives other weights."""
+    torch.manual_seed(0)
+    model = myrtle_cnn(width=4, in_channels=1, input_size=8)
+    train, val = _noise_data(48, 1), _noise_data(24, 2, flip=False, translate=0)
+    recipe = Recipe(epochs=1, batch_size=16, lr=3e-3)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    fit(a, train, val, recipe, 0, "cpu", progress=False)
+    fit_many([b], train, val, recipe, [1], "cpu", progress=False)
+    assert any(not torch.allclose(x, y, atol=1e-4) for x, y in zip(a.parameters(), b.parameters()))
