@@ -16,6 +16,7 @@ from intertwiners.rotation_penalty import (
     insert_transform,
     insertion_index,
     plot_rotation_penalties,
+    rotation_penalties,
     rotation_penalty,
     sample_transform,
     summarize,
@@ -207,6 +208,27 @@ def test_rotation_penalty_numbers(small_digits):
         rotation_penalty(model, "conv2", torch.zeros(8, 8), train, test, epochs=1, device="cpu")
     with pytest.raises(ValueError, match=r"\(8, 8\)"):
         rotation_penalty(model, "conv2", torch.eye(3), train, test, epochs=1, device="cpu")
+
+
+def test_rotation_penalties_together_equal_each_run_alone(small_digits):
+    """Every (transform, seed) trained together (one frozen front, stacked backs, each with its own stream
+    and convergence) gives the row :func:`rotation_penalty` gives that run alone: the slow reference."""
+    train, test = small_digits
+    train = train.subset(torch.arange(120))
+    model = tiny_cnn()
+    fit(model, *small_digits, Recipe(epochs=3, lr=1e-2), 0, "cpu", progress=False)     # off chance: runs differ
+    runs = [("grelu", 0), ("orthogonal", 0), ("identity", 1), ("grelu", 2)]
+    kw = dict(epochs=3, patience=1, device="cpu", step_size=2)
+    together = rotation_penalties(model, "conv2", runs, train, test, **kw)
+    for (kind, seed), row in zip(runs, together):
+        alone = rotation_penalty(model, "conv2", kind, train, test, seed=seed, **kw)
+        for key in ("transform", "seed", "best_epoch", "transformed_accuracy", "baseline_accuracy", "site"):
+            assert row[key] == alone[key], key
+        for key in ("finetuned_accuracy", "val_accuracy", "penalty"):
+            assert row[key] == pytest.approx(alone[key], abs=1e-9), key
+    assert len({row["transformed_accuracy"] for row in together}) > 1
+    with pytest.raises(ValueError, match="at least one"):
+        rotation_penalties(model, "conv2", [], train, test, **kw)
 
 
 def test_selection_never_looks_at_the_test_set(small_digits):

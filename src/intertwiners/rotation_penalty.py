@@ -35,6 +35,7 @@ from torch import nn
 
 from ._util import resolve_device, save_figure
 from .activations import ACTIVATION_MODULES
+from .batched import fit_many
 from .data import ArrayDataset
 from .groups import _random_orthogonal, monomial_matrix
 from .training import Recipe, accuracy, fit
@@ -191,18 +192,44 @@ def _check_settings(*, epochs, batch_size, lr, val_fraction, train_subset, finet
         raise ValueError(f"finetune must be 'all' or 'next', got {finetune!r}")
 
 
+def _site(model: nn.Module, layer: str | int, example: torch.Tensor) -> tuple[int, str, str, int]:
+    """(index of the activation the transform precedes, its name, the Conv/Linear before it, channels)."""
+    idx = insertion_index(model, layer)
+    children = _children(model)
+    site = children[idx][0]
+    layer_name = next((name for name, m in reversed(children[:idx]) if isinstance(m, nn.Conv2d | nn.Linear)),
+                      site)
+    return idx, site, layer_name, _channels(model, idx, example)
+
+
+def _matrix(transform: str | torch.Tensor, channels: int, seed: int, layer) -> tuple[str, torch.Tensor]:
+    """(kind, the (C, C) float64 matrix): ``transform`` sampled with ``seed``, or the matrix given, checked."""
+    if isinstance(transform, str):
+        kind, matrix = transform, sample_transform(transform, channels, torch.Generator().manual_seed(seed))
+    else:
+        kind = "custom"
+        matrix = torch.as_tensor(transform, dtype=torch.float64)
+        if matrix.shape != (channels, channels):
+            raise ValueError(f"transform must be ({channels}, {channels}) for layer {layer!r}, "
+                             f"got {tuple(matrix.shape)}")
+    if not torch.isfinite(matrix).all() or torch.linalg.matrix_rank(matrix) < channels:
+        raise ValueError("transform must be a finite invertible matrix")
+    return kind, matrix
+
+
 def rotation_penalty(model: nn.Module, layer: str | int, transform: str | torch.Tensor, train: ArrayDataset,
                      test: ArrayDataset, *, epochs: int = 50, seed: int = 0, device: str = "auto",
                      baseline: float | None = None, val_fraction: float = 0.1, split_seed: int = 0,
                      batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, step_size: int = 12,
                      gamma: float = 0.5, train_subset: int | None = None, finetune: str = "all",
-                     progress: bool = False) -> dict:
+                     patience: int | None = None, progress: bool = False) -> dict:
     """Insert a fixed transform before ``layer``'s activation, fine-tune the later layers, measure the loss.
 
     ``train`` is the full training set; a validation part (``val_fraction``, split with ``split_seed``,
     by default the split :func:`intertwiners.training.train_one` held out) selects the best fine-tuning
-    epoch. ``transform``: a name from :data:`TRANSFORMS` (sampled with ``seed``) or a (C, C) matrix.
-    ``baseline``: the model's test accuracy if already known. ``train_subset``: fine-tune on only the
+    epoch; ``patience``: stop after that many epochs without a better validation score (``None``: run every
+    one of ``epochs``). ``transform``: a name from :data:`TRANSFORMS` (sampled with ``seed``) or a (C, C)
+    matrix. ``baseline``: the model's test accuracy if already known. ``train_subset``: fine-tune on only the
     first k training samples (for quick tests). ``finetune``: ``"all"`` later layers (the paper) or only
     the ``"next"`` Conv/Linear (see :func:`insert_transform`). Returns a dict of plain numbers: ``baseline_accuracy``,
     ``transformed_accuracy`` (after inserting A, before fine-tuning), ``finetuned_accuracy``, ``penalty``
@@ -213,24 +240,8 @@ def rotation_penalty(model: nn.Module, layer: str | int, transform: str | torch.
     dev = resolve_device(device)
     start = time.perf_counter()
     model = copy.deepcopy(model).cpu()
-    idx = insertion_index(model, layer)
-    children = _children(model)
-    site = children[idx][0]
-    layer_name = next((name for name, m in reversed(children[:idx]) if isinstance(m, nn.Conv2d | nn.Linear)),
-                      site)
-    channels = _channels(model, idx, train.x[:1])
-    gen = torch.Generator().manual_seed(seed)
-    if isinstance(transform, str):
-        kind = transform
-        matrix = sample_transform(transform, channels, gen)
-    else:
-        kind = "custom"
-        matrix = torch.as_tensor(transform, dtype=torch.float64)
-        if matrix.shape != (channels, channels):
-            raise ValueError(f"transform must be ({channels}, {channels}) for layer {layer!r}, "
-                             f"got {tuple(matrix.shape)}")
-    if not torch.isfinite(matrix).all() or torch.linalg.matrix_rank(matrix) < channels:
-        raise ValueError("transform must be a finite invertible matrix")
+    idx, site, layer_name, channels = _site(model, layer, train.x[:1])
+    kind, matrix = _matrix(transform, channels, seed, layer)
     if baseline is None:
         baseline = accuracy(copy.deepcopy(model).to(dev), test, dev)
     fine_train, val = train.split(val_fraction, seed=split_seed)
@@ -240,28 +251,61 @@ def rotation_penalty(model: nn.Module, layer: str | int, transform: str | torch.
     transformed = accuracy(new_model, test, dev)
     torch.manual_seed(seed)
     recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, step_size=step_size,
-                    gamma=gamma, val_fraction=val_fraction)
+                    gamma=gamma, val_fraction=val_fraction, patience=patience)
     fitted = fit(new_model, fine_train, val, recipe, seed, dev, progress, desc=f"fine-tune {site} {kind}")
     finetuned = accuracy(new_model, test, dev)
+    return _row(layer, layer_name, site, idx, kind, seed, channels, epochs, finetune, baseline, transformed,
+                finetuned, fitted, time.perf_counter() - start)
+
+
+def _row(layer, layer_name, site, idx, kind, seed, channels, epochs, finetune, baseline, transformed, finetuned,
+         fitted, seconds) -> dict:
     return {"layer": str(layer), "conv": layer_name, "site": site, "position": idx, "transform": kind,
-            "seed": seed, "channels": channels, "epochs": epochs, "finetune": finetune,
+            "seed": int(seed), "channels": channels, "epochs": epochs, "finetune": finetune,
             "baseline_accuracy": float(baseline), "transformed_accuracy": float(transformed),
             "finetuned_accuracy": float(finetuned), "penalty": float(baseline) - float(finetuned),
             "val_accuracy": float(fitted["val_accuracy"]), "best_epoch": int(fitted["best_epoch"]),
-            "wall_time_s": time.perf_counter() - start}
+            "wall_time_s": seconds}
 
 
-def rotation_penalties(model: nn.Module, layer: str | int, runs: Iterable[tuple[str, int]], train: ArrayDataset,
-                       test: ArrayDataset, *, epochs: int = 50, patience: int | None = None, device: str = "auto",
-                       baseline: float | None = None) -> list[dict]:
-    """:func:`rotation_penalty` at ``layer`` for each ``(transform, seed)`` of ``runs``, one after another,
-    the baseline accuracy measured once. ``patience`` is accepted for the job's interface but not used yet:
-    each run fine-tunes ``epochs`` epochs and keeps its best validation epoch (not batched yet)."""
-    runs = list(runs)
+def rotation_penalties(model: nn.Module, layer: str | int, runs: Iterable[tuple[str | torch.Tensor, int]],
+                       train: ArrayDataset, test: ArrayDataset, *, epochs: int = 50, patience: int | None = None,
+                       device: str = "auto", baseline: float | None = None, val_fraction: float = 0.1,
+                       split_seed: int = 0, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4,
+                       step_size: int = 12, gamma: float = 0.5, progress: bool = False) -> list[dict]:
+    """:func:`rotation_penalty` at ``layer`` for every ``(transform, seed)`` of ``runs``, trained together.
+
+    The frozen layers before the transform are shared by every run and run once per batch
+    (:func:`intertwiners.batched.fit_many` with a prefix); each run's transform and later layers are one
+    member of a stacked model, trained on its own minibatch stream (its seed) until its own convergence
+    criterion (``patience``) stops it. Each returned row equals what :func:`rotation_penalty` gives that run
+    alone with the same settings (``finetune="all"``); ``wall_time_s`` is the time of the whole group.
+    """
+    runs = [(t, int(seed)) for t, seed in runs]
+    if not runs:
+        raise ValueError("rotation_penalties needs at least one (transform, seed) run")
+    _check_settings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, train_subset=None,
+                    finetune="all")
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    model = copy.deepcopy(model).cpu()
+    idx, site, layer_name, channels = _site(model, layer, train.x[:1])
+    drawn = [_matrix(t, channels, seed, layer) for t, seed in runs]
     if baseline is None:
-        baseline = accuracy(copy.deepcopy(model).to(resolve_device(device)), test, resolve_device(device))
-    return [rotation_penalty(model, layer, transform, train, test, epochs=epochs, seed=int(seed), device=device,
-                             baseline=baseline) for transform, seed in runs]
+        baseline = accuracy(copy.deepcopy(model).to(dev), test, dev)
+    fine_train, val = train.split(val_fraction, seed=split_seed)
+    whole = [insert_transform(model, layer, matrix).to(dev) for _, matrix in drawn]
+    transformed = [accuracy(m, test, dev) for m in whole]
+    # every model is Sequential(frozen=Frozen(front), transform, back...): the members are all but the front
+    members = [nn.Sequential(OrderedDict(list(m.named_children())[1:])) for m in whole]
+    recipe = Recipe(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, step_size=step_size,
+                    gamma=gamma, val_fraction=val_fraction, patience=patience)
+    fitted = fit_many(members, fine_train, val, recipe, [seed for _, seed in runs], dev, progress,
+                      desc=f"fine-tune {site} x{len(runs)}", prefix=whole[0].frozen.inner)
+    seconds = time.perf_counter() - start
+    return [_row(layer, layer_name, site, idx, kind, seed, channels, epochs, "all", baseline, before,
+                 accuracy(m, test, dev), f, seconds)
+            for (kind, _), (_, seed), before, m, f in zip(drawn, runs, transformed, whole, fitted)]
 
 
 def rotation_penalty_sweep(model: nn.Module, layers: Iterable[str | int], transforms: Iterable[str],
