@@ -87,3 +87,98 @@ def test_products_with_a_transposed_parameter_are_linear_layers():
     assert report.ok and report.max_rel <= 1e-12
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), new.parameters()))
+
+
+class TalkingHeads(nn.Module):
+    """timm CaiT's talking-heads attention: the scores and the attention weights are mixed across heads by two
+    linear maps over the head axis (``proj_l`` before the softmax, ``proj_w`` after it). ``talking=False``: the
+    same block without them (plain written-out attention)."""
+
+    def __init__(self, dim=6, heads=3, talking=True):
+        super().__init__()
+        self.heads, self.talking = heads, talking
+        self.inp, self.qkv, self.proj = nn.Linear(4, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, 3)
+        self.proj_l, self.proj_w = nn.Linear(heads, heads), nn.Linear(heads, heads)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, N, C = h.shape
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q * 0.5) @ k.transpose(-2, -1)
+        if self.talking:
+            attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = attn.softmax(dim=-1)
+        if self.talking:
+            attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_talking_heads_keep_heads_in_place_and_per_head_maps():
+    torch.manual_seed(0)
+    model = TalkingHeads().double()
+    spec = symmetry_spec(model, X, check=False)
+    attention = {s.group.dk and "qk" or "vo": s.group for s in spec.spaces.values()
+                 if s.group.kind == "attention_heads"}
+    # queries/keys: per-head A_g, values/outputs: per-head B_g; no head permutation (the heads are mixed)
+    assert set(attention) == {"qk", "vo"} and not any(g.permute_heads for g in attention.values())
+    assert attention["qk"].dv == 0 and attention["vo"].dk == 0
+    # between proj_l and proj_w the heads are channels of their own: permuted (the softmax allows no more)
+    assert spec.spaces["proj_l"].group.kind == "permutation"
+    assert sum("talking heads" in r for r in spec.pinned.values()) == 2, spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    news = [apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(s)), spec) for s in range(3)]
+    assert all(torch.allclose(new(X), model(X), rtol=0, atol=1e-12) for new in news)
+    assert all(not torch.equal(new.qkv.weight, model.qkv.weight) for new in news)
+    assert any(not torch.equal(new.proj_l.bias, model.proj_l.bias) for new in news)   # a permutation of 3 heads
+
+
+def test_talking_heads_pins_are_needed_and_plain_attention_permutes_heads():
+    torch.manual_seed(0)
+    model = TalkingHeads().double()
+    # what a free head axis would claim: proj_l's columns times A^-1 with nothing acting on the scores
+    wrong = TalkingHeads().double()
+    wrong.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        wrong.proj_l.weight.copy_(model.proj_l.weight @ torch.linalg.inv(torch.randn(3, 3, dtype=torch.float64)))
+    assert (wrong(X) - model(X)).abs().max() > 1e-4
+    # without the maps across heads the same block permutes its heads
+    plain = TalkingHeads(talking=False).double()
+    spec = symmetry_spec(plain, X, check=False)
+    (group,) = [s.group for s in spec.spaces.values() if s.group.kind == "attention_heads"]
+    assert group.permute_heads and group.heads == 3 and group.dk == group.dv == 2 and not spec.pinned
+    assert verify_symmetry(plain, X, spec=spec, trials=2).ok
+
+
+class ClassTokenJoin(nn.Module):
+    """CaiT's class token: a parameter updated by its own layer, then concatenated with the patch tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+
+    def forward(self, x):
+        h = self.a(x)
+        c = self.cls.expand(x.shape[0], 1, 6) + self.c(h.mean(1, keepdim=True))
+        return self.b(torch.relu(torch.cat((c, h), dim=1)))
+
+
+def test_concatenating_tokens_of_two_values_ties_their_channels():
+    torch.manual_seed(0)
+    model = ClassTokenJoin().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    new = dict(apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec).named_parameters())
+    assert all(not torch.equal(p, new[n]) for n, p in model.named_parameters() if n != "b.bias"), spec
+    # the tie is needed: a's rows (and b's columns) permuted without the class token's channels change outputs
+    moved = ClassTokenJoin().double()
+    moved.load_state_dict(model.state_dict())
+    perm = torch.tensor([1, 0, 2, 3, 4, 5])
+    with torch.no_grad():
+        moved.a.weight.copy_(model.a.weight[perm])
+        moved.a.bias.copy_(model.a.bias[perm])
+        moved.b.weight.copy_(model.b.weight[:, perm])
+    assert (moved(X) - model(X)).abs().max() > 1e-4

@@ -94,12 +94,13 @@ class SiteRecord:
 class AttentionRecord:
     """One attention call: atoms per head of the queries ``q`` (H, dk), the keys ``k`` (H, dk; a key/value
     head repeated for grouped-query attention), the values ``v`` (H, dv); ``q``/``k`` None when they are
-    untransformed. ``heads`` (H,): the head atoms of written-out scores (softmax(q k^T) v). ``owner``: the
-    module that computes it (the attention space is named after it)."""
+    untransformed, ``v`` None when the scores never reach the values head by head (talking heads mix them
+    across heads: queries/keys only, heads in place). ``heads`` (H,): the head atoms of written-out scores
+    (softmax(q k^T) v). ``owner``: the module that computes it (the attention space is named after it)."""
     owner: str
     q: np.ndarray | None
     k: np.ndarray | None
-    v: np.ndarray
+    v: np.ndarray | None
     kv_heads: int
     heads: np.ndarray | None = None
 

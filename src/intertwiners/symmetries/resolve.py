@@ -188,10 +188,11 @@ class Resolver:
         for rec in an.attention:
             kv = rec.kv_heads
             H, dk = rec.q.shape if rec.q is not None else (rec.v.shape[0], 0)
-            dv = rec.v.shape[1]
+            dv = rec.v.shape[1] if rec.v is not None else 0
             rep = H // kv if kv and H % kv == 0 else 0
             qk_cls = self.classes(rec.k.reshape(-1)).reshape(H, dk) if rec.k is not None else None
-            v_cls = self.classes(rec.v.reshape(-1)).reshape(H, dv)
+            # no values: the scores are read across heads (talking heads), queries/keys alone, heads in place
+            v_cls = self.classes(rec.v.reshape(-1)).reshape(H, dv) if rec.v is not None else np.zeros((H, 0), np.int64)
             if qk_cls is None:  # untransformed queries/keys: per-head maps of the values only
                 qk_cls = np.zeros((H, 0), np.int64)
                 dk = 0
@@ -201,7 +202,7 @@ class Resolver:
             else:
                 qk_rows, v_rows = qk_cls[::rep], v_cls[::rep]
                 sq = {self.space_of[c] for c in qk_rows.reshape(-1).tolist()} or {-1}
-                sv = {self.space_of[c] for c in v_rows.reshape(-1).tolist()}
+                sv = {self.space_of[c] for c in v_rows.reshape(-1).tolist()} or {-2}
                 if len(sq) != 1 or len(sv) != 1 or sq == sv:
                     reason = "attention whose queries/keys or values share channels with other values"
             head_spaces = set()
@@ -214,7 +215,7 @@ class Resolver:
             if reason is None:
                 s_qk, s_v = sq.pop(), sv.pop()
                 A = spaces[s_qk] if s_qk >= 0 else Draft([], ["no queries/keys"])
-                B = spaces[s_v]
+                B = spaces[s_v] if s_v >= 0 else Draft([])
                 if len(A.classes) != kv * dk or len(B.classes) != kv * dv \
                         or len(set(qk_rows.reshape(-1).tolist())) != kv * dk \
                         or len(set(v_rows.reshape(-1).tolist())) != kv * dv:
@@ -236,8 +237,10 @@ class Resolver:
                 if qk_free:
                     A.reasons.append("the values of this attention block are pinned")
                 continue
-            if qk_free:
-                group = AttentionGroup(kv, dk, dv, name=rec.owner)
+            if rec.v is None and not qk_free:
+                continue
+            if qk_free:   # heads permute only when the scores reach the values head by head
+                group = AttentionGroup(kv, dk, dv, permute_heads=rec.v is not None, name=rec.owner)
                 classes = [int(c) for c in qk_rows.reshape(-1)] + [int(c) for c in v_rows.reshape(-1)]
                 A.classes = []
             else:  # queries/keys pinned (e.g. rotary embeddings): per-head maps of the values only

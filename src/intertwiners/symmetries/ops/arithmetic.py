@@ -56,9 +56,7 @@ def add(ctx: Context, node: fx.Node):
         if not L.same_structure(a, b) or node.kwargs.get("alpha", 1) == 0:
             return ctx.unsupported(node, f"{ctx.describe(node)} adds values with different channel layouts")
         ctx.tie(a, b, f"{ctx.describe(node)}")
-        atoms = np.where(a.atoms >= 0, a.atoms, np.where(b.atoms >= 0, b.atoms, np.where(
-            (a.atoms == FIXED) | (b.atoms == FIXED), FIXED, ZERO)))
-        chains = np.where(a.atoms >= 0, a.chains, b.chains)
+        atoms, chains = L.merge_tied(a, b)
         return (a if a.shape == tuple(shape) else b).derive(atoms=atoms, chains=chains)
     x, other, other_node = (a, b, node.args[1]) if isinstance(a, Layout) else (b, a, node.args[0])
     if not isinstance(x, Layout):

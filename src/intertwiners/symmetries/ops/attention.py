@@ -4,6 +4,12 @@ Per head, queries and keys are tied with a dual transform (W_Q -> A W_Q, W_K -> 
 carries the values' transform (W_V -> B W_V, W_O -> W_O B^-1); heads are permuted together. Each call is
 recorded (:class:`~..records.AttentionRecord`); the resolver turns its query/key and value spaces into one
 attention space (:class:`~..structured.AttentionGroup`).
+
+Written out, the scores ``q @ k^T`` carry *head atoms*, which only a permutation of the heads may move.
+Scores that never reach ``p @ v`` with those head atoms (talking heads: a linear map across the head axis
+mixes them) keep their heads in place; their queries and keys keep the per-head maps A_g (the scores of a
+head do not change under them, whatever reads them), and the values keep B_g when the mixed weights meet
+them head by head.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from ..capture import owner
 from ..context import Context
 from ..layout import Layout
 from ..records import AttentionRecord
-from ..registry import builtin
+from ..registry import builtin, finisher
 
 aten = torch.ops.aten
 
@@ -49,7 +55,8 @@ def tie_queries_keys(ctx: Context, node: fx.Node, qa, qc, ka, kc, repeat: bool):
 def _record(ctx: Context, node: fx.Node, qa, ka, va, heads=None) -> None:
     path, _ = owner(node)
     name = f"{path or 'model'}.attention" if not path.endswith("attention") else path
-    ctx.record_attention(AttentionRecord(name, qa, ka, va, len({tuple(r) for r in va.tolist()}), heads))
+    kv = va if va is not None else ka
+    ctx.record_attention(AttentionRecord(name, qa, ka, va, len({tuple(r) for r in kv.tolist()}), heads))
 
 
 def _heads_table(t: Layout):
@@ -107,7 +114,7 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
     nothing else may read the scores)."""
     nd = a.ndim
     shape = ctx.shape(node)
-    scores = ctx.scratch.setdefault("attention.scores", {})   # first head atom -> (q table, k table)
+    scores = _pending(ctx)
     if nd < 3 or b.ndim != nd or shape is None:
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
     fa, fb = set(a.feature_dims()), set(b.feature_dims())
@@ -119,11 +126,14 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
         if isinstance(tied, str):
             return ctx.unsupported(node, f"{ctx.describe(node)}: {tied}")
         heads = ctx.atoms.new(tied[0].shape[0])
-        scores[int(heads[0])] = tied
+        scores[int(heads[0])] = (*tied, heads, node)
         return L.simple(heads, np.zeros(len(heads), np.int64), shape, nd - 3)
+    if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) not in scores \
+            and nd - 1 in fb and nd - 2 not in fb:                                         # mixed p @ v
+        return _mixed_weights_times_values(ctx, node, a, b)
     if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) in scores \
             and nd - 1 in fb and nd - 2 not in fb:                                         # p @ v
-        qa, ka = scores.pop(int(a.atoms[0]))
+        qa, ka, _, _ = scores.pop(int(a.atoms[0]))
         got = _heads_table(b)
         if got is None:
             return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
@@ -136,3 +146,36 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
         _record(ctx, node, qa, ka, va, heads=a.atoms)
         return L.with_non_feature_size(b, nd - 2, shape[nd - 2])
     return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
+
+
+def _pending(ctx: Context) -> dict:
+    """Scores ``q @ k^T`` not yet read by ``p @ v``: first head atom -> (q table, k table, head atoms, node)."""
+    return ctx.scratch.setdefault("attention.scores", {})
+
+
+def _mixed_weights_times_values(ctx: Context, node: fx.Node, p: Layout, v: Layout):
+    """``p @ v`` where p's head axis holds channels that are not the scores' heads (talking heads: p was mixed
+    across heads by a linear map). Head h of the output is p[h] @ v[h]: the values keep their per-head maps
+    B_g (undone by the output projection), but p's heads stay in place, so no head permutation."""
+    nd = p.ndim
+    got = _heads_table(v)
+    if got is None or len(p.atoms) != got[0].shape[0]:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
+    ctx.pin(p, f"{ctx.describe(node)}: attention weights mixed across heads (talking heads) keep their heads in "
+               "place")
+    _record(ctx, node, None, None, got[0])
+    return L.with_non_feature_size(v, nd - 2, ctx.shape(node)[nd - 2])
+
+
+@finisher
+def scores_not_read_by_heads(ctx: Context) -> None:
+    """Scores that never reached ``p @ v`` with their head atoms (read across heads, e.g. talking heads' linear
+    map over the head axis, or by an operation without a rule): their heads stay in place (the head atoms are
+    pinned, so the map across heads keeps its columns), and their queries and keys keep the per-head maps
+    A_g, A_g^-T, which leave every head's scores unchanged."""
+    pending = _pending(ctx)
+    for qa, ka, heads, node in pending.values():
+        ctx.atoms.pin(heads, f"{ctx.describe(node)}: attention scores read across heads (e.g. talking heads) "
+                             "keep their heads in place")
+        _record(ctx, node, qa, ka, None)
+    pending.clear()

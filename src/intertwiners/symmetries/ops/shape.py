@@ -244,7 +244,9 @@ def getitem(ctx: Context, node: fx.Node):
 @builtin(aten.cat, aten.concat)
 def cat(ctx: Context, node: fx.Node):
     """Along a channel axis: the parts' channels side by side (untransformed parts are fixed channels).
-    Along another axis: the same channels in every part; a parameter part (a class token) moves with them."""
+    Along another axis: one transform for every part (their channels are tied position by position, as in a
+    sum: CaiT's class token, updated by its own blocks, joins the patch tokens); a parameter part (a class
+    token) moves with them."""
     parts = [(a, ctx.value(a)) for a in node.args[0]]
     shape = ctx.shape(node)
     dim = ctx.arg(node, 1, "dim", 0) % len(shape)
@@ -252,6 +254,7 @@ def cat(ctx: Context, node: fx.Node):
     parts = [(a, v) for a, v in parts if isinstance(v, Layout) or (ctx.shape(a) and int(np.prod(ctx.shape(a))) > 0)]
     ref = hidden[0]
     if dim not in ref.feature_dims():
+        merged = ref
         for a, v in parts:
             if isinstance(v, ParamRef):  # a class token: moves with the channels it is concatenated to
                 part_shape = ctx.shape(a)
@@ -260,9 +263,12 @@ def cat(ctx: Context, node: fx.Node):
                     return ctx.unsupported(node, f"{ctx.describe(node)} concatenates a parameter that is not "
                                                  "per-channel")
                 ctx.rows(v, None, got)
-            elif not isinstance(v, Layout) or not L.same_structure(ref, v) or not np.array_equal(ref.atoms, v.atoms):
+            elif not isinstance(v, Layout) or not L.same_structure(ref, v):
                 return ctx.unsupported(node, f"{ctx.describe(node)} concatenates values with different channels")
-        return L.with_non_feature_size(ref, dim, shape[dim])
+            elif v is not ref and not (np.array_equal(ref.atoms, v.atoms) and np.array_equal(ref.chains, v.chains)):
+                ctx.tie(ref, v, f"{ctx.describe(node)}")
+                merged = merged.derive(*L.merge_tied(merged, v))
+        return L.with_non_feature_size(merged, dim, shape[dim])
     atoms, chains = [], []
     for a, v in parts:
         if not isinstance(v, Layout):
