@@ -1,6 +1,7 @@
 """Issue 18's families of operations on hand-written replica blocks: each derived space is checked as derived
 (no safety net) against the outputs, and each operation that would break a symmetry pins with its reason."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -182,3 +183,85 @@ def test_concatenating_tokens_of_two_values_ties_their_channels():
         moved.a.bias.copy_(model.a.bias[perm])
         moved.b.weight.copy_(model.b.weight[:, perm])
     assert (moved(X) - model(X)).abs().max() > 1e-4
+
+
+def test_xglm_bmm_attention_and_sinusoidal_positions():
+    """transformers' XGLM: attention written with bmm on (batch·heads, tokens, width), scores floored with
+    torch.max(·, finfo.min), sinusoidal positions looked up with index_select from a buffer and added to the
+    stream. Every block is an attention space with its heads permuted, nothing is pinned, outputs unchanged."""
+    transformers = pytest.importorskip("transformers")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)   # XGLM builds its mask fill in the default dtype
+    try:
+        torch.manual_seed(0)
+        model = transformers.XGLMForCausalLM(transformers.XGLMConfig(
+            vocab_size=50, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, max_position_embeddings=32,
+            use_cache=False)).eval()
+        ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+        spec = symmetry_spec(model, (ids,), check=False)
+        assert not spec.pinned, spec.pinned
+        groups = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+        assert len(groups) == 2 and all(g.permute_heads and g.heads == 4 for g in groups)
+        new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(2)), spec)
+        before, after = model(ids).logits, new(ids).logits
+        assert (after - before).abs().max() <= 1e-12 * before.abs().max()
+        old, moved = dict(model.named_parameters()), dict(new.named_parameters())
+        changed = sum(int((old[k] != moved[k]).sum()) for k in old) / sum(p.numel() for p in old.values())
+        assert changed > 0.97
+        assert not torch.equal(new.model.embed_positions.weights, model.model.embed_positions.weights)
+    finally:
+        torch.set_default_dtype(default)
+
+
+class FoldedHeads(nn.Module):
+    """Attention written with the heads folded into the batch axis (BLOOM/XGLM style): scores from
+    ``baddbmm(bias, q, k^T)`` with an ALiBi bias (a slope per head, ``alibi=True``) or one bias shared by the heads,
+    weights times values with ``bmm``; token embeddings looked up as ``table[ids]`` and the last token picked
+    with ``h[arange(B), last]``."""
+
+    def __init__(self, d=6, heads=3, vocab=7, alibi=True):
+        super().__init__()
+        self.h, self.alibi = heads, alibi
+        self.table = nn.Parameter(torch.randn(vocab, d))
+        self.qkv, self.o, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.register_buffer("slopes", 2.0 ** -torch.arange(1.0, heads + 1))
+
+    def forward(self, ids):
+        x = self.table[ids]                                            # (B, T, d)
+        B, T, d = x.shape
+        q, k, v = (t.reshape(B, T, self.h, -1).transpose(1, 2).reshape(B * self.h, T, -1)
+                   for t in self.qkv(x).chunk(3, -1))
+        pos = torch.arange(T, dtype=x.dtype)
+        slopes = self.slopes if self.alibi else torch.ones_like(self.slopes)
+        bias = (slopes[:, None] * pos).repeat(B, 1)[:, None, :]        # (B·H, 1, T)
+        p = torch.baddbmm(bias if self.alibi else bias[:1], q, k.transpose(1, 2), beta=1.0, alpha=0.5).softmax(-1)
+        a = torch.bmm(p, v).reshape(B, self.h, T, -1).transpose(1, 2).reshape(B, T, d)
+        y = x + self.o(a)
+        return self.out(y[torch.arange(B), ids.argmax(1)])
+
+
+def test_folded_heads_bmm_baddbmm_alibi_and_index_lookups():
+    ids = torch.tensor([[1, 4, 2, 6], [3, 0, 5, 5]])
+    for alibi in (True, False):
+        torch.manual_seed(0)
+        model = FoldedHeads(alibi=alibi).double()
+        spec = symmetry_spec(model, (ids,), check=False)
+        (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+        # ALiBi's slopes differ between heads: they stay in place, each keeps its maps; a shared bias permutes
+        assert group.permute_heads != alibi and group.heads == 3 and group.dk == group.dv == 2
+        assert any("ALiBi" in r for r in spec.pinned.values()) if alibi else not spec.pinned, spec.pinned
+        report = verify_symmetry(model, (ids,), spec=spec, trials=2)
+        assert report.ok and report.max_rel <= 1e-12
+        new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+        assert not torch.equal(new.table, model.table) and not torch.equal(new.qkv.weight, model.qkv.weight)
+    # the ALiBi pin is needed: swapping two heads (q, k, v rows and o's columns) changes the outputs
+    torch.manual_seed(0)
+    model = FoldedHeads(alibi=True).double()
+    swapped = FoldedHeads(alibi=True).double()
+    swapped.load_state_dict(model.state_dict())
+    heads = torch.tensor([2, 3, 0, 1, 4, 5])
+    with torch.no_grad():
+        swapped.qkv.weight.copy_(model.qkv.weight[torch.cat([heads, heads + 6, heads + 12])])
+        swapped.qkv.bias.copy_(model.qkv.bias[torch.cat([heads, heads + 6, heads + 12])])
+        swapped.o.weight.copy_(model.o.weight[:, heads])
+    assert (swapped(ids) - model(ids)).abs().max() > 1e-6

@@ -180,6 +180,24 @@ def where(ctx: Context, node: fx.Node):
     return _shaped(x, shape)
 
 
+@builtin(aten.maximum, aten.minimum, aten.max, aten.min, aten.fmax, aten.fmin)
+def extremum(ctx: Context, node: fx.Node):
+    """max(x, c) / min(x, c) elementwise with a tensor c that is the same for every channel (XGLM floors its
+    attention scores at the dtype's minimum with a 0-d tensor): channels pass; c is not scaled, so
+    permutations only. Reductions (``max(x)``, ``max(x, dim)``) and extremes of two hidden values pin."""
+    if len(node.args) != 2 or not isinstance(node.args[1], fx.Node):
+        return ctx.unsupported(node)
+    a, b = ctx.value(node.args[0]), ctx.value(node.args[1])
+    shape = ctx.shape(node)
+    if isinstance(a, Layout) == isinstance(b, Layout) or shape is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: an extreme of two values with channels")
+    x, other = (a, node.args[1]) if isinstance(a, Layout) else (b, node.args[0])
+    if isinstance(ctx.value(other), ParamRef | DerivedParam) or not constant_along_channels(ctx, other, x, shape):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a bound that varies across channels")
+    ctx.require(Unit, x)
+    return _unzeroed(_shaped(x, shape))
+
+
 @builtin(aten.neg)
 def neg(ctx: Context, node: fx.Node):
     """-x commutes with every linear map."""

@@ -105,7 +105,30 @@ def sdpa(ctx: Context, node: fx.Node):
     return out
 
 
-def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
+def batched_attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
+    """A product of two hidden values (``matmul``, ``bmm``). With the heads folded into the batch axis,
+    (batch·heads, tokens, width) as XGLM, BART and BLOOM write attention with ``bmm``, that axis is unfolded
+    into its factors, the product read by :func:`attention_product` and the result folded back."""
+    shape = ctx.shape(node)
+    folded = [s for s, _ in a.dims[0]]
+    if a.ndim != 3 or len(folded) < 2 or shape is None:
+        return attention_product(ctx, node, a, b)
+    if [s for s, _ in b.dims[0]] != folded:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a batched product whose operands fold their batch "
+                                     "axes differently")
+    a4, b4 = L.reshape(a, (*folded, *a.shape[1:])), L.reshape(b, (*folded, *b.shape[1:]))
+    if a4 is None or b4 is None:   # pragma: no cover - unfolding a dimension into its own factors always matches
+        return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected batch layout")
+    out = attention_product(ctx, node, a4, b4, (*folded, *shape[1:]))
+    if not isinstance(out, Layout):
+        return out
+    back = L.reshape(out, tuple(shape))
+    if back is None:   # pragma: no cover - unfolding and folding back the same factors always matches
+        return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected output layout")
+    return back
+
+
+def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: tuple | None = None):
     """A product of two hidden values (``matmul``): attention written out on (..., heads, tokens, width).
 
     ``q @ k^T`` contracts the head width of queries and keys: they are tied with a dual transform per head
@@ -113,7 +136,7 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
     records the attention block (queries, keys, values and the head atoms, which the resolver checks:
     nothing else may read the scores)."""
     nd = a.ndim
-    shape = ctx.shape(node)
+    shape = shape or ctx.shape(node)
     scores = _pending(ctx)
     if nd < 3 or b.ndim != nd or shape is None:
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
@@ -130,7 +153,7 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
         return L.simple(heads, np.zeros(len(heads), np.int64), shape, nd - 3)
     if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) not in scores \
             and nd - 1 in fb and nd - 2 not in fb:                                         # mixed p @ v
-        return _mixed_weights_times_values(ctx, node, a, b)
+        return _mixed_weights_times_values(ctx, node, a, b, shape)
     if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) in scores \
             and nd - 1 in fb and nd - 2 not in fb:                                         # p @ v
         qa, ka, _, _ = scores.pop(int(a.atoms[0]))
@@ -153,7 +176,7 @@ def _pending(ctx: Context) -> dict:
     return ctx.scratch.setdefault("attention.scores", {})
 
 
-def _mixed_weights_times_values(ctx: Context, node: fx.Node, p: Layout, v: Layout):
+def _mixed_weights_times_values(ctx: Context, node: fx.Node, p: Layout, v: Layout, shape: tuple):
     """``p @ v`` where p's head axis holds channels that are not the scores' heads (talking heads: p was mixed
     across heads by a linear map). Head h of the output is p[h] @ v[h]: the values keep their per-head maps
     B_g (undone by the output projection), but p's heads stay in place, so no head permutation."""
@@ -164,7 +187,7 @@ def _mixed_weights_times_values(ctx: Context, node: fx.Node, p: Layout, v: Layou
     ctx.pin(p, f"{ctx.describe(node)}: attention weights mixed across heads (talking heads) keep their heads in "
                "place")
     _record(ctx, node, None, None, got[0])
-    return L.with_non_feature_size(v, nd - 2, ctx.shape(node)[nd - 2])
+    return L.with_non_feature_size(v, nd - 2, shape[nd - 2])
 
 
 @finisher

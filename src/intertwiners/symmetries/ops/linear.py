@@ -1,4 +1,5 @@
-"""Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm`` by a parameter, convolutions, embeddings.
+"""Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm``/``bmm`` by a parameter, convolutions,
+embeddings (``embedding``, or a table indexed with ``index``/``index_select``).
 
 A producer makes new channels (the rows of W and b move with them, t -> T t); its input channels are W's
 columns (w -> w T^-1). A convolution with ``groups == channels`` (depthwise) keeps each channel's identity
@@ -20,7 +21,8 @@ from ..layout import FIXED, ZERO, Channels, Layout, Side
 from ..records import ParamRef
 from ..registry import builtin
 from .activation import feeds_activation, feeds_only_gate
-from .attention import attention_product
+from .arithmetic import constant_along_channels
+from .attention import batched_attention_product
 
 aten = torch.ops.aten
 
@@ -108,12 +110,13 @@ def addmm(ctx: Context, node: fx.Node):
     return producer(ctx, node, x, w, b, 1, 1, 0, 1 if isinstance(x, Layout) else None)
 
 
-@builtin(aten.matmul, aten.mm)
+@builtin(aten.matmul, aten.mm, aten.bmm)
 def matmul(ctx: Context, node: fx.Node):
-    """x @ W with W a parameter (in, out); a product of two hidden values is written-out attention."""
+    """x @ W with W a parameter (in, out); a product of two hidden values is written-out attention (with
+    ``bmm``, usually with the heads folded into the batch axis)."""
     x, w = ctx.value(node.args[0]), ctx.value(node.args[1])
     if isinstance(x, Layout) and isinstance(w, Layout):
-        return attention_product(ctx, node, x, w)
+        return batched_attention_product(ctx, node, x, w)
     ndim = len(ctx.shape(node))
     in_dim = (x.ndim - 1) if isinstance(x, Layout) else None
     wt = transposed_param(ctx, node.args[1])
@@ -123,6 +126,24 @@ def matmul(ctx: Context, node: fx.Node):
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values (or a non-parameter "
                                      "weight) is not supported")
     return producer(ctx, node, x, w, None, ndim - 1, 1, 0, in_dim)
+
+
+@builtin(aten.baddbmm)
+def baddbmm(ctx: Context, node: fx.Node):
+    """beta·bias + alpha·(a @ b) of two hidden values: written-out attention scores with an additive bias
+    (BLOOM's ALiBi, a mask). A bias that is the same for every head keeps the scores' head atoms; one that
+    varies across heads (ALiBi's per-head slopes) keeps the heads in place (the per-head maps remain)."""
+    bias_arg = node.args[0]
+    bias, a, b = (ctx.value(x) for x in node.args[:3])
+    if not (isinstance(a, Layout) and isinstance(b, Layout)) or isinstance(bias, Layout | ParamRef):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: only attention scores plus an untransformed bias are "
+                                     "supported")
+    scores = batched_attention_product(ctx, node, a, b)
+    if not isinstance(scores, Layout) or node.kwargs.get("beta", 1) == 0:
+        return scores
+    if not constant_along_channels(ctx, bias_arg, scores, ctx.shape(node)):
+        ctx.pin(scores, f"{ctx.describe(node)} adds a bias that differs between heads (ALiBi): heads stay in place")
+    return scores
 
 
 def transposed_param(ctx: Context, arg) -> ParamRef | None:
@@ -182,7 +203,49 @@ def embedding(ctx: Context, node: fx.Node):
     w = ctx.value(node.args[0])
     if not isinstance(w, ParamRef) or isinstance(ctx.value(node.args[1]), Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices or a non-parameter table")
+    return _lookup(ctx, node, w)
+
+
+def _lookup(ctx: Context, node: fx.Node, table: ParamRef) -> Layout:
+    """Rows of a table (V, C) picked by untransformed indices: new channels, the table's columns."""
     shape = ctx.shape(node)
     out = ctx.fresh(shape, len(shape) - 1)
-    ctx.rows(w, 1, out)
+    ctx.rows(table, 1, out)
     return out
+
+
+@builtin(aten.index_select)
+def index_select(ctx: Context, node: fx.Node):
+    """``table.index_select(0, ids)``: an embedding (XGLM's sinusoidal positions, a buffer). A hidden value
+    indexed along an axis without channels keeps its channels."""
+    x, dim, ids = ctx.value(node.args[0]), node.args[1], ctx.value(node.args[2])
+    if isinstance(ids, Layout):
+        return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
+    if isinstance(x, ParamRef):
+        return _lookup(ctx, node, x) if len(x.shape) == 2 and dim % 2 == 0 else None
+    if not isinstance(x, Layout):
+        return None
+    if dim % x.ndim in x.feature_dims():
+        return ctx.unsupported(node, f"{ctx.describe(node)} picks channels by tensor indices")
+    return L.with_non_feature_size(x, dim % x.ndim, ctx.shape(node)[dim % x.ndim])
+
+
+@builtin(aten.index)
+def index(ctx: Context, node: fx.Node):
+    """``table[ids]``: an embedding. A hidden value indexed by tensors along consecutive axes without channels
+    (``h[torch.arange(B), last]``) keeps its channels."""
+    x, indices = ctx.value(node.args[0]), list(node.args[1])
+    where = [i for i, t in enumerate(indices) if t is not None]
+    if any(isinstance(ctx.value(indices[i]), Layout) for i in where):
+        return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
+    if isinstance(x, ParamRef):
+        return _lookup(ctx, node, x) if len(x.shape) == 2 and where == [0] else None
+    if not isinstance(x, Layout):
+        return None
+    shape = ctx.shape(node)
+    lo, hi = where[0], where[-1] + 1
+    if where != list(range(lo, hi)) or any(d in x.feature_dims() for d in where) or shape is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)} indexes channels or non-adjacent axes")
+    k = len(shape) - (x.ndim - len(where))
+    dims = x.dims[:lo] + tuple(((int(s), -1),) if s != 1 else () for s in shape[lo:lo + k]) + x.dims[hi:]
+    return x.derive(dims=dims, side=None)
