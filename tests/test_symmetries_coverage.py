@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
@@ -265,3 +266,50 @@ def test_folded_heads_bmm_baddbmm_alibi_and_index_lookups():
         swapped.qkv.bias.copy_(model.qkv.bias[torch.cat([heads, heads + 6, heads + 12])])
         swapped.o.weight.copy_(model.o.weight[:, heads])
     assert (swapped(ids) - model(ids)).abs().max() > 1e-6
+
+
+class ConcatBias(nn.Module):
+    """Layers whose bias is built in the forward: BEiT's qkv bias ``cat(q_bias, zero k bias, v_bias)`` (the zero
+    part a buffer, or ``zeros_like``), a bias made of two parameters side by side in front of a linear map with
+    no activation (a general-linear space that must not span the two parts), and a bias that is a function of a
+    parameter (untransformed: its layer's channels are pinned)."""
+
+    def __init__(self, zeros="buffer", d=6, heads=3):
+        super().__init__()
+        self.h, self.zeros = heads, zeros
+        self.inp, self.proj, self.out = nn.Linear(4, d), nn.Linear(d, d), nn.Linear(d, 3)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
+        self.register_buffer("k_bias", torch.zeros(d), persistent=False)
+        self.w1, self.w2 = nn.Parameter(torch.randn(4, d)), nn.Linear(4, d)
+        self.b1, self.b2 = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+        self.w3, self.b3, self.w4 = nn.Parameter(torch.randn(5, d)), nn.Parameter(torch.randn(5)), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, T, C = h.shape
+        k_bias = self.k_bias if self.zeros == "buffer" else torch.zeros_like(self.v_bias)
+        qkv = F.linear(h, self.qkv.weight, torch.cat((self.q_bias, k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(B, T, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+        h = h + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+        h = h + self.w2(F.linear(h, self.w1, torch.cat((self.b1, self.b2))))   # no activation: GL spaces
+        h = torch.tanh(h)
+        return self.out(h) + self.w4(torch.tanh(F.linear(h, self.w3, 2 * self.b3)))   # a bias not a parameter
+
+
+def test_concatenated_biases_move_part_by_part():
+    for zeros in ("buffer", "zeros_like"):
+        torch.manual_seed(0)
+        model = ConcatBias(zeros).double()
+        spec = symmetry_spec(model, X, check=False)
+        (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+        assert group.permute_heads and group.heads == 3
+        assert sorted(s.size for s in spec.spaces.values() if s.kind == "general_linear") == [2, 2]
+        (why,) = spec.pinned.values()   # w3's rows, with 2·b3
+        assert "bias that is not a parameter" in why and spec.pinned_sizes[next(iter(spec.pinned))] == 5
+        report = verify_symmetry(model, X, spec=spec, trials=2)
+        assert report.ok and report.max_rel <= 1e-12
+        new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+        assert not torch.equal(new.q_bias, model.q_bias) and not torch.equal(new.v_bias, model.v_bias)
+        assert not torch.equal(new.b1, model.b1) and not torch.equal(new.b2, model.b2)
+        assert torch.equal(new.b3, model.b3) and not torch.equal(new.w3, model.w3)   # its columns still move

@@ -5,6 +5,7 @@ The rules (:mod:`~intertwiners.symmetries.ops`) see graph values as one of
 * a :class:`~intertwiners.symmetries.layout.Layout` — a *hidden* value (a tensor a symmetry acts on);
 * a :class:`ParamRef` — a parameter or buffer of the model (possibly viewed/unsqueezed);
 * a :class:`DerivedParam` — an elementwise function of one parameter (Gemma's ``1 + w``);
+* a :class:`ConcatParam` — 1-D parameters concatenated (BEiT's q bias, zero k bias, v bias);
 * ``None`` — an untransformed tensor, or anything else (sizes, constants);
 
 and record, through :class:`~intertwiners.symmetries.context.Context`, the facts below. After the pass
@@ -34,6 +35,16 @@ class DerivedParam:
     per-channel product may use it (it permutes ``name``, and permuting w permutes f(w)); every other rule
     sees an untransformed tensor."""
     name: str
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class ConcatParam:
+    """1-D parameters/buffers and zeros concatenated (``torch.cat((q_bias, k_bias, v_bias))``, BEiT's qkv bias):
+    ``parts`` is ((ParamRef or None for zeros, start, length), ...) along the result's length ``shape[0]``.
+    Only a layer's bias may use it (each part moves with its slice of the new channels, which it keeps apart
+    from the other slices); every other rule sees an untransformed tensor."""
+    parts: tuple
     shape: tuple
 
 

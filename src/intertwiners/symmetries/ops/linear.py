@@ -18,7 +18,7 @@ from .. import layout as L
 from ..constraints import ConstantAdd, Monomial
 from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout, Side
-from ..records import ParamRef
+from ..records import ConcatParam, ParamRef
 from ..registry import builtin
 from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
@@ -59,18 +59,42 @@ def producer(ctx: Context, node: fx.Node, x, weight: ParamRef, bias, out_dim: in
             ctx.keep(L.simple(out.atoms[g * co:(g + 1) * co], out.chains[g * co:(g + 1) * co], (co,), 0))
     ctx.rows(weight, w_out, out)
     ctx.columns(weight, w_in, inp, groups)
+    _bias_rows(ctx, node, bias, out)
+    return out
+
+
+def bias_value(ctx: Context, arg):
+    """What a layer's bias argument holds: None when there is no bias, the argument node itself when it is an
+    untransformed tensor (which must not be read as "no bias"), else its value."""
+    value = ctx.value(arg)
+    return arg if value is None and isinstance(arg, fx.Node) else value
+
+
+def _bias_rows(ctx: Context, node: fx.Node, bias, out: Layout) -> None:
+    """The bias moves with the new channels: t -> T t. Concatenated biases: each slice of the channels is held
+    apart (a value of its own, so no space spans two parts and T acts on each part alone), a parameter part
+    moves with its slice, a zero part stays zero. Any other bias (a function of a parameter, a computed
+    tensor) cannot move: the new channels would need T b = b for an unknown b, so they are pinned (the
+    layer's input columns still move with its input)."""
+    if bias is None:
+        return
     if isinstance(bias, ParamRef):
         ctx.rows(bias, 0, out)
-    elif bias is not None:
-        return ctx.unsupported(node, f"{ctx.describe(node)} has a bias that is not a parameter")
-    return out
+    elif isinstance(bias, ConcatParam):
+        for part, start, n in bias.parts:
+            atoms, chains = out.atoms[start:start + n], out.chains[start:start + n]
+            ctx.keep(L.simple(atoms, chains, (n,), 0))
+            if part is not None:
+                ctx.rows(part, 0, Channels(atoms, chains))
+    else:
+        ctx.pin(out, f"{ctx.describe(node)} has a bias that is not a parameter")
 
 
 @builtin(aten.linear, side_aware=True)
 def linear(ctx: Context, node: fx.Node):
     """y = x W^T + b: rows of W (and b) follow the new channels, columns the input's. Over an axis without
     channels (token mixing) channels pass, and the units the layer makes for an activation are a side axis."""
-    x, w, b = ctx.value(node.args[0]), ctx.value(node.args[1]), ctx.value(ctx.arg(node, 2, "bias"))
+    x, w, b = ctx.value(node.args[0]), ctx.value(node.args[1]), bias_value(ctx, ctx.arg(node, 2, "bias"))
     if not isinstance(w, ParamRef) or len(w.shape) != 2:
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
     shape = ctx.shape(node)
@@ -86,7 +110,7 @@ def linear(ctx: Context, node: fx.Node):
         if b is not None:
             ctx.require(ConstantAdd, x)
         side = None
-        if feeds_activation(ctx, node):
+        if feeds_activation(ctx, node) and (b is None or isinstance(b, ParamRef)):
             n = shape[-1]
             units = ctx.fresh((n,), 0)
             ctx.rows(w, 0, units)
@@ -100,7 +124,7 @@ def linear(ctx: Context, node: fx.Node):
 @builtin(aten.addmm)
 def addmm(ctx: Context, node: fx.Node):
     """transformers' Conv1D: b + x @ W with W of shape (in, out); also b + x @ W.T with W (out, in)."""
-    b, x, w = (ctx.value(a) for a in node.args[:3])
+    b, x, w = bias_value(ctx, node.args[0]), ctx.value(node.args[1]), ctx.value(node.args[2])
     wt = transposed_param(ctx, node.args[2])
     if (wt is None and not isinstance(w, ParamRef)) or node.kwargs.get("beta", 1) != 1 \
             or node.kwargs.get("alpha", 1) != 1:
@@ -167,7 +191,7 @@ def conv(ctx: Context, node: fx.Node):
     """Convolutions: out channels new; depthwise convolutions keep each channel's identity (a per-channel
     filter, permuted with the channel; its scale carried through), grouped ones split channels into blocks."""
     x, w = ctx.value(node.args[0]), ctx.value(node.args[1])
-    b = ctx.value(ctx.arg(node, 2, "bias"))
+    b = bias_value(ctx, ctx.arg(node, 2, "bias"))
     if node.target.overloadpacket is aten.convolution:
         if node.args[6]:
             return ctx.unsupported(node, f"{ctx.describe(node)} is a transposed convolution")
@@ -192,8 +216,7 @@ def depthwise(ctx: Context, node: fx.Node, x: Layout, w: ParamRef, b, groups: in
     ctx.require(Monomial, x)
     out = ctx.keep(L.simple(np.where(atoms == ZERO, FIXED, atoms), chains, ctx.shape(node), 1))
     ctx.gain(w, 0, out, Channels(atoms, chains))
-    if isinstance(b, ParamRef):
-        ctx.rows(b, 0, out)
+    _bias_rows(ctx, node, b, out)
     return out
 
 

@@ -19,7 +19,7 @@ from .. import layout as L
 from ..constraints import ConstantAdd
 from ..context import Context
 from ..layout import FIXED, ZERO, Layout
-from ..records import ParamRef
+from ..records import ConcatParam, ParamRef
 from ..registry import builtin
 
 aten = torch.ops.aten
@@ -251,6 +251,8 @@ def cat(ctx: Context, node: fx.Node):
     shape = ctx.shape(node)
     dim = ctx.arg(node, 1, "dim", 0) % len(shape)
     hidden = [v for _, v in parts if isinstance(v, Layout)]
+    if not hidden:
+        return _concat_params(ctx, [(a, v) for a, v in parts if ctx.shape(a) != (0,)], shape)
     parts = [(a, v) for a, v in parts if isinstance(v, Layout) or (ctx.shape(a) and int(np.prod(ctx.shape(a))) > 0)]
     ref = hidden[0]
     if dim not in ref.feature_dims():
@@ -291,6 +293,25 @@ def cat(ctx: Context, node: fx.Node):
     fsizes = tuple(A.shape)
     dims = tuple(((fsizes[k], k),) if i == dim else d for i, d in enumerate(ref.dims))
     return Layout(np.ascontiguousarray(A).reshape(-1), np.ascontiguousarray(C).reshape(-1), fsizes, dims)
+
+
+_ZEROS = (aten.zeros, aten.zeros_like, aten.new_zeros)
+
+
+def _concat_params(ctx: Context, parts: list, shape) -> ConcatParam | None:
+    """1-D parameters and zeros side by side (a qkv bias built from a q bias, zeros and a v bias); None (an
+    untransformed tensor) for anything else."""
+    if len(shape) != 1 or not any(isinstance(v, ParamRef) for _, v in parts):
+        return None
+    out, start = [], 0
+    for a, v in parts:
+        s = ctx.shape(a)
+        zeros = v is None and isinstance(a, fx.Node) and getattr(a.target, "overloadpacket", None) in _ZEROS
+        if s is None or len(s) != 1 or not (zeros or isinstance(v, ParamRef) and len(v.shape) == 1):
+            return None
+        out.append((None if zeros else v, start, s[0]))
+        start += s[0]
+    return ConcatParam(tuple(out), tuple(shape)) if start == shape[0] else None
 
 
 def param_channels(x: Layout, p: ParamRef, out_shape) -> L.Channels | None:
