@@ -313,3 +313,77 @@ def test_concatenated_biases_move_part_by_part():
         assert not torch.equal(new.q_bias, model.q_bias) and not torch.equal(new.v_bias, model.v_bias)
         assert not torch.equal(new.b1, model.b1) and not torch.equal(new.b2, model.b2)
         assert torch.equal(new.b3, model.b3) and not torch.equal(new.w3, model.w3)   # its columns still move
+
+
+class RoutedExperts(nn.Module):
+    """A mixture-of-experts MLP on a residual stream: a router picks ``k`` of ``E`` experts per token; each expert
+    is a gated MLP. ``implementation`` follows transformers' experts: ``"batched_mm"`` gathers each token's experts'
+    weights (``w[ids]``) and multiplies with ``bmm``; ``"eager"`` loops over the experts the batch is routed to
+    (data-dependent control flow, which torch.export refuses). ``switchable``: the model offers transformers'
+    ``get/set_experts_implementation``."""
+
+    def __init__(self, d=4, hidden=3, experts=3, k=2, implementation="batched_mm", switchable=True):
+        super().__init__()
+        self.k, self.experts, self.implementation, self.switchable = k, experts, implementation, switchable
+        self.inp, self.router, self.out = nn.Linear(4, d), nn.Linear(d, experts, bias=False), nn.Linear(d, 2)
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * hidden, d))
+        self.down = nn.Parameter(torch.randn(experts, d, hidden))
+
+    def get_experts_implementation(self):
+        if not self.switchable:
+            raise AttributeError("not switchable")
+        return {"": self.implementation}
+
+    def set_experts_implementation(self, impl):
+        self.implementation = impl[""]
+
+    def _expert(self, x, gate_up, down):
+        gate, up = (gate_up @ x).chunk(2, dim=-2)
+        return down @ (F.silu(gate) * up)
+
+    def forward(self, x):
+        h = self.inp(x)
+        B, T, d = h.shape
+        flat = h.reshape(-1, d)
+        weights, ids = torch.topk(self.router(flat).softmax(-1), self.k, dim=-1)    # (N, k)
+        if self.implementation == "batched_mm":
+            picked = flat.repeat_interleave(self.k, dim=0)[:, :, None]             # (N·k, d, 1)
+            gate, up = torch.bmm(self.gate_up[ids.reshape(-1)], picked).chunk(2, dim=1)
+            y = torch.bmm(self.down[ids.reshape(-1)], F.silu(gate) * up)[:, :, 0]    # (N·k, d)
+            moe = (y * weights.reshape(-1, 1)).view(-1, self.k, d).sum(1)
+        else:
+            moe = torch.zeros_like(flat)
+            for e in (ids == torch.arange(self.experts)[:, None, None]).any(-1).any(-1).nonzero():
+                rows, slot = torch.where(ids == e[0])
+                moe = moe.index_add(0, rows, weights[rows, slot, None] * self._expert(
+                    flat[rows, :, None], self.gate_up[e[0]], self.down[e[0]])[:, :, 0])
+        return self.out(h + moe.view(B, T, d))
+
+
+def test_routed_experts_move_with_one_transform_for_every_expert():
+    """Gathered experts' weights times the routed tokens: the stream and the experts' hidden units are spaces
+    (one transform shared by all experts, rows of gate_up and columns of down); the router's experts stay in
+    place (a softmax over them, then top-k). Captured from the eager loop too, by switching to the gather for
+    the export only; a loop without that twin is refused with a ValueError that names the cause."""
+    for implementation in ("batched_mm", "eager"):
+        torch.manual_seed(0)
+        model = RoutedExperts(implementation=implementation).double()
+        spec = symmetry_spec(model, X, check=False)
+        assert model.implementation == implementation                  # switched back after the export
+        assert sorted(s.size for s in spec.spaces.values()) == [3, 4], spec
+        assert any("softmax" in r for r in spec.pinned.values())
+        report = verify_symmetry(model, X, spec=spec, trials=2)      # on the model as it is (the loop: eager)
+        assert report.ok and report.max_rel <= 1e-12
+        new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+        for name in ("gate_up", "down", "router.weight", "inp.weight"):
+            assert not torch.equal(dict(new.named_parameters())[name], dict(model.named_parameters())[name])
+    # the router's pin is needed: its rows permuted alone route tokens to other experts
+    torch.manual_seed(0)
+    model = RoutedExperts().double()
+    moved = RoutedExperts().double()
+    moved.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        moved.router.weight.copy_(model.router.weight[[1, 2, 0]])
+    assert (moved(X) - model(X)).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="data-dependent control flow.*batched_mm.*register_rule"):
+        symmetry_spec(RoutedExperts(implementation="eager", switchable=False).double(), X)

@@ -6,6 +6,7 @@ The rules (:mod:`~intertwiners.symmetries.ops`) see graph values as one of
 * a :class:`ParamRef` — a parameter or buffer of the model (possibly viewed/unsqueezed);
 * a :class:`DerivedParam` — an elementwise function of one parameter (Gemma's ``1 + w``);
 * a :class:`ConcatParam` — 1-D parameters concatenated (BEiT's q bias, zero k bias, v bias);
+* a :class:`GatheredParam` — a parameter's slices picked by indices (the experts a token is routed to);
 * ``None`` — an untransformed tensor, or anything else (sizes, constants);
 
 and record, through :class:`~intertwiners.symmetries.context.Context`, the facts below. After the pass
@@ -45,6 +46,16 @@ class ConcatParam:
     Only a layer's bias may use it (each part moves with its slice of the new channels, which it keeps apart
     from the other slices); every other rule sees an untransformed tensor."""
     parts: tuple
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class GatheredParam:
+    """Slices of a parameter (``name``, of shape ``shape``) along its first axis picked by untransformed indices:
+    ``gate_up_proj[expert_ids]``, the weights of the experts each token is routed to (transformers' batched
+    mixture-of-experts). A batched product with a hidden value uses it as one linear layer per picked slice,
+    all moved alike (the same transform for every expert); every other rule sees an untransformed tensor."""
+    name: str
     shape: tuple
 
 

@@ -18,7 +18,7 @@ from .. import layout as L
 from ..constraints import ConstantAdd, Monomial
 from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout, Side
-from ..records import ConcatParam, ParamRef
+from ..records import ConcatParam, GatheredParam, ParamRef
 from ..registry import builtin
 from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
@@ -141,6 +141,8 @@ def matmul(ctx: Context, node: fx.Node):
     x, w = ctx.value(node.args[0]), ctx.value(node.args[1])
     if isinstance(x, Layout) and isinstance(w, Layout):
         return batched_attention_product(ctx, node, x, w)
+    if isinstance(x, GatheredParam) or isinstance(w, GatheredParam):
+        return _experts(ctx, node, x, w)
     ndim = len(ctx.shape(node))
     in_dim = (x.ndim - 1) if isinstance(x, Layout) else None
     wt = transposed_param(ctx, node.args[1])
@@ -168,6 +170,20 @@ def baddbmm(ctx: Context, node: fx.Node):
     if not constant_along_channels(ctx, bias_arg, scores, ctx.shape(node)):
         ctx.pin(scores, f"{ctx.describe(node)} adds a bias that differs between heads (ALiBi): heads stay in place")
     return scores
+
+
+def _experts(ctx: Context, node: fx.Node, a, b):
+    """``bmm`` of the weights of the experts each token is routed to (a :class:`GatheredParam` (S, out, in))
+    with the tokens' inputs (S, in, 1), or (S, 1, in) times (S, in, out) transposed: one linear layer per
+    token whose rows and columns move alike for every expert (a shared transform: a subgroup of the
+    per-expert ones)."""
+    shape = ctx.shape(node)
+    if isinstance(a, GatheredParam) and isinstance(b, Layout) and len(a.shape) == 3 and shape and shape[2] == 1:
+        return producer(ctx, node, b, ParamRef(a.name, a.shape), None, 1, 1, 2, 1)
+    if isinstance(b, GatheredParam) and isinstance(a, Layout) and len(b.shape) == 3 and shape and shape[1] == 1:
+        return producer(ctx, node, a, ParamRef(b.name, b.shape), None, 2, 2, 1, 2)
+    return ctx.unsupported(node, f"{ctx.describe(node)}: a product with gathered weights that is not one linear "
+                                 "layer per token")
 
 
 def transposed_param(ctx: Context, arg) -> ParamRef | None:
@@ -255,14 +271,21 @@ def index_select(ctx: Context, node: fx.Node):
 
 @builtin(aten.index)
 def index(ctx: Context, node: fx.Node):
-    """``table[ids]``: an embedding. A hidden value indexed by tensors along consecutive axes without channels
+    """``table[ids]``: an embedding; ``weights[expert_ids]`` of a 3-D parameter: the experts' weights picked per
+    token (:class:`GatheredParam`). A hidden value indexed by tensors along consecutive axes without channels
     (``h[torch.arange(B), last]``) keeps its channels."""
     x, indices = ctx.value(node.args[0]), list(node.args[1])
     where = [i for i, t in enumerate(indices) if t is not None]
     if any(isinstance(ctx.value(indices[i]), Layout) for i in where):
         return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
     if isinstance(x, ParamRef):
-        return _lookup(ctx, node, x) if len(x.shape) == 2 and where == [0] else None
+        if where != [0]:
+            return None
+        if len(x.shape) == 2:
+            return _lookup(ctx, node, x)
+        full = ctx.captured.tensors.get(x.name)
+        gather = len(x.shape) == 3 and len(ctx.shape(indices[0]) or ()) == 1
+        return GatheredParam(x.name, x.shape) if gather and full is not None and tuple(full.shape) == x.shape else None
     if not isinstance(x, Layout):
         return None
     shape = ctx.shape(node)

@@ -108,14 +108,20 @@ def transpose(ctx: Context, node: fx.Node):
 
 @builtin(aten.expand, aten.expand_as, aten.repeat_interleave)
 def expand(ctx: Context, node: fx.Node):
-    """Broadcasting along axes without channels."""
+    """Broadcasting, and repeating each slice (``repeat_interleave``: each token once per expert it is routed
+    to), along axes without channels."""
     x = ctx.value(node.args[0])
     if isinstance(x, ParamRef):
         return x  # broadcasting: the parameter keeps its own shape
     if not isinstance(x, Layout):
         return None
     shape = ctx.shape(node)
-    if node.target.overloadpacket is aten.repeat_interleave or len(shape) != x.ndim:
+    if node.target.overloadpacket is aten.repeat_interleave:
+        dim = ctx.arg(node, 2, "dim")
+        if not isinstance(node.args[1], int) or dim is None or dim % x.ndim in x.feature_dims():
+            return ctx.unsupported(node, f"{ctx.describe(node)} repeats a channel axis (or the flattened tensor)")
+        return L.with_non_feature_size(x, dim % x.ndim, shape[dim % x.ndim])
+    if len(shape) != x.ndim:
         return ctx.unsupported(node)
     out = x
     for d, (a, s) in enumerate(zip(x.shape, shape)):
