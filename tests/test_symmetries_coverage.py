@@ -320,7 +320,8 @@ class RoutedExperts(nn.Module):
     is a gated MLP. ``implementation`` follows transformers' experts: ``"batched_mm"`` gathers each token's experts'
     weights (``w[ids]``) and multiplies with ``bmm``; ``"eager"`` loops over the experts the batch is routed to
     (data-dependent control flow, which torch.export refuses). ``switchable``: the model offers transformers'
-    ``get/set_experts_implementation``."""
+    ``get/set_experts_implementation``. Beside the routed experts, a shared expert scaled per token by a one-unit
+    gate ``sigmoid(shared_gate(h))`` (Qwen2-MoE)."""
 
     def __init__(self, d=4, hidden=3, experts=3, k=2, implementation="batched_mm", switchable=True):
         super().__init__()
@@ -328,6 +329,7 @@ class RoutedExperts(nn.Module):
         self.inp, self.router, self.out = nn.Linear(4, d), nn.Linear(d, experts, bias=False), nn.Linear(d, 2)
         self.gate_up = nn.Parameter(torch.randn(experts, 2 * hidden, d))
         self.down = nn.Parameter(torch.randn(experts, d, hidden))
+        self.shared_up, self.shared_down, self.shared_gate = nn.Linear(d, 3), nn.Linear(3, d), nn.Linear(d, 1)
 
     def get_experts_implementation(self):
         if not self.switchable:
@@ -357,25 +359,28 @@ class RoutedExperts(nn.Module):
                 rows, slot = torch.where(ids == e[0])
                 moe = moe.index_add(0, rows, weights[rows, slot, None] * self._expert(
                     flat[rows, :, None], self.gate_up[e[0]], self.down[e[0]])[:, :, 0])
+        moe = moe + torch.sigmoid(self.shared_gate(flat)) * self.shared_down(torch.relu(self.shared_up(flat)))
         return self.out(h + moe.view(B, T, d))
 
 
 def test_routed_experts_move_with_one_transform_for_every_expert():
     """Gathered experts' weights times the routed tokens: the stream and the experts' hidden units are spaces
     (one transform shared by all experts, rows of gate_up and columns of down); the router's experts stay in
-    place (a softmax over them, then top-k). Captured from the eager loop too, by switching to the gather for
-    the export only; a loop without that twin is refused with a ValueError that names the cause."""
+    place (a softmax over them, then top-k), and so does the shared expert's one-unit gate. Captured from the
+    eager loop too, by switching to the gather for the export only; a loop without that twin is refused with a
+    ValueError that names the cause."""
     for implementation in ("batched_mm", "eager"):
         torch.manual_seed(0)
         model = RoutedExperts(implementation=implementation).double()
         spec = symmetry_spec(model, X, check=False)
         assert model.implementation == implementation                  # switched back after the export
-        assert sorted(s.size for s in spec.spaces.values()) == [3, 4], spec
-        assert any("softmax" in r for r in spec.pinned.values())
+        assert sorted(s.size for s in spec.spaces.values()) == [3, 3, 4], spec
+        assert sorted(r.split(": ")[-1] for r in spec.pinned.values()) == [
+            "a one-unit gate broadcast across the channels it scales", "a softmax across channels"], spec.pinned
         report = verify_symmetry(model, X, spec=spec, trials=2)      # on the model as it is (the loop: eager)
         assert report.ok and report.max_rel <= 1e-12
         new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
-        for name in ("gate_up", "down", "router.weight", "inp.weight"):
+        for name in ("gate_up", "down", "router.weight", "inp.weight", "shared_up.weight", "shared_gate.weight"):
             assert not torch.equal(dict(new.named_parameters())[name], dict(model.named_parameters())[name])
     # the router's pin is needed: its rows permuted alone route tokens to other experts
     torch.manual_seed(0)

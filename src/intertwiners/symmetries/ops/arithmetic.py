@@ -88,6 +88,12 @@ def mul(ctx: Context, node: fx.Node):
     if isinstance(a, Layout) and isinstance(b, Layout):
         if div:
             return ctx.unsupported(node, f"{ctx.describe(node)} divides two hidden values")
+        for x, g in ((a, b), (b, a)):
+            if _per_position(x, g, shape):
+                # a one-unit gate (Qwen2-MoE's sigmoid(shared_expert_gate(h))): a factor per token, the same
+                # for every channel of x; its unit stays untransformed
+                ctx.pin(g, f"{ctx.describe(node)}: a one-unit gate broadcast across the channels it scales")
+                return _shaped(x, shape)
         return gate(ctx, node, a, b, shape)
     x, other, other_node = (a, b, node.args[1]) if isinstance(a, Layout) else (b, a, node.args[0])
     if not isinstance(x, Layout):
@@ -110,6 +116,15 @@ def mul(ctx: Context, node: fx.Node):
     if other is None and not div and coarsen(ctx, x, other_node, shape):
         return _shaped(x, shape)
     return ctx.unsupported(node, f"{ctx.describe(node)} multiplies by a tensor that varies across channels")
+
+
+def _per_position(x: Layout, g: Layout, shape) -> bool:
+    """Is g one channel, broadcast along every channel axis of x (a factor per token/pixel)?"""
+    if len(g.atoms) != 1 or len(x.atoms) == 1 or shape is None:
+        return False
+    gs = (1,) * (len(shape) - g.ndim) + tuple(g.shape)
+    xd = [d + len(shape) - x.ndim for d in x.feature_dims()]
+    return all(gs[d] == 1 for d in xd)
 
 
 def coarsen(ctx: Context, x: Layout, other_node, shape) -> bool:
