@@ -392,3 +392,46 @@ def test_routed_experts_move_with_one_transform_for_every_expert():
     assert (moved(X) - model(X)).abs().max() > 1e-6
     with pytest.raises(ValueError, match="data-dependent control flow.*batched_mm.*register_rule"):
         symmetry_spec(RoutedExperts(implementation="eager", switchable=False).double(), X)
+
+
+class RelativeBiasSDPA(nn.Module):
+    """T5-style attention: a per-head bias looked up from a table of relative-position buckets (an embedding with
+    one column per head) is the mask of ``scaled_dot_product_attention``."""
+
+    def __init__(self, d=6, heads=3, buckets=5):
+        super().__init__()
+        self.h = heads
+        self.inp, self.qkv, self.o, self.out = nn.Linear(4, d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.rel = nn.Embedding(buckets, heads)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, T, d = h.shape
+        q, k, v = self.qkv(h).reshape(B, T, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(T)
+        bias = self.rel((pos[None, :] - pos[:, None]).clamp(-2, 2) + 2).permute(2, 0, 1)[None]   # (1, H, T, T)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.out(h + self.o(a.transpose(1, 2).reshape(B, T, d)))
+
+
+def test_per_head_mask_keeps_heads_in_place_and_per_head_maps():
+    torch.manual_seed(0)
+    model = RelativeBiasSDPA().double()
+    spec = symmetry_spec(model, X, check=False)
+    (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+    assert not group.permute_heads and group.qk == group.vo == "general_linear" and group.heads == 3
+    assert list(spec.pinned) == ["rel"] and "per-head attention bias" in spec.pinned["rel"], spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.qkv.weight, model.qkv.weight) and torch.equal(new.rel.weight, model.rel.weight)
+    # the pin is needed: swapping two heads (q, k, v rows and o's columns) without the table changes outputs
+    swapped = RelativeBiasSDPA().double()
+    swapped.load_state_dict(model.state_dict())
+    heads = torch.tensor([2, 3, 0, 1, 4, 5])
+    rows = torch.cat([heads, heads + 6, heads + 12])
+    with torch.no_grad():
+        swapped.qkv.weight.copy_(model.qkv.weight[rows])
+        swapped.qkv.bias.copy_(model.qkv.bias[rows])
+        swapped.o.weight.copy_(model.o.weight[:, heads])
+    assert (swapped(X) - model(X)).abs().max() > 1e-6

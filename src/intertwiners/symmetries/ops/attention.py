@@ -67,11 +67,21 @@ def _heads_table(t: Layout):
 @builtin(aten.scaled_dot_product_attention)
 def sdpa(ctx: Context, node: fx.Node):
     """softmax(q k^T / s + mask) v per head: (q, k) -> (A q, A^-T k) and v -> B v per head, heads permuted
-    together. Keys are tied to queries with a dual transform; the output carries the values' transform."""
+    together. Keys are tied to queries with a dual transform; the output carries the values' transform. A mask
+    that is a hidden value with channels on the head axis (a per-head bias from a parameter table) is pinned
+    and keeps the heads in place (recorded as the block's head atoms, which the resolver then finds fixed)."""
     q, k, v = (ctx.value(a) for a in node.args[:3])
     mask = ctx.value(ctx.arg(node, 3, "attn_mask"))
     shape = ctx.shape(node)
-    if isinstance(v, Layout) and not isinstance(mask, Layout) and q is None and k is None:
+    heads = None
+    if isinstance(mask, Layout):   # a per-head bias computed from parameters (T5's relative position bias)
+        if mask.simple_dim() != mask.ndim - 3:
+            return ctx.unsupported(node, f"{ctx.describe(node)}: a mask with channels outside the head axis")
+        heads = mask.atoms
+        ctx.pin(mask, f"{ctx.describe(node)}: a per-head attention bias (e.g. a relative position bias) keeps the "
+                      "heads in place")
+        mask = None
+    if isinstance(v, Layout) and q is None and k is None:
         got = _heads_table(v)
         if got is None:
             return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
@@ -81,9 +91,8 @@ def sdpa(ctx: Context, node: fx.Node):
             va = np.repeat(va, H // va.shape[0], 0)
         _record(ctx, node, None, None, va)
         return L.with_non_feature_size(v, v.ndim - 2, shape[-2])
-    if isinstance(mask, Layout) or not all(isinstance(t, Layout) for t in (q, k, v)):
-        return ctx.unsupported(node, f"{ctx.describe(node)}: queries, keys and values must all be hidden values "
-                                     "(and the mask untransformed)")
+    if not all(isinstance(t, Layout) for t in (q, k, v)):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: queries, keys and values must all be hidden values")
     tables = [_heads_table(t) for t in (q, k, v)]
     if any(t is None for t in tables):
         return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
@@ -93,10 +102,12 @@ def sdpa(ctx: Context, node: fx.Node):
         va = np.repeat(va, qa.shape[0] // va.shape[0], 0)
     if va.shape[0] != qa.shape[0]:
         return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected head shapes")
+    if heads is not None and len(heads) != qa.shape[0]:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a per-head mask with other heads than the queries")
     tied = tie_queries_keys(ctx, node, qa, qc, ka, kc, repeat=gqa)
     if isinstance(tied, str):
         return ctx.unsupported(node, f"{ctx.describe(node)}: {tied}")
-    _record(ctx, node, tied[0], tied[1], va)
+    _record(ctx, node, tied[0], tied[1], va, heads=heads)
     out = v
     if v.shape != tuple(shape):
         out = L.with_non_feature_size(v, v.ndim - 2, shape[-2])
