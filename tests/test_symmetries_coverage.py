@@ -1,6 +1,8 @@
 """Issue 18's families of operations on hand-written replica blocks: each derived space is checked as derived
 (no safety net) against the outputs, and each operation that would break a symmetry pins with its reason."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -428,6 +430,38 @@ def test_per_head_mask_keeps_heads_in_place_and_per_head_maps():
     # the pin is needed: swapping two heads (q, k, v rows and o's columns) without the table changes outputs
     swapped = RelativeBiasSDPA().double()
     swapped.load_state_dict(model.state_dict())
+    heads = torch.tensor([2, 3, 0, 1, 4, 5])
+    rows = torch.cat([heads, heads + 6, heads + 12])
+    with torch.no_grad():
+        swapped.qkv.weight.copy_(model.qkv.weight[rows])
+        swapped.qkv.bias.copy_(model.qkv.bias[rows])
+        swapped.o.weight.copy_(model.o.weight[:, heads])
+    assert (swapped(X) - model(X)).abs().max() > 1e-6
+
+
+def test_sdpa_mask_that_differs_between_heads_keeps_them_in_place():
+    """An untransformed mask with one slice per head (ALiBi from a buffer of slopes) would not follow a head
+    permutation: the heads stay in place, the per-head maps remain."""
+    class AlibiSDPA(RelativeBiasSDPA):
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            B, T, d = h.shape
+            q, k, v = self.qkv(h).reshape(B, T, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+            pos = torch.arange(T, dtype=h.dtype)
+            alibi = self.slopes[:, None, None] * (pos[None, :] - pos[:, None])[None]        # (H, T, T)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi)
+            return self.out(h + self.o(a.transpose(1, 2).reshape(B, T, d)))
+
+    torch.manual_seed(0)
+    model = AlibiSDPA().double()
+    model.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125], dtype=torch.float64))
+    spec = symmetry_spec(model, X, check=False)
+    (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+    assert not group.permute_heads and group.heads == 3
+    assert any("differs between heads" in r for r in spec.pinned.values()), spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    swapped = copy.deepcopy(model)
     heads = torch.tensor([2, 3, 0, 1, 4, 5])
     rows = torch.cat([heads, heads + 6, heads + 12])
     with torch.no_grad():

@@ -71,7 +71,8 @@ def sdpa(ctx: Context, node: fx.Node):
     that is a hidden value with channels on the head axis (a per-head bias from a parameter table) is pinned
     and keeps the heads in place (recorded as the block's head atoms, which the resolver then finds fixed)."""
     q, k, v = (ctx.value(a) for a in node.args[:3])
-    mask = ctx.value(ctx.arg(node, 3, "attn_mask"))
+    mask_arg = ctx.arg(node, 3, "attn_mask")
+    mask = ctx.value(mask_arg)
     shape = ctx.shape(node)
     heads = None
     if isinstance(mask, Layout):   # a per-head bias computed from parameters (T5's relative position bias)
@@ -81,6 +82,11 @@ def sdpa(ctx: Context, node: fx.Node):
         ctx.pin(mask, f"{ctx.describe(node)}: a per-head attention bias (e.g. a relative position bias) keeps the "
                       "heads in place")
         mask = None
+    elif _varies_across_heads(ctx, mask_arg, shape):   # an untransformed per-head bias (ALiBi, a bias table)
+        H = shape[-3]
+        heads = ctx.keep(L.simple(ctx.atoms.new(H), np.zeros(H, np.int64), (H,), 0)).atoms
+        ctx.atoms.pin(heads, f"{ctx.describe(node)}: a mask that differs between heads (e.g. ALiBi) keeps the heads "
+                             "in place")
     if isinstance(v, Layout) and q is None and k is None:
         got = _heads_table(v)
         if got is None:
@@ -114,6 +120,15 @@ def sdpa(ctx: Context, node: fx.Node):
         if out.shape != tuple(shape):
             return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected output shape")
     return out
+
+
+def _varies_across_heads(ctx: Context, mask_arg, shape) -> bool:
+    """Does the (untransformed) mask of an attention call differ between the heads of its output ``shape``?"""
+    ms = ctx.shape(mask_arg) if isinstance(mask_arg, fx.Node) else None
+    if ms is None or shape is None or len(shape) < 3:
+        return False
+    ms = (1,) * (len(shape) - len(ms)) + tuple(ms)
+    return ms[-3] > 1
 
 
 def batched_attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
