@@ -439,26 +439,41 @@ def test_per_head_mask_keeps_heads_in_place_and_per_head_maps():
     assert (swapped(X) - model(X)).abs().max() > 1e-6
 
 
-def test_sdpa_mask_that_differs_between_heads_keeps_them_in_place():
-    """An untransformed mask with one slice per head (ALiBi from a buffer of slopes) would not follow a head
-    permutation: the heads stay in place, the per-head maps remain."""
-    class AlibiSDPA(RelativeBiasSDPA):
-        def forward(self, x):
-            h = torch.tanh(self.inp(x))
-            B, T, d = h.shape
-            q, k, v = self.qkv(h).reshape(B, T, 3, self.h, -1).permute(2, 0, 3, 1, 4)
-            pos = torch.arange(T, dtype=h.dtype)
-            alibi = self.slopes[:, None, None] * (pos[None, :] - pos[:, None])[None]        # (H, T, T)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi)
-            return self.out(h + self.o(a.transpose(1, 2).reshape(B, T, d)))
+class AlibiAttention(RelativeBiasSDPA):
+    """ALiBi: a bias per head from a buffer of slopes, as the mask of ``scaled_dot_product_attention`` or, written
+    out (MPT), added to ``q @ k^T`` before a causal ``masked_fill`` and the softmax."""
 
+    def __init__(self, written=False):
+        super().__init__()
+        self.written = written
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125]))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, T, d = h.shape
+        q, k, v = self.qkv(h).reshape(B, T, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(T, dtype=h.dtype)
+        alibi = self.slopes[:, None, None] * (pos[None, :] - pos[:, None])[None]            # (H, T, T)
+        if self.written:
+            s = (q @ k.transpose(-2, -1)) * 0.5 + alibi
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), torch.finfo(s.dtype).min)
+            a = s.softmax(-1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi)
+        return self.out(h + self.o(a.transpose(1, 2).reshape(B, T, d)))
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_mask_that_differs_between_heads_keeps_them_in_place(written):
+    """An untransformed bias with one slice per head (ALiBi from a buffer of slopes) would not follow a head
+    permutation: the heads stay in place, the per-head maps remain."""
     torch.manual_seed(0)
-    model = AlibiSDPA().double()
-    model.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125], dtype=torch.float64))
+    model = AlibiAttention(written).double()
     spec = symmetry_spec(model, X, check=False)
     (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
-    assert not group.permute_heads and group.heads == 3
-    assert any("differs between heads" in r for r in spec.pinned.values()), spec.pinned
+    assert not group.permute_heads and group.heads == 3 and group.qk == group.vo == "general_linear"
+    why = "adds an untransformed tensor that varies" if written else "differs between heads"
+    assert any(why in r for r in spec.pinned.values()) and len(spec.pinned) == 1, spec.pinned
     report = verify_symmetry(model, X, spec=spec, trials=2)
     assert report.ok and report.max_rel <= 1e-12
     swapped = copy.deepcopy(model)

@@ -77,7 +77,11 @@ def add(ctx: Context, node: fx.Node):
     if other is None and constant_along_channels(ctx, other_node, x, shape):
         ctx.require(ConstantAdd, x)
         return _unzeroed(_shaped(x, shape))
-    return ctx.unsupported(node, f"{ctx.describe(node)} adds an untransformed tensor that varies across channels")
+    # (e.g. ALiBi on written-out attention scores): x's channels stay in place, and the sum keeps their layout so
+    # that what follows (p @ v) still sees whose channels they are
+    ctx.pin(x, f"{ctx.describe(node)} adds an untransformed tensor that varies across channels")
+    ctx.pin_side(x, node)
+    return _unzeroed(_shaped(x, shape))
 
 
 @builtin(aten.mul, aten.mul_, aten.div, aten.div_)
@@ -193,6 +197,22 @@ def where(ctx: Context, node: fx.Node):
             return ctx.unsupported(node, f"{ctx.describe(node)}: a mask or value that varies across channels")
     ctx.require(Unit, x)
     return _shaped(x, shape)
+
+
+@builtin(aten.masked_fill, aten.masked_fill_)
+def masked_fill(ctx: Context, node: fx.Node):
+    """x.masked_fill(mask, c) with a mask that is the same for every channel (a causal mask on attention scores,
+    MPT): channels pass; c is not scaled, so permutations only."""
+    x, mask = ctx.value(node.args[0]), ctx.value(node.args[1])
+    shape = ctx.shape(node)
+    if not isinstance(x, Layout):
+        return None
+    fill = node.args[2] if len(node.args) > 2 else None
+    if isinstance(mask, Layout) or shape is None or not constant_along_channels(ctx, node.args[1], x, shape) \
+            or (isinstance(fill, fx.Node) and not constant_along_channels(ctx, fill, x, shape)):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a mask or value that varies across channels")
+    ctx.require(Unit, x)
+    return _unzeroed(_shaped(x, shape))
 
 
 @builtin(aten.maximum, aten.minimum, aten.max, aten.min, aten.fmax, aten.fmin)
