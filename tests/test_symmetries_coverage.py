@@ -484,3 +484,26 @@ def test_mask_that_differs_between_heads_keeps_them_in_place(written):
         swapped.qkv.bias.copy_(model.qkv.bias[rows])
         swapped.o.weight.copy_(model.o.weight[:, heads])
     assert (swapped(X) - model(X)).abs().max() > 1e-6
+
+
+class PositionsAdded(nn.Module):
+    """Whisper's encoder: position embeddings looked up as a (T, C) value and added to the (B, T, C) stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.pos, self.b = nn.Linear(4, 6), nn.Embedding(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x) + self.pos(torch.arange(x.shape[1]))))
+
+
+def test_a_value_with_fewer_dimensions_is_broadcast_before_the_residual_tie():
+    torch.manual_seed(0)
+    model = PositionsAdded().double()
+    spec = symmetry_spec(model, X, check=False)
+    (space,) = spec.spaces.values()
+    assert space.size == 6 and not spec.pinned, spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.pos.weight, model.pos.weight) and not torch.equal(new.a.weight, model.a.weight)

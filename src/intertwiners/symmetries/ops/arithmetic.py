@@ -43,6 +43,16 @@ def _shaped(x: Layout, shape) -> Layout:
     return x if x.shape == tuple(shape) else L.broadcast_to(x, shape)
 
 
+def _broadcast_rows(x: Layout, shape) -> Layout:
+    """x broadcast to ``shape`` when that only adds leading dimensions or resizes axes without channels."""
+    if shape is None or len(shape) < x.ndim:
+        return x
+    lead = len(shape) - x.ndim
+    if any(shape[lead + d] != x.shape[d] for d in x.feature_dims()):
+        return x
+    return _shaped(x, shape)
+
+
 def _unzeroed(x: Layout) -> Layout:
     """x after adding something: channels that were known to be zero no longer are."""
     return x.derive(atoms=np.where(x.atoms == ZERO, FIXED, x.atoms))
@@ -53,6 +63,8 @@ def add(ctx: Context, node: fx.Node):
     a, b = ctx.value(node.args[0]), ctx.value(node.args[1])
     shape = ctx.shape(node)
     if isinstance(a, Layout) and isinstance(b, Layout):
+        # a value with fewer dimensions (Whisper's positions (T, C) added to (B, T, C)) is broadcast first
+        a, b = (_broadcast_rows(v, shape) for v in (a, b))
         if not L.same_structure(a, b) or node.kwargs.get("alpha", 1) == 0:
             return ctx.unsupported(node, f"{ctx.describe(node)} adds values with different channel layouts")
         ctx.tie(a, b, f"{ctx.describe(node)}")
