@@ -507,3 +507,45 @@ def test_a_value_with_fewer_dimensions_is_broadcast_before_the_residual_tie():
     assert report.ok and report.max_rel <= 1e-12
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
     assert not torch.equal(new.pos.weight, model.pos.weight) and not torch.equal(new.a.weight, model.a.weight)
+
+
+class FixedWeights(nn.Module):
+    """Values mixed over tokens by untransformed weights (a buffer): the same for every head, or one matrix per
+    head; with ``matmul`` on (B, H, T, w) or ``bmm`` with the heads folded into the batch axis."""
+
+    def __init__(self, per_head, folded, d=6, heads=3, tokens=3):
+        super().__init__()
+        self.h, self.folded = heads, folded
+        self.inp, self.v, self.o, self.out = nn.Linear(4, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.register_buffer("mix", torch.randn(heads if per_head else 1, tokens, tokens).softmax(-1))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, T, d = h.shape
+        v = self.v(h).reshape(B, T, self.h, -1).transpose(1, 2)                     # (B, H, T, w)
+        if self.folded:
+            mix = self.mix.expand(B, self.h, T, T).reshape(B * self.h, T, T)
+            a = torch.bmm(mix, v.reshape(B * self.h, T, -1)).reshape(B, self.h, T, -1)
+        else:
+            a = self.mix @ v
+        return self.out(h + self.o(a.transpose(1, 2).reshape(B, T, d)))
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("folded", [False, True])
+def test_untransformed_weights_times_values(per_head, folded):
+    """Shared weights commute with any transform of the values (a general-linear space); weights that differ
+    between heads (or may: only shapes are read) leave per-head maps only (an attention block without
+    queries/keys, heads in place)."""
+    torch.manual_seed(0)
+    model = FixedWeights(per_head, folded).double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    groups = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+    if per_head or folded:   # folded, shared weights arrive expanded to (B·H, T, T): per-head maps (a subgroup)
+        assert len(groups) == 1 and not groups[0].permute_heads and groups[0].dk == 0 and groups[0].dv == 2
+    else:
+        assert not groups and sorted((s.kind, s.size) for s in spec.spaces.values()) == [
+            ("general_linear", 6), ("signed_permutation", 6)]
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12

@@ -122,6 +122,40 @@ def sdpa(ctx: Context, node: fx.Node):
     return out
 
 
+def weights_times_values(ctx: Context, node: fx.Node, weights_arg, v: Layout):
+    """``p @ v`` with ``p`` untransformed (attention weights whose scores were pinned or not followed, a fixed
+    mixing of tokens) and v hidden, its channels not on the contracted axis. When p is the same for every head
+    of v (or v has no head axis) the product commutes with any transform of v: channels pass. When p differs
+    between heads, head h of the output is p[h] @ v[h]: the values keep per-head maps B_g (recorded as an
+    attention block without queries/keys; no head permutation)."""
+    shape, ps = ctx.shape(node), ctx.shape(weights_arg)
+    nd = v.ndim
+    if shape is None or ps is None or nd < 2 or (nd - 2) in v.feature_dims():
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product that mixes channels with other values")
+    folded = [s for s, _ in v.dims[0]] if nd == 3 else []
+    if len(folded) > 1 and len(ps) == 3 and ps[0] in (1, v.shape[0]):   # heads folded into the batch axis
+        v4 = L.reshape(v, (*folded, *v.shape[1:]))
+        p4 = (*(folded if ps[0] != 1 else [1] * len(folded)), *ps[1:])
+        out = _weights_times_values(ctx, node, p4, v4, (*folded, *shape[1:])) if v4 is not None else None
+        back = L.reshape(out, tuple(shape)) if isinstance(out, Layout) else None
+        return back if back is not None else ctx.unsupported(node, f"{ctx.describe(node)}: unexpected layout")
+    return _weights_times_values(ctx, node, ps, v, tuple(shape))
+
+
+def _weights_times_values(ctx: Context, node: fx.Node, ps: tuple, v: Layout, shape: tuple):
+    nd = v.ndim
+    ps = (1,) * (nd - len(ps)) + tuple(ps)
+    lead = [d for d in v.feature_dims() if d != nd - 1]
+    out = L.with_non_feature_size(v, nd - 2, shape[nd - 2])
+    if all(ps[d] == 1 for d in lead):
+        return out
+    got = _heads_table(v) if nd >= 3 and lead == [nd - 3] else None
+    if got is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product with weights that differ along channel axes")
+    _record(ctx, node, None, None, got[0])
+    return out
+
+
 def _varies_across_heads(ctx: Context, mask_arg, shape) -> bool:
     """Does the (untransformed) mask of an attention call differ between the heads of its output ``shape``?"""
     ms = ctx.shape(mask_arg) if isinstance(mask_arg, fx.Node) else None

@@ -22,7 +22,7 @@ from ..records import ConcatParam, GatheredParam, ParamRef
 from ..registry import builtin
 from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
-from .attention import batched_attention_product
+from .attention import batched_attention_product, weights_times_values
 
 aten = torch.ops.aten
 
@@ -143,6 +143,8 @@ def matmul(ctx: Context, node: fx.Node):
         return batched_attention_product(ctx, node, x, w)
     if isinstance(x, GatheredParam) or isinstance(w, GatheredParam):
         return _experts(ctx, node, x, w)
+    if (x is None or isinstance(x, ParamRef)) and isinstance(w, Layout):   # a parameter here is not moved
+        return weights_times_values(ctx, node, node.args[0], w)
     ndim = len(ctx.shape(node))
     in_dim = (x.ndim - 1) if isinstance(x, Layout) else None
     wt = transposed_param(ctx, node.args[1])
