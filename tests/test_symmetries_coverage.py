@@ -1,7 +1,11 @@
 """Issue 18's families of operations on hand-written replica blocks: each derived space is checked as derived
 (no safety net) against the outputs, and each operation that would break a symmetry pins with its reason."""
 
+import copy
+
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
@@ -87,3 +91,461 @@ def test_products_with_a_transposed_parameter_are_linear_layers():
     assert report.ok and report.max_rel <= 1e-12
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), new.parameters()))
+
+
+class TalkingHeads(nn.Module):
+    """timm CaiT's talking-heads attention: the scores and the attention weights are mixed across heads by two
+    linear maps over the head axis (``proj_l`` before the softmax, ``proj_w`` after it). ``talking=False``: the
+    same block without them (plain written-out attention)."""
+
+    def __init__(self, dim=6, heads=3, talking=True):
+        super().__init__()
+        self.heads, self.talking = heads, talking
+        self.inp, self.qkv, self.proj = nn.Linear(4, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, 3)
+        self.proj_l, self.proj_w = nn.Linear(heads, heads), nn.Linear(heads, heads)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, N, C = h.shape
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q * 0.5) @ k.transpose(-2, -1)
+        if self.talking:
+            attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = attn.softmax(dim=-1)
+        if self.talking:
+            attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_talking_heads_keep_heads_in_place_and_per_head_maps():
+    torch.manual_seed(0)
+    model = TalkingHeads().double()
+    spec = symmetry_spec(model, X, check=False)
+    attention = {s.group.dk and "qk" or "vo": s.group for s in spec.spaces.values()
+                 if s.group.kind == "attention_heads"}
+    # queries/keys: per-head A_g, values/outputs: per-head B_g; no head permutation (the heads are mixed)
+    assert set(attention) == {"qk", "vo"} and not any(g.permute_heads for g in attention.values())
+    assert attention["qk"].dv == 0 and attention["vo"].dk == 0
+    # between proj_l and proj_w the heads are channels of their own: permuted (the softmax allows no more)
+    assert spec.spaces["proj_l"].group.kind == "permutation"
+    assert sum("talking heads" in r for r in spec.pinned.values()) == 2, spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    news = [apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(s)), spec) for s in range(3)]
+    assert all(torch.allclose(new(X), model(X), rtol=0, atol=1e-12) for new in news)
+    assert all(not torch.equal(new.qkv.weight, model.qkv.weight) for new in news)
+    assert any(not torch.equal(new.proj_l.bias, model.proj_l.bias) for new in news)   # a permutation of 3 heads
+
+
+def test_talking_heads_pins_are_needed_and_plain_attention_permutes_heads():
+    torch.manual_seed(0)
+    model = TalkingHeads().double()
+    # what a free head axis would claim: proj_l's columns times A^-1 with nothing acting on the scores
+    wrong = TalkingHeads().double()
+    wrong.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        wrong.proj_l.weight.copy_(model.proj_l.weight @ torch.linalg.inv(torch.randn(3, 3, dtype=torch.float64)))
+    assert (wrong(X) - model(X)).abs().max() > 1e-4
+    # without the maps across heads the same block permutes its heads
+    plain = TalkingHeads(talking=False).double()
+    spec = symmetry_spec(plain, X, check=False)
+    (group,) = [s.group for s in spec.spaces.values() if s.group.kind == "attention_heads"]
+    assert group.permute_heads and group.heads == 3 and group.dk == group.dv == 2 and not spec.pinned
+    assert verify_symmetry(plain, X, spec=spec, trials=2).ok
+
+
+class ClassTokenJoin(nn.Module):
+    """CaiT's class token: a parameter updated by its own layer, then concatenated with the patch tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+
+    def forward(self, x):
+        h = self.a(x)
+        c = self.cls.expand(x.shape[0], 1, 6) + self.c(h.mean(1, keepdim=True))
+        return self.b(torch.relu(torch.cat((c, h), dim=1)))
+
+
+def test_concatenating_tokens_of_two_values_ties_their_channels():
+    torch.manual_seed(0)
+    model = ClassTokenJoin().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    new = dict(apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec).named_parameters())
+    assert all(not torch.equal(p, new[n]) for n, p in model.named_parameters() if n != "b.bias"), spec
+    # the tie is needed: a's rows (and b's columns) permuted without the class token's channels change outputs
+    moved = ClassTokenJoin().double()
+    moved.load_state_dict(model.state_dict())
+    perm = torch.tensor([1, 0, 2, 3, 4, 5])
+    with torch.no_grad():
+        moved.a.weight.copy_(model.a.weight[perm])
+        moved.a.bias.copy_(model.a.bias[perm])
+        moved.b.weight.copy_(model.b.weight[:, perm])
+    assert (moved(X) - model(X)).abs().max() > 1e-4
+
+
+def test_xglm_bmm_attention_and_sinusoidal_positions():
+    """transformers' XGLM: attention written with bmm on (batch·heads, tokens, width), scores floored with
+    torch.max(·, finfo.min), sinusoidal positions looked up with index_select from a buffer and added to the
+    stream. Every block is an attention space with its heads permuted, nothing is pinned, outputs unchanged."""
+    transformers = pytest.importorskip("transformers")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)   # XGLM builds its mask fill in the default dtype
+    try:
+        torch.manual_seed(0)
+        model = transformers.XGLMForCausalLM(transformers.XGLMConfig(
+            vocab_size=50, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, max_position_embeddings=32,
+            use_cache=False)).eval()
+        ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+        spec = symmetry_spec(model, (ids,), check=False)
+        assert not spec.pinned, spec.pinned
+        groups = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+        assert len(groups) == 2 and all(g.permute_heads and g.heads == 4 for g in groups)
+        new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(2)), spec)
+        before, after = model(ids).logits, new(ids).logits
+        assert (after - before).abs().max() <= 1e-12 * before.abs().max()
+        old, moved = dict(model.named_parameters()), dict(new.named_parameters())
+        changed = sum(int((old[k] != moved[k]).sum()) for k in old) / sum(p.numel() for p in old.values())
+        assert changed > 0.97
+        assert not torch.equal(new.model.embed_positions.weights, model.model.embed_positions.weights)
+    finally:
+        torch.set_default_dtype(default)
+
+
+class FoldedHeads(nn.Module):
+    """Attention written with the heads folded into the batch axis (BLOOM/XGLM style): scores from
+    ``baddbmm(bias, q, k^T)`` with an ALiBi bias (a slope per head, ``alibi=True``) or one bias shared by the heads,
+    weights times values with ``bmm``; token embeddings looked up as ``table[ids]`` and the last token picked
+    with ``h[arange(B), last]``."""
+
+    def __init__(self, d=6, heads=3, vocab=7, alibi=True):
+        super().__init__()
+        self.h, self.alibi = heads, alibi
+        self.table = nn.Parameter(torch.randn(vocab, d))
+        self.qkv, self.o, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.register_buffer("slopes", 2.0 ** -torch.arange(1.0, heads + 1))
+
+    def forward(self, ids):
+        x = self.table[ids]                                            # (B, T, d)
+        B, T, d = x.shape
+        q, k, v = (t.reshape(B, T, self.h, -1).transpose(1, 2).reshape(B * self.h, T, -1)
+                   for t in self.qkv(x).chunk(3, -1))
+        pos = torch.arange(T, dtype=x.dtype)
+        slopes = self.slopes if self.alibi else torch.ones_like(self.slopes)
+        bias = (slopes[:, None] * pos).repeat(B, 1)[:, None, :]        # (B·H, 1, T)
+        p = torch.baddbmm(bias if self.alibi else bias[:1], q, k.transpose(1, 2), beta=1.0, alpha=0.5).softmax(-1)
+        a = torch.bmm(p, v).reshape(B, self.h, T, -1).transpose(1, 2).reshape(B, T, d)
+        y = x + self.o(a)
+        return self.out(y[torch.arange(B), ids.argmax(1)])
+
+
+def test_folded_heads_bmm_baddbmm_alibi_and_index_lookups():
+    ids = torch.tensor([[1, 4, 2, 6], [3, 0, 5, 5]])
+    for alibi in (True, False):
+        torch.manual_seed(0)
+        model = FoldedHeads(alibi=alibi).double()
+        spec = symmetry_spec(model, (ids,), check=False)
+        (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+        # ALiBi's slopes differ between heads: they stay in place, each keeps its maps; a shared bias permutes
+        assert group.permute_heads != alibi and group.heads == 3 and group.dk == group.dv == 2
+        assert any("ALiBi" in r for r in spec.pinned.values()) if alibi else not spec.pinned, spec.pinned
+        report = verify_symmetry(model, (ids,), spec=spec, trials=2)
+        assert report.ok and report.max_rel <= 1e-12
+        new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+        assert not torch.equal(new.table, model.table) and not torch.equal(new.qkv.weight, model.qkv.weight)
+    # the ALiBi pin is needed: swapping two heads (q, k, v rows and o's columns) changes the outputs
+    torch.manual_seed(0)
+    model = FoldedHeads(alibi=True).double()
+    swapped = FoldedHeads(alibi=True).double()
+    swapped.load_state_dict(model.state_dict())
+    heads = torch.tensor([2, 3, 0, 1, 4, 5])
+    with torch.no_grad():
+        swapped.qkv.weight.copy_(model.qkv.weight[torch.cat([heads, heads + 6, heads + 12])])
+        swapped.qkv.bias.copy_(model.qkv.bias[torch.cat([heads, heads + 6, heads + 12])])
+        swapped.o.weight.copy_(model.o.weight[:, heads])
+    assert (swapped(ids) - model(ids)).abs().max() > 1e-6
+
+
+class ConcatBias(nn.Module):
+    """Layers whose bias is built in the forward: BEiT's qkv bias ``cat(q_bias, zero k bias, v_bias)`` (the zero
+    part a buffer, or ``zeros_like``), a bias made of two parameters side by side in front of a linear map with
+    no activation (a general-linear space that must not span the two parts), and a bias that is a function of a
+    parameter (untransformed: its layer's channels are pinned)."""
+
+    def __init__(self, zeros="buffer", d=6, heads=3):
+        super().__init__()
+        self.h, self.zeros = heads, zeros
+        self.inp, self.proj, self.out = nn.Linear(4, d), nn.Linear(d, d), nn.Linear(d, 3)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
+        self.register_buffer("k_bias", torch.zeros(d), persistent=False)
+        self.w1, self.w2 = nn.Parameter(torch.randn(4, d)), nn.Linear(4, d)
+        self.b1, self.b2 = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+        self.w3, self.b3, self.w4 = nn.Parameter(torch.randn(5, d)), nn.Parameter(torch.randn(5)), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, T, C = h.shape
+        k_bias = self.k_bias if self.zeros == "buffer" else torch.zeros_like(self.v_bias)
+        qkv = F.linear(h, self.qkv.weight, torch.cat((self.q_bias, k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(B, T, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+        h = h + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+        h = h + self.w2(F.linear(h, self.w1, torch.cat((self.b1, self.b2))))   # no activation: GL spaces
+        h = torch.tanh(h)
+        return self.out(h) + self.w4(torch.tanh(F.linear(h, self.w3, 2 * self.b3)))   # a bias not a parameter
+
+
+def test_concatenated_biases_move_part_by_part():
+    for zeros in ("buffer", "zeros_like"):
+        torch.manual_seed(0)
+        model = ConcatBias(zeros).double()
+        spec = symmetry_spec(model, X, check=False)
+        (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+        assert group.permute_heads and group.heads == 3
+        assert sorted(s.size for s in spec.spaces.values() if s.kind == "general_linear") == [2, 2]
+        (why,) = spec.pinned.values()   # w3's rows, with 2·b3
+        assert "bias that is not a parameter" in why and spec.pinned_sizes[next(iter(spec.pinned))] == 5
+        report = verify_symmetry(model, X, spec=spec, trials=2)
+        assert report.ok and report.max_rel <= 1e-12
+        new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+        assert not torch.equal(new.q_bias, model.q_bias) and not torch.equal(new.v_bias, model.v_bias)
+        assert not torch.equal(new.b1, model.b1) and not torch.equal(new.b2, model.b2)
+        assert torch.equal(new.b3, model.b3) and not torch.equal(new.w3, model.w3)   # its columns still move
+
+
+class RoutedExperts(nn.Module):
+    """A mixture-of-experts MLP on a residual stream: a router picks ``k`` of ``E`` experts per token; each expert
+    is a gated MLP. ``implementation`` follows transformers' experts: ``"batched_mm"`` gathers each token's experts'
+    weights (``w[ids]``) and multiplies with ``bmm``; ``"eager"`` loops over the experts the batch is routed to
+    (data-dependent control flow, which torch.export refuses). ``switchable``: the model offers transformers'
+    ``get/set_experts_implementation``. Beside the routed experts, a shared expert scaled per token by a one-unit
+    gate ``sigmoid(shared_gate(h))`` (Qwen2-MoE)."""
+
+    def __init__(self, d=4, hidden=3, experts=3, k=2, implementation="batched_mm", switchable=True):
+        super().__init__()
+        self.k, self.experts, self.implementation, self.switchable = k, experts, implementation, switchable
+        self.inp, self.router, self.out = nn.Linear(4, d), nn.Linear(d, experts, bias=False), nn.Linear(d, 2)
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * hidden, d))
+        self.down = nn.Parameter(torch.randn(experts, d, hidden))
+        self.shared_up, self.shared_down, self.shared_gate = nn.Linear(d, 3), nn.Linear(3, d), nn.Linear(d, 1)
+
+    def get_experts_implementation(self):
+        if not self.switchable:
+            raise AttributeError("not switchable")
+        return {"": self.implementation}
+
+    def set_experts_implementation(self, impl):
+        self.implementation = impl[""]
+
+    def _expert(self, x, gate_up, down):
+        gate, up = (gate_up @ x).chunk(2, dim=-2)
+        return down @ (F.silu(gate) * up)
+
+    def forward(self, x):
+        h = self.inp(x)
+        B, T, d = h.shape
+        flat = h.reshape(-1, d)
+        weights, ids = torch.topk(self.router(flat).softmax(-1), self.k, dim=-1)    # (N, k)
+        if self.implementation == "batched_mm":
+            picked = flat.repeat_interleave(self.k, dim=0)[:, :, None]             # (N·k, d, 1)
+            gate, up = torch.bmm(self.gate_up[ids.reshape(-1)], picked).chunk(2, dim=1)
+            y = torch.bmm(self.down[ids.reshape(-1)], F.silu(gate) * up)[:, :, 0]    # (N·k, d)
+            moe = (y * weights.reshape(-1, 1)).view(-1, self.k, d).sum(1)
+        else:
+            moe = torch.zeros_like(flat)
+            for e in (ids == torch.arange(self.experts)[:, None, None]).any(-1).any(-1).nonzero():
+                rows, slot = torch.where(ids == e[0])
+                moe = moe.index_add(0, rows, weights[rows, slot, None] * self._expert(
+                    flat[rows, :, None], self.gate_up[e[0]], self.down[e[0]])[:, :, 0])
+        moe = moe + torch.sigmoid(self.shared_gate(flat)) * self.shared_down(torch.relu(self.shared_up(flat)))
+        return self.out(h + moe.view(B, T, d))
+
+
+def test_routed_experts_move_with_one_transform_for_every_expert():
+    """Gathered experts' weights times the routed tokens: the stream and the experts' hidden units are spaces
+    (one transform shared by all experts, rows of gate_up and columns of down); the router's experts stay in
+    place (a softmax over them, then top-k), and so does the shared expert's one-unit gate. Captured from the
+    eager loop too, by switching to the gather for the export only; a loop without that twin is refused with a
+    ValueError that names the cause."""
+    for implementation in ("batched_mm", "eager"):
+        torch.manual_seed(0)
+        model = RoutedExperts(implementation=implementation).double()
+        spec = symmetry_spec(model, X, check=False)
+        assert model.implementation == implementation                  # switched back after the export
+        assert sorted(s.size for s in spec.spaces.values()) == [3, 3, 4], spec
+        assert sorted(r.split(": ")[-1] for r in spec.pinned.values()) == [
+            "a one-unit gate broadcast across the channels it scales", "a softmax across channels"], spec.pinned
+        report = verify_symmetry(model, X, spec=spec, trials=2)      # on the model as it is (the loop: eager)
+        assert report.ok and report.max_rel <= 1e-12
+        new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+        for name in ("gate_up", "down", "router.weight", "inp.weight", "shared_up.weight", "shared_gate.weight"):
+            assert not torch.equal(dict(new.named_parameters())[name], dict(model.named_parameters())[name])
+    # the router's pin is needed: its rows permuted alone route tokens to other experts
+    torch.manual_seed(0)
+    model = RoutedExperts().double()
+    moved = RoutedExperts().double()
+    moved.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        moved.router.weight.copy_(model.router.weight[[1, 2, 0]])
+    assert (moved(X) - model(X)).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="data-dependent control flow.*batched_mm.*register_rule"):
+        symmetry_spec(RoutedExperts(implementation="eager", switchable=False).double(), X)
+
+
+class RelativeBiasSDPA(nn.Module):
+    """T5-style attention: a per-head bias looked up from a table of relative-position buckets (an embedding with
+    one column per head) is the mask of ``scaled_dot_product_attention``."""
+
+    def __init__(self, d=6, heads=3, buckets=5):
+        super().__init__()
+        self.h = heads
+        self.inp, self.qkv, self.o, self.out = nn.Linear(4, d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.rel = nn.Embedding(buckets, heads)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, T, d = h.shape
+        q, k, v = self.qkv(h).reshape(B, T, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(T)
+        bias = self.rel((pos[None, :] - pos[:, None]).clamp(-2, 2) + 2).permute(2, 0, 1)[None]   # (1, H, T, T)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.out(h + self.o(a.transpose(1, 2).reshape(B, T, d)))
+
+
+def test_per_head_mask_keeps_heads_in_place_and_per_head_maps():
+    torch.manual_seed(0)
+    model = RelativeBiasSDPA().double()
+    spec = symmetry_spec(model, X, check=False)
+    (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+    assert not group.permute_heads and group.qk == group.vo == "general_linear" and group.heads == 3
+    assert list(spec.pinned) == ["rel"] and "per-head attention bias" in spec.pinned["rel"], spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.qkv.weight, model.qkv.weight) and torch.equal(new.rel.weight, model.rel.weight)
+    # the pin is needed: swapping two heads (q, k, v rows and o's columns) without the table changes outputs
+    swapped = RelativeBiasSDPA().double()
+    swapped.load_state_dict(model.state_dict())
+    heads = torch.tensor([2, 3, 0, 1, 4, 5])
+    rows = torch.cat([heads, heads + 6, heads + 12])
+    with torch.no_grad():
+        swapped.qkv.weight.copy_(model.qkv.weight[rows])
+        swapped.qkv.bias.copy_(model.qkv.bias[rows])
+        swapped.o.weight.copy_(model.o.weight[:, heads])
+    assert (swapped(X) - model(X)).abs().max() > 1e-6
+
+
+class AlibiAttention(RelativeBiasSDPA):
+    """ALiBi: a bias per head from a buffer of slopes, as the mask of ``scaled_dot_product_attention`` or, written
+    out (MPT), added to ``q @ k^T`` before a causal ``masked_fill`` and the softmax."""
+
+    def __init__(self, written=False):
+        super().__init__()
+        self.written = written
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125]))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, T, d = h.shape
+        q, k, v = self.qkv(h).reshape(B, T, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(T, dtype=h.dtype)
+        alibi = self.slopes[:, None, None] * (pos[None, :] - pos[:, None])[None]            # (H, T, T)
+        if self.written:
+            s = (q @ k.transpose(-2, -1)) * 0.5 + alibi
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), torch.finfo(s.dtype).min)
+            a = s.softmax(-1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi)
+        return self.out(h + self.o(a.transpose(1, 2).reshape(B, T, d)))
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_mask_that_differs_between_heads_keeps_them_in_place(written):
+    """An untransformed bias with one slice per head (ALiBi from a buffer of slopes) would not follow a head
+    permutation: the heads stay in place, the per-head maps remain."""
+    torch.manual_seed(0)
+    model = AlibiAttention(written).double()
+    spec = symmetry_spec(model, X, check=False)
+    (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+    assert not group.permute_heads and group.heads == 3 and group.qk == group.vo == "general_linear"
+    why = "adds an untransformed tensor that varies" if written else "differs between heads"
+    assert any(why in r for r in spec.pinned.values()) and len(spec.pinned) == 1, spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    swapped = copy.deepcopy(model)
+    heads = torch.tensor([2, 3, 0, 1, 4, 5])
+    rows = torch.cat([heads, heads + 6, heads + 12])
+    with torch.no_grad():
+        swapped.qkv.weight.copy_(model.qkv.weight[rows])
+        swapped.qkv.bias.copy_(model.qkv.bias[rows])
+        swapped.o.weight.copy_(model.o.weight[:, heads])
+    assert (swapped(X) - model(X)).abs().max() > 1e-6
+
+
+class PositionsAdded(nn.Module):
+    """Whisper's encoder: position embeddings looked up as a (T, C) value and added to the (B, T, C) stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.pos, self.b = nn.Linear(4, 6), nn.Embedding(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x) + self.pos(torch.arange(x.shape[1]))))
+
+
+def test_a_value_with_fewer_dimensions_is_broadcast_before_the_residual_tie():
+    torch.manual_seed(0)
+    model = PositionsAdded().double()
+    spec = symmetry_spec(model, X, check=False)
+    (space,) = spec.spaces.values()
+    assert space.size == 6 and not spec.pinned, spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.pos.weight, model.pos.weight) and not torch.equal(new.a.weight, model.a.weight)
+
+
+class FixedWeights(nn.Module):
+    """Values mixed over tokens by untransformed weights (a buffer): the same for every head, or one matrix per
+    head; with ``matmul`` on (B, H, T, w) or ``bmm`` with the heads folded into the batch axis."""
+
+    def __init__(self, per_head, folded, d=6, heads=3, tokens=3):
+        super().__init__()
+        self.h, self.folded = heads, folded
+        self.inp, self.v, self.o, self.out = nn.Linear(4, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.register_buffer("mix", torch.randn(heads if per_head else 1, tokens, tokens).softmax(-1))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, T, d = h.shape
+        v = self.v(h).reshape(B, T, self.h, -1).transpose(1, 2)                     # (B, H, T, w)
+        if self.folded:
+            mix = self.mix.expand(B, self.h, T, T).reshape(B * self.h, T, T)
+            a = torch.bmm(mix, v.reshape(B * self.h, T, -1)).reshape(B, self.h, T, -1)
+        else:
+            a = self.mix @ v
+        return self.out(h + self.o(a.transpose(1, 2).reshape(B, T, d)))
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("folded", [False, True])
+def test_untransformed_weights_times_values(per_head, folded):
+    """Shared weights commute with any transform of the values (a general-linear space); weights that differ
+    between heads (or may: only shapes are read) leave per-head maps only (an attention block without
+    queries/keys, heads in place)."""
+    torch.manual_seed(0)
+    model = FixedWeights(per_head, folded).double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    groups = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+    if per_head or folded:   # folded, shared weights arrive expanded to (B·H, T, T): per-head maps (a subgroup)
+        assert len(groups) == 1 and not groups[0].permute_heads and groups[0].dk == 0 and groups[0].dv == 2
+    else:
+        assert not groups and sorted((s.kind, s.size) for s in spec.spaces.values()) == [
+            ("general_linear", 6), ("signed_permutation", 6)]
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12

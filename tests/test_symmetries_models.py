@@ -373,7 +373,7 @@ class WrittenOutAttention(nn.Module):
 def test_written_out_attention_is_an_attention_block():
     """softmax(q k^T) v written with matmul: heads permuted and per-head maps on q/k and v/o, outputs
     unchanged; an element that mixes heads changes them. A per-head parameter on the scores, or the scores
-    returned as an output, pin the block instead (never a wrong symmetry)."""
+    returned as an output, keep the heads in place (the per-head maps remain; never a wrong symmetry)."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 3, dtype=torch.float64)
     spec, new = check(WrittenOutAttention().double(), x)
@@ -385,13 +385,28 @@ def test_written_out_attention_is_an_attention_block():
                                                               dtype=torch.float64)
     bad = apply_symmetry(model, {name: A}, spec, check=False)
     assert compare(model, bad, x, ("eval",))["eval"][1] > 1e-6
-    for kwargs, why in (({"bias": True}, "per-head parameter"), ({"return_weights": True}, "output")):
+    # (scores returned: their heads reach the output, which is never listed as pinned)
+    for kwargs, why in (({"bias": True}, "per-head parameter"), ({"return_weights": True}, None)):
         torch.manual_seed(0)
         spec2, _ = check(WrittenOutAttention(**kwargs).double(), x)
-        assert not any(s.kind == "attention_heads" for s in spec2.spaces.values())
-        assert any(why in r for r in spec2.pinned.values()), spec2.pinned
-        # as derived (no safety net) the pinned block leaves nothing wrong: the scores' heads are fixed too
+        (group,) = [s.group for s in spec2.spaces.values() if s.kind == "attention_heads"]
+        assert not group.permute_heads and group.qk == group.vo == "general_linear"
+        assert any(why in r for r in spec2.pinned.values()) if why else not spec2.pinned, spec2.pinned
+        # as derived (no safety net) nothing is wrong: the scores' heads stay in place
         assert verify_symmetry(WrittenOutAttention(**kwargs).double(), x, trials=2).ok
+        # and that is needed: swapping the two heads (q, k, v rows and proj's columns) changes the outputs
+        torch.manual_seed(0)
+        plain = WrittenOutAttention(**kwargs).double()
+        swapped = copy.deepcopy(plain)
+        heads = torch.cat([torch.arange(4, 8), torch.arange(0, 4)])
+        rows = torch.cat([heads, heads + 8, heads + 16])
+        with torch.no_grad():
+            swapped.qkv.weight.copy_(plain.qkv.weight[rows])
+            swapped.qkv.bias.copy_(plain.qkv.bias[rows])
+            swapped.proj.weight.copy_(plain.proj.weight[:, heads])
+        outs = [torch.cat([t.reshape(-1) for t in (m(x) if kwargs.get("return_weights") else (m(x),))])
+                for m in (plain, swapped)]
+        assert (outs[0] - outs[1]).abs().max() > 1e-6
 
 
 def test_stochastic_depth_does_not_pin_train_mode():

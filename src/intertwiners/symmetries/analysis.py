@@ -4,8 +4,9 @@ For every node, :func:`~intertwiners.symmetries.registry.rule_for` picks the rul
 activation region, a user's rule, or the built-in rule for its operation); the rule turns its inputs'
 values into its output's (:mod:`~intertwiners.symmetries.context`). A node without a rule that reads a
 hidden value pins its channels; a rule that raises pins them with the error; side axes (MLP-Mixer's
-token units) survive only rules that carry them. Parameters used more than once (tied weights, a module
-called twice) are tied afterwards. The result is one frozen :class:`~intertwiners.symmetries.records.Analysis`.
+token units) survive only rules that carry them. The families' finishers then settle what they kept
+across nodes, and parameters used more than once (tied weights, a module called twice) are tied. The
+result is one frozen :class:`~intertwiners.symmetries.records.Analysis`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from .capture import Captured, shape_of
 from .constraints import Signed
 from .context import Context
 from .layout import FIXED, Layout
-from .records import Analysis, DerivedParam, ParamRef, ParamUse
-from .registry import rule_for
+from .records import Analysis, ConcatParam, DerivedParam, GatheredParam, ParamRef, ParamUse
+from .registry import FINISHERS, rule_for
 
 
 def analyse(cap: Captured, model: nn.Module) -> Analysis:
@@ -38,6 +39,8 @@ def analyse(cap: Captured, model: nn.Module) -> Analysis:
                 ctx.mark_output(lay)
         else:
             ctx.env[node] = _run(ctx, node)
+    for finish in FINISHERS:
+        finish(ctx)
     _tie_shared_parameters(ctx)
     return ctx.result(cap.lowest_cast)
 
@@ -67,7 +70,7 @@ def _pin_sides(ctx: Context, node: fx.Node, inputs: list[Layout]) -> None:
 
 
 def _invalid(out) -> str | None:
-    if out is None or isinstance(out, Layout | ParamRef | DerivedParam):
+    if out is None or isinstance(out, Layout | ParamRef | DerivedParam | ConcatParam | GatheredParam):
         return None
     if isinstance(out, list | tuple):
         return next((b for b in map(_invalid, out) if b is not None), None)

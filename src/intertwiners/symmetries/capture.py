@@ -3,10 +3,18 @@
 :func:`capture` exports the model in eval mode (the original is untouched) and returns the aten graph, the
 qualified name of every parameter/buffer placeholder and the model's tensors; :func:`owner` gives the module
 that created a node. A wrapper keeps only the tensors of the output, so transformers' ``ModelOutput``s work.
+
+A forward that branches on the values of a tensor (data-dependent control flow) cannot be exported. The one
+such pattern with a data-independent twin is handled: transformers' mixture-of-experts layers loop over the
+experts a batch is routed to ("eager"), and compute the same function by gathering each token's experts'
+weights ("batched_mm"); the model is captured with that implementation for the duration of the export (then
+switched back; symmetries are checked on the model as it is). Anything else is refused with a ValueError that
+names the cause and the ways around it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -77,15 +85,68 @@ class Captured:
         return max(found, key=lambda d: LOW_PRECISION.index(d)) if found else None
 
 
-def capture(model: nn.Module, args: tuple) -> Captured:
-    """Export ``model`` (eval mode, non-strict) on ``args``; ValueError with the exporter's reason on failure."""
+def _export(model: nn.Module, args):
     wrapper = _Wrap(model, list(args) if isinstance(args, dict) else None)
+    with torch.no_grad(), eval_mode(model):
+        return torch.export.export(wrapper, tuple(input_tensors(args)), strict=False)
+
+
+def _data_dependent(err: BaseException) -> bool:
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    while err is not None:
+        if isinstance(err, GuardOnDataDependentSymNode):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _gathered_experts(model: nn.Module):
+    """transformers' mixture-of-experts layers switched from the loop over routed experts ("eager") to the
+    data-independent gather of each token's experts' weights ("batched_mm") while the block runs, then back.
+    Yields whether anything was switched."""
+    get = getattr(model, "get_experts_implementation", None)
+    before = None
+    if callable(get) and callable(getattr(model, "set_experts_implementation", None)):
+        with contextlib.suppress(Exception):
+            before = get()
+    eager = isinstance(before, dict) and any(v in (None, "eager") for v in before.values())
+    if not eager:
+        yield False
+        return
+    model.set_experts_implementation({k: "batched_mm" if v in (None, "eager") else v for k, v in before.items()})
     try:
-        with torch.no_grad(), eval_mode(model):
-            ep = torch.export.export(wrapper, tuple(input_tensors(args)), strict=False)
+        yield True
+    finally:
+        model.set_experts_implementation(before)
+
+
+def capture(model: nn.Module, args: tuple) -> Captured:
+    """Export ``model`` (eval mode, non-strict) on ``args``; ValueError with the exporter's reason on failure
+    (for data-dependent control flow: the cause and the ways around it)."""
+    name = type(model).__name__
+    try:
+        ep = _export(model, args)
     except Exception as err:
-        raise ValueError(f"symmetry_spec: torch.export could not capture {type(model).__name__} on the example "
-                         f"input: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        first = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if not _data_dependent(err):
+            raise ValueError(f"symmetry_spec: torch.export could not capture {name} on the example input: "
+                             f"{first}") from err
+        with _gathered_experts(model) as switched:
+            if switched:
+                try:
+                    ep = _export(model, args)
+                except Exception:  # noqa: BLE001 - refused below with the original cause
+                    switched = False
+        if not switched:
+            raise ValueError(
+                f"symmetry_spec: torch.export could not capture {name}: its forward branches on the values of a "
+                f"tensor (data-dependent control flow, e.g. a mixture-of-experts layer that loops over the experts "
+                f"a batch is routed to; {first}). Write that part without data-dependent branches (compute every "
+                f"expert and weight the outputs, or gather each token's experts' weights as transformers' "
+                f"experts_implementation='batched_mm' does), or make it a torch.library custom operator and give "
+                f"it a rule with register_rule") from err
     sig = ep.graph_signature
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))

@@ -259,6 +259,15 @@ def same_structure(a: Layout, b: Layout) -> bool:
     return True
 
 
+def merge_tied(a: Layout, b: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """(atoms, chains) of a value whose every channel holds ``a``'s channel or ``b``'s at the same position
+    (a sum, a concatenation along another axis), once the two are tied: a's atom, else b's, else FIXED if
+    either is untransformed, else ZERO."""
+    atoms = np.where(a.atoms >= 0, a.atoms, np.where(b.atoms >= 0, b.atoms, np.where(
+        (a.atoms == FIXED) | (b.atoms == FIXED), FIXED, ZERO)))
+    return atoms, np.where(a.atoms >= 0, a.chains, b.chains)
+
+
 def broadcast_to(x: Layout, shape) -> Layout:
     """x broadcast to ``shape`` (leading dimensions added, non-channel dimensions resized)."""
     out = x

@@ -5,6 +5,8 @@ The rules (:mod:`~intertwiners.symmetries.ops`) see graph values as one of
 * a :class:`~intertwiners.symmetries.layout.Layout` — a *hidden* value (a tensor a symmetry acts on);
 * a :class:`ParamRef` — a parameter or buffer of the model (possibly viewed/unsqueezed);
 * a :class:`DerivedParam` — an elementwise function of one parameter (Gemma's ``1 + w``);
+* a :class:`ConcatParam` — 1-D parameters concatenated (BEiT's q bias, zero k bias, v bias);
+* a :class:`GatheredParam` — a parameter's slices picked by indices (the experts a token is routed to);
 * ``None`` — an untransformed tensor, or anything else (sizes, constants);
 
 and record, through :class:`~intertwiners.symmetries.context.Context`, the facts below. After the pass
@@ -33,6 +35,26 @@ class DerivedParam:
     """An elementwise function of one parameter with constants (Gemma's RMSNorm gain ``1 + w``). Only a
     per-channel product may use it (it permutes ``name``, and permuting w permutes f(w)); every other rule
     sees an untransformed tensor."""
+    name: str
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class ConcatParam:
+    """1-D parameters/buffers and zeros concatenated (``torch.cat((q_bias, k_bias, v_bias))``, BEiT's qkv bias):
+    ``parts`` is ((ParamRef or None for zeros, start, length), ...) along the result's length ``shape[0]``.
+    Only a layer's bias may use it (each part moves with its slice of the new channels, which it keeps apart
+    from the other slices); every other rule sees an untransformed tensor."""
+    parts: tuple
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class GatheredParam:
+    """Slices of a parameter (``name``, of shape ``shape``) along its first axis picked by untransformed indices:
+    ``gate_up_proj[expert_ids]``, the weights of the experts each token is routed to (transformers' batched
+    mixture-of-experts). A batched product with a hidden value uses it as one linear layer per picked slice,
+    all moved alike (the same transform for every expert); every other rule sees an untransformed tensor."""
     name: str
     shape: tuple
 
@@ -94,12 +116,13 @@ class SiteRecord:
 class AttentionRecord:
     """One attention call: atoms per head of the queries ``q`` (H, dk), the keys ``k`` (H, dk; a key/value
     head repeated for grouped-query attention), the values ``v`` (H, dv); ``q``/``k`` None when they are
-    untransformed. ``heads`` (H,): the head atoms of written-out scores (softmax(q k^T) v). ``owner``: the
-    module that computes it (the attention space is named after it)."""
+    untransformed, ``v`` None when the scores never reach the values head by head (talking heads mix them
+    across heads: queries/keys only, heads in place). ``heads`` (H,): the head atoms of written-out scores
+    (softmax(q k^T) v). ``owner``: the module that computes it (the attention space is named after it)."""
     owner: str
     q: np.ndarray | None
     k: np.ndarray | None
-    v: np.ndarray
+    v: np.ndarray | None
     kv_heads: int
     heads: np.ndarray | None = None
 

@@ -5,7 +5,8 @@ Built-in rules register here from their family's module under :mod:`~intertwiner
 rule for the same operation (and keeps that operation out of the activation regions). *Patterns* are the
 built-in analyses that claim nodes by their neighbourhood rather than by their operation (a chain of
 elementwise operations is one activation; ``1 + w`` is a function of a parameter): each returns
-``{node: rule}`` for the nodes it claims, before per-operation dispatch.
+``{node: rule}`` for the nodes it claims, before per-operation dispatch. *Finishers* run once after the
+last node: a family that keeps state across nodes (written-out attention's pending scores) settles it there.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.fx as fx
 RULES: dict = {}        # built-in rules
 USER_RULES: dict = {}   # rules registered with register_rule (take precedence)
 CLAIMS: list = []       # claim(ctx, node) -> rule | None, asked in order before the per-operation rules
+FINISHERS: list = []    # finish(ctx), run in order after the last node
 
 
 def op_key(target):
@@ -46,6 +48,12 @@ def builtin(*ops, side_aware: bool = False):
 def claim(fn):
     """Decorator registering a built-in claim ``fn(ctx, node) -> rule | None``."""
     CLAIMS.append(fn)
+    return fn
+
+
+def finisher(fn):
+    """Decorator registering a built-in ``fn(ctx)`` run once after the last node of the graph."""
+    FINISHERS.append(fn)
     return fn
 
 

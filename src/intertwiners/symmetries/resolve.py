@@ -188,10 +188,11 @@ class Resolver:
         for rec in an.attention:
             kv = rec.kv_heads
             H, dk = rec.q.shape if rec.q is not None else (rec.v.shape[0], 0)
-            dv = rec.v.shape[1]
+            dv = rec.v.shape[1] if rec.v is not None else 0
             rep = H // kv if kv and H % kv == 0 else 0
             qk_cls = self.classes(rec.k.reshape(-1)).reshape(H, dk) if rec.k is not None else None
-            v_cls = self.classes(rec.v.reshape(-1)).reshape(H, dv)
+            # no values: the scores are read across heads (talking heads), queries/keys alone, heads in place
+            v_cls = self.classes(rec.v.reshape(-1)).reshape(H, dv) if rec.v is not None else np.zeros((H, 0), np.int64)
             if qk_cls is None:  # untransformed queries/keys: per-head maps of the values only
                 qk_cls = np.zeros((H, 0), np.int64)
                 dk = 0
@@ -201,12 +202,12 @@ class Resolver:
             else:
                 qk_rows, v_rows = qk_cls[::rep], v_cls[::rep]
                 sq = {self.space_of[c] for c in qk_rows.reshape(-1).tolist()} or {-1}
-                sv = {self.space_of[c] for c in v_rows.reshape(-1).tolist()}
+                sv = {self.space_of[c] for c in v_rows.reshape(-1).tolist()} or {-2}
                 if len(sq) != 1 or len(sv) != 1 or sq == sv:
                     reason = "attention whose queries/keys or values share channels with other values"
-            head_spaces = set()
+            head_spaces, heads_fixed = set(), rec.v is None
             if reason is None and rec.heads is not None:
-                reason, head_spaces = self._scores_check(rec.heads, {s for s in sq | sv if s >= 0})
+                reason, head_spaces, heads_fixed = self._scores_check(rec.heads, {s for s in sq | sv if s >= 0})
             coarse = reason is None and dk > 0 and bool((qk_rows == qk_rows[:, :1]).all()) \
                 and len(set(qk_rows[:, 0].tolist())) == kv
             if coarse:  # queries/keys tied within each head (rotary embeddings): one scalar per head
@@ -214,7 +215,7 @@ class Resolver:
             if reason is None:
                 s_qk, s_v = sq.pop(), sv.pop()
                 A = spaces[s_qk] if s_qk >= 0 else Draft([], ["no queries/keys"])
-                B = spaces[s_v]
+                B = spaces[s_v] if s_v >= 0 else Draft([])
                 if len(A.classes) != kv * dk or len(B.classes) != kv * dv \
                         or len(set(qk_rows.reshape(-1).tolist())) != kv * dk \
                         or len(set(v_rows.reshape(-1).tolist())) != kv * dv:
@@ -236,8 +237,10 @@ class Resolver:
                 if qk_free:
                     A.reasons.append("the values of this attention block are pinned")
                 continue
-            if qk_free:
-                group = AttentionGroup(kv, dk, dv, name=rec.owner)
+            if rec.v is None and not qk_free:
+                continue
+            if qk_free:   # heads permute only when the scores reach the values head by head, and nothing else
+                group = AttentionGroup(kv, dk, dv, permute_heads=not heads_fixed, name=rec.owner)
                 classes = [int(c) for c in qk_rows.reshape(-1)] + [int(c) for c in v_rows.reshape(-1)]
                 A.classes = []
             else:  # queries/keys pinned (e.g. rotary embeddings): per-head maps of the values only
@@ -252,25 +255,36 @@ class Resolver:
                 self.space_of[c] = sid
                 self.index_of[c] = i
 
-    def _scores_check(self, heads: np.ndarray, qkv_spaces: set) -> tuple[str | None, set]:
+    def _scores_check(self, heads: np.ndarray, qkv_spaces: set) -> tuple[str | None, set, bool]:
         """Written-out attention: the head atoms of its scores may only be read by the operations that keep
         them (scaling, a mask shared by the heads, softmax, dropout) -- not pinned, not an output, not moved
-        with a parameter (a per-head bias), not tied to anything else. (reason or None, their spaces)."""
+        with a parameter (a per-head bias such as a relative position table), not tied to anything else.
+        When they are, the heads stay in place (their spaces are pinned here) and every head keeps its maps:
+        a head's scores do not change under A_g, A_g^-T, so whatever reads them is unaffected. Returns
+        (reason the block must be pinned -- only when the heads are tied to its queries, keys or values --,
+        the heads' spaces that move with the block's head permutation, whether the heads stay in place)."""
         cls = self.classes(heads)
         if (cls < 0).any():
-            return "attention scores with untransformed heads", set()
+            return None, set(), True
         spaces = {self.space_of[int(c)] for c in cls}
-        if spaces & qkv_spaces or len(spaces) != 1 or len(self.spaces[next(iter(spaces))].classes) != len(cls):
-            return "attention scores whose heads are tied to other channels", set()
-        sp = self.spaces[next(iter(spaces))]
-        if sp.reasons or sp.output:
-            return "attention scores read by an operation that needs them fixed: " + "; ".join(
-                dict.fromkeys(sp.reasons or ["the model's output"])), set()
-        if not hasattr(self, "_bound"):
-            self._bound = {int(c) for u in self.an.uses for c in self.classes(u.channels.atoms).tolist() if c >= 0}
-        if any(int(c) in self._bound for c in cls):
-            return "attention scores with a per-head parameter (e.g. a relative position bias)", set()
-        return None, spaces
+        if spaces & qkv_spaces:
+            return "attention scores whose heads are tied to its queries, keys or values", set(), True
+        why = None
+        if len(spaces) != 1 or len(self.spaces[next(iter(spaces))].classes) != len(cls):
+            why = "attention scores whose heads are tied to other channels"
+        elif any(self.spaces[s].reasons or self.spaces[s].output for s in spaces):
+            return None, set(), True   # pinned already (read by an operation that needs them fixed, an output)
+        else:
+            if not hasattr(self, "_bound"):
+                self._bound = {int(c) for u in self.an.uses for c in self.classes(u.channels.atoms).tolist()
+                               if c >= 0}
+            if any(int(c) in self._bound for c in cls):
+                why = "attention scores with a per-head parameter (e.g. a relative position bias)"
+        if why is not None:
+            for s in spaces:
+                self.spaces[s].reasons.append(why + ": heads stay in place")
+            return None, set(), True
+        return None, spaces, False
 
     def segments(self, ch: Channels, active: set | dict, splittable: set | frozenset = frozenset()) -> list[Segment]:
         """Where the ``active`` spaces sit among the positions of ``ch``: one :class:`Segment` per space,

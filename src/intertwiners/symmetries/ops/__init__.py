@@ -1,12 +1,13 @@
 """The built-in rules, one module per family of operations; importing this package registers them all.
 
 ========================  ==================================================================================
-:mod:`.linear`            linear, addmm, matmul/mm by a parameter, convolutions (depthwise, grouped), embedding
+:mod:`.linear`            linear, addmm, matmul/mm/bmm by a parameter, baddbmm, convolutions (depthwise,
+                          grouped), embedding and table lookups (index, index_select), gathered experts
 :mod:`.norm`              batch norm, layer norm (GroupNorm, instance norm pinned)
 :mod:`.shape`             copies, views, transposes, broadcasts, select/slice/split, cat, padding
 :mod:`.reduce`            pooling, upsampling, mean/sum/max/var, softmax
-:mod:`.arithmetic`        add/sub, mul/div (gains, gates, rotary factors), where, neg
-:mod:`.attention`         scaled_dot_product_attention, attention written out with matmul
+:mod:`.arithmetic`        add/sub, mul/div (gains, gates, rotary factors), where, neg, max/min with a bound
+:mod:`.attention`         scaled_dot_product_attention, attention written out with matmul/bmm, talking heads
 :mod:`.activation`        chains of elementwise operations (activations), functions of parameters
 ========================  ==================================================================================
 

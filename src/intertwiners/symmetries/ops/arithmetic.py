@@ -43,6 +43,16 @@ def _shaped(x: Layout, shape) -> Layout:
     return x if x.shape == tuple(shape) else L.broadcast_to(x, shape)
 
 
+def _broadcast_rows(x: Layout, shape) -> Layout:
+    """x broadcast to ``shape`` when that only adds leading dimensions or resizes axes without channels."""
+    if shape is None or len(shape) < x.ndim:
+        return x
+    lead = len(shape) - x.ndim
+    if any(shape[lead + d] != x.shape[d] for d in x.feature_dims()):
+        return x
+    return _shaped(x, shape)
+
+
 def _unzeroed(x: Layout) -> Layout:
     """x after adding something: channels that were known to be zero no longer are."""
     return x.derive(atoms=np.where(x.atoms == ZERO, FIXED, x.atoms))
@@ -53,12 +63,12 @@ def add(ctx: Context, node: fx.Node):
     a, b = ctx.value(node.args[0]), ctx.value(node.args[1])
     shape = ctx.shape(node)
     if isinstance(a, Layout) and isinstance(b, Layout):
+        # a value with fewer dimensions (Whisper's positions (T, C) added to (B, T, C)) is broadcast first
+        a, b = (_broadcast_rows(v, shape) for v in (a, b))
         if not L.same_structure(a, b) or node.kwargs.get("alpha", 1) == 0:
             return ctx.unsupported(node, f"{ctx.describe(node)} adds values with different channel layouts")
         ctx.tie(a, b, f"{ctx.describe(node)}")
-        atoms = np.where(a.atoms >= 0, a.atoms, np.where(b.atoms >= 0, b.atoms, np.where(
-            (a.atoms == FIXED) | (b.atoms == FIXED), FIXED, ZERO)))
-        chains = np.where(a.atoms >= 0, a.chains, b.chains)
+        atoms, chains = L.merge_tied(a, b)
         return (a if a.shape == tuple(shape) else b).derive(atoms=atoms, chains=chains)
     x, other, other_node = (a, b, node.args[1]) if isinstance(a, Layout) else (b, a, node.args[0])
     if not isinstance(x, Layout):
@@ -79,7 +89,11 @@ def add(ctx: Context, node: fx.Node):
     if other is None and constant_along_channels(ctx, other_node, x, shape):
         ctx.require(ConstantAdd, x)
         return _unzeroed(_shaped(x, shape))
-    return ctx.unsupported(node, f"{ctx.describe(node)} adds an untransformed tensor that varies across channels")
+    # (e.g. ALiBi on written-out attention scores): x's channels stay in place, and the sum keeps their layout so
+    # that what follows (p @ v) still sees whose channels they are
+    ctx.pin(x, f"{ctx.describe(node)} adds an untransformed tensor that varies across channels")
+    ctx.pin_side(x, node)
+    return _unzeroed(_shaped(x, shape))
 
 
 @builtin(aten.mul, aten.mul_, aten.div, aten.div_)
@@ -90,6 +104,12 @@ def mul(ctx: Context, node: fx.Node):
     if isinstance(a, Layout) and isinstance(b, Layout):
         if div:
             return ctx.unsupported(node, f"{ctx.describe(node)} divides two hidden values")
+        for x, g in ((a, b), (b, a)):
+            if _per_position(x, g, shape):
+                # a one-unit gate (Qwen2-MoE's sigmoid(shared_expert_gate(h))): a factor per token, the same
+                # for every channel of x; its unit stays untransformed
+                ctx.pin(g, f"{ctx.describe(node)}: a one-unit gate broadcast across the channels it scales")
+                return _shaped(x, shape)
         return gate(ctx, node, a, b, shape)
     x, other, other_node = (a, b, node.args[1]) if isinstance(a, Layout) else (b, a, node.args[0])
     if not isinstance(x, Layout):
@@ -112,6 +132,15 @@ def mul(ctx: Context, node: fx.Node):
     if other is None and not div and coarsen(ctx, x, other_node, shape):
         return _shaped(x, shape)
     return ctx.unsupported(node, f"{ctx.describe(node)} multiplies by a tensor that varies across channels")
+
+
+def _per_position(x: Layout, g: Layout, shape) -> bool:
+    """Is g one channel, broadcast along every channel axis of x (a factor per token/pixel)?"""
+    if len(g.atoms) != 1 or len(x.atoms) == 1 or shape is None:
+        return False
+    gs = (1,) * (len(shape) - g.ndim) + tuple(g.shape)
+    xd = [d + len(shape) - x.ndim for d in x.feature_dims()]
+    return all(gs[d] == 1 for d in xd)
 
 
 def coarsen(ctx: Context, x: Layout, other_node, shape) -> bool:
@@ -180,6 +209,40 @@ def where(ctx: Context, node: fx.Node):
             return ctx.unsupported(node, f"{ctx.describe(node)}: a mask or value that varies across channels")
     ctx.require(Unit, x)
     return _shaped(x, shape)
+
+
+@builtin(aten.masked_fill, aten.masked_fill_)
+def masked_fill(ctx: Context, node: fx.Node):
+    """x.masked_fill(mask, c) with a mask that is the same for every channel (a causal mask on attention scores,
+    MPT): channels pass; c is not scaled, so permutations only."""
+    x, mask = ctx.value(node.args[0]), ctx.value(node.args[1])
+    shape = ctx.shape(node)
+    if not isinstance(x, Layout):
+        return None
+    fill = node.args[2] if len(node.args) > 2 else None
+    if isinstance(mask, Layout) or shape is None or not constant_along_channels(ctx, node.args[1], x, shape) \
+            or (isinstance(fill, fx.Node) and not constant_along_channels(ctx, fill, x, shape)):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a mask or value that varies across channels")
+    ctx.require(Unit, x)
+    return _unzeroed(_shaped(x, shape))
+
+
+@builtin(aten.maximum, aten.minimum, aten.max, aten.min, aten.fmax, aten.fmin)
+def extremum(ctx: Context, node: fx.Node):
+    """max(x, c) / min(x, c) elementwise with a tensor c that is the same for every channel (XGLM floors its
+    attention scores at the dtype's minimum with a 0-d tensor): channels pass; c is not scaled, so
+    permutations only. Reductions (``max(x)``, ``max(x, dim)``) and extremes of two hidden values pin."""
+    if len(node.args) != 2 or not isinstance(node.args[1], fx.Node):
+        return ctx.unsupported(node)
+    a, b = ctx.value(node.args[0]), ctx.value(node.args[1])
+    shape = ctx.shape(node)
+    if isinstance(a, Layout) == isinstance(b, Layout) or shape is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: an extreme of two values with channels")
+    x, other = (a, node.args[1]) if isinstance(a, Layout) else (b, node.args[0])
+    if isinstance(ctx.value(other), ParamRef | DerivedParam) or not constant_along_channels(ctx, other, x, shape):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a bound that varies across channels")
+    ctx.require(Unit, x)
+    return _unzeroed(_shaped(x, shape))
 
 
 @builtin(aten.neg)

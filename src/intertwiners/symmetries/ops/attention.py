@@ -4,6 +4,12 @@ Per head, queries and keys are tied with a dual transform (W_Q -> A W_Q, W_K -> 
 carries the values' transform (W_V -> B W_V, W_O -> W_O B^-1); heads are permuted together. Each call is
 recorded (:class:`~..records.AttentionRecord`); the resolver turns its query/key and value spaces into one
 attention space (:class:`~..structured.AttentionGroup`).
+
+Written out, the scores ``q @ k^T`` carry *head atoms*, which only a permutation of the heads may move.
+Scores that never reach ``p @ v`` with those head atoms (talking heads: a linear map across the head axis
+mixes them) keep their heads in place; their queries and keys keep the per-head maps A_g (the scores of a
+head do not change under them, whatever reads them), and the values keep B_g when the mixed weights meet
+them head by head.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from ..capture import owner
 from ..context import Context
 from ..layout import Layout
 from ..records import AttentionRecord
-from ..registry import builtin
+from ..registry import builtin, finisher
 
 aten = torch.ops.aten
 
@@ -49,7 +55,8 @@ def tie_queries_keys(ctx: Context, node: fx.Node, qa, qc, ka, kc, repeat: bool):
 def _record(ctx: Context, node: fx.Node, qa, ka, va, heads=None) -> None:
     path, _ = owner(node)
     name = f"{path or 'model'}.attention" if not path.endswith("attention") else path
-    ctx.record_attention(AttentionRecord(name, qa, ka, va, len({tuple(r) for r in va.tolist()}), heads))
+    kv = va if va is not None else ka
+    ctx.record_attention(AttentionRecord(name, qa, ka, va, len({tuple(r) for r in kv.tolist()}), heads))
 
 
 def _heads_table(t: Layout):
@@ -60,11 +67,27 @@ def _heads_table(t: Layout):
 @builtin(aten.scaled_dot_product_attention)
 def sdpa(ctx: Context, node: fx.Node):
     """softmax(q k^T / s + mask) v per head: (q, k) -> (A q, A^-T k) and v -> B v per head, heads permuted
-    together. Keys are tied to queries with a dual transform; the output carries the values' transform."""
+    together. Keys are tied to queries with a dual transform; the output carries the values' transform. A mask
+    that is a hidden value with channels on the head axis (a per-head bias from a parameter table) is pinned
+    and keeps the heads in place (recorded as the block's head atoms, which the resolver then finds fixed)."""
     q, k, v = (ctx.value(a) for a in node.args[:3])
-    mask = ctx.value(ctx.arg(node, 3, "attn_mask"))
+    mask_arg = ctx.arg(node, 3, "attn_mask")
+    mask = ctx.value(mask_arg)
     shape = ctx.shape(node)
-    if isinstance(v, Layout) and not isinstance(mask, Layout) and q is None and k is None:
+    heads = None
+    if isinstance(mask, Layout):   # a per-head bias computed from parameters (T5's relative position bias)
+        if mask.simple_dim() != mask.ndim - 3:
+            return ctx.unsupported(node, f"{ctx.describe(node)}: a mask with channels outside the head axis")
+        heads = mask.atoms
+        ctx.pin(mask, f"{ctx.describe(node)}: a per-head attention bias (e.g. a relative position bias) keeps the "
+                      "heads in place")
+        mask = None
+    elif _varies_across_heads(ctx, mask_arg, shape):   # an untransformed per-head bias (ALiBi, a bias table)
+        H = shape[-3]
+        heads = ctx.keep(L.simple(ctx.atoms.new(H), np.zeros(H, np.int64), (H,), 0)).atoms
+        ctx.atoms.pin(heads, f"{ctx.describe(node)}: a mask that differs between heads (e.g. ALiBi) keeps the heads "
+                             "in place")
+    if isinstance(v, Layout) and q is None and k is None:
         got = _heads_table(v)
         if got is None:
             return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
@@ -74,9 +97,8 @@ def sdpa(ctx: Context, node: fx.Node):
             va = np.repeat(va, H // va.shape[0], 0)
         _record(ctx, node, None, None, va)
         return L.with_non_feature_size(v, v.ndim - 2, shape[-2])
-    if isinstance(mask, Layout) or not all(isinstance(t, Layout) for t in (q, k, v)):
-        return ctx.unsupported(node, f"{ctx.describe(node)}: queries, keys and values must all be hidden values "
-                                     "(and the mask untransformed)")
+    if not all(isinstance(t, Layout) for t in (q, k, v)):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: queries, keys and values must all be hidden values")
     tables = [_heads_table(t) for t in (q, k, v)]
     if any(t is None for t in tables):
         return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
@@ -86,10 +108,12 @@ def sdpa(ctx: Context, node: fx.Node):
         va = np.repeat(va, qa.shape[0] // va.shape[0], 0)
     if va.shape[0] != qa.shape[0]:
         return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected head shapes")
+    if heads is not None and len(heads) != qa.shape[0]:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a per-head mask with other heads than the queries")
     tied = tie_queries_keys(ctx, node, qa, qc, ka, kc, repeat=gqa)
     if isinstance(tied, str):
         return ctx.unsupported(node, f"{ctx.describe(node)}: {tied}")
-    _record(ctx, node, tied[0], tied[1], va)
+    _record(ctx, node, tied[0], tied[1], va, heads=heads)
     out = v
     if v.shape != tuple(shape):
         out = L.with_non_feature_size(v, v.ndim - 2, shape[-2])
@@ -98,7 +122,73 @@ def sdpa(ctx: Context, node: fx.Node):
     return out
 
 
-def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
+def weights_times_values(ctx: Context, node: fx.Node, weights_arg, v: Layout):
+    """``p @ v`` with ``p`` untransformed (attention weights whose scores were pinned or not followed, a fixed
+    mixing of tokens) and v hidden, its channels not on the contracted axis. When p is the same for every head
+    of v (or v has no head axis) the product commutes with any transform of v: channels pass. When p differs
+    between heads, head h of the output is p[h] @ v[h]: the values keep per-head maps B_g (recorded as an
+    attention block without queries/keys; no head permutation)."""
+    shape, ps = ctx.shape(node), ctx.shape(weights_arg)
+    nd = v.ndim
+    if shape is None or ps is None or nd < 2 or (nd - 2) in v.feature_dims():
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product that mixes channels with other values")
+    folded = [s for s, _ in v.dims[0]] if nd == 3 else []
+    if len(folded) > 1 and len(ps) == 3 and ps[0] in (1, v.shape[0]):   # heads folded into the batch axis
+        v4 = L.reshape(v, (*folded, *v.shape[1:]))
+        p4 = (*(folded if ps[0] != 1 else [1] * len(folded)), *ps[1:])
+        out = _weights_times_values(ctx, node, p4, v4, (*folded, *shape[1:])) if v4 is not None else None
+        back = L.reshape(out, tuple(shape)) if isinstance(out, Layout) else None
+        return back if back is not None else ctx.unsupported(node, f"{ctx.describe(node)}: unexpected layout")
+    return _weights_times_values(ctx, node, ps, v, tuple(shape))
+
+
+def _weights_times_values(ctx: Context, node: fx.Node, ps: tuple, v: Layout, shape: tuple):
+    nd = v.ndim
+    ps = (1,) * (nd - len(ps)) + tuple(ps)
+    lead = [d for d in v.feature_dims() if d != nd - 1]
+    out = L.with_non_feature_size(v, nd - 2, shape[nd - 2])
+    if all(ps[d] == 1 for d in lead):
+        return out
+    got = _heads_table(v) if nd >= 3 and lead == [nd - 3] else None
+    if got is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product with weights that differ along channel axes")
+    _record(ctx, node, None, None, got[0])
+    return out
+
+
+def _varies_across_heads(ctx: Context, mask_arg, shape) -> bool:
+    """Does the (untransformed) mask of an attention call differ between the heads of its output ``shape``?"""
+    ms = ctx.shape(mask_arg) if isinstance(mask_arg, fx.Node) else None
+    if ms is None or shape is None or len(shape) < 3:
+        return False
+    ms = (1,) * (len(shape) - len(ms)) + tuple(ms)
+    return ms[-3] > 1
+
+
+def batched_attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
+    """A product of two hidden values (``matmul``, ``bmm``). With the heads folded into the batch axis,
+    (batch·heads, tokens, width) as XGLM, BART and BLOOM write attention with ``bmm``, that axis is unfolded
+    into its factors, the product read by :func:`attention_product` and the result folded back."""
+    shape = ctx.shape(node)
+    folded = [s for s, _ in a.dims[0]]
+    if a.ndim != 3 or len(folded) < 2 or shape is None:
+        return attention_product(ctx, node, a, b)
+    if [s for s, _ in b.dims[0]] != folded:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a batched product whose operands fold their batch "
+                                     "axes differently")
+    a4, b4 = L.reshape(a, (*folded, *a.shape[1:])), L.reshape(b, (*folded, *b.shape[1:]))
+    if a4 is None or b4 is None:   # pragma: no cover - unfolding a dimension into its own factors always matches
+        return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected batch layout")
+    out = attention_product(ctx, node, a4, b4, (*folded, *shape[1:]))
+    if not isinstance(out, Layout):
+        return out
+    back = L.reshape(out, tuple(shape))
+    if back is None:   # pragma: no cover - unfolding and folding back the same factors always matches
+        return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected output layout")
+    return back
+
+
+def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: tuple | None = None):
     """A product of two hidden values (``matmul``): attention written out on (..., heads, tokens, width).
 
     ``q @ k^T`` contracts the head width of queries and keys: they are tied with a dual transform per head
@@ -106,8 +196,8 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
     records the attention block (queries, keys, values and the head atoms, which the resolver checks:
     nothing else may read the scores)."""
     nd = a.ndim
-    shape = ctx.shape(node)
-    scores = ctx.scratch.setdefault("attention.scores", {})   # first head atom -> (q table, k table)
+    shape = shape or ctx.shape(node)
+    scores = _pending(ctx)
     if nd < 3 or b.ndim != nd or shape is None:
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
     fa, fb = set(a.feature_dims()), set(b.feature_dims())
@@ -119,11 +209,14 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
         if isinstance(tied, str):
             return ctx.unsupported(node, f"{ctx.describe(node)}: {tied}")
         heads = ctx.atoms.new(tied[0].shape[0])
-        scores[int(heads[0])] = tied
+        scores[int(heads[0])] = (*tied, heads, node)
         return L.simple(heads, np.zeros(len(heads), np.int64), shape, nd - 3)
+    if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) not in scores \
+            and nd - 1 in fb and nd - 2 not in fb:                                         # mixed p @ v
+        return _mixed_weights_times_values(ctx, node, a, b, shape)
     if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) in scores \
             and nd - 1 in fb and nd - 2 not in fb:                                         # p @ v
-        qa, ka = scores.pop(int(a.atoms[0]))
+        qa, ka, _, _ = scores.pop(int(a.atoms[0]))
         got = _heads_table(b)
         if got is None:
             return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
@@ -136,3 +229,36 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
         _record(ctx, node, qa, ka, va, heads=a.atoms)
         return L.with_non_feature_size(b, nd - 2, shape[nd - 2])
     return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
+
+
+def _pending(ctx: Context) -> dict:
+    """Scores ``q @ k^T`` not yet read by ``p @ v``: first head atom -> (q table, k table, head atoms, node)."""
+    return ctx.scratch.setdefault("attention.scores", {})
+
+
+def _mixed_weights_times_values(ctx: Context, node: fx.Node, p: Layout, v: Layout, shape: tuple):
+    """``p @ v`` where p's head axis holds channels that are not the scores' heads (talking heads: p was mixed
+    across heads by a linear map). Head h of the output is p[h] @ v[h]: the values keep their per-head maps
+    B_g (undone by the output projection), but p's heads stay in place, so no head permutation."""
+    nd = p.ndim
+    got = _heads_table(v)
+    if got is None or len(p.atoms) != got[0].shape[0]:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
+    ctx.pin(p, f"{ctx.describe(node)}: attention weights mixed across heads (talking heads) keep their heads in "
+               "place")
+    _record(ctx, node, None, None, got[0])
+    return L.with_non_feature_size(v, nd - 2, shape[nd - 2])
+
+
+@finisher
+def scores_not_read_by_heads(ctx: Context) -> None:
+    """Scores that never reached ``p @ v`` with their head atoms (read across heads, e.g. talking heads' linear
+    map over the head axis, or by an operation without a rule): their heads stay in place (the head atoms are
+    pinned, so the map across heads keeps its columns), and their queries and keys keep the per-head maps
+    A_g, A_g^-T, which leave every head's scores unchanged."""
+    pending = _pending(ctx)
+    for qa, ka, heads, node in pending.values():
+        ctx.atoms.pin(heads, f"{ctx.describe(node)}: attention scores read across heads (e.g. talking heads) "
+                             "keep their heads in place")
+        _record(ctx, node, qa, ka, None)
+    pending.clear()

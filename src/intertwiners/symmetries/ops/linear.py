@@ -1,4 +1,5 @@
-"""Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm`` by a parameter, convolutions, embeddings.
+"""Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm``/``bmm`` by a parameter, convolutions,
+embeddings (``embedding``, or a table indexed with ``index``/``index_select``).
 
 A producer makes new channels (the rows of W and b move with them, t -> T t); its input channels are W's
 columns (w -> w T^-1). A convolution with ``groups == channels`` (depthwise) keeps each channel's identity
@@ -17,10 +18,11 @@ from .. import layout as L
 from ..constraints import ConstantAdd, Monomial
 from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout, Side
-from ..records import ParamRef
+from ..records import ConcatParam, GatheredParam, ParamRef
 from ..registry import builtin
 from .activation import feeds_activation, feeds_only_gate
-from .attention import attention_product
+from .arithmetic import constant_along_channels
+from .attention import batched_attention_product, weights_times_values
 
 aten = torch.ops.aten
 
@@ -57,18 +59,42 @@ def producer(ctx: Context, node: fx.Node, x, weight: ParamRef, bias, out_dim: in
             ctx.keep(L.simple(out.atoms[g * co:(g + 1) * co], out.chains[g * co:(g + 1) * co], (co,), 0))
     ctx.rows(weight, w_out, out)
     ctx.columns(weight, w_in, inp, groups)
+    _bias_rows(ctx, node, bias, out)
+    return out
+
+
+def bias_value(ctx: Context, arg):
+    """What a layer's bias argument holds: None when there is no bias, the argument node itself when it is an
+    untransformed tensor (which must not be read as "no bias"), else its value."""
+    value = ctx.value(arg)
+    return arg if value is None and isinstance(arg, fx.Node) else value
+
+
+def _bias_rows(ctx: Context, node: fx.Node, bias, out: Layout) -> None:
+    """The bias moves with the new channels: t -> T t. Concatenated biases: each slice of the channels is held
+    apart (a value of its own, so no space spans two parts and T acts on each part alone), a parameter part
+    moves with its slice, a zero part stays zero. Any other bias (a function of a parameter, a computed
+    tensor) cannot move: the new channels would need T b = b for an unknown b, so they are pinned (the
+    layer's input columns still move with its input)."""
+    if bias is None:
+        return
     if isinstance(bias, ParamRef):
         ctx.rows(bias, 0, out)
-    elif bias is not None:
-        return ctx.unsupported(node, f"{ctx.describe(node)} has a bias that is not a parameter")
-    return out
+    elif isinstance(bias, ConcatParam):
+        for part, start, n in bias.parts:
+            atoms, chains = out.atoms[start:start + n], out.chains[start:start + n]
+            ctx.keep(L.simple(atoms, chains, (n,), 0))
+            if part is not None:
+                ctx.rows(part, 0, Channels(atoms, chains))
+    else:
+        ctx.pin(out, f"{ctx.describe(node)} has a bias that is not a parameter")
 
 
 @builtin(aten.linear, side_aware=True)
 def linear(ctx: Context, node: fx.Node):
     """y = x W^T + b: rows of W (and b) follow the new channels, columns the input's. Over an axis without
     channels (token mixing) channels pass, and the units the layer makes for an activation are a side axis."""
-    x, w, b = ctx.value(node.args[0]), ctx.value(node.args[1]), ctx.value(ctx.arg(node, 2, "bias"))
+    x, w, b = ctx.value(node.args[0]), ctx.value(node.args[1]), bias_value(ctx, ctx.arg(node, 2, "bias"))
     if not isinstance(w, ParamRef) or len(w.shape) != 2:
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
     shape = ctx.shape(node)
@@ -84,7 +110,7 @@ def linear(ctx: Context, node: fx.Node):
         if b is not None:
             ctx.require(ConstantAdd, x)
         side = None
-        if feeds_activation(ctx, node):
+        if feeds_activation(ctx, node) and (b is None or isinstance(b, ParamRef)):
             n = shape[-1]
             units = ctx.fresh((n,), 0)
             ctx.rows(w, 0, units)
@@ -98,7 +124,7 @@ def linear(ctx: Context, node: fx.Node):
 @builtin(aten.addmm)
 def addmm(ctx: Context, node: fx.Node):
     """transformers' Conv1D: b + x @ W with W of shape (in, out); also b + x @ W.T with W (out, in)."""
-    b, x, w = (ctx.value(a) for a in node.args[:3])
+    b, x, w = bias_value(ctx, node.args[0]), ctx.value(node.args[1]), ctx.value(node.args[2])
     wt = transposed_param(ctx, node.args[2])
     if (wt is None and not isinstance(w, ParamRef)) or node.kwargs.get("beta", 1) != 1 \
             or node.kwargs.get("alpha", 1) != 1:
@@ -108,12 +134,17 @@ def addmm(ctx: Context, node: fx.Node):
     return producer(ctx, node, x, w, b, 1, 1, 0, 1 if isinstance(x, Layout) else None)
 
 
-@builtin(aten.matmul, aten.mm)
+@builtin(aten.matmul, aten.mm, aten.bmm)
 def matmul(ctx: Context, node: fx.Node):
-    """x @ W with W a parameter (in, out); a product of two hidden values is written-out attention."""
+    """x @ W with W a parameter (in, out); a product of two hidden values is written-out attention (with
+    ``bmm``, usually with the heads folded into the batch axis)."""
     x, w = ctx.value(node.args[0]), ctx.value(node.args[1])
     if isinstance(x, Layout) and isinstance(w, Layout):
-        return attention_product(ctx, node, x, w)
+        return batched_attention_product(ctx, node, x, w)
+    if isinstance(x, GatheredParam) or isinstance(w, GatheredParam):
+        return _experts(ctx, node, x, w)
+    if (x is None or isinstance(x, ParamRef)) and isinstance(w, Layout):   # a parameter here is not moved
+        return weights_times_values(ctx, node, node.args[0], w)
     ndim = len(ctx.shape(node))
     in_dim = (x.ndim - 1) if isinstance(x, Layout) else None
     wt = transposed_param(ctx, node.args[1])
@@ -123,6 +154,38 @@ def matmul(ctx: Context, node: fx.Node):
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values (or a non-parameter "
                                      "weight) is not supported")
     return producer(ctx, node, x, w, None, ndim - 1, 1, 0, in_dim)
+
+
+@builtin(aten.baddbmm)
+def baddbmm(ctx: Context, node: fx.Node):
+    """beta·bias + alpha·(a @ b) of two hidden values: written-out attention scores with an additive bias
+    (BLOOM's ALiBi, a mask). A bias that is the same for every head keeps the scores' head atoms; one that
+    varies across heads (ALiBi's per-head slopes) keeps the heads in place (the per-head maps remain)."""
+    bias_arg = node.args[0]
+    bias, a, b = (ctx.value(x) for x in node.args[:3])
+    if not (isinstance(a, Layout) and isinstance(b, Layout)) or isinstance(bias, Layout | ParamRef):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: only attention scores plus an untransformed bias are "
+                                     "supported")
+    scores = batched_attention_product(ctx, node, a, b)
+    if not isinstance(scores, Layout) or node.kwargs.get("beta", 1) == 0:
+        return scores
+    if not constant_along_channels(ctx, bias_arg, scores, ctx.shape(node)):
+        ctx.pin(scores, f"{ctx.describe(node)} adds a bias that differs between heads (ALiBi): heads stay in place")
+    return scores
+
+
+def _experts(ctx: Context, node: fx.Node, a, b):
+    """``bmm`` of the weights of the experts each token is routed to (a :class:`GatheredParam` (S, out, in))
+    with the tokens' inputs (S, in, 1), or (S, 1, in) times (S, in, out) transposed: one linear layer per
+    token whose rows and columns move alike for every expert (a shared transform: a subgroup of the
+    per-expert ones)."""
+    shape = ctx.shape(node)
+    if isinstance(a, GatheredParam) and isinstance(b, Layout) and len(a.shape) == 3 and shape and shape[2] == 1:
+        return producer(ctx, node, b, ParamRef(a.name, a.shape), None, 1, 1, 2, 1)
+    if isinstance(b, GatheredParam) and isinstance(a, Layout) and len(b.shape) == 3 and shape and shape[1] == 1:
+        return producer(ctx, node, a, ParamRef(b.name, b.shape), None, 2, 2, 1, 2)
+    return ctx.unsupported(node, f"{ctx.describe(node)}: a product with gathered weights that is not one linear "
+                                 "layer per token")
 
 
 def transposed_param(ctx: Context, arg) -> ParamRef | None:
@@ -146,7 +209,7 @@ def conv(ctx: Context, node: fx.Node):
     """Convolutions: out channels new; depthwise convolutions keep each channel's identity (a per-channel
     filter, permuted with the channel; its scale carried through), grouped ones split channels into blocks."""
     x, w = ctx.value(node.args[0]), ctx.value(node.args[1])
-    b = ctx.value(ctx.arg(node, 2, "bias"))
+    b = bias_value(ctx, ctx.arg(node, 2, "bias"))
     if node.target.overloadpacket is aten.convolution:
         if node.args[6]:
             return ctx.unsupported(node, f"{ctx.describe(node)} is a transposed convolution")
@@ -171,8 +234,7 @@ def depthwise(ctx: Context, node: fx.Node, x: Layout, w: ParamRef, b, groups: in
     ctx.require(Monomial, x)
     out = ctx.keep(L.simple(np.where(atoms == ZERO, FIXED, atoms), chains, ctx.shape(node), 1))
     ctx.gain(w, 0, out, Channels(atoms, chains))
-    if isinstance(b, ParamRef):
-        ctx.rows(b, 0, out)
+    _bias_rows(ctx, node, b, out)
     return out
 
 
@@ -182,7 +244,56 @@ def embedding(ctx: Context, node: fx.Node):
     w = ctx.value(node.args[0])
     if not isinstance(w, ParamRef) or isinstance(ctx.value(node.args[1]), Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices or a non-parameter table")
+    return _lookup(ctx, node, w)
+
+
+def _lookup(ctx: Context, node: fx.Node, table: ParamRef) -> Layout:
+    """Rows of a table (V, C) picked by untransformed indices: new channels, the table's columns."""
     shape = ctx.shape(node)
     out = ctx.fresh(shape, len(shape) - 1)
-    ctx.rows(w, 1, out)
+    ctx.rows(table, 1, out)
     return out
+
+
+@builtin(aten.index_select)
+def index_select(ctx: Context, node: fx.Node):
+    """``table.index_select(0, ids)``: an embedding (XGLM's sinusoidal positions, a buffer). A hidden value
+    indexed along an axis without channels keeps its channels."""
+    x, dim, ids = ctx.value(node.args[0]), node.args[1], ctx.value(node.args[2])
+    if isinstance(ids, Layout):
+        return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
+    if isinstance(x, ParamRef):
+        return _lookup(ctx, node, x) if len(x.shape) == 2 and dim % 2 == 0 else None
+    if not isinstance(x, Layout):
+        return None
+    if dim % x.ndim in x.feature_dims():
+        return ctx.unsupported(node, f"{ctx.describe(node)} picks channels by tensor indices")
+    return L.with_non_feature_size(x, dim % x.ndim, ctx.shape(node)[dim % x.ndim])
+
+
+@builtin(aten.index)
+def index(ctx: Context, node: fx.Node):
+    """``table[ids]``: an embedding; ``weights[expert_ids]`` of a 3-D parameter: the experts' weights picked per
+    token (:class:`GatheredParam`). A hidden value indexed by tensors along consecutive axes without channels
+    (``h[torch.arange(B), last]``) keeps its channels."""
+    x, indices = ctx.value(node.args[0]), list(node.args[1])
+    where = [i for i, t in enumerate(indices) if t is not None]
+    if any(isinstance(ctx.value(indices[i]), Layout) for i in where):
+        return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
+    if isinstance(x, ParamRef):
+        if where != [0]:
+            return None
+        if len(x.shape) == 2:
+            return _lookup(ctx, node, x)
+        full = ctx.captured.tensors.get(x.name)
+        gather = len(x.shape) == 3 and len(ctx.shape(indices[0]) or ()) == 1
+        return GatheredParam(x.name, x.shape) if gather and full is not None and tuple(full.shape) == x.shape else None
+    if not isinstance(x, Layout):
+        return None
+    shape = ctx.shape(node)
+    lo, hi = where[0], where[-1] + 1
+    if where != list(range(lo, hi)) or any(d in x.feature_dims() for d in where) or shape is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)} indexes channels or non-adjacent axes")
+    k = len(shape) - (x.ndim - len(where))
+    dims = x.dims[:lo] + tuple(((int(s), -1),) if s != 1 else () for s in shape[lo:lo + k]) + x.dims[hi:]
+    return x.derive(dims=dims, side=None)

@@ -19,7 +19,7 @@ from .. import layout as L
 from ..constraints import ConstantAdd
 from ..context import Context
 from ..layout import FIXED, ZERO, Layout
-from ..records import ParamRef
+from ..records import ConcatParam, ParamRef
 from ..registry import builtin
 
 aten = torch.ops.aten
@@ -108,14 +108,20 @@ def transpose(ctx: Context, node: fx.Node):
 
 @builtin(aten.expand, aten.expand_as, aten.repeat_interleave)
 def expand(ctx: Context, node: fx.Node):
-    """Broadcasting along axes without channels."""
+    """Broadcasting, and repeating each slice (``repeat_interleave``: each token once per expert it is routed
+    to), along axes without channels."""
     x = ctx.value(node.args[0])
     if isinstance(x, ParamRef):
         return x  # broadcasting: the parameter keeps its own shape
     if not isinstance(x, Layout):
         return None
     shape = ctx.shape(node)
-    if node.target.overloadpacket is aten.repeat_interleave or len(shape) != x.ndim:
+    if node.target.overloadpacket is aten.repeat_interleave:
+        dim = ctx.arg(node, 2, "dim")
+        if not isinstance(node.args[1], int) or dim is None or dim % x.ndim in x.feature_dims():
+            return ctx.unsupported(node, f"{ctx.describe(node)} repeats a channel axis (or the flattened tensor)")
+        return L.with_non_feature_size(x, dim % x.ndim, shape[dim % x.ndim])
+    if len(shape) != x.ndim:
         return ctx.unsupported(node)
     out = x
     for d, (a, s) in enumerate(zip(x.shape, shape)):
@@ -244,14 +250,19 @@ def getitem(ctx: Context, node: fx.Node):
 @builtin(aten.cat, aten.concat)
 def cat(ctx: Context, node: fx.Node):
     """Along a channel axis: the parts' channels side by side (untransformed parts are fixed channels).
-    Along another axis: the same channels in every part; a parameter part (a class token) moves with them."""
+    Along another axis: one transform for every part (their channels are tied position by position, as in a
+    sum: CaiT's class token, updated by its own blocks, joins the patch tokens); a parameter part (a class
+    token) moves with them."""
     parts = [(a, ctx.value(a)) for a in node.args[0]]
     shape = ctx.shape(node)
     dim = ctx.arg(node, 1, "dim", 0) % len(shape)
     hidden = [v for _, v in parts if isinstance(v, Layout)]
+    if not hidden:
+        return _concat_params(ctx, [(a, v) for a, v in parts if ctx.shape(a) != (0,)], shape)
     parts = [(a, v) for a, v in parts if isinstance(v, Layout) or (ctx.shape(a) and int(np.prod(ctx.shape(a))) > 0)]
     ref = hidden[0]
     if dim not in ref.feature_dims():
+        merged = ref
         for a, v in parts:
             if isinstance(v, ParamRef):  # a class token: moves with the channels it is concatenated to
                 part_shape = ctx.shape(a)
@@ -260,9 +271,12 @@ def cat(ctx: Context, node: fx.Node):
                     return ctx.unsupported(node, f"{ctx.describe(node)} concatenates a parameter that is not "
                                                  "per-channel")
                 ctx.rows(v, None, got)
-            elif not isinstance(v, Layout) or not L.same_structure(ref, v) or not np.array_equal(ref.atoms, v.atoms):
+            elif not isinstance(v, Layout) or not L.same_structure(ref, v):
                 return ctx.unsupported(node, f"{ctx.describe(node)} concatenates values with different channels")
-        return L.with_non_feature_size(ref, dim, shape[dim])
+            elif v is not ref and not (np.array_equal(ref.atoms, v.atoms) and np.array_equal(ref.chains, v.chains)):
+                ctx.tie(ref, v, f"{ctx.describe(node)}")
+                merged = merged.derive(*L.merge_tied(merged, v))
+        return L.with_non_feature_size(merged, dim, shape[dim])
     atoms, chains = [], []
     for a, v in parts:
         if not isinstance(v, Layout):
@@ -285,6 +299,25 @@ def cat(ctx: Context, node: fx.Node):
     fsizes = tuple(A.shape)
     dims = tuple(((fsizes[k], k),) if i == dim else d for i, d in enumerate(ref.dims))
     return Layout(np.ascontiguousarray(A).reshape(-1), np.ascontiguousarray(C).reshape(-1), fsizes, dims)
+
+
+_ZEROS = (aten.zeros, aten.zeros_like, aten.new_zeros)
+
+
+def _concat_params(ctx: Context, parts: list, shape) -> ConcatParam | None:
+    """1-D parameters and zeros side by side (a qkv bias built from a q bias, zeros and a v bias); None (an
+    untransformed tensor) for anything else."""
+    if len(shape) != 1 or not any(isinstance(v, ParamRef) for _, v in parts):
+        return None
+    out, start = [], 0
+    for a, v in parts:
+        s = ctx.shape(a)
+        zeros = v is None and isinstance(a, fx.Node) and getattr(a.target, "overloadpacket", None) in _ZEROS
+        if s is None or len(s) != 1 or not (zeros or isinstance(v, ParamRef) and len(v.shape) == 1):
+            return None
+        out.append((None if zeros else v, start, s[0]))
+        start += s[0]
+    return ConcatParam(tuple(out), tuple(shape)) if start == shape[0] else None
 
 
 def param_channels(x: Layout, p: ParamRef, out_shape) -> L.Channels | None:
