@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..features import eval_mode
 
@@ -127,8 +128,6 @@ def _capture_traced(model: nn.Module, args) -> Captured:
         return functional_call(wrapper, dict(zip(names, flat[:n])), tuple(flat[n:]))
 
     stateless._orig_mod = wrapper  # the root that make_fx names module paths from ("m.layer1.0.conv1")
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     flat = [*params.values(), *buffers.values(), *input_tensors(args)]
     with torch.no_grad(), eval_mode(model), _no_stack_traces():
         gm = make_fx(stateless, tracing_mode="fake", pre_dispatch=True, record_module_stack=True,

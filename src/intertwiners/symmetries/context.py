@@ -93,11 +93,16 @@ class Atoms:
             self.pins[a].append(reason)
 
     def resolved(self) -> tuple[np.ndarray, np.ndarray]:
-        """(roots, parities) of every atom."""
-        found = [self.find(a) for a in range(len(self.parent))]
-        roots = np.array([r for r, _ in found], dtype=np.int64) if found else np.zeros(0, np.int64)
-        parity = np.array([p for _, p in found], dtype=np.int64) if found else np.zeros(0, np.int64)
-        return roots, parity
+        """(roots, parities) of every atom, as :meth:`find` gives them: pointer jumping on the parent array
+        (each round halves every path; a root is its own parent with parity 0)."""
+        parent = np.array(self.parent, dtype=np.int64)
+        parity = np.array(self.parity, dtype=np.int64)
+        while True:
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                return parent, parity
+            parity = parity ^ parity[parent]
+            parent = up
 
 
 def _channels(x: Layout | Channels) -> Channels:
