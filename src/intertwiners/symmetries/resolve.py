@@ -63,6 +63,32 @@ def ranges(positions) -> str:
     return ",".join(parts)
 
 
+def in_order(values: np.ndarray) -> list[int]:
+    """The distinct entries of ``values`` (n,) in the order they first occur."""
+    distinct, first = np.unique(values, return_index=True)
+    return distinct[np.argsort(first)].tolist()
+
+
+def _occurrences(space: int, index: np.ndarray, positions: np.ndarray, chain: tuple,
+                 splittable: bool) -> list[Segment]:
+    """Segments of one space and chain: coordinates ``index`` (n,) at ``positions`` (n,), grouped by how
+    often each coordinate occurs (a fused qkv axis: coarse q/k rows, single v rows); occurrences in
+    position order. Uneven multiplicities need a ``splittable`` space, else ValueError."""
+    order = np.lexsort((positions, index))
+    index, positions = index[order], positions[order]
+    starts = np.flatnonzero(np.concatenate([[True], index[1:] != index[:-1]]))
+    counts = np.diff(np.append(starts, len(index)))
+    multiplicities = np.unique(counts).tolist()
+    if len(multiplicities) != 1 and not splittable:
+        raise ValueError(f"space {space} occurs unevenly in one tensor axis")  # pragma: no cover
+    out = []
+    for count in multiplicities:
+        keep = counts == count
+        part = index[starts[keep]]
+        out.append(Segment(space, part, positions[np.repeat(keep, counts)].reshape(len(part), count), chain))
+    return out
+
+
 class Resolver:
     """Spaces of an :class:`~intertwiners.symmetries.records.Analysis` (``spaces``: list of :class:`Draft`,
     ``space_of``/``index_of``: atom class -> space id / coordinate)."""
@@ -170,9 +196,10 @@ class Resolver:
     def _index_arrays(self) -> None:
         self.space_arr = np.full(len(self.root) + 1, -1, dtype=np.int64)
         self.index_arr = np.full(len(self.root) + 1, -1, dtype=np.int64)
-        for c, sid in self.space_of.items():
-            self.space_arr[c] = sid
-            self.index_arr[c] = self.index_of[c]
+        classes = np.fromiter(self.space_of, dtype=np.int64, count=len(self.space_of))
+        self.space_arr[classes] = np.fromiter(self.space_of.values(), dtype=np.int64, count=len(classes))
+        self.index_arr[classes] = np.fromiter(map(self.index_of.__getitem__, self.space_of), dtype=np.int64,
+                                              count=len(classes))
 
     def _pairs(self, ch: Channels) -> list[tuple[int, int]]:
         """The distinct (space, effective chain) pairs of some channels."""
@@ -281,20 +308,13 @@ class Resolver:
         out = []
         m = np.flatnonzero(cls >= 0)
         sp = self.space_arr[cls[m]]
-        for s in dict.fromkeys(sp.tolist()):
+        for s in in_order(sp):
             if s not in active:
                 continue
             ps = m[sp == s]
             idx = self.index_arr[cls[ps]]
-            for cid in np.unique(eff[ps]).tolist():
-                sel = eff[ps] == cid
-                sub_idx = idx[sel]
-                u2, c2 = np.unique(sub_idx, return_counts=True)
-                if len(set(c2.tolist())) != 1 and s not in splittable:
-                    raise ValueError(f"space {s} occurs unevenly in one tensor axis")  # pragma: no cover
-                for count in np.unique(c2).tolist():   # e.g. a fused qkv axis: coarse q/k rows, single v rows
-                    part = u2[c2 == count]
-                    m2 = np.isin(sub_idx, part)
-                    o2 = np.lexsort((ps[sel][m2], sub_idx[m2]))
-                    out.append(Segment(s, part, ps[sel][m2][o2].reshape(len(part), int(count)), self.chains[cid]))
+            chains = eff[ps]
+            for cid in np.unique(chains).tolist():
+                sel = chains == cid
+                out.extend(_occurrences(s, idx[sel], ps[sel], self.chains[cid], s in splittable))
         return out
