@@ -1,7 +1,11 @@
-"""Capture and the engine's fast paths give the spec the slow references give: the ``make_fx`` trace against
-``torch.export`` (model by model, slot by slot), vectorised union-find resolution against ``find``, and the
-one-pass finiteness check against ``isfinite``."""
+"""The engine's fast paths give what their slow references give: the ``make_fx`` trace against ``torch.export``
+(model by model, slot by slot), vectorised union-find resolution against ``find``, the grouping of classes
+into spaces and each space's pin reasons against dictionary-based versions, and the one-pass finiteness
+check against ``isfinite``."""
 
+from collections import defaultdict
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,6 +18,7 @@ from intertwiners.symmetries import symmetry_spec
 from intertwiners.symmetries.analysis import analyse
 from intertwiners.symmetries.context import Atoms
 from intertwiners.symmetries.inputs import all_finite, prepare_inputs
+from intertwiners.symmetries.resolve import _group_in_order, _space_reasons
 from intertwiners.symmetries.spec import build_spec
 
 
@@ -100,3 +105,57 @@ def test_all_finite_on_empty_and_extreme_tensors():
     assert all_finite(torch.zeros(0, 3))
     big = torch.tensor([3e38, 3e38])   # finite, though its sum overflows to inf
     assert all_finite(big) and not torch.isfinite(big.sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2)), max_size=30))
+def test_grouping_in_order_agrees_with_a_dictionary(rows):
+    keys = np.array(rows, dtype=np.uint64).reshape(-1, 2)
+    group, index = _group_in_order(keys)
+    expected: dict[tuple, list[int]] = {}
+    for i, row in enumerate(map(tuple, keys.tolist())):
+        expected.setdefault(row, []).append(i)
+    want_group, want_index = np.zeros(len(rows), np.int64), np.zeros(len(rows), np.int64)
+    for g, members in enumerate(expected.values()):
+        want_group[members], want_index[members] = g, np.arange(len(members))
+    assert group.tolist() == want_group.tolist() and index.tolist() == want_index.tolist()
+
+
+def _reasons_by_dictionaries(events, root, space_of, index_of, n_spaces):
+    """The reference: atom -> reasons in the order found, gathered per class, then per space in coordinate
+    order, duplicates dropped."""
+    by_atom = defaultdict(list)
+    for atoms, reason in events:
+        for a in np.unique(atoms).tolist():
+            by_atom[a].append(reason)
+    by_class = defaultdict(list)
+    for atom, reasons in by_atom.items():
+        by_class[int(root[atom])].extend(reasons)
+    out = []
+    for s in range(n_spaces):
+        members = sorted((int(index_of[c]), c) for c in range(len(root)) if space_of[c] == s)
+        out.append(list(dict.fromkeys(r for _, c in members for r in by_class.get(c, []))))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(0, n - 1), min_size=n, max_size=n),                      # each atom's class
+    st.lists(st.integers(-1, 2), min_size=n, max_size=n),                         # each class's space
+    st.lists(st.tuples(st.lists(st.integers(0, n - 1), min_size=1, max_size=4),  # pin events
+                       st.sampled_from("abcd")), max_size=8))))
+def test_space_reasons_agree_with_dictionaries(case):
+    classes, spaces, events = case
+    n = len(classes)
+    root = np.array(classes, dtype=np.int64)
+    space_of = np.array(spaces + [-1], dtype=np.int64)
+    index_of = np.full(n + 1, -1, dtype=np.int64)
+    for s in set(spaces) - {-1}:
+        members = [c for c in range(n) if spaces[c] == s]
+        index_of[members] = np.random.default_rng(len(members)).permutation(len(members))
+    atoms = Atoms()
+    atoms.new(n)
+    for subset, reason in events:
+        atoms.pin(np.array(subset, dtype=np.int64), reason)
+    got = _space_reasons(atoms.pins(), root, space_of, index_of, 3)
+    assert got == _reasons_by_dictionaries(events, root, space_of, index_of, 3)
