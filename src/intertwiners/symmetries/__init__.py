@@ -6,7 +6,7 @@
 >>> new = apply_symmetry(model, elements, spec)     # same function, different weights
 >>> print(verify_symmetry(model, x))                # per-space output errors of the spec as derived
 
-The engine, pass by pass: :mod:`.capture` (torch.export) -> :mod:`.analysis` (one rule per node, rules in
+The engine, pass by pass: :mod:`.capture` (aten graph) -> :mod:`.analysis` (one rule per node, rules in
 :mod:`.ops`, registered in :mod:`.registry`, reading and writing through :class:`.context.Context`) ->
 :mod:`.resolve` (spaces, groups) -> :mod:`.slots` / :mod:`.spec` -> :mod:`.safety`. See docs/symmetries.md.
 """

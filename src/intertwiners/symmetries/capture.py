@@ -1,13 +1,17 @@
-"""Capture: export a model with ``torch.export`` (non-strict, aten level) and name what the graph holds.
+"""Capture: trace a model to its aten graph (pre-dispatch, fake tensors) and name what the graph holds.
 
-:func:`capture` exports the model in eval mode (the original is untouched) and returns the aten graph, the
-qualified name of every parameter/buffer placeholder and the model's tensors; :func:`owner` gives the module
-that created a node. A wrapper keeps only the tensors of the output, so transformers' ``ModelOutput``s work.
+:func:`capture` traces the model in eval mode (the original is untouched) with ``make_fx`` at the
+pre-dispatch level on fake tensors, which is the graph ``torch.export`` (non-strict) produces without
+export's passes and checks; it costs about half as much. When that trace fails, :func:`capture_exported`
+(``torch.export`` itself) is tried, and its reason is reported if it fails too. Both return the aten graph,
+the qualified name of every parameter/buffer placeholder and the model's tensors; :func:`owner` gives the
+module that created a node. A wrapper keeps only the tensors of the output, so transformers'
+``ModelOutput``s work.
 
-A forward that branches on the values of a tensor (data-dependent control flow) cannot be exported. The one
+A forward that branches on the values of a tensor (data-dependent control flow) cannot be traced. The one
 such pattern with a data-independent twin is handled: transformers' mixture-of-experts layers loop over the
 experts a batch is routed to ("eager"), and compute the same function by gathering each token's experts'
-weights ("batched_mm"); the model is captured with that implementation for the duration of the export (then
+weights ("batched_mm"); the model is exported with that implementation for the duration of the export (then
 switched back; symmetries are checked on the model as it is). Anything else is refused with a ValueError that
 names the cause and the ways around it.
 """
@@ -15,11 +19,14 @@ names the cause and the ways around it.
 from __future__ import annotations
 
 import contextlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..features import eval_mode
 
@@ -85,9 +92,64 @@ class Captured:
         return max(found, key=lambda d: LOW_PRECISION.index(d)) if found else None
 
 
+@contextmanager
+def _no_stack_traces():
+    """Tracing without recording a Python stack trace per node (a tenth of the cost; nothing reads them)."""
+    old = fx.config.do_not_emit_stack_traces
+    fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx.config.do_not_emit_stack_traces = old
+
+
+def _named_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(qualified name -> parameter/buffer, every name -> the first name of its tensor). A tied parameter
+    (GPT-2's wte and lm_head) gets its first name in the model, as named_parameters() gives it."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    first: dict[int, str] = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        first.setdefault(id(t), name)
+    return tensors, {name: first.get(id(t), name) for name, t in tensors.items()}
+
+
+def capture(model: nn.Module, args) -> Captured:
+    """Trace ``model`` (eval mode) on ``args`` (a tuple, or a dict of keyword inputs); :func:`capture_exported`
+    when the trace fails. ValueError with the exporter's reason when both fail."""
+    try:
+        return _capture_traced(model, args)
+    except Exception:  # noqa: BLE001 - torch.export gets its chance and gives the reason
+        return capture_exported(model, args)
+
+
+def _capture_traced(model: nn.Module, args) -> Captured:
+    """The pre-dispatch aten graph of ``model`` on fake tensors (parameters and buffers are its first
+    placeholders, each tensor once, then the inputs), with each node's module stack."""
+    wrapper = _Wrap(model, list(args) if isinstance(args, dict) else None)
+    params = dict(wrapper.named_parameters())
+    buffers = dict(wrapper.named_buffers())
+    names = list(params) + list(buffers)
+    n = len(names)
+
+    def stateless(*flat):
+        return functional_call(wrapper, dict(zip(names, flat[:n])), tuple(flat[n:]))
+
+    stateless._orig_mod = wrapper  # the root that make_fx names module paths from ("m.layer1.0.conv1")
+    flat = [*params.values(), *buffers.values(), *input_tensors(args)]
+    with torch.no_grad(), eval_mode(model), _no_stack_traces():
+        gm = make_fx(stateless, tracing_mode="fake", pre_dispatch=True, record_module_stack=True,
+                     _allow_non_fake_inputs=True)(*flat)
+    placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    tensors, first = _named_tensors(model)
+    qualified = [first.get(name[2:], name[2:]) for name in names]
+    buffer_names = frozenset(qualified[len(params):])
+    return Captured(gm.graph, dict(zip(placeholders, qualified)), placeholders[n:], tensors, buffer_names)
+
+
 def _export(model: nn.Module, args):
     wrapper = _Wrap(model, list(args) if isinstance(args, dict) else None)
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), _no_stack_traces():
         return torch.export.export(wrapper, tuple(input_tensors(args)), strict=False)
 
 
@@ -122,7 +184,7 @@ def _gathered_experts(model: nn.Module):
         model.set_experts_implementation(before)
 
 
-def capture(model: nn.Module, args: tuple) -> Captured:
+def capture_exported(model: nn.Module, args) -> Captured:
     """Export ``model`` (eval mode, non-strict) on ``args``; ValueError with the exporter's reason on failure
     (for data-dependent control flow: the cause and the ways around it)."""
     name = type(model).__name__
@@ -148,16 +210,11 @@ def capture(model: nn.Module, args: tuple) -> Captured:
                 f"experts_implementation='batched_mm' does), or make it a torch.library custom operator and give "
                 f"it a rule with register_rule") from err
     sig = ep.graph_signature
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
-    # a tied parameter (GPT-2's wte and lm_head) gets its first name in the model, as named_parameters() gives it
-    first = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        first.setdefault(id(t), name)
+    tensors, first = _named_tensors(model)
     params = {}
     for ph, name in list(sig.inputs_to_parameters.items()) + list(sig.inputs_to_buffers.items()):
         name = name[2:] if name.startswith("m.") else name
-        params[ph] = first.get(id(tensors[name]), name) if name in tensors else name
+        params[ph] = first.get(name, name)
     buffers = frozenset(params[ph] for ph in sig.inputs_to_buffers)
     return Captured(ep.graph, params, list(sig.user_inputs), tensors, buffers)
 

@@ -29,7 +29,7 @@ from .capture import Captured, owner, shape_of
 from .chains import ONE
 from .constraints import Activation
 from .layout import FIXED, ZERO, Channels, Layout, Side, broadcast_to, simple
-from .records import Analysis, AttentionRecord, ParamRef, ParamUse, Requirement, SiteRecord, Tie
+from .records import Analysis, AttentionRecord, ParamRef, ParamUse, Pins, Requirement, SiteRecord, Tie
 
 
 class Atoms:
@@ -38,7 +38,8 @@ class Atoms:
     def __init__(self):
         self.parent: list[int] = []
         self.parity: list[int] = []
-        self.pins: dict[int, list[str]] = defaultdict(list)
+        self._pinned: list[np.ndarray] = []   # pin event k: the atoms it fixed (each once) ...
+        self._why: list[str] = []             # ... and its reason
 
     def __len__(self) -> int:
         return len(self.parent)
@@ -70,7 +71,7 @@ class Atoms:
         rb, pb = self.find(b)
         if ra == rb:
             if pa ^ pb != dual:
-                self.pins[ra].append(f"{reason}: a channel would need A = A^-T")
+                self._event(np.array([ra], dtype=np.int64), f"{reason}: a channel would need A = A^-T")
             return
         lo, hi = min(ra, rb), max(ra, rb)
         self.parent[hi] = lo
@@ -85,19 +86,33 @@ class Atoms:
                 self.union(x, y, dual, reason)
         for mine, other in ((a, b), (b, a)):
             bad = (mine >= 0) & (other == FIXED)
-            for atom in np.unique(mine[bad]).tolist():
-                self.pins[atom].append(f"{reason}: it meets untransformed channels")
+            self._event(np.unique(mine[bad]), f"{reason}: it meets untransformed channels")
 
     def pin(self, atoms: np.ndarray, reason: str) -> None:
-        for a in np.unique(atoms[atoms >= 0]).tolist():
-            self.pins[a].append(reason)
+        self._event(np.unique(atoms[atoms >= 0]), reason)
+
+    def _event(self, atoms: np.ndarray, reason: str) -> None:
+        if len(atoms):
+            self._pinned.append(atoms.astype(np.int64, copy=False))
+            self._why.append(reason)
+
+    def pins(self) -> Pins:
+        """Every pin so far (:class:`~intertwiners.symmetries.records.Pins`)."""
+        atoms = np.concatenate(self._pinned) if self._pinned else np.zeros(0, np.int64)
+        events = np.repeat(np.arange(len(self._pinned), dtype=np.int64), [len(a) for a in self._pinned])
+        return Pins(atoms, events, tuple(self._why))
 
     def resolved(self) -> tuple[np.ndarray, np.ndarray]:
-        """(roots, parities) of every atom."""
-        found = [self.find(a) for a in range(len(self.parent))]
-        roots = np.array([r for r, _ in found], dtype=np.int64) if found else np.zeros(0, np.int64)
-        parity = np.array([p for _, p in found], dtype=np.int64) if found else np.zeros(0, np.int64)
-        return roots, parity
+        """(roots, parities) of every atom, as :meth:`find` gives them: pointer jumping on the parent array
+        (each round halves every path; a root is its own parent with parity 0)."""
+        parent = np.array(self.parent, dtype=np.int64)
+        parity = np.array(self.parity, dtype=np.int64)
+        while True:
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                return parent, parity
+            parity = parity ^ parity[parent]
+            parent = up
 
 
 def _channels(x: Layout | Channels) -> Channels:
@@ -127,7 +142,7 @@ class Context:
         self._uses: list[ParamUse] = []
         self._sites: list[SiteRecord] = []
         self._attention: list[AttentionRecord] = []
-        self._outputs: set[int] = set()
+        self._outputs: list[np.ndarray] = []
         self._site_counts: dict[str, int] = defaultdict(int)
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -300,7 +315,7 @@ class Context:
         self._attention.append(record)
 
     def mark_output(self, x: Layout) -> None:
-        self._outputs.update(int(a) for a in np.unique(x.atoms[x.atoms >= 0]))
+        self._outputs.append(x.atoms[x.atoms >= 0])
         self.pin(x, "the model's output")
 
     @property
@@ -310,7 +325,8 @@ class Context:
 
     def result(self, lowest_cast=None) -> Analysis:
         roots, parity = self.atoms.resolved()
-        return Analysis(tuple(self._values), roots, parity, {k: tuple(v) for k, v in self.atoms.pins.items()},
-                        frozenset(self._outputs), tuple(self._chains), dict(self._groups),
+        outputs = np.unique(np.concatenate(self._outputs)) if self._outputs else np.zeros(0, np.int64)
+        return Analysis(tuple(self._values), roots, parity, self.atoms.pins(), outputs.astype(np.int64),
+                        tuple(self._chains), dict(self._groups),
                         tuple(self._requirements), tuple(self._ties), tuple(self._uses), tuple(self._sites),
                         tuple(self._attention), lowest_cast)

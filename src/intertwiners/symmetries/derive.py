@@ -1,8 +1,9 @@
 """``symmetry_spec``: the passes in order, capture -> analysis -> resolution and slots -> (safety check).
 
-:func:`~.capture.capture` exports the model with ``torch.export``; :func:`~.analysis.analyse` runs one rule
-per node (:mod:`~.ops`); :func:`~.spec.build_spec` resolves spaces and groups (:mod:`~.resolve`) and lists
-their slots (:mod:`~.slots`); with ``check=True``, :func:`~.safety.safety_check` pins any derived space that
+:func:`~.capture.capture` traces the model to its aten graph (``torch.export`` as fallback);
+:func:`~.analysis.analyse` runs one rule per node (:mod:`~.ops`); :func:`~.spec.build_spec` resolves spaces
+and groups (:mod:`~.resolve`) and lists their slots (:mod:`~.slots`); with ``check=True``,
+:func:`~.safety.safety_check` pins any derived space that
 changes the outputs (a rule bug: the tests require that none is pinned on the models they build).
 """
 

@@ -128,18 +128,27 @@ class AttentionRecord:
 
 
 @dataclass(frozen=True, eq=False)
+class Pins:
+    """Atoms that must stay fixed, with the reasons, in the order the pass found them: pin event ``k`` fixed
+    the atoms ``atoms[events == k]`` (each once) because of ``reasons[k]``. ``atoms``/``events``: (m,)."""
+    atoms: np.ndarray
+    events: np.ndarray
+    reasons: tuple
+
+
+@dataclass(frozen=True, eq=False)
 class Analysis:
     """Everything the pass over a captured graph found (input of :mod:`~intertwiners.symmetries.resolve`).
 
     ``values``: every hidden value (and side axis), in graph order. ``roots``/``parity`` (atoms,): each
-    atom's class after the ties and its dual parity (1: it carries A^-T of its class). ``pins``: atom ->
-    reasons it must stay fixed. ``outputs``: atoms that reach the model's output. ``chains``: chain id ->
-    chain. ``groups``: activation key -> group."""
+    atom's class after the ties and its dual parity (1: it carries A^-T of its class). ``pins``: which
+    atoms must stay fixed and why (:class:`Pins`). ``outputs`` (k,): the atoms that reach the model's output,
+    sorted. ``chains``: chain id -> chain. ``groups``: activation key -> group."""
     values: tuple
     roots: np.ndarray
     parity: np.ndarray
-    pins: dict
-    outputs: frozenset
+    pins: Pins
+    outputs: np.ndarray
     chains: tuple
     groups: dict
     requirements: tuple

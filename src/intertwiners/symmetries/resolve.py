@@ -9,7 +9,6 @@ says where each space sits along a tensor axis (the input of :mod:`~intertwiners
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from .chains import DUAL
 from .constraints import Equal, choose_group, holds
 from .layout import Channels
-from .records import Analysis
+from .records import Analysis, Pins
 from .structured import AttentionGroup
 
 
@@ -63,6 +62,72 @@ def ranges(positions) -> str:
     return ",".join(parts)
 
 
+def in_order(values: np.ndarray) -> list[int]:
+    """The distinct entries of ``values`` (n,) in the order they first occur."""
+    distinct, first = np.unique(values, return_index=True)
+    return distinct[np.argsort(first)].tolist()
+
+
+def _occurrences(space: int, index: np.ndarray, positions: np.ndarray, chain: tuple,
+                 splittable: bool) -> list[Segment]:
+    """Segments of one space and chain: coordinates ``index`` (n,) at ``positions`` (n,), grouped by how
+    often each coordinate occurs (a fused qkv axis: coarse q/k rows, single v rows); occurrences in
+    position order. Uneven multiplicities need a ``splittable`` space, else ValueError."""
+    order = np.lexsort((positions, index))
+    index, positions = index[order], positions[order]
+    starts = np.flatnonzero(np.concatenate([[True], index[1:] != index[:-1]]))
+    counts = np.diff(np.append(starts, len(index)))
+    multiplicities = np.unique(counts).tolist()
+    if len(multiplicities) != 1 and not splittable:
+        raise ValueError(f"space {space} occurs unevenly in one tensor axis")  # pragma: no cover
+    out = []
+    for count in multiplicities:
+        keep = counts == count
+        part = index[starts[keep]]
+        out.append(Segment(space, part, positions[np.repeat(keep, counts)].reshape(len(part), count), chain))
+    return out
+
+
+def _group_in_order(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``keys`` (n, k) grouped by equal rows: (group (n,), index within the group (n,)), groups
+    numbered by their first row and rows kept in order inside each group."""
+    if not len(keys):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    group = rank[inverse.reshape(-1)]
+    order = np.argsort(group, kind="stable")
+    sizes = np.bincount(group)
+    index = np.empty(len(group), dtype=np.int64)
+    index[order] = np.arange(len(group)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return group, index
+
+
+def _space_reasons(pins: Pins, root: np.ndarray, space_of: np.ndarray, index_of: np.ndarray,
+                   n_spaces: int) -> list[list[str]]:
+    """The distinct pin reasons of each space, in order: its classes in coordinate order, inside a class its
+    atoms by their first pin (then atom id), each atom's reasons as they were found."""
+    cls = root[pins.atoms]
+    space = space_of[cls]
+    first = np.full(len(root) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, pins.atoms, pins.events)
+    order = np.lexsort((pins.events, pins.atoms, first[pins.atoms], index_of[cls], space))
+    order = order[space[order] >= 0]
+    out: list[list[str]] = [[] for _ in range(n_spaces)]
+    for k, events in zip(*_split_by(space[order], pins.events[order]), strict=True):
+        out[k] = list(dict.fromkeys(pins.reasons[e] for e in dict.fromkeys(events.tolist())))
+    return out
+
+
+def _split_by(labels: np.ndarray, values: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
+    """(each distinct label of the sorted ``labels``, the run of ``values`` under it)."""
+    if not len(labels):
+        return [], []
+    starts = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1]]))
+    return labels[starts].tolist(), np.split(values, starts[1:])
+
+
 class Resolver:
     """Spaces of an :class:`~intertwiners.symmetries.records.Analysis` (``spaces``: list of :class:`Draft`,
     ``space_of``/``index_of``: atom class -> space id / coordinate)."""
@@ -102,10 +167,6 @@ class Resolver:
             if id(lay.atoms) not in seen:
                 seen.add(id(lay.atoms))
                 distinct.append(self.classes(lay.atoms))
-        class_pins: dict[int, list[str]] = defaultdict(list)
-        for atom, reasons in an.pins.items():
-            class_pins[int(self.root[atom])].extend(reasons)
-        output_classes = {int(self.root[a]) for a in an.outputs}
 
         # signature of each class = the set of values holding it (hashed: a sum of random 64-bit labels)
         cs, ls, ps = [], [], []
@@ -127,16 +188,23 @@ class Resolver:
         with np.errstate(over="ignore"):
             sig_hash = np.add.reduceat(labels[all_l], starts) if len(starts) else np.zeros(0, np.uint64)
         counts = np.diff(np.concatenate([starts, [len(all_c)]]))
-        cls_ids, first_l, first_p = all_c[starts], all_l[starts], all_p[starts]
-        by_sig: dict[tuple, list[int]] = {}
-        for k in np.lexsort((first_p, first_l)).tolist():
-            by_sig.setdefault((int(sig_hash[k]), int(counts[k]), int(first_l[k])), []).append(int(cls_ids[k]))
-        spaces = [Draft(cs, [r for c in cs for r in class_pins.get(c, [])], any(c in output_classes for c in cs))
-                  for cs in by_sig.values()]
+        order = np.lexsort((all_p[starts], all_l[starts]))   # classes by (first value, position there)
+        keys = np.stack([sig_hash[order], counts[order].astype(np.uint64), all_l[starts][order].astype(np.uint64)], 1)
+        space, index = _group_in_order(keys)
+        classes = all_c[starts][order]
+        by_space = np.lexsort((index, space))
+        space_of = np.full(len(self.root) + 1, -1, dtype=np.int64)
+        index_of = np.full(len(self.root) + 1, -1, dtype=np.int64)
+        space_of[classes], index_of[classes] = space, index
+        n_spaces = int(space.max()) + 1 if len(space) else 0
+        reasons = _space_reasons(an.pins, self.root, space_of, index_of, n_spaces)
+        outputs = set(space_of[self.root[an.outputs]].tolist()) - {-1}
+        members = np.split(classes[by_space], np.cumsum(np.bincount(space, minlength=n_spaces))[:-1])
+        spaces = [Draft(m.tolist(), reasons[k], k in outputs) for k, m in enumerate(members)]
         self.spaces = spaces
-        self.space_of = {c: s for s, sp in enumerate(spaces) for c in sp.classes}
-        self.index_of = {c: i for sp in spaces for i, c in enumerate(sp.classes)}
-        self._index_arrays()
+        self.space_of = dict(zip(classes[by_space].tolist(), space[by_space].tolist()))
+        self.index_of = dict(zip(classes[by_space].tolist(), index[by_space].tolist()))
+        self.space_arr, self.index_arr = space_of, index_of
 
         for lay in an.values:
             seen_space: dict[int, int] = {}
@@ -170,9 +238,10 @@ class Resolver:
     def _index_arrays(self) -> None:
         self.space_arr = np.full(len(self.root) + 1, -1, dtype=np.int64)
         self.index_arr = np.full(len(self.root) + 1, -1, dtype=np.int64)
-        for c, sid in self.space_of.items():
-            self.space_arr[c] = sid
-            self.index_arr[c] = self.index_of[c]
+        classes = np.fromiter(self.space_of, dtype=np.int64, count=len(self.space_of))
+        self.space_arr[classes] = np.fromiter(self.space_of.values(), dtype=np.int64, count=len(classes))
+        self.index_arr[classes] = np.fromiter(map(self.index_of.__getitem__, self.space_of), dtype=np.int64,
+                                              count=len(classes))
 
     def _pairs(self, ch: Channels) -> list[tuple[int, int]]:
         """The distinct (space, effective chain) pairs of some channels."""
@@ -295,20 +364,13 @@ class Resolver:
         out = []
         m = np.flatnonzero(cls >= 0)
         sp = self.space_arr[cls[m]]
-        for s in dict.fromkeys(sp.tolist()):
+        for s in in_order(sp):
             if s not in active:
                 continue
             ps = m[sp == s]
             idx = self.index_arr[cls[ps]]
-            for cid in np.unique(eff[ps]).tolist():
-                sel = eff[ps] == cid
-                sub_idx = idx[sel]
-                u2, c2 = np.unique(sub_idx, return_counts=True)
-                if len(set(c2.tolist())) != 1 and s not in splittable:
-                    raise ValueError(f"space {s} occurs unevenly in one tensor axis")  # pragma: no cover
-                for count in np.unique(c2).tolist():   # e.g. a fused qkv axis: coarse q/k rows, single v rows
-                    part = u2[c2 == count]
-                    m2 = np.isin(sub_idx, part)
-                    o2 = np.lexsort((ps[sel][m2], sub_idx[m2]))
-                    out.append(Segment(s, part, ps[sel][m2][o2].reshape(len(part), int(count)), self.chains[cid]))
+            chains = eff[ps]
+            for cid in np.unique(chains).tolist():
+                sel = chains == cid
+                out.extend(_occurrences(s, idx[sel], ps[sel], self.chains[cid], s in splittable))
         return out

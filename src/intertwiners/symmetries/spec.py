@@ -8,6 +8,7 @@ producing module), gives each its group or pins it with the reasons, and lists i
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -181,9 +182,13 @@ def build_spec(an: Analysis, model_type: str, buffers: frozenset = frozenset()) 
         groups[name] = group
         spaces[name] = (len(sp.classes), group, sp.sites, sp.ties)
     slots = SlotBuilder(res, an, active, groups, buffers).build()
+    tensor_slots = defaultdict(list)
+    for s in slots:
+        if s.kind != "site":
+            tensor_slots[s.space].append(s)
     result = {}
     for name, (size, group, sites, ties) in spaces.items():
-        mine = [s for s in slots if s.space == name and s.kind != "site"]
+        mine = tensor_slots[name]
         producers = list(dict.fromkeys(s.tensor for s in mine if _role(s) == "out"))
         consumers = list(dict.fromkeys(s.tensor for s in mine if _role(s) == "in"))
         result[name] = Space(name, size, group, list(sites), producers, consumers, ties)
