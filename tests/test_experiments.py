@@ -317,3 +317,37 @@ def test_an_experiment_whose_module_cannot_be_imported_fails_with_its_name(tmp_p
     for mod, why in (("broken_job_module", "half-edited"), ("needs_absent_dep", "absent_package_xyz")):
         with pytest.raises(ImportError, match=f"job type 'demo': module {mod} cannot be imported.*{why}"):
             job((mod,)).missing()
+
+
+def test_jobs_that_more_jobs_wait_on_start_first_and_dependencies_stay_first():
+    from intertwiners.experiments.runner import by_waiting_work
+
+    def probe(name, **deps):
+        return Job("probe", {"name": name, "seed": 0, "sleep_s": 0.0}, deps, label=name)
+
+    lone = probe("lone long training")
+    feed = probe("zoo")
+    mid = probe("stitch", model=feed)
+    last = probe("report input", a=mid, b=feed)
+    other = probe("other", model=feed)
+    order = closure([lone, last, other])
+    assert [j.label for j in order][0] == "lone long training"
+    ranked = [j.label for j in by_waiting_work(order)]
+    assert ranked[0] == "zoo" and ranked.index("stitch") < ranked.index("report input")
+    position = {j.id: i for i, j in enumerate(by_waiting_work(order))}
+    assert all(position[d.id] < position[j.id] for j in order for d in j.deps.values())
+    # the real plan: a zoo training before any Fig. 3 model
+    ranked = [j.kind for j in by_waiting_work(closure(build_plan("smoke").jobs))]
+    assert ranked.index("zoo") < ranked.index("dissection_model")
+
+
+def test_a_worker_caps_every_thread_pool():
+    """torch, numpy's BLAS/OpenMP pools and numba's parallel loops all run on the worker's share of the
+    cores (two workers with two threads each ran jobs up to 4x slower on 2 cores)."""
+    code = ("import numba, torch; from threadpoolctl import threadpool_info; "
+            "from intertwiners.experiments.jobs import init_worker; init_worker(1); "
+            "print(torch.get_num_threads(), numba.get_num_threads(), "
+            "max(p['num_threads'] for p in threadpool_info()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2"})
+    assert out.stdout.split() == ["1", "1", "1"]

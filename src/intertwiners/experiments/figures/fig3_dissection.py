@@ -29,7 +29,7 @@ class Settings:
 
 
 PRESETS = {
-    "smoke": Settings(),
+    "smoke": Settings(steps=25),
     # 500 steps: the same answers as 1,500 for the ResNets' three curves at a third of the training
     # (docs/reproduce.md, "Fig. 3: the claims against the training steps"; benchmarks/bench_fig3_steps.py)
     "small": Settings(alphas=(0.0, 0.25, 0.5, 0.75, 1.0), rotations=3, images=800, steps=500),

@@ -40,7 +40,7 @@ class Settings:
 
 
 PRESETS = {
-    "smoke": Settings(mcnn_epochs=6, resnet_epochs=5),
+    "smoke": Settings(mcnn_epochs=3, resnet_epochs=2, resnet_widths=(8, 16, 32)),
     "small": Settings(mcnn_seeds=6, mcnn_epochs=12, resnet_seeds=4, resnet_epochs=6),
     "paper": Settings(dataset="cifar10", mcnn_width=64, mcnn_seeds=16, resnet_seeds=8, resnet_epochs=None),
 }
