@@ -11,7 +11,8 @@ HELP = ("Run every experiment of the paper (zoo, rotation penalties, stitching, 
 
 def add_arguments(p):
     p.add_argument("--scale", default="small",
-                   help="smoke (< 5 min on 2 cores), small (< 30 min on 2 cores) or paper (CIFAR-10, GPU/cluster)")
+                   help="smoke (a pipeline check, ~80 s on 2 cores), small (~16 min on 2 cores) or paper "
+                        "(CIFAR-10, GPU/cluster)")
     p.add_argument("--dataset", default=None, choices=["digits", "cifar10"],
                    help="default: the scale's (digits for smoke/small, cifar10 for paper)")
     p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
