@@ -30,6 +30,17 @@ def _output(ctx: Context, x: Layout, affine: bool) -> Layout:
     return ctx.keep(x.derive(atoms=np.where(x.atoms == ZERO, FIXED, x.atoms), chains=chains))
 
 
+def _affine(ctx: Context, x: Layout, w, b) -> Layout:
+    """The normalised value of ``x`` with the norm's affine step: gamma ``w`` a gain from ``x`` to the output,
+    beta ``b`` rows of the output (either may be absent). Returns the output's layout."""
+    out = _output(ctx, x, isinstance(w, ParamRef))
+    if isinstance(w, ParamRef):
+        ctx.gain(w, 0, out, x)
+    if isinstance(b, ParamRef):
+        ctx.rows(b, 0, out)
+    return out
+
+
 @builtin(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
          aten.native_batch_norm, aten.instance_norm)
 def batch_norm(ctx: Context, node: fx.Node):
@@ -43,11 +54,7 @@ def batch_norm(ctx: Context, node: fx.Node):
     if x.simple_dim() != 1:
         return ctx.unsupported(node, f"{ctx.describe(node)} does not act on the channel axis")
     ctx.require(Signed, x)
-    out = _output(ctx, x, isinstance(w, ParamRef))
-    if isinstance(w, ParamRef):
-        ctx.gain(w, 0, out, x)
-    if isinstance(b, ParamRef):
-        ctx.rows(b, 0, out)
+    out = _affine(ctx, x, w, b)
     if isinstance(mean, ParamRef):
         ctx.rows(mean, 0, x)
     if isinstance(var, ParamRef):
@@ -67,11 +74,7 @@ def layer_norm(ctx: Context, node: fx.Node):
     if len(node.args[1]) != 1 or x.simple_dim() != x.ndim - 1:
         return ctx.unsupported(node, f"{ctx.describe(node)} does not normalise exactly the channel axis")
     ctx.require(Unit, x)
-    out = _output(ctx, x, isinstance(w, ParamRef))
-    if isinstance(w, ParamRef):
-        ctx.gain(w, 0, out, x)
-    if isinstance(b, ParamRef):
-        ctx.rows(b, 0, out)
+    out = _affine(ctx, x, w, b)
     if node.target.overloadpacket is aten.native_layer_norm:
         return ctx.unsupported(node, f"{ctx.describe(node)} returns several values")
     return out
