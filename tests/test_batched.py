@@ -108,3 +108,31 @@ def test_fit_many_is_not_fit_with_other_seeds():
     fit(a, train, val, recipe, 0, "cpu", progress=False)
     fit_many([b], train, val, recipe, [1], "cpu", progress=False)
     assert any(not torch.allclose(x, y, atol=1e-4) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_channels_last_is_refused_where_torch_corrupts_the_heap():
+    """torch 2.13's channels-last weight gradient of a strided 1x1 convolution with fewer than 8 input channels
+    (per group) corrupts the heap on CPUs; such models train in the default memory format. A width-4 ResNet20
+    with projection shortcuts (4 -> 8 channels, stride 2) trains through fit_many at one thread and finishes
+    (without the check it aborts the process: "corrupted double-linked list"); wider ones, and frozen or
+    unstrided 1x1 convolutions, keep channels-last."""
+    from intertwiners._util import channels_last_trains_safely
+    from intertwiners.models import resnet20
+
+    narrow = resnet20(in_channels=3, shortcut="B", widths=(4, 8, 16))
+    assert not channels_last_trains_safely(narrow)
+    assert channels_last_trains_safely(resnet20(in_channels=1, shortcut="B", widths=(8, 16, 32)))
+    assert channels_last_trains_safely(resnet20(in_channels=1, shortcut="A", widths=(4, 8, 16)))
+    assert channels_last_trains_safely(torch.nn.Conv2d(4, 8, 1, stride=1))
+    assert channels_last_trains_safely(torch.nn.Conv2d(4, 8, 1, stride=2).requires_grad_(False))
+    assert not channels_last_trains_safely(torch.nn.Conv2d(16, 8, 1, stride=2, groups=4))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(1)   # 3 channels: only fit_many can make the batches channels-last
+        train, val = (ArrayDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g),
+                                   10, "noise") for n in (32, 16))
+        found = fit_many([narrow], train, val, Recipe(epochs=1, batch_size=16), [0], "cpu", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert found[0]["epochs"] == 1

@@ -61,6 +61,19 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+def channels_last_trains_safely(model: torch.nn.Module) -> bool:
+    """False when ``model`` has a trainable 1x1 convolution with a stride above 1 and fewer than 8 input
+    channels per group: on CPUs, torch 2.13's channels-last weight gradient of such a convolution writes
+    past its buffer (heap corruption: "double free or corruption", seen at one thread, e.g. the 4-to-8-channel
+    shortcut of a width-4 ResNet; ``tests/test_batched.py``). Training then keeps the default memory format.
+    """
+    for m in model.modules():
+        if (isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad and tuple(m.kernel_size) == (1, 1)
+                and tuple(m.stride) != (1, 1) and m.in_channels // m.groups < 8):
+            return False
+    return True
+
+
 def max_nan(*values: float) -> float:
     """The largest of ``values``, or NaN when any of them is NaN (``max(x, nan)`` would silently keep ``x``)."""
     out = -math.inf

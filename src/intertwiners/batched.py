@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._util import resolve_device
+from ._util import channels_last_trains_safely, resolve_device
 from .activations import ACTIVATION_MODULES
 from .data import ArrayDataset, augment
 
@@ -378,7 +378,8 @@ def fit_many(models: Sequence[nn.Module], train: ArrayDataset, val: ArrayDataset
     ``seeds[k]``: model k's minibatch order and augmentation (equal seeds: one shared stream). ``prefix``: a
     frozen module every model starts with (e.g. the layers before a rotation penalty's transform), run once
     per stream and batch without autograd; the models then map its output to logits. ``channels_last``:
-    4-D activations in channels-last memory format (faster grouped convolutions on CPUs).
+    4-D activations in channels-last memory format (faster grouped convolutions on CPUs), unless
+    :func:`~intertwiners._util.channels_last_trains_safely` says the stacked model cannot train that way.
     Returns one dict per model, with the keys of :func:`~intertwiners.training.fit`.
     """
     from .training import Convergence, check_fit_inputs, diverged
@@ -400,6 +401,7 @@ def fit_many(models: Sequence[nn.Module], train: ArrayDataset, val: ArrayDataset
     active = list(range(len(models)))
     templates = [copy.deepcopy(m) for m in models]
     net = stack(models).to(dev).train()
+    channels_last = channels_last and channels_last_trains_safely(net)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.body.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)

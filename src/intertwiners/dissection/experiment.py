@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._util import resolve_device, save_figure
+from .._util import channels_last_trains_safely, resolve_device, save_figure
 from ..data import ArrayDataset
 from ..training import accuracy
 from .broden import BrodenDataset, load_images
@@ -58,17 +58,22 @@ LEARNING_RATES = {"convnext": 2e-3}
 def train_fig3_model(arch: str, train: ArrayDataset, *, steps: int = 500, batch_size: int = 32,
                      lr: float | None = None,
                      seed: int = 0, device: str = "auto", widths=(16, 32, 64), blocks: int = 2,
-                     progress: bool = False):
+                     progress: bool = False, channels_last: bool = True):
     """Train one Fig. 3 model on ``train`` for ``steps`` Adam steps (batches drawn with a seeded generator,
     random horizontal flips; the learning rate, by default :data:`LEARNING_RATES` (1e-3 otherwise), drops
-    10x for the last quarter). Returns ``(model, metrics)``
-    with ``train_accuracy`` (%, eval mode) and ``wall_time_s``."""
+    10x for the last quarter). ``channels_last``: weights and batches in channels-last memory format while
+    training (10-30% faster convolutions on CPUs; the same model up to float rounding). Returns
+    ``(model, metrics)`` with ``train_accuracy`` (%, eval mode) and ``wall_time_s``; the model is returned in
+    the default (contiguous) memory format."""
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be positive")
     dev = resolve_device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_fig3_model(arch, train.num_classes, widths, blocks, train.input_shape[0]).to(dev)
+    memory_format = (torch.channels_last if channels_last and channels_last_trains_safely(model)
+                     else torch.contiguous_format)
+    model = model.to(memory_format=memory_format)
     opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATES.get(arch, 1e-3) if lr is None else lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, (3 * steps) // 4)], 0.1)
     bar = None
@@ -82,7 +87,8 @@ def train_fig3_model(arch: str, train: ArrayDataset, *, steps: int = 500, batch_
         xb = train.x[idx]
         flip = torch.rand(batch_size, generator=gen) < 0.5
         xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
-        loss = torch.nn.functional.cross_entropy(model(xb.to(dev)), train.y[idx].to(dev))
+        xb = xb.to(dev).contiguous(memory_format=memory_format)
+        loss = torch.nn.functional.cross_entropy(model(xb), train.y[idx].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,7 +98,7 @@ def train_fig3_model(arch: str, train: ArrayDataset, *, steps: int = 500, batch_
             bar.set_postfix(loss=f"{loss.item():.3f}")
     if bar is not None:
         bar.close()
-    model.eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()
     metrics = {"train_accuracy": accuracy(model, train, dev), "steps": steps,
                "wall_time_s": time.perf_counter() - t0}
     return model.cpu(), metrics
