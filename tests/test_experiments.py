@@ -341,6 +341,21 @@ def test_jobs_that_more_jobs_wait_on_start_first_and_dependencies_stay_first():
     assert ranked.index("zoo") < ranked.index("dissection_model")
 
 
+def test_time_left_counts_each_job_at_the_mean_of_its_kind():
+    """What is left = (waiting jobs at their kind's mean time + what running jobs have left of it) / slots;
+    a kind not seen yet counts at the mean of every finished job; nothing finished: no estimate."""
+    from intertwiners.experiments.runner import time_left
+
+    finished = {"zoo": [60.0, 80.0], "stitch": [10.0, 20.0, 30.0]}
+    assert time_left(["stitch"], [], {}, 2) is None
+    assert time_left([], [], finished, 2) == 0.0
+    # 2 stitches (20 each) + an unseen kind (mean of all 5: 40) + a zoo job 50 s in (70 - 50 = 20 left)
+    assert time_left(["stitch", "stitch", "cka"], [("zoo", 50.0)], finished, 2) == pytest.approx((40 + 40 + 20) / 2)
+    # a running job past its kind's mean has nothing left, never a negative time
+    assert time_left([], [("stitch", 100.0)], finished, 1) == 0.0
+    assert time_left(["zoo"], [], finished, 0) == 70.0
+
+
 def test_a_worker_caps_every_thread_pool():
     """torch, numpy's BLAS/OpenMP pools and numba's parallel loops all run on the worker's share of the
     cores (two workers with two threads each ran jobs up to 4x slower on 2 cores)."""

@@ -207,6 +207,28 @@ def _commit(store: ResultsStore, out: Path, job: Job, outcome: dict, summary: Ru
                              if outcome.get("error") else "unknown error"))
 
 
+def time_left(waiting: Iterable[str], running: Iterable[tuple[str, float]], finished: dict[str, list[float]],
+              slots: int) -> float | None:
+    """Estimated seconds until the last job ends: each waiting job (its kind) takes the mean time of the
+    finished jobs of its kind (of all finished jobs for a kind not seen yet), each running job (kind, seconds
+    it has run) what is left of that mean, and ``slots`` jobs run at once. None before any job finished."""
+    times = [t for ts in finished.values() for t in ts]
+    if not times:
+        return None
+    overall = sum(times) / len(times)
+
+    def mean(kind: str) -> float:
+        ts = finished.get(kind)
+        return sum(ts) / len(ts) if ts else overall
+
+    work = sum(mean(k) for k in waiting) + sum(max(mean(k) - ran, 0.0) for k, ran in running)
+    return work / max(1, slots)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | None = None,
              progress: bool = True, plan_info: dict | None = None, meta: dict | None = None) -> RunSummary:
     """Run every job of ``jobs`` (and their dependencies) not yet done in ``out/results.sqlite``.
@@ -232,10 +254,14 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
         bar = None
         if progress and todo:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(todo), desc="jobs", unit="job", dynamic_ncols=True)
+            # elapsed time from tqdm; what is left from the jobs' kinds (time_left), not tqdm's per-job rate
+            bar = tqdm(total=len(todo), desc="jobs", unit="job", dynamic_ncols=True,
+                       bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         failed: set[str] = set()
         waiting = list(todo)
         in_flight: dict = {}
+        started: dict = {}
+        finished: dict[str, list[float]] = {}
         dep_cache: dict[str, Dependency] = {}
 
         def dependency(dep: Job | Part) -> Dependency:
@@ -262,6 +288,7 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
                         inputs = {role: dependency(d) for role, d in job.deps.items()}
                         handle = backend.submit(job.kind, job.config, inputs, context)
                         in_flight[handle] = job
+                        started[handle] = time.perf_counter()
                     else:
                         still.append(job)
                 waiting = still
@@ -271,10 +298,16 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
                     break
                 for handle in backend.wait(list(in_flight), timeout=None):
                     job = in_flight.pop(handle)
+                    finished.setdefault(job.kind, []).append(time.perf_counter() - started.pop(handle))
                     _commit(store, out, job, backend.outcome(handle), summary, done, failed)
                     if bar is not None:
+                        now = time.perf_counter()
+                        left = time_left([j.kind for j in waiting],
+                                         [(j.kind, now - started[h]) for h, j in in_flight.items()],
+                                         finished, backend.slots)
                         bar.set_postfix_str(f"{job.label[:40]}" + (f", {summary.failed} failed"
-                                                                     if summary.failed else ""))
+                                                                     if summary.failed else "")
+                                            + ("" if left is None else f", about {_minutes(left)} left"))
                         bar.update(1)
         finally:
             if bar is not None:
