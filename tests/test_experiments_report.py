@@ -211,3 +211,24 @@ def test_the_report_and_the_stitch_command_give_the_same_interval():
     s = summarize([{"kind": "grelu", "site": "relu1", "penalty": v} for v in vals])[0]
     iv = mean_ci(vals)
     assert (s["ci_low"], s["ci_high"]) == (iv.low, iv.high)
+
+
+def test_zoo_table_gives_the_paper_accuracy_to_relu_models_of_any_width():
+    """The paper's CIFAR-10 accuracy stands beside the ReLU models of an architecture (with or without batch norm,
+    whatever their widths), never beside another activation."""
+    from types import SimpleNamespace
+
+    from intertwiners.experiments.figures import zoo
+
+    def row(arch, **kw):
+        return SimpleNamespace(config={"arch": arch, "dataset": "digits", "arch_kwargs": kw},
+                               result={"parts": {"seed0": {"test_accuracy": 97.0}}})
+
+    rows = [row("resnet20", activation="relu", widths=[8, 16, 32]), row("resnet20", activation="leaky_relu:0.5"),
+            row("myrtle_cnn", batch_norm=False), row("myrtle_cnn", activation="sigmoid", batch_norm=False)]
+    view = SimpleNamespace(rows=lambda kind=None, status=None: rows)
+    text = zoo.section(view, None).body
+    lines = {line.split("|")[2].strip(): line.split("|")[-2].strip() for line in text.splitlines()
+             if line.startswith("| resnet20") or line.startswith("| myrtle_cnn")}
+    assert lines == {"activation=relu-widths=[8, 16, 32]": "89.9 (CIFAR-10)", "activation=leaky_relu:0.5": "–",
+                     "batch_norm=False": "87.4 (CIFAR-10)", "activation=sigmoid-batch_norm=False": "–"}

@@ -118,15 +118,19 @@ def section(view, figdir) -> Section:
     if not rows:
         return Section(title, "No trained models in the database.")
     groups: dict[tuple, list] = defaultdict(list)
+    paper: dict[tuple, float | None] = {}
     for r in rows:
         kw = r.config.get("arch_kwargs", {})
         tag = "-".join(f"{k}={v}" for k, v in sorted(kw.items()) if k != "width")
-        groups[(r.config["arch"], tag, r.config["dataset"])] += members(r)
+        key = (r.config["arch"], tag, r.config["dataset"])
+        groups[key] += members(r)
+        # the paper's accuracy of the architecture (ReLU; with or without batch norm), whatever its widths
+        ref_key = r.config["arch"] + ("-batch_norm=False" if kw.get("batch_norm", True) is False else "")
+        paper[key] = PAPER_ACCURACY.get(ref_key) if kw.get("activation", "relu") == "relu" else None
     out = []
     for (arch, tag, ds), ms in sorted(groups.items()):
         iv = mean_ci(m["test_accuracy"] for m in ms)
-        ref_key = arch + ("-batch_norm=False" if "batch_norm=False" in tag else "")
-        ref = PAPER_ACCURACY.get(ref_key) if "activation" not in tag or "activation=relu" == tag else None
+        ref = paper[(arch, tag, ds)]
         epochs = sorted({m.get("epochs") for m in ms if m.get("epochs") is not None})
         ran = "–" if not epochs else (str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}")
         out.append([arch, tag or "default", ds, iv.n, fmt(iv, 1), ran, ms[0].get("max_epochs", "–"),
