@@ -34,7 +34,7 @@ PRESETS = {
     # (docs/reproduce.md, "Fig. 3: the claims against the training steps"; benchmarks/bench_fig3_steps.py)
     # 8 rotations: a dissection costs seconds, and with 3 the t-intervals of the drops were +-0.2 wide
     "small": Settings(alphas=(0.0, 0.25, 0.5, 0.75, 1.0), rotations=8, images=800, steps=500),
-    "paper": Settings(alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), rotations=5, images=1600, steps=2000),
+    "paper": Settings(alphas=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), rotations=8, images=1600, steps=2000),
 }
 
 
