@@ -6,6 +6,7 @@ of interpretable units at alpha 0, the claim's answer with its numbers, and the 
 and of the dissection. A result already in ``OUT`` is reused (the runs are resumable)::
 
     PYTHONPATH=src python benchmarks/bench_fig3_steps.py --steps 300 600 1500 --out runs/fig3_steps
+    PYTHONPATH=src python benchmarks/bench_fig3_steps.py --steps 500 --batch-size 16 --out runs/fig3_steps
 
 The answers printed are the report's own (``experiments.figures.fig3_dissection.section``).
 """
@@ -25,9 +26,11 @@ from intertwiners.experiments.runner import closure
 KINDS = ("dissection_model", "dissection")
 
 
-def run(scale: str, steps: int, out: Path, workers: int) -> dict:
-    """Run the Fig. 3 jobs of ``scale`` with ``steps`` training steps into ``out``; the section and timings."""
-    plan = build_plan(Scale.preset(f"{scale}-steps{steps}", base=scale, fig3_dissection={"steps": steps}))
+def run(scale: str, steps: int, out: Path, workers: int, batch_size: int | None = None) -> dict:
+    """Run the Fig. 3 jobs of ``scale`` with ``steps`` training steps (of ``batch_size`` images; default: the
+    scale's) into ``out``; the section and timings."""
+    changes = {"steps": steps, **({} if batch_size is None else {"batch_size": batch_size})}
+    plan = build_plan(Scale.preset(f"{scale}-steps{steps}", base=scale, fig3_dissection=changes))
     jobs = [j for j in closure(plan.jobs) if j.kind in KINDS]
     t0 = time.perf_counter()
     run_jobs(jobs, out, make_backend("local", workers=workers), progress=False,
@@ -37,7 +40,8 @@ def run(scale: str, steps: int, out: Path, workers: int) -> dict:
         view = PlanView(store)
         section = fig3_dissection.section(view, None)
         compute = {kind: sum(r.wall_s or 0 for r in view.rows(kind=kind, status="done")) for kind in KINDS}
-    return {"section": section, "wall_s": wall, "compute": compute}
+        models = [{**r.result, "wall_s": r.wall_s or 0} for r in view.rows(kind="dissection_model", status="done")]
+    return {"section": section, "wall_s": wall, "compute": compute, "models": models}
 
 
 def main() -> None:
@@ -46,11 +50,15 @@ def main() -> None:
     parser.add_argument("--scale", default="small")
     parser.add_argument("--out", type=Path, default=Path("runs/fig3_steps"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the scale's)")
     args = parser.parse_args()
     for steps in args.steps:
-        found = run(args.scale, steps, args.out / f"steps{steps}", args.workers)
+        tag = f"steps{steps}" + ("" if args.batch_size is None else f"-batch{args.batch_size}")
+        found = run(args.scale, steps, args.out / tag, args.workers, args.batch_size)
         c = found["compute"]
-        print(f"\n## {steps} steps: wall {found['wall_s']:.0f} s; compute: models {c['dissection_model']:.0f} s, "
+        for model in found["models"]:
+            print(f"{model['arch']}: probe accuracy {model['probe_accuracy']:.1f}%, training {model['wall_s']:.0f} s")
+        print(f"\n## {tag}: wall {found['wall_s']:.0f} s; compute: models {c['dissection_model']:.0f} s, "
               f"dissections {c['dissection']:.0f} s")
         for claim in found["section"].claims:
             print(claim.line())

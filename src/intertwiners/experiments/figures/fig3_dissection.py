@@ -17,15 +17,16 @@ MAX_DROP = 0.02        # "does not drop": the fraction of interpretable units fa
 
 @dataclass(frozen=True)
 class Settings:
-    """Fig. 3: ``models`` trained ``steps`` Adam steps on a synthetic Broden-layout dataset of ``images``
-    images, dissected at ``alphas`` for ``rotations`` random rotations. ``steps`` is sized to what the claims
-    need (docs/reproduce.md: the claims' answers against the steps)."""
+    """Fig. 3: ``models`` trained ``steps`` Adam steps of ``batch_size`` images on a synthetic Broden-layout
+    dataset of ``images`` images, dissected at ``alphas`` for ``rotations`` random rotations. ``steps`` and
+    ``batch_size`` are sized to what the claims need (docs/reproduce.md: the claims' answers against them)."""
 
     models: tuple[str, ...] = ("resnet", "resnet_noact", "convnext")
     alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
     rotations: int = 1
     images: int = 200
     steps: int = 150
+    batch_size: int = 32
 
 
 PRESETS = {
@@ -46,7 +47,8 @@ def jobs(scale) -> list[Job]:
     data = {"n_images": s.images, "image_size": 32, "data_seed": 0}
     out = []
     for arch in s.models:
-        model = Job("dissection_model", {**data, "arch": arch, "steps": s.steps, "seed": 0},
+        model = Job("dissection_model", {**data, "arch": arch, "steps": s.steps, "batch_size": s.batch_size,
+                                         "seed": 0},
                     label=f"dissection model {arch}")
         for site, layer in DEFAULT_SITES.get(arch, []):
             out.append(Job("dissection", {
@@ -77,7 +79,8 @@ def synthetic_broden(config: dict) -> str:
           needs=("intertwiners.dissection.experiment:train_fig3_model",))
 def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``arch`` (resnet | resnet_noact | convnext), ``n_images``, ``image_size``, ``data_seed``,
-    ``steps``, ``seed``. Result: training and probe-split accuracies; files: the model."""
+    ``steps``, ``batch_size`` (default 32), ``seed``. Result: training and probe-split accuracies; files: the
+    model."""
     from ...dissection import BrodenDataset
     from ...dissection.experiment import synthetic_training_data, train_fig3_model
     from ...training import accuracy
@@ -85,7 +88,8 @@ def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: d
     root = synthetic_broden(config)
     train = synthetic_training_data(BrodenDataset(root, split="train"))
     probe = synthetic_training_data(BrodenDataset(root, split="val"))
-    model, metrics = train_fig3_model(config["arch"], train, steps=int(config["steps"]), seed=int(config["seed"]),
+    model, metrics = train_fig3_model(config["arch"], train, steps=int(config["steps"]),
+                                      batch_size=int(config.get("batch_size", 32)), seed=int(config["seed"]),
                                       device=device(context))
     metrics = {k: v for k, v in metrics.items() if k != "wall_time_s"}
     result = {"arch": config["arch"], **metrics, "probe_accuracy": float(accuracy(model, probe, device(context)))}
