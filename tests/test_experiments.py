@@ -342,18 +342,19 @@ def test_jobs_that_more_jobs_wait_on_start_first_and_dependencies_stay_first():
 
 
 def test_time_left_counts_each_job_at_the_mean_of_its_kind():
-    """What is left = (waiting jobs at their kind's mean time + what running jobs have left of it) / slots;
-    a kind not seen yet counts at the mean of every finished job; nothing finished: no estimate."""
+    """What is left = (waiting jobs at their kind's mean time + what running jobs have left of it) / slots; jobs
+    of a kind with no finished job are counted apart, never guessed from other kinds' times."""
     from intertwiners.experiments.runner import time_left
 
     finished = {"zoo": [60.0, 80.0], "stitch": [10.0, 20.0, 30.0]}
-    assert time_left(["stitch"], [], {}, 2) is None
-    assert time_left([], [], finished, 2) == 0.0
-    # 2 stitches (20 each) + an unseen kind (mean of all 5: 40) + a zoo job 50 s in (70 - 50 = 20 left)
-    assert time_left(["stitch", "stitch", "cka"], [("zoo", 50.0)], finished, 2) == pytest.approx((40 + 40 + 20) / 2)
+    assert time_left(["stitch"], [], {}, 2) == (0.0, 1)
+    assert time_left([], [], finished, 2) == (0.0, 0)
+    # 2 stitches (20 each) + a zoo job 50 s in (70 - 50 = 20 left); the cka job is not timed yet
+    seconds, untimed = time_left(["stitch", "stitch", "cka"], [("zoo", 50.0)], finished, 2)
+    assert seconds == pytest.approx((20 + 20 + 20) / 2) and untimed == 1
     # a running job past its kind's mean has nothing left, never a negative time
-    assert time_left([], [("stitch", 100.0)], finished, 1) == 0.0
-    assert time_left(["zoo"], [], finished, 0) == 70.0
+    assert time_left([], [("stitch", 100.0)], finished, 1) == (0.0, 0)
+    assert time_left(["zoo"], [("cka", 3.0)], finished, 0) == (70.0, 1)
 
 
 def test_a_worker_caps_every_thread_pool():

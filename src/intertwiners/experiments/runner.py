@@ -208,21 +208,29 @@ def _commit(store: ResultsStore, out: Path, job: Job, outcome: dict, summary: Ru
 
 
 def time_left(waiting: Iterable[str], running: Iterable[tuple[str, float]], finished: dict[str, list[float]],
-              slots: int) -> float | None:
-    """Estimated seconds until the last job ends: each waiting job (its kind) takes the mean time of the
-    finished jobs of its kind (of all finished jobs for a kind not seen yet), each running job (kind, seconds
-    it has run) what is left of that mean, and ``slots`` jobs run at once. None before any job finished."""
-    times = [t for ts in finished.values() for t in ts]
-    if not times:
-        return None
-    overall = sum(times) / len(times)
-
-    def mean(kind: str) -> float:
+              slots: int) -> tuple[float, int]:
+    """``(seconds, untimed)``: the estimated time until the jobs of kinds already timed end, and how many jobs
+    of kinds not timed yet come on top. Each waiting job (its kind) takes the mean time of the finished jobs of
+    its kind, each running job (kind, seconds it has run) what is left of that mean, and ``slots`` jobs run at
+    once; a kind with no finished job is not guessed (its jobs are counted in ``untimed``)."""
+    def mean(kind: str) -> float | None:
         ts = finished.get(kind)
-        return sum(ts) / len(ts) if ts else overall
+        return sum(ts) / len(ts) if ts else None
 
-    work = sum(mean(k) for k in waiting) + sum(max(mean(k) - ran, 0.0) for k, ran in running)
-    return work / max(1, slots)
+    work, untimed = 0.0, 0
+    for kind in waiting:
+        m = mean(kind)
+        if m is None:
+            untimed += 1
+        else:
+            work += m
+    for kind, ran in running:
+        m = mean(kind)
+        if m is None:
+            untimed += 1
+        else:
+            work += max(m - ran, 0.0)
+    return work / max(1, slots), untimed
 
 
 def _minutes(seconds: float) -> str:
@@ -302,12 +310,13 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
                     _commit(store, out, job, backend.outcome(handle), summary, done, failed)
                     if bar is not None:
                         now = time.perf_counter()
-                        left = time_left([j.kind for j in waiting],
-                                         [(j.kind, now - started[h]) for h, j in in_flight.items()],
-                                         finished, backend.slots)
+                        left, untimed = time_left([j.kind for j in waiting],
+                                                  [(j.kind, now - started[h]) for h, j in in_flight.items()],
+                                                  finished, backend.slots)
                         bar.set_postfix_str(f"{job.label[:40]}" + (f", {summary.failed} failed"
                                                                      if summary.failed else "")
-                                            + ("" if left is None else f", about {_minutes(left)} left"))
+                                            + f", about {_minutes(left)} left"
+                                            + (f" + {untimed} jobs of kinds not timed yet" if untimed else ""))
                         bar.update(1)
         finally:
             if bar is not None:
