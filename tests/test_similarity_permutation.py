@@ -149,3 +149,22 @@ def test_sequential_procrustes_rejects_at_most_five_percent_on_null_data():
     rejected = int(np.sum(np.asarray(p) <= 0.05))
     assert binomtest(rejected, 100).proportion_ci(0.99).low <= 0.05, rejected
     assert np.mean(draws) < 20
+
+
+def test_a_permutation_test_leaves_torch_on_the_threads_the_user_set():
+    """The first parallel numba loop of a process starts numba's OpenMP layer, which resets the OpenMP thread
+    count that torch shares: without `_util.start_numba_threads` a user's torch.set_num_threads(1) became 2
+    after a first G_ReLU-CKA permutation test on this 2-core machine. A fresh process, as a user's."""
+    import subprocess
+    import sys
+
+    code = ("import torch, numpy as np\n"
+            "torch.set_num_threads(1)\n"
+            "x = torch.randn(64, 64); x @ x\n"
+            "from intertwiners.similarity import permutation_test\n"
+            "g = np.random.default_rng(0)\n"
+            "permutation_test(g.random((300, 8)), g.random((300, 8)), measure='grelu_cka', n_permutations=200)\n"
+            "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "1"

@@ -61,6 +61,29 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+_NUMBA_THREADS_STARTED = False
+
+
+def start_numba_threads() -> int:
+    """Start numba's parallel threading layer without changing torch's thread count; returns numba's count.
+
+    Starting it (the first parallel numba call of a process) resets the OpenMP thread count, which torch's
+    intra-op pool shares: a user who had called ``torch.set_num_threads(1)`` would find torch on every core
+    after a first permutation test or max kernel (seen in the test workers: two spinning threads each, 3-4x
+    the CPU). Called before every parallel numba loop of the library; only the first call does anything.
+    """
+    global _NUMBA_THREADS_STARTED
+    import numba
+
+    if not _NUMBA_THREADS_STARTED:
+        before = torch.get_num_threads()
+        count = numba.get_num_threads()          # launches the threading layer
+        torch.set_num_threads(before)
+        _NUMBA_THREADS_STARTED = True
+        return count
+    return numba.get_num_threads()
+
+
 def channels_last_trains_safely(model: torch.nn.Module) -> bool:
     """False when ``model`` has a trainable 1x1 convolution with a stride above 1 and fewer than 8 input
     channels per group: on CPUs, torch 2.13's channels-last weight gradient of such a convolution writes

@@ -27,6 +27,7 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.extending import intrinsic
 
+from .._util import start_numba_threads
 from ._validate import to_features
 
 # Products are exact whatever the flags; only the order of the max reduction changes, and max is
@@ -142,7 +143,7 @@ def max_product_numba(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
     xp = _pad_rows(x)
     yp = xp if symmetric else _pad_rows(y.astype(x.dtype, copy=False))
     n_bi = xp.shape[0] // 4
-    threads = numba.get_num_threads()
+    threads = start_numba_threads()
     row_order = np.concatenate([np.arange(r, n_bi, threads) for r in range(threads)]).astype(np.int64)
     item = xp.dtype.itemsize
     block_k = int(max(64, 2048 // item))                   # 4 rows x block_k fit in half of L1

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .._util import start_numba_threads
 from ..stats import permutation_pvalue, sequential_pvalue, sequential_stop
 from ._validate import channels_last_matrix, check_pair, check_unbiased_n, check_varies, to_features, unit_scale
 from .cka import _linear_hsic_terms, cka_from_hsic, degenerate_rtol, gram_scale
@@ -160,7 +161,10 @@ def permuted_inners(kc: torch.Tensor, lc: torch.Tensor, perms: np.ndarray) -> np
     if kc.device.type == "cpu":
         a = np.ascontiguousarray(kc.numpy())
         b = np.ascontiguousarray(lc.numpy())
-        run = _permuted_inners if perms.size * a.shape[0] >= 2 ** 20 else _permuted_inners_serial
+        parallel = perms.size * a.shape[0] >= 2 ** 20
+        if parallel:
+            start_numba_threads()
+        run = _permuted_inners if parallel else _permuted_inners_serial
         return run(a, b, np.ascontiguousarray(perms, dtype=np.int32))   # int32: less to read
     n = kc.shape[0]
     idx = torch.as_tensor(perms, device=kc.device)
