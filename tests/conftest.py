@@ -2,11 +2,16 @@ import fcntl
 import json
 import os
 
+import numba
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# Two workers share two cores: one torch thread each keeps them from oversubscribing.
+# Two workers share two cores: one torch thread each keeps them from oversubscribing. numba's OpenMP threading
+# layer, when it starts (the first parallel numba call, e.g. a permutation test), resets the OpenMP thread count,
+# which is torch's too: started mid-run it put every later test of that worker on two spinning torch threads (3-4x
+# the CPU time on a busy machine). Started here, before the cap, it leaves the cap in place.
+numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 torch.set_num_threads(1)
 settings.register_profile("ci", deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
