@@ -112,6 +112,15 @@ def scipy_side():
 
 
 @pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts on the one torch thread the module header sets: a test whose code raises the count (an
+    OpenMP runtime started late, a thread cap that is not undone) must not leave its worker's later tests on
+    threads that compete with the other worker for the two cores."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def no_safety_pins(request, monkeypatch):
     """Every spec built in the tests passes the safety check untouched: a space pinned by it is a rule bug (the
     engine derived a symmetry that is not one). Tests that build a wrong rule on purpose say so with
