@@ -18,7 +18,7 @@ settings.register_profile("ci", deadline=None, max_examples=25,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The files holding the longest tests (10 s to 30 s of CPU each), run first. pytest-xdist's default
-# scheduler hands tests out in collection order as workers free up, so a two-minute test collected in the
+# scheduler hands tests out in collection order as workers free up, so a long test collected in the
 # middle of the suite starts late and can end alone after everything else: started first, it runs beside
 # the rest. Whole files move, so their module fixtures are still set up once.
 LONGEST_FIRST = ("test_experiments_integration.py", "test_experiments_alignment.py", "test_experiments_ray.py",
