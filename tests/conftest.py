@@ -2,18 +2,23 @@ import fcntl
 import json
 import os
 
+import numba
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# Two workers share two cores: one torch thread each keeps them from oversubscribing.
+# Two workers share two cores: one torch thread each keeps them from oversubscribing. numba's OpenMP threading
+# layer, when it starts (the first parallel numba call, e.g. a permutation test), resets the OpenMP thread count,
+# which is torch's too: started mid-run it put every later test of that worker on two spinning torch threads (3-4x
+# the CPU time on a busy machine). Started here, before the cap, it leaves the cap in place.
+numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 torch.set_num_threads(1)
 settings.register_profile("ci", deadline=None, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# The files holding the longest tests (10 s to 2 min each on 2 cores), run first. pytest-xdist's default
-# scheduler hands tests out in collection order as workers free up, so a two-minute test collected in the
+# The files holding the longest tests (10 s to 30 s of CPU each), run first. pytest-xdist's default
+# scheduler hands tests out in collection order as workers free up, so a long test collected in the
 # middle of the suite starts late and can end alone after everything else: started first, it runs beside
 # the rest. Whole files move, so their module fixtures are still set up once.
 LONGEST_FIRST = ("test_experiments_integration.py", "test_experiments_alignment.py", "test_experiments_ray.py",
@@ -104,6 +109,15 @@ def scipy_side():
         return e.direction * (1 if lo > e.threshold else (-1 if hi < e.threshold else 0))
 
     return side
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts on the one torch thread the module header sets: a test whose code raises the count (an
+    OpenMP runtime started late, a thread cap that is not undone) must not leave its worker's later tests on
+    threads that compete with the other worker for the two cores."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ TINY = Scale.preset(
     zoo={"mcnn_width": 4, "mcnn_seeds": 2, "mcnn_epochs": 1, "resnet_seeds": 2, "resnet_epochs": 1,
          "resnet_widths": (4, 4, 8)},
     fig1_stitching={"sites": ("relu2",), "kinds": ("full", "grelu"), "epochs": 1},
-    table2_procrustes={"max_samples": 64}, cka={"max_samples": 64},
+    table2_procrustes={"max_samples": 64, "permutations": 20}, cka={"max_samples": 64, "permutations": 20},
     fig4_rotation={"width": 4, "layers": ("conv2",), "epochs": 1, "base_epochs": 1},
     d3_slopes={"slopes": (0.0,), "sites": ("layer1.1.relu2",), "kinds": ("grelu",), "epochs": 1},
     fig3_dissection={"models": ("resnet",), "alphas": (0.0, 1.0), "images": 40, "steps": 4})
