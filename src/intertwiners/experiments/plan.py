@@ -29,6 +29,7 @@ from .figures import (  # importing the experiment modules registers their job t
     zoo,
 )
 from .jobs import JOB_TYPES, Job
+from .runner import closure
 
 EXPERIMENT_MODULES = (("zoo", zoo), ("fig1_stitching", fig1_stitching), ("table2_procrustes", table2_procrustes),
                       ("cka", cka), ("fig4_rotation", fig4_rotation), ("d3_slopes", d3_slopes),
@@ -114,16 +115,8 @@ class Plan:
     def datasets(self) -> list[str]:
         """The datasets named by its jobs and the jobs they depend on, sorted (e.g. ``["digits",
         "digits-cluttered"]``): what a run needs on disk, and what the report says it used."""
-        seen, stack, found = set(), list(self.jobs), set()
-        while stack:
-            job = stack.pop()
-            if job.id in seen:
-                continue
-            seen.add(job.id)
-            if isinstance(job.config.get("dataset"), str):
-                found.add(job.config["dataset"])
-            stack.extend(getattr(dep, "job", dep) for dep in job.deps.values())     # a Part depends on its job
-        return sorted(found)
+        return sorted({job.config["dataset"] for job in closure(self.jobs)
+                       if isinstance(job.config.get("dataset"), str)})
 
 
 def draw_pairs(n_models: int, n_pairs: int, seed: int) -> list[tuple[int, int]]:
