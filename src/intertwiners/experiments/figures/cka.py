@@ -10,7 +10,7 @@ import numpy as np
 from ...stats import decide, evidence
 from ..jobs import Dependency, Job, Output, register
 from . import common
-from .common import Section, dataset, device, model_from_files, table
+from .common import PairSimilaritySettings, Section, dataset, device, model_from_files, table
 from .fig1_stitching import MYRTLE_PAPER_LAYERS
 from .zoo import myrtle_zoo, resnet_zoo
 
@@ -24,15 +24,11 @@ PANELS = {"grelu": "(a) G_ReLU-CKA", "linear": "(b) linear CKA"}
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(PairSimilaritySettings):
     """Figs. 5 and 2 on ``pairs`` pairs of the zoo's Myrtle CNNs and ``resnet_pairs`` pairs of its ReLU
-    ResNet20s; features of the first ``max_samples`` test images; permutation tests as in Table 2."""
+    ResNet20s (the other fields: :class:`~.common.PairSimilaritySettings`)."""
 
-    pairs: int = 1
     resnet_pairs: int = 1
-    max_samples: int = 2000
-    permutations: int = 200
-    permutation_samples: int = 300
 
 
 PRESETS = {

@@ -59,6 +59,18 @@ def model_from_files(files: dict[str, bytes]):
 # report helpers
 
 
+@dataclass(frozen=True)
+class PairSimilaritySettings:
+    """What the similarity experiments (Table 2, Figs. 5 and 2) share: ``pairs`` pairs of zoo models, features
+    of the first ``max_samples`` test images, permutation tests with ``permutations`` shuffles of the first
+    ``permutation_samples`` (0: none)."""
+
+    pairs: int = 1
+    max_samples: int = 2000
+    permutations: int = 200
+    permutation_samples: int = 300
+
+
 @dataclass
 class Section:
     """One section of ``report.md``: a title, its body (figure, tables) and its claims."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from ...stats import decide, evidence, mean_ci
 from ..jobs import Dependency, Job, Output, register
 from . import common
-from .common import Section, at_chance, dataset, device, fmt, model_from_files, table
+from .common import PairSimilaritySettings, Section, at_chance, dataset, device, fmt, model_from_files, table
 from .fig1_stitching import MYRTLE_PAPER_LAYERS
 from .zoo import myrtle_zoo
 
@@ -20,14 +20,8 @@ MEASURES = {"procrustes_grelu": "G_ReLU-Procrustes", "procrustes_orthogonal": "o
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Table 2 on ``pairs`` pairs of the zoo's Myrtle CNNs: features of the first ``max_samples`` test images;
-    permutation tests with ``permutations`` shuffles of the first ``permutation_samples`` (0: none)."""
-
-    pairs: int = 1
-    max_samples: int = 2000
-    permutations: int = 200
-    permutation_samples: int = 300
+class Settings(PairSimilaritySettings):
+    """Table 2 on ``pairs`` pairs of the zoo's Myrtle CNNs (the fields: :class:`~.common.PairSimilaritySettings`)."""
 
 
 PRESETS = {
