@@ -18,11 +18,12 @@ from .. import layout as L
 from ..constraints import ConstantAdd, Monomial
 from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout, Side
-from ..records import ConcatParam, GatheredParam, ParamRef
+from ..records import ConcatParam, GatheredParam, NormedWeight, ParamRef
 from ..registry import builtin
 from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
 from .attention import batched_attention_product, weights_times_values
+from .norm import normed_weight
 
 aten = torch.ops.aten
 
@@ -33,11 +34,15 @@ def _feeds_only_norm(node: fx.Node) -> bool:
         and isinstance(users[0].args[1], fx.Node)
 
 
-def producer(ctx: Context, node: fx.Node, x, weight: ParamRef, bias, out_dim: int, w_out: int, w_in: int,
-             in_dim: int | None, groups: int = 1):
+def producer(ctx: Context, node: fx.Node, x, weight: ParamRef | NormedWeight, bias, out_dim: int, w_out: int,
+             w_in: int, in_dim: int | None, groups: int = 1):
     """New channels on ``out_dim`` of the output: rows of ``weight`` (dim ``w_out``) and ``bias``; columns
-    (dim ``w_in``) read x's channels on ``in_dim``."""
+    (dim ``w_in``) read x's channels on ``in_dim``. A weight-normalised weight moves through its direction and
+    magnitude (:func:`~.norm.normed_weight`)."""
     shape = ctx.shape(node)
+    if isinstance(weight, NormedWeight) and weight.dim == w_in:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: weight normalisation per input channel is not "
+                                     "supported")
     unscaled = _feeds_only_norm(node) or feeds_only_gate(ctx, node)
     n_in = weight.shape[w_in] * groups
     if isinstance(x, Layout):
@@ -57,8 +62,11 @@ def producer(ctx: Context, node: fx.Node, x, weight: ParamRef, bias, out_dim: in
         co = shape[out_dim] // groups
         for g in range(groups):
             ctx.keep(L.simple(out.atoms[g * co:(g + 1) * co], out.chains[g * co:(g + 1) * co], (co,), 0))
-    ctx.rows(weight, w_out, out)
-    ctx.columns(weight, w_in, inp, groups)
+    if isinstance(weight, NormedWeight):
+        normed_weight(ctx, weight, w_out, w_in, out, inp, groups)
+    else:
+        ctx.rows(weight, w_out, out)
+        ctx.columns(weight, w_in, inp, groups)
     _bias_rows(ctx, node, bias, out)
     return out
 
@@ -95,9 +103,13 @@ def linear(ctx: Context, node: fx.Node):
     """y = x W^T + b: rows of W (and b) follow the new channels, columns the input's. Over an axis without
     channels (token mixing) channels pass, and the units the layer makes for an activation are a side axis."""
     x, w, b = ctx.value(node.args[0]), ctx.value(node.args[1]), bias_value(ctx, ctx.arg(node, 2, "bias"))
-    if not isinstance(w, ParamRef) or len(w.shape) != 2:
+    if not isinstance(w, ParamRef | NormedWeight) or len(w.shape) != 2:
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
     shape = ctx.shape(node)
+    if isinstance(w, NormedWeight) and isinstance(x, Layout) and (x.side is not None
+                                                                  or (x.ndim - 1) not in x.feature_dims()):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a weight-normalised layer over hidden units or a "
+                                     "non-channel axis is not supported")
     if isinstance(x, Layout) and x.side is not None:
         side, x = x.side, x.derive(side=None)
         if side.dim == x.ndim - 1 and w.shape[1] == len(side.atoms):
@@ -216,9 +228,12 @@ def conv(ctx: Context, node: fx.Node):
         groups = node.args[8]
     else:
         groups = ctx.arg(node, 6, "groups", 1)
-    if not isinstance(w, ParamRef):
+    if not isinstance(w, ParamRef | NormedWeight):
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
     if groups > 1 and w.shape[1] == 1 and isinstance(x, Layout):
+        if isinstance(w, NormedWeight):
+            return ctx.unsupported(node, f"{ctx.describe(node)}: a weight-normalised depthwise convolution is not "
+                                         "supported")
         return depthwise(ctx, node, x, w, b, groups)
     if groups > 1 and not isinstance(x, Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)}: grouped convolution of an untransformed input")
