@@ -286,6 +286,32 @@ def index_select(ctx: Context, node: fx.Node):
     return L.with_non_feature_size(x, dim % x.ndim, ctx.shape(node)[dim % x.ndim])
 
 
+@builtin(aten.gather)
+def gather(ctx: Context, node: fx.Node):
+    """``torch.gather(x, dim, ids)`` of a hidden value along an axis without channels, with indices that are the
+    same for every channel (DeBERTa's relative-position scores: per query, the entries of the key positions'
+    distances, the same index for every head): each channel's entries are picked alike, so channels pass."""
+    x, dim, ids_arg = ctx.value(node.args[0]), node.args[1], node.args[2]
+    if isinstance(ctx.value(ids_arg), Layout):
+        return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
+    if not isinstance(x, Layout):
+        return None
+    shape, ids = ctx.shape(node), ctx.shape(ids_arg)
+    dim = dim % x.ndim
+    if dim in x.feature_dims() or shape is None or ids is None or tuple(ids) != tuple(shape) \
+            or any(shape[d] != x.shape[d] for d in range(x.ndim) if d != dim) \
+            or not constant_along_channels(ctx, _unexpanded(ids_arg), x, shape):
+        return ctx.unsupported(node, f"{ctx.describe(node)} picks entries that differ between channels")
+    return L.with_non_feature_size(x, dim, shape[dim])
+
+
+def _unexpanded(arg):
+    """The tensor an ``expand`` broadcast (the same entries along the broadcast axes), else ``arg``."""
+    while isinstance(arg, fx.Node) and getattr(arg.target, "overloadpacket", None) in (aten.expand, aten.expand_as):
+        arg = arg.args[0]
+    return arg
+
+
 @builtin(aten.index)
 def index(ctx: Context, node: fx.Node):
     """``table[ids]``: an embedding; ``weights[expert_ids]`` of a 3-D parameter: the experts' weights picked per

@@ -90,19 +90,25 @@ def squeeze(ctx: Context, node: fx.Node):
 @builtin(aten.transpose, aten.t, aten.permute, aten.swapaxes, aten.movedim, side_aware=True)
 def transpose(ctx: Context, node: fx.Node):
     x = ctx.value(node.args[0])
-    if not isinstance(x, Layout):
-        return None if not isinstance(x, ParamRef) else ctx.unsupported(node, "a transposed parameter")
+    if not isinstance(x, Layout | ParamRef):
+        return None
+    ndim = len(x.shape)
     op = node.target.overloadpacket
-    order = list(range(x.ndim))
+    order = list(range(ndim))
     if op is aten.permute:
-        order = [d % x.ndim for d in node.args[1]]
+        order = [d % ndim for d in node.args[1]]
     elif op is aten.movedim:
-        src, dst = node.args[1] % x.ndim, node.args[2] % x.ndim
+        src, dst = node.args[1] % ndim, node.args[2] % ndim
         order.remove(src)
         order.insert(dst, src)
-    else:
-        i, j = (node.args[1] % x.ndim, node.args[2] % x.ndim) if op is not aten.t else (0, 1)
+    elif ndim:
+        i, j = (node.args[1] % ndim, node.args[2] % ndim) if op is not aten.t else (0, ndim - 1)
         order[i], order[j] = order[j], order[i]
+    if isinstance(x, ParamRef):
+        long = [d for d in order if x.shape[d] != 1]
+        if long == sorted(long):   # only axes of size 1 moved: the same elements in the same order (a view)
+            return _param_view(ctx, node, x)
+        return ctx.unsupported(node, "a transposed parameter")
     return L.permute(x, order)
 
 
