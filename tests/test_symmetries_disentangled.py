@@ -126,3 +126,74 @@ def test_a_parameter_transposed_across_axes_of_size_one_is_a_view(viewed, order)
     else:
         assert not spec.spaces and any("varies across channels" in r for r in spec.pinned.values()), spec
     assert verify_symmetry(model, X, spec=spec, trials=2).ok
+
+
+class FoldedDisentangled(nn.Module):
+    """DeBERTa v2's layout of the same block: heads folded into the batch axis (``bmm``), the position keys
+    computed once, (heads, 2 span, d/H), and tiled once per sample with ``repeat`` to (batch·heads, ...)."""
+
+    def __init__(self, d=8, heads=2, span=3):
+        super().__init__()
+        self.h, self.span = heads, span
+        self.inp, self.qkv = nn.Linear(4, d), nn.Linear(d, 3 * d)
+        self.rel = nn.Parameter(torch.randn(2 * span, d))
+        self.pos_key_proj, self.o, self.out = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def fold(self, t):                                      # (B, L, d) -> (B·H, L, d/H)
+        B, L, d = t.shape
+        return t.view(B, L, self.h, -1).permute(0, 2, 1, 3).contiguous().view(-1, L, d // self.h)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, T, d = h.shape
+        q, k, v = (self.fold(t) for t in self.qkv(h).chunk(3, dim=-1))
+        pk = self.fold(self.pos_key_proj(self.rel[None])).repeat(B, 1, 1)     # (B·H, 2 span, d/H)
+        pos = torch.arange(T)
+        idx = torch.clamp(pos[:, None] - pos[None, :] + self.span, 0, 2 * self.span - 1)
+        c2p = torch.gather(torch.bmm(q, pk.transpose(-1, -2)), -1, idx[None].expand(B * self.h, T, T))
+        p = (torch.bmm(q, k.transpose(-1, -2)) + c2p).softmax(-1)
+        a = torch.bmm(p, v).view(B, self.h, T, -1).transpose(1, 2).reshape(B, T, d)
+        return self.out(h + self.o(a))
+
+
+def test_position_keys_tiled_over_the_folded_batch_move_with_the_heads():
+    torch.manual_seed(0)
+    model = FoldedDisentangled().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+    assert group.permute_heads and group.heads == 2, group
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.pos_key_proj.weight, model.pos_key_proj.weight)
+    assert not torch.equal(new.pos_key_proj.bias, model.pos_key_proj.bias)
+
+
+def test_channels_tiled_into_a_linear_layer_move_in_every_copy():
+    class Tiled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).repeat(1, 1, 2))   # (B, T, 12): each channel twice
+
+    torch.manual_seed(0)
+    model = Tiled().double()
+    spec = symmetry_spec(model, X, check=False)
+    (space,) = spec.spaces.values()
+    assert space.size == 6 and space.kind == "positive_scaled_permutation" and not spec.pinned, spec
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    # the second copy's columns must move too: transforming only the first copy changes the output
+    half = Tiled().double()
+    half.load_state_dict(model.state_dict())
+    perm = torch.tensor([1, 0, 2, 3, 4, 5])
+    with torch.no_grad():
+        half.a.weight.copy_(model.a.weight[perm])
+        half.a.bias.copy_(model.a.bias[perm])
+        half.b.weight[:, :6].copy_(model.b.weight[:, :6][:, perm])
+        assert (half(X) - model(X)).abs().max() > 1e-6
+        half.b.weight[:, 6:].copy_(model.b.weight[:, 6:][:, perm])
+        assert (half(X) - model(X)).abs().max() < 1e-12

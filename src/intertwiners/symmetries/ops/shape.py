@@ -140,7 +140,10 @@ def expand(ctx: Context, node: fx.Node):
 
 @builtin(aten.repeat)
 def repeat(ctx: Context, node: fx.Node):
-    """Tiling along axes without channels (new leading axes included); tiling a channel axis is not supported."""
+    """Tiling (new leading axes included): along an axis without channels its size grows; along an axis with
+    channels (DeBERTa v2's position keys (heads, 2 span, d) repeated once per sample to (batch·heads, ...)) a
+    non-channel factor of the repeat count goes in front of the axis' factors: position i·n + j holds what
+    position j held, so every copy carries the same channels."""
     x = ctx.value(node.args[0])
     if not isinstance(x, Layout):
         return None
@@ -149,9 +152,13 @@ def repeat(ctx: Context, node: fx.Node):
     for _ in range(len(reps) - x.ndim):
         out = L.unsqueeze(out, 0)
     for d, r in enumerate(reps):
-        if r != 1:
-            if d in out.feature_dims():
-                return ctx.unsupported(node, f"{ctx.describe(node)} repeats a channel axis")
+        if r == 1:
+            continue
+        if d in out.feature_dims():
+            dims = list(out.dims)
+            dims[d] = ((int(r), -1),) + tuple(out.dims[d])
+            out = out.derive(dims=tuple(dims))
+        else:
             out = L.with_non_feature_size(out, d, out.shape[d] * r)
     return out
 
