@@ -197,3 +197,29 @@ def test_channels_tiled_into_a_linear_layer_move_in_every_copy():
         assert (half(X) - model(X)).abs().max() > 1e-6
         half.b.weight[:, 6:].copy_(model.b.weight[:, 6:][:, perm])
         assert (half(X) - model(X)).abs().max() < 1e-12
+
+
+class TwoScoreSets(nn.Module):
+    """softmax(q1 k1^T + q2 k2^T) v: two unrelated sets of scores added (not DeBERTa: q2/k2 are not tied to
+    q1/k1), so the block's maps on q1/k1 must not be taken to move q2/k2."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.qkv, self.o = nn.Linear(4, 8), nn.Linear(8, 40), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, T, _ = h.shape
+        q1, k1, q2, k2, v = (t.view(B, T, 2, 4).transpose(1, 2) for t in self.qkv(h).chunk(5, -1))
+        p = (q1 @ k1.transpose(-1, -2) + q2 @ k2.transpose(-1, -2)).softmax(-1)
+        return self.o((p @ v).transpose(1, 2).reshape(B, T, 8))
+
+
+def test_unrelated_added_scores_keep_their_own_per_head_maps_and_the_heads_in_place():
+    torch.manual_seed(0)
+    model = TwoScoreSets().double()
+    spec = symmetry_spec(model, X, check=False)
+    groups = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+    assert len(groups) == 2 and not any(g.permute_heads for g in groups), spec
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
