@@ -23,7 +23,7 @@ class Disentangled(nn.Module):
         self.h, self.span, self.per_head_index = heads, span, per_head_index
         self.inp, self.in_proj = nn.Linear(4, d), nn.Linear(d, 3 * d, bias=False)
         self.q_bias, self.v_bias = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
-        self.rel = nn.Parameter(torch.randn(2 * span, d))
+        self.rel = nn.Parameter(torch.randn(2 * span + 2, d))    # sliced to the span in use, as DeBERTa does
         self.pos_proj, self.pos_q_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d)
         self.o, self.out = nn.Linear(d, d), nn.Linear(d, 3)
 
@@ -42,9 +42,10 @@ class Disentangled(nn.Module):
         c2p_idx = torch.clamp(rel + self.span, 0, 2 * self.span - 1)[None, None]
         if self.per_head_index:
             c2p_idx = torch.stack([c2p_idx[0, 0], c2p_idx[0, 0].flip(-1)])[None]
-        pk = self.heads(self.pos_proj(self.rel[None]))     # (1, H, 2 span, d/H)
+        rel_emb = self.rel[1:1 + 2 * self.span][None]       # (1, 2 span, d)
+        pk = self.heads(self.pos_proj(rel_emb))            # (1, H, 2 span, d/H)
         c2p = torch.gather(q @ pk.transpose(-1, -2), -1, c2p_idx.expand(B, self.h, T, T))
-        pq = self.heads(self.pos_q_proj(self.rel[None])) / 3.0
+        pq = self.heads(self.pos_q_proj(rel_emb)) / 3.0
         p2c_idx = torch.clamp(-rel + self.span, 0, 2 * self.span - 1)[None, None]
         p2c = torch.gather(k @ pq.transpose(-1, -2), -1, p2c_idx.expand(B, self.h, T, T)).transpose(-1, -2)
         p = (scores + c2p + p2c).softmax(-1)
@@ -67,8 +68,11 @@ def test_disentangled_attention_moves_position_projections_with_the_heads():
     assert report.ok and report.max_rel <= 1e-12
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
     old, moved = dict(model.named_parameters()), dict(new.named_parameters())
-    # the relative-position table itself is untransformed (it is read whole, like an input); the output bias stays
-    assert sorted(k for k in old if torch.equal(old[k], moved[k])) == ["out.bias", "rel"]
+    # the relative-position table's columns are a space of their own (undone by pk's and pq's columns); only
+    # the output bias stays
+    assert [k for k in old if torch.equal(old[k], moved[k])] == ["out.bias"]
+    (table,) = [s for s in spec.spaces.values() if s.size == 8 and s.kind == "general_linear"]
+    assert any(a.param == "rel" for a in spec.actions(table.name)), spec.actions(table.name)
 
 
 def test_position_projections_must_follow_the_heads():

@@ -25,6 +25,7 @@ from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
 from .attention import batched_attention_product, weights_times_values
 from .norm import normed_weight
+from .shape import table_rows
 
 aten = torch.ops.aten
 
@@ -260,15 +261,9 @@ def embedding(ctx: Context, node: fx.Node):
     w = ctx.value(node.args[0])
     if not isinstance(w, ParamRef) or isinstance(ctx.value(node.args[1]), Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices or a non-parameter table")
-    return _lookup(ctx, node, w)
+    return table_rows(ctx, node, w)
 
 
-def _lookup(ctx: Context, node: fx.Node, table: ParamRef) -> Layout:
-    """Rows of a table (V, C) picked by untransformed indices: new channels, the table's columns."""
-    shape = ctx.shape(node)
-    out = ctx.fresh(shape, len(shape) - 1)
-    ctx.rows(table, 1, out)
-    return out
 
 
 @builtin(aten.index_select)
@@ -279,7 +274,7 @@ def index_select(ctx: Context, node: fx.Node):
     if isinstance(ids, Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
     if isinstance(x, ParamRef):
-        return _lookup(ctx, node, x) if len(x.shape) == 2 and dim % 2 == 0 else None
+        return table_rows(ctx, node, x) if len(x.shape) == 2 and dim % 2 == 0 else None
     if not isinstance(x, Layout):
         return None
     if dim % x.ndim in x.feature_dims():
@@ -326,7 +321,7 @@ def index(ctx: Context, node: fx.Node):
         if where != [0]:
             return None
         if len(x.shape) == 2:
-            return _lookup(ctx, node, x)
+            return table_rows(ctx, node, x)
         full = ctx.captured.tensors.get(x.name)
         gather = len(x.shape) == 3 and len(ctx.shape(indices[0]) or ()) == 1
         return GatheredParam(x.name, x.shape) if gather and full is not None and tuple(full.shape) == x.shape else None

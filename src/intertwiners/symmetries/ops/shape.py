@@ -212,9 +212,26 @@ def select(ctx: Context, node: fx.Node):
     return index(ctx, node, x, node.args[1], node.args[2] % x.shape[node.args[1] % x.ndim])
 
 
+def table_rows(ctx: Context, node: fx.Node, table: ParamRef) -> Layout:
+    """Rows of a table (V, C) picked by untransformed indices or a slice (an embedding): new channels, the
+    table's columns (each row r -> T r)."""
+    shape = ctx.shape(node)
+    out = ctx.fresh(shape, len(shape) - 1)
+    ctx.rows(table, 1, out)
+    return out
+
+
 @builtin(aten.slice)
 def slice_(ctx: Context, node: fx.Node):
+    """A slice along an axis without channels keeps them; along a channel axis it keeps the sliced channels.
+    A 2-D parameter sliced along its rows (DeBERTa's relative-position table ``rel_embeddings.weight[a:b]``,
+    read as the position projections' input) is an embedding: its columns are new channels."""
     x = ctx.value(node.args[0])
+    if isinstance(x, ParamRef) and len(x.shape) == 2 and ctx.arg(node, 1, "dim", 0) % 2 == 0 \
+            and x.name not in ctx.captured.buffers:   # (a buffer sliced by rows is usually a mask)
+        full = ctx.captured.tensors.get(x.name)
+        if full is not None and tuple(full.shape) == tuple(x.shape):
+            return table_rows(ctx, node, x)
     if not isinstance(x, Layout):
         return None
     dim = ctx.arg(node, 1, "dim", 0)
