@@ -134,11 +134,14 @@ def test_a_parameter_transposed_across_axes_of_size_one_is_a_view(viewed, order)
 
 class FoldedDisentangled(nn.Module):
     """DeBERTa v2's layout of the same block: heads folded into the batch axis (``bmm``), the position keys
-    computed once, (heads, 2 span, d/H), and tiled once per sample with ``repeat`` to (batch·heads, ...)."""
+    computed once, (heads, 2 span, d/H), from the whole relative-position table (layer-normalised first with
+    ``norm_table``, DeBERTa v2's ``norm_rel_ebd="layer_norm"``), and tiled once per sample with ``repeat`` to
+    (batch·heads, ...)."""
 
-    def __init__(self, d=8, heads=2, span=3):
+    def __init__(self, d=8, heads=2, span=3, norm_table=False):
         super().__init__()
         self.h, self.span = heads, span
+        self.norm = nn.LayerNorm(d) if norm_table else nn.Identity()
         self.inp, self.qkv = nn.Linear(4, d), nn.Linear(d, 3 * d)
         self.rel = nn.Parameter(torch.randn(2 * span, d))
         self.pos_key_proj, self.o, self.out = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 3)
@@ -151,7 +154,7 @@ class FoldedDisentangled(nn.Module):
         h = torch.tanh(self.inp(x))
         B, T, d = h.shape
         q, k, v = (self.fold(t) for t in self.qkv(h).chunk(3, dim=-1))
-        pk = self.fold(self.pos_key_proj(self.rel[None])).repeat(B, 1, 1)     # (B·H, 2 span, d/H)
+        pk = self.fold(self.pos_key_proj(self.norm(self.rel)[None])).repeat(B, 1, 1)   # (B·H, 2 span, d/H)
         pos = torch.arange(T)
         idx = torch.clamp(pos[:, None] - pos[None, :] + self.span, 0, 2 * self.span - 1)
         c2p = torch.gather(torch.bmm(q, pk.transpose(-1, -2)), -1, idx[None].expand(B * self.h, T, T))
@@ -160,9 +163,14 @@ class FoldedDisentangled(nn.Module):
         return self.out(h + self.o(a))
 
 
-def test_position_keys_tiled_over_the_folded_batch_move_with_the_heads():
+@pytest.mark.parametrize("norm_table", [False, True])
+def test_position_keys_tiled_over_the_folded_batch_move_with_the_heads(norm_table):
     torch.manual_seed(0)
-    model = FoldedDisentangled().double()
+    model = FoldedDisentangled(norm_table=norm_table).double()
+    if norm_table:
+        with torch.no_grad():
+            model.norm.weight.normal_()
+            model.norm.bias.normal_()
     spec = symmetry_spec(model, X, check=False)
     assert not spec.pinned, spec.pinned
     (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
@@ -170,8 +178,11 @@ def test_position_keys_tiled_over_the_folded_batch_move_with_the_heads():
     report = verify_symmetry(model, X, spec=spec, trials=3)
     assert report.ok and report.max_rel <= 1e-12
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
-    assert not torch.equal(new.pos_key_proj.weight, model.pos_key_proj.weight)
-    assert not torch.equal(new.pos_key_proj.bias, model.pos_key_proj.bias)
+    old, moved = dict(model.named_parameters()), dict(new.named_parameters())
+    # the table read whole is an embedding: its columns move (undone by pos_key_proj's columns)
+    assert [k for k in old if torch.equal(old[k], moved[k])] == ["out.bias"]
+    table = [s for s in spec.spaces.values() if any(a.param == "rel" for a in spec.actions(s.name))]
+    assert len(table) == 1 and table[0].kind == ("permutation" if norm_table else "general_linear"), table
 
 
 def test_channels_tiled_into_a_linear_layer_move_in_every_copy():

@@ -25,7 +25,7 @@ from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
 from .attention import batched_attention_product, weights_times_values
 from .norm import normed_weight
-from .shape import table_rows
+from .shape import table_rows, whole_table
 
 aten = torch.ops.aten
 
@@ -107,6 +107,8 @@ def linear(ctx: Context, node: fx.Node):
     x, w, b = ctx.value(node.args[0]), ctx.value(node.args[1]), bias_value(ctx, ctx.arg(node, 2, "bias"))
     if not isinstance(w, ParamRef | NormedWeight) or len(w.shape) != 2:
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
+    if whole_table(ctx, x):   # a table read whole as the input (DeBERTa v2's relative-position embeddings)
+        x = table_rows(ctx, ctx.shape(node.args[0]), x)
     shape = ctx.shape(node)
     if isinstance(w, NormedWeight) and isinstance(x, Layout) and (x.side is not None
                                                                   or (x.ndim - 1) not in x.feature_dims()):
@@ -261,7 +263,7 @@ def embedding(ctx: Context, node: fx.Node):
     w = ctx.value(node.args[0])
     if not isinstance(w, ParamRef) or isinstance(ctx.value(node.args[1]), Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices or a non-parameter table")
-    return table_rows(ctx, node, w)
+    return table_rows(ctx, ctx.shape(node), w)
 
 
 
@@ -274,7 +276,7 @@ def index_select(ctx: Context, node: fx.Node):
     if isinstance(ids, Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
     if isinstance(x, ParamRef):
-        return table_rows(ctx, node, x) if len(x.shape) == 2 and dim % 2 == 0 else None
+        return table_rows(ctx, ctx.shape(node), x) if len(x.shape) == 2 and dim % 2 == 0 else None
     if not isinstance(x, Layout):
         return None
     if dim % x.ndim in x.feature_dims():
@@ -321,7 +323,7 @@ def index(ctx: Context, node: fx.Node):
         if where != [0]:
             return None
         if len(x.shape) == 2:
-            return table_rows(ctx, node, x)
+            return table_rows(ctx, ctx.shape(node), x)
         full = ctx.captured.tensors.get(x.name)
         gather = len(x.shape) == 3 and len(ctx.shape(indices[0]) or ()) == 1
         return GatheredParam(x.name, x.shape) if gather and full is not None and tuple(full.shape) == x.shape else None

@@ -34,6 +34,7 @@ from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout
 from ..records import NormedWeight, ParamRef
 from ..registry import builtin
+from .shape import table_rows, whole_table
 
 aten = torch.ops.aten
 
@@ -82,8 +83,11 @@ def batch_norm(ctx: Context, node: fx.Node):
 
 @builtin(aten.layer_norm, aten.native_layer_norm)
 def layer_norm(ctx: Context, node: fx.Node):
-    """Over exactly the channel axis: permutations only (gamma a gain, beta rows)."""
+    """Over exactly the channel axis: permutations only (gamma a gain, beta rows). A whole 2-D parameter
+    normalised over its rows (DeBERTa v2's relative-position table) is read as an embedding of all its rows."""
     x = ctx.value(node.args[0])
+    if whole_table(ctx, x):
+        x = table_rows(ctx, ctx.shape(node.args[0]), x)
     if not isinstance(x, Layout):
         return None
     w, b = ctx.value(ctx.arg(node, 2, "weight")), ctx.value(ctx.arg(node, 3, "bias"))

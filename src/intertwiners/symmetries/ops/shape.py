@@ -212,13 +212,23 @@ def select(ctx: Context, node: fx.Node):
     return index(ctx, node, x, node.args[1], node.args[2] % x.shape[node.args[1] % x.ndim])
 
 
-def table_rows(ctx: Context, node: fx.Node, table: ParamRef) -> Layout:
-    """Rows of a table (V, C) picked by untransformed indices or a slice (an embedding): new channels, the
-    table's columns (each row r -> T r)."""
-    shape = ctx.shape(node)
-    out = ctx.fresh(shape, len(shape) - 1)
+def table_rows(ctx: Context, shape: tuple, table: ParamRef) -> Layout:
+    """Rows of a table (V, C) picked by untransformed indices or a slice, or the whole table read as data (an
+    embedding), as a value of ``shape`` (..., C): new channels, the table's columns (each row r -> T r)."""
+    out = ctx.fresh(tuple(shape), len(shape) - 1)
     ctx.rows(table, 1, out)
     return out
+
+
+def whole_table(ctx: Context, x) -> bool:
+    """Is ``x`` a whole 2-D parameter (V, C), possibly unsqueezed to (1, ..., V, C), and not a buffer (a buffer
+    read as data is usually a mask), so that reading its rows as data makes it an embedding
+    (:func:`table_rows`)?"""
+    if not isinstance(x, ParamRef) or len(x.shape) < 2 or any(s != 1 for s in x.shape[:-2]) \
+            or x.name in ctx.captured.buffers:
+        return False
+    full = ctx.captured.tensors.get(x.name)
+    return full is not None and tuple(full.shape) == tuple(x.shape[-2:])
 
 
 @builtin(aten.slice)
@@ -227,11 +237,8 @@ def slice_(ctx: Context, node: fx.Node):
     A 2-D parameter sliced along its rows (DeBERTa's relative-position table ``rel_embeddings.weight[a:b]``,
     read as the position projections' input) is an embedding: its columns are new channels."""
     x = ctx.value(node.args[0])
-    if isinstance(x, ParamRef) and len(x.shape) == 2 and ctx.arg(node, 1, "dim", 0) % 2 == 0 \
-            and x.name not in ctx.captured.buffers:   # (a buffer sliced by rows is usually a mask)
-        full = ctx.captured.tensors.get(x.name)
-        if full is not None and tuple(full.shape) == tuple(x.shape):
-            return table_rows(ctx, node, x)
+    if whole_table(ctx, x) and len(x.shape) == 2 and ctx.arg(node, 1, "dim", 0) % 2 == 0:
+        return table_rows(ctx, ctx.shape(node), x)
     if not isinstance(x, Layout):
         return None
     dim = ctx.arg(node, 1, "dim", 0)
