@@ -50,8 +50,10 @@ def test_roll_stack_unbind_repeat_reshape_as_keep_the_hidden_space():
 
 
 def test_shifting_or_tiling_the_channel_axis_pins_it():
+    # (tiling the channel axis is followed -- each copy carries the same channels -- but the slice across the
+    # copies then mixes the copy index with the channels)
     for op, why in [(lambda h: torch.roll(h, 1, dims=-1), "shifts a channel axis"),
-                    (lambda h: h.repeat(1, 1, 2)[..., 3:9], "repeats a channel axis")]:
+                    (lambda h: h.repeat(1, 1, 2)[..., 3:9], "indexes an axis that mixes channels")]:
         torch.manual_seed(0)
         model = ChannelOps(op).double()
         spec = symmetry_spec(model, X, check=False)

@@ -21,7 +21,7 @@ from .capture import Captured, shape_of
 from .constraints import Signed
 from .context import Context
 from .layout import FIXED, Layout
-from .records import Analysis, ConcatParam, DerivedParam, GatheredParam, ParamRef, ParamUse
+from .records import Analysis, ConcatParam, DerivedParam, GatheredParam, NormedWeight, ParamRef, ParamUse
 from .registry import FINISHERS, rule_for
 
 
@@ -70,7 +70,7 @@ def _pin_sides(ctx: Context, node: fx.Node, inputs: list[Layout]) -> None:
 
 
 def _invalid(out) -> str | None:
-    if out is None or isinstance(out, Layout | ParamRef | DerivedParam | ConcatParam | GatheredParam):
+    if out is None or isinstance(out, Layout | ParamRef | DerivedParam | ConcatParam | GatheredParam | NormedWeight):
         return None
     if isinstance(out, list | tuple):
         return next((b for b in map(_invalid, out) if b is not None), None)

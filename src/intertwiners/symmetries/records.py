@@ -7,6 +7,7 @@ The rules (:mod:`~intertwiners.symmetries.ops`) see graph values as one of
 * a :class:`DerivedParam` — an elementwise function of one parameter (Gemma's ``1 + w``);
 * a :class:`ConcatParam` — 1-D parameters concatenated (BEiT's q bias, zero k bias, v bias);
 * a :class:`GatheredParam` — a parameter's slices picked by indices (the experts a token is routed to);
+* a :class:`NormedWeight` — a weight-norm parametrised weight ``g · v / ||v||`` (``torch._weight_norm``);
 * ``None`` — an untransformed tensor, or anything else (sizes, constants);
 
 and record, through :class:`~intertwiners.symmetries.context.Context`, the facts below. After the pass
@@ -56,6 +57,20 @@ class GatheredParam:
     mixture-of-experts). A batched product with a hidden value uses it as one linear layer per picked slice,
     all moved alike (the same transform for every expert); every other rule sees an untransformed tensor."""
     name: str
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class NormedWeight:
+    """A weight written as ``g · v / ||v||`` (``torch._weight_norm(v, g, dim)``, what
+    ``torch.nn.utils.parametrizations.weight_norm`` and ``torch.nn.utils.weight_norm`` compute): the norm is
+    taken over every axis but ``dim`` (all axes when ``dim`` is -1), ``g`` holds one magnitude per index along
+    ``dim``. Only a linear layer or convolution may use it (the direction ``v`` and the magnitude ``g`` then
+    move so that the weight moves as a parameter would, see :func:`~.ops.norm.normed_weight`); every other
+    rule sees an untransformed tensor."""
+    v: ParamRef
+    g: ParamRef
+    dim: int
     shape: tuple
 
 

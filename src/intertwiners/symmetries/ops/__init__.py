@@ -2,8 +2,8 @@
 
 ========================  ==================================================================================
 :mod:`.linear`            linear, addmm, matmul/mm/bmm by a parameter, baddbmm, convolutions (depthwise,
-                          grouped), embedding and table lookups (index, index_select), gathered experts
-:mod:`.norm`              batch norm, layer norm (GroupNorm, instance norm pinned)
+                          grouped), embedding and table lookups (index, index_select), gather, gathered experts
+:mod:`.norm`              batch norm, layer norm, group norm, weight normalisation (instance norm pinned)
 :mod:`.shape`             copies, views, transposes, broadcasts, select/slice/split, cat, padding
 :mod:`.reduce`            pooling, upsampling, mean/sum/max/var, softmax
 :mod:`.arithmetic`        add/sub, mul/div (gains, gates, rotary factors), where, neg, max/min with a bound

@@ -217,6 +217,7 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: 
     if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) in scores \
             and nd - 1 in fb and nd - 2 not in fb:                                         # p @ v
         qa, ka, _, _ = scores.pop(int(a.atoms[0]))
+        _merge_added_scores(ctx, scores, a.atoms, qa, ka)
         got = _heads_table(b)
         if got is None:
             return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
@@ -229,6 +230,25 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: 
         _record(ctx, node, qa, ka, va, heads=a.atoms)
         return L.with_non_feature_size(b, nd - 2, shape[nd - 2])
     return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
+
+
+def _merge_added_scores(ctx: Context, scores: dict, heads: np.ndarray, qa: np.ndarray, ka: np.ndarray) -> None:
+    """Other pending scores added to these before the softmax (DeBERTa's content-to-position and
+    position-to-content terms, ``q @ pk^T`` and ``k @ pq^T``): when their head atoms were tied to ``heads`` by
+    the addition and their queries/keys, head by head, hold only channels tied to this block's queries/keys
+    ``qa``/``ka`` (H, d), the block's head permutation and per-head maps move them too: they are read here and
+    are no longer pending. Scores of other queries/keys stay pending (their heads are then kept in place)."""
+    def roots(table):
+        return [{ctx.atoms.find(int(t))[0] for t in row if t >= 0} for row in table]
+
+    block = [a | b for a, b in zip(roots(qa), roots(ka))]
+    head_roots = [ctx.atoms.find(int(h))[0] for h in heads]
+    for first, (oq, ok, other, _) in list(scores.items()):
+        if len(other) != len(heads) or [ctx.atoms.find(int(h))[0] for h in other] != head_roots \
+                or oq.shape[0] != len(block) or ok.shape[0] != len(block):
+            continue
+        if all(q | k <= mine for q, k, mine in zip(roots(oq), roots(ok), block)):
+            del scores[first]
 
 
 def _pending(ctx: Context) -> dict:

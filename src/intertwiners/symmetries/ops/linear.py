@@ -1,5 +1,6 @@
 """Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm``/``bmm`` by a parameter, convolutions,
-embeddings (``embedding``, or a table indexed with ``index``/``index_select``).
+embeddings (``embedding``, or a table indexed with ``index``/``index_select``), ``gather`` along an axis
+without channels. A weight-normalised weight moves through its direction and magnitude (:mod:`.norm`).
 
 A producer makes new channels (the rows of W and b move with them, t -> T t); its input channels are W's
 columns (w -> w T^-1). A convolution with ``groups == channels`` (depthwise) keeps each channel's identity
@@ -18,11 +19,13 @@ from .. import layout as L
 from ..constraints import ConstantAdd, Monomial
 from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout, Side
-from ..records import ConcatParam, GatheredParam, ParamRef
+from ..records import ConcatParam, GatheredParam, NormedWeight, ParamRef
 from ..registry import builtin
 from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
 from .attention import batched_attention_product, weights_times_values
+from .norm import normed_weight
+from .shape import table_rows, whole_table
 
 aten = torch.ops.aten
 
@@ -33,11 +36,15 @@ def _feeds_only_norm(node: fx.Node) -> bool:
         and isinstance(users[0].args[1], fx.Node)
 
 
-def producer(ctx: Context, node: fx.Node, x, weight: ParamRef, bias, out_dim: int, w_out: int, w_in: int,
-             in_dim: int | None, groups: int = 1):
+def producer(ctx: Context, node: fx.Node, x, weight: ParamRef | NormedWeight, bias, out_dim: int, w_out: int,
+             w_in: int, in_dim: int | None, groups: int = 1):
     """New channels on ``out_dim`` of the output: rows of ``weight`` (dim ``w_out``) and ``bias``; columns
-    (dim ``w_in``) read x's channels on ``in_dim``."""
+    (dim ``w_in``) read x's channels on ``in_dim``. A weight-normalised weight moves through its direction and
+    magnitude (:func:`~.norm.normed_weight`)."""
     shape = ctx.shape(node)
+    if isinstance(weight, NormedWeight) and weight.dim == w_in:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: weight normalisation per input channel is not "
+                                     "supported")
     unscaled = _feeds_only_norm(node) or feeds_only_gate(ctx, node)
     n_in = weight.shape[w_in] * groups
     if isinstance(x, Layout):
@@ -57,8 +64,11 @@ def producer(ctx: Context, node: fx.Node, x, weight: ParamRef, bias, out_dim: in
         co = shape[out_dim] // groups
         for g in range(groups):
             ctx.keep(L.simple(out.atoms[g * co:(g + 1) * co], out.chains[g * co:(g + 1) * co], (co,), 0))
-    ctx.rows(weight, w_out, out)
-    ctx.columns(weight, w_in, inp, groups)
+    if isinstance(weight, NormedWeight):
+        normed_weight(ctx, weight, w_out, w_in, out, inp, groups)
+    else:
+        ctx.rows(weight, w_out, out)
+        ctx.columns(weight, w_in, inp, groups)
     _bias_rows(ctx, node, bias, out)
     return out
 
@@ -95,9 +105,15 @@ def linear(ctx: Context, node: fx.Node):
     """y = x W^T + b: rows of W (and b) follow the new channels, columns the input's. Over an axis without
     channels (token mixing) channels pass, and the units the layer makes for an activation are a side axis."""
     x, w, b = ctx.value(node.args[0]), ctx.value(node.args[1]), bias_value(ctx, ctx.arg(node, 2, "bias"))
-    if not isinstance(w, ParamRef) or len(w.shape) != 2:
+    if not isinstance(w, ParamRef | NormedWeight) or len(w.shape) != 2:
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
+    if whole_table(ctx, x):   # a table read whole as the input (DeBERTa v2's relative-position embeddings)
+        x = table_rows(ctx, ctx.shape(node.args[0]), x)
     shape = ctx.shape(node)
+    if isinstance(w, NormedWeight) and isinstance(x, Layout) and (x.side is not None
+                                                                  or (x.ndim - 1) not in x.feature_dims()):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a weight-normalised layer over hidden units or a "
+                                     "non-channel axis is not supported")
     if isinstance(x, Layout) and x.side is not None:
         side, x = x.side, x.derive(side=None)
         if side.dim == x.ndim - 1 and w.shape[1] == len(side.atoms):
@@ -216,9 +232,12 @@ def conv(ctx: Context, node: fx.Node):
         groups = node.args[8]
     else:
         groups = ctx.arg(node, 6, "groups", 1)
-    if not isinstance(w, ParamRef):
+    if not isinstance(w, ParamRef | NormedWeight):
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
     if groups > 1 and w.shape[1] == 1 and isinstance(x, Layout):
+        if isinstance(w, NormedWeight):
+            return ctx.unsupported(node, f"{ctx.describe(node)}: a weight-normalised depthwise convolution is not "
+                                         "supported")
         return depthwise(ctx, node, x, w, b, groups)
     if groups > 1 and not isinstance(x, Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)}: grouped convolution of an untransformed input")
@@ -244,15 +263,9 @@ def embedding(ctx: Context, node: fx.Node):
     w = ctx.value(node.args[0])
     if not isinstance(w, ParamRef) or isinstance(ctx.value(node.args[1]), Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices or a non-parameter table")
-    return _lookup(ctx, node, w)
+    return table_rows(ctx, ctx.shape(node), w)
 
 
-def _lookup(ctx: Context, node: fx.Node, table: ParamRef) -> Layout:
-    """Rows of a table (V, C) picked by untransformed indices: new channels, the table's columns."""
-    shape = ctx.shape(node)
-    out = ctx.fresh(shape, len(shape) - 1)
-    ctx.rows(table, 1, out)
-    return out
 
 
 @builtin(aten.index_select)
@@ -263,12 +276,38 @@ def index_select(ctx: Context, node: fx.Node):
     if isinstance(ids, Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
     if isinstance(x, ParamRef):
-        return _lookup(ctx, node, x) if len(x.shape) == 2 and dim % 2 == 0 else None
+        return table_rows(ctx, ctx.shape(node), x) if len(x.shape) == 2 and dim % 2 == 0 else None
     if not isinstance(x, Layout):
         return None
     if dim % x.ndim in x.feature_dims():
         return ctx.unsupported(node, f"{ctx.describe(node)} picks channels by tensor indices")
     return L.with_non_feature_size(x, dim % x.ndim, ctx.shape(node)[dim % x.ndim])
+
+
+@builtin(aten.gather)
+def gather(ctx: Context, node: fx.Node):
+    """``torch.gather(x, dim, ids)`` of a hidden value along an axis without channels, with indices that are the
+    same for every channel (DeBERTa's relative-position scores: per query, the entries of the key positions'
+    distances, the same index for every head): each channel's entries are picked alike, so channels pass."""
+    x, dim, ids_arg = ctx.value(node.args[0]), node.args[1], node.args[2]
+    if isinstance(ctx.value(ids_arg), Layout):
+        return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
+    if not isinstance(x, Layout):
+        return None
+    shape, ids = ctx.shape(node), ctx.shape(ids_arg)
+    dim = dim % x.ndim
+    if dim in x.feature_dims() or shape is None or ids is None or tuple(ids) != tuple(shape) \
+            or any(shape[d] != x.shape[d] for d in range(x.ndim) if d != dim) \
+            or not constant_along_channels(ctx, _unexpanded(ids_arg), x, shape):
+        return ctx.unsupported(node, f"{ctx.describe(node)} picks entries that differ between channels")
+    return L.with_non_feature_size(x, dim, shape[dim])
+
+
+def _unexpanded(arg):
+    """The tensor an ``expand`` broadcast (the same entries along the broadcast axes), else ``arg``."""
+    while isinstance(arg, fx.Node) and getattr(arg.target, "overloadpacket", None) in (aten.expand, aten.expand_as):
+        arg = arg.args[0]
+    return arg
 
 
 @builtin(aten.index)
@@ -284,7 +323,7 @@ def index(ctx: Context, node: fx.Node):
         if where != [0]:
             return None
         if len(x.shape) == 2:
-            return _lookup(ctx, node, x)
+            return table_rows(ctx, ctx.shape(node), x)
         full = ctx.captured.tensors.get(x.name)
         gather = len(x.shape) == 3 and len(ctx.shape(indices[0]) or ()) == 1
         return GatheredParam(x.name, x.shape) if gather and full is not None and tuple(full.shape) == x.shape else None

@@ -1,9 +1,24 @@
-"""Normalisations: batch norm and layer norm over the channel axis (GroupNorm and instance norm are pinned).
+"""Normalisations: batch norm, layer norm and group norm over the channel axis (instance norm is pinned), and
+weight normalisation of a layer's weight (``torch._weight_norm``).
 
 Batch norm: BN'(P s x) = P t BN(x) in train and eval mode with gamma' = P t/s gamma, beta' = P t beta,
 running_mean' = P s mean, running_var' = P var, where s (the input's scale) must be ±1 because BN divides
 by sqrt(var + eps). Layer norm over the channel axis commutes with permutations only; gamma and beta are
 permuted and may absorb a scaling of the output.
+
+Group norm with G groups of k = C/G channels normalises each group by its own mean and variance: a permutation
+that keeps every channel in its group leaves the statistics unchanged, as does a common sign flip of a group
+(mean -> -mean, variance unchanged). With k = 1 (one channel per group, wav2vec2's first convolution) this is
+batch norm's group: signed permutations of all channels. With k > 1 each group is a space of its own with
+permutations (per-channel signs, any scale and permutations of whole groups would change or are not
+represented: a smaller group than the true one, never a larger one).
+
+Weight normalisation ``w = g · v / ||v||`` (the norm over every axis but ``dim``): a layer whose weight is
+moved w -> T w S^-1 is reproduced by moving v and g, when the norms ``||v||`` do not change, that is when the
+transform on every axis that the norm runs over is orthogonal. With the norm per output row (``dim`` = 0): v's
+rows are permuted, g takes the output's scaling (g -> T g), the input transform S must be a signed
+permutation. With the norm over output rows too (``dim`` a kernel axis, or -1: the whole tensor): T and S are
+signed permutations, g does not move.
 """
 
 from __future__ import annotations
@@ -12,12 +27,14 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from .. import layout as L
 from ..chains import ONE
-from ..constraints import Signed, Unit
+from ..constraints import Monomial, Signed, Unit
 from ..context import Context
-from ..layout import FIXED, ZERO, Layout
-from ..records import ParamRef
+from ..layout import FIXED, ZERO, Channels, Layout
+from ..records import NormedWeight, ParamRef
 from ..registry import builtin
+from .shape import table_rows, whole_table
 
 aten = torch.ops.aten
 
@@ -66,8 +83,11 @@ def batch_norm(ctx: Context, node: fx.Node):
 
 @builtin(aten.layer_norm, aten.native_layer_norm)
 def layer_norm(ctx: Context, node: fx.Node):
-    """Over exactly the channel axis: permutations only (gamma a gain, beta rows)."""
+    """Over exactly the channel axis: permutations only (gamma a gain, beta rows). A whole 2-D parameter
+    normalised over its rows (DeBERTa v2's relative-position table) is read as an embedding of all its rows."""
     x = ctx.value(node.args[0])
+    if whole_table(ctx, x):
+        x = table_rows(ctx, ctx.shape(node.args[0]), x)
     if not isinstance(x, Layout):
         return None
     w, b = ctx.value(ctx.arg(node, 2, "weight")), ctx.value(ctx.arg(node, 3, "bias"))
@@ -80,6 +100,67 @@ def layer_norm(ctx: Context, node: fx.Node):
     return out
 
 
-@builtin(aten.group_norm, aten.native_group_norm)
+@builtin(aten.group_norm)
 def group_norm(ctx: Context, node: fx.Node):
-    return ctx.unsupported(node, f"{ctx.describe(node)}: GroupNorm is not supported")
+    """Over groups of k channels: k = 1 signed permutations (batch norm's group), k > 1 permutations within
+    each group (a space per group); gamma a gain, beta rows."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    groups = node.args[1]
+    w, b = ctx.value(ctx.arg(node, 2, "weight")), ctx.value(ctx.arg(node, 3, "bias"))
+    if x.simple_dim() != 1:
+        return ctx.unsupported(node, f"{ctx.describe(node)} does not act on the channel axis")
+    k = x.shape[1] // groups
+    if k == 1:
+        ctx.require(Signed, x)
+        return _affine(ctx, x, w, b)
+    blocks = [slice(g * k, (g + 1) * k) for g in range(groups)]
+    owner = np.concatenate([np.full(k, g) for g in range(groups)])
+    moving = x.atoms >= 0
+    pairs = np.unique(np.stack([x.atoms[moving], owner[moving]], 1), axis=0)
+    if len(np.unique(pairs[:, 0])) != len(pairs):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a channel appears in two of its groups")
+    ctx.require(Unit, x)
+    for blk in blocks:   # channels stay within their group: one value per group
+        ctx.keep(L.simple(x.atoms[blk], x.chains[blk], (k,), 0))
+    return _affine(ctx, x, w, b)
+
+
+@builtin(aten.native_group_norm)
+def native_group_norm(ctx: Context, node: fx.Node):
+    return ctx.unsupported(node, f"{ctx.describe(node)}: native_group_norm (several outputs) is not supported")
+
+
+@builtin(aten._weight_norm)
+def weight_norm(ctx: Context, node: fx.Node):
+    """``g · v / ||v||`` of two parameters, read by one linear layer or convolution: a :class:`NormedWeight`
+    (the layer moves v and g, :func:`normed_weight`). Anything else: an untransformed tensor, and v and g are
+    recorded as used untransformed on every axis (so another use cannot move them)."""
+    v, g, dim = ctx.value(node.args[0]), ctx.value(node.args[1]), ctx.arg(node, 2, "dim", 0)
+    users = list(node.users)
+    layer = (aten.linear, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+    if not (isinstance(v, ParamRef) and isinstance(g, ParamRef)) or len(v.shape) < 2 or len(users) != 1 \
+            or getattr(users[0].target, "overloadpacket", None) not in layer or users[0].args[1] is not node:
+        for p in (v, g):   # read untransformed: a layer that also reads v and g must not move them either
+            if isinstance(p, ParamRef):
+                for d, n in enumerate(p.shape):
+                    ctx.rows(p, d, Channels(np.full(n, FIXED, np.int64), np.zeros(n, np.int64)))
+        return None
+    return NormedWeight(v, g, dim if dim == -1 else dim % len(v.shape), tuple(v.shape))
+
+
+def normed_weight(ctx: Context, w: NormedWeight, w_out: int, w_in: int, out: Layout,
+                  inp: Channels, groups: int = 1) -> None:
+    """Record how a layer's weight-normalised weight ``w`` moves when the layer's output channels ``out``
+    (weight axis ``w_out``) carry T and its input channels ``inp`` (axis ``w_in``) carry S: w -> T w S^-1
+    through v and g, with T and S restricted to the transforms that keep ``||v||`` (module docstring)."""
+    if w.dim == w_out:
+        ctx.require(Monomial, out)
+        ctx.permuted(w.v, w_out, out)   # v's rows only permuted: their norms stay
+        ctx.rows(w.g, w_out, out)       # the magnitude takes T's scaling (and sign)
+    else:   # the norm runs over the output rows too (the layer refuses a norm per input channel)
+        ctx.require(Signed, out)
+        ctx.rows(w.v, w_out, out)
+    ctx.require(Signed, inp)
+    ctx.columns(w.v, w_in, inp, groups)

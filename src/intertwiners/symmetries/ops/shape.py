@@ -90,19 +90,25 @@ def squeeze(ctx: Context, node: fx.Node):
 @builtin(aten.transpose, aten.t, aten.permute, aten.swapaxes, aten.movedim, side_aware=True)
 def transpose(ctx: Context, node: fx.Node):
     x = ctx.value(node.args[0])
-    if not isinstance(x, Layout):
-        return None if not isinstance(x, ParamRef) else ctx.unsupported(node, "a transposed parameter")
+    if not isinstance(x, Layout | ParamRef):
+        return None
+    ndim = len(x.shape)
     op = node.target.overloadpacket
-    order = list(range(x.ndim))
+    order = list(range(ndim))
     if op is aten.permute:
-        order = [d % x.ndim for d in node.args[1]]
+        order = [d % ndim for d in node.args[1]]
     elif op is aten.movedim:
-        src, dst = node.args[1] % x.ndim, node.args[2] % x.ndim
+        src, dst = node.args[1] % ndim, node.args[2] % ndim
         order.remove(src)
         order.insert(dst, src)
-    else:
-        i, j = (node.args[1] % x.ndim, node.args[2] % x.ndim) if op is not aten.t else (0, 1)
+    elif ndim:
+        i, j = (node.args[1] % ndim, node.args[2] % ndim) if op is not aten.t else (0, ndim - 1)
         order[i], order[j] = order[j], order[i]
+    if isinstance(x, ParamRef):
+        long = [d for d in order if x.shape[d] != 1]
+        if long == sorted(long):   # only axes of size 1 moved: the same elements in the same order (a view)
+            return _param_view(ctx, node, x)
+        return ctx.unsupported(node, "a transposed parameter")
     return L.permute(x, order)
 
 
@@ -134,7 +140,10 @@ def expand(ctx: Context, node: fx.Node):
 
 @builtin(aten.repeat)
 def repeat(ctx: Context, node: fx.Node):
-    """Tiling along axes without channels (new leading axes included); tiling a channel axis is not supported."""
+    """Tiling (new leading axes included): along an axis without channels its size grows; along an axis with
+    channels (DeBERTa v2's position keys (heads, 2 span, d) repeated once per sample to (batch·heads, ...)) a
+    non-channel factor of the repeat count goes in front of the axis' factors: position i·n + j holds what
+    position j held, so every copy carries the same channels."""
     x = ctx.value(node.args[0])
     if not isinstance(x, Layout):
         return None
@@ -143,9 +152,13 @@ def repeat(ctx: Context, node: fx.Node):
     for _ in range(len(reps) - x.ndim):
         out = L.unsqueeze(out, 0)
     for d, r in enumerate(reps):
-        if r != 1:
-            if d in out.feature_dims():
-                return ctx.unsupported(node, f"{ctx.describe(node)} repeats a channel axis")
+        if r == 1:
+            continue
+        if d in out.feature_dims():
+            dims = list(out.dims)
+            dims[d] = ((int(r), -1),) + tuple(out.dims[d])
+            out = out.derive(dims=tuple(dims))
+        else:
             out = L.with_non_feature_size(out, d, out.shape[d] * r)
     return out
 
@@ -199,9 +212,33 @@ def select(ctx: Context, node: fx.Node):
     return index(ctx, node, x, node.args[1], node.args[2] % x.shape[node.args[1] % x.ndim])
 
 
+def table_rows(ctx: Context, shape: tuple, table: ParamRef) -> Layout:
+    """Rows of a table (V, C) picked by untransformed indices or a slice, or the whole table read as data (an
+    embedding), as a value of ``shape`` (..., C): new channels, the table's columns (each row r -> T r)."""
+    out = ctx.fresh(tuple(shape), len(shape) - 1)
+    ctx.rows(table, 1, out)
+    return out
+
+
+def whole_table(ctx: Context, x) -> bool:
+    """Is ``x`` a whole 2-D parameter (V, C), possibly unsqueezed to (1, ..., V, C), and not a buffer (a buffer
+    read as data is usually a mask), so that reading its rows as data makes it an embedding
+    (:func:`table_rows`)?"""
+    if not isinstance(x, ParamRef) or len(x.shape) < 2 or any(s != 1 for s in x.shape[:-2]) \
+            or x.name in ctx.captured.buffers:
+        return False
+    full = ctx.captured.tensors.get(x.name)
+    return full is not None and tuple(full.shape) == tuple(x.shape[-2:])
+
+
 @builtin(aten.slice)
 def slice_(ctx: Context, node: fx.Node):
+    """A slice along an axis without channels keeps them; along a channel axis it keeps the sliced channels.
+    A 2-D parameter sliced along its rows (DeBERTa's relative-position table ``rel_embeddings.weight[a:b]``,
+    read as the position projections' input) is an embedding: its columns are new channels."""
     x = ctx.value(node.args[0])
+    if whole_table(ctx, x) and len(x.shape) == 2 and ctx.arg(node, 1, "dim", 0) % 2 == 0:
+        return table_rows(ctx, ctx.shape(node), x)
     if not isinstance(x, Layout):
         return None
     dim = ctx.arg(node, 1, "dim", 0)
