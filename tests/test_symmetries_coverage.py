@@ -551,3 +551,34 @@ def test_untransformed_weights_times_values(per_head, folded):
             ("general_linear", 6), ("signed_permutation", 6)]
     report = verify_symmetry(model, X, spec=spec, trials=2)
     assert report.ok and report.max_rel <= 1e-12
+
+
+class ReadsAWeightAside(nn.Module):
+    """A weight used by its layer and also read, untransformed, by another computation whose rule records no use
+    of it: ``(b.weight ** 3).sum()`` added to the output (``aside=False``: the plain MLP)."""
+
+    def __init__(self, aside=True):
+        super().__init__()
+        self.aside = aside
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        out = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        return out + (self.b.weight ** 3).sum() if self.aside else out
+
+
+def test_a_parameter_read_where_no_rule_records_its_use_is_not_moved():
+    """Without the aside both ReLU spaces are derived and the weight moves; with it, the weight's untransformed
+    read is recorded and nothing may move it: the spec as derived (check=False) verifies, pins no space by the
+    safety net, and leaves b.weight as it is. Before, both spaces were derived and verify failed."""
+    torch.manual_seed(0)
+    plain = ReadsAWeightAside(aside=False).double()
+    assert sorted(s.size for s in symmetry_spec(plain, X, check=False).spaces.values()) == [5, 6]
+    model = ReadsAWeightAside().double()
+    model.load_state_dict(plain.state_dict())
+    spec = symmetry_spec(model, X, check=False)
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert torch.equal(new.b.weight, model.b.weight)
+    torch.testing.assert_close(new(X), model(X), rtol=1e-12, atol=1e-12)

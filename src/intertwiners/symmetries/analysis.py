@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import torch.fx as fx
 from torch import nn
 
@@ -20,7 +21,7 @@ from . import ops  # noqa: F401 - registers the built-in rules
 from .capture import Captured, shape_of
 from .constraints import Signed
 from .context import Context
-from .layout import FIXED, Layout
+from .layout import FIXED, Channels, Layout
 from .records import Analysis, ConcatParam, DerivedParam, GatheredParam, NormedWeight, ParamRef, ParamUse
 from .registry import FINISHERS, rule_for
 
@@ -28,6 +29,7 @@ from .registry import FINISHERS, rule_for
 def analyse(cap: Captured, model: nn.Module) -> Analysis:
     """Run every node's rule on ``cap``'s graph (``model`` names activation modules for sites)."""
     ctx = Context(cap, model)
+    unclaimed: dict[fx.Node, dict[str, ParamRef]] = {}
     for node in cap.graph.nodes:
         if node.op == "placeholder":
             name = cap.params.get(node.name)
@@ -38,29 +40,106 @@ def analyse(cap: Captured, model: nn.Module) -> Analysis:
             for lay in ctx.hidden_inputs(node):
                 ctx.mark_output(lay)
         else:
-            ctx.env[node] = _run(ctx, node)
+            ctx.env[node] = _run(ctx, node, unclaimed)
+    _keep_unclaimed_parameters(ctx, unclaimed)
     for finish in FINISHERS:
         finish(ctx)
     _tie_shared_parameters(ctx)
     return ctx.result(cap.lowest_cast)
 
 
-def _run(ctx: Context, node: fx.Node):
+def _run(ctx: Context, node: fx.Node, unclaimed: dict):
     rule = rule_for(ctx, node)
     inputs = ctx.hidden_inputs(node)
     carries_sides = getattr(rule, "side_aware", False)
     if not carries_sides:
         _pin_sides(ctx, node, inputs)
+    before = len(ctx.uses)
     if rule is None:
-        return ctx.unsupported(node) if inputs else None
-    try:
-        out = rule(ctx, node)
-        bad = _invalid(out)
-        if bad is not None:
-            raise TypeError(f"the rule returned {bad} (expected a Layout, a ParamRef, None or a list of these)")
-    except Exception as err:  # noqa: BLE001 - never crash on a model: pin what could not be followed
-        return ctx.unsupported(node, f"{ctx.describe(node)} could not be analysed: {type(err).__name__}: {err}")
-    return _settle(ctx, out, carries_sides)
+        out = ctx.unsupported(node) if inputs else None
+    else:
+        try:
+            out = rule(ctx, node)
+            bad = _invalid(out)
+            if bad is not None:
+                raise TypeError(f"the rule returned {bad} (expected a Layout, a ParamRef, None or a list of these)")
+        except Exception as err:  # noqa: BLE001 - never crash on a model: pin what could not be followed
+            out = ctx.unsupported(node, f"{ctx.describe(node)} could not be analysed: {type(err).__name__}: {err}")
+        else:
+            out = _settle(ctx, out, carries_sides)
+    _track_parameter_reads(ctx, node, out, before, unclaimed)
+    return out
+
+
+def _param_values(ctx: Context, args) -> list[ParamRef]:
+    """The parameters behind the node's arguments (a derived, concatenated, gathered or normalised parameter
+    stands for the parameters it is made of)."""
+    found = []
+    for a in args:
+        if isinstance(a, list | tuple):
+            found += _param_values(ctx, a)
+            continue
+        v = ctx.env.get(a) if isinstance(a, fx.Node) else None
+        if isinstance(v, ParamRef):
+            found.append(v)
+        elif isinstance(v, DerivedParam | GatheredParam):
+            found.append(ParamRef(v.name, v.shape))
+        elif isinstance(v, ConcatParam):
+            found += [part[0] for part in v.parts if part[0] is not None]
+        elif isinstance(v, NormedWeight):
+            found += [v.v, v.g]
+    return found
+
+
+def _track_parameter_reads(ctx: Context, node: fx.Node, out, before: int, unclaimed: dict) -> None:
+    """Which parameters ``node`` reads without its rule recording how they move (``unclaimed``, node -> name ->
+    ParamRef). A rule may record the use of a parameter read by its input's node instead (a product with
+    ``W.T`` records W's columns where the transpose recorded nothing): the uses this node's rule recorded
+    claim those reads of its inputs. A node that passes a parameter on as a parameter value (a view, a
+    derived, concatenated, gathered or normalised parameter) leaves it to its users."""
+    args = list(node.args) + list(node.kwargs.values())
+    claimed = {u.param for u in ctx.uses[before:]}
+    for a in _nodes(args):
+        for name in claimed & set(unclaimed.get(a, ())):
+            del unclaimed[a][name]
+    if _carries_parameter(out) or _reads_only_metadata(node):
+        return
+    reads = {p.name: p for p in _param_values(ctx, args) if p.name not in claimed}
+    if reads:
+        unclaimed[node] = reads
+
+
+def _reads_only_metadata(node: fx.Node) -> bool:
+    """``zeros_like(w)``, ``w.new_zeros(...)``, ``w.size()``...: the shape, dtype or device of ``w``, not its
+    values."""
+    name = getattr(getattr(node.target, "overloadpacket", node.target), "__name__", str(node.target))
+    return name.endswith("_like") or name.startswith("new_") or name in ("size", "sym_size", "stride", "dim",
+                                                                           "numel", "sym_numel")
+
+
+def _nodes(args) -> list[fx.Node]:
+    found = []
+    for a in args:
+        if isinstance(a, list | tuple):
+            found += _nodes(a)
+        elif isinstance(a, fx.Node):
+            found.append(a)
+    return found
+
+
+def _keep_unclaimed_parameters(ctx: Context, unclaimed: dict) -> None:
+    """A parameter read where no rule recorded how it moves (e.g. ``(w ** 3).sum()`` added to the output) is
+    read untransformed: record that use on every axis, so that no other use of it can move it."""
+    for reads in unclaimed.values():
+        for p in reads.values():
+            for d, n in enumerate(p.shape):
+                ctx.rows(p, d, Channels(np.full(n, FIXED, np.int64), np.zeros(n, np.int64)))
+
+
+def _carries_parameter(out) -> bool:
+    if isinstance(out, list | tuple):
+        return any(_carries_parameter(o) for o in out)
+    return isinstance(out, ParamRef | DerivedParam | ConcatParam | GatheredParam | NormedWeight)
 
 
 def _pin_sides(ctx: Context, node: fx.Node, inputs: list[Layout]) -> None:
