@@ -355,6 +355,11 @@ def test_time_left_counts_each_job_at_the_mean_of_its_kind():
     # a running job past its kind's mean has nothing left, never a negative time
     assert time_left([], [("stitch", 100.0)], finished, 1) == (0.0, 0)
     assert time_left(["zoo"], [("cka", 3.0)], finished, 0) == (70.0, 1)
+    from intertwiners.experiments.runner import _left_text
+
+    assert _left_text(0.0, 74) == ", 74 jobs of kinds not timed yet"
+    assert _left_text(300.0, 1) == ", about 5 min left + 1 job of kinds not timed yet"
+    assert _left_text(42.0, 0) == ", about 42 s left"
 
 
 def test_a_worker_caps_every_thread_pool():

@@ -237,6 +237,14 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
+def _left_text(seconds: float, untimed: int) -> str:
+    """The progress bar's estimate: ", about 5 min left", with the jobs of kinds not timed yet on top."""
+    more = f"{untimed} job{'s' if untimed != 1 else ''} of kinds not timed yet" if untimed else ""
+    if seconds <= 0 and more:
+        return f", {more}"
+    return f", about {_minutes(seconds)} left" + (f" + {more}" if more else "")
+
+
 def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | None = None,
              progress: bool = True, plan_info: dict | None = None, meta: dict | None = None) -> RunSummary:
     """Run every job of ``jobs`` (and their dependencies) not yet done in ``out/results.sqlite``.
@@ -315,8 +323,7 @@ def run_jobs(jobs: Iterable[Job], out: str | Path, backend, *, context: dict | N
                                                   finished, backend.slots)
                         bar.set_postfix_str(f"{job.label[:40]}" + (f", {summary.failed} failed"
                                                                      if summary.failed else "")
-                                            + f", about {_minutes(left)} left"
-                                            + (f" + {untimed} jobs of kinds not timed yet" if untimed else ""))
+                                            + _left_text(left, untimed))
                         bar.update(1)
         finally:
             if bar is not None:
