@@ -26,10 +26,12 @@ from intertwiners.experiments.runner import closure
 KINDS = ("dissection_model", "dissection")
 
 
-def run(scale: str, steps: int, out: Path, workers: int, batch_size: int | None = None) -> dict:
+def run(scale: str, steps: int, out: Path, workers: int, batch_size: int | None = None,
+        widths: tuple | None = None) -> dict:
     """Run the Fig. 3 jobs of ``scale`` with ``steps`` training steps (of ``batch_size`` images; default: the
     scale's) into ``out``; the section and timings."""
-    changes = {"steps": steps, **({} if batch_size is None else {"batch_size": batch_size})}
+    changes = {"steps": steps, **({} if batch_size is None else {"batch_size": batch_size}),
+               **({} if widths is None else {"widths": tuple(widths)})}
     plan = build_plan(Scale.preset(f"{scale}-steps{steps}", base=scale, fig3_dissection=changes))
     jobs = [j for j in closure(plan.jobs) if j.kind in KINDS]
     t0 = time.perf_counter()
@@ -51,10 +53,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/fig3_steps"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the scale's)")
+    parser.add_argument("--widths", type=int, nargs=3, default=None, help="stage widths (default: the scale's)")
     args = parser.parse_args()
     for steps in args.steps:
-        tag = f"steps{steps}" + ("" if args.batch_size is None else f"-batch{args.batch_size}")
-        found = run(args.scale, steps, args.out / tag, args.workers, args.batch_size)
+        tag = (f"steps{steps}" + ("" if args.batch_size is None else f"-batch{args.batch_size}")
+               + ("" if args.widths is None else "-widths" + "-".join(map(str, args.widths))))
+        found = run(args.scale, steps, args.out / tag, args.workers, args.batch_size, args.widths)
         c = found["compute"]
         for model in found["models"]:
             print(f"{model['arch']}: probe accuracy {model['probe_accuracy']:.1f}%, training {model['wall_s']:.0f} s")

@@ -17,9 +17,10 @@ MAX_DROP = 0.02        # "does not drop": the fraction of interpretable units fa
 
 @dataclass(frozen=True)
 class Settings:
-    """Fig. 3: ``models`` trained ``steps`` Adam steps of ``batch_size`` images on a synthetic Broden-layout
-    dataset of ``images`` images, dissected at ``alphas`` for ``rotations`` random rotations. ``steps`` and
-    ``batch_size`` are sized to what the claims need (docs/reproduce.md: the claims' answers against them)."""
+    """Fig. 3: ``models`` (stage ``widths``) trained ``steps`` Adam steps of ``batch_size`` images on a
+    synthetic Broden-layout dataset of ``images`` images, dissected at ``alphas`` for ``rotations`` random
+    rotations. ``steps``, ``batch_size`` and ``widths`` are sized to what the claims need (docs/reproduce.md:
+    the claims' answers against them)."""
 
     models: tuple[str, ...] = ("resnet", "resnet_noact", "convnext")
     alphas: tuple[float, ...] = (0.0, 0.5, 1.0)
@@ -27,6 +28,7 @@ class Settings:
     images: int = 200
     steps: int = 150
     batch_size: int = 32
+    widths: tuple[int, int, int] = (16, 32, 64)
 
 
 PRESETS = {
@@ -48,7 +50,7 @@ def jobs(scale) -> list[Job]:
     out = []
     for arch in s.models:
         model = Job("dissection_model", {**data, "arch": arch, "steps": s.steps, "batch_size": s.batch_size,
-                                         "seed": 0},
+                                         "widths": list(s.widths), "seed": 0},
                     label=f"dissection model {arch}")
         for site, layer in DEFAULT_SITES.get(arch, []):
             out.append(Job("dissection", {
@@ -79,8 +81,8 @@ def synthetic_broden(config: dict) -> str:
           needs=("intertwiners.dissection.experiment:train_fig3_model",))
 def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: dict) -> Output:
     """Config: ``arch`` (resnet | resnet_noact | convnext), ``n_images``, ``image_size``, ``data_seed``,
-    ``steps``, ``batch_size`` (default 32), ``seed``. Result: training and probe-split accuracies; files: the
-    model."""
+    ``steps``, ``batch_size`` (default 32), ``widths`` (default 16/32/64), ``seed``. Result: training and
+    probe-split accuracies; files: the model."""
     from ...dissection import BrodenDataset
     from ...dissection.experiment import synthetic_training_data, train_fig3_model
     from ...training import accuracy
@@ -90,7 +92,7 @@ def run_dissection_model(config: dict, inputs: dict[str, Dependency], context: d
     probe = synthetic_training_data(BrodenDataset(root, split="val"))
     model, metrics = train_fig3_model(config["arch"], train, steps=int(config["steps"]),
                                       batch_size=int(config.get("batch_size", 32)), seed=int(config["seed"]),
-                                      device=device(context))
+                                      widths=tuple(config.get("widths", (16, 32, 64))), device=device(context))
     metrics = {k: v for k, v in metrics.items() if k != "wall_time_s"}
     result = {"arch": config["arch"], **metrics, "probe_accuracy": float(accuracy(model, probe, device(context)))}
     return Output(result, model_files(model))
