@@ -77,10 +77,9 @@ def start_numba_threads() -> int:
 
     if not _NUMBA_THREADS_STARTED:
         before = torch.get_num_threads()
-        count = numba.get_num_threads()          # launches the threading layer
+        numba.get_num_threads()                  # launches the threading layer
         torch.set_num_threads(before)
         _NUMBA_THREADS_STARTED = True
-        return count
     return numba.get_num_threads()
 
 

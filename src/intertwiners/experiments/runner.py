@@ -218,13 +218,7 @@ def time_left(waiting: Iterable[str], running: Iterable[tuple[str, float]], fini
         return sum(ts) / len(ts) if ts else None
 
     work, untimed = 0.0, 0
-    for kind in waiting:
-        m = mean(kind)
-        if m is None:
-            untimed += 1
-        else:
-            work += m
-    for kind, ran in running:
+    for kind, ran in [(k, 0.0) for k in waiting] + list(running):
         m = mean(kind)
         if m is None:
             untimed += 1

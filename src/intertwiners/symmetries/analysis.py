@@ -75,11 +75,8 @@ def _param_values(ctx: Context, args) -> list[ParamRef]:
     """The parameters behind the node's arguments (a derived, concatenated, gathered or normalised parameter
     stands for the parameters it is made of)."""
     found = []
-    for a in args:
-        if isinstance(a, list | tuple):
-            found += _param_values(ctx, a)
-            continue
-        v = ctx.env.get(a) if isinstance(a, fx.Node) else None
+    for a in _nodes(args):
+        v = ctx.env.get(a)
         if isinstance(v, ParamRef):
             found.append(v)
         elif isinstance(v, DerivedParam | GatheredParam):
