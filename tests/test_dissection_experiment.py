@@ -75,3 +75,30 @@ def test_cli_dissects_a_saved_model(tiny_root, tmp_path, capsys):
     assert len(rows) == 8
     assert (out / "units_stage3.0.png").is_file() and (out / "rotation_stage3.0.png").is_file()
     assert main(["dissect", "--data", str(tiny_root), "--out", str(out)]) == 2  # no --model: a clear error
+
+
+def test_the_reproduce_job_s_synthetic_dataset_is_removed_when_its_process_exits(tmp_path):
+    """Fig. 3's jobs build the synthetic dataset once per worker in a temporary folder; a worker that exits
+    (multiprocessing workers end without running ``atexit``) leaves no folder behind."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import multiprocessing as mp\n"
+            "from concurrent.futures import ProcessPoolExecutor\n"
+            "from intertwiners.experiments.figures.fig3_dissection import synthetic_broden\n"
+            "def make(_):\n"
+            "    return synthetic_broden({'n_images': 4, 'image_size': 16, 'data_seed': 0})\n"
+            "if __name__ == '__main__':\n"
+            "    with ProcessPoolExecutor(1, mp_context=mp.get_context('fork')) as pool:   # as the local backend\n"
+            "        child = pool.submit(make, 0).result()\n"
+            "    import os; assert os.path.isdir(child) is False, child\n"
+            "    print(synthetic_broden({'n_images': 4, 'image_size': 16, 'data_seed': 0}))\n")
+    script = tmp_path / "make.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    main_root = out.stdout.strip().splitlines()[-1]
+    assert main_root.startswith(str(tmp_path)) and not os.path.exists(main_root)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("intertwiners-broden-")]

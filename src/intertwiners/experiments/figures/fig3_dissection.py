@@ -64,14 +64,18 @@ _BRODEN_CACHE: dict[tuple, str] = {}
 
 
 def synthetic_broden(config: dict) -> str:
-    """A synthetic Broden-layout dataset for ``config`` (n_images, image_size, data_seed), made once per worker."""
+    """A synthetic Broden-layout dataset for ``config`` (n_images, image_size, data_seed), made once per worker
+    process and removed when it exits (a multiprocessing finalizer: worker processes end without ``atexit``)."""
+    import shutil
     import tempfile
+    from multiprocessing.util import Finalize
 
     from ...dissection import make_synthetic_broden
 
     key = (int(config["n_images"]), int(config.get("image_size", 32)), int(config.get("data_seed", 0)))
     if key not in _BRODEN_CACHE:
         root = tempfile.mkdtemp(prefix="intertwiners-broden-")
+        Finalize(None, shutil.rmtree, args=(root, True), exitpriority=0)
         make_synthetic_broden(root, n_images=key[0], seed=key[2], image_size=key[1])
         _BRODEN_CACHE[key] = root
     return _BRODEN_CACHE[key]
