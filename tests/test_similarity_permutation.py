@@ -51,6 +51,37 @@ def test_spatial_features_shuffle_whole_samples():
         np.testing.assert_allclose(r.null_distribution, slow, atol=1e-9)
 
 
+def test_procrustes_null_through_sample_pair_blocks_is_the_measure_on_shuffled_samples(monkeypatch):
+    """Many positions per sample and many permutations take the pairwise route (X'Y_pi = sum_i X_i'Y_pi(i));
+    each null value is still the measure recomputed on whole shuffled samples, and both routes agree."""
+    from intertwiners.similarity.permutation import (
+        PAIRWISE_POSITIONS,
+        batched_products,
+        pairwise_products,
+        pairwise_route,
+    )
+
+    n, side = 10, 12                                  # 144 positions >= PAIRWISE_POSITIONS, 8 >= n / 2 shuffles
+    assert side * side >= PAIRWISE_POSITIONS and pairwise_route(side * side, 8, n)
+    assert not pairwise_route(side * side, 4, n) and not pairwise_route(PAIRWISE_POSITIONS - 1, 8, n)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, 3, side, side, generator=g, dtype=torch.float64).relu()
+    y = x[:, [2, 0, 1]] * 1.5 + 0.5 * torch.randn(n, 3, side, side, generator=g, dtype=torch.float64)
+    for measure in ("procrustes_grelu", "procrustes_orthogonal"):
+        r = sim.permutation_test(x, y, measure=measure, n_permutations=8, generator=2)
+        slow = [DIRECT[measure](x, y[torch.as_tensor(p)]) for p in permutations(n, 8, 2)]
+        np.testing.assert_allclose(r.null_distribution, slow, atol=1e-9)
+    xs, ys = x.permute(0, 2, 3, 1).reshape(n, -1, 3), y.permute(0, 2, 3, 1).reshape(n, -1, 3)
+    perms = torch.as_tensor(permutations(n, 8, 2))
+    loop = torch.stack([sum(xs[i].T @ ys[int(p[i])] for i in range(n)) for p in perms])
+    torch.testing.assert_close(pairwise_products(xs, ys, perms), loop, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr("intertwiners.similarity.permutation.BATCH_BYTES", 3 * n * 9 * 8)   # bands of 3 rows
+    torch.testing.assert_close(pairwise_products(xs, ys, perms), loop, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(batched_products(xs, ys, perms), loop, rtol=1e-12, atol=1e-12)
+    # a different pairing of samples gives different products (the test can fail)
+    assert not torch.allclose(pairwise_products(xs, ys, perms.flip(1)), loop)
+
+
 def test_pvalues_are_uniform_on_independent_features():
     """200 independent pairs: the share of p < 0.05 lies in [2%, 9%] (it is 5% in expectation)."""
     rng = np.random.default_rng(2026)

@@ -37,6 +37,11 @@ Each statistic is computed once by its own implementation (:func:`.cka.cka_from_
   copied one channel vector at a time) and evaluated by the same implementation as the statistic
   (:meth:`.procrustes.ProcrustesStats.similarities`: one batched SVD, or one Hungarian solve each). For
   (N, C, *spatial) features whole samples (images) are shuffled, never positions within them.
+  With many positions per sample and many permutations, X'Y_pi = sum_i X_i' Y_pi(i) (X_i: sample i's
+  positions x channels) is cheaper through the sample-pair blocks T_ij = X_i' Y_j: all of them cost one
+  well-shaped product (N^2 P d_x d_y, the price of N permutations the other way, but at several times the
+  speed), and then each permutation only sums N gathered d_x x d_y blocks. The blocks are made a band of
+  rows at a time (never all N^2 at once). :func:`pairwise_route` says when (``PAIRWISE_POSITIONS``).
 
 Precision: float64 features give every null value to rounding (checked against a loop that calls the
 measure on each shuffled Y, to 1e-10); float32 features run the permuted products in float32 (sums in
@@ -69,6 +74,10 @@ SEQUENTIAL_H = 10            # Besag & Clifford's h: stop once this many null va
 # 2-core development machine the two cost the same near d_x d_y = 20 N (benchmarks/bench_permutation_test.py).
 LINEAR_FEATURE_ROUTE = 20
 BATCH_BYTES = 32 * 2 ** 20   # memory for one batch of permuted copies (features or gathered Gram rows)
+# Procrustes nulls through the sample-pair blocks X_i'Y_j once a sample has this many positions and the batch
+# holds at least N / 2 permutations: on the 2-core development machine a Myrtle CNN's 16 x 16 layers (N = 400,
+# 500 permutations) 2.0-2.7x faster, its 8 x 8 layer 1.1x slower (benchmarks/bench_permutation_test.py)
+PAIRWISE_POSITIONS = 128
 
 
 @dataclass(frozen=True)
@@ -270,22 +279,59 @@ class ProcrustesNull:
         self.center, self.drop_dead = center, drop_dead
         self.statistics = {g: self.stats.similarity(g, center=center, drop_dead=drop_dead) for g in groups}
         xm, ym = channels_last_matrix(x), channels_last_matrix(y)     # sample-major rows (N * positions, C)
-        self.cy = ym.shape[1]
-        self.xt = xm.T.contiguous()                                    # (C_x, N * positions)
-        self.ys = ym.reshape(x.shape[0], -1)                            # (N, positions * C_y): one row per sample
+        n = x.shape[0]
+        self.x = xm.reshape(n, xm.shape[0] // n, -1)                   # (N, positions, C_x)
+        self.y = ym.reshape(n, xm.shape[0] // n, -1)                   # (N, positions, C_y)
 
     def null(self, perms: np.ndarray, groups: tuple[str, ...]) -> dict[str, np.ndarray]:
-        cy = self.cy
-        idx = torch.as_tensor(perms, device=self.ys.device)
-        step = max(1, BATCH_BYTES // (self.ys.numel() * self.ys.element_size()))
+        n, positions, dx = self.x.shape
+        idx = torch.as_tensor(perms, device=self.x.device)
+        # the float64 X'Y_pi of one batch take 4 BATCH_BYTES at most
+        step = max(1, 4 * BATCH_BYTES // (dx * self.y.shape[2] * 8))
         out = {g: [] for g in groups}
         for p in idx.split(step):
-            # block b holds Y's samples in the order p_b (whole rows copied), so X' Y_pb is one product per b
-            ybatch = self.ys[p.reshape(-1)].reshape(len(p), -1, cy)               # (b, N * positions, C_y)
-            xty = torch.matmul(self.xt, ybatch).to(torch.float64)                 # (b, C_x, C_y)
+            products = pairwise_products if pairwise_route(positions, len(p), n) else batched_products
+            xty = products(self.x, self.y, p).to(torch.float64)                     # (b, C_x, C_y)
             for g in groups:
                 out[g].append(self.stats.similarities(xty, g, center=self.center, drop_dead=self.drop_dead))
         return {g: np.concatenate(v) for g, v in out.items()}
+
+
+def pairwise_route(positions: int, permutations: int, n: int) -> bool:
+    """Whether :func:`pairwise_products` is the cheaper way to the X'Y_pi of ``permutations`` shuffles of ``n``
+    samples with ``positions`` positions each (else :func:`batched_products`)."""
+    return positions >= PAIRWISE_POSITIONS and 2 * permutations >= n
+
+
+def batched_products(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """X'Y_pi for every row pi of ``perms`` (B, N) as batched products: x (N, P, d_x), y (N, P, d_y) (sample,
+    position, channel) -> (B, d_x, d_y), where Y_pi's sample i is y[pi(i)]. Block b of a batch holds Y's
+    samples in the order pi_b (whole samples copied), so each X'Y_pi is one product."""
+    n, positions, dy = y.shape
+    xt = x.reshape(n * positions, -1).T.contiguous()                       # (d_x, N * P)
+    ys = y.reshape(n, -1)                                                  # (N, P * d_y): one row per sample
+    step = max(1, BATCH_BYTES // (ys.numel() * ys.element_size()))
+    return torch.cat([torch.matmul(xt, ys[p.reshape(-1)].reshape(len(p), -1, dy)) for p in perms.split(step)])
+
+
+def pairwise_products(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """:func:`batched_products` through the sample-pair blocks T_ij = x_i' y_j (d_x, d_y): X'Y_pi =
+    sum_i T_i,pi(i). The blocks are made for a band of rows i at a time, ``BATCH_BYTES`` at most (with the
+    band's gathered blocks for every permutation), as one product (band * d_x, P) @ (P, N * d_y)."""
+    n, positions, dx = x.shape
+    dy = y.shape[2]
+    size = dx * dy * x.element_size()
+    band = max(1, min(BATCH_BYTES // (n * size), BATCH_BYTES // (len(perms) * size)))
+    xt = x.permute(0, 2, 1).reshape(n * dx, positions)                    # rows (i, channel of x)
+    yp = y.permute(1, 0, 2).reshape(positions, n * dy)                    # columns (j, channel of y)
+    out = torch.zeros(len(perms), dx, dy, dtype=x.dtype, device=x.device)
+    for start in range(0, n, band):
+        stop = min(n, start + band)
+        blocks = (xt[start * dx:stop * dx] @ yp).view(stop - start, dx, n, dy).permute(0, 2, 1, 3)
+        blocks = blocks.reshape((stop - start) * n, dx * dy)              # row i * N + j: T_ij
+        rows = torch.arange(stop - start, device=x.device) * n + perms[:, start:stop]    # (B, band): T_i,pi(i)
+        out += blocks[rows.reshape(-1)].view(len(perms), stop - start, dx, dy).sum(1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
