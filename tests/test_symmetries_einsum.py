@@ -204,3 +204,39 @@ def test_the_two_towers_projections_share_one_space(normalise, kind):
         assert (new(*PAIRS) - model(*PAIRS)).abs().max() > 1e-6
         new.text_projection.weight.copy_(model.text_projection.weight[[1, 0, 2, 3, 4]])
         assert (new(*PAIRS) - model(*PAIRS)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("up, down", [("tbi,ind->tbnd", "tbnd,ndo->tbo"),    # P (in, heads, width)
+                                      ("tbi,nid->bntd", "bntd,odn->bto"),    # other letter orders
+                                      ("tbi,dni->tbdn", "tbdn,dno->tbo")])
+def test_einsum_letter_orders(up, down):
+    """A head-by-head projection and its inverse written with the parameters' axes and the outputs' letters in
+    several orders: the rows/columns recorded on the flattened parameter follow the letters, so the space as
+    derived is a symmetry and moves both parameters; swapping two of its channels in the first parameter
+    alone is not."""
+
+    def letters_shape(eq, i):
+        sizes = {"t": 5, "b": 2, "i": 4, "n": 2, "d": 3, "o": 3}
+        return tuple(sizes[c] for c in eq.split("->")[0].split(",")[i])
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.randn(letters_shape(up, 1)))
+            self.q = nn.Parameter(torch.randn(letters_shape(down, 1)))
+
+        def forward(self, x):
+            return torch.einsum(down, torch.tanh(torch.einsum(up, x, self.p)), self.q)
+
+    torch.manual_seed(0)
+    model = Heads().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned and [s.size for s in spec.spaces.values()] == [6], spec
+    assert verify_symmetry(model, X, spec=spec, trials=2, modes=("eval",)).ok
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.p, model.p) and not torch.equal(new.q, model.q)
+    with torch.no_grad():
+        ni = up.split(",")[1].index("n")
+        new.p.copy_(model.p.index_select(ni, torch.tensor([1, 0])))
+        new.q.copy_(model.q)
+        assert (new(X) - model(X)).abs().max() > 1e-6

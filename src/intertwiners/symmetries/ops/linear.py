@@ -1,6 +1,6 @@
-"""Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm``/``bmm`` by a parameter, convolutions,
-embeddings (``embedding``, or a table indexed with ``index``/``index_select``), ``gather`` along an axis
-without channels. A weight-normalised weight moves through its direction and magnitude (:mod:`.norm`).
+"""Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm``/``bmm`` by a parameter, ``einsum``,
+convolutions, embeddings (``embedding``, or a table indexed with ``index``/``index_select``), ``gather`` along
+an axis without channels. A weight-normalised weight moves through its direction and magnitude (:mod:`.norm`).
 
 A producer makes new channels (the rows of W and b move with them, t -> T t); its input channels are W's
 columns (w -> w T^-1). A convolution with ``groups == channels`` (depthwise) keeps each channel's identity
@@ -214,6 +214,10 @@ def einsum(ctx: Context, node: fx.Node):
         return ctx.unsupported(node, f"{ctx.describe(node)}: an equation that is not a product of two operands")
     ins, out = parsed
     sizes = {c: int(n) for t, s in zip(ins, shapes) for c, n in zip(t, s)}
+    if any(sizes[c] != n for t, s in zip(ins, shapes) for c, n in zip(t, s)) \
+            or tuple(ctx.shape(node) or ()) != tuple(sizes[c] for c in out):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: an equation that broadcasts a letter (or an "
+                                     "unexpected output shape)")
     if len(ins) == 1:
         x = vals[0]
         if isinstance(x, Layout) and sorted(ins[0]) == sorted(out):
