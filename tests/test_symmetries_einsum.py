@@ -4,11 +4,15 @@ and what the rules must not derive changes the outputs."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
+from intertwiners.symmetries import layout as L
 
 X = torch.randn(5, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))   # (tokens, batch, in)
 
@@ -240,3 +244,26 @@ def test_einsum_letter_orders(up, down):
         new.p.copy_(model.p.index_select(ni, torch.tensor([1, 0])))
         new.q.copy_(model.q)
         assert (new(X) - model(X)).abs().max() > 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=2, max_size=2), st.integers(2, 4),
+       st.lists(st.integers(1, 4), min_size=2, max_size=2), st.booleans())
+def test_reshape_regroups_positions_without_channels(before, heads, after, across):
+    """A reshape of a value with channels on one axis, checked against numpy: the channel at every position of
+    the reshaped layout is the channel the reshaped tensor holds there. Regrouping the positions on each side of
+    the channel axis (XLNet's relative shift) is followed; a reshape that moves positions across the channel
+    axis (``across``) may only be refused, never read wrongly."""
+    shape = (*before, heads, *after)
+    lay = L.simple(np.arange(heads), np.zeros(heads, np.int64), shape, 2)
+    where = L.feature_index(lay, list(range(lay.ndim)))
+    new_shape = (before[1], before[0], heads, after[1], after[0])
+    if across:
+        new_shape = (before[0] * before[1] * heads, after[0] * after[1])
+    got = L.reshape(lay, new_shape)
+    if not across:
+        assert got is not None
+    if got is not None:
+        assert got.shape == new_shape
+        np.testing.assert_array_equal(lay.atoms[L.feature_index(got, list(range(got.ndim)))],
+                                      lay.atoms[where.reshape(new_shape)])
