@@ -267,3 +267,27 @@ def test_reshape_regroups_positions_without_channels(before, heads, after, acros
         assert got.shape == new_shape
         np.testing.assert_array_equal(lay.atoms[L.feature_index(got, list(range(got.ndim)))],
                                       lay.atoms[where.reshape(new_shape)])
+
+
+def test_a_parameter_read_by_two_einsums_moves_once_for_both():
+    """One head-by-head projection applied to two inputs (XLNet's two streams share q): its rows (on the
+    flattened parameter) and its columns (along its first axis) are tied across the two uses, so the inputs'
+    channels and the two outputs' channels each form one space, and the spec as derived is a symmetry."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.p, self.q = nn.Parameter(torch.randn(4, 2, 3)), nn.Parameter(torch.randn(2, 3, 3))
+
+        def forward(self, x):
+            a, b = (torch.tanh(torch.einsum("tbh,hnd->tbnd", torch.tanh(lin(x)), self.p)) for lin in (self.l1, self.l2))
+            return torch.einsum("tbnd,ndo->tbo", a + b, self.q)
+
+    torch.manual_seed(0)
+    model = Shared().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned and sorted(s.size for s in spec.spaces.values()) == [4, 6], spec
+    assert verify_symmetry(model, X, spec=spec, trials=2, modes=("eval",)).ok
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), new.parameters()))
