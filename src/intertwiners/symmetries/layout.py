@@ -143,8 +143,27 @@ def atoms_along(lay: Layout, dims: list[int]) -> tuple[np.ndarray, np.ndarray] |
 
 
 def reshape(lay: Layout, new_shape: tuple) -> Layout | None:
-    """The layout after a view/reshape to ``new_shape`` (None when factors cannot be matched)."""
-    queue = [list(f) for d in lay.dims for f in d if f[0] != 1]
+    """The layout after a view/reshape to ``new_shape`` (None when factors cannot be matched). When the factors
+    do not match one by one, consecutive factors without channels (adjacent in the flattened order) are merged
+    first, which lets a reshape regroup positions freely where they hold no channel (XLNet's relative shift,
+    (B, H, I, J) -> (B, H, J, I) with channels on H only)."""
+    def queue():
+        return [list(f) for d in lay.dims for f in d if f[0] != 1]
+    return _reshape(lay, new_shape, queue()) or _reshape(lay, new_shape, _merged(queue()))
+
+
+def _merged(queue: list) -> list:
+    """Factors in flattened order with every run of consecutive non-channel factors merged into one."""
+    out = []
+    for s, f in queue:
+        if f < 0 and out and out[-1][1] < 0:
+            out[-1][0] *= s
+        else:
+            out.append([s, f])
+    return out
+
+
+def _reshape(lay: Layout, new_shape: tuple, queue: list) -> Layout | None:
     fsizes = list(lay.fsizes)
     out = []
     for S in new_shape:

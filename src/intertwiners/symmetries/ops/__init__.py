@@ -1,13 +1,15 @@
 """The built-in rules, one module per family of operations; importing this package registers them all.
 
 ========================  ==================================================================================
-:mod:`.linear`            linear, addmm, matmul/mm/bmm by a parameter, baddbmm, convolutions (depthwise,
-                          grouped), embedding and table lookups (index, index_select), gather, gathered experts
+:mod:`.linear`            linear, addmm, matmul/mm/bmm by a parameter, baddbmm, einsum, convolutions
+                          (depthwise, grouped), embedding and table lookups (index, index_select), gather,
+                          gathered experts
 :mod:`.norm`              batch norm, layer norm, group norm, weight normalisation (instance norm pinned)
 :mod:`.shape`             copies, views, transposes, broadcasts, select/slice/split, cat, padding
-:mod:`.reduce`            pooling, upsampling, mean/sum/max/var, softmax
+:mod:`.reduce`            pooling, upsampling, mean/sum/max/var, vector norms, softmax
 :mod:`.arithmetic`        add/sub, mul/div (gains, gates, rotary factors), where, neg, max/min with a bound
-:mod:`.attention`         scaled_dot_product_attention, attention written out with matmul/bmm, talking heads
+:mod:`.attention`         scaled_dot_product_attention, attention written out with matmul/bmm, talking heads,
+                          similarities of two towers' embeddings (a bilinear form)
 :mod:`.activation`        chains of elementwise operations (activations), functions of parameters
 ========================  ==================================================================================
 

@@ -165,14 +165,15 @@ def _varies_across_heads(ctx: Context, mask_arg, shape) -> bool:
     return ms[-3] > 1
 
 
-def batched_attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout):
-    """A product of two hidden values (``matmul``, ``bmm``). With the heads folded into the batch axis,
-    (batch·heads, tokens, width) as XGLM, BART and BLOOM write attention with ``bmm``, that axis is unfolded
-    into its factors, the product read by :func:`attention_product` and the result folded back."""
-    shape = ctx.shape(node)
+def batched_attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: tuple | None = None):
+    """A product of two hidden values (``matmul``, ``bmm``; ``shape``: the product's shape, default the node's).
+    With the heads folded into the batch axis, (batch·heads, tokens, width) as XGLM, BART and BLOOM write
+    attention with ``bmm``, that axis is unfolded into its factors, the product read by
+    :func:`attention_product` and the result folded back."""
+    shape = shape or ctx.shape(node)
     folded = [s for s, _ in a.dims[0]]
     if a.ndim != 3 or len(folded) < 2 or shape is None:
-        return attention_product(ctx, node, a, b)
+        return attention_product(ctx, node, a, b, shape)
     if [s for s, _ in b.dims[0]] != folded:
         return ctx.unsupported(node, f"{ctx.describe(node)}: a batched product whose operands fold their batch "
                                      "axes differently")
@@ -198,6 +199,8 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: 
     nd = a.ndim
     shape = shape or ctx.shape(node)
     scores = _pending(ctx)
+    if nd == 2 and b.ndim == 2 and a.feature_dims() == [1] and b.feature_dims() == [0]:
+        return bilinear_form(ctx, node, a, b)
     if nd < 3 or b.ndim != nd or shape is None:
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
     fa, fb = set(a.feature_dims()), set(b.feature_dims())
@@ -230,6 +233,20 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: 
         _record(ctx, node, qa, ka, va, heads=a.atoms)
         return L.with_non_feature_size(b, nd - 2, shape[nd - 2])
     return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
+
+
+def bilinear_form(ctx: Context, node: fx.Node, a: Layout, b: Layout):
+    """``a @ b`` of two matrices whose only channels are the ones the product contracts (CLIP's similarities of
+    two towers' embeddings, ``image_embeds @ text_embeds.T``): ``a`` (n, C) -> a A^T and ``b`` (C, m) ->
+    A^-T b leave every entry a_i · b_j unchanged, so the two sides are tied with a dual transform (one space
+    for both towers' projections) and the result is untransformed. Different scalings on the two sides
+    (another chain of activations) cannot be tied: pinned."""
+    (aa, ac), (ba, bc) = L.atoms_along(a, [1]), L.atoms_along(b, [0])
+    if len(aa) != len(ba) or not np.array_equal(ac, bc):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values whose contracted channels "
+                                     "carry different transforms")
+    ctx.atoms.union_arrays(aa, ba, 1, f"{ctx.describe(node)}")
+    return None
 
 
 def _merge_added_scores(ctx: Context, scores: dict, heads: np.ndarray, qa: np.ndarray, ka: np.ndarray) -> None:

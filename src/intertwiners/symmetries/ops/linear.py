@@ -1,6 +1,6 @@
-"""Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm``/``bmm`` by a parameter, convolutions,
-embeddings (``embedding``, or a table indexed with ``index``/``index_select``), ``gather`` along an axis
-without channels. A weight-normalised weight moves through its direction and magnitude (:mod:`.norm`).
+"""Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm``/``bmm`` by a parameter, ``einsum``,
+convolutions, embeddings (``embedding``, or a table indexed with ``index``/``index_select``), ``gather`` along
+an axis without channels. A weight-normalised weight moves through its direction and magnitude (:mod:`.norm`).
 
 A producer makes new channels (the rows of W and b move with them, t -> T t); its input channels are W's
 columns (w -> w T^-1). A convolution with ``groups == channels`` (depthwise) keeps each channel's identity
@@ -170,6 +170,138 @@ def matmul(ctx: Context, node: fx.Node):
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values (or a non-parameter "
                                      "weight) is not supported")
     return producer(ctx, node, x, w, None, ndim - 1, 1, 0, in_dim)
+
+
+def parse_einsum(equation: str, ndims: list[int]) -> tuple[list[str], str] | None:
+    """The operands' index letters and the output's of an einsum equation (``"ibh,hnd->ibnd"``; without
+    ``->`` the output is the letters used once, sorted, as torch does); None for an ellipsis, a letter repeated
+    within one operand (a diagonal) or in the output, or a count of letters that does not match an operand's
+    dimensions."""
+    eq = equation.replace(" ", "")
+    if "." in eq:
+        return None
+    lhs, arrow, out = eq.partition("->")
+    ins = lhs.split(",")
+    if not arrow:
+        out = "".join(sorted(c for c in set(lhs) - {","} if lhs.count(c) == 1))
+    if len(ins) != len(ndims) or any(len(t) != n or len(set(t)) != len(t) for t, n in zip(ins, ndims)) \
+            or len(set(out)) != len(out) or not set(out) <= set(lhs) - {","}:
+        return None
+    return ins, out
+
+
+@builtin(aten.einsum)
+def einsum(ctx: Context, node: fx.Node):
+    """``torch.einsum`` (XLNet writes its projections and attention with it), read as the product it spells:
+
+    * one operand whose letters the output only reorders: a transpose;
+    * a hidden value (or an untransformed tensor) and a parameter ``P`` (``"ibh,hnd->ibnd"``): a linear map.
+      P's letters shared with the input are its columns (they read the input's channels, which must lie on
+      those letters), its letters only in the output are its rows: new channels, one per combination (a
+      head-by-head projection (C, heads, width) makes heads·width channels). Letters of P shared with the input
+      and kept in the output (one map per slice) are not followed;
+    * two hidden values: reordered to ``(batch..., i, k) @ (batch..., k, j)`` and read as a product of hidden
+      values (:func:`~.attention.batched_attention_product`: attention scores ``"ibnd,jbnd->bnij"``,
+      weights times values ``"bnij,jbnd->ibnd"``), then reordered to the output's letters.
+
+    Anything else with a hidden operand is not followed (pinned)."""
+    operands = list(node.args[1])
+    shapes = [ctx.shape(o) for o in operands]
+    parsed = parse_einsum(node.args[0], [len(s) if s is not None else -1 for s in shapes]) \
+        if all(s is not None for s in shapes) else None
+    vals = [ctx.value(o) for o in operands]
+    if parsed is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: an equation that is not a product of two operands")
+    ins, out = parsed
+    sizes = {c: int(n) for t, s in zip(ins, shapes) for c, n in zip(t, s)}
+    if any(sizes[c] != n for t, s in zip(ins, shapes) for c, n in zip(t, s)) \
+            or tuple(ctx.shape(node) or ()) != tuple(sizes[c] for c in out):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: an equation that broadcasts a letter (or an "
+                                     "unexpected output shape)")
+    if len(ins) == 1:
+        x = vals[0]
+        if isinstance(x, Layout) and sorted(ins[0]) == sorted(out):
+            return L.permute(x, [ins[0].index(c) for c in out])
+        return ctx.unsupported(node) if isinstance(x, Layout) else None
+    if len(ins) != 2:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: an einsum of more than two operands is not supported")
+    (a, b), (la, lb) = vals, ins
+    if isinstance(a, Layout) and isinstance(b, Layout):
+        return _einsum_hidden(ctx, node, a, b, la, lb, out, sizes)
+    for (x, lx), (p, lp) in (((a, la), (b, lb)), ((b, lb), (a, la))):
+        if isinstance(p, ParamRef) and (x is None or isinstance(x, Layout)):
+            return _einsum_parameter(ctx, node, x, p, lx, lp, out, sizes)
+    return ctx.unsupported(node) if isinstance(a, Layout) or isinstance(b, Layout) else None
+
+
+def _einsum_hidden(ctx: Context, node: fx.Node, a: Layout, b: Layout, la: str, lb: str, out: str, sizes: dict):
+    """Two hidden operands with one free letter each and one contracted letter (see :func:`einsum`)."""
+    batch = [c for c in out if c in la and c in lb]
+    k = [c for c in la if c in lb and c not in out]
+    i, j = [c for c in la if c not in lb], [c for c in lb if c not in la]
+    if len(k) != 1 or len(i) != 1 or len(j) != 1 or set(out) != {*batch, *i, *j}:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not "
+                                     "(batch..., i, k) @ (batch..., k, j)")
+    canon = "".join(batch + i + j)
+    left = L.permute(a, [la.index(c) for c in batch + i + k])
+    right = L.permute(b, [lb.index(c) for c in batch + k + j])
+    got = batched_attention_product(ctx, node, left, right, tuple(sizes[c] for c in canon))
+    return L.permute(got, [canon.index(c) for c in out]) if isinstance(got, Layout) else got
+
+
+def _einsum_parameter(ctx: Context, node: fx.Node, x, p: ParamRef, lx: str, lp: str, out: str, sizes: dict):
+    """A parameter ``p`` (letters ``lp``) applied to ``x`` (letters ``lx``; a hidden value or an untransformed
+    tensor, None): see :func:`einsum`. Rows (or columns) with one letter are recorded along that axis of P, with
+    several letters on the flattened tensor (the channel at every element); P's rows and columns cannot both
+    span several axes (two flattened uses of P would be tied to each other)."""
+    cols = [c for c in lp if c in lx]
+    rows = [c for c in lp if c not in lx]
+    own = [c for c in lx if c not in lp]
+    if any(c in out for c in cols) or not set(rows) <= set(out) or not set(own) <= set(out) \
+            or (isinstance(x, Layout) and not cols):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a product with a parameter that is not one linear map "
+                                     "over the input's channels")
+    ncol = int(np.prod([sizes[c] for c in cols]))
+    if isinstance(x, Layout):
+        got = L.atoms_along(x, [lx.index(c) for c in cols])
+        if got is None:
+            return ctx.unsupported(node, f"{ctx.describe(node)} does not act on the channel axes of its input")
+        inp = (got[0].reshape(-1), got[1].reshape(-1))
+    else:
+        inp = (np.full(ncol, FIXED, np.int64), np.zeros(ncol, np.int64))
+    full = ctx.captured.tensors.get(p.name)
+    own_shape = full is not None and tuple(full.shape) == tuple(p.shape)   # not a view: P's axes are its own
+    if (len(rows) > 1 and len(cols) > 1) or (rows and not own_shape):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a parameter whose rows and columns both span several "
+                                     "axes (or a view of one) is not supported")
+    if not rows:   # one number per input position (a dot product with a vector): the output is untransformed
+        ctx.columns(p, None, Channels(*_per_element(p, lp, cols, sizes, inp)))
+        return None
+    lead = [c for c in out if c in own]
+    canon = lead + rows
+    made = ctx.fresh(tuple(sizes[c] for c in lead) + (int(np.prod([sizes[c] for c in rows])),), len(lead))
+    # rows and columns on axes of their own where they have one letter, else on the flattened tensor (never
+    # both: uses of one parameter along the same axis are tied to each other)
+    if len(rows) == 1:
+        ctx.rows(p, lp.index(rows[0]), made)
+    else:
+        ctx.rows(p, None, Channels(*_per_element(p, lp, rows, sizes, (made.atoms, made.chains))))
+    if len(cols) == 1:
+        ctx.columns(p, lp.index(cols[0]), Channels(*inp))
+    else:
+        ctx.columns(p, None, Channels(*_per_element(p, lp, cols, sizes, inp)))
+    shaped = L.reshape(made, tuple(sizes[c] for c in canon))
+    if shaped is None:   # pragma: no cover - splitting one axis into its own factors always matches
+        return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected output layout")
+    return L.permute(shaped, ["".join(canon).index(c) for c in out])
+
+
+def _per_element(p: ParamRef, lp: str, letters: list[str], sizes: dict, channels: tuple) -> tuple:
+    """(atoms, chains) at every element of ``p`` (flat order) from ``channels`` listed over the combinations
+    of ``letters`` (row-major, in that order)."""
+    grid = np.indices(tuple(sizes[c] for c in lp)).reshape(len(lp), -1)
+    where = np.ravel_multi_index(tuple(grid[lp.index(c)] for c in letters), tuple(sizes[c] for c in letters))
+    return channels[0][where], channels[1][where]
 
 
 @builtin(aten.baddbmm)

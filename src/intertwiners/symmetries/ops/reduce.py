@@ -2,7 +2,7 @@
 
 Over axes without channels they act on every channel alike (max pooling and max: positive scalings only,
 softmax: permutations only); a reduction over all channel axes gives an untransformed value and needs unit
-scales (permutations).
+scales (permutations); a vector norm over all channel axes needs scales of modulus 1 (signed permutations).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from .. import layout as L
-from ..constraints import PositiveScales, Unit
+from ..constraints import PositiveScales, Signed, Unit
 from ..context import Context
 from ..layout import Layout
 from ..registry import builtin
@@ -64,6 +64,24 @@ def reduce(ctx: Context, node: fx.Node):
     for d in sorted(dims):
         out = L.with_non_feature_size(out, d, 1)
     return out if keep else L.squeeze(out, sorted(dims))
+
+
+@builtin(aten.linalg_vector_norm, aten.norm)
+def vector_norm(ctx: Context, node: fx.Node):
+    """``x.norm(p, dim)`` over all channel axes (CLIP's ``embeds / embeds.norm(dim=-1, keepdim=True)``): the
+    result is untransformed, and the transform must keep every p-norm (signed permutations: unit scales). Over
+    part of the channels, or over axes without channels (a per-channel norm that loses the sign), not
+    followed."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    dims = ctx.arg(node, 2, "dim")
+    dims = set(range(x.ndim)) if dims is None or dims == [] else \
+        {d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)}
+    if not set(x.feature_dims()) <= dims:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a norm that does not span every channel axis")
+    ctx.require(Signed, x)
+    return None
 
 
 @builtin(aten.softmax, aten._softmax, aten._safe_softmax, aten.log_softmax, aten._log_softmax)
