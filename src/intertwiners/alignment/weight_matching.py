@@ -139,8 +139,14 @@ def objective(params_a: dict, params_b: dict, actions: dict[str, SpaceSlots], pe
         tb = params_b[key]
         for name, slot in slots:
             tb = permute_slot(tb, slot, perms[name])
-        total += float((params_a[key].double() * tb.double()).sum())
+        total += _dot64(params_a[key], tb)
     return total
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """<a, b> in float64, ``chunk`` entries at a time (no float64 copies of whole tensors)."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    return sum(float((fa[i:i + chunk].double() * fb[i:i + chunk].double()).sum()) for i in range(0, fa.numel(), chunk))
 
 
 def match_permutations(params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor],
