@@ -156,8 +156,8 @@ def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps
                        found_by, residual)
 
 
-def write_safetensors(file: Path, keys: list[str], tensor, dtype=None) -> None:
-    """A safetensors file of ``tensor(key)`` for ``keys`` (in that order), written one tensor at a time;
+def write_safetensors(file: Path, keys: list[str], tensor, dtype=None, chunk: int = 1 << 22) -> None:
+    """A safetensors file of ``tensor(key)`` for ``keys`` (in that order), written ``chunk`` entries at a time;
     floating tensors are cast to ``dtype`` when given. Header metadata: ``{"format": "pt"}``."""
     header, offset, shapes = {}, 0, {}
     for k in keys:  # shapes and dtypes first (the header comes before the data)
@@ -176,10 +176,12 @@ def write_safetensors(file: Path, keys: list[str], tensor, dtype=None) -> None:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for k in keys:
-            t = tensor(k).detach().to(device="cpu", dtype=shapes[k]).contiguous()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"tensor {k!r} holds NaN/Inf values; refusing to write {file.parent}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            flat = tensor(k).detach().reshape(-1)
+            for i in range(0, flat.numel(), chunk):  # slices: no converted or serialised copy of a whole tensor
+                part = flat[i:i + chunk].to(device="cpu", dtype=shapes[k])
+                if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                    raise ValueError(f"tensor {k!r} holds NaN/Inf values; refusing to write {file.parent}")
+                f.write(part.view(torch.uint8).numpy())
 
 
 def save_streamed(model: nn.Module, like: ModelFolder, folder: str | Path) -> Path:

@@ -54,6 +54,7 @@ def _align_hf(args, fa, fb, stage) -> int:
 
     import torch
 
+    from .._util import return_freed_memory
     from ..alignment.align import check_runs, check_same_structure
     from ..alignment.checkpoints import token_ids
     from ..alignment.streaming import align_folders, save_streamed
@@ -61,6 +62,7 @@ def _align_hf(args, fa, fb, stage) -> int:
     if args.method == "activations":
         raise ValueError("Hugging Face folders are aligned by their weights (--method weights): there is no "
                          "dataset of inputs for them here")
+    return_freed_memory()  # the temporaries of weight matching leave the process when freed (peak memory)
     ids = token_ids(fb.model, args.tokens).to(next(fb.model.parameters()).device)
     check_runs(fa.model, ids, "example_input")
     check_same_structure(fa.model, fb.model)
