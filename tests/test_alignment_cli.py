@@ -188,6 +188,8 @@ def test_streamed_folder_alignment_is_bit_identical_to_align(hf_folders, tmp_pat
     from intertwiners.alignment.streaming import align_folders, can_stream, save_streamed
 
     root, _, _, ids = hf_folders
+    files = [root / name / "model.safetensors" for name in ("gpt0", b)]
+    on_disk = [f.read_bytes() for f in files]
     fa, fb = _folder(root / "gpt0"), _folder(root / b)
     assert can_stream(fa, fb)
     a_before = {k: p.clone() for k, p in fa.model.state_dict().items()}
@@ -210,6 +212,7 @@ def test_streamed_folder_alignment_is_bit_identical_to_align(hf_folders, tmp_pat
     assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == sorted(
         p.name for p in (tmp_path / "in_memory").iterdir())
     assert (tmp_path / "streamed" / "config.json").read_bytes() == (root / b / "config.json").read_bytes()
+    assert [f.read_bytes() for f in files] == on_disk   # moving the loaded models never writes into their files
 
 
 def test_streamed_alignment_refuses_folders_it_cannot_restore(hf_folders, tmp_path):
