@@ -169,3 +169,78 @@ def test_hugging_face_bad_input(hf_folders, tmp_path, capsys):
     assert main(["align", str(root / "gpt0"), str(root / "gpt1"), "--out", str(out), "--tokens", "99"]) == 2
     assert "positions" in capsys.readouterr().err
     assert not out.exists() and not any(".partial" in p.name for p in tmp_path.iterdir())
+
+
+def _folder(path):
+    from intertwiners.alignment.checkpoints import load_folder
+
+    return load_folder(path)
+
+
+@pytest.mark.parametrize("b", ["planted", "gpt1"])
+def test_streamed_folder_alignment_is_bit_identical_to_align(hf_folders, tmp_path, b):
+    """align_folders (B moved in place, parameters restored from the safetensors files) gives align's elements,
+    residuals and moved weights bit for bit; save_streamed writes them as save_like does, A ends as loaded."""
+    from safetensors.torch import load_file
+
+    from intertwiners.alignment import align
+    from intertwiners.alignment.checkpoints import save_like
+    from intertwiners.alignment.streaming import align_folders, can_stream, save_streamed
+
+    root, _, _, ids = hf_folders
+    files = [root / name / "model.safetensors" for name in ("gpt0", b)]
+    on_disk = [f.read_bytes() for f in files]
+    fa, fb = _folder(root / "gpt0"), _folder(root / b)
+    assert can_stream(fa, fb)
+    a_before = {k: p.clone() for k, p in fa.model.state_dict().items()}
+    want = align(fa.model, fb.model, example_input=ids, method="weights")
+    got = align_folders(fa, fb, ids)
+    assert got.model is fb.model  # moved in place: no copy of B
+    assert got.elements.keys() == want.elements.keys() and got.found_by == want.found_by
+    for n in want.elements:
+        assert torch.equal(got.elements[n], want.elements[n]), n
+    assert got.residual == want.residual and got.sweeps == want.sweeps
+    for (k, p), q in zip(want.model.state_dict().items(), got.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), k
+    for k, p in fa.model.state_dict().items():
+        assert torch.equal(p, a_before[k]), k
+    save_like(want.model, fb, tmp_path / "in_memory")
+    save_streamed(got.model, fb, tmp_path / "streamed")
+    x = load_file(tmp_path / "in_memory" / "model.safetensors")
+    y = load_file(tmp_path / "streamed" / "model.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) and x[k].dtype == y[k].dtype for k in x)
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == sorted(
+        p.name for p in (tmp_path / "in_memory").iterdir())
+    assert (tmp_path / "streamed" / "config.json").read_bytes() == (root / b / "config.json").read_bytes()
+    assert [f.read_bytes() for f in files] == on_disk   # moving the loaded models never writes into their files
+
+
+def test_streamed_alignment_refuses_folders_it_cannot_restore(hf_folders, tmp_path):
+    """A folder whose weights differ from the loaded model's (edited after loading) is not streamed: align
+    runs on copies instead and B is left untouched."""
+    from intertwiners.alignment.streaming import align_folders, can_stream
+
+    root, _, _, ids = hf_folders
+    fa, fb = _folder(root / "gpt0"), _folder(root / "gpt1")
+    with torch.no_grad():
+        fb.model.transformer.wpe.weight[0, 0] += 1.0
+    kept = {k: p.clone() for k, p in fb.model.state_dict().items()}
+    assert not can_stream(fa, fb)
+    r = align_folders(fa, fb, ids)
+    assert r.model is not fb.model
+    assert all(torch.equal(p, kept[k]) for k, p in fb.model.state_dict().items())
+
+
+def test_write_safetensors_round_trips_dtypes(tmp_path):
+    from safetensors.torch import load_file
+
+    from intertwiners.alignment.streaming import write_safetensors
+
+    t = {"a": torch.randn(3, 5), "b": torch.arange(4), "c": torch.tensor(2.5), "d": torch.randn(2, 3)}
+    write_safetensors(tmp_path / "x.safetensors", list(t), t.__getitem__, torch.bfloat16)
+    got = load_file(tmp_path / "x.safetensors")
+    assert got["a"].dtype == torch.bfloat16 and torch.equal(got["a"], t["a"].bfloat16())
+    assert torch.equal(got["b"], t["b"]) and got["c"].shape == () and torch.equal(got["d"], t["d"].bfloat16())
+    t["a"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        write_safetensors(tmp_path / "y.safetensors", list(t), t.__getitem__)

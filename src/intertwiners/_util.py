@@ -182,3 +182,23 @@ def save_figure(fig, path, dpi: int = 120, close: bool = True):
     if close:
         plt.close(fig)
     return path
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Make glibc give blocks of at least ``threshold`` bytes back to the system as soon as they are freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) after large blocks are freed, and then serves tensors below
+    it from its heap, where freed pages stay resident: a process that makes and frees many tensor-sized
+    temporaries grows by a model's worth. Fixing the threshold (``mallopt(M_MMAP_THRESHOLD)``, for this
+    process from now on) keeps the resident set at what is alive. True when set; False where the C library is
+    not glibc (nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3
+    return bool(mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(threshold)))

@@ -131,23 +131,49 @@ def check_runs(model: nn.Module, x, what: str = "data") -> None:
         raise ValueError(f"{what} of shape {tuple(x.shape)} does not fit the model: {err}") from err
 
 
+def _on_model(model: nn.Module, example_input):
+    """(input on the model's device and floating dtype, the relative tolerance of the outputs check)."""
+    p = next(iter(model.parameters()), None)
+    x = example_input
+    if p is not None and x.is_floating_point():
+        x = x.to(device=p.device, dtype=p.dtype)
+    return x, (1e-8 if p is not None and p.dtype == torch.float64 else 1e-3)
+
+
 def same_function(model: nn.Module, moved: nn.Module, example_input) -> bool:
     """True when ``moved`` computes ``model``'s outputs on ``example_input`` (eval mode, and train mode where
     the model has batch statistics) to rounding: relative 1e-8 in float64, 1e-3 otherwise (the tolerances
     of the spec's safety check)."""
     from ..symmetries.verify import compare
 
-    p = next(iter(model.parameters()), None)
-    x = example_input
-    if p is not None and x.is_floating_point():
-        x = x.to(device=p.device, dtype=p.dtype)
-    rtol = 1e-8 if p is not None and p.dtype == torch.float64 else 1e-3
+    x, rtol = _on_model(model, example_input)
     modes = ("eval", "train") if any(getattr(m, "track_running_stats", False) for m in model.modules()) else ("eval",)
     try:
         errs = compare(model, moved, x, modes)
     except Exception:  # noqa: BLE001 - a model that cannot run in a mode: the checked spec decides
         return False
     return all(e[1] <= rtol for e in errs.values())
+
+
+def reference_outputs(model: nn.Module, example_input):
+    """``model``'s outputs on ``example_input`` in eval mode, kept for :func:`same_outputs` when the model is
+    then moved in place (models without batch statistics: :func:`same_function` checks eval mode only)."""
+    from ..symmetries.compare import forward_once
+
+    x, _ = _on_model(model, example_input)
+    return forward_once(model, (x,), False)
+
+
+def same_outputs(reference, moved: nn.Module, example_input) -> bool:
+    """:func:`same_function` against outputs kept by :func:`reference_outputs` (same tolerances)."""
+    from ..symmetries.compare import forward_once, output_errors
+
+    x, rtol = _on_model(moved, example_input)
+    try:
+        err = output_errors(reference, forward_once(moved, (x,), False))
+    except Exception:  # noqa: BLE001 - as in same_function
+        return False
+    return err[1] <= rtol
 
 
 def _as_element(el, dense: bool):
@@ -189,13 +215,24 @@ def weight_residuals(model_a: nn.Module, moved: nn.Module, spec, names: list[str
     """{space: ||A - moved||_F / ||A||_F over the parameters the space's slots move}."""
     pa, pm = dict(model_a.named_parameters()), dict(moved.named_parameters())
     out = {}
-    with torch.no_grad():
-        for name in names:
-            keys = {s.tensor for s in spec.slots(name) if s.kind == "parameter" and s.tensor in pa}
-            num = sum(float((pa[k].double() - pm[k].double()).pow(2).sum()) for k in keys)
-            den = sum(float(pa[k].double().pow(2).sum()) for k in keys)
-            out[name] = (num / den) ** 0.5 if den > 0 else 0.0
+    for name in names:
+        keys = {s.tensor for s in spec.slots(name) if s.kind == "parameter" and s.tensor in pa}
+        sums = [squared_distance(pa[k], pm[k]) for k in keys]
+        num, den = sum(d for d, _ in sums), sum(n for _, n in sums)
+        out[name] = (num / den) ** 0.5 if den > 0 else 0.0
     return out
+
+
+@torch.no_grad()
+def squared_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> tuple[float, float]:
+    """(||a - b||², ||a||²) in float64, over ``chunk`` entries at a time (no float64 copy of a whole tensor)."""
+    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+    num = den = 0.0
+    for i in range(0, fa.numel(), chunk):
+        ca, cb = fa[i:i + chunk].double(), fb[i:i + chunk].double()
+        den += float(ca.pow(2).sum())
+        num += float((ca - cb).pow(2).sum())
+    return num, den
 
 
 def align_weights(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, scaling: bool = True,
@@ -203,11 +240,22 @@ def align_weights(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, s
     """{space: (perm, scale)} moving B into A's basis by weight matching; and the number of sweeps."""
     # only the parameters some space moves are read; they are copied only where the canonical form rescales
     # them (in place), so that weight matching holds at most one extra copy of each model's moved parameters
-    used = {s.tensor for act in actions.values() for s in act.slots}
-    pa = {k: p.detach() for k, p in model_a.named_parameters() if k in used}
-    pb = {k: p.detach() for k, p in model_b.named_parameters() if k in used}
+    pa, pb = moved_parameters(model_a, actions), moved_parameters(model_b, actions)
     if scaling:
         pa, pb = {k: t.clone() for k, t in pa.items()}, {k: t.clone() for k, t in pb.items()}
+    return match_weights(pa, pb, actions, scaling, max_sweeps)
+
+
+def moved_parameters(model: nn.Module, actions: dict) -> dict[str, torch.Tensor]:
+    """{name: detached parameter} of the parameters some space's slots move (the model's own tensors)."""
+    used = {s.tensor for act in actions.values() for s in act.slots}
+    return {k: p.detach() for k, p in model.named_parameters() if k in used}
+
+
+def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_sweeps: int = 30) -> tuple[dict, int]:
+    """:func:`align_weights` on parameter dicts; with ``scaling`` they are rescaled to the canonical form IN
+    PLACE (pass copies, or tensors that are restored afterwards)."""
+    if scaling:
         sa, sb = canonical_scales(pa, actions), canonical_scales(pb, actions)
     else:
         sa, sb = _identity_scales(actions), _identity_scales(actions)
@@ -221,6 +269,28 @@ def align_weights(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, s
         out[name] = G.monomial_compose(undo_a, G.monomial_compose((perms[name], torch.ones(n, dtype=torch.float64)),
                                                                   to_canon_b))
     return out, sweeps
+
+
+def plan_spaces(spec, spaces: list[str] | None = None) -> tuple[list[str], list[str], dict]:
+    """(spaces matched by data or weights, attention spaces, {skipped space: why}) of ``spaces`` (default all)."""
+    names = list(spec.spaces) if spaces is None else list(spaces)
+    unknown = [n for n in names if n not in spec.spaces]
+    if unknown:
+        raise ValueError(f"unknown spaces {unknown}; the models' spaces are {list(spec.spaces)}")
+    attention = [n for n in names if spec.spaces[n].group.kind == "attention_heads"]
+    skipped = {n: f"its group ({spec.spaces[n].group.kind}) is not an intertwiner group of an activation; "
+                  "left at the identity" for n in names
+               if spec.spaces[n].group.kind not in G.KINDS and n not in attention}
+    return [n for n in names if n not in skipped and n not in attention], attention, skipped
+
+
+def weight_actions(spec, names: list[str], attention: list[str]) -> dict:
+    """The slots weight matching reads for ``names``: B's attention weights are still in its heads' bases
+    while the other spaces are matched, so they are left out of the costs."""
+    actions = {n: space_slots(spec, n) for n in names}
+    if attention:
+        actions = without_parameters(actions, {a.param for n in attention for a in spec.actions(n)})
+    return actions
 
 
 def align_activations(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, data, scaling: bool = True,
@@ -301,15 +371,7 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
         # and only if that fails is the spec traced again with the check (which pins spaces that are not
         # symmetries) and the alignment redone
         spec_b = symmetry_spec(model_b, example_input, check=checked)
-        names = list(spec_b.spaces) if spaces is None else list(spaces)
-        unknown = [n for n in names if n not in spec_b.spaces]
-        if unknown:
-            raise ValueError(f"unknown spaces {unknown}; the models' spaces are {list(spec_b.spaces)}")
-        attention = [n for n in names if spec_b.spaces[n].group.kind == "attention_heads"]
-        skipped = {n: f"its group ({spec_b.spaces[n].group.kind}) is not an intertwiner group of an activation; "
-                      "left at the identity" for n in names
-                   if spec_b.spaces[n].group.kind not in G.KINDS and n not in attention}
-        names = [n for n in names if n not in skipped and n not in attention]
+        names, attention, skipped = plan_spaces(spec_b, spaces)
         scaling = group == "full"
         sweeps = 0
         found, found_by = {}, {}
@@ -326,9 +388,7 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
         rest = [n for n in names if n not in found]
         moved = apply_symmetry(model_b, found, spec_b) if found else model_b
         if rest:  # matched by their weights (on B with the spaces found by data already moved)
-            actions = {n: space_slots(spec_b, n) for n in rest}
-            if attention:  # B's attention weights are still in its heads' bases: leave them out of the costs
-                actions = without_parameters(actions, {a.param for n in attention for a in spec_b.actions(n)})
+            actions = weight_actions(spec_b, rest, attention)
             with few_threads(threads):
                 by_weights, sweeps = align_weights(model_a, moved, spec_b, actions, scaling, max_sweeps)
             found.update(by_weights)

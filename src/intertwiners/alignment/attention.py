@@ -64,8 +64,11 @@ def _fit_blocks(kind: str, target: torch.Tensor, source: torch.Tensor) -> torch.
     if kind == "scalar":
         c = (target * source).sum((1, 2)) / (source * source).sum((1, 2)).clamp_min(1e-300)
         return c[:, None, None] * eye
-    # M S = T  <=>  S^T M^T = T^T
-    return torch.linalg.lstsq(source.mT, target.mT).solution.mT
+    # M S = T  <=>  S^T M^T = T^T. The SVD driver: the default (gelsy) of MKL gives results that differ in the
+    # last bits from call to call on the same input (with the memory layout), gelsd returns the same bits
+    # (CUDA has one driver)
+    driver = "gelsd" if source.device.type == "cpu" else None
+    return torch.linalg.lstsq(source.mT, target.mT, driver=driver).solution.mT
 
 
 def align_attention_space(model_a: nn.Module, model_b: nn.Module, spec, space: str,

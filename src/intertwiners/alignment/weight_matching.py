@@ -39,6 +39,25 @@ def select_slices(t: torch.Tensor, slot: Slot, idx: torch.Tensor) -> torch.Tenso
     return view.index_select(axis, _positions(slot, idx, t.device))
 
 
+CHUNK = 1 << 22  # entries: tensors larger than this are multiplied in slices of about this many
+
+
+def cross(tb: torch.Tensor, ta: torch.Tensor, slot: Slot, chunk: int = CHUNK) -> torch.Tensor:
+    """(n, n) ``slot_rows(tb, slot) @ slot_rows(ta, slot).T``; for a tensor of more than ``chunk`` entries, summed
+    over slices along another axis (the largest), so that the gathered rows of a large tensor (a token
+    embedding) are never copied whole."""
+    if tb.numel() <= chunk or slot.axis is None or tb.ndim < 2:
+        return slot_rows(tb, slot) @ slot_rows(ta, slot).T
+    other = max((d for d in range(tb.ndim) if d != slot.axis), key=lambda d: tb.shape[d])
+    step = max(1, chunk * tb.shape[other] // tb.numel())
+    total = None
+    for i in range(0, tb.shape[other], step):
+        k = min(step, tb.shape[other] - i)
+        part = slot_rows(tb.narrow(other, i, k), slot) @ slot_rows(ta.narrow(other, i, k), slot).T
+        total = part if total is None else total.add_(part)
+    return total
+
+
 def _slots_by_key(actions: dict[str, SpaceSlots]) -> dict[str, list[tuple[str, Slot]]]:
     out: dict[str, list[tuple[str, Slot]]] = {}
     for name, act in actions.items():
@@ -56,10 +75,10 @@ class _Scores:
     """The assignment scores of one coordinate descent, kept up to date as permutations change.
 
     ``score(name)`` is the float64 (n, n) sum over the space's slots of the cross-products
-    ``C_s = slot_rows(T_s, s) @ slot_rows(A, s)^T``, where T_s is B with the slots on the tensor's other axes
-    permuted by their spaces' current permutations. It is computed in full once; afterwards, when a space's
-    permutation changes on the indices that moved, only the slices of those indices change in each T_s, so
-    every other space's score is corrected by the cross-product of the changed slices alone
+    ``C_s = slot_rows(T_s, s) @ slot_rows(A, s)^T`` (:func:`cross`), where T_s is B with the slots on the
+    tensor's other axes permuted by their spaces' current permutations. It is computed in full once;
+    afterwards, when a space's permutation changes on the indices that moved, only the slices of those indices
+    change in each T_s, so every other space's score is corrected by the cross-product of the changed slices alone
     (``(rows(T_new) - rows(T_old)) @ rows(A)^T`` restricted to them): late sweeps, in which few indices move,
     cost a small fraction of a full pass. A space whose score has not changed since it was last solved keeps
     its permutation without a new assignment (the Hungarian solution of the same scores).
@@ -77,7 +96,7 @@ class _Scores:
         for name, other in self.by_key[slot.tensor]:
             if other is not slot and other.axis != slot.axis:  # slots on the same axis never touch slot's slices
                 tb = permute_slot(tb, other, self.perms[name])
-        return slot_rows(tb, slot) @ slot_rows(self.a[slot.tensor], slot).T
+        return cross(tb, self.a[slot.tensor], slot)
 
     def partial(self, slots: list[Slot]) -> torch.Tensor:
         """The sum of C_s over some of a space's slots (the greedy start), from scratch."""
@@ -125,7 +144,7 @@ class _Scores:
                         t_old = permute_slot(t_old, other, self.perms[oname])
                         t_new = permute_slot(t_new, other, self.perms[oname])
                 a_sub = select_slices(ta, o, moved)
-                self.scores[sname] += (slot_rows(t_new - t_old, s) @ slot_rows(a_sub, s).T).cpu()
+                self.scores[sname] += cross(t_new - t_old, a_sub, s).cpu()
                 self.stale.add(sname)
             switched.add(id(o))
         self.perms[name] = perm
@@ -139,8 +158,14 @@ def objective(params_a: dict, params_b: dict, actions: dict[str, SpaceSlots], pe
         tb = params_b[key]
         for name, slot in slots:
             tb = permute_slot(tb, slot, perms[name])
-        total += float((params_a[key].double() * tb.double()).sum())
+        total += _dot64(params_a[key], tb)
     return total
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """<a, b> in float64, ``chunk`` entries at a time (no float64 copies of whole tensors)."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    return sum(float((fa[i:i + chunk].double() * fb[i:i + chunk].double()).sum()) for i in range(0, fa.numel(), chunk))
 
 
 def match_permutations(params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor],

@@ -36,15 +36,14 @@ def add_arguments(p):
 
 def weight_distance(model_a, model_b) -> float:
     """||theta_A - theta_B|| / ||theta_A|| over every floating parameter (one tensor at a time)."""
-    import torch
+    from ..alignment.align import squared_distance
 
     num = den = 0.0
     pb = dict(model_b.named_parameters())
-    with torch.no_grad():
-        for k, p in model_a.named_parameters():
-            if p.is_floating_point():
-                num += float((p.double() - pb[k].double()).pow(2).sum())
-                den += float(p.double().pow(2).sum())
+    for k, p in model_a.named_parameters():
+        if p.is_floating_point():
+            d, n = squared_distance(p, pb[k])
+            num, den = num + d, den + n
     return (num / den) ** 0.5 if den > 0 else float("nan")
 
 
@@ -55,24 +54,32 @@ def _align_hf(args, fa, fb, stage) -> int:
 
     import torch
 
-    from ..alignment import align
-    from ..alignment.checkpoints import save_like, token_ids
+    from .._util import return_freed_memory
+    from ..alignment.align import check_runs, check_same_structure
+    from ..alignment.checkpoints import token_ids
+    from ..alignment.streaming import align_folders, save_streamed
 
     if args.method == "activations":
         raise ValueError("Hugging Face folders are aligned by their weights (--method weights): there is no "
                          "dataset of inputs for them here")
+    return_freed_memory()  # the temporaries of weight matching leave the process when freed (peak memory)
     ids = token_ids(fb.model, args.tokens).to(next(fb.model.parameters()).device)
-    r = align(fa.model, fb.model, example_input=ids, method="weights")
+    check_runs(fa.model, ids, "example_input")
+    check_same_structure(fa.model, fb.model)
+    before = weight_distance(fa.model, fb.model)  # B may be moved in place by align_folders
     with torch.no_grad():
-        out_b, out_r = fb.model(ids), r.model(ids)
-    main_b = out_b if isinstance(out_b, torch.Tensor) else out_b[0]
+        out_b = fb.model(ids)
+        main_b = (out_b if isinstance(out_b, torch.Tensor) else out_b[0]).clone()
+    del out_b
+    r = align_folders(fa, fb, ids)
+    with torch.no_grad():
+        out_r = r.model(ids)
     main_r = out_r if isinstance(out_r, torch.Tensor) else out_r[0]
     report = {"method": "weights", "group": "full", "seconds": round(r.seconds, 3), "spaces": len(r.elements),
               "skipped": r.skipped, "example_input": list(ids.shape),
-              "relative_weight_distance": {"before": weight_distance(fa.model, fb.model),
-                                           "after": weight_distance(fa.model, r.model)},
+              "relative_weight_distance": {"before": before, "after": weight_distance(fa.model, r.model)},
               "max_output_difference": float((main_b - main_r).abs().max())}
-    save_like(r.model, fb, stage / "aligned")
+    save_streamed(r.model, fb, stage / "aligned")
     (stage / "alignment.json").write_text(json.dumps(report, indent=2))
     d = report["relative_weight_distance"]
     print(f"weights aligned in {r.seconds:.1f} s ({len(r.elements)} spaces); relative weight distance to A: "

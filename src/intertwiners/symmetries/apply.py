@@ -243,19 +243,25 @@ def apply_symmetry(model: nn.Module, elements: dict, spec: SymmetrySpec, *, chec
     els = _normalise(spec, elements, check, atol)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
-    new: dict[str, torch.Tensor] = {}
+    by_tensor: dict[str, list[Slot]] = {}  # each tensor's slots in the spec's order (the order they act in)
     for slot in spec.all_slots:
-        el = els.get(slot.space)
-        if el is None or slot.kind == "site":
+        if els.get(slot.space) is None or slot.kind == "site":
             continue
         if slot.tensor not in tensors:
             raise ValueError(f"the model has no parameter {slot.tensor!r}: was the spec made for another model?")
-        t = new.get(slot.tensor)
-        new[slot.tensor] = _act(tensors[slot.tensor].detach() if t is None else t, slot, el)
-    if inplace:
-        for name, t in new.items():
-            tensors[name].copy_(t)
+        by_tensor.setdefault(slot.tensor, []).append(slot)
+
+    def moved(name: str) -> torch.Tensor:
+        t = tensors[name].detach()
+        for slot in by_tensor[name]:
+            t = _act(t, slot, els[slot.space])
+        return t
+
+    if inplace:  # one tensor at a time: at most one moved tensor exists besides the model
+        for name in by_tensor:
+            tensors[name].copy_(moved(name))
         return model
+    new = {name: moved(name) for name in by_tensor}
     memo = {}
     for name, t in new.items():
         old = tensors[name]
