@@ -339,6 +339,9 @@ def test_merge_of_an_orbit_gives_back_the_model():
 # ----------------------------------------------------------------------------------------------------
 
 def test_bad_input_is_a_clear_value_error():
+    # seeded: the last check needs every ReLU unit alive on these 16 samples (a dead unit's space is matched
+    # by its weights by design; unseeded, about half the draws had one, and the test failed now and then)
+    torch.manual_seed(1)
     x = torch.randn(16, 5)
     a = models.mlp(5, hidden=(6,))
     with pytest.raises(ValueError, match="differ|different"):
