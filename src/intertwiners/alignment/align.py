@@ -144,10 +144,11 @@ def same_function(model: nn.Module, moved: nn.Module, example_input) -> bool:
     """True when ``moved`` computes ``model``'s outputs on ``example_input`` (eval mode, and train mode where
     the model has batch statistics) to rounding: relative 1e-8 in float64, 1e-3 otherwise (the tolerances
     of the spec's safety check)."""
+    from ..symmetries.compare import has_running_stats
     from ..symmetries.verify import compare
 
     x, rtol = _on_model(model, example_input)
-    modes = ("eval", "train") if any(getattr(m, "track_running_stats", False) for m in model.modules()) else ("eval",)
+    modes = ("eval", "train") if has_running_stats(model) else ("eval",)
     try:
         errs = compare(model, moved, x, modes)
     except Exception:  # noqa: BLE001 - a model that cannot run in a mode: the checked spec decides

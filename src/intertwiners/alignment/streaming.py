@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..symmetries.compare import has_running_stats
 from .align import (
     AlignResult,
     _as_element,
@@ -75,21 +76,27 @@ def stored_tensors(folder: ModelFolder) -> dict[str, torch.Tensor] | None:
     file = folder.path / WEIGHTS
     if folder.kind != HUGGING_FACE or not file.is_file():
         return None
-    model = folder.model
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(dict(model.named_buffers(remove_duplicate=False)))
-    keys = stored_keys(file)
-    if any(k not in named for k in keys):
+    out = tensors_of(folder.model, stored_keys(file))
+    if out is None:
         return None
-    reached = {id(named[k]) for k in keys}
-    if any(id(t) not in reached for t in model.parameters()):
-        return None
-    out = {k: named[k] for k in keys}
     with torch.no_grad():
         for k, t in out.items():
             if not torch.equal(t, read_tensor(file, k).to(device=t.device, dtype=t.dtype)):
                 return None
     return out
+
+
+def tensors_of(model: nn.Module, keys: list[str]) -> dict[str, torch.Tensor] | None:
+    """{key: the model's parameter or buffer of that name} (tied names share one tensor), or None when a key
+    names no tensor of the model or some parameter is reached by no key."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers(remove_duplicate=False)))
+    if any(k not in named for k in keys):
+        return None
+    reached = {id(named[k]) for k in keys}
+    if any(id(p) not in reached for p in model.parameters()):
+        return None
+    return {k: named[k] for k in keys}
 
 
 def restore(folder: ModelFolder, tensors: dict[str, torch.Tensor]) -> None:
@@ -102,7 +109,7 @@ def restore(folder: ModelFolder, tensors: dict[str, torch.Tensor]) -> None:
 
 def can_stream(fa: ModelFolder, fb: ModelFolder) -> bool:
     """Can :func:`align_folders` align these folders (see the module docstring)?"""
-    return (not any(getattr(m, "track_running_stats", False) for m in fb.model.modules())
+    return (not has_running_stats(fb.model)
             and stored_tensors(fa) is not None and stored_tensors(fb) is not None)
 
 
@@ -118,7 +125,7 @@ def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps
     check_runs(model_a, example_input, "example_input")
     check_same_structure(model_a, model_b)
     ta, tb = stored_tensors(fa), stored_tensors(fb)
-    if ta is None or tb is None or any(getattr(m, "track_running_stats", False) for m in model_b.modules()):
+    if ta is None or tb is None or has_running_stats(model_b):
         return align(model_a, model_b, example_input=example_input, method="weights", max_sweeps=max_sweeps,
                      threads=threads)
     with torch.no_grad():
@@ -193,12 +200,10 @@ def save_streamed(model: nn.Module, like: ModelFolder, folder: str | Path) -> Pa
     from .checkpoints import save_like
 
     folder = Path(folder)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(dict(model.named_buffers(remove_duplicate=False)))
     file = like.path / WEIGHTS
     keys = stored_keys(file) if like.kind == HUGGING_FACE and file.is_file() else None
-    if keys is None or any(k not in named for k in keys) or {id(p) for p in model.parameters()} - {
-            id(named[k]) for k in keys}:
+    named = None if keys is None else tensors_of(model, keys)
+    if named is None:
         return save_like(model, like, folder)
     folder.mkdir()
     write_safetensors(folder / WEIGHTS, keys, named.__getitem__, like.dtype)
