@@ -27,11 +27,12 @@ KINDS = ("dissection_model", "dissection")
 
 
 def run(scale: str, steps: int, out: Path, workers: int, batch_size: int | None = None,
-        widths: tuple | None = None) -> dict:
+        widths: tuple | None = None, image_size: int | None = None) -> dict:
     """Run the Fig. 3 jobs of ``scale`` with ``steps`` training steps (of ``batch_size`` images; default: the
     scale's) into ``out``; the section and timings."""
     changes = {"steps": steps, **({} if batch_size is None else {"batch_size": batch_size}),
-               **({} if widths is None else {"widths": tuple(widths)})}
+               **({} if widths is None else {"widths": tuple(widths)}),
+               **({} if image_size is None else {"image_size": image_size})}
     plan = build_plan(Scale.preset(f"{scale}-steps{steps}", base=scale, fig3_dissection=changes))
     jobs = [j for j in closure(plan.jobs) if j.kind in KINDS]
     t0 = time.perf_counter()
@@ -54,11 +55,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the scale's)")
     parser.add_argument("--widths", type=int, nargs=3, default=None, help="stage widths (default: the scale's)")
+    parser.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the scale's)")
     args = parser.parse_args()
     for steps in args.steps:
         tag = (f"steps{steps}" + ("" if args.batch_size is None else f"-batch{args.batch_size}")
-               + ("" if args.widths is None else "-widths" + "-".join(map(str, args.widths))))
-        found = run(args.scale, steps, args.out / tag, args.workers, args.batch_size, args.widths)
+               + ("" if args.widths is None else "-widths" + "-".join(map(str, args.widths)))
+               + ("" if args.image_size is None else f"-size{args.image_size}"))
+        found = run(args.scale, steps, args.out / tag, args.workers, args.batch_size, args.widths, args.image_size)
         c = found["compute"]
         for model in found["models"]:
             print(f"{model['arch']}: probe accuracy {model['probe_accuracy']:.1f}%, training {model['wall_s']:.0f} s")

@@ -78,6 +78,13 @@ def test_sign_test_is_the_exact_binomial(d):
     assert sign_test(d) == pytest.approx(_slow_sign_test(d))
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 17])
+def test_sign_test_at_every_count(n):
+    for k in range(n + 1):
+        d = [1.0] * k + [-1.0] * (n - k)
+        assert sign_test(d) == pytest.approx(_slow_sign_test(d), rel=1e-12), (n, k)
+
+
 def test_permutation_pvalue_has_the_plus_one_correction():
     null = np.array([0.1, 0.2, 0.3, 0.4])
     assert permutation_pvalue(0.35, null) == pytest.approx(2 / 5)

@@ -1,4 +1,4 @@
-"""Small stand-ins for the three models of Fig. 3, sized for 32x32 RGB images on a CPU.
+"""Small stand-ins for the three models of Fig. 3, sized for 24x24 to 32x32 RGB images on a CPU.
 
 * ``resnet``: a ResNet with basic blocks whose residual output goes through a ReLU (as ResNet-50);
 * ``resnet_noact``: the same without the activation on the residual output (the paper's modified
