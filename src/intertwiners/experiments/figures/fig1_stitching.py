@@ -38,7 +38,7 @@ class Settings:
 
 
 PRESETS = {
-    "smoke": Settings(),
+    "smoke": Settings(epochs=1),   # a pipeline check: one epoch runs every step of the training loop
     # 3 epochs (4 before): the same answers, penalties within their intervals (docs/reproduce.md, "Sized to the claims")
     "small": Settings(pairs=4, epochs=3, kinds=ALL_KINDS),
     "paper": Settings(pairs=32, epochs=20, kinds=ALL_KINDS, settings="authors", patience=5),

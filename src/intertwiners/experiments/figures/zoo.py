@@ -40,7 +40,7 @@ class Settings:
 
 
 PRESETS = {
-    "smoke": Settings(mcnn_epochs=3, resnet_epochs=2, resnet_widths=(8, 16, 32)),
+    "smoke": Settings(mcnn_epochs=2, resnet_epochs=2, resnet_widths=(8, 16, 32)),
     # ResNet20 widths 8/16/32 on digits (as the Myrtle CNNs' 16 instead of 64): half the compute of 16/32/64
     # Myrtle CNNs 10 epochs at most (12 before): five of six seeds stopped by the criterion at 8-10 anyway; the
     # sixth's best epoch becomes 8 instead of 11, at the same test accuracy (docs/reproduce.md, "Sized to the claims")
