@@ -40,7 +40,7 @@ class Settings:
 
 PRESETS = {
     "smoke": Settings(epochs=1),   # a pipeline check, as Fig. 1's
-    "small": Settings(slopes=(0.0, 0.1, 0.5, 0.9, 1.0), pairs=2, sites=RESNET_D3_SITES, epochs=3),
+    "small": Settings(slopes=(0.0, 0.1, 0.5, 0.9, 1.0), pairs=2, sites=RESNET_D3_SITES, epochs=2),
     "paper": Settings(dataset="cifar10", slopes=(0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), pairs=4,
                       sites=RESNET_D3_SITES, epochs=20, settings="authors", patience=5),
 }
