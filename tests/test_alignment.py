@@ -567,3 +567,34 @@ def test_weight_matching_of_unrelated_transformers_keeps_outputs_and_does_not_pu
     assert after <= 1.01 * before, (before, after)
     attention = [n for n, s in r.spec.spaces.items() if s.kind == "attention_heads"]
     assert attention and all(r.found_by[n].startswith("attention weights") for n in attention)
+
+
+def test_per_head_maps_fit_both_sides_and_keep_the_identity_when_it_is_closer():
+    """The per-head map M of an attention side (M on queries/values, M^-T on keys/output columns): for heads
+    related by a map it is found exactly; for unrelated heads the map chosen is no farther from A's heads than
+    the identity or any other candidate, well conditioned, and its cost is the squared distance computed
+    with an explicit inverse. The least-squares map of one side alone (the old choice) is far worse there."""
+    from intertwiners.alignment.attention import MAX_CONDITION, _fit_blocks, head_costs
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    h, d, f = 3, 6, 7  # barely more features than rows: one side's least-squares map is ill-conditioned
+    xs, ys = rand(h, d, f), rand(h, d, f)
+    planted = torch.linalg.qr(rand(h, d, d))[0] * torch.exp(rand(h, 1, d) * 0.3)
+    maps, costs, counts = _fit_blocks("general_linear", planted @ xs, xs, torch.linalg.inv(planted).mT @ ys, ys,
+                                      ("queries", "keys"))
+    assert torch.allclose(maps, planted, atol=1e-10) and float(costs.max()) <= 1e-18
+    assert set(counts) <= {"least squares on queries", "least squares on keys"}
+    xt, yt = rand(h, d, f), rand(h, d, f)
+    maps, costs, counts = _fit_blocks("general_linear", xt, xs, yt, ys, ("queries", "keys"))
+    slow = ((maps @ xs - xt).pow(2).sum((1, 2)) + (torch.linalg.inv(maps).mT @ ys - yt).pow(2).sum((1, 2)))
+    assert torch.allclose(costs, slow, rtol=1e-10)
+    assert bool((torch.linalg.cond(maps) <= MAX_CONDITION).all())
+    eye = torch.eye(d, dtype=torch.float64).expand(h, d, d)
+    assert bool((costs <= head_costs(eye, xt, xs, yt, ys)).all())
+    one_side = torch.linalg.lstsq(xs.mT, xt.mT).solution.mT
+    assert bool((head_costs(one_side, xt, xs, yt, ys) > 10 * costs).any())
+    assert sum(counts.values()) == h

@@ -396,8 +396,9 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
             found_by.update(dict.fromkeys(by_weights, "weights"))
             moved = apply_symmetry(model_b, found, spec_b)
         if attention:  # heads matched on B with its other spaces already aligned (the spaces commute)
-            found.update(align_attention(model_a, moved, spec_b, attention, scaling))
-            found_by.update(dict.fromkeys(attention, "attention weights"))
+            heads, how = align_attention(model_a, moved, spec_b, attention, scaling)
+            found.update(heads)
+            found_by.update(how)
             moved = apply_symmetry(model_b, found, spec_b)
         if checked or same_function(model_b, moved, example_input):
             break
