@@ -60,7 +60,8 @@ class AlignResult:
     skipped: dict = field(default_factory=dict)  # space -> why it was left at the identity
     found_by: dict = field(default_factory=dict)
     """space -> how its element was found: ``"activations"``, ``"weights"`` (no activation sites to read, or
-    ``method="weights"``) or ``"attention weights"``."""
+    ``method="weights"``) or ``"attention weights (...)"`` (which per-head maps were taken, or that the identity
+    was kept: :func:`~.attention.align_attention_space`)."""
     residual: dict = field(default_factory=dict)
     """space -> the relative distance ||A - moved B|| / ||A|| over the parameters the space moves, after
     alignment (0 for models that differ by a group element, to rounding)."""

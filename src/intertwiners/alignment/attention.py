@@ -3,9 +3,12 @@
 An attention space (:class:`~intertwiners.symmetries.structured.AttentionGroup`) moves head g's query rows
 Q_g -> A_g Q_g, key rows K_g -> A_g^-T K_g, value rows V_g -> B_g V_g and output columns O_g -> O_g B_g^-1,
 and permutes heads. Per head, ``Q_g^T K_g`` and ``O_g V_g`` do not change under A_g and B_g, so heads of B
-are matched to heads of A by the similarity of these invariants (Hungarian); then A_g and B_g are the
-least-squares maps taking B's head onto its partner in A (``A_g Q_B = Q_A``, ``B_g V_B = V_A``), exact for
-models that differ by an element of the group. Query/key rows include their biases. Both alignment methods
+are matched to heads of A by the similarity of these invariants (Hungarian); then each of A_g and B_g is
+chosen by the distance of both sides it moves (``||A_g Q_B - Q_A||² + ||A_g^-T K_B - K_A||²``) among the
+least-squares map of either side alone (exact for models that differ by an element of the group), the
+orthogonal Procrustes map of both sides, and the identity, never with a condition number above
+:data:`MAX_CONDITION` (a least-squares map of one side of two unrelated heads can be nearly singular, and its
+inverse then blows the other side up). Query/key rows include their biases. Both alignment methods
 use this for attention spaces (they have no activation sites to read features from).
 """
 
