@@ -530,3 +530,71 @@ def test_planted_recovery_on_a_tiny_llama_with_grouped_query_attention(method):
     r = it.align(model, apply_symmetry(model, g, spec), ids, example_input=ids, method=method)
     assert relerr(model, r.model) <= 1e-5  # RMSNorm computes in float32 inside
     assert set(r.found_by) == set(spec.spaces)
+
+
+def _distance(a: nn.Module, b: nn.Module) -> float:
+    """||A - B|| / ||A|| over all parameters (float64)."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    with torch.no_grad():
+        num = sum(float((pa[k].double() - pb[k].double()).pow(2).sum()) for k in pa)
+        return (num / sum(float(p.double().pow(2).sum()) for p in pa.values())) ** 0.5
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_weight_matching_of_unrelated_transformers_keeps_outputs_and_does_not_push_weights_apart(family):
+    """Two unrelated random transformers (different seeds): the aligned B computes B's logits to float32
+    rounding, and its weights are not farther from A's than B's own (alignment may fail to bring them
+    closer, never push them apart: an element worse than the identity is not taken). Before the per-head
+    maps were conditioned, the least-squares maps of the attention heads (A_g fitted on the queries, A_g^-T
+    applied to the keys unseen) pushed B 5 to 15 times farther from A and moved its outputs."""
+    tf = pytest.importorskip("transformers")
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=4, n_positions=16, use_cache=False)
+        build = tf.GPT2LMHeadModel
+    else:
+        cfg = tf.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                             use_cache=False)
+        build = tf.LlamaForCausalLM
+    torch.manual_seed(0)
+    a, b = build(cfg).eval(), build(cfg).eval()
+    ids = torch.arange(16).reshape(2, 8)
+    r = it.align(a, b, example_input=ids, method="weights")
+    with torch.no_grad():
+        want, got = b(ids).logits, r.model(ids).logits
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    before, after = _distance(a, b), _distance(a, r.model)
+    assert after <= 1.01 * before, (before, after)
+    attention = [n for n, s in r.spec.spaces.items() if s.kind == "attention_heads"]
+    assert attention and all(r.found_by[n].startswith("attention weights") for n in attention)
+
+
+def test_per_head_maps_fit_both_sides_and_keep_the_identity_when_it_is_closer():
+    """The per-head map M of an attention side (M on queries/values, M^-T on keys/output columns): for heads
+    related by a map it is found exactly; for unrelated heads the map chosen is no farther from A's heads than
+    the identity or any other candidate, well conditioned, and its cost is the squared distance computed
+    with an explicit inverse. The least-squares map of one side alone (the old choice) is far worse there."""
+    from intertwiners.alignment.attention import MAX_CONDITION, _fit_blocks, head_costs
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    h, d, f = 3, 6, 7  # barely more features than rows: one side's least-squares map is ill-conditioned
+    xs, ys = rand(h, d, f), rand(h, d, f)
+    planted = torch.linalg.qr(rand(h, d, d))[0] * torch.exp(rand(h, 1, d) * 0.3)
+    maps, costs, counts = _fit_blocks("general_linear", planted @ xs, xs, torch.linalg.inv(planted).mT @ ys, ys,
+                                      ("queries", "keys"))
+    assert torch.allclose(maps, planted, atol=1e-10) and float(costs.max()) <= 1e-18
+    assert set(counts) <= {"least squares on queries", "least squares on keys"}
+    xt, yt = rand(h, d, f), rand(h, d, f)
+    maps, costs, counts = _fit_blocks("general_linear", xt, xs, yt, ys, ("queries", "keys"))
+    slow = ((maps @ xs - xt).pow(2).sum((1, 2)) + (torch.linalg.inv(maps).mT @ ys - yt).pow(2).sum((1, 2)))
+    assert torch.allclose(costs, slow, rtol=1e-10)
+    assert bool((torch.linalg.cond(maps) <= MAX_CONDITION).all())
+    eye = torch.eye(d, dtype=torch.float64).expand(h, d, d)
+    assert bool((costs <= head_costs(eye, xt, xs, yt, ys)).all())
+    one_side = torch.linalg.lstsq(xs.mT, xt.mT).solution.mT
+    assert bool((head_costs(one_side, xt, xs, yt, ys) > 10 * costs).any())
+    assert sum(counts.values()) == h

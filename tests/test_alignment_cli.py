@@ -133,6 +133,9 @@ def test_align_cli_hugging_face_folders_in_and_out(hf_folders, tmp_path):
     report = json.loads((out / "alignment.json").read_text())
     assert report["relative_weight_distance"]["after"] < 1e-4 < report["relative_weight_distance"]["before"]
     assert report["example_input"] == [2, 8]
+    attention = [n for n, how in report["found_by"].items() if how.startswith("attention weights")]
+    assert attention and all("least squares" in report["found_by"][n] for n in attention)  # planted: exact maps
+    assert report["found_by"].keys() == report["residual"].keys() and max(report["residual"].values()) < 1e-4
 
 
 def test_merge_cli_hugging_face_folders(hf_folders, tmp_path):

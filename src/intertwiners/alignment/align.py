@@ -60,7 +60,8 @@ class AlignResult:
     skipped: dict = field(default_factory=dict)  # space -> why it was left at the identity
     found_by: dict = field(default_factory=dict)
     """space -> how its element was found: ``"activations"``, ``"weights"`` (no activation sites to read, or
-    ``method="weights"``) or ``"attention weights"``."""
+    ``method="weights"``) or ``"attention weights (...)"`` (which per-head maps were taken, or that the identity
+    was kept: :func:`~.attention.align_attention_space`)."""
     residual: dict = field(default_factory=dict)
     """space -> the relative distance ||A - moved B|| / ||A|| over the parameters the space moves, after
     alignment (0 for models that differ by a group element, to rounding)."""
@@ -396,8 +397,9 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
             found_by.update(dict.fromkeys(by_weights, "weights"))
             moved = apply_symmetry(model_b, found, spec_b)
         if attention:  # heads matched on B with its other spaces already aligned (the spaces commute)
-            found.update(align_attention(model_a, moved, spec_b, attention, scaling))
-            found_by.update(dict.fromkeys(attention, "attention weights"))
+            heads, how = align_attention(model_a, moved, spec_b, attention, scaling)
+            found.update(heads)
+            found_by.update(how)
             moved = apply_symmetry(model_b, found, spec_b)
         if checked or same_function(model_b, moved, example_input):
             break

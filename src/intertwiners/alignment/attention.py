@@ -3,9 +3,12 @@
 An attention space (:class:`~intertwiners.symmetries.structured.AttentionGroup`) moves head g's query rows
 Q_g -> A_g Q_g, key rows K_g -> A_g^-T K_g, value rows V_g -> B_g V_g and output columns O_g -> O_g B_g^-1,
 and permutes heads. Per head, ``Q_g^T K_g`` and ``O_g V_g`` do not change under A_g and B_g, so heads of B
-are matched to heads of A by the similarity of these invariants (Hungarian); then A_g and B_g are the
-least-squares maps taking B's head onto its partner in A (``A_g Q_B = Q_A``, ``B_g V_B = V_A``), exact for
-models that differ by an element of the group. Query/key rows include their biases. Both alignment methods
+are matched to heads of A by the similarity of these invariants (Hungarian); then each of A_g and B_g is
+chosen by the distance of both sides it moves (``||A_g Q_B - Q_A||² + ||A_g^-T K_B - K_A||²``) among the
+least-squares map of either side alone (exact for models that differ by an element of the group), the
+orthogonal Procrustes map of both sides, and the identity, never with a condition number above
+:data:`MAX_CONDITION` (a least-squares map of one side of two unrelated heads can be nearly singular, and its
+inverse then blows the other side up). Query/key rows include their biases. Both alignment methods
 use this for attention spaces (they have no activation sites to read features from).
 """
 
@@ -54,16 +57,13 @@ def _invariant_similarity(xa, ya, xb, yb) -> torch.Tensor:
     return cross / (na.clamp_min(1e-300).sqrt()[:, None] * nb.clamp_min(1e-300).sqrt()[None, :])
 
 
-def _fit_blocks(kind: str, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """(heads, d, d) maps M_h with M_h source_h ≈ target_h: least squares for ``general_linear``, a scalar
-    for ``scalar``, the identity for ``identity``."""
-    h, d, _ = source.shape
-    eye = torch.eye(d, dtype=torch.float64).expand(h, d, d)
-    if kind == "identity":
-        return eye.clone()
-    if kind == "scalar":
-        c = (target * source).sum((1, 2)) / (source * source).sum((1, 2)).clamp_min(1e-300)
-        return c[:, None, None] * eye
+MAX_CONDITION = 1e3
+"""Per-head maps with a larger condition number are never taken: a map M applied to one side of a head and
+M^-T to the other loses about cond(M) times the rounding of the model's precision in its outputs."""
+
+
+def _lstsq(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(heads, d, d) least-squares maps M_h with M_h source_h ≈ target_h (source, target (heads, d, F))."""
     # M S = T  <=>  S^T M^T = T^T. The SVD driver: the default (gelsy) of MKL gives results that differ in the
     # last bits from call to call on the same input (with the memory layout), gelsd returns the same bits
     # (CUDA has one driver)
@@ -71,9 +71,94 @@ def _fit_blocks(kind: str, target: torch.Tensor, source: torch.Tensor) -> torch.
     return torch.linalg.lstsq(source.mT, target.mT, driver=driver).solution.mT
 
 
+def _scalar(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(heads,) least-squares scalars c_h with c_h source_h ≈ target_h."""
+    return (target * source).sum((1, 2)) / (source * source).sum((1, 2)).clamp_min(1e-300)
+
+
+def _candidate_blocks(kind: str, xt, xs, yt, ys, names: tuple[str, str]) -> dict[str, torch.Tensor]:
+    """{how: (heads, d, d) maps M_h} to choose from for one side of an attention space, where M acts on the
+    rows ``x`` (queries or values) and M^-T on the rows ``y`` (keys or output columns); targets (A's heads,
+    already permuted) ``xt``/``yt``, sources (B's) ``xs``/``ys``, each (heads, d, F) or None.
+
+    ``general_linear``: the least-squares map of either side alone (``M xs ≈ xt``, or ``N ys ≈ yt`` and
+    M = N^-T; both exact for heads that differ by an element of the group), the orthogonal map maximising
+    ``<M, xt xs^T + yt ys^T>`` (Procrustes: for orthogonal M, M^-T = M, so it fits both sides at once), and the
+    identity. ``scalar``: the same for c·I (the orthogonal one is ±I). ``identity``: the identity."""
+    ref = xs if xs is not None else ys
+    h, d = ref.shape[0], ref.shape[1]
+    eye = torch.eye(d, dtype=torch.float64).expand(h, d, d)
+    out = {}
+    if kind == "general_linear":
+        if xs is not None:
+            out[f"least squares on {names[0]}"] = _lstsq(xs, xt)
+        if ys is not None:
+            out[f"least squares on {names[1]}"] = torch.linalg.pinv(_lstsq(ys, yt)).mT
+        corr = sum(t @ s.mT for t, s in ((xt, xs), (yt, ys)) if s is not None)
+        u, _, vh = torch.linalg.svd(corr)
+        out["orthogonal"] = u @ vh
+    elif kind == "scalar":
+        if xs is not None:
+            out[f"least squares on {names[0]}"] = _scalar(xs, xt)[:, None, None] * eye
+        if ys is not None:
+            c = _scalar(ys, yt)
+            out[f"least squares on {names[1]}"] = torch.where(c != 0, 1 / c, 0.0)[:, None, None] * eye
+        dot = sum((t * s).sum((1, 2)) for t, s in ((xt, xs), (yt, ys)) if s is not None)
+        out["orthogonal"] = torch.where(dot < 0, -1.0, 1.0)[:, None, None] * eye
+    out["identity"] = eye.clone()
+    return out
+
+
+def head_costs(maps: torch.Tensor, xt, xs, yt, ys) -> torch.Tensor:
+    """(..., heads) ``||M xs - xt||² + ||M^-T ys - yt||²`` per head for maps (..., heads, d, d) (the squared
+    distance of B's head, moved, to A's); inf where a map is singular, not finite, or has a condition number
+    above :data:`MAX_CONDITION`."""
+    u, sv, vh = torch.linalg.svd(maps)
+    cost = torch.zeros(maps.shape[:-2], dtype=torch.float64)
+    if xs is not None:
+        cost = cost + (maps @ xs - xt).pow(2).sum((-1, -2))
+    if ys is not None:
+        inv_t = (u / sv[..., None, :]) @ vh  # M^-T = U S^-1 V^T
+        cost = cost + (inv_t @ ys - yt).pow(2).sum((-1, -2))
+    ok = (sv[..., -1] > 0) & (sv[..., 0] <= MAX_CONDITION * sv[..., -1]) & torch.isfinite(cost)
+    return torch.where(ok, cost, torch.inf)
+
+
+def _fit_blocks(kind: str, xt, xs, yt, ys, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(maps (heads, d, d), their costs (heads,), {how: number of heads}): per head, the candidate of
+    :func:`_candidate_blocks` with the smallest :func:`head_costs` (the identity is always a candidate, so no
+    head ends farther from A's than without its map)."""
+    cands = _candidate_blocks(kind, xt, xs, yt, ys, names)
+    hows = list(cands)
+    stacked = torch.stack([cands[k] for k in hows])
+    costs = head_costs(stacked, xt, xs, yt, ys)                         # (candidates, heads)
+    best = costs.argmin(0)
+    heads = torch.arange(stacked.shape[1])
+    counts = {hows[i]: int((best == i).sum()) for i in range(len(hows)) if (best == i).any()}
+    return stacked[best, heads], costs[best, heads], counts
+
+
+def _side(kind, d, h, xa, ya, xb, yb, perm, names):
+    """One side (queries/keys or values/outputs) of an attention space: (maps, chosen cost, identity cost,
+    counts) with A's heads permuted by ``perm``."""
+    if d == 0 or (xb is None and yb is None):
+        return torch.eye(d, dtype=torch.float64).expand(h, d, d).clone(), 0.0, 0.0, {}
+    xt, yt = (None if t is None else t[perm] for t in (xa, ya))
+    maps, costs, counts = _fit_blocks(kind, xt, xb, yt, yb, names)
+    eye = torch.eye(d, dtype=torch.float64).expand(h, d, d)
+    unmoved = float(head_costs(eye, xa, xb, ya, yb).sum())   # no permutation, no maps
+    return maps, float(costs.sum()), unmoved, counts
+
+
 def align_attention_space(model_a: nn.Module, model_b: nn.Module, spec, space: str,
-                          scaling: bool = True) -> torch.Tensor:
-    """The (n, n) element of ``space`` moving B's heads onto A's (B's other spaces already aligned)."""
+                          scaling: bool = True) -> tuple[torch.Tensor, str]:
+    """(the (n, n) element of ``space`` moving B's heads onto A's (B's other spaces already aligned), how it
+    was found).
+
+    Heads are matched by their invariants, then each head's maps are chosen by :func:`_fit_blocks`; if the
+    element found leaves B's attention weights farther from A's than the identity does, the identity is
+    kept. ``how`` says which: ``"attention weights (queries/keys: least squares on queries 3, orthogonal 1;
+    values/outputs: ...)"`` (heads per kind of map), or ``"attention weights (identity: ...)"``."""
     group = spec.spaces[space].group
     h, dk, dv = group.heads, group.dk, group.dv
     fa, fb = head_features(model_a, spec, space), head_features(model_b, spec, space)
@@ -91,15 +176,22 @@ def align_attention_space(model_a: nn.Module, model_b: nn.Module, spec, space: s
     else:
         perm = torch.arange(h)
     qk_kind, vo_kind = (group.qk, group.vo) if scaling else ("identity", "identity")
-    qk = _fit_blocks(qk_kind, qa[perm], qb) if dk else torch.zeros(h, 0, 0, dtype=torch.float64)
-    vo = _fit_blocks(vo_kind, va[perm], vb) if dv else torch.zeros(h, 0, 0, dtype=torch.float64)
-    return group.block_matrix(perm, qk, vo).dense()
+    qk, qk_cost, qk_unmoved, qk_counts = _side(qk_kind, dk, h, qa, ka, qb, kb, perm, ("queries", "keys"))
+    vo, vo_cost, vo_unmoved, vo_counts = _side(vo_kind, dv, h, va, oa, vb, ob, perm, ("values", "outputs"))
+    if qk_unmoved + vo_unmoved < qk_cost + vo_cost:
+        eye = torch.eye(group.size, dtype=torch.float64)
+        return eye, ("attention weights (identity: the matched element left B's attention weights farther "
+                     "from A's)")
+    parts = [f"{what}: " + ", ".join(f"{k} {n}" for k, n in counts.items())
+             for what, counts in (("queries/keys", qk_counts), ("values/outputs", vo_counts)) if counts]
+    return group.block_matrix(perm, qk, vo).dense(), f"attention weights ({'; '.join(parts)})"
 
 
 def align_attention(model_a: nn.Module, model_b: nn.Module, spec, spaces: list[str],
-                    scaling: bool = True) -> dict[str, torch.Tensor]:
-    """{space: element} for every attention space in ``spaces``."""
-    return {name: align_attention_space(model_a, model_b, spec, name, scaling) for name in spaces}
+                    scaling: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({space: element}, {space: how it was found}) for every attention space in ``spaces``."""
+    found = {name: align_attention_space(model_a, model_b, spec, name, scaling) for name in spaces}
+    return {n: el for n, (el, _) in found.items()}, {n: how for n, (_, how) in found.items()}
 
 
 __all__ = ["align_attention", "align_attention_space", "head_features"]

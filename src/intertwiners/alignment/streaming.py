@@ -146,8 +146,9 @@ def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps
     if attention:
         if found:
             apply_symmetry(model_b, found, spec, inplace=True)
-        found.update(align_attention(model_a, model_b, spec, attention, True))
-        found_by.update(dict.fromkeys(attention, "attention weights"))
+        heads, how = align_attention(model_a, model_b, spec, attention, True)
+        found.update(heads)
+        found_by.update(how)
         restore(fb, tb)
     if found:
         apply_symmetry(model_b, found, spec, inplace=True)

@@ -10,7 +10,8 @@ HELP = ("Align model B to model A through their intertwiner group (beyond the pa
         "written in the same format to OUT/aligned. For this package's models: loss/accuracy along "
         "(1-alpha)·A + alpha·B for no alignment, permutations only, the full group and the full group + REPAIR, "
         "with both methods (interpolation.csv, interpolation.png, barriers.json). For Hugging Face models: weight "
-        "matching traced on token ids, and the weight distance before and after (alignment.json).")
+        "matching traced on token ids, the weight distance before and after, and per space how its element "
+        "was found and its residual (alignment.json).")
 
 
 def add_arguments(p):
@@ -49,7 +50,8 @@ def weight_distance(model_a, model_b) -> float:
 
 def _align_hf(args, fa, fb, stage) -> int:
     """Hugging Face folders: weight matching traced on token ids; OUT/aligned in the Hugging Face format and
-    OUT/alignment.json (the weight distance before and after, B's function kept)."""
+    OUT/alignment.json (the weight distance before and after, B's function kept, per space how its element was
+    found and its residual)."""
     import json
 
     import torch
@@ -78,7 +80,8 @@ def _align_hf(args, fa, fb, stage) -> int:
     report = {"method": "weights", "group": "full", "seconds": round(r.seconds, 3), "spaces": len(r.elements),
               "skipped": r.skipped, "example_input": list(ids.shape),
               "relative_weight_distance": {"before": before, "after": weight_distance(fa.model, r.model)},
-              "max_output_difference": float((main_b - main_r).abs().max())}
+              "max_output_difference": float((main_b - main_r).abs().max()),
+              "found_by": r.found_by, "residual": r.residual}
     save_streamed(r.model, fb, stage / "aligned")
     (stage / "alignment.json").write_text(json.dumps(report, indent=2))
     d = report["relative_weight_distance"]
