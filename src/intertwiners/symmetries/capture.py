@@ -114,13 +114,59 @@ def _named_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, {name: first.get(id(t), name) for name, t in tensors.items()}
 
 
+_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _contents(value):
+    """A shallow copy of a dict/list/set attribute (to put its contents back), None for anything else."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list | set):
+        return type(value)(value)
+    return None
+
+
+def _same_contents(value, saved) -> bool:
+    if isinstance(value, dict):
+        return value.keys() == saved.keys() and all(value[k] is saved[k] for k in saved)
+    if isinstance(value, list):
+        return len(value) == len(saved) and all(a is b for a, b in zip(value, saved))
+    return value == saved
+
+
+@contextmanager
+def module_state_restored(model: nn.Module):
+    """Every submodule's attributes (other than its parameters, buffers and children, which the capture passes
+    explicitly) as they were before the block: an attribute the forward set is removed, one it replaced is put
+    back, and a dict, list or set it filled or emptied in place gets its contents back (same object). A forward
+    traced on fake tensors that stores a tensor on its module -- timm's LeViT caches its attention biases,
+    gathered from a parameter, in a dict in eval mode -- would otherwise leave a fake tensor there, and the
+    next forward or copy of the model would fail on it."""
+    saved = [(m, {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_TABLES})
+             for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, attrs in saved:
+            state = vars(m)
+            for k in [k for k in state if k not in attrs and k not in _MODULE_TABLES]:
+                del state[k]
+            for k, (value, contents) in attrs.items():
+                state[k] = value
+                if contents is not None and not _same_contents(value, contents):
+                    value.clear()
+                    value.update(contents) if isinstance(value, dict | set) else value.extend(contents)
+
+
 def capture(model: nn.Module, args) -> Captured:
     """Trace ``model`` (eval mode) on ``args`` (a tuple, or a dict of keyword inputs); :func:`capture_exported`
-    when the trace fails. ValueError with the exporter's reason when both fail."""
-    try:
-        return _capture_traced(model, args)
-    except Exception:  # noqa: BLE001 - torch.export gets its chance and gives the reason
-        return capture_exported(model, args)
+    when the trace fails. ValueError with the exporter's reason when both fail. The model's modules keep the
+    attributes they had (:func:`module_state_restored`)."""
+    with module_state_restored(model):
+        try:
+            return _capture_traced(model, args)
+        except Exception:  # noqa: BLE001 - torch.export gets its chance and gives the reason
+            return capture_exported(model, args)
 
 
 def _capture_traced(model: nn.Module, args) -> Captured:
