@@ -70,3 +70,43 @@ def test_a_cache_filled_before_the_capture_is_kept():
     cached = model.cache["cpu"]
     symmetry_spec(model, X, check=False)
     assert model.cache == {"cpu": cached} and model.cache["cpu"] is cached
+
+
+class NormedQueriesKeys(nn.Module):
+    """timm LeViT's AttentionDownsample: queries and keys from separate linear layers each followed by a batch
+    norm (so they keep signed permutations, not the per-head maps of attention), keys and values split per head
+    from one projection, and the attention output read by an activation (so the values are pinned)."""
+
+    def __init__(self, heads=2, dk=3, dv=2):
+        super().__init__()
+        self.h, self.dk, self.dv = heads, dk, dv
+        self.q, self.kv = nn.Linear(4, heads * dk, bias=False), nn.Linear(4, heads * (dk + dv), bias=False)
+        self.qn, self.kvn = nn.BatchNorm1d(heads * dk), nn.BatchNorm1d(heads * (dk + dv))
+        self.proj = nn.Linear(heads * dv, 3)
+
+    def forward(self, x):                                              # (B, N, 4)
+        B, N, _ = x.shape
+        kv = self.kvn(self.kv(x).flatten(0, 1)).view(B, N, self.h, -1)
+        k, v = kv.split([self.dk, self.dv], dim=3)
+        q = self.qn(self.q(x).flatten(0, 1)).view(B, N, self.h, self.dk).permute(0, 2, 1, 3)
+        attn = (q @ k.permute(0, 2, 3, 1)).softmax(dim=-1)             # (B, H, N, N)
+        out = (attn @ v.permute(0, 2, 1, 3)).transpose(1, 2).reshape(B, N, -1)
+        return self.proj(nn.functional.hardswish(out))
+
+
+def test_queries_keys_that_keep_a_smaller_group_move_within_their_heads_only():
+    torch.manual_seed(0)
+    model = NormedQueriesKeys().double()
+    with torch.no_grad():
+        for bn in (model.qn, model.kvn):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_()
+            bn.bias.normal_()
+    spec = symmetry_spec(model, X, check=False)
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    qk = [s for s in spec.spaces.values() if "kv" in " ".join(s.producers)]
+    assert [s.size for s in qk] == [3, 3] and all(s.kind == "signed_permutation" for s in qk)
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.q.weight, model.q.weight)
