@@ -110,3 +110,30 @@ def test_queries_keys_that_keep_a_smaller_group_move_within_their_heads_only():
     assert [s.size for s in qk] == [3, 3] and all(s.kind == "signed_permutation" for s in qk)
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
     assert not torch.equal(new.q.weight, model.q.weight)
+
+
+class FusedAffine(nn.Module):
+    """timm ResMLP's ``Affine``: ``torch.addcmul(beta, alpha, x)`` (= beta + alpha * x), before and after the
+    activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.alpha, self.beta = nn.Parameter(torch.randn(1, 1, 6)), nn.Parameter(torch.randn(1, 1, 6))
+        self.gamma, self.delta = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        h = torch.relu(torch.addcmul(self.beta, self.alpha, self.a(x), value=0.5))
+        return self.b(torch.addcmul(self.delta, h, self.gamma, value=2.0))
+
+
+def test_addcmul_is_read_as_the_product_and_sum_it_fuses():
+    torch.manual_seed(0)
+    model = FusedAffine().double()
+    spec = symmetry_spec(model, X, check=False)
+    (space,) = spec.spaces.values()
+    assert space.size == 6 and not spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.alpha, model.alpha) and not torch.equal(new.gamma, model.gamma)

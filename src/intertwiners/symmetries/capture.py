@@ -2,7 +2,9 @@
 
 :func:`capture` traces the model in eval mode (the original is untouched) with ``make_fx`` at the
 pre-dispatch level on fake tensors, which is the graph ``torch.export`` (non-strict) produces without
-export's passes and checks; it costs about half as much. When that trace fails, :func:`capture_exported`
+export's passes and checks; it costs about half as much. Fused arithmetic (``addcmul``, ``addcdiv``) is traced
+as the operations it fuses. The modules' attributes are put back afterwards (a forward that caches tensors on
+its modules would keep the trace's fake tensors). When that trace fails, :func:`capture_exported`
 (``torch.export`` itself) is tried, and its reason is reported if it fails too. Both return the aten graph,
 the qualified name of every parameter/buffer placeholder and the model's tensors; :func:`owner` gives the
 module that created a node. A wrapper keeps only the tensors of the output, so transformers'
@@ -169,6 +171,15 @@ def capture(model: nn.Module, args) -> Captured:
             return capture_exported(model, args)
 
 
+def _decompositions() -> dict:
+    """Fused arithmetic traced as the operations it fuses, which have rules: ``addcmul(b, a, x, value=c)`` as
+    ``b + c * a * x`` (timm's ``Affine`` of ResMLP), ``addcdiv`` likewise with a division."""
+    from torch._decomp import get_decompositions
+
+    aten = torch.ops.aten
+    return get_decompositions([aten.addcmul, aten.addcdiv])
+
+
 def _capture_traced(model: nn.Module, args) -> Captured:
     """The pre-dispatch aten graph of ``model`` on fake tensors (parameters and buffers are its first
     placeholders, each tensor once, then the inputs), with each node's module stack."""
@@ -184,8 +195,8 @@ def _capture_traced(model: nn.Module, args) -> Captured:
     stateless._orig_mod = wrapper  # the root that make_fx names module paths from ("m.layer1.0.conv1")
     flat = [*params.values(), *buffers.values(), *input_tensors(args)]
     with torch.no_grad(), eval_mode(model), _no_stack_traces():
-        gm = make_fx(stateless, tracing_mode="fake", pre_dispatch=True, record_module_stack=True,
-                     _allow_non_fake_inputs=True)(*flat)
+        gm = make_fx(stateless, decomposition_table=_decompositions(), tracing_mode="fake", pre_dispatch=True,
+                     record_module_stack=True, _allow_non_fake_inputs=True)(*flat)
     placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
     tensors, first = _named_tensors(model)
     qualified = [first.get(name[2:], name[2:]) for name in names]

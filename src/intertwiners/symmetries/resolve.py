@@ -333,8 +333,9 @@ class Resolver:
         per-head maps A_g (a batch norm after their projections: signed permutations): ``q @ k^T`` contracts the
         width of each head on its own, so an element may act within a head only, never move a channel to another
         head. ``rows`` (heads, width): A's classes by head; A becomes the first head's space and every other head
-        gets its own space with A's constraints (a pinned space stays as it is)."""
-        if A.reasons or len(rows) < 2:
+        gets its own space with A's constraints (a space that is pinned, or will be for holding its channels
+        with different transforms in one value, stays as it is)."""
+        if A.reasons or A.multi or len(rows) < 2:
             return
         sid = self.space_of[int(rows[0, 0])]
         for h, row in enumerate(rows):
