@@ -137,3 +137,31 @@ def test_addcmul_is_read_as_the_product_and_sum_it_fuses():
     assert report.ok and report.max_rel <= 1e-12
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
     assert not torch.equal(new.alpha, model.alpha) and not torch.equal(new.gamma, model.gamma)
+
+
+class ChannelShuffle(nn.Module):
+    """torchvision ShuffleNet-V2: two branches concatenated, channels shuffled (view, transpose(1, 2), view),
+    then split in halves with ``chunk`` (one half passes on, the other feeds the next branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.c, self.d = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):                                               # (B, T, 4)
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=-1)
+        B, T, C = h.shape
+        h = h.view(B, T, 2, C // 2).transpose(2, 3).reshape(B, T, C)    # shuffled
+        u, v = h.chunk(2, dim=-1)
+        return self.c(u) + self.d(torch.relu(v))
+
+
+def test_chunk_after_a_channel_shuffle_follows_the_shuffled_channels():
+    torch.manual_seed(0)
+    model = ChannelShuffle().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned and sum(s.size for s in spec.spaces.values()) == 8
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.a.weight, model.a.weight) and not torch.equal(new.b.weight, model.b.weight)
