@@ -2,7 +2,9 @@
 
 :func:`capture` traces the model in eval mode (the original is untouched) with ``make_fx`` at the
 pre-dispatch level on fake tensors, which is the graph ``torch.export`` (non-strict) produces without
-export's passes and checks; it costs about half as much. When that trace fails, :func:`capture_exported`
+export's passes and checks; it costs about half as much. Fused arithmetic (``addcmul``, ``addcdiv``) is traced
+as the operations it fuses. The modules' attributes are put back afterwards (a forward that caches tensors on
+its modules would keep the trace's fake tensors). When that trace fails, :func:`capture_exported`
 (``torch.export`` itself) is tried, and its reason is reported if it fails too. Both return the aten graph,
 the qualified name of every parameter/buffer placeholder and the model's tensors; :func:`owner` gives the
 module that created a node. A wrapper keeps only the tensors of the output, so transformers'
@@ -114,13 +116,68 @@ def _named_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, {name: first.get(id(t), name) for name, t in tensors.items()}
 
 
+_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _contents(value):
+    """A shallow copy of a dict/list/set attribute (to put its contents back), None for anything else."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list | set):
+        return type(value)(value)
+    return None
+
+
+def _same_contents(value, saved) -> bool:
+    if isinstance(value, dict):
+        return value.keys() == saved.keys() and all(value[k] is saved[k] for k in saved)
+    if isinstance(value, list):
+        return len(value) == len(saved) and all(a is b for a, b in zip(value, saved))
+    return value == saved
+
+
+@contextmanager
+def module_state_restored(model: nn.Module):
+    """Every submodule's attributes (other than its parameters, buffers and children, which the capture passes
+    explicitly) as they were before the block: an attribute the forward set is removed, one it replaced is put
+    back, and a dict, list or set it filled or emptied in place gets its contents back (same object). A forward
+    traced on fake tensors that stores a tensor on its module -- timm's LeViT caches its attention biases,
+    gathered from a parameter, in a dict in eval mode -- would otherwise leave a fake tensor there, and the
+    next forward or copy of the model would fail on it."""
+    saved = [(m, {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_TABLES})
+             for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, attrs in saved:
+            state = vars(m)
+            for k in [k for k in state if k not in attrs and k not in _MODULE_TABLES]:
+                del state[k]
+            for k, (value, contents) in attrs.items():
+                state[k] = value
+                if contents is not None and not _same_contents(value, contents):
+                    value.clear()
+                    value.update(contents) if isinstance(value, dict | set) else value.extend(contents)
+
+
 def capture(model: nn.Module, args) -> Captured:
     """Trace ``model`` (eval mode) on ``args`` (a tuple, or a dict of keyword inputs); :func:`capture_exported`
-    when the trace fails. ValueError with the exporter's reason when both fail."""
-    try:
-        return _capture_traced(model, args)
-    except Exception:  # noqa: BLE001 - torch.export gets its chance and gives the reason
-        return capture_exported(model, args)
+    when the trace fails. ValueError with the exporter's reason when both fail. The model's modules keep the
+    attributes they had (:func:`module_state_restored`)."""
+    with module_state_restored(model):
+        try:
+            return _capture_traced(model, args)
+        except Exception:  # noqa: BLE001 - torch.export gets its chance and gives the reason
+            return capture_exported(model, args)
+
+
+def _decompositions() -> dict:
+    """Fused arithmetic traced as the operations it fuses, which have rules: ``addcmul(b, a, x, value=c)`` as
+    ``b + c * a * x`` (timm's ``Affine`` of ResMLP), ``addcdiv`` likewise with a division."""
+    from torch._decomp import get_decompositions
+
+    aten = torch.ops.aten
+    return get_decompositions([aten.addcmul, aten.addcdiv])
 
 
 def _capture_traced(model: nn.Module, args) -> Captured:
@@ -138,8 +195,8 @@ def _capture_traced(model: nn.Module, args) -> Captured:
     stateless._orig_mod = wrapper  # the root that make_fx names module paths from ("m.layer1.0.conv1")
     flat = [*params.values(), *buffers.values(), *input_tensors(args)]
     with torch.no_grad(), eval_mode(model), _no_stack_traces():
-        gm = make_fx(stateless, tracing_mode="fake", pre_dispatch=True, record_module_stack=True,
-                     _allow_non_fake_inputs=True)(*flat)
+        gm = make_fx(stateless, decomposition_table=_decompositions(), tracing_mode="fake", pre_dispatch=True,
+                     record_module_stack=True, _allow_non_fake_inputs=True)(*flat)
     placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
     tensors, first = _named_tensors(model)
     qualified = [first.get(name[2:], name[2:]) for name in names]

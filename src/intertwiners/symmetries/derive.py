@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from .analysis import analyse
-from .capture import capture
+from .capture import capture, module_state_restored
 from .inputs import check_model, explain_failure, prepare_inputs
 from .safety import safety_check
 from .spec import SymmetrySpec, build_spec
@@ -22,7 +22,8 @@ def symmetry_spec(model: nn.Module, example_input, *, check: bool = True, leaf_t
     """The weight-space symmetries of ``model`` (paper §3.2), found from its captured graph.
 
     ``example_input``: one input batch (a tensor, a tuple of positional inputs such as token ids, or a dict
-    of keyword inputs); the model runs on it in eval mode and is not modified. ``check`` (default True):
+    of keyword inputs); the model runs on it in eval mode and is not modified (attributes its forward sets
+    or caches on its modules are put back as they were). ``check`` (default True):
     apply a random element of every space and compare outputs on ``example_input`` (eval and train mode,
     float64 copy); a space that fails is pinned with the reason (the last line of defence; ``check=False``
     gives the spec as derived, which :func:`~intertwiners.symmetries.verify_symmetry` checks).
@@ -33,14 +34,15 @@ def symmetry_spec(model: nn.Module, example_input, *, check: bool = True, leaf_t
     del leaf_types
     check_model(model, "symmetry_spec")
     args = prepare_inputs(model, example_input)
-    try:
-        cap = capture(model, args)
-    except ValueError as err:
-        why = explain_failure(model, args)
-        if why is not None:
-            raise ValueError(f"symmetry_spec: {why}") from err
-        raise
-    spec = build_spec(analyse(cap, model), type(model).__name__, cap.buffers)
-    if check and spec.spaces:
-        spec = safety_check(model, args, spec, rtol=1e-5 if spec.lower_precision_inside else 1e-8)
+    with module_state_restored(model):  # a forward that caches tensors on its modules leaves no trace of ours
+        try:
+            cap = capture(model, args)
+        except ValueError as err:
+            why = explain_failure(model, args)
+            if why is not None:
+                raise ValueError(f"symmetry_spec: {why}") from err
+            raise
+        spec = build_spec(analyse(cap, model), type(model).__name__, cap.buffers)
+        if check and spec.spaces:
+            spec = safety_check(model, args, spec, rtol=1e-5 if spec.lower_precision_inside else 1e-8)
     return spec

@@ -234,6 +234,21 @@ def with_non_feature_size(lay: Layout, dim: int, size: int) -> Layout:
     return lay.derive(dims=tuple(dims))
 
 
+def _features_in_order(lay: Layout, group: list) -> Layout:
+    """The same layout with its feature axes renumbered so that ``group`` (a permutation of consecutive feature
+    axes, as one tensor dimension holds them after a transpose) comes in the order the dimension holds it: the
+    atoms/chains are transposed to match, every tensor position keeps its channel."""
+    lo = min(group)
+    perm = list(range(len(lay.fsizes)))
+    perm[lo:lo + len(group)] = group             # new feature axis i is old axis perm[i]
+    inv = {old: new for new, old in enumerate(perm)}
+    fsizes = tuple(lay.fsizes[p] for p in perm)
+    atoms = np.ascontiguousarray(lay.atoms.reshape(lay.fsizes).transpose(perm)).reshape(-1)
+    chains = np.ascontiguousarray(lay.chains.reshape(lay.fsizes).transpose(perm)).reshape(-1)
+    dims = tuple(tuple((s, inv[f] if f >= 0 else f) for s, f in d) for d in lay.dims)
+    return lay.derive(atoms=atoms, chains=chains, fsizes=fsizes, dims=dims)
+
+
 def index_feature_dim(lay: Layout, dim: int, index) -> Layout | None:
     """Slice/select along a dimension made only of feature factors (``index``: a slice, an int or an array).
 
@@ -242,8 +257,14 @@ def index_feature_dim(lay: Layout, dim: int, index) -> Layout | None:
     """
     facs = [f for f in lay.dims[dim]]
     fids = [f for _, f in facs]
-    if not facs or any(f < 0 for f in fids) or fids != list(range(fids[0], fids[0] + len(fids))):
+    if not facs or any(f < 0 for f in fids):
         return None
+    if fids != list(range(fids[0], fids[0] + len(fids))):
+        if sorted(fids) != list(range(min(fids), min(fids) + len(fids))):
+            return None
+        lay = _features_in_order(lay, fids)   # a channel shuffle's transposed factors (ShuffleNet)
+        facs = [f for f in lay.dims[dim]]
+        fids = [f for _, f in facs]
     lo, hi = fids[0], fids[-1] + 1
     shape = list(lay.fsizes)
     merged = int(np.prod(shape[lo:hi]))

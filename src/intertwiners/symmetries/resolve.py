@@ -305,7 +305,11 @@ class Resolver:
                 B.reasons.append("the attention output is read by an operation that needs a smaller group")
                 if qk_free:
                     A.reasons.append("the values of this attention block are pinned")
+                else:
+                    self._split_by_head(A, qk_rows)
                 continue
+            if not qk_free:
+                self._split_by_head(A, qk_rows)
             if rec.v is None and not qk_free:
                 continue
             if qk_free:   # heads permute only when the scores reach the values head by head, and nothing else
@@ -320,6 +324,28 @@ class Resolver:
                 spaces[s].classes = []
             spaces.append(Draft(classes, [], False, set(), A.sites + B.sites, A.ties + B.ties, group, rec.owner))
             sid = len(spaces) - 1
+            for i, c in enumerate(classes):
+                self.space_of[c] = sid
+                self.index_of[c] = i
+
+    def _split_by_head(self, A: Draft, rows: np.ndarray) -> None:
+        """Queries/keys that are not merged into an attention space because they keep a smaller group than the
+        per-head maps A_g (a batch norm after their projections: signed permutations): ``q @ k^T`` contracts the
+        width of each head on its own, so an element may act within a head only, never move a channel to another
+        head. ``rows`` (heads, width): A's classes by head; A becomes the first head's space and every other head
+        gets its own space with A's constraints (a space that is pinned, or will be for holding its channels
+        with different transforms in one value, stays as it is)."""
+        if A.reasons or A.multi or len(rows) < 2:
+            return
+        sid = self.space_of[int(rows[0, 0])]
+        for h, row in enumerate(rows):
+            classes = [int(c) for c in row]
+            if h == 0:
+                A.classes = classes
+            else:
+                self.spaces.append(Draft(classes, [], A.output, set(A.constraints), list(A.sites), A.ties,
+                                         multi=A.multi))
+                sid = len(self.spaces) - 1
             for i, c in enumerate(classes):
                 self.space_of[c] = sid
                 self.index_of[c] = i
