@@ -11,7 +11,7 @@ HELP = ("Run every experiment of the paper (zoo, rotation penalties, stitching, 
 
 def add_arguments(p):
     p.add_argument("--scale", default="small",
-                   help="smoke (a pipeline check, ~80 s on 2 cores), small (~11 min on 2 cores) or paper "
+                   help="smoke (a pipeline check, ~75 s on 2 cores), small (~9-11 min on 2 cores) or paper "
                         "(CIFAR-10, GPU/cluster)")
     p.add_argument("--dataset", default=None, choices=["digits", "cifar10"],
                    help="default: the scale's (digits for smoke/small, cifar10 for paper)")
