@@ -1,0 +1,19 @@
+"""Checks the symmetry tests share (an importable helper module, no tests here)."""
+
+from __future__ import annotations
+
+import torch
+
+from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
+
+
+def one_exact_space(model, x, size: int, trials: int = 2):
+    """The spec of ``model`` on ``x`` as derived (safety check off) must hold exactly one space, of ``size``
+    coordinates, pin nothing, and verify to float64 rounding (``trials`` random elements); returns
+    ``(spec, moved)``, ``moved`` the model under one random element of that space."""
+    spec = symmetry_spec(model, x, check=False)
+    (space,) = spec.spaces.values()
+    assert space.size == size and not spec.pinned, spec.pinned
+    report = verify_symmetry(model, x, spec=spec, trials=trials)
+    assert report.ok and report.max_rel <= 1e-12
+    return spec, apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
