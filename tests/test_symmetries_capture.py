@@ -161,3 +161,58 @@ def test_chunk_after_a_channel_shuffle_follows_the_shuffled_channels():
     assert report.ok and report.max_rel <= 1e-12
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
     assert not torch.equal(new.a.weight, model.a.weight) and not torch.equal(new.b.weight, model.b.weight)
+
+
+def test_a_model_run_before_is_read_through_its_cache_and_copied():
+    """A forward with autograd on leaves a non-leaf tensor in the cache (which ``copy.deepcopy`` refuses) and a
+    trace that met it would read the cached values as a constant: the spec reads the table behind the cache,
+    ``apply_symmetry`` copies the model, the copy computes the same function and the original keeps its cache."""
+    model = CachedBias().double().eval()
+    before = model(X).detach()
+    cached = model.cache["cpu"]
+    assert cached.grad_fn is not None
+    spec = symmetry_spec(model, X)
+    (space,) = spec.spaces.values()
+    assert space.size == 6 and not spec.pinned
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert model.cache == {"cpu": cached} and model.cache["cpu"] is cached
+    assert not torch.equal(new.table, model.table) and new.cache == {}
+    with torch.no_grad():
+        torch.testing.assert_close(new(X), before, rtol=1e-12, atol=1e-12)
+    one_exact_space(model, X, 6)            # as derived, verified
+
+
+def test_an_inplace_transform_drops_what_the_model_cached_from_the_old_parameters():
+    model = CachedBias().double().eval()
+    spec = symmetry_spec(model, X)
+    element = random_symmetry(spec, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(X)                   # fills the cache from the table as it is now
+    stale = model.cache["cpu"]
+    apply_symmetry(model, element, spec, inplace=True)
+    assert model.cache == {} and not model.training
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), before, rtol=1e-12, atol=1e-12)
+        model.cache["cpu"] = stale          # had the cache stayed, the output would change
+        assert (model(X) - before).abs().max() > 1e-3
+
+
+class TransposedHidden(nn.Module):
+    """A linear layer written on the transposed hidden features, with ``.T`` and ``.mT``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):                                 # (B, 4)
+        h = torch.relu(self.a(x)).T                       # (6, B)
+        return (self.b.weight @ h).mT + self.b.bias
+
+
+def test_transposes_written_as_T_and_mT_follow_the_channels():
+    torch.manual_seed(0)
+    model = TransposedHidden().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    _, new = one_exact_space(model, x, 6)
+    assert not torch.equal(new.a.weight, model.a.weight)
+    torch.testing.assert_close(new(x), model(x), rtol=1e-12, atol=1e-12)

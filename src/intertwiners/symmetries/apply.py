@@ -14,14 +14,13 @@ per tensor axis, dense ones (general-linear spaces, attention blocks) as block p
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from torch import nn
 
 from .. import groups as G
 from .blocks import BlockMatrix
+from .module_state import clear_caches, copy_model, module_state_restored
 from .slots import Columns, Gain, GroupedColumns, HeadBlocks, Permuted, Rows, Slot
 from .spec import SymmetrySpec
 
@@ -260,6 +259,7 @@ def apply_symmetry(model: nn.Module, elements: dict, spec: SymmetrySpec, *, chec
     if inplace:  # one tensor at a time: at most one moved tensor exists besides the model
         for name in by_tensor:
             tensors[name].copy_(moved(name))
+        clear_caches(model)    # tensors a forward cached from the old parameters
         return model
     new = {name: moved(name) for name in by_tensor}
     memo = {}
@@ -269,7 +269,9 @@ def apply_symmetry(model: nn.Module, elements: dict, spec: SymmetrySpec, *, chec
             continue
         memo[id(old)] = nn.Parameter(t.to(old.dtype), requires_grad=old.requires_grad) \
             if isinstance(old, nn.Parameter) else t.to(old.dtype)
-    return copy.deepcopy(model, memo)
+    with module_state_restored(model):   # the copy starts without caches of the old parameters
+        clear_caches(model)
+        return copy_model(model, memo)
 
 
 def dense_symmetry(elements: dict) -> dict:

@@ -31,6 +31,7 @@ from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..features import eval_mode
+from .module_state import module_state_restored
 
 LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -114,50 +115,6 @@ def _named_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         first.setdefault(id(t), name)
     return tensors, {name: first.get(id(t), name) for name, t in tensors.items()}
-
-
-_MODULE_TABLES = frozenset({"_parameters", "_buffers", "_modules"})
-
-
-def _contents(value):
-    """A shallow copy of a dict/list/set attribute (to put its contents back), None for anything else."""
-    if isinstance(value, dict):
-        return dict(value)
-    if isinstance(value, list | set):
-        return type(value)(value)
-    return None
-
-
-def _same_contents(value, saved) -> bool:
-    if isinstance(value, dict):
-        return value.keys() == saved.keys() and all(value[k] is saved[k] for k in saved)
-    if isinstance(value, list):
-        return len(value) == len(saved) and all(a is b for a, b in zip(value, saved))
-    return value == saved
-
-
-@contextmanager
-def module_state_restored(model: nn.Module):
-    """Every submodule's attributes (other than its parameters, buffers and children, which the capture passes
-    explicitly) as they were before the block: an attribute the forward set is removed, one it replaced is put
-    back, and a dict, list or set it filled or emptied in place gets its contents back (same object). A forward
-    traced on fake tensors that stores a tensor on its module -- timm's LeViT caches its attention biases,
-    gathered from a parameter, in a dict in eval mode -- would otherwise leave a fake tensor there, and the
-    next forward or copy of the model would fail on it."""
-    saved = [(m, {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_TABLES})
-             for m in model.modules()]
-    try:
-        yield model
-    finally:
-        for m, attrs in saved:
-            state = vars(m)
-            for k in [k for k in state if k not in attrs and k not in _MODULE_TABLES]:
-                del state[k]
-            for k, (value, contents) in attrs.items():
-                state[k] = value
-                if contents is not None and not _same_contents(value, contents):
-                    value.clear()
-                    value.update(contents) if isinstance(value, dict | set) else value.extend(contents)
 
 
 def capture(model: nn.Module, args) -> Captured:

@@ -7,7 +7,6 @@ every tolerance), never 0.
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ from torch import nn
 from .._util import max_nan
 from ..features import eval_mode
 from .capture import call_model, input_tensors, tensors_of
+from .module_state import copy_model
 
 
 def nanmax(values) -> float:
@@ -88,7 +88,7 @@ def compare(model: nn.Module, new: nn.Module, x, modes=("eval", "train")) -> dic
             out[mode] = output_errors(forward_once(model, args, False), forward_once(new, args, False))
         elif mode == "train":
             stats = has_running_stats(model)
-            a, b = (copy.deepcopy(model), copy.deepcopy(new)) if stats else (model, new)
+            a, b = (copy_model(model), copy_model(new)) if stats else (model, new)
             e1 = output_errors(forward_once(a, args, True), forward_once(b, args, True))
             e2 = output_errors(forward_once(a, args, False), forward_once(b, args, False)) if stats else e1
             out[mode] = (nanmax([e1[0], e2[0]]), nanmax([e1[1], e2[1]]))

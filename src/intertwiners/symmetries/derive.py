@@ -12,8 +12,9 @@ from __future__ import annotations
 from torch import nn
 
 from .analysis import analyse
-from .capture import capture, module_state_restored
+from .capture import capture
 from .inputs import check_model, explain_failure, prepare_inputs
+from .module_state import clear_caches, module_state_restored
 from .safety import safety_check
 from .spec import SymmetrySpec, build_spec
 
@@ -35,6 +36,7 @@ def symmetry_spec(model: nn.Module, example_input, *, check: bool = True, leaf_t
     check_model(model, "symmetry_spec")
     args = prepare_inputs(model, example_input)
     with module_state_restored(model):  # a forward that caches tensors on its modules leaves no trace of ours
+        clear_caches(model)             # and the trace reads the parameters, not a cache of them
         try:
             cap = capture(model, args)
         except ValueError as err:

@@ -8,8 +8,6 @@ that no model they build needs it; ``verify_symmetry`` checks the spec without i
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -17,6 +15,7 @@ from ..features import eval_mode
 from .apply import apply_symmetry, random_symmetry
 from .capture import call_model, input_tensors, map_inputs
 from .compare import compare, has_running_stats
+from .module_state import copy_model
 from .spec import SymmetrySpec
 
 SAFETY_REASON = "pinned by the safety check"
@@ -52,7 +51,7 @@ def safety_check(model: nn.Module, args, spec: SymmetrySpec, generator: torch.Ge
     floating = [p for p in model.parameters() if p.is_floating_point()]
     args = _first_samples(model, args, _CHECK_SAMPLES)
     if floating and floating[0].dtype != torch.float64 and numel <= _CHECK_DOUBLE_LIMIT:
-        work = copy.deepcopy(model).double()
+        work = copy_model(model).double()
         args = map_inputs(args, lambda a: a.double() if a.is_floating_point() else a)
     else:
         work = model

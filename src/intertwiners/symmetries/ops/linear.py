@@ -152,13 +152,17 @@ def addmm(ctx: Context, node: fx.Node):
 
 @builtin(aten.matmul, aten.mm, aten.bmm)
 def matmul(ctx: Context, node: fx.Node):
-    """x @ W with W a parameter (in, out); a product of two hidden values is written-out attention (with
-    ``bmm``, usually with the heads folded into the batch axis)."""
+    """x @ W with W a parameter (in, out), x @ W.T with W (out, in), W @ h with W (out, in) and h's channels on
+    its second-last axis; a product of two hidden values is written-out attention (with ``bmm``, usually with
+    the heads folded into the batch axis)."""
     x, w = ctx.value(node.args[0]), ctx.value(node.args[1])
     if isinstance(x, Layout) and isinstance(w, Layout):
         return batched_attention_product(ctx, node, x, w)
     if isinstance(x, GatheredParam) or isinstance(w, GatheredParam):
         return _experts(ctx, node, x, w)
+    if isinstance(x, ParamRef) and len(x.shape) == 2 and isinstance(w, Layout) and w.ndim >= 2 \
+            and (w.ndim - 2) in w.feature_dims():   # W @ h, h's channels on the contracted axis: a linear layer
+        return producer(ctx, node, w, x, None, len(ctx.shape(node)) - 2, 0, 1, w.ndim - 2)
     if (x is None or isinstance(x, ParamRef)) and isinstance(w, Layout):   # a parameter here is not moved
         return weights_times_values(ctx, node, node.args[0], w)
     ndim = len(ctx.shape(node))

@@ -87,8 +87,11 @@ def squeeze(ctx: Context, node: fx.Node):
     return L.squeeze(x, [d % x.ndim for d in dims if x.shape[d % x.ndim] == 1])
 
 
-@builtin(aten.transpose, aten.t, aten.permute, aten.swapaxes, aten.movedim, side_aware=True)
+@builtin(aten.transpose, aten.t, aten.numpy_T, aten.mT, aten.adjoint, aten.permute, aten.swapaxes, aten.movedim,
+         side_aware=True)
 def transpose(ctx: Context, node: fx.Node):
+    """Axes reordered: ``transpose``/``swapaxes`` of two axes, ``t`` and ``.T`` (all axes reversed), ``.mT`` and
+    ``adjoint`` (the last two: real tensors only reach here), ``permute``, ``movedim``."""
     x = ctx.value(node.args[0])
     if not isinstance(x, Layout | ParamRef):
         return None
@@ -101,8 +104,13 @@ def transpose(ctx: Context, node: fx.Node):
         src, dst = node.args[1] % ndim, node.args[2] % ndim
         order.remove(src)
         order.insert(dst, src)
+    elif op in (aten.t, aten.numpy_T):
+        order.reverse()
+    elif op in (aten.mT, aten.adjoint):
+        if ndim >= 2:
+            order[-2], order[-1] = order[-1], order[-2]
     elif ndim:
-        i, j = (node.args[1] % ndim, node.args[2] % ndim) if op is not aten.t else (0, ndim - 1)
+        i, j = node.args[1] % ndim, node.args[2] % ndim
         order[i], order[j] = order[j], order[i]
     if isinstance(x, ParamRef):
         long = [d for d in order if x.shape[d] != 1]
