@@ -199,7 +199,8 @@ class Resolver:
         n_spaces = int(space.max()) + 1 if len(space) else 0
         reasons = _space_reasons(an.pins, self.root, space_of, index_of, n_spaces)
         outputs = set(space_of[self.root[an.outputs]].tolist()) - {-1}
-        members = np.split(classes[by_space], np.cumsum(np.bincount(space, minlength=n_spaces))[:-1])
+        members = np.split(classes[by_space], np.cumsum(np.bincount(space, minlength=n_spaces))[:-1]) \
+            if n_spaces else []   # no hidden channel at all (every layer's weight untransformed): no space
         spaces = [Draft(m.tolist(), reasons[k], k in outputs) for k, m in enumerate(members)]
         self.spaces = spaces
         self.space_of = dict(zip(classes[by_space].tolist(), space[by_space].tolist()))
