@@ -22,8 +22,16 @@ from .capture import Captured, shape_of
 from .constraints import Signed
 from .context import Context
 from .layout import FIXED, Channels, Layout
-from .records import (Analysis, ConcatParam, DerivedParam, GatheredParam, NormedWeight, ParamRef, ParamUse,
-                      StandardizedWeight)
+from .records import (
+    Analysis,
+    ConcatParam,
+    DerivedParam,
+    GatheredParam,
+    NormedWeight,
+    ParamRef,
+    ParamUse,
+    StandardizedWeight,
+)
 from .registry import FINISHERS, rule_for
 
 

@@ -1,6 +1,7 @@
 """Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm``/``bmm`` by a parameter, ``einsum``,
 convolutions, embeddings (``embedding``, or a table indexed with ``index``/``index_select``), ``gather`` along
-an axis without channels. A weight-normalised weight moves through its direction and magnitude (:mod:`.norm`).
+an axis without channels. A weight-normalised weight moves through its direction and magnitude, a standardised
+weight through its raw weight and gain (:mod:`.norm`).
 
 A producer makes new channels (the rows of W and b move with them, t -> T t); its input channels are W's
 columns (w -> w T^-1). A convolution with ``groups == channels`` (depthwise) keeps each channel's identity

@@ -1,5 +1,6 @@
 """Normalisations: batch norm, layer norm and group norm over the channel axis (instance norm is pinned), and
-weight normalisation of a layer's weight (``torch._weight_norm``).
+weight normalisation of a layer's weight (``torch._weight_norm``) and weight standardisation (batch norm of a
+reshaped weight in train mode).
 
 Batch norm: BN'(P s x) = P t BN(x) in train and eval mode with gamma' = P t/s gamma, beta' = P t beta,
 running_mean' = P s mean, running_var' = P var, where s (the input's scale) must be ±1 because BN divides
