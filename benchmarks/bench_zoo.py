@@ -172,6 +172,7 @@ TIMM = {
     "timm_edgenext_xx_small": _timm("edgenext_xx_small"),
     "timm_nf_resnet26": _timm("nf_resnet26"),
     "timm_nfnet_l0": _timm("nfnet_l0"),
+    "timm_resnetv2_50x1_bit": _timm("resnetv2_50x1_bit"),
     "timm_regnetz_b16": _timm("regnetz_b16"),
     "timm_eva02_tiny": _timm("eva02_tiny_patch14_224", 28, img_size=28, depth=2),
     "timm_ghostnet_100": _timm("ghostnet_100"),
