@@ -186,8 +186,8 @@ def standardized(ctx: Context, node: fx.Node, x: ParamRef) -> StandardizedWeight
     untransformed tensor (the parameters it reads are then recorded as read untransformed)."""
     full = ctx.captured.tensors.get(x.name)
     if node.target.overloadpacket is not aten.batch_norm or full is None or full.dim() < 2 \
-            or tuple(x.shape) != (1, full.shape[0], full[0].numel()) or node.args[3] is not None \
-            or node.args[4] is not None or not ctx.arg(node, 5, "training", False):
+            or tuple(x.shape) != (1, full.shape[0], full[0].numel()) or ctx.arg(node, 3, "running_mean") is not None \
+            or ctx.arg(node, 4, "running_var") is not None or not ctx.arg(node, 5, "training", False):
         return None
     n = full.shape[0]
     parts = []
