@@ -209,3 +209,34 @@ def test_a_model_whose_only_layer_has_a_computed_weight_has_no_space():
 
     spec = symmetry_spec(Computed().double(), torch.randn(2, 4, dtype=torch.float64), check=False)
     assert not spec.spaces
+
+
+class StdLinear(nn.Module):
+    """A linear layer with a scaled standardised weight (the same batch-norm form) -> ReLU -> linear -> ReLU -> a
+    standardised linear layer without a gain."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.gain = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.ones(5))
+        self.b, self.w2 = nn.Linear(5, 6), nn.Parameter(torch.randn(3, 6))
+
+    @staticmethod
+    def standardised(w, gain=None):
+        return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, weight=gain, training=True, momentum=0.0,
+                            eps=1e-6).reshape_as(w)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(F.linear(x, self.standardised(self.w, 2 * self.gain)))))
+        return F.linear(h, self.standardised(self.w2))
+
+
+def test_standardised_linear_layers():
+    model = _randomise(StdLinear())
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    spec = symmetry_spec(model, x, check=False)
+    kinds = sorted((s.size, s.kind) for s in spec.spaces.values())
+    # the first layer's gain carries positive scales (b's columns undo them); the last reads its input rows
+    # standardised: permutations only
+    assert kinds == [(5, "positive_scaled_permutation"), (6, "permutation")] and not spec.pinned, (kinds, spec.pinned)
+    report = verify_symmetry(model, x, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
