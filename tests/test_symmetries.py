@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from intertwiners import extract_features, models
 from intertwiners.groups import monomial_matrix
-from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
+from intertwiners.symmetries import apply_symmetry, compare, random_symmetry, symmetry_spec, verify_symmetry
 
 ACTIVATIONS = ["relu", "leaky_relu:0.2", "tanh", "sigmoid", "gaussian", "abs", "power:3", "power:2"]
 
@@ -380,6 +380,41 @@ def test_dense_and_monomial_elements_agree():
     a = apply_symmetry(model, el, spec)
     b = apply_symmetry(model, {k: monomial_matrix(*v) for k, v in el.items()}, spec)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+class Cancelling(torch.nn.Module):
+    """An MLP whose hidden units sit at 1e9 (a's bias) and whose output takes the constant back off (a buffer):
+    in real arithmetic an MLP with O(1) outputs, but every float64 forward sums terms of size 1e9, so a correct
+    permutation's output differs from the original's by rounding (~1e-7 relative) far above 1e-8, as in a deep
+    train-mode batch-norm network."""
+
+    def __init__(self):
+        super().__init__()
+        f64 = torch.float64
+        self.a, self.b = torch.nn.Linear(4, 6, dtype=f64), torch.nn.Linear(6, 2, dtype=f64)
+        with torch.no_grad():
+            self.a.bias.add_(1e9)
+            self.register_buffer("k", self.b.weight @ torch.full((6,), 1e9, dtype=f64))
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x))) - self.k
+
+
+def test_safety_check_judges_errors_against_the_models_rounding_noise():
+    from intertwiners.symmetries.compare import noise_floor
+
+    torch.manual_seed(0)
+    model = Cancelling().double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    floor = noise_floor(model, (x,), ("eval",))["eval"]
+    assert floor > 1e-8 and noise_floor(models.mlp(4, (6,), 2).double(), (x,), ("eval",))["eval"] < 1e-13
+    derived = symmetry_spec(model, x, check=False)
+    (name,) = derived.spaces
+    new = apply_symmetry(model, random_symmetry(derived, torch.Generator().manual_seed(1)), derived)
+    err = compare(model, new, (x,), ("eval",))["eval"][1]
+    assert 1e-8 < err <= 10 * floor     # over the fixed tolerance, within the model's own rounding
+    spec = symmetry_spec(model, x)      # (the suite's guard fails this test on any safety pin)
+    assert list(spec.spaces) == [name] and not spec.pinned
 
 
 def test_safety_check_on_a_few_samples_of_a_large_batch():

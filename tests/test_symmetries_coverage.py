@@ -573,3 +573,60 @@ def test_a_parameter_read_where_no_rule_records_its_use_is_not_moved():
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
     assert torch.equal(new.b.weight, model.b.weight)
     torch.testing.assert_close(new(X), model(X), rtol=1e-12, atol=1e-12)
+
+
+class GlobalQuery(nn.Module):
+    """GC ViT's global query in miniature: layer-normalised global features are the queries of several attention
+    blocks of a stage (no query projection), each block with its own keys/values and output projection."""
+
+    def __init__(self, blocks: int = 2, heads: int = 2, width: int = 3):
+        super().__init__()
+        self.h, c = heads, heads * width
+        self.embed, self.glob, self.norm = nn.Linear(4, c), nn.Linear(4, c), nn.LayerNorm(c)
+        self.kv = nn.ModuleList(nn.Linear(c, 2 * c) for _ in range(blocks))
+        self.proj = nn.ModuleList(nn.Linear(c, c) for _ in range(blocks))
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):                                         # (B, T, 4)
+        B, T, _ = x.shape
+        h = self.embed(x)
+        q = self.norm(self.glob(x)).reshape(B, T, self.h, -1).transpose(1, 2)
+        for kv, proj in zip(self.kv, self.proj):
+            k, v = kv(h).reshape(B, T, 2, self.h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            a = (q @ k.transpose(-2, -1)).softmax(-1)
+            h = h + proj((a @ v).transpose(1, 2).reshape(B, T, -1))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_a_global_query_read_by_several_blocks_keeps_per_head_spaces(blocks):
+    """The queries are a layer norm's output: permutations within each head (a permutation across heads would
+    change every head's scores); every block's keys follow them, its values/outputs keep per-head maps."""
+    torch.manual_seed(0)
+    model = GlobalQuery(blocks).double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    kinds = sorted((s.size, s.kind) for s in spec.spaces.values())
+    assert kinds.count((3, "permutation")) == 2 and [k for k in kinds if k[1] == "attention_heads"] \
+        == [(6, "attention_heads")] * blocks, kinds
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert all(not torch.equal(new.kv[i].weight, model.kv[i].weight) for i in range(blocks))
+    # a permutation that swaps a query channel with one of the other head (keys moved alike) changes the output
+    perm = torch.tensor([3, 1, 2, 0, 4, 5])
+    swapped = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in (swapped.glob.weight, swapped.glob.bias, swapped.norm.weight, swapped.norm.bias):
+            p.copy_(p[perm])
+        for kv in swapped.kv:
+            kv.weight[:6], kv.bias[:6] = kv.weight[:6][perm], kv.bias[:6][perm]
+        assert (swapped(X) - model(X)).abs().max() > 1e-6
+        within = torch.tensor([1, 0, 2, 3, 4, 5])   # the same within a head: unchanged
+        for m in (swapped,):
+            m.load_state_dict(model.state_dict())
+            for p in (m.glob.weight, m.glob.bias, m.norm.weight, m.norm.bias):
+                p.copy_(p[within])
+            for kv in m.kv:
+                kv.weight[:6], kv.bias[:6] = kv.weight[:6][within], kv.bias[:6][within]
+        assert (swapped(X) - model(X)).abs().max() < 1e-12

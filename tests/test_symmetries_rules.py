@@ -84,6 +84,22 @@ def test_a_wrong_rule_fails_verification(wrong_rules, build):
     assert any(SAFETY_REASON in r for r in spec.pinned.values())
 
 
+@pytest.mark.safety_pins
+def test_the_safety_check_pins_exactly_the_wrong_spaces_among_many(wrong_rules):
+    """All spaces at once fail; halving them finds the one wrong space (sigmoid claimed G_ReLU) and pins only
+    it, with its error, however many correct spaces surround it."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 7), nn.Sigmoid(),
+              nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)]
+    model = nn.Sequential(*layers).double()
+    derived = symmetry_spec(model, X, check=False)
+    assert len(derived.spaces) == 5 and not derived.pinned
+    spec = symmetry_spec(model, X)
+    (wrong,) = [n for n in derived.spaces if n.startswith("5")]   # the sigmoid's space
+    assert list(spec.pinned) == [wrong] and SAFETY_REASON in spec.pinned[wrong]
+    assert "relative error" in spec.pinned[wrong] and set(spec.spaces) == set(derived.spaces) - {wrong}
+
+
 def test_the_no_safety_pins_guard_sees_a_wrong_rule(wrong_rules, no_safety_pins):
     """The suite-wide guard (tests/conftest.py) records a safety pin: with a wrong rule it has one to report
     (emptied here so this test passes; every other unmarked test fails on one)."""

@@ -22,7 +22,16 @@ from .capture import Captured, shape_of
 from .constraints import Signed
 from .context import Context
 from .layout import FIXED, Channels, Layout
-from .records import Analysis, ConcatParam, DerivedParam, GatheredParam, NormedWeight, ParamRef, ParamUse
+from .records import (
+    Analysis,
+    ConcatParam,
+    DerivedParam,
+    GatheredParam,
+    NormedWeight,
+    ParamRef,
+    ParamUse,
+    StandardizedWeight,
+)
 from .registry import FINISHERS, rule_for
 
 
@@ -85,6 +94,8 @@ def _param_values(ctx: Context, args) -> list[ParamRef]:
             found += [part[0] for part in v.parts if part[0] is not None]
         elif isinstance(v, NormedWeight):
             found += [v.v, v.g]
+        elif isinstance(v, StandardizedWeight):
+            found += [ParamRef(p.name, p.shape) for p in (v.w, v.gain, v.bias) if p is not None]
     return found
 
 
@@ -136,7 +147,7 @@ def _keep_unclaimed_parameters(ctx: Context, unclaimed: dict) -> None:
 def _carries_parameter(out) -> bool:
     if isinstance(out, list | tuple):
         return any(_carries_parameter(o) for o in out)
-    return isinstance(out, ParamRef | DerivedParam | ConcatParam | GatheredParam | NormedWeight)
+    return isinstance(out, ParamRef | DerivedParam | ConcatParam | GatheredParam | NormedWeight | StandardizedWeight)
 
 
 def _pin_sides(ctx: Context, node: fx.Node, inputs: list[Layout]) -> None:
@@ -146,7 +157,8 @@ def _pin_sides(ctx: Context, node: fx.Node, inputs: list[Layout]) -> None:
 
 
 def _invalid(out) -> str | None:
-    if out is None or isinstance(out, Layout | ParamRef | DerivedParam | ConcatParam | GatheredParam | NormedWeight):
+    if out is None or isinstance(out, Layout | ParamRef | DerivedParam | ConcatParam | GatheredParam | NormedWeight
+                                  | StandardizedWeight):
         return None
     if isinstance(out, list | tuple):
         return next((b for b in map(_invalid, out) if b is not None), None)

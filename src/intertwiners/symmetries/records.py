@@ -8,6 +8,8 @@ The rules (:mod:`~intertwiners.symmetries.ops`) see graph values as one of
 * a :class:`ConcatParam` — 1-D parameters concatenated (BEiT's q bias, zero k bias, v bias);
 * a :class:`GatheredParam` — a parameter's slices picked by indices (the experts a token is routed to);
 * a :class:`NormedWeight` — a weight-norm parametrised weight ``g · v / ||v||`` (``torch._weight_norm``);
+* a :class:`StandardizedWeight` — a weight standardised row by row (``F.batch_norm`` of a reshaped weight,
+  timm's ``StdConv2d`` / ``ScaledStdConv2d``);
 * ``None`` — an untransformed tensor, or anything else (sizes, constants);
 
 and record, through :class:`~intertwiners.symmetries.context.Context`, the facts below. After the pass
@@ -33,11 +35,14 @@ class ParamRef:
 
 @dataclass(frozen=True)
 class DerivedParam:
-    """An elementwise function of one parameter with constants (Gemma's RMSNorm gain ``1 + w``). Only a
-    per-channel product may use it (it permutes ``name``, and permuting w permutes f(w)); every other rule
-    sees an untransformed tensor."""
+    """An elementwise function of one parameter with constants (Gemma's RMSNorm gain ``1 + w``), possibly viewed
+    to ``shape`` (element order unchanged). Only a per-channel product or a standardised weight's gain may use
+    it (it permutes ``name``, and permuting w permutes f(w)); every other rule sees an untransformed tensor.
+    ``scales``: f(d·w) = d·f(w) (products and quotients by constants, timm's ``gain * scale``), so a scaling of
+    f(w) is a scaling of w."""
     name: str
     shape: tuple
+    scales: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,22 @@ class NormedWeight:
     v: ParamRef
     g: ParamRef
     dim: int
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class StandardizedWeight:
+    """A weight standardised row by row, ``gain · (w - mean) / sqrt(var + eps) + bias``, the mean and variance of
+    each output row of ``w`` taken over all its other elements: ``F.batch_norm(w.reshape(1, out, -1), None,
+    None, gain, bias, training=True)`` (timm's ``StdConv2d``, and ``ScaledStdConv2d`` with ``gain = g * scale``).
+    ``w`` is the raw parameter with its own shape (out, ...); ``gain``/``bias`` (out elements each) are a
+    parameter, a derived parameter or None; ``shape`` is the shape of the value now (the layer reads it
+    reshaped back to ``w``'s). Only a linear layer or convolution may use it (w, gain and bias then move so that
+    the standardised weight moves as a parameter would, see :func:`~.ops.norm.standardized_weight`); every
+    other rule sees an untransformed tensor."""
+    w: ParamRef
+    gain: ParamRef | DerivedParam | None
+    bias: ParamRef | DerivedParam | None
     shape: tuple
 
 

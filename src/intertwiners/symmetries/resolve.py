@@ -199,7 +199,8 @@ class Resolver:
         n_spaces = int(space.max()) + 1 if len(space) else 0
         reasons = _space_reasons(an.pins, self.root, space_of, index_of, n_spaces)
         outputs = set(space_of[self.root[an.outputs]].tolist()) - {-1}
-        members = np.split(classes[by_space], np.cumsum(np.bincount(space, minlength=n_spaces))[:-1])
+        members = np.split(classes[by_space], np.cumsum(np.bincount(space, minlength=n_spaces))[:-1]) \
+            if n_spaces else []   # no hidden channel at all (every layer's weight untransformed): no space
         spaces = [Draft(m.tolist(), reasons[k], k in outputs) for k, m in enumerate(members)]
         self.spaces = spaces
         self.space_of = dict(zip(classes[by_space].tolist(), space[by_space].tolist()))
@@ -265,29 +266,32 @@ class Resolver:
             if qk_cls is None:  # untransformed queries/keys: per-head maps of the values only
                 qk_cls = np.zeros((H, 0), np.int64)
                 dk = 0
-            reason = None
+            reason, split = None, False
             if not rep or (qk_cls < 0).any() or (v_cls < 0).any():
                 reason = "attention with untransformed or unexpected queries, keys or values"
             else:
                 qk_rows, v_rows = qk_cls[::rep], v_cls[::rep]
                 sq = {self.space_of[c] for c in qk_rows.reshape(-1).tolist()} or {-1}
                 sv = {self.space_of[c] for c in v_rows.reshape(-1).tolist()} or {-2}
-                if len(sq) != 1 or len(sv) != 1 or sq == sv:
+                # queries shared with an earlier call that split them by head (GC ViT's global query, read by
+                # several blocks of a stage): the queries/keys keep those per-head spaces
+                split = len(sq) > 1 and len(sv) == 1 and not sq & sv and self._split_by_head_already(qk_rows)
+                if (len(sq) != 1 and not split) or len(sv) != 1 or sq == sv:
                     reason = "attention whose queries/keys or values share channels with other values"
             head_spaces, heads_fixed = set(), rec.v is None
             if reason is None and rec.heads is not None:
                 reason, head_spaces, heads_fixed = self._scores_check(rec.heads, {s for s in sq | sv if s >= 0})
-            coarse = reason is None and dk > 0 and bool((qk_rows == qk_rows[:, :1]).all()) \
+            coarse = reason is None and not split and dk > 0 and bool((qk_rows == qk_rows[:, :1]).all()) \
                 and len(set(qk_rows[:, 0].tolist())) == kv
             if coarse:  # queries/keys tied within each head (rotary embeddings): one scalar per head
                 qk_rows, dk = qk_rows[:, :1], 1
             if reason is None:
-                s_qk, s_v = sq.pop(), sv.pop()
-                A = spaces[s_qk] if s_qk >= 0 else Draft([], ["no queries/keys"])
+                s_qk, s_v = (-1 if split else sq.pop()), sv.pop()
+                A = None if split else spaces[s_qk] if s_qk >= 0 else Draft([], ["no queries/keys"])
                 B = spaces[s_v] if s_v >= 0 else Draft([])
-                if len(A.classes) != kv * dk or len(B.classes) != kv * dv \
-                        or len(set(qk_rows.reshape(-1).tolist())) != kv * dk \
-                        or len(set(v_rows.reshape(-1).tolist())) != kv * dv:
+                qk_apart = A is None or (len(A.classes) == kv * dk
+                                         and len(set(qk_rows.reshape(-1).tolist())) == kv * dk)
+                if not qk_apart or len(B.classes) != kv * dv or len(set(v_rows.reshape(-1).tolist())) != kv * dv:
                     reason = "attention heads that are not separate channels"
             if reason is not None:
                 for c in np.unique(np.concatenate([self.classes(t.reshape(-1)) for t in (rec.q, rec.k, rec.v)
@@ -299,16 +303,16 @@ class Resolver:
                         if c >= 0:
                             spaces[self.space_of[int(c)]].reasons.append(reason)
                 continue
-            qk_free = not A.reasons and not A.output and all(holds("general_linear", c, an.groups)
-                                                             for c in A.constraints)
+            qk_free = A is not None and not A.reasons and not A.output \
+                and all(holds("general_linear", c, an.groups) for c in A.constraints)
             if B.reasons or B.output or not all(holds("general_linear", c, an.groups) for c in B.constraints):
                 B.reasons.append("the attention output is read by an operation that needs a smaller group")
                 if qk_free:
                     A.reasons.append("the values of this attention block are pinned")
-                else:
+                elif A is not None:
                     self._split_by_head(A, qk_rows)
                 continue
-            if not qk_free:
+            if not qk_free and A is not None:
                 self._split_by_head(A, qk_rows)
             if rec.v is None and not qk_free:
                 continue
@@ -322,7 +326,8 @@ class Resolver:
             B.classes = []
             for s in head_spaces:   # the scores' head axis moves with the heads of this block
                 spaces[s].classes = []
-            spaces.append(Draft(classes, [], False, set(), A.sites + B.sites, A.ties + B.ties, group, rec.owner))
+            kept = A if A is not None else Draft([])   # split queries/keys keep their own sites and ties
+            spaces.append(Draft(classes, [], False, set(), kept.sites + B.sites, kept.ties + B.ties, group, rec.owner))
             sid = len(spaces) - 1
             for i, c in enumerate(classes):
                 self.space_of[c] = sid
@@ -349,6 +354,20 @@ class Resolver:
             for i, c in enumerate(classes):
                 self.space_of[c] = sid
                 self.index_of[c] = i
+
+    def _split_by_head_already(self, rows: np.ndarray) -> bool:
+        """Are the queries/keys ``rows`` (heads, width; classes) already one space per head, each holding exactly
+        its head's classes (split by :meth:`_split_by_head` for an earlier attention call that reads them)?"""
+        seen = set()
+        for row in rows:
+            owners = {self.space_of[int(c)] for c in row}
+            if len(owners) != 1:
+                return False
+            s = owners.pop()
+            if s in seen or sorted(self.spaces[s].classes) != sorted(int(c) for c in row):
+                return False
+            seen.add(s)
+        return True
 
     def _scores_check(self, heads: np.ndarray, qkv_spaces: set) -> tuple[str | None, set, bool]:
         """Written-out attention: the head atoms of its scores may only be read by the operations that keep

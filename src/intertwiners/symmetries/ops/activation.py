@@ -173,7 +173,9 @@ def _derived(ctx: Context, node: fx.Node) -> DerivedParam | None:
     w = ctx.value(tensors[0])
     if not isinstance(w, ParamRef | DerivedParam) or shape_of(node) != tuple(w.shape):
         return None
-    return DerivedParam(w.name, tuple(w.shape))
+    # c·w and w/c scale with w (a scaling of the result is one of w); 1 + w, exp(w) do not
+    scales = p in (aten.mul, aten.mul_) or (p in (aten.div, aten.div_) and node.args[0] is tensors[0])
+    return DerivedParam(w.name, tuple(w.shape), scales and (isinstance(w, ParamRef) or w.scales))
 
 
 def derived_param(ctx: Context, node: fx.Node) -> DerivedParam:

@@ -1,6 +1,7 @@
 """Linear maps with a weight: ``linear``, ``addmm``, ``matmul``/``mm``/``bmm`` by a parameter, ``einsum``,
 convolutions, embeddings (``embedding``, or a table indexed with ``index``/``index_select``), ``gather`` along
-an axis without channels. A weight-normalised weight moves through its direction and magnitude (:mod:`.norm`).
+an axis without channels. A weight-normalised weight moves through its direction and magnitude, a standardised
+weight through its raw weight and gain (:mod:`.norm`).
 
 A producer makes new channels (the rows of W and b move with them, t -> T t); its input channels are W's
 columns (w -> w T^-1). A convolution with ``groups == channels`` (depthwise) keeps each channel's identity
@@ -19,12 +20,12 @@ from .. import layout as L
 from ..constraints import ConstantAdd, Monomial
 from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout, Side
-from ..records import ConcatParam, GatheredParam, NormedWeight, ParamRef
+from ..records import ConcatParam, GatheredParam, NormedWeight, ParamRef, StandardizedWeight
 from ..registry import builtin
 from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
 from .attention import batched_attention_product, weights_times_values
-from .norm import normed_weight
+from .norm import normed_weight, standardized_weight
 from .shape import table_rows, whole_table
 
 aten = torch.ops.aten
@@ -36,15 +37,19 @@ def _feeds_only_norm(node: fx.Node) -> bool:
         and isinstance(users[0].args[1], fx.Node)
 
 
-def producer(ctx: Context, node: fx.Node, x, weight: ParamRef | NormedWeight, bias, out_dim: int, w_out: int,
-             w_in: int, in_dim: int | None, groups: int = 1):
+def producer(ctx: Context, node: fx.Node, x, weight: ParamRef | NormedWeight | StandardizedWeight, bias,
+             out_dim: int, w_out: int, w_in: int, in_dim: int | None, groups: int = 1):
     """New channels on ``out_dim`` of the output: rows of ``weight`` (dim ``w_out``) and ``bias``; columns
     (dim ``w_in``) read x's channels on ``in_dim``. A weight-normalised weight moves through its direction and
-    magnitude (:func:`~.norm.normed_weight`)."""
+    magnitude (:func:`~.norm.normed_weight`), a standardised one through its raw weight and gain
+    (:func:`~.norm.standardized_weight`)."""
     shape = ctx.shape(node)
     if isinstance(weight, NormedWeight) and weight.dim == w_in:
         return ctx.unsupported(node, f"{ctx.describe(node)}: weight normalisation per input channel is not "
                                      "supported")
+    if isinstance(weight, StandardizedWeight) and ((w_out, w_in) != (0, 1) or weight.shape != weight.w.shape):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a standardised weight read in another shape than "
+                                     "its own")
     unscaled = _feeds_only_norm(node) or feeds_only_gate(ctx, node)
     n_in = weight.shape[w_in] * groups
     if isinstance(x, Layout):
@@ -66,6 +71,8 @@ def producer(ctx: Context, node: fx.Node, x, weight: ParamRef | NormedWeight, bi
             ctx.keep(L.simple(out.atoms[g * co:(g + 1) * co], out.chains[g * co:(g + 1) * co], (co,), 0))
     if isinstance(weight, NormedWeight):
         normed_weight(ctx, weight, w_out, w_in, out, inp, groups)
+    elif isinstance(weight, StandardizedWeight):
+        standardized_weight(ctx, weight, out, inp, groups)
     else:
         ctx.rows(weight, w_out, out)
         ctx.columns(weight, w_in, inp, groups)
@@ -105,15 +112,15 @@ def linear(ctx: Context, node: fx.Node):
     """y = x W^T + b: rows of W (and b) follow the new channels, columns the input's. Over an axis without
     channels (token mixing) channels pass, and the units the layer makes for an activation are a side axis."""
     x, w, b = ctx.value(node.args[0]), ctx.value(node.args[1]), bias_value(ctx, ctx.arg(node, 2, "bias"))
-    if not isinstance(w, ParamRef | NormedWeight) or len(w.shape) != 2:
+    if not isinstance(w, ParamRef | NormedWeight | StandardizedWeight) or len(w.shape) != 2:
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
     if whole_table(ctx, x):   # a table read whole as the input (DeBERTa v2's relative-position embeddings)
         x = table_rows(ctx, ctx.shape(node.args[0]), x)
     shape = ctx.shape(node)
-    if isinstance(w, NormedWeight) and isinstance(x, Layout) and (x.side is not None
-                                                                  or (x.ndim - 1) not in x.feature_dims()):
-        return ctx.unsupported(node, f"{ctx.describe(node)}: a weight-normalised layer over hidden units or a "
-                                     "non-channel axis is not supported")
+    if isinstance(w, NormedWeight | StandardizedWeight) and isinstance(x, Layout) \
+            and (x.side is not None or (x.ndim - 1) not in x.feature_dims()):
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a weight-normalised or standardised layer over hidden "
+                                     "units or a non-channel axis is not supported")
     if isinstance(x, Layout) and x.side is not None:
         side, x = x.side, x.derive(side=None)
         if side.dim == x.ndim - 1 and w.shape[1] == len(side.atoms):
@@ -368,7 +375,7 @@ def conv(ctx: Context, node: fx.Node):
         groups = node.args[8]
     else:
         groups = ctx.arg(node, 6, "groups", 1)
-    if not isinstance(w, ParamRef | NormedWeight):
+    if not isinstance(w, ParamRef | NormedWeight | StandardizedWeight):
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
     if groups > 1 and w.shape[1] == 1 and isinstance(x, Layout):
         if isinstance(w, NormedWeight):
@@ -380,15 +387,24 @@ def conv(ctx: Context, node: fx.Node):
     return producer(ctx, node, x, w, b, 1, 0, 1, 1 if isinstance(x, Layout) else None, groups)
 
 
-def depthwise(ctx: Context, node: fx.Node, x: Layout, w: ParamRef, b, groups: int):
-    """Each output channel is its input channel filtered: the filter is a per-channel gain (w -> P t/s w)."""
+def depthwise(ctx: Context, node: fx.Node, x: Layout, w: ParamRef | StandardizedWeight, b, groups: int):
+    """Each output channel is its input channel filtered: the filter is a per-channel gain (w -> P t/s w, here
+    t = s: only permuted). A standardised filter: its raw weight, gain and bias permuted with the channel."""
     if x.simple_dim() != 1:
         return ctx.unsupported(node, f"{ctx.describe(node)} does not act on the channel axis")
+    if isinstance(w, StandardizedWeight) and w.shape != w.w.shape:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a standardised weight read in another shape than "
+                                     "its own")
     mult = w.shape[0] // groups
     atoms, chains = np.repeat(x.atoms, mult), np.repeat(x.chains, mult)
     ctx.require(Monomial, x)
     out = ctx.keep(L.simple(np.where(atoms == ZERO, FIXED, atoms), chains, ctx.shape(node), 1))
-    ctx.gain(w, 0, out, Channels(atoms, chains))
+    if isinstance(w, StandardizedWeight):
+        for p, dim in ((w.w, 0), (w.gain, None), (w.bias, None)):
+            if p is not None:
+                ctx.permuted(p, dim, Channels(atoms, chains))
+    else:
+        ctx.gain(w, 0, out, Channels(atoms, chains))
     _bias_rows(ctx, node, b, out)
     return out
 

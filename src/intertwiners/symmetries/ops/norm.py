@@ -1,5 +1,6 @@
 """Normalisations: batch norm, layer norm and group norm over the channel axis (instance norm is pinned), and
-weight normalisation of a layer's weight (``torch._weight_norm``).
+weight normalisation of a layer's weight (``torch._weight_norm``) and weight standardisation (batch norm of a
+reshaped weight in train mode).
 
 Batch norm: BN'(P s x) = P t BN(x) in train and eval mode with gamma' = P t/s gamma, beta' = P t beta,
 running_mean' = P s mean, running_var' = P var, where s (the input's scale) must be ±1 because BN divides
@@ -19,6 +20,15 @@ transform on every axis that the norm runs over is orthogonal. With the norm per
 rows are permuted, g takes the output's scaling (g -> T g), the input transform S must be a signed
 permutation. With the norm over output rows too (``dim`` a kernel axis, or -1: the whole tensor): T and S are
 signed permutations, g does not move.
+
+Weight standardisation ``gain · (w - mean) / sqrt(var + eps) + bias`` per output row of w (timm's ``StdConv2d``
+and ``ScaledStdConv2d`` write it as batch norm in train mode of ``w.reshape(1, out, -1)``): a row's mean and
+variance stay when its elements are permuted and change under any other map of them (a scaling changes the
+row's statistics relative to ``eps``, a sign or a mixture changes its mean). So the layer's input transform S
+must be a permutation (w's columns permuted). Its output transform T = P·D: with a gain that scales (a
+parameter, or a parameter times constants as timm's ``gain * scale``), D is carried by the gain and the bias
+(w's rows only permuted); without one, D must be ±1, carried by w's rows (negating a row negates its
+standardised row exactly).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from ..chains import ONE
 from ..constraints import Monomial, Signed, Unit
 from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout
-from ..records import NormedWeight, ParamRef
+from ..records import DerivedParam, NormedWeight, ParamRef, StandardizedWeight
 from ..registry import builtin
 from .shape import table_rows, whole_table
 
@@ -61,8 +71,11 @@ def _affine(ctx: Context, x: Layout, w, b) -> Layout:
 @builtin(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
          aten.native_batch_norm, aten.instance_norm)
 def batch_norm(ctx: Context, node: fx.Node):
-    """Channels pass; gamma is a gain, beta rows, the running mean rows of the input, the variance permuted."""
+    """Channels pass; gamma is a gain, beta rows, the running mean rows of the input, the variance permuted. A
+    parameter normalised in train mode without running statistics is a standardised weight (:func:`standardized`)."""
     x = ctx.value(node.args[0])
+    if isinstance(x, ParamRef):
+        return standardized(ctx, node, x)
     if not isinstance(x, Layout):
         return None
     if node.target.overloadpacket is aten.instance_norm:
@@ -164,3 +177,55 @@ def normed_weight(ctx: Context, w: NormedWeight, w_out: int, w_in: int, out: Lay
         ctx.rows(w.v, w_out, out)
     ctx.require(Signed, inp)
     ctx.columns(w.v, w_in, inp, groups)
+
+
+def standardized(ctx: Context, node: fx.Node, x: ParamRef) -> StandardizedWeight | None:
+    """``F.batch_norm(w.reshape(1, out, -1), None, None, gain, bias, training=True)`` of a parameter w (out, ...):
+    w standardised row by row, a :class:`StandardizedWeight` for the layer that reads it. Anything else
+    (running statistics, eval mode, another shape, a gain or bias that is not a parameter): None, an
+    untransformed tensor (the parameters it reads are then recorded as read untransformed)."""
+    full = ctx.captured.tensors.get(x.name)
+    if node.target.overloadpacket is not aten.batch_norm or full is None or full.dim() < 2 \
+            or tuple(x.shape) != (1, full.shape[0], full[0].numel()) or ctx.arg(node, 3, "running_mean") is not None \
+            or ctx.arg(node, 4, "running_var") is not None or not ctx.arg(node, 5, "training", False):
+        return None
+    n = full.shape[0]
+    parts = []
+    for i, name in ((1, "weight"), (2, "bias")):
+        arg = ctx.arg(node, i, name)
+        v = ctx.value(arg)
+        if arg is None:
+            parts.append(None)
+        elif isinstance(v, ParamRef | DerivedParam) and int(np.prod(v.shape)) == n \
+                and (i == 1 or isinstance(v, ParamRef) or v.scales):
+            parts.append(v)
+        else:
+            return None
+    return StandardizedWeight(ParamRef(x.name, tuple(full.shape)), parts[0], parts[1], tuple(x.shape))
+
+
+def standardized_weight(ctx: Context, w: StandardizedWeight, out: Layout, inp: Channels, groups: int = 1) -> None:
+    """Record how a layer's standardised weight ``w`` (output rows on axis 0, input channels on axis 1) moves when
+    the layer's output channels ``out`` carry T and its input channels ``inp`` carry S: w -> T w S^-1 through the
+    raw weight, the gain and the bias, with S a permutation and T's scaling on the gain (module docstring)."""
+    gain = w.gain
+    if gain is not None and (isinstance(gain, ParamRef) or gain.scales):
+        ctx.require(Monomial, out)
+        ctx.permuted(w.w, 0, out)       # the rows only permuted: their statistics stay
+        ctx.rows(gain, _axis(ctx, gain), out)   # the gain takes T's scaling (and sign)
+    else:
+        ctx.require(Signed, out)
+        ctx.rows(w.w, 0, out)           # a sign of T negates the row, and its standardised row
+        if gain is not None:            # f(g) of a gain that does not scale with g (1 + g): permuted only
+            ctx.permuted(gain, _axis(ctx, gain), out)
+    if w.bias is not None:
+        ctx.rows(w.bias, _axis(ctx, w.bias), out)
+    ctx.require(Unit, inp)              # a permutation of a row's elements keeps its mean and variance
+    ctx.columns(w.w, 1, inp, groups)
+
+
+def _axis(ctx: Context, p: ParamRef | DerivedParam) -> int | None:
+    """The axis of parameter ``p`` (its own tensor) that holds its elements when all others have size 1 (timm's
+    gain (out, 1, 1, 1)): 0; else None (the flattened tensor), so that other uses of it along that axis are tied."""
+    full = ctx.captured.tensors.get(p.name)
+    return 0 if full is not None and full.dim() >= 1 and full.shape[0] == full.numel() else None

@@ -10,6 +10,7 @@ independent spaces (the resolver groups channels held by the same values).
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from .. import layout as L
 from ..constraints import ConstantAdd
 from ..context import Context
 from ..layout import FIXED, ZERO, Layout
-from ..records import ConcatParam, ParamRef
+from ..records import ConcatParam, DerivedParam, ParamRef, StandardizedWeight
 from ..registry import builtin
 
 aten = torch.ops.aten
@@ -53,10 +54,14 @@ def _param_view(ctx: Context, node: fx.Node, x: ParamRef) -> ParamRef:
 
 @builtin(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.reshape_as, aten.view_as)
 def view(ctx: Context, node: fx.Node):
+    """A hidden value's channels follow the reshape; a parameter, a derived parameter (``(g * c).view(-1)``) and
+    a standardised weight (reshaped back to its weight's shape) stay what they are, with the new shape."""
     x = ctx.value(node.args[0])
     shape = ctx.shape(node)
     if isinstance(x, ParamRef):
         return _param_view(ctx, node, x)
+    if isinstance(x, DerivedParam | StandardizedWeight) and shape is not None:
+        return replace(x, shape=tuple(shape))
     if not isinstance(x, Layout):
         return None
     out = L.reshape(x, shape)
