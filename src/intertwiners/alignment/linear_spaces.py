@@ -146,16 +146,17 @@ def fit_residual(params_a: dict, params_b: dict, act: SpaceSlots, element: torch
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
-def solve_linear_space(params_a: dict, params_b: dict, act: SpaceSlots, slots=None) -> LinearFit:
-    """The element T moving B into A's basis on one GL space (module docstring, step 2), fitted on the
-    space's rows and columns slots (``slots``: a subset of ``act.slots``), B's other spaces already aligned."""
-    n = act.size
-    eye = torch.eye(n, dtype=torch.float64)
-    ra, ka = _sides(params_a, act, slots)
-    rb, kb = _sides(params_b, act, slots)
-    gram_c = ka @ ka.T if ka is not None else torch.zeros(n, n, dtype=torch.float64)  # C_Aᵀ C_A
-    gram_r = rb @ rb.T if rb is not None else torch.zeros(n, n, dtype=torch.float64)  # R_B R_Bᵀ
-    rhs = torch.zeros(n, n, dtype=torch.float64)
+def least_squares_element(ra, rb, ka, kb, eps: float) -> tuple[torch.Tensor, int]:
+    """(T = I + D, number of directions of D left at 0): D the minimum-norm minimiser of
+    ``||D R_B - (R_A - R_B)||² + ||C_A D - (C_B - C_A)||²`` with R (n, p) the rows and K = Cᵀ (n, m) the columns
+    (either side may be None), from the normal equations ``(C_Aᵀ C_A) D + D (R_B R_Bᵀ) = Q`` in the
+    eigenvectors of the two Gram matrices; a direction whose eigenvalue sum is below ``100 n eps`` times the
+    largest is left at 0 (``eps``: the rounding unit of the parameters)."""
+    n = (ra if ra is not None else ka).shape[0]
+    zero = torch.zeros(n, n, dtype=torch.float64)
+    gram_c = ka @ ka.T if ka is not None else zero  # C_Aᵀ C_A
+    gram_r = rb @ rb.T if rb is not None else zero  # R_B R_Bᵀ
+    rhs = zero.clone()
     if ka is not None:
         rhs += ka @ (kb - ka).T  # C_Aᵀ (C_B - C_A)
     if rb is not None:
@@ -163,22 +164,31 @@ def solve_linear_space(params_a: dict, params_b: dict, act: SpaceSlots, slots=No
     a, u = torch.linalg.eigh(gram_c)
     b, v = torch.linalg.eigh(gram_r)
     a, b = a.clamp_min(0), b.clamp_min(0)
-    dtype = next((t.dtype for t in params_b.values() if t.is_floating_point()), torch.float64)
-    tol = float(a.max() + b.max()) * 100 * n * torch.finfo(dtype).eps
+    tol = float(a.max() + b.max()) * 100 * n * eps
     denom = a[:, None] + b[None, :]
     known = denom > tol
-    d = torch.where(known, (u.T @ rhs @ v) / denom.clamp_min(1e-300), torch.zeros_like(denom))
-    element = eye + u @ d @ v.T
-    free = int((~known).sum())
+    d = torch.where(known, (u.T @ rhs @ v) / denom.clamp_min(1e-300), zero)
+    return torch.eye(n, dtype=torch.float64) + u @ d @ v.T, int((~known).sum())
+
+
+def solve_linear_space(params_a: dict, params_b: dict, act: SpaceSlots, slots=None) -> LinearFit:
+    """The element T moving B into A's basis on one GL space (module docstring, step 2), fitted on the
+    space's rows and columns slots (``slots``: a subset of ``act.slots``), B's other spaces already aligned."""
+    n = act.size
+    eye = torch.eye(n, dtype=torch.float64)
+    ra, ka = _sides(params_a, act, slots)
+    rb, kb = _sides(params_b, act, slots)
+    dtype = next((t.dtype for t in params_b.values() if t.is_floating_point()), torch.float64)
+    element, free = least_squares_element(ra, rb, ka, kb, torch.finfo(dtype).eps)
     where = f"{free} of {n * n} directions not determined by the weights, kept at the identity" if free \
         else "determined by the weights"
     cond = float(torch.linalg.cond(element)) if bool(torch.isfinite(element).all()) else float("inf")
     base = fit_residual(params_a, params_b, act, eye, slots)
     if not cond <= MAX_CONDITION:
-        return LinearFit(eye, f"weights (GL: identity kept, the least-squares element is singular, condition "
-                              f"{cond:.3g}; residual {base:.3g})", base)
+        return LinearFit(eye, f"weights (GL: identity kept, residual {base:.3g}; the least-squares element is "
+                              f"singular, condition {cond:.3g})", base)
     res = fit_residual(params_a, params_b, act, element, slots)
     if not res <= base:
-        return LinearFit(eye, f"weights (GL: identity kept, the least-squares element fits worse: {res:.3g} > "
-                              f"{base:.3g})", base)
+        return LinearFit(eye, f"weights (GL: identity kept, residual {base:.3g}; the least-squares element fits "
+                              f"worse: {res:.3g})", base)
     return LinearFit(element, f"weights (GL: least squares on rows and columns, {where}; residual {res:.3g})", res)
