@@ -11,8 +11,10 @@ with B's on ``example_input`` instead, and only if they differ is the spec trace
 * ``method="activations"``: features at every space's sites, streamed over ``data``
   (:mod:`.activation_matching`);
 * ``method="weights"``: weight matching after putting the scaling part of both models in canonical form
-  (:mod:`.canonical`, :mod:`.weight_matching`). GL spaces (no activation between two linear maps) are
-  matched by their permutation part only with this method.
+  (:mod:`.canonical`, :mod:`.weight_matching`). GL spaces (no activation between two linear maps): the
+  other spaces are matched on products that hide them (``W2·W1``), then each GL element is solved in closed
+  form by least squares on B with the others applied (:mod:`.linear_spaces`); the activation method does the
+  same for GL spaces without activation sites.
 
 Attention spaces (head permutations × per-head maps) are matched by their weights with either method
 (:mod:`.attention`), after the other spaces.
@@ -61,8 +63,10 @@ class AlignResult:
     skipped: dict = field(default_factory=dict)  # space -> why it was left at the identity
     found_by: dict = field(default_factory=dict)
     """space -> how its element was found: ``"activations"``, ``"weights"`` (no activation sites to read, or
-    ``method="weights"``) or ``"attention weights (...)"`` (which per-head maps were taken, or that the identity
-    was kept: :func:`~.attention.align_attention_space`)."""
+    ``method="weights"``), ``"weights (GL: ...)"`` (a GL space: least squares on its rows and columns, how many
+    directions the weights left undetermined and the fit's residual, or that the identity was kept and why:
+    :func:`~.linear_spaces.solve_linear_space`) or ``"attention weights (...)"`` (which per-head maps were
+    taken, or that the identity was kept: :func:`~.attention.align_attention_space`)."""
     residual: dict = field(default_factory=dict)
     """space -> the relative distance ||A - moved B|| / ||A|| over the parameters the space moves, after
     alignment (0 for models that differ by a group element, to rounding)."""
