@@ -27,6 +27,18 @@ def _conv():
                          nn.ReLU(), nn.Flatten(), L(5 * 4 * 4, 2))
 
 
+class TwoConsumers(nn.Module):
+    """One GL space read by two linear maps: relu(W_b h) + relu(W_c h), h = W_a x + b_a."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.o = L(5, 4), L(4, 6), L(4, 6), L(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.o(torch.relu(self.b(h)) + torch.relu(self.c(h)))
+
+
 FAMILIES = {  # name: (model, input shape)
     "bottleneck": (lambda: nn.Sequential(L(5, 4), L(4, 6), nn.ReLU(), L(6, 3)), (5,)),
     "no-biases": (lambda: nn.Sequential(L(5, 4, bias=False), L(4, 6, bias=False), nn.ReLU(), L(6, 3)), (5,)),
@@ -39,6 +51,9 @@ FAMILIES = {  # name: (model, input shape)
     "two-gl-spaces-in-a-row": (lambda: nn.Sequential(L(5, 6), nn.ReLU(), L(6, 4), L(4, 3), L(3, 5), nn.ReLU(), L(5, 2)),
                                (5,)),
     "convolutions": (_conv, (2, 4, 4)),
+    "convolution-into-flatten-linear": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(),
+                                                              L(4 * 4 * 4, 6), nn.ReLU(), L(6, 2)), (2, 4, 4)),
+    "two-consumers": (TwoConsumers, (5,)),
 }
 
 
@@ -102,7 +117,8 @@ def test_the_products_that_hide_a_gl_space_do_not_move_under_it_and_move_with_it
     w = params["3.weight"] @ params["2.weight"]  # (7, 8): rows in space 4, columns in space 1
     expect = torch.zeros_like(w)
     expect[perm_a[:, None], perm_b[None, :]] = scale_a[:, None] * w / scale_b[None, :]
-    assert torch.allclose(pb["3.weight · 2.weight"], expect, atol=1e-12)
+    assert pb["3.weight · 2.weight"].shape == (7, 1, 1, 8)  # (rows, repeats in W2, repeats in W1, columns)
+    assert torch.allclose(pb["3.weight · 2.weight"].reshape(7, 8), expect, atol=1e-12)
     assert {s.tensor for s in acts[after].slots} >= {"3.weight · 2.weight", "3.weight · 2.bias", "3.bias"}
     assert "3.weight" not in {s.tensor for a in acts.values() for s in a.slots}
 

@@ -7,7 +7,8 @@ weight matching does for monomial spaces) compares slices in bases that differ b
 is determined only jointly with those neighbours. Two steps separate them:
 
 1. :func:`collapse_linear_spaces`: the product of every consumer with every producer over the space's axis
-   (``W2·W1``, ``W2·b1``; for any shapes, the contraction of the two tensors along the space's axis) does not
+   (``W2·W1``, ``W2·b1``; for any shapes, the contraction of the two tensors along the space's axis, each
+   occurrence of a coordinate -- a channel repeated by a flatten -- kept as an axis of its own) does not
    change under T. Each GL space's tensors are replaced by these products, carrying the other spaces' slots
    of the tensors they came from, so the other spaces are matched (and put in canonical form) on quantities
    that T does not reach. A space whose slots cannot be contracted this way (a slot on part of an axis, on a
@@ -55,15 +56,18 @@ def _contractible(act: SpaceSlots, slots_on: dict[str, list], params: dict) -> t
     if len(set(tensors)) != len(tensors):
         return None  # a tensor on both sides (a self-map) or twice on one
     for s in rows + cols:
-        if s.axis is None or s.positions.shape[1] != 1 or params[s.tensor].shape[s.axis] != act.size:
-            return None
+        if s.axis is None or s.positions.size != params[s.tensor].shape[s.axis]:
+            return None  # a flattened tensor, or an axis the space covers in part
         if any(o.axis is None or o.axis == s.axis for o in slots_on[s.tensor] if o is not s):
             return None
     return rows, cols
 
 
 def _gather(t: torch.Tensor, slot) -> torch.Tensor:
-    return t.index_select(slot.axis, torch.as_tensor(slot.positions[:, 0], device=t.device))
+    """``t`` with the slot's axis split into (n, r): coordinate j's occurrence k at [..., j, k, ...]."""
+    n, r = slot.positions.shape
+    t = t.index_select(slot.axis, torch.as_tensor(slot.positions.reshape(-1), device=t.device))
+    return t.reshape(*t.shape[:slot.axis], n, r, *t.shape[slot.axis + 1:])
 
 
 def collapse_linear_spaces(params_a: dict, params_b: dict, actions: dict[str, SpaceSlots]
@@ -90,15 +94,15 @@ def collapse_linear_spaces(params_a: dict, params_b: dict, actions: dict[str, Sp
                 za = torch.tensordot(_gather(pa[c.tensor], c), _gather(pa[r.tensor], r), dims=([c.axis], [r.axis]))
                 zb = torch.tensordot(_gather(pb[c.tensor], c), _gather(pb[r.tensor], r), dims=([c.axis], [r.axis]))
                 pa[key], pb[key] = za, zb
+                # the product's axes: the consumer's (its GL axis now the r repeats of each coordinate), then the
+                # producer's (likewise), so the other slots keep their axis, offset by the consumer's ndim
                 nc = pb[c.tensor].ndim
                 for o in slots_on[c.tensor]:
                     if o is not c:
-                        axis = o.axis if o.axis < c.axis else o.axis - 1
-                        added.setdefault(o.space, []).append(dataclasses.replace(o, tensor=key, axis=axis))
+                        added.setdefault(o.space, []).append(dataclasses.replace(o, tensor=key))
                 for o in slots_on[r.tensor]:
                     if o is not r:
-                        axis = nc - 1 + (o.axis if o.axis < r.axis else o.axis - 1)
-                        added.setdefault(o.space, []).append(dataclasses.replace(o, tensor=key, axis=axis))
+                        added.setdefault(o.space, []).append(dataclasses.replace(o, tensor=key, axis=nc + o.axis))
         gone = {s.tensor for s in rows + cols}
         del acts[name]
         for n, a in acts.items():
