@@ -72,7 +72,7 @@ def _model(family: str, seed: int):
 
 @pytest.mark.parametrize("method", ["weights", "activations"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(seed=st.integers(0, 2**20))
 def test_planted_recovery_on_gl_spaces_is_exact(family, method, seed):
     """g·M aligned back to M (g: random_symmetry, a dense GL element on every GL space): M's parameters to
