@@ -7,6 +7,9 @@
    batch of 8 at 224x224. Goal: < 60 s.
 3. ``--planted``: planted recovery, 100 trials per model family and method: align g·M to M for
    g = random_symmetry(spec) and count the trials whose parameters come back to relative error <= 1e-6.
+   ``--planted-set gl`` / ``torchvision-resnet``: only the GL families of tests/test_alignment_linear_spaces.py
+   (two linear maps with nothing between), respectively torchvision-style ResNet-18/50 replicas (tests/replicas.py,
+   random weights, 32x32 inputs), each trial a new model and a new element, through the public ``align``.
 4. ``--lmc``: train pairs of Myrtle CNNs (width 16, 64) and ResNet20s on digits and print the barriers of
    (1-alpha)·A + alpha·B for no alignment, permutations only, the full group and the full group + REPAIR
    (both methods). ``--no-norm`` does the same for networks without batch norm (Myrtle CNN width 16 without
@@ -23,7 +26,8 @@
    variants without REPAIR, 1,000 images), timed in the same run.
 
     python benchmarks/bench_alignment.py [--threads 1] [--skip-resnet50] [--planted [--trials 100]
-                                         [--transformers-only]] [--lmc [--no-norm]] [--merge] [--memory]
+                                         [--transformers-only] [--planted-set {all,gl,torchvision-resnet}]]
+                                         [--lmc [--no-norm]] [--merge] [--memory]
                                          [--job-cost]
 """
 
@@ -167,6 +171,58 @@ def planted_transformers(trials: int) -> None:
             print(f"planted recovery, {name:<28} {method:<11}: {ok}/{trials} ({time.perf_counter() - t:.1f} s; "
                   f"{len(spec.spaces)} spaces, {sum(s.kind == 'attention_heads' for s in spec.spaces.values())} "
                   "attention)", flush=True)
+
+
+def planted_families(which: str) -> list:
+    """(name, build(seed) -> (model, data), methods) of the families that ``--planted-set`` names."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    import replicas
+    from test_alignment import ready
+    from test_alignment_linear_spaces import FAMILIES
+
+    out = []
+    if which in ("all", "gl"):
+        for name, (build, shape) in FAMILIES.items():
+            def make(seed, build=build, shape=shape):
+                torch.manual_seed(seed)
+                return build().double().eval(), torch.randn(48, *shape, dtype=torch.float64)
+            out.append((f"GL: {name}", make))
+    if which in ("all", "torchvision-resnet"):
+        for name, cls, rows in (("ResNet-18", replicas.ResNet18, 128), ("ResNet-50", replicas.ResNet50, 256)):
+            for bn in ("data", "random"):
+                def make(seed, cls=cls, rows=rows, bn=bn):
+                    torch.manual_seed(seed)
+                    model = replicas.randomize_norms(cls(), torch.Generator().manual_seed(seed + 1))
+                    x = torch.randn(rows, 3, 32, 32, dtype=torch.float64)
+                    return (ready(model, x) if bn == "data" else model.double().eval()), x
+                out.append((f"{name}, BN stats {bn}", make))
+    return out
+
+
+def planted_through_align(trials: int, which: str) -> None:
+    """Planted recovery through ``align``: every trial a new model (seed) and a new element of its whole group
+    (dense on GL spaces); prints exact trials, the worst relative parameter error, time and how the elements
+    were found."""
+    from collections import Counter
+
+    from test_alignment import relerr
+
+    import intertwiners as it
+
+    for name, make in planted_families(which):
+        for method in ("weights", "activations"):
+            t, ok, worst, how = time.perf_counter(), 0, 0.0, Counter()
+            for trial in range(trials):
+                model, x = make(trial)
+                spec = it.symmetry_spec(model, x[:4])
+                g = it.random_symmetry(spec, torch.Generator().manual_seed(100 + trial), monomial=True)
+                r = align(model, it.apply_symmetry(model, g, spec), x, method=method)
+                err = relerr(model, r.model)
+                ok += err <= 1e-6
+                worst = err if not err <= worst else worst
+                how.update(v.split(";")[0].split(",")[0] for v in r.found_by.values())
+            print(f"planted recovery, {name:<38} {method:<11}: {ok}/{trials} (worst error {worst:.1e}; "
+                  f"{time.perf_counter() - t:.1f} s; spaces found by: {dict(how)})", flush=True)
 
 
 LMC_ARCHS = [("myrtle_cnn w16", "myrtle_cnn", {"width": 16}), ("myrtle_cnn w64", "myrtle_cnn", {"width": 64}),
@@ -337,6 +393,9 @@ def main(argv=None):
     p.add_argument("--planted", action="store_true", help="run the planted-recovery trials instead")
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--first-family", type=int, default=0, help="for --planted: skip the first families")
+    p.add_argument("--planted-set", default="all", choices=["all", "gl", "torchvision-resnet"],
+                   help="for --planted: 'gl' (GL bottleneck families) or 'torchvision-resnet' (ResNet-18/50 "
+                        "replicas) alone, through align; 'all' runs every family")
     p.add_argument("--transformers-only", action="store_true",
                    help="for --planted: only the transformer block and the tiny GPT-2 / Llama (whole group)")
     p.add_argument("--lmc", action="store_true", help="train pairs on digits and measure interpolation barriers")
@@ -356,8 +415,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.planted:
+        if args.planted_set != "all":
+            planted_through_align(args.trials, args.planted_set)
+            return
         if not args.transformers_only:
             planted(args.trials, args.first_family)
+            planted_through_align(args.trials, "all")
         planted_transformers(args.trials)
         return
     if args.lmc:

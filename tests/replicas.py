@@ -469,6 +469,69 @@ def resnet18(seed=0, dtype=torch.float32):
     return _build(ResNet18, seed, dtype)
 
 
+# ResNet-50 style (torchvision Bottleneck: 1x1 -> 3x3 (stride) -> 1x1 x4, one ReLU module called three times,
+# downsample = Sequential(conv 1x1 with the stride, BN) on the first block of every stage, out += identity)
+# --------------------------------------------------------------------------------------------------
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * self.expansion, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes * self.expansion))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet50(nn.Module):
+    """torchvision's resnet50 layout (stages of 3, 4, 6, 3 Bottleneck blocks) with ``planes`` per stage
+    (torchvision: 64, 128, 256, 512)."""
+
+    def __init__(self, planes=(4, 8, 16, 32), blocks=(3, 4, 6, 3)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, planes[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = planes[0]
+        for i, (p, n) in enumerate(zip(planes, blocks)):
+            layers = [Bottleneck(cin, p, 1 if i == 0 else 2)]
+            cin = p * Bottleneck.expansion
+            layers += [Bottleneck(cin, p) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(cin, NUM_CLASSES)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+def resnet50(seed=0, dtype=torch.float32):
+    return _build(ResNet50, seed, dtype)
+
+
 # --------------------------------------------------------------------------------------------------
 # ViT, timm style: patch embedding, cls token, qkv Linear reshaped into heads, layer scale
 # --------------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ with B's on ``example_input`` instead, and only if they differ is the spec trace
 * ``method="activations"``: features at every space's sites, streamed over ``data``
   (:mod:`.activation_matching`);
 * ``method="weights"``: weight matching after putting the scaling part of both models in canonical form
-  (:mod:`.canonical`, :mod:`.weight_matching`). GL spaces (no activation between two linear maps) are
-  matched by their permutation part only with this method.
+  (:mod:`.canonical`, :mod:`.weight_matching`). GL spaces (no activation between two linear maps): the
+  other spaces are matched on products that hide them (``W2·W1``), then each GL element is solved in closed
+  form by least squares on B with the others applied (:mod:`.linear_spaces`); the activation method does the
+  same for GL spaces without activation sites.
 
 Attention spaces (head permutations × per-head maps) are matched by their weights with either method
 (:mod:`.attention`), after the other spaces.
@@ -37,6 +39,7 @@ from ..features import SiteExtractor, iterate_inputs
 from .activation_matching import SpaceStats, fit_space, identified
 from .attention import align_attention
 from .canonical import canonical_scales
+from .linear_spaces import collapse_linear_spaces, is_linear_space, solve_linear_space
 from .spaces import space_slots
 from .weight_matching import match_permutations
 
@@ -60,8 +63,10 @@ class AlignResult:
     skipped: dict = field(default_factory=dict)  # space -> why it was left at the identity
     found_by: dict = field(default_factory=dict)
     """space -> how its element was found: ``"activations"``, ``"weights"`` (no activation sites to read, or
-    ``method="weights"``) or ``"attention weights (...)"`` (which per-head maps were taken, or that the identity
-    was kept: :func:`~.attention.align_attention_space`)."""
+    ``method="weights"``), ``"weights (GL: ...)"`` (a GL space: least squares on its rows and columns, how many
+    directions the weights left undetermined and the fit's residual, or that the identity was kept and why:
+    :func:`~.linear_spaces.solve_linear_space`) or ``"attention weights (...)"`` (which per-head maps were
+    taken, or that the identity was kept: :func:`~.attention.align_attention_space`)."""
     residual: dict = field(default_factory=dict)
     """space -> the relative distance ||A - moved B|| / ||A|| over the parameters the space moves, after
     alignment (0 for models that differ by a group element, to rounding)."""
@@ -238,14 +243,55 @@ def squared_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> 
 
 
 def align_weights(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, scaling: bool = True,
-                  max_sweeps: int = 30) -> tuple[dict, int]:
-    """{space: (perm, scale)} moving B into A's basis by weight matching; and the number of sweeps."""
+                  max_sweeps: int = 30, how: dict | None = None) -> tuple[dict, int]:
+    """{space: (perm, scale)} moving B into A's basis by weight matching; and the number of sweeps.
+
+    With ``scaling``, GL spaces get a dense (n, n) element: the other spaces are matched on products that
+    hide the GL spaces, then each GL element is solved in closed form on B with the others applied
+    (:mod:`.linear_spaces`); ``how`` (a dict, filled when given) says, per GL space, how its element was
+    found and the residual of the fit."""
     # only the parameters some space moves are read; they are copied only where the canonical form rescales
     # them (in place), so that weight matching holds at most one extra copy of each model's moved parameters
     pa, pb = moved_parameters(model_a, actions), moved_parameters(model_b, actions)
     if scaling:
         pa, pb = {k: t.clone() for k, t in pa.items()}, {k: t.clone() for k, t in pb.items()}
-    return match_weights(pa, pb, actions, scaling, max_sweeps)
+    found, sweeps = match_weights(pa, pb, actions, scaling, max_sweeps)
+    linear = [n for n, a in actions.items() if scaling and is_linear_space(a)]
+    if linear:
+        found.update(solve_linear_spaces(model_a, model_b, spec, actions, found, linear, how))
+    return found, sweeps
+
+
+def solve_linear_spaces(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, found: dict,
+                        linear: list[str], how: dict | None = None) -> dict:
+    """{GL space: (n, n) element} solved in closed form (:func:`~.linear_spaces.solve_linear_space`) on B
+    moved by ``found`` (the other spaces' elements), one GL space at a time: each is fitted on its slots whose
+    tensors no GL space still unsolved moves (all its slots when there are none), and applied before the next."""
+    from ..symmetries import apply_symmetry
+
+    pa = moved_parameters(model_a, {n: actions[n] for n in linear})
+    done = {n: el for n, el in found.items() if n not in linear}
+    out, pending = {}, list(linear)
+    while pending:
+        moved = apply_symmetry(model_b, done, spec) if done else model_b
+        pb = moved_parameters(moved, {n: actions[n] for n in linear})
+        name, use = pending[0], None
+        for cand in pending:
+            others = [actions[m] for m in pending if m != cand]
+            free = [s for s in actions[cand].slots if not any(_touches(o, s.tensor) for o in others)]
+            if free:
+                name, use = cand, free
+                break
+        fit = solve_linear_space(pa, pb, actions[name], use)
+        out[name] = done[name] = fit.element
+        if how is not None:
+            how[name] = fit.how
+        pending.remove(name)
+    return out
+
+
+def _touches(act, tensor: str) -> bool:
+    return any(s.tensor == tensor for s in act.slots)
 
 
 def moved_parameters(model: nn.Module, actions: dict) -> dict[str, torch.Tensor]:
@@ -257,19 +303,24 @@ def moved_parameters(model: nn.Module, actions: dict) -> dict[str, torch.Tensor]
 def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_sweeps: int = 30) -> tuple[dict, int]:
     """:func:`align_weights` on parameter dicts; with ``scaling`` they are rescaled to the canonical form IN
     PLACE (pass copies, or tensors that are restored afterwards)."""
-    if scaling:
-        sa, sb = canonical_scales(pa, actions), canonical_scales(pb, actions)
+    inner = actions
+    if scaling:  # GL spaces: the others are matched on products that hide them (solved afterwards)
+        pa, pb, inner, _ = collapse_linear_spaces(pa, pb, actions)
+        inner = {n: a for n, a in inner.items() if not is_linear_space(a)}
+        sa, sb = canonical_scales(pa, inner), canonical_scales(pb, inner)
     else:
         sa, sb = _identity_scales(actions), _identity_scales(actions)
-    perms, sweeps = match_permutations(pa, pb, actions, max_sweeps)
+    perms, sweeps = match_permutations(pa, pb, inner, max_sweeps)
     out = {}
-    for name, act in actions.items():
+    for name, act in inner.items():
         n = act.size
         ident = torch.arange(n)
         to_canon_b = (ident, sb[name])
         undo_a = G.monomial_inverse(ident, sa[name])
         out[name] = G.monomial_compose(undo_a, G.monomial_compose((perms[name], torch.ones(n, dtype=torch.float64)),
                                                                   to_canon_b))
+    for name, act in actions.items():  # GL spaces (scaling): the identity, until solved (solve_linear_spaces)
+        out.setdefault(name, (torch.arange(act.size), torch.ones(act.size, dtype=torch.float64)))
     return out, sweeps
 
 
@@ -391,10 +442,12 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
         moved = apply_symmetry(model_b, found, spec_b) if found else model_b
         if rest:  # matched by their weights (on B with the spaces found by data already moved)
             actions = weight_actions(spec_b, rest, attention)
+            linear_how: dict = {}
             with few_threads(threads):
-                by_weights, sweeps = align_weights(model_a, moved, spec_b, actions, scaling, max_sweeps)
+                by_weights, sweeps = align_weights(model_a, moved, spec_b, actions, scaling, max_sweeps, linear_how)
             found.update(by_weights)
             found_by.update(dict.fromkeys(by_weights, "weights"))
+            found_by.update(linear_how)
             moved = apply_symmetry(model_b, found, spec_b)
         if attention:  # heads matched on B with its other spaces already aligned (the spaces commute)
             heads, how = align_attention(model_a, moved, spec_b, attention, scaling)

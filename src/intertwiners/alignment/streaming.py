@@ -16,7 +16,8 @@ The elements, the moved weights and the residuals are bit for bit those of ``ali
 method="weights")``. :func:`save_streamed` then writes the moved B in the format of its folder tensor by
 tensor (no serialised copy of the whole model). Folders this does not cover (sharded weights, weights whose
 names or values differ from the loaded model's, models with batch statistics) take ``align``'s path:
-:func:`can_stream` says which.
+:func:`can_stream` says which; so do models with GL spaces (their elements are solved on a moved copy of B,
+:mod:`.linear_spaces`).
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps
         reference = reference_outputs(model_b, example_input)
     spec = symmetry_spec(model_b, example_input, check=False)
     names, attention, skipped = plan_spaces(spec)
+    if any(spec.spaces[n].group.kind == "general_linear" for n in names):  # GL elements are solved on a moved copy
+        return align(model_a, model_b, example_input=example_input, method="weights", max_sweeps=max_sweeps,
+                     threads=threads)
     found, found_by, sweeps = {}, {}, 0
     if names:
         actions = weight_actions(spec, names, attention)
