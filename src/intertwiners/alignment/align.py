@@ -254,14 +254,16 @@ def moved_parameters(model: nn.Module, actions: dict) -> dict[str, torch.Tensor]
     return {k: p.detach() for k, p in model.named_parameters() if k in used}
 
 
-def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_sweeps: int = 30) -> tuple[dict, int]:
+def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_sweeps: int = 30,
+                  keep_bytes: int | None = None) -> tuple[dict, int]:
     """:func:`align_weights` on parameter dicts; with ``scaling`` they are rescaled to the canonical form IN
-    PLACE (pass copies, or tensors that are restored afterwards)."""
+    PLACE (pass copies, or tensors that are restored afterwards). ``keep_bytes``: the memory bound of the
+    assignment scores kept between solves (:func:`~.weight_matching.match_permutations`; None: no bound)."""
     if scaling:
         sa, sb = canonical_scales(pa, actions), canonical_scales(pb, actions)
     else:
         sa, sb = _identity_scales(actions), _identity_scales(actions)
-    perms, sweeps = match_permutations(pa, pb, actions, max_sweeps)
+    perms, sweeps = match_permutations(pa, pb, actions, max_sweeps, keep_bytes=keep_bytes)
     out = {}
     for name, act in actions.items():
         n = act.size

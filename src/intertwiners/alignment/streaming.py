@@ -5,7 +5,10 @@ canonical form rescales the parameters in place) and returns a moved copy of B. 
 from safetensors files, the files hold the untouched weights, and :func:`align_folders` needs no copies:
 
 1. B's outputs on the example input and its spec are computed, the spaces planned as in ``align``;
-2. both models' own parameters are put in canonical form in place and matched (:func:`~.align.match_weights`);
+2. both models' own parameters are put in canonical form in place and matched (:func:`~.align.match_weights`),
+   keeping assignment scores of at most an eighth of one model's parameter bytes between solves (the others
+   are freed once their space is solved: GPT-2 small's twelve float64 (3072, 3072) MLP scores alone would
+   take 1.9 models);
 3. both are restored from their files, one tensor at a time; the elements found are applied to B in place
    (``apply_symmetry(..., inplace=True)``, one tensor at a time); attention heads are matched on it, B is
    restored and moved again with every element (so each tensor gets exactly the operations ``align`` applies);
@@ -13,7 +16,9 @@ from safetensors files, the files hold the untouched weights, and :func:`align_f
    does the whole alignment (with the spec's safety check), as it would have.
 
 The elements, the moved weights and the residuals are bit for bit those of ``align(A, B,
-method="weights")``. :func:`save_streamed` then writes the moved B in the format of its folder tensor by
+method="weights")`` where no freed score is needed again (see ``weight_matching._Scores``; so on GPT-2 small).
+``monomial=True`` returns (perm, scale) pairs, as ``align`` does, instead of dense (n, n) elements (another
+1.9 models for GPT-2 small). :func:`save_streamed` then writes the moved B in the format of its folder tensor by
 tensor (no serialised copy of the whole model). Folders this does not cover (sharded weights, weights whose
 names or values differ from the loaded model's, models with batch statistics) take ``align``'s path:
 :func:`can_stream` says which.
@@ -113,11 +118,14 @@ def can_stream(fa: ModelFolder, fb: ModelFolder) -> bool:
             and stored_tensors(fa) is not None and stored_tensors(fb) is not None)
 
 
+SCORE_SHARE = 8  # the scores kept between solves take at most 1/SCORE_SHARE of one model's parameter bytes
+
+
 def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps: int = 30,
-                  threads: int = 1) -> AlignResult:
-    """``align(fa.model, fb.model, example_input=example_input, method="weights")``; where the folders pass
-    :func:`can_stream`, B is moved IN PLACE (``result.model is fb.model``) without a copy of either model
-    (module docstring), else ``align`` runs as it is. ``fa.model`` ends as it was loaded."""
+                  threads: int = 1, monomial: bool = False) -> AlignResult:
+    """``align(fa.model, fb.model, example_input=example_input, method="weights", monomial=monomial)``; where
+    the folders pass :func:`can_stream`, B is moved IN PLACE (``result.model is fb.model``) without a copy of
+    either model (module docstring), else ``align`` runs as it is. ``fa.model`` ends as it was loaded."""
     from ..symmetries import apply_symmetry, symmetry_spec
 
     start = time.perf_counter()
@@ -127,7 +135,7 @@ def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps
     ta, tb = stored_tensors(fa), stored_tensors(fb)
     if ta is None or tb is None or has_running_stats(model_b):
         return align(model_a, model_b, example_input=example_input, method="weights", max_sweeps=max_sweeps,
-                     threads=threads)
+                     threads=threads, monomial=monomial)
     with torch.no_grad():
         reference = reference_outputs(model_b, example_input)
     spec = symmetry_spec(model_b, example_input, check=False)
@@ -137,8 +145,9 @@ def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps
         actions = weight_actions(spec, names, attention)
         try:
             with few_threads(threads), torch.no_grad():
+                keep = sum(p.numel() * p.element_size() for p in model_b.parameters()) // SCORE_SHARE
                 found, sweeps = match_weights(moved_parameters(model_a, actions), moved_parameters(model_b, actions),
-                                              actions, True, max_sweeps)
+                                              actions, True, max_sweeps, keep_bytes=keep)
         finally:
             restore(fa, ta)
             restore(fb, tb)
@@ -157,8 +166,8 @@ def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps
     if not same:
         restore(fb, tb)  # align redoes it with the spec's safety check, on copies
         return align(model_a, model_b, example_input=example_input, method="weights", max_sweeps=max_sweeps,
-                     threads=threads)
-    elements = {n: _as_element(el, True) for n, el in found.items()}
+                     threads=threads, monomial=monomial)
+    elements = {n: _as_element(el, not monomial) for n, el in found.items()}
     residual = weight_residuals(model_a, model_b, spec, list(found))
     return AlignResult(elements, model_b, "weights", "full", spec, time.perf_counter() - start, sweeps, skipped,
                        found_by, residual)
