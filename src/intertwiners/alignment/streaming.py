@@ -66,12 +66,27 @@ def stored_keys(file: Path) -> list[str]:
         return list(f.keys())
 
 
-def read_tensor(file: Path, key: str) -> torch.Tensor:
-    """One tensor of a safetensors file (the file is mapped only while it is read)."""
+def read_slices(file: Path, key: str, chunk: int = 1 << 22):
+    """(start, rows) pairs: one tensor of a safetensors file in slices of about ``chunk`` entries along its first
+    axis (a 0-d tensor in one piece), so that no copy of a whole large tensor (a token embedding) is made."""
     from safetensors import safe_open
 
     with safe_open(str(file), "pt") as f:
-        return f.get_tensor(key)
+        part = f.get_slice(key)
+        shape = part.get_shape()
+        if not shape:
+            yield 0, f.get_tensor(key)
+            return
+        step = max(1, chunk * shape[0] // max(1, _numel(shape)))
+        for i in range(0, shape[0], step):
+            yield i, part[i:i + step]
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
 
 
 def stored_tensors(folder: ModelFolder) -> dict[str, torch.Tensor] | None:
@@ -86,7 +101,15 @@ def stored_tensors(folder: ModelFolder) -> dict[str, torch.Tensor] | None:
         return None
     with torch.no_grad():
         for k, t in out.items():
-            if not torch.equal(t, read_tensor(file, k).to(device=t.device, dtype=t.dtype)):
+            covered = 0
+            for i, rows in read_slices(file, k):
+                if rows.ndim != t.ndim:
+                    return None
+                mine = t if t.ndim == 0 else t[i:i + rows.shape[0]]
+                if mine.shape != rows.shape or not torch.equal(mine, rows.to(device=t.device, dtype=t.dtype)):
+                    return None
+                covered = i + (rows.shape[0] if rows.ndim else 1)
+            if covered != (t.shape[0] if t.ndim else 1):
                 return None
     return out
 
@@ -105,11 +128,12 @@ def tensors_of(model: nn.Module, keys: list[str]) -> dict[str, torch.Tensor] | N
 
 
 def restore(folder: ModelFolder, tensors: dict[str, torch.Tensor]) -> None:
-    """The model's tensors set back to the file's values, one tensor at a time."""
+    """The model's tensors set back to the file's values, one slice of a tensor at a time."""
     file = folder.path / WEIGHTS
     with torch.no_grad():
         for k, t in tensors.items():
-            t.copy_(read_tensor(file, k))
+            for i, rows in read_slices(file, k):
+                (t if t.ndim == 0 else t[i:i + rows.shape[0]]).copy_(rows)
 
 
 def can_stream(fa: ModelFolder, fb: ModelFolder) -> bool:
