@@ -68,18 +68,22 @@ def stored_keys(file: Path) -> list[str]:
 
 def read_slices(file: Path, key: str, chunk: int = 1 << 22):
     """(start, rows) pairs: one tensor of a safetensors file in slices of about ``chunk`` entries along its first
-    axis (a 0-d tensor in one piece), so that no copy of a whole large tensor (a token embedding) is made."""
+    axis (a 0-d tensor in one piece), so that no copy of a whole large tensor (a token embedding) is made. The
+    file is mapped again for every slice: the pages of a mapping that were read stay in the resident set until
+    it is closed (restoring GPT-2 small's token embedding through one mapping peaked 147 MiB higher, through
+    one per slice 18 MiB)."""
     from safetensors import safe_open
 
     with safe_open(str(file), "pt") as f:
-        part = f.get_slice(key)
-        shape = part.get_shape()
+        shape = f.get_slice(key).get_shape()
         if not shape:
             yield 0, f.get_tensor(key)
             return
-        step = max(1, chunk * shape[0] // max(1, _numel(shape)))
-        for i in range(0, shape[0], step):
-            yield i, part[i:i + step]
+    step = max(1, chunk * shape[0] // max(1, _numel(shape)))
+    for i in range(0, shape[0], step):
+        with safe_open(str(file), "pt") as f:
+            rows = f.get_slice(key)[i:i + step]
+        yield i, rows
 
 
 def _numel(shape) -> int:
