@@ -218,8 +218,8 @@ def weight_residuals(model_a: nn.Module, moved: nn.Module, spec, names: list[str
     pa, pm = dict(model_a.named_parameters()), dict(moved.named_parameters())
     out = {}
     for name in names:
-        keys = {s.tensor for s in spec.slots(name) if s.kind == "parameter" and s.tensor in pa}
-        sums = [squared_distance(pa[k], pm[k]) for k in keys]
+        keys = sorted({s.tensor for s in spec.slots(name) if s.kind == "parameter" and s.tensor in pa})
+        sums = [squared_distance(pa[k], pm[k]) for k in keys]  # sorted: the same sum in every process
         num, den = sum(d for d, _ in sums), sum(n for _, n in sums)
         out[name] = (num / den) ** 0.5 if den > 0 else 0.0
     return out
