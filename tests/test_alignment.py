@@ -171,6 +171,55 @@ def test_weight_matching_scores_kept_up_to_date_equal_scores_from_scratch(build)
         assert torch.allclose(kept.score(name), fresh.partial(act.slots), rtol=1e-10, atol=1e-10), name
 
 
+@pytest.mark.parametrize("build", [lambda: models.mlp(5, hidden=(8, 8, 8)),
+                                   lambda: models.resnet20(shortcut="B", in_channels=1, widths=(4, 8, 16))])
+def test_weight_matching_with_scores_freed_takes_the_same_steps(build, monkeypatch):
+    """With a memory bound on the kept scores (``keep_bytes``), a score over it is freed once its space is
+    solved and recomputed from scratch only when the space must be solved again: the descent makes the same
+    assignments on the same decisions (same permutations, sweeps and number of Hungarian solves) as with every
+    score kept, and with ``keep_bytes=0`` no score outlives its solve."""
+    import intertwiners.alignment.weight_matching as wm
+
+    torch.manual_seed(18)
+    a, b = build().double().eval(), build().double().eval()  # unrelated: several sweeps, freed scores recomputed
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64) if isinstance(a, models.ResNet) else torch.randn(4, 5)
+    spec = symmetry_spec(b, x)
+    actions = {n: space_slots(spec, n) for n in spec.spaces}
+    pa = {k: p.detach() for k, p in a.named_parameters()}
+    pb = {k: p.detach() for k, p in b.named_parameters()}
+    solves, kept_after, computed = [], [], []
+    real_hungarian, real_solve, real_partial = wm.hungarian_permutation, wm._Scores.solve, wm._Scores.partial
+
+    def counting(score):
+        solves.append(score.shape[0])
+        return real_hungarian(score)
+
+    def solve(self, name):
+        out = real_solve(self, name)
+        kept_after.append(sum(t.nbytes for t in self.scores.values()))
+        return out
+
+    def partial(self, slots):
+        computed.append(len(slots))
+        return real_partial(self, slots)
+
+    monkeypatch.setattr(wm, "hungarian_permutation", counting)
+    monkeypatch.setattr(wm._Scores, "solve", solve)
+    monkeypatch.setattr(wm._Scores, "partial", partial)
+    runs = {}
+    for keep in (None, 0):
+        solves.clear()
+        kept_after.clear()
+        computed.clear()
+        perms, sweeps = wm.match_permutations(pa, pb, actions, keep_bytes=keep)
+        runs[keep] = (perms, sweeps, list(solves), max(kept_after), len(computed))
+    (p_all, s_all, n_all, most, c_all), (p_freed, s_freed, n_freed, least, c_freed) = runs[None], runs[0]
+    assert c_freed > c_all  # premise: some freed score was needed again and recomputed
+    assert s_all == s_freed and n_all == n_freed
+    assert all(torch.equal(p_all[n], p_freed[n]) for n in actions)
+    assert most > 0 and least == 0
+
+
 def test_unchecked_spec_falls_back_to_the_checked_one(monkeypatch):
     """align traces without the spec's safety check and checks the aligned model instead; when that check
     fails it traces again with the safety check and aligns again (here the first check is forced to fail)."""

@@ -247,3 +247,25 @@ def test_write_safetensors_round_trips_dtypes(tmp_path):
     t["a"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         write_safetensors(tmp_path / "y.safetensors", list(t), t.__getitem__)
+
+
+def test_read_slices_reassemble_every_tensor(tmp_path):
+    """restore and stored_tensors read a stored tensor in slices along its first axis (no whole copy of a
+    token embedding); the slices put together are the tensor, for any slice size, 0-d and empty tensors too."""
+    from safetensors.torch import save_file
+
+    from intertwiners.alignment.streaming import read_slices
+
+    tensors = {"w": torch.randn(7, 3, 2), "b": torch.randn(5), "s": torch.tensor(2.5), "e": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    for chunk in (1, 5, 6, 1 << 22):
+        for k, t in tensors.items():
+            parts = list(read_slices(tmp_path / "t.safetensors", k, chunk))
+            if t.ndim == 0:
+                assert len(parts) == 1 and torch.equal(parts[0][1], t)
+                continue
+            assert [i for i, _ in parts] == sorted(i for i, _ in parts)
+            got = torch.cat([p for _, p in parts]) if parts else torch.zeros(0, *t.shape[1:])
+            assert torch.equal(got, t), (k, chunk)
+            if chunk == 5 and k == "w":
+                assert len(parts) == 7  # six entries per row: one row per slice

@@ -76,6 +76,33 @@ def test_gpt2_tied_unembedding_moves_once():
     assert not torch.equal(new.lm_head.weight, model.lm_head.weight)
 
 
+def test_inplace_apply_moves_large_tensors_in_slices_bit_for_bit(monkeypatch):
+    """apply_symmetry(inplace=True) moves a tensor larger than SLICE entries in slices along an axis no slot
+    acts on, where every element acting on it is monomial; the result equals the copy's bit for bit, and
+    tensors an attention (dense) element acts on are moved whole."""
+    import intertwiners.symmetries.apply as apply_module
+
+    model = _hf("gpt2").double().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    spec = symmetry_spec(model, (ids,))
+    g = random_symmetry(spec, torch.Generator().manual_seed(3))
+    want = apply_symmetry(model, g, spec)
+    monkeypatch.setattr(apply_module, "SLICE", 7)
+    axes = []
+    real = apply_module._slicing_axis
+
+    def spy(t, slots, els):
+        axes.append((slots[0].tensor, real(t, slots, els)))
+        return axes[-1][1]
+
+    monkeypatch.setattr(apply_module, "_slicing_axis", spy)
+    got = apply_symmetry(copy.deepcopy(model), g, spec, inplace=True)
+    sliced = {k for k, a in axes if a is not None}
+    assert "transformer.wte.weight" in sliced and not any("c_attn" in k for k in sliced)
+    for (k, p), q in zip(want.state_dict().items(), got.state_dict().values(), strict=True):
+        assert torch.equal(p, q), k
+
+
 def test_attention_element_outside_group_changes_output():
     model = _hf("gpt2").double().eval()
     ids = torch.randint(0, 50, (2, 6))

@@ -223,8 +223,8 @@ def weight_residuals(model_a: nn.Module, moved: nn.Module, spec, names: list[str
     pa, pm = dict(model_a.named_parameters()), dict(moved.named_parameters())
     out = {}
     for name in names:
-        keys = {s.tensor for s in spec.slots(name) if s.kind == "parameter" and s.tensor in pa}
-        sums = [squared_distance(pa[k], pm[k]) for k in keys]
+        keys = sorted({s.tensor for s in spec.slots(name) if s.kind == "parameter" and s.tensor in pa})
+        sums = [squared_distance(pa[k], pm[k]) for k in keys]  # sorted: the same sum in every process
         num, den = sum(d for d, _ in sums), sum(n for _, n in sums)
         out[name] = (num / den) ** 0.5 if den > 0 else 0.0
     return out
@@ -300,9 +300,11 @@ def moved_parameters(model: nn.Module, actions: dict) -> dict[str, torch.Tensor]
     return {k: p.detach() for k, p in model.named_parameters() if k in used}
 
 
-def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_sweeps: int = 30) -> tuple[dict, int]:
+def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_sweeps: int = 30,
+                  keep_bytes: int | None = None) -> tuple[dict, int]:
     """:func:`align_weights` on parameter dicts; with ``scaling`` they are rescaled to the canonical form IN
-    PLACE (pass copies, or tensors that are restored afterwards)."""
+    PLACE (pass copies, or tensors that are restored afterwards). ``keep_bytes``: the memory bound of the
+    assignment scores kept between solves (:func:`~.weight_matching.match_permutations`; None: no bound)."""
     inner = actions
     if scaling:  # GL spaces: the others are matched on products that hide them (solved afterwards)
         pa, pb, inner, _ = collapse_linear_spaces(pa, pb, actions)
@@ -310,7 +312,7 @@ def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_s
         sa, sb = canonical_scales(pa, inner), canonical_scales(pb, inner)
     else:
         sa, sb = _identity_scales(actions), _identity_scales(actions)
-    perms, sweeps = match_permutations(pa, pb, inner, max_sweeps)
+    perms, sweeps = match_permutations(pa, pb, inner, max_sweeps, keep_bytes=keep_bytes)
     out = {}
     for name, act in inner.items():
         n = act.size

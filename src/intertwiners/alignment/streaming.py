@@ -5,7 +5,10 @@ canonical form rescales the parameters in place) and returns a moved copy of B. 
 from safetensors files, the files hold the untouched weights, and :func:`align_folders` needs no copies:
 
 1. B's outputs on the example input and its spec are computed, the spaces planned as in ``align``;
-2. both models' own parameters are put in canonical form in place and matched (:func:`~.align.match_weights`);
+2. both models' own parameters are put in canonical form in place and matched (:func:`~.align.match_weights`),
+   keeping assignment scores of at most an eighth of one model's parameter bytes between solves (the others
+   are freed once their space is solved: GPT-2 small's twelve float64 (3072, 3072) MLP scores alone would
+   take 1.9 models);
 3. both are restored from their files, one tensor at a time; the elements found are applied to B in place
    (``apply_symmetry(..., inplace=True)``, one tensor at a time); attention heads are matched on it, B is
    restored and moved again with every element (so each tensor gets exactly the operations ``align`` applies);
@@ -13,7 +16,9 @@ from safetensors files, the files hold the untouched weights, and :func:`align_f
    does the whole alignment (with the spec's safety check), as it would have.
 
 The elements, the moved weights and the residuals are bit for bit those of ``align(A, B,
-method="weights")``. :func:`save_streamed` then writes the moved B in the format of its folder tensor by
+method="weights")`` where no freed score is needed again (see ``weight_matching._Scores``; so on GPT-2 small).
+``monomial=True`` returns (perm, scale) pairs, as ``align`` does, instead of dense (n, n) elements (another
+1.9 models for GPT-2 small). :func:`save_streamed` then writes the moved B in the format of its folder tensor by
 tensor (no serialised copy of the whole model). Folders this does not cover (sharded weights, weights whose
 names or values differ from the loaded model's, models with batch statistics) take ``align``'s path:
 :func:`can_stream` says which; so do models with GL spaces (their elements are solved on a moved copy of B,
@@ -62,12 +67,31 @@ def stored_keys(file: Path) -> list[str]:
         return list(f.keys())
 
 
-def read_tensor(file: Path, key: str) -> torch.Tensor:
-    """One tensor of a safetensors file (the file is mapped only while it is read)."""
+def read_slices(file: Path, key: str, chunk: int = 1 << 22):
+    """(start, rows) pairs: one tensor of a safetensors file in slices of about ``chunk`` entries along its first
+    axis (a 0-d tensor in one piece), so that no copy of a whole large tensor (a token embedding) is made. The
+    file is mapped again for every slice: the pages of a mapping that were read stay in the resident set until
+    it is closed (restoring GPT-2 small's token embedding through one mapping peaked 147 MiB higher, through
+    one per slice 18 MiB)."""
     from safetensors import safe_open
 
     with safe_open(str(file), "pt") as f:
-        return f.get_tensor(key)
+        shape = f.get_slice(key).get_shape()
+        if not shape:
+            yield 0, f.get_tensor(key)
+            return
+    step = max(1, chunk * shape[0] // max(1, _numel(shape)))
+    for i in range(0, shape[0], step):
+        with safe_open(str(file), "pt") as f:
+            rows = f.get_slice(key)[i:i + step]
+        yield i, rows
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
 
 
 def stored_tensors(folder: ModelFolder) -> dict[str, torch.Tensor] | None:
@@ -82,7 +106,15 @@ def stored_tensors(folder: ModelFolder) -> dict[str, torch.Tensor] | None:
         return None
     with torch.no_grad():
         for k, t in out.items():
-            if not torch.equal(t, read_tensor(file, k).to(device=t.device, dtype=t.dtype)):
+            covered = 0
+            for i, rows in read_slices(file, k):
+                if rows.ndim != t.ndim:
+                    return None
+                mine = t if t.ndim == 0 else t[i:i + rows.shape[0]]
+                if mine.shape != rows.shape or not torch.equal(mine, rows.to(device=t.device, dtype=t.dtype)):
+                    return None
+                covered = i + (rows.shape[0] if rows.ndim else 1)
+            if covered != (t.shape[0] if t.ndim else 1):
                 return None
     return out
 
@@ -101,11 +133,12 @@ def tensors_of(model: nn.Module, keys: list[str]) -> dict[str, torch.Tensor] | N
 
 
 def restore(folder: ModelFolder, tensors: dict[str, torch.Tensor]) -> None:
-    """The model's tensors set back to the file's values, one tensor at a time."""
+    """The model's tensors set back to the file's values, one slice of a tensor at a time."""
     file = folder.path / WEIGHTS
     with torch.no_grad():
         for k, t in tensors.items():
-            t.copy_(read_tensor(file, k))
+            for i, rows in read_slices(file, k):
+                (t if t.ndim == 0 else t[i:i + rows.shape[0]]).copy_(rows)
 
 
 def can_stream(fa: ModelFolder, fb: ModelFolder) -> bool:
@@ -114,11 +147,14 @@ def can_stream(fa: ModelFolder, fb: ModelFolder) -> bool:
             and stored_tensors(fa) is not None and stored_tensors(fb) is not None)
 
 
+SCORE_SHARE = 8  # the scores kept between solves take at most 1/SCORE_SHARE of one model's parameter bytes
+
+
 def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps: int = 30,
-                  threads: int = 1) -> AlignResult:
-    """``align(fa.model, fb.model, example_input=example_input, method="weights")``; where the folders pass
-    :func:`can_stream`, B is moved IN PLACE (``result.model is fb.model``) without a copy of either model
-    (module docstring), else ``align`` runs as it is. ``fa.model`` ends as it was loaded."""
+                  threads: int = 1, monomial: bool = False) -> AlignResult:
+    """``align(fa.model, fb.model, example_input=example_input, method="weights", monomial=monomial)``; where
+    the folders pass :func:`can_stream`, B is moved IN PLACE (``result.model is fb.model``) without a copy of
+    either model (module docstring), else ``align`` runs as it is. ``fa.model`` ends as it was loaded."""
     from ..symmetries import apply_symmetry, symmetry_spec
 
     start = time.perf_counter()
@@ -128,7 +164,7 @@ def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps
     ta, tb = stored_tensors(fa), stored_tensors(fb)
     if ta is None or tb is None or has_running_stats(model_b):
         return align(model_a, model_b, example_input=example_input, method="weights", max_sweeps=max_sweeps,
-                     threads=threads)
+                     threads=threads, monomial=monomial)
     with torch.no_grad():
         reference = reference_outputs(model_b, example_input)
     spec = symmetry_spec(model_b, example_input, check=False)
@@ -141,8 +177,9 @@ def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps
         actions = weight_actions(spec, names, attention)
         try:
             with few_threads(threads), torch.no_grad():
+                keep = sum(p.numel() * p.element_size() for p in model_b.parameters()) // SCORE_SHARE
                 found, sweeps = match_weights(moved_parameters(model_a, actions), moved_parameters(model_b, actions),
-                                              actions, True, max_sweeps)
+                                              actions, True, max_sweeps, keep_bytes=keep)
         finally:
             restore(fa, ta)
             restore(fb, tb)
@@ -161,8 +198,8 @@ def align_folders(fa: ModelFolder, fb: ModelFolder, example_input, *, max_sweeps
     if not same:
         restore(fb, tb)  # align redoes it with the spec's safety check, on copies
         return align(model_a, model_b, example_input=example_input, method="weights", max_sweeps=max_sweeps,
-                     threads=threads)
-    elements = {n: _as_element(el, True) for n, el in found.items()}
+                     threads=threads, monomial=monomial)
+    elements = {n: _as_element(el, not monomial) for n, el in found.items()}
     residual = weight_residuals(model_a, model_b, spec, list(found))
     return AlignResult(elements, model_b, "weights", "full", spec, time.perf_counter() - start, sweeps, skipped,
                        found_by, residual)

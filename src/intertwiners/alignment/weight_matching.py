@@ -82,13 +82,22 @@ class _Scores:
     (``(rows(T_new) - rows(T_old)) @ rows(A)^T`` restricted to them): late sweeps, in which few indices move,
     cost a small fraction of a full pass. A space whose score has not changed since it was last solved keeps
     its permutation without a new assignment (the Hungarian solution of the same scores).
+
+    ``keep_bytes`` bounds the memory of the scores kept between solves (None: every score is kept). A score
+    that would take the kept scores past it is freed once its space is solved, and computed from scratch if
+    the space has to be solved again (after a permutation it depends on changed); until then nothing is
+    computed for it. Where no freed score is needed again (GPT-2 small: every space is solved on scores
+    computed once) the assignments are the ones every score kept gives, bit for bit; otherwise a recomputed
+    score differs from the corrected one by the rounding of the float32 cross-products.
     """
 
-    def __init__(self, params_a: dict, params_b: dict, actions: dict[str, SpaceSlots], perms: dict):
+    def __init__(self, params_a: dict, params_b: dict, actions: dict[str, SpaceSlots], perms: dict,
+                 keep_bytes: int | None = None):
         self.a, self.b, self.actions, self.perms = params_a, params_b, actions, perms
         self.by_key = _slots_by_key(actions)
-        self.scores: dict[str, torch.Tensor] = {}
-        self.stale: set[str] = set()  # spaces whose scores changed since they were last solved
+        self.scores: dict[str, torch.Tensor] = {}  # the scores kept, up to date
+        self.current: set[str] = set()  # spaces solved on their scores as they are now (kept or freed)
+        self.keep_bytes = keep_bytes
 
     def contribution(self, slot: Slot) -> torch.Tensor:
         """C_s (n, n) in the parameters' dtype, from scratch."""
@@ -109,15 +118,16 @@ class _Scores:
     def score(self, name: str) -> torch.Tensor:
         if name not in self.scores:
             self.scores[name] = self.partial(self.actions[name].slots)
-            self.stale.add(name)
         return self.scores[name]
 
     def solve(self, name: str) -> bool:
         """Re-solve one space's assignment (if its scores changed); True when its permutation changed."""
-        if name in self.scores and name not in self.stale:
+        if name in self.current:
             return False
         perm = hungarian_permutation(self.score(name))
-        self.stale.discard(name)
+        self.current.add(name)
+        if self.keep_bytes is not None and sum(t.nbytes for t in self.scores.values()) > self.keep_bytes:
+            del self.scores[name]  # over the budget: freed, recomputed only if the space is solved again
         return self.set(name, perm)
 
     def set(self, name: str, perm: torch.Tensor) -> bool:
@@ -130,7 +140,10 @@ class _Scores:
         switched: set[int] = set()  # this space's slots already at the new permutation
         for o in self.actions[name].slots:
             for sname, s in self.by_key[o.tensor]:
-                if s is o or s.axis == o.axis or sname not in self.scores:
+                if s is o or s.axis == o.axis:
+                    continue
+                self.current.discard(sname)
+                if sname not in self.scores:
                     continue
                 tb, ta = self.b[o.tensor], self.a[o.tensor]
                 t_old, t_new = select_slices(tb, o, src_old), select_slices(tb, o, src_new)
@@ -145,7 +158,6 @@ class _Scores:
                         t_new = permute_slot(t_new, other, self.perms[oname])
                 a_sub = select_slices(ta, o, moved)
                 self.scores[sname] += cross(t_new - t_old, a_sub, s).cpu()
-                self.stale.add(sname)
             switched.add(id(o))
         self.perms[name] = perm
         return True
@@ -169,25 +181,26 @@ def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
 
 
 def match_permutations(params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor],
-                       actions: dict[str, SpaceSlots], max_sweeps: int = 30, init: str = "best"
-                       ) -> tuple[dict[str, torch.Tensor], int]:
+                       actions: dict[str, SpaceSlots], max_sweeps: int = 30, init: str = "best",
+                       keep_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """({space: perm}, sweeps): B's index j goes to A's index perm[j] (the element (perm, 1) moves B to A).
 
     ``init="greedy"`` starts the descent from the greedy pass (see the module docstring), ``"identity"``
     from identity permutations (Ainsworth et al.); ``"best"`` (default) runs both and keeps the result with
     the larger :func:`objective` (the greedy start finds planted permutations exactly; on independently
-    trained networks the identity start often ends higher)."""
+    trained networks the identity start often ends higher). ``keep_bytes``: the memory bound of the scores
+    kept between solves (see ``_Scores``; None keeps them all)."""
     if init == "best":
-        runs = [_descend(params_a, params_b, actions, max_sweeps, i) for i in ("greedy", "identity")]
+        runs = [_descend(params_a, params_b, actions, max_sweeps, i, keep_bytes) for i in ("greedy", "identity")]
         scores = [objective(params_a, params_b, actions, perms) for perms, _ in runs]
         return runs[int(scores[1] > scores[0])]
-    return _descend(params_a, params_b, actions, max_sweeps, init)
+    return _descend(params_a, params_b, actions, max_sweeps, init, keep_bytes)
 
 
-def _descend(params_a, params_b, actions, max_sweeps, init):
+def _descend(params_a, params_b, actions, max_sweeps, init, keep_bytes=None):
     names = [n for n, a in actions.items() if a.size > 1 and a.slots]
     perms = {n: torch.arange(a.size) for n, a in actions.items()}
-    scores = _Scores(params_a, params_b, actions, perms)
+    scores = _Scores(params_a, params_b, actions, perms, keep_bytes)
     by_key = scores.by_key
     matched: set[str] = set()
 

@@ -73,7 +73,7 @@ def _align_hf(args, fa, fb, stage) -> int:
         out_b = fb.model(ids)
         main_b = (out_b if isinstance(out_b, torch.Tensor) else out_b[0]).clone()
     del out_b
-    r = align_folders(fa, fb, ids)
+    r = align_folders(fa, fb, ids, monomial=True)  # (perm, scale) pairs: no dense (n, n) elements
     with torch.no_grad():
         out_r = r.model(ids)
     main_r = out_r if isinstance(out_r, torch.Tensor) else out_r[0]

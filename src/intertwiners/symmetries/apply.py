@@ -226,6 +226,21 @@ def _act(t: torch.Tensor, slot: Slot, el) -> torch.Tensor:
     return along(t, slot.axis, slot.length)
 
 
+SLICE = 1 << 22  # entries: apply_symmetry(inplace=True) moves larger tensors in slices of about this many
+
+
+def _slicing_axis(t: torch.Tensor, slots: list[Slot], els: dict) -> int | None:
+    """The longest axis of ``t`` that none of its slots acts on, when ``t`` has more than ``SLICE`` entries and
+    every slot's element is monomial along an axis of its own (an entry moves and is multiplied, nothing is
+    summed): then moving ``t`` in slices along that axis gives the whole tensor's result bit for bit. None
+    otherwise (the tensor is moved whole)."""
+    if t.numel() <= SLICE or any(els[s.space][0] == "dense" or s.axis is None or isinstance(s.reach, GroupedColumns)
+                                 for s in slots):
+        return None
+    free = [d for d in range(t.ndim) if all(s.axis != d for s in slots)]
+    return max(free, key=lambda d: t.shape[d]) if free else None
+
+
 @torch.no_grad()
 def apply_symmetry(model: nn.Module, elements: dict, spec: SymmetrySpec, *, check: bool = True,
                    atol: float = 1e-6, inplace: bool = False) -> nn.Module:
@@ -250,15 +265,23 @@ def apply_symmetry(model: nn.Module, elements: dict, spec: SymmetrySpec, *, chec
             raise ValueError(f"the model has no parameter {slot.tensor!r}: was the spec made for another model?")
         by_tensor.setdefault(slot.tensor, []).append(slot)
 
-    def moved(name: str) -> torch.Tensor:
-        t = tensors[name].detach()
+    def moved(name: str, t: torch.Tensor | None = None) -> torch.Tensor:
+        t = tensors[name].detach() if t is None else t
         for slot in by_tensor[name]:
             t = _act(t, slot, els[slot.space])
         return t
 
-    if inplace:  # one tensor at a time: at most one moved tensor exists besides the model
+    if inplace:  # one tensor at a time (a large one in slices): at most one moved slice exists besides the model
         for name in by_tensor:
-            tensors[name].copy_(moved(name))
+            whole = tensors[name].detach()
+            axis = _slicing_axis(whole, by_tensor[name], els)
+            if axis is None:
+                whole.copy_(moved(name))
+                continue
+            step = max(1, SLICE * whole.shape[axis] // whole.numel())
+            for i in range(0, whole.shape[axis], step):
+                part = whole.narrow(axis, i, min(step, whole.shape[axis] - i))
+                part.copy_(moved(name, part))
         clear_caches(model)    # tensors a forward cached from the old parameters
         return model
     new = {name: moved(name) for name in by_tensor}
