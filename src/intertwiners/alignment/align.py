@@ -373,17 +373,18 @@ def align_activations(model_a: nn.Module, model_b: nn.Module, spec, actions: dic
             st.update(fa, fb)
     if ext_a is None:
         raise ValueError("data holds no input batches")
-    found = {n: fit_space(st, scaling) for n, st in stats.items()}
     if not identify:
-        return found
-    unknown = set()
+        return {n: fit_space(st, scaling) for n, st in stats.items()}
+    # no more samples than coordinates at a site: nothing to fit (a single sample has no correlations at all)
+    unknown = {n for n, st in stats.items() if any(st_.n <= st.action.size for st_ in st.stats)}
+    found = {n: fit_space(st, scaling) for n, st in stats.items() if n not in unknown}
     for n, st in stats.items():
+        if n in unknown:
+            continue
         if st.action.group.is_monomial or not scaling:
             perm, scale = G.monomial_inverse(*found[n])  # the fitted g (B ~ g·A)
             if not identified(st, perm):
                 unknown.add(n)
-        elif any(st_.n <= st.action.size for st_ in st.stats):
-            unknown.add(n)  # a dense element by least squares needs more samples than coordinates
     return {n: el for n, el in found.items() if n not in unknown}, unknown
 
 

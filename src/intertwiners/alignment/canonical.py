@@ -44,13 +44,28 @@ def scale_slot(t: torch.Tensor, slot: Slot, factor: torch.Tensor) -> None:
     view.mul_(mult.to(t.device, t.dtype).view(shape))
 
 
+def self_coupled(action: SpaceSlots, slot: Slot) -> bool:
+    """Does the space also act on another axis of the slot's tensor (a self-map W -> D W D^-1: a residual
+    block's or a recurrent cell's weight)? Such a slice holds entries the space's own element leaves alone
+    (the diagonal), so its norm and its largest entry are not equivariant in that coordinate alone."""
+    return any(o.tensor == slot.tensor and o.axis != slot.axis for o in action.slots)
+
+
+def _prefer_not_self_coupled(action: SpaceSlots, slots: list[Slot]) -> list[Slot]:
+    """``slots`` without the self-coupled ones, unless that leaves none."""
+    return [s for s in slots if not self_coupled(action, s)] or slots
+
+
 def incoming_slots(action: SpaceSlots) -> list[Slot]:
-    """The slots a positive scaling reaches with the smallest positive power (the 'incoming' weights)."""
-    powers = [s.exponent for s in action.slots if s.exponent is not None and s.exponent > 0]
-    if not powers:
+    """The slots a positive scaling reaches with the smallest positive power (the 'incoming' weights), leaving
+    out self-maps where the space has other incoming slots: a self-map's row j scales as d_j times the
+    columns' 1/d_k, its diagonal not at all, so a unit norm over it need not exist (the passes then drift and
+    the forms of A and g·A differ by more than a permutation; seen on residual MLPs with two blocks)."""
+    slots = _prefer_not_self_coupled(action, [s for s in action.slots if s.exponent is not None and s.exponent > 0])
+    if not slots:
         return []
-    e = min(powers)
-    return [s for s in action.slots if s.exponent == e]
+    e = min(s.exponent for s in slots)
+    return [s for s in slots if s.exponent == e]
 
 
 def spaces_on(actions: dict[str, SpaceSlots]) -> dict[str, set[str]]:
@@ -66,8 +81,8 @@ def sign_slots(action: SpaceSlots, on_key: dict[str, set[str]] | None = None, na
     """The slices whose sign a sign flip reverses. With ``on_key``: only those of parameters that no other
     space moves (a token embedding for a residual stream), when there are such -- their largest entry does
     not depend on any other space's signs, so the choice cannot cycle (RMSNorm streams with gated MLPs)."""
-    odd = [s for s in action.slots if s.odd]
-    if on_key is None:
+    odd = _prefer_not_self_coupled(action, [s for s in action.slots if s.odd])  # a self-map's diagonal keeps
+    if on_key is None:                                                           # its sign under any flip
         return odd
     anchored = [s for s in odd if on_key.get(s.tensor, set()) <= {name}]
     return anchored or odd
