@@ -650,3 +650,98 @@ def test_per_head_maps_fit_both_sides_and_keep_the_identity_when_it_is_closer():
     one_side = torch.linalg.lstsq(xs.mT, xt.mT).solution.mT
     assert bool((head_costs(one_side, xt, xs, yt, ys) > 10 * costs).any())
     assert sum(counts.values()) == h
+
+
+class TwoBlockResidualMLP(nn.Module):
+    """h = relu(a(x)); h = h + relu(b1(h)); h = h + relu(b2(h)): two self-maps of one space."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.a, self.c = nn.Linear(3, width), nn.Linear(width, 2)
+        self.b1, self.b2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = h + torch.relu(self.b1(h))
+        return self.c(h + torch.relu(self.b2(h)))
+
+
+def _strong_diagonal(model: nn.Module, value: float) -> nn.Module:
+    """Self-maps whose diagonal entries (which the space's own scaling leaves alone) are ``value``."""
+    with torch.no_grad():
+        for name in ("b1", "b2", "w"):
+            if hasattr(model, name):
+                getattr(model, name).weight.diagonal().fill_(value)
+    return model
+
+
+@pytest.mark.parametrize("width", [1, 2])
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_planted_recovery_through_self_maps_whose_rows_have_no_unit_norm(width, method):
+    """Two self-maps with diagonal 0.9: a row norm over the self-maps' rows would be sqrt(d² |a_j|² + 0.81 +
+    0.81 + ...) > 1 for every scale d, so no unit norm exists there. Before the canonical form left self-maps
+    out of a space's incoming slices, its passes drifted and weight matching returned a wrong scale
+    (relative parameter error ~1 at width 1)."""
+    torch.manual_seed(0)
+    model = _strong_diagonal(TwoBlockResidualMLP(width), 0.9).double().eval()
+    x = torch.randn(32, 3, dtype=torch.float64)
+    spec = symmetry_spec(model, x[:4])
+    assert list(spec.spaces) and all(s.group.is_monomial for s in spec.spaces.values())
+    g = random_symmetry(spec, torch.Generator().manual_seed(1), monomial=True)
+    moved = apply_symmetry(model, g, spec)
+    assert relerr(model, moved) > 0.1
+    r = it.align(model, moved, x, method=method)
+    assert relerr(model, r.model) <= 1e-6
+    assert max(r.residual.values()) <= 1e-6
+
+
+def test_canonical_form_of_a_recurrent_cell_with_a_dominant_diagonal():
+    """tanh recurrent cell (signed permutations) whose self-map has the largest entry of every row on the
+    diagonal (a sign flip leaves it alone): the canonical forms of M and g·M differ by a permutation only,
+    so weight matching gives M back."""
+    torch.manual_seed(2)
+    model = _strong_diagonal(RecurrentCell(4), 2.0).double().eval()
+    x = torch.randn(16, 3, dtype=torch.float64)
+    spec = symmetry_spec(model, x[:4])
+    g = random_symmetry(spec, torch.Generator().manual_seed(3), monomial=True)
+    assert any(bool((s < 0).any()) for _, s in g.values())
+    r = it.align(model, apply_symmetry(model, g, spec), x, method="weights")
+    assert relerr(model, r.model) <= 1e-6
+
+
+@pytest.mark.parametrize("width, rows", [(1, 1), (1, 16), (2, 1), (2, 16), (3, 1)])
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_planted_recovery_at_widths_one_and_two(width, rows, method):
+    """Width 1 (the group is the positive scalings, no permutation) and 2 (one swap), with a single sample
+    (no correlation to read: before, activation matching raised 'needs at least 2 feature rows' instead of
+    handing the space to the weights) and with more samples than units."""
+    torch.manual_seed(width + rows)
+    model = TwoBlockResidualMLP(width).double().eval()
+    x = torch.randn(rows, 3, dtype=torch.float64)
+    spec = symmetry_spec(model, x[:4])
+    (space,) = spec.spaces.values()
+    assert space.size == width
+    for seed in range(2):
+        g = random_symmetry(spec, torch.Generator().manual_seed(seed), monomial=True)
+        r = it.align(model, apply_symmetry(model, g, spec), x, method=method)
+        assert relerr(model, r.model) <= 1e-6
+        if method == "activations" and rows <= width:
+            assert set(r.found_by.values()) == {"weights"}  # the data cannot identify the units: said so
+
+
+def test_a_unit_dead_at_one_site_of_a_space_is_read_at_its_other_sites():
+    """Residual MLP whose block never fires on two units (relu(b(h)) is 0 there) while h itself is alive:
+    the space's coordinates are told apart at its other sites, so activation matching keeps the space
+    (before, one constant channel at any site handed the whole space to the weights) and is exact."""
+    torch.manual_seed(5)
+    model = ResidualMLP(6)
+    with torch.no_grad():
+        model.b.bias[:2] = -100.0
+    model = model.double().eval()
+    x = torch.randn(64, 3, dtype=torch.float64)
+    spec = symmetry_spec(model, x[:4])
+    (name,) = spec.spaces
+    g = random_symmetry(spec, torch.Generator().manual_seed(0), monomial=True)
+    r = it.align(model, apply_symmetry(model, g, spec), x, method="activations")
+    assert r.found_by == {name: "activations"}
+    assert relerr(model, r.model) <= 1e-6

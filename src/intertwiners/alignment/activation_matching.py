@@ -101,26 +101,31 @@ def fit_monomial(space: SpaceStats, scaling: bool = True) -> tuple[torch.Tensor,
 
 def identified(space: SpaceStats, perm: torch.Tensor) -> bool:
     """Can the data tell every coordinate of the space apart? False when a channel is constant at every site
-    in either model (a dead unit), when there are no more samples than coordinates at a site, or when a
-    coordinate's matched correlation is not clearly above its next best (ties): the fit would then pick
-    one of several equally good elements, and the space is matched by its weights instead."""
+    of the space in either model (a dead unit; a channel constant at some sites only is read at the others,
+    where a constant channel correlates 0 with everything), when there are no more samples than coordinates
+    at a site, or when a coordinate's matched correlation summed over the sites is not clearly above its next
+    best (ties): the fit would then pick one of several equally good elements, and the space is matched by
+    its weights instead."""
     n = space.action.size
     if not space.stats:
         return False
     best = torch.zeros(n, dtype=torch.float64)
     second = torch.zeros(n, dtype=torch.float64)
+    alive_x = torch.zeros(n, dtype=torch.bool)
+    alive_y = torch.zeros(n, dtype=torch.bool)
     for st in space.stats:
         if st.n <= n:
             return False
         vx, vy = st.cov_xx().diagonal(), st.cov_yy().diagonal()
-        if bool((vx <= 1e-12 * vx.abs().max().clamp_min(1e-300)).any()) \
-                or bool((vy <= 1e-12 * vy.abs().max().clamp_min(1e-300)).any()):
-            return False
+        alive_x |= vx > 1e-12 * vx.abs().max().clamp_min(1e-300)
+        alive_y |= vy > 1e-12 * vy.abs().max().clamp_min(1e-300)
         corr = st.correlation().abs()
         best += corr[torch.arange(n), perm]
         other = corr.clone()
         other[torch.arange(n), perm] = -1.0
         second += other.max(1).values if n > 1 else torch.zeros(n, dtype=torch.float64)
+    if not (bool(alive_x.all()) and bool(alive_y.all())):
+        return False
     return bool((best - second > 1e-6 * len(space.stats)).all())
 
 
