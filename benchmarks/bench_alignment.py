@@ -10,6 +10,9 @@
    ``--planted-set gl`` / ``torchvision-resnet``: only the GL families of tests/test_alignment_linear_spaces.py
    (two linear maps with nothing between), respectively torchvision-style ResNet-18/50 replicas (tests/replicas.py,
    random weights, 32x32 inputs), each trial a new model and a new element, through the public ``align``.
+   ``--planted-set mlp-widths``: residual self-map MLPs (two blocks ``h + relu(b(h))``) at widths 1, 2, 3, 8,
+   64, 256, 1,024, with fewer samples than units (width // 2, at least 1) and with plenty; MLPs with dead units;
+   a tanh recurrent cell (one weight applied 3 times). At most 5 trials at width 256 and 3 at 1,024.
 4. ``--lmc``: train pairs of Myrtle CNNs (width 16, 64) and ResNet20s on digits and print the barriers of
    (1-alpha)·A + alpha·B for no alignment, permutations only, the full group and the full group + REPAIR
    (both methods). ``--no-norm`` does the same for networks without batch norm (Myrtle CNN width 16 without
@@ -26,7 +29,7 @@
    variants without REPAIR, 1,000 images), timed in the same run.
 
     python benchmarks/bench_alignment.py [--threads 1] [--skip-resnet50] [--planted [--trials 100]
-                                         [--transformers-only] [--planted-set {all,gl,torchvision-resnet}]]
+                                         [--transformers-only] [--planted-set {all,gl,torchvision-resnet,mlp-widths}]]
                                          [--lmc [--no-norm]] [--merge] [--memory]
                                          [--job-cost]
 """
@@ -475,8 +478,9 @@ def main(argv=None):
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--first-family", type=int, default=0, help="for --planted: skip the first families")
     p.add_argument("--planted-set", default="all", choices=["all", "gl", "torchvision-resnet", "mlp-widths"],
-                   help="for --planted: 'gl' (GL bottleneck families) or 'torchvision-resnet' (ResNet-18/50 "
-                        "replicas) alone, through align; 'all' runs every family")
+                   help="for --planted: 'gl' (GL bottleneck families), 'torchvision-resnet' (ResNet-18/50 "
+                        "replicas) or 'mlp-widths' (residual self-map MLPs of widths 1 to 1,024 with few and "
+                        "many samples, dead units, a recurrent cell) alone, through align; 'all' runs every family")
     p.add_argument("--transformers-only", action="store_true",
                    help="for --planted: only the transformer block and the tiny GPT-2 / Llama (whole group)")
     p.add_argument("--lmc", action="store_true", help="train pairs on digits and measure interpolation barriers")
