@@ -315,7 +315,8 @@ def test_canonical_forms_of_an_orbit_differ_by_a_permutation(build):
     spec = it.symmetry_spec(model, x[:2])
     moved = it.apply_symmetry(model, it.random_symmetry(spec, torch.Generator().manual_seed(2)), spec)
     ca, cb = it.canonicalize(model, x), it.canonicalize(moved, x)
-    assert torch.allclose(ca(x), model(x), rtol=1e-10, atol=1e-12)  # function-preserving
+    with torch.no_grad():
+        assert torch.allclose(ca(x), model(x), rtol=1e-10, atol=1e-12)  # function-preserving
     assert torch.allclose(cb(x), moved(x), rtol=1e-10, atol=1e-12)
     assert relerr(ca, cb) > 1e-3  # still permuted ...
     r = it.align(ca, cb, method="weights", group="permutation", example_input=x)
@@ -745,3 +746,22 @@ def test_a_unit_dead_at_one_site_of_a_space_is_read_at_its_other_sites():
     r = it.align(model, apply_symmetry(model, g, spec), x, method="activations")
     assert r.found_by == {name: "activations"}
     assert relerr(model, r.model) <= 1e-6
+
+
+def test_canonical_form_is_invariant_on_a_width_one_residual_space():
+    """Width 1 (no permutation): M and g·M for a positive scaling g have the SAME canonical form, with two
+    self-maps of diagonal 0.9 whose rows no scale can bring to unit norm, and the form keeps the function."""
+    torch.manual_seed(1)
+    model = _strong_diagonal(TwoBlockResidualMLP(1), 0.9).double().eval()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    spec = symmetry_spec(model, x[:4])
+    (name,) = spec.spaces
+    moved = apply_symmetry(model, {name: (torch.zeros(1, dtype=torch.long), torch.tensor([7.0], dtype=torch.float64))},
+                           spec)
+    assert relerr(model, moved) > 0.1
+    ca, cb = it.canonicalize(model, x[:4]), it.canonicalize(moved, x[:4])
+    assert relerr(ca, cb) <= 1e-12
+    with torch.no_grad():
+        assert torch.allclose(ca(x), model(x), rtol=1e-10, atol=1e-12)
+    incoming = [ca.a.weight, ca.a.bias, ca.b1.bias, ca.b2.bias]  # scaled by d; the self-maps' weights are not
+    assert float(sum(t.detach().norm() ** 2 for t in incoming)) == pytest.approx(1.0)
