@@ -216,3 +216,32 @@ def test_transposes_written_as_T_and_mT_follow_the_channels():
     _, new = one_exact_space(model, x, 6)
     assert not torch.equal(new.a.weight, model.a.weight)
     torch.testing.assert_close(new(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class TensorSplitGate(nn.Module):
+    """Mamba's mixer splits its projection into the hidden and gate halves (and a state projection into its
+    parts) with ``torch.tensor_split`` at index lists; ``sections`` splits the same way."""
+
+    def __init__(self, indices=True):
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 12), nn.Linear(6, 3)
+        self.indices = indices
+
+    def forward(self, x):                                 # (B, 4)
+        z = self.up(x)
+        h, g = torch.tensor_split(z, [6] if self.indices else 2, dim=-1)
+        return self.down(torch.relu(h) * torch.sigmoid(g))
+
+
+def test_tensor_split_at_indices_and_in_sections_follows_the_channels():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for indices in (True, False):
+        model = TensorSplitGate(indices).double()
+        spec = symmetry_spec(model, x, check=False)
+        assert not spec.pinned and spec.spaces, spec.pinned
+        report = verify_symmetry(model, x, spec=spec, trials=2)
+        assert report.ok and report.max_rel <= 1e-12
+        new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+        assert not torch.equal(new.up.weight, model.up.weight)
+        torch.testing.assert_close(new(x), model(x), rtol=1e-12, atol=1e-12)

@@ -279,7 +279,10 @@ def split(ctx: Context, node: fx.Node):
         size = -(-n // size_arg)
         sizes = [min(size, n - i) for i in range(0, n, size)]
     elif op is aten.tensor_split:
-        return ctx.unsupported(node)
+        sizes = _tensor_split_sizes(n, size_arg)
+        if sizes is None:
+            return ctx.unsupported(node, f"{ctx.describe(node)}: split points given as a tensor, negative or "
+                                         "out of order")
     elif isinstance(size_arg, int):
         sizes = [min(size_arg, n - i) for i in range(0, n, size_arg)]
     else:
@@ -289,6 +292,20 @@ def split(ctx: Context, node: fx.Node):
         out.append(index(ctx, node, x, dim, slice(start, start + s, 1)))
         start += s
     return out
+
+
+def _tensor_split_sizes(n: int, how) -> list[int] | None:
+    """The part sizes of ``torch.tensor_split`` of ``n`` entries: ``how`` sections (the first ``n % how`` one
+    longer) or a list of split points; None for points that are not non-decreasing ints in [0, n]."""
+    if isinstance(how, int):
+        q, r = divmod(n, how)
+        return [q + 1] * r + [q] * (how - r)
+    if not isinstance(how, list | tuple) or not all(isinstance(i, int) for i in how):
+        return None
+    cuts = [0, *how, n]
+    if any(b < a for a, b in zip(cuts, cuts[1:])) or cuts[-2] > n:
+        return None
+    return [b - a for a, b in zip(cuts, cuts[1:])]
 
 
 @builtin(operator.getitem)
