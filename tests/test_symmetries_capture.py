@@ -245,3 +245,20 @@ def test_tensor_split_at_indices_and_in_sections_follows_the_channels():
         new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
         assert not torch.equal(new.up.weight, model.up.weight)
         torch.testing.assert_close(new(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class SequenceSplit(nn.Module):
+    """Mamba's chunked scan splits the sequence axis with ``tensor_split`` (the parts keep every channel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):                                 # (B, T, 4)
+        first, rest = torch.tensor_split(torch.relu(self.up(x)), [2], dim=1)
+        return self.down(torch.cat([rest, 2 * first], dim=1))
+
+
+def test_tensor_split_along_the_sequence_keeps_the_channels():
+    torch.manual_seed(0)
+    one_exact_space(SequenceSplit().double(), torch.randn(2, 5, 4, dtype=torch.float64), 6)

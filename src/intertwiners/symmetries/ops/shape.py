@@ -210,7 +210,9 @@ def index(ctx: Context, node: fx.Node, x: Layout, dim: int, idx):
     if dim not in x.feature_dims():
         if isinstance(idx, int):
             return ctx.keep(L.squeeze(L.with_non_feature_size(x, dim, 1), [dim]))
-        return ctx.keep(L.with_non_feature_size(x, dim, ctx.shape(node)[dim]))
+        # the part's own size (a split node's shape is its parts' list, not one shape)
+        size = len(range(*idx.indices(x.shape[dim]))) if isinstance(idx, slice) else len(idx)
+        return ctx.keep(L.with_non_feature_size(x, dim, size))
     out = L.index_feature_dim(x, dim, idx)
     if out is None:
         return ctx.unsupported(node, f"{ctx.describe(node)} indexes an axis that mixes channels with other axes")
