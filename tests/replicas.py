@@ -442,18 +442,17 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
-class ResNet18(nn.Module):
-    def __init__(self, widths=(8, 16, 32, 32)):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+class _TorchvisionResNet(nn.Module):
+    """torchvision's ResNet stem (7x7 conv stride 2, BN, ReLU, 3x3 max pool), then ``layer1..layer4`` (built by the
+    subclass), global average pool, flatten, ``fc``."""
+
+    def _stem(self, width):
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        cin = widths[0]
-        for i, w in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, w, stride), BasicBlock(w, w)))
-            cin = w
+
+    def _head(self, cin):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(cin, NUM_CLASSES)
 
@@ -463,6 +462,18 @@ class ResNet18(nn.Module):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+
+class ResNet18(_TorchvisionResNet):
+    def __init__(self, widths=(8, 16, 32, 32)):
+        super().__init__()
+        self._stem(widths[0])
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, w, stride), BasicBlock(w, w)))
+            cin = w
+        self._head(cin)
 
 
 def resnet18(seed=0, dtype=torch.float32):
@@ -501,31 +512,20 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
-class ResNet50(nn.Module):
+class ResNet50(_TorchvisionResNet):
     """torchvision's resnet50 layout (stages of 3, 4, 6, 3 Bottleneck blocks) with ``planes`` per stage
     (torchvision: 64, 128, 256, 512)."""
 
     def __init__(self, planes=(4, 8, 16, 32), blocks=(3, 4, 6, 3)):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, planes[0], 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self._stem(planes[0])
         cin = planes[0]
         for i, (p, n) in enumerate(zip(planes, blocks)):
             layers = [Bottleneck(cin, p, 1 if i == 0 else 2)]
             cin = p * Bottleneck.expansion
             layers += [Bottleneck(cin, p) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(cin, NUM_CLASSES)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
+        self._head(cin)
 
 
 def resnet50(seed=0, dtype=torch.float32):
