@@ -17,3 +17,20 @@ def one_exact_space(model, x, size: int, trials: int = 2):
     report = verify_symmetry(model, x, spec=spec, trials=trials)
     assert report.ok and report.max_rel <= 1e-12
     return spec, apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+
+
+def randomised(model, seed: int = 0):
+    """``model`` in float64 with random values in every parameter (no constant gains or zero biases that would
+    hide a wrong move)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model.double()
+
+
+def output_change(model, spec, space, element, x) -> float:
+    """Largest output change on ``x`` when ``element`` (an (n, n) matrix, outside the group) acts on ``space``."""
+    new = apply_symmetry(model, {space: element}, spec, check=False)
+    with torch.no_grad():
+        return float((new(x) - model(x)).abs().max())

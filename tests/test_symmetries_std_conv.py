@@ -10,6 +10,7 @@ raw weight's rows instead of the gain (the rows' standardisation removes it, up 
 import pytest
 import torch
 import torch.nn.functional as F
+from symmetry_checks import output_change, randomised
 from torch import nn
 
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
@@ -58,28 +59,13 @@ class NFBlock(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model.double()
-
-
 def _space(spec, size: int) -> str:
     (name,) = [n for n, s in spec.spaces.items() if s.size == size]
     return name
 
 
-def _changes_output(model, spec, space, element) -> float:
-    """Largest output change when ``element`` (an (n, n) matrix, outside the group) acts on ``space``."""
-    new = apply_symmetry(model, {space: element}, spec, check=False)
-    with torch.no_grad():
-        return float((new(X) - model(X)).abs().max())
-
-
 def test_scaled_std_conv_scaling_goes_to_the_gain_and_inputs_are_only_permuted():
-    model = _randomise(NFBlock())
+    model = randomised(NFBlock())
     spec = symmetry_spec(model, X, check=False)
     kinds = sorted((s.size, s.kind) for s in spec.spaces.values())
     # a -> relu: positive scales (a's gain, b's columns); b -> relu -> c: permutations (c standardises its
@@ -100,19 +86,19 @@ def test_scaled_std_conv_scaling_goes_to_the_gain_and_inputs_are_only_permuted()
 def test_std_conv_input_scaling_changes_the_output():
     """The input of a standardised conv: a positive scaling of one channel, undone by the raw weight's columns as
     a plain conv would, changes the standardised rows (their mean and variance) and so the output."""
-    model = _randomise(NFBlock())
+    model = randomised(NFBlock())
     spec = symmetry_spec(model, X, check=False)
     inner = next(n for n, s in spec.spaces.items() if s.size == 4 and s.kind == "permutation")
-    assert _changes_output(model, spec, inner, torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0]))) > 1e-3
+    assert output_change(model, spec, inner, torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0])), X) > 1e-3
     # while the same scaling of a plain conv's input (a's output, undone by b's columns) is a symmetry
     first = _space(spec, 6)
-    assert _changes_output(model, spec, first, torch.diag(torch.tensor([2.0, 1, 1, 1, 1, 1]))) < 1e-12
+    assert output_change(model, spec, first, torch.diag(torch.tensor([2.0, 1, 1, 1, 1, 1])), X) < 1e-12
 
 
 def test_scaling_the_raw_rows_instead_of_the_gain_changes_the_output():
     """Standardisation removes a scaling of a raw row only up to eps: the scaling must reach the gain. With a
     large eps, a's rows scaled (gain kept) against a's gain scaled (rows kept), b's columns undoing both."""
-    model = _randomise(NFBlock(eps=0.5))
+    model = randomised(NFBlock(eps=0.5))
     d = torch.tensor([2.0, 0.5, 3.0, 1.0, 1.0, 1.0], dtype=torch.float64)
     on_gain, on_rows = NFBlock(eps=0.5).double(), NFBlock(eps=0.5).double()
     for m in (on_gain, on_rows):
@@ -129,7 +115,7 @@ def test_scaling_the_raw_rows_instead_of_the_gain_changes_the_output():
 
 @pytest.mark.parametrize("groups", [2, 4])
 def test_grouped_and_depthwise_scaled_std_conv(groups):
-    model = _randomise(NFBlock(groups=groups))
+    model = randomised(NFBlock(groups=groups))
     spec = symmetry_spec(model, X, check=False)
     assert not spec.pinned, spec.pinned
     report = verify_symmetry(model, X, spec=spec, trials=3)
@@ -154,7 +140,7 @@ class BiTBlock(nn.Module):
 
 @pytest.mark.parametrize("gain,shift", [(None, False), ("offset", True), (None, True)])
 def test_std_conv_without_a_scaling_gain_gives_signed_permutations(gain, shift):
-    model = _randomise(BiTBlock(gain, shift))
+    model = randomised(BiTBlock(gain, shift))
     spec = symmetry_spec(model, X, check=False)
     (space,) = spec.spaces.values()
     assert space.size == 5 and space.kind == "signed_permutation" and not spec.pinned, spec
@@ -163,7 +149,7 @@ def test_std_conv_without_a_scaling_gain_gives_signed_permutations(gain, shift):
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
     assert not torch.equal(new.a.weight, model.a.weight)
     name = next(iter(spec.spaces))
-    assert _changes_output(model, spec, name, torch.diag(torch.tensor([2.0, 1, 1, 1, 1]))) > 1e-3
+    assert output_change(model, spec, name, torch.diag(torch.tensor([2.0, 1, 1, 1, 1])), X) > 1e-3
 
 
 def test_standardised_weight_read_elsewhere_stays_in_place():
@@ -171,7 +157,7 @@ def test_standardised_weight_read_elsewhere_stays_in_place():
         def forward(self, x):   # a's raw weight is also read directly: it cannot move
             return super().forward(x) + self.a.weight.sum()
 
-    model = _randomise(Reused())
+    model = randomised(Reused())
     spec = symmetry_spec(model, X, check=False)
     assert verify_symmetry(model, X, spec=spec, trials=2).ok
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
@@ -192,7 +178,7 @@ def test_standardisation_with_running_statistics_is_not_a_standardised_weight():
             h = torch.relu(F.conv2d(x, w.reshape_as(self.a.weight), self.a.bias, padding=1))
             return self.head(self.c(torch.relu(self.b(h))).mean((2, 3)))
 
-    model = _randomise(Running())
+    model = randomised(Running())
     spec = symmetry_spec(model, X, check=False)
     assert verify_symmetry(model, X, spec=spec, trials=2).ok
     assert all(s.size != 6 for s in spec.spaces.values()), spec
@@ -231,7 +217,7 @@ class StdLinear(nn.Module):
 
 
 def test_standardised_linear_layers():
-    model = _randomise(StdLinear())
+    model = randomised(StdLinear())
     x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     spec = symmetry_spec(model, x, check=False)
     kinds = sorted((s.size, s.kind) for s in spec.spaces.values())

@@ -7,28 +7,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from symmetry_checks import output_change, randomised
 from torch import nn
 
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
 
 AUDIO = torch.randn(2, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 X = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-
-
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values in every parameter (no constant gains or zero biases that would hide a wrong move)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model.double()
-
-
-def _changes_output(model, spec, space, element, x) -> float:
-    """Largest output change when ``element`` (an (n, n) matrix, outside the group) acts on ``space``."""
-    new = apply_symmetry(model, {space: element}, spec, check=False)
-    with torch.no_grad():
-        return float((new(x) - model(x)).abs().max())
 
 
 class GroupNormBlock(nn.Module):
@@ -43,7 +28,7 @@ class GroupNormBlock(nn.Module):
 
 
 def test_group_norm_with_one_channel_per_group_gives_signed_permutations():
-    model = _randomise(GroupNormBlock(8))
+    model = randomised(GroupNormBlock(8))
     spec = symmetry_spec(model, AUDIO, check=False)
     (space,) = spec.spaces.values()
     assert space.size == 8 and space.kind == "signed_permutation" and not spec.pinned, spec
@@ -53,11 +38,11 @@ def test_group_norm_with_one_channel_per_group_gives_signed_permutations():
     assert not torch.equal(new.a.weight, model.a.weight) and not torch.equal(new.norm.weight, model.norm.weight)
     # a scale other than +-1 on the norm's input changes the output (eps; the group must not be scaled)
     name = next(iter(spec.spaces))
-    assert _changes_output(model, spec, name, torch.diag(torch.tensor([2.0] + [1.0] * 7)), AUDIO) > 1e-6
+    assert output_change(model, spec, name, torch.diag(torch.tensor([2.0] + [1.0] * 7)), AUDIO) > 1e-6
 
 
 def test_group_norm_with_groups_permutes_within_each_group_only():
-    model = _randomise(GroupNormBlock(4))
+    model = randomised(GroupNormBlock(4))
     spec = symmetry_spec(model, AUDIO, check=False)
     assert sorted(s.size for s in spec.spaces.values()) == [2, 2, 2, 2] and not spec.pinned, spec
     assert {s.kind for s in spec.spaces.values()} == {"permutation"}
@@ -75,7 +60,7 @@ def test_group_norm_with_groups_permutes_within_each_group_only():
         cross.b.weight.copy_(model.b.weight[:, perm])
     assert (cross(AUDIO) - model(AUDIO)).abs().max() > 1e-6
     name = next(iter(spec.spaces))
-    assert _changes_output(model, spec, name, torch.diag(torch.tensor([-1.0, 1.0])), AUDIO) > 1e-6
+    assert output_change(model, spec, name, torch.diag(torch.tensor([-1.0, 1.0])), AUDIO) > 1e-6
 
 
 class WeightNormBlock(nn.Module):
@@ -98,7 +83,7 @@ class WeightNormBlock(nn.Module):
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_weight_norm_per_row_moves_the_magnitude_with_the_scaling(legacy):
-    model = _randomise(WeightNormBlock(0, legacy))
+    model = randomised(WeightNormBlock(0, legacy))
     spec = symmetry_spec(model, X, check=False)
     kinds = {s.size: s.kind for s in spec.spaces.values()}
     # the layer's input must keep ||v_i||: no scaling; its output's scaling goes to the magnitude g
@@ -110,17 +95,17 @@ def test_weight_norm_per_row_moves_the_magnitude_with_the_scaling(legacy):
     assert [k for k in old if torch.equal(old[k], moved[k])] == ["c.bias"]   # only the output bias stays
     # a positive scaling of the layer's input (a symmetry without weight normalisation) changes the output
     (six,) = [n for n, s in spec.spaces.items() if s.size == 6]
-    assert _changes_output(model, spec, six, torch.diag(torch.tensor([2.0] + [1.0] * 5)), X) > 1e-6
+    assert output_change(model, spec, six, torch.diag(torch.tensor([2.0] + [1.0] * 5)), X) > 1e-6
 
 
 def test_weight_norm_over_the_whole_weight_allows_no_scaling():
-    model = _randomise(WeightNormBlock(None))
+    model = randomised(WeightNormBlock(None))
     spec = symmetry_spec(model, X, check=False)
     assert {s.kind for s in spec.spaces.values()} == {"permutation"} and len(spec.spaces) == 2, spec
     report = verify_symmetry(model, X, spec=spec, trials=3)
     assert report.ok and report.max_rel <= 1e-12
     (five,) = [n for n, s in spec.spaces.items() if s.size == 5]
-    assert _changes_output(model, spec, five, torch.diag(torch.tensor([2.0] + [1.0] * 4)), X) > 1e-6
+    assert output_change(model, spec, five, torch.diag(torch.tensor([2.0] + [1.0] * 4)), X) > 1e-6
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
     assert torch.equal(new.b.parametrizations.weight.original0, model.b.parametrizations.weight.original0)
 
@@ -145,7 +130,7 @@ class Wav2Vec2Front(nn.Module):
 
 
 def test_wav2vec2_front_end_group_norm_and_weight_normalised_positional_conv():
-    model = _randomise(Wav2Vec2Front())
+    model = randomised(Wav2Vec2Front())
     spec = symmetry_spec(model, AUDIO, check=False)
     assert not spec.pinned and sorted(s.size for s in spec.spaces.values()) == [4, 4, 8], spec
     report = verify_symmetry(model, AUDIO, spec=spec, trials=3)
@@ -157,7 +142,7 @@ def test_wav2vec2_front_end_group_norm_and_weight_normalised_positional_conv():
     assert still == ["head.bias", "pos.parametrizations.weight.original0"], still
     # the stream (the grouped conv's channels) must not be scaled: ||v[:, :, k]|| would change
     (stream,) = [n for n, s in spec.spaces.items() if s.size == 4][:1]
-    assert _changes_output(model, spec, stream, torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0])), AUDIO) > 1e-6
+    assert output_change(model, spec, stream, torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0])), AUDIO) > 1e-6
 
 
 def test_weight_norm_used_outside_a_layer_is_untransformed():
@@ -166,7 +151,7 @@ def test_weight_norm_used_outside_a_layer_is_untransformed():
             h = torch.relu(self.b(torch.relu(self.a(x))))
             return self.c(h) + self.b.weight.sum()
 
-    model = _randomise(Reused(0))
+    model = randomised(Reused(0))
     spec = symmetry_spec(model, X, check=False)
     assert verify_symmetry(model, X, spec=spec, trials=2).ok
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
