@@ -2,7 +2,11 @@
 (``training.fit``), the same epochs, seeds and recipe, timed in the same run (issue 19: goal >= 4x on 2 cores).
 
 Prints both wall times, their ratio, and each model's test accuracy both ways (they train the same models:
-tests/test_batched.py checks the weights agree)::
+tests/test_batched.py checks the weights agree). It also prints the ceiling any batching has on this machine:
+the arithmetic of the run (floating-point operations of every training step and validation pass, counted by
+``torch.utils.flop_counter``) divided by the wall times gives each way's rate, and a large matrix product timed
+in the same run (the best rate this CPU reaches with these threads) divided by the one-after-another rate is
+the most that training the same arithmetic together could gain::
 
     PYTHONPATH=src python benchmarks/bench_batched_training.py [--models 8] [--epochs 3] [--threads 2]
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 
 import torch
@@ -19,6 +24,34 @@ from intertwiners import data
 from intertwiners.batched import evaluate_many, fit_many
 from intertwiners.stats import mean_ci
 from intertwiners.training import accuracy, build_for, fit, recipe_for
+
+
+def training_flops(model, dataset, recipe, fit_n: int, val_n: int, epochs: int) -> float:
+    """Floating-point operations of ``epochs`` epochs of one model: a forward and backward pass per training
+    batch, a forward pass over the validation split per epoch (torch's flop counter, one multiply-add = 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = copy.deepcopy(model).train()
+    x = dataset.x[:recipe.batch_size]
+    with FlopCounterMode(display=False) as count:
+        m(x).sum().backward()
+    step = count.get_total_flops()
+    with FlopCounterMode(display=False) as count, torch.no_grad():
+        m.eval()(x[:1])
+    per_image = count.get_total_flops()
+    return epochs * (math.ceil(fit_n / recipe.batch_size) * step + val_n * per_image)
+
+
+def matmul_rate(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n float32 matrix product with the current threads (the best of ``repeats`` runs)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
 
 
 def main() -> None:
@@ -47,6 +80,8 @@ def main() -> None:
     fit_many(models, fit_train, val, recipe, seeds, "cpu", progress=False)
     together = time.perf_counter() - t0
 
+    flops = training_flops(models[0], fit_train, recipe, len(fit_train), len(val), args.epochs) * args.models
+    peak = matmul_rate(args.threads)
     acc_alone = [accuracy(m, test, "cpu") for m in alone]
     acc_together = [a for a, _ in evaluate_many(models, test, "cpu")]
     print(f"{args.models} Myrtle CNNs on {args.dataset}, {args.epochs} epochs each, {args.threads} threads")
@@ -56,6 +91,11 @@ def main() -> None:
         print(f"test accuracy, {name}: " + ", ".join(f"{a:.2f}" for a in accs)
               + f"; mean {ci.mean:.2f} [{ci.low:.2f}, {ci.high:.2f}]")
     print(f"largest difference per model: {max(abs(a - b) for a, b in zip(acc_alone, acc_together)):.2f} points")
+    rate_alone, rate_together = flops / sequential / 1e9, flops / together / 1e9
+    print(f"arithmetic: {flops / 1e9:.0f} GFLOP in all; one after another {rate_alone:.1f} GFLOP/s, together "
+          f"{rate_together:.1f} GFLOP/s; a 2048x2048 matrix product on {args.threads} threads: {peak:.1f} GFLOP/s")
+    print(f"ceiling of any batching of this arithmetic here: {peak / rate_alone:.2f}x "
+          f"(together reaches {rate_together / peak:.0%} of the matrix product's rate)")
 
 
 if __name__ == "__main__":

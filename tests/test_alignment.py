@@ -364,14 +364,60 @@ def test_interpolate_ends_and_a_flat_path():
         it.interpolate(a, b, x)
 
 
-def test_recomputed_batchnorm_statistics_are_the_exact_averages():
+def _bn_chain() -> nn.Sequential:
     torch.manual_seed(12)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4), nn.BatchNorm1d(4)).double()
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1.0, 1.0)
+    return model
+
+
+def test_recomputed_batchnorm_statistics_are_the_eval_mode_statistics_norm_after_norm():
+    """Each norm gets the mean and population variance of its input as the eval-mode model computes it, with the
+    earlier norm already recomputed (numpy, layer by layer), whatever the batch size of the passes."""
     x = torch.randn(100, 3, dtype=torch.float64)
-    recompute_batchnorm(model, x, batch_size=100)
-    h = model[0](x).detach()
-    assert torch.allclose(model[1].running_mean, h.mean(0))
-    assert torch.allclose(model[1].running_var, h.var(0, unbiased=True))
+    model = _bn_chain()
+    lin1, bn1, lin2 = (m.state_dict() for m in (model[0], model[1], model[3]))
+    xs = x.numpy()
+    h1 = xs @ lin1["weight"].numpy().T + lin1["bias"].numpy()
+    m1, v1 = h1.mean(0), h1.var(0)
+    z1 = np.maximum((h1 - m1) / np.sqrt(v1 + 1e-5) * bn1["weight"].numpy() + bn1["bias"].numpy(), 0)
+    h2 = z1 @ lin2["weight"].numpy().T + lin2["bias"].numpy()
+    for batch_size in (100, 7):     # one pass with hooks; one streamed pass per norm
+        recompute_batchnorm(model, x, batch_size=batch_size)
+        assert model.training                          # the mode it had is kept
+        np.testing.assert_allclose(model[1].running_mean.numpy(), m1, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(model[1].running_var.numpy(), v1, rtol=1e-12)
+        np.testing.assert_allclose(model[4].running_mean.numpy(), h2.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(model[4].running_var.numpy(), h2.var(0), rtol=1e-12)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    np.testing.assert_allclose(out.mean(0).numpy(), model[4].bias.detach().numpy(), atol=1e-10)
+
+
+def test_a_batchnorm_run_twice_gets_the_train_mode_reset():
+    """A norm called twice in one forward pass has no single input: the reset averages its train-mode batch
+    statistics over the calls (the usual reset), rather than keeping one call's."""
+    torch.manual_seed(13)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin1, self.lin2, self.bn = nn.Linear(3, 4), nn.Linear(3, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.lin1(x)) + self.bn(self.lin2(x))
+
+    model = Twice().double()
+    x = torch.randn(50, 3, dtype=torch.float64)
+    recompute_batchnorm(model, x, batch_size=50)
+    with torch.no_grad():
+        h1, h2 = model.lin1(x), model.lin2(x)
+    torch.testing.assert_close(model.bn.running_mean, (h1.mean(0) + h2.mean(0)) / 2)
+    torch.testing.assert_close(model.bn.running_var, (h1.var(0) + h2.var(0)) / 2)
 
 
 def test_merge_of_an_orbit_gives_back_the_model():
@@ -765,3 +811,32 @@ def test_canonical_form_is_invariant_on_a_width_one_residual_space():
         assert torch.allclose(ca(x), model(x), rtol=1e-10, atol=1e-12)
     incoming = [ca.a.weight, ca.a.bias, ca.b1.bias, ca.b2.bias]  # scaled by d; the self-maps' weights are not
     assert float(sum(t.detach().norm() ** 2 for t in incoming)) == pytest.approx(1.0)
+
+
+def test_independent_models_are_matched_by_their_activations():
+    """Two independently initialised MLPs are not copies of each other: every matched pair is not each row's best
+    correlation, yet each model's own units differ, so the data identifies the space and activation matching
+    is used (before, such pairs went wholesale to the weights: trained digits pairs were matched by weights
+    under method="activations")."""
+    torch.manual_seed(21)
+    a = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2)).double()
+    b = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2)).double()
+    x = torch.randn(256, 3, dtype=torch.float64)
+    r = it.align(a, b, x, method="activations")
+    assert set(r.found_by.values()) == {"activations"}
+
+
+def test_twin_units_are_matched_by_their_weights():
+    """Two units of one model computing the same feature (one a scaled copy of the other) cannot be told apart by
+    the data: the space goes to the weights, which recover a planted element exactly."""
+    torch.manual_seed(22)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)).double().eval()
+    with torch.no_grad():
+        model[0].weight[1] = 2.0 * model[0].weight[0]
+        model[0].bias[1] = 2.0 * model[0].bias[0]
+    x = torch.randn(64, 3, dtype=torch.float64)
+    spec = symmetry_spec(model, x[:4])
+    g = random_symmetry(spec, torch.Generator().manual_seed(0), monomial=True)
+    r = it.align(model, apply_symmetry(model, g, spec), x, method="activations")
+    assert set(r.found_by.values()) == {"weights"}
+    assert relerr(model, r.model) <= 1e-6

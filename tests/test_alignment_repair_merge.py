@@ -295,3 +295,35 @@ def test_bn_reset_is_what_repair_does_for_batch_norm_models():
         repair(m, sites, targets, x)
     with torch.no_grad():
         assert torch.allclose(stale(x), reset(x), atol=1e-10)
+
+
+def _positive_gain_myrtle(seed: int, eps: float) -> nn.Module:
+    torch.manual_seed(seed)
+    model = models.myrtle_cnn(width=2, in_channels=1, input_size=8).double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = eps
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_repair_of_a_batch_norm_network_with_positive_gains_is_the_batch_norm_reset():
+    """Every corrected site a batch norm, every gain positive, eps negligible (1e-12): the reset standardises each norm's input
+    exactly, so the interpolated gain and bias already give each channel the interpolated standard deviation
+    and mean, and REPAIR changes nothing. A gain of opposite signs in A and B breaks it (REPAIR keeps the
+    channel's spread, the reset lets it collapse)."""
+    x = torch.randn(60, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (60,))
+    a, b = _positive_gain_myrtle(1, 1e-12), _positive_gain_myrtle(2, 1e-12)
+    alphas = (0.0, 0.3, 0.5, 1.0)
+    plain = it.interpolate(a, b, (x, y), alphas, train_data=x, device="cpu")
+    repaired = it.interpolate(a, b, (x, y), alphas, train_data=x, repair=True, device="cpu")
+    np.testing.assert_allclose(repaired.loss, plain.loss, rtol=1e-9)
+    with torch.no_grad():
+        b.bn2.weight[0] = -b.bn2.weight[0]
+    plain = it.interpolate(a, b, (x, y), alphas, train_data=x, device="cpu")
+    repaired = it.interpolate(a, b, (x, y), alphas, train_data=x, repair=True, device="cpu")
+    assert abs(repaired.loss[2] - plain.loss[2]) > 1e-6
+    np.testing.assert_allclose(repaired.loss[[0, -1]], plain.loss[[0, -1]], rtol=1e-9)

@@ -99,34 +99,51 @@ def fit_monomial(space: SpaceStats, scaling: bool = True) -> tuple[torch.Tensor,
     return pi, scale
 
 
-def identified(space: SpaceStats, perm: torch.Tensor) -> bool:
-    """Can the data tell every coordinate of the space apart? False when a channel is constant at every site
-    of the space in either model (a dead unit; a channel constant at some sites only is read at the others,
-    where a constant channel correlates 0 with everything), when there are no more samples than coordinates
-    at a site, or when a coordinate's matched correlation summed over the sites is not clearly above its next
-    best (ties): the fit would then pick one of several equally good elements, and the space is matched by
-    its weights instead."""
+TWIN_CORRELATION = 1 - 1e-6
+"""Two coordinates of one model whose absolute correlation reaches this at a site are the same feature there."""
+
+
+def _twins(cov: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """(n, n) bool: the pairs of coordinates one site cannot tell apart -- both constant, or both varying with
+    absolute correlation >= :data:`TWIN_CORRELATION` (copies of one feature, up to scale and sign).
+    ``cov``: (n, n) covariance of one model's coordinates at the site; ``alive``: (n,) not constant there."""
+    sd = cov.diagonal().clamp_min(0).sqrt()
+    r = (cov / torch.outer(sd, sd).clamp_min(1e-300)).abs()
+    both_alive = alive[:, None] & alive[None, :]
+    return (both_alive & (r >= TWIN_CORRELATION)) | (~alive[:, None] & ~alive[None, :])
+
+
+def identified(space: SpaceStats) -> bool:
+    """Can the data tell every coordinate of the space apart, in both models? False when there are no more
+    samples than coordinates at a site, when a channel is constant at every site of the space in either
+    model (a dead unit; a channel constant at some sites only is read at the others), or when two coordinates
+    of one model are the same feature at every site (constant together, or perfectly correlated: twins).
+    Then several elements fit the data equally well, and the space is matched by its weights instead.
+
+    Two models that are not copies of each other (independently trained ones) are identified as long as each
+    model's own coordinates differ: how well A's features match B's is the fit's residual, not a tie."""
     n = space.action.size
     if not space.stats:
         return False
-    best = torch.zeros(n, dtype=torch.float64)
-    second = torch.zeros(n, dtype=torch.float64)
     alive_x = torch.zeros(n, dtype=torch.bool)
     alive_y = torch.zeros(n, dtype=torch.bool)
+    twins_x = torch.ones(n, n, dtype=torch.bool)
+    twins_y = torch.ones(n, n, dtype=torch.bool)
     for st in space.stats:
         if st.n <= n:
             return False
-        vx, vy = st.cov_xx().diagonal(), st.cov_yy().diagonal()
-        alive_x |= vx > 1e-12 * vx.abs().max().clamp_min(1e-300)
-        alive_y |= vy > 1e-12 * vy.abs().max().clamp_min(1e-300)
-        corr = st.correlation().abs()
-        best += corr[torch.arange(n), perm]
-        other = corr.clone()
-        other[torch.arange(n), perm] = -1.0
-        second += other.max(1).values if n > 1 else torch.zeros(n, dtype=torch.float64)
+        cx, cy = st.cov_xx(), st.cov_yy()
+        vx, vy = cx.diagonal(), cy.diagonal()
+        ax = vx > 1e-12 * vx.abs().max().clamp_min(1e-300)
+        ay = vy > 1e-12 * vy.abs().max().clamp_min(1e-300)
+        alive_x |= ax
+        alive_y |= ay
+        twins_x &= _twins(cx, ax)
+        twins_y &= _twins(cy, ay)
     if not (bool(alive_x.all()) and bool(alive_y.all())):
         return False
-    return bool((best - second > 1e-6 * len(space.stats)).all())
+    off = ~torch.eye(n, dtype=torch.bool)
+    return not bool((twins_x & off).any() or (twins_y & off).any())
 
 
 def fit_linear(space: SpaceStats) -> torch.Tensor:

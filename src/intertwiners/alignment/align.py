@@ -379,12 +379,8 @@ def align_activations(model_a: nn.Module, model_b: nn.Module, spec, actions: dic
     unknown = {n for n, st in stats.items() if any(st_.n <= st.action.size for st_ in st.stats)}
     found = {n: fit_space(st, scaling) for n, st in stats.items() if n not in unknown}
     for n, st in stats.items():
-        if n in unknown:
-            continue
-        if st.action.group.is_monomial or not scaling:
-            perm, scale = G.monomial_inverse(*found[n])  # the fitted g (B ~ g·A)
-            if not identified(st, perm):
-                unknown.add(n)
+        if n not in unknown and (st.action.group.is_monomial or not scaling) and not identified(st):
+            unknown.add(n)
     return {n: el for n, el in found.items() if n not in unknown}, unknown
 
 

@@ -4,7 +4,7 @@
 parameter and buffer interpolated). With ``reset_batchnorm=True`` (the default, as in REPAIR and
 git-re-basin) the batch-norm running statistics of each interpolated model are recomputed from scratch
 on ``train_data`` (``data`` when no training data is given), since averaged statistics do not describe
-the averaged network. With ``repair=True`` every hidden channel of each interpolated model is corrected by
+the averaged network: the exact statistics of each norm's input in eval mode, norm after norm. With ``repair=True`` every hidden channel of each interpolated model is corrected by
 REPAIR (:mod:`.repair`, Jordan et al. 2023) so that its mean and standard deviation on the training inputs
 interpolate those of the two end models. The barrier is the largest rise of the loss, and the largest drop of
 the accuracy, above the straight line between the two ends.
@@ -88,11 +88,23 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> nn.Module:
-    """Recompute every batch norm's running statistics as the exact average over ``inputs`` (in place)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def recompute_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 2048) -> nn.Module:
+    """Set every batch norm's running statistics (in place) to the exact mean and population variance of its
+    input over ``inputs`` as the model in eval mode sees it: in forward order, each norm measured with the
+    earlier norms' new statistics in place, so that every norm standardises its input exactly on these inputs
+    and the result does not depend on ``batch_size`` (the batch of the statistics passes: one pass when the
+    inputs fit one batch, else one streamed pass per norm; :func:`.repair.correct_in_forward_order`).
+
+    A model whose batch norm runs more than once in one forward pass (or not at all) gets the usual reset
+    instead: train-mode passes of ``batch_size`` inputs, the statistics the cumulative average over batches."""
+    from .repair import batchnorm_sites, correct_in_forward_order, fold_statistics
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return model
+    sites = batchnorm_sites(model, inputs[:2])
+    if sites is not None:
+        return correct_in_forward_order(model, sites, fold_statistics, inputs, batch_size)
     was = model.training
     saved = [m.momentum for m in bns]
     p = next(model.parameters())
@@ -135,11 +147,12 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, alphas=DEFAULT_ALP
 
     ``alphas``: increasing, from 0 to 1 (the barrier is measured against the line between the ends).
     ``reset_batchnorm``: recompute batch-norm statistics at each alpha on ``train_data`` (inputs; ``data``'s
-    inputs when None). ``repair``: correct every hidden channel at each alpha so that its mean and standard
+    inputs when None), exactly, as the model in eval mode sees its inputs (:func:`recompute_batchnorm`). ``repair``: correct every hidden channel at each alpha so that its mean and standard
     deviation on the same inputs are ``(1 - alpha)`` times A's plus ``alpha`` times B's (REPAIR, Jordan et al.
     2023; :mod:`intertwiners.alignment.repair` says which channels), the end models taken as the curve's ends
-    (batch norm recomputed when ``reset_batchnorm``). The correction runs in one forward pass when the inputs
-    fit one batch of ``repair_batch_size``, else in one pass per corrected layer. Returns an
+    (batch norm recomputed when ``reset_batchnorm``). The statistics (the batch-norm reset's and REPAIR's) are
+    taken in one forward pass when the inputs fit one batch of ``repair_batch_size``, else in one pass per
+    corrected layer. Returns an
     :class:`InterpolationCurve`.
     """
     from .align import check_runs, check_same_structure_params
@@ -159,13 +172,13 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, alphas=DEFAULT_ALP
         ends = [copy.deepcopy(m).to(dev) for m in (model_a, model_b)]
         if reset_batchnorm:
             for m in ends:
-                recompute_batchnorm(m, bn_inputs, batch_size)
+                recompute_batchnorm(m, bn_inputs, repair_batch_size)
         repairer = PathRepair(*ends, bn_inputs, repair_batch_size)
     losses, accs = [], []
     for alpha in a:
         model = lerp_model(model_a, model_b, alpha).to(dev)
         if reset_batchnorm and has_batchnorm(model) and not (repairer and repairer.covers_batchnorm):
-            recompute_batchnorm(model, bn_inputs, batch_size)
+            recompute_batchnorm(model, bn_inputs, repair_batch_size)
         if repairer is not None:
             repairer(model, alpha)
         lo, ac = evaluate(model, x, y, batch_size)

@@ -47,6 +47,7 @@ from ..features import iterate_inputs
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PRODUCERS = (nn.Linear,) + _CONV
+_FROM_INPUT = ("batchnorm", "statistics")   # rules that read a batch norm's input and recompute its output
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,9 @@ class RepairSite:
     """One layer whose output channels REPAIR corrects.
 
     ``name``: the module's name in ``model.named_modules()``; ``rule``: ``"producer"`` (a Linear/Conv: weight
-    rows and bias), ``"batchnorm"`` (running statistics and affine parameters) or ``"norm"`` (a LayerNorm /
-    GroupNorm: weight and bias); ``axis``: the channel axis of the module's output (1 for convolutions, batch
+    rows and bias), ``"batchnorm"`` (running statistics and affine parameters), ``"norm"`` (a LayerNorm /
+    GroupNorm: weight and bias) or ``"statistics"`` (a batch norm's running statistics alone: the batch-norm
+    reset, :func:`batchnorm_sites`); ``axis``: the channel axis of the module's output (1 for convolutions, batch
     and group norms, -1 for linear layers and layer norms)."""
 
     name: str
@@ -248,8 +250,7 @@ def _fold(module: nn.Module, site: RepairSite, source: torch.Tensor | Moments, t
         live = std > 0
         new_gamma = torch.where(live, sign * t_std * (std * std + module.eps).sqrt() / torch.where(live, std, 1.0),
                                 gamma)
-        module.running_mean.copy_(mean.to(module.running_mean.dtype))
-        module.running_var.copy_((std * std).to(module.running_var.dtype))
+        fold_statistics(module, site, source)
         module.weight.copy_(new_gamma.to(module.weight.dtype))
         module.bias.copy_(t_mean.to(module.bias.dtype))
         return None
@@ -266,7 +267,7 @@ def _fold(module: nn.Module, site: RepairSite, source: torch.Tensor | Moments, t
 def _corrected_output(module: nn.Module, site: RepairSite, inputs: tuple, out: torch.Tensor, affine) -> torch.Tensor:
     """The site's output after the correction: ``scale·out + shift`` per channel (what the corrected layer
     computes, to rounding, without running it again), or the batch norm recomputed from its input."""
-    if site.rule == "batchnorm":
+    if site.rule in _FROM_INPUT:
         return nn.functional.batch_norm(inputs[0], module.running_mean, module.running_var, module.weight,
                                         module.bias, False, 0.0, module.eps)
     scale, shift = affine
@@ -280,14 +281,20 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def repair(model: nn.Module, sites: list[RepairSite], targets: dict, inputs, batch_size: int = 2048) -> nn.Module:
-    """Correct ``model`` in place so that every site's channels have the ``targets`` ({site: (mean, std)}) on
-    ``inputs`` (eval mode). One forward pass when the inputs fit one batch of ``batch_size``, else one streamed
-    pass per site. Returns the model."""
+def correct_in_forward_order(model: nn.Module, sites: list[RepairSite], fold, inputs, batch_size: int = 2048
+                             ) -> nn.Module:
+    """Fold a correction into every site of ``model`` in forward order, each measured on ``inputs`` (eval mode)
+    with the earlier sites already corrected. ``fold(module, site, source)`` changes the module and returns
+    the (scale, shift) its output got (None where the output is recomputed from the input: batch norms);
+    ``source`` is the site's output (its input for batch norms), one batch's tensor or streamed
+    :class:`Moments`. One forward pass when the inputs fit one batch of ``batch_size`` (each site's hook
+    corrects its output before the next layer sees it), else one streamed pass per site (the forward stops
+    after the site). Shared by REPAIR (:func:`repair`) and the batch-norm reset
+    (:func:`.interpolation.recompute_batchnorm`). Returns the model."""
     modules = dict(model.named_modules())
     batches = list(iterate_inputs(inputs, batch_size))
     if not batches:
-        raise ValueError("REPAIR needs at least one input batch")
+        raise ValueError("the statistics need at least one input batch")
     was = model.training
     model.eval()
     handles = []
@@ -295,7 +302,7 @@ def repair(model: nn.Module, sites: list[RepairSite], targets: dict, inputs, bat
         if len(batches) == 1:
             def correct(site):
                 def hook(module, ins, out):
-                    affine = _fold(module, site, ins[0] if site.rule == "batchnorm" else out, targets[site.name])
+                    affine = fold(module, site, ins[0] if site.rule in _FROM_INPUT else out)
                     return _corrected_output(module, site, ins, out, affine)
                 return hook
 
@@ -306,7 +313,7 @@ def repair(model: nn.Module, sites: list[RepairSite], targets: dict, inputs, bat
             moments = Moments()
 
             def measure(_m, ins, out, site=site, moments=moments):
-                moments.update(ins[0] if site.rule == "batchnorm" else out, site.axis)
+                moments.update(ins[0] if site.rule in _FROM_INPUT else out, site.axis)
                 raise _StopForward
 
             handle = modules[site.name].register_forward_hook(measure)
@@ -318,12 +325,55 @@ def repair(model: nn.Module, sites: list[RepairSite], targets: dict, inputs, bat
                         pass
             finally:
                 handle.remove()
-            _fold(modules[site.name], site, moments, targets[site.name])
+            fold(modules[site.name], site, moments)
         return model
     finally:
         for h in handles:
             h.remove()
         model.train(was)
+
+
+def repair(model: nn.Module, sites: list[RepairSite], targets: dict, inputs, batch_size: int = 2048) -> nn.Module:
+    """Correct ``model`` in place so that every site's channels have the ``targets`` ({site: (mean, std)}) on
+    ``inputs`` (eval mode), in forward order (:func:`correct_in_forward_order`). Returns the model."""
+    return correct_in_forward_order(model, sites, lambda m, s, src: _fold(m, s, src, targets[s.name]),
+                                    inputs, batch_size)
+
+
+def batchnorm_sites(model: nn.Module, example_input: torch.Tensor) -> list[RepairSite] | None:
+    """Every batch norm that keeps running statistics, as a ``"statistics"`` site, in the order one forward
+    pass on ``example_input`` runs them; None when one of them runs more than once in that pass or not at all
+    (its statistics then have no single input)."""
+    bns = {name: m for name, m in model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    calls: dict[str, int] = {}
+
+    def counter(name):
+        def hook(_m, _inputs, _out):
+            calls[name] = calls.get(name, 0) + 1
+        return hook
+
+    handles = [m.register_forward_hook(counter(n)) for n, m in bns.items()]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(_to_model(model, example_input))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    if set(calls) != set(bns) or any(c != 1 for c in calls.values()):
+        return None
+    return [RepairSite(name, "statistics", 1) for name in calls]   # dicts keep the order of the first call
+
+
+def fold_statistics(module: nn.Module, _site: RepairSite, source: torch.Tensor | Moments) -> None:
+    """Set a batch norm's running statistics to the mean and population variance of its input ``source``."""
+    mean, std = channel_mean_std(source, 1) if isinstance(source, torch.Tensor) else source.mean_std()
+    module.running_mean.copy_(mean.to(module.running_mean.dtype))
+    module.running_var.copy_((std * std).to(module.running_var.dtype))
+    return None
 
 
 class PathRepair:
