@@ -310,10 +310,10 @@ def _positive_gain_myrtle(seed: int, eps: float) -> nn.Module:
 
 
 def test_repair_of_a_batch_norm_network_with_positive_gains_is_the_batch_norm_reset():
-    """Every corrected site a batch norm, every gain positive, eps negligible (1e-12): the reset standardises each norm's input
-    exactly, so the interpolated gain and bias already give each channel the interpolated standard deviation
-    and mean, and REPAIR changes nothing. A gain of opposite signs in A and B breaks it (REPAIR keeps the
-    channel's spread, the reset lets it collapse)."""
+    """Every corrected site a batch norm, every gain positive, eps negligible (1e-12): the reset standardises
+    each norm's input exactly, so the interpolated gain and bias already give each channel the interpolated
+    standard deviation and mean, and REPAIR changes nothing. A gain of opposite signs in A and B breaks it
+    (REPAIR keeps the channel's spread, the reset lets it collapse)."""
     x = torch.randn(60, 1, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 10, (60,))
     a, b = _positive_gain_myrtle(1, 1e-12), _positive_gain_myrtle(2, 1e-12)

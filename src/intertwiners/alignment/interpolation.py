@@ -4,10 +4,11 @@
 parameter and buffer interpolated). With ``reset_batchnorm=True`` (the default, as in REPAIR and
 git-re-basin) the batch-norm running statistics of each interpolated model are recomputed from scratch
 on ``train_data`` (``data`` when no training data is given), since averaged statistics do not describe
-the averaged network: the exact statistics of each norm's input in eval mode, norm after norm. With ``repair=True`` every hidden channel of each interpolated model is corrected by
-REPAIR (:mod:`.repair`, Jordan et al. 2023) so that its mean and standard deviation on the training inputs
-interpolate those of the two end models. The barrier is the largest rise of the loss, and the largest drop of
-the accuracy, above the straight line between the two ends.
+the averaged network: the exact statistics of each norm's input in eval mode, norm after norm. With
+``repair=True`` every hidden channel of each interpolated model is corrected by REPAIR (:mod:`.repair`,
+Jordan et al. 2023) so that its mean and standard deviation on the training inputs interpolate those of the
+two end models. The barrier is the largest rise of the loss, and the largest drop of the accuracy, above the
+straight line between the two ends.
 """
 
 from __future__ import annotations
@@ -147,13 +148,13 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data, alphas=DEFAULT_ALP
 
     ``alphas``: increasing, from 0 to 1 (the barrier is measured against the line between the ends).
     ``reset_batchnorm``: recompute batch-norm statistics at each alpha on ``train_data`` (inputs; ``data``'s
-    inputs when None), exactly, as the model in eval mode sees its inputs (:func:`recompute_batchnorm`). ``repair``: correct every hidden channel at each alpha so that its mean and standard
-    deviation on the same inputs are ``(1 - alpha)`` times A's plus ``alpha`` times B's (REPAIR, Jordan et al.
-    2023; :mod:`intertwiners.alignment.repair` says which channels), the end models taken as the curve's ends
-    (batch norm recomputed when ``reset_batchnorm``). The statistics (the batch-norm reset's and REPAIR's) are
-    taken in one forward pass when the inputs fit one batch of ``repair_batch_size``, else in one pass per
-    corrected layer. Returns an
-    :class:`InterpolationCurve`.
+    inputs when None), exactly, as the model in eval mode sees its inputs (:func:`recompute_batchnorm`).
+    ``repair``: correct every hidden channel at each alpha so that its mean and standard deviation on the same
+    inputs are ``(1 - alpha)`` times A's plus ``alpha`` times B's (REPAIR, Jordan et al. 2023;
+    :mod:`intertwiners.alignment.repair` says which channels), the end models taken as the curve's ends (batch
+    norm recomputed when ``reset_batchnorm``). The statistics (the batch-norm reset's and REPAIR's) are taken in
+    one forward pass when the inputs fit one batch of ``repair_batch_size``, else in one pass per corrected
+    layer. Returns an :class:`InterpolationCurve`.
     """
     from .align import check_runs, check_same_structure_params
     from .repair import PathRepair
