@@ -588,7 +588,8 @@ def dead_unit_mlp():
 @pytest.mark.parametrize("method", ["weights", "activations"])
 def test_planted_recovery_on_self_maps_dead_units_and_few_samples(build, rows, method):
     """Planted g·M aligned back to M exactly by both methods; where the data cannot identify a space's
-    coordinates (dead units, fewer samples than units) activation matching says it used the weights."""
+    coordinates activation matching says it used the weights: for the dead units only (the live ones keep the
+    pairs the data matched), for every unit when there are fewer samples than units."""
     torch.manual_seed(3)
     model = build().double().eval()
     x = torch.randn(rows, 3, dtype=torch.float64)
@@ -600,8 +601,11 @@ def test_planted_recovery_on_self_maps_dead_units_and_few_samples(build, rows, m
         assert relerr(model, r.model) <= 1e-6
         assert max(r.residual.values()) <= 1e-6
         assert set(r.found_by) == set(spec.spaces)
-    if method == "activations" and build is not ResidualMLP and build is not RecurrentCell:
-        assert set(r.found_by.values()) == {"weights"}  # unidentifiable by the data: matched by weights
+    if method == "activations" and build is dead_unit_mlp:   # the two dead units are matched by the weights
+        assert set(r.found_by.values()) == {"activations on 4 of 6 coordinates, weights on the rest (dead or twin "
+                                            "units)"}
+    elif method == "activations" and build is not ResidualMLP and build is not RecurrentCell:
+        assert set(r.found_by.values()) == {"weights"}  # too few samples for any coordinate: matched by weights
 
 
 def test_activation_matching_reports_a_bad_fit():
@@ -828,7 +832,8 @@ def test_independent_models_are_matched_by_their_activations():
 
 def test_twin_units_are_matched_by_their_weights():
     """Two units of one model computing the same feature (one a scaled copy of the other) cannot be told apart by
-    the data: the space goes to the weights, which recover a planted element exactly."""
+    the data: the weights match those two (the other four keep the pairs the data matched), and the planted
+    element comes back exactly."""
     torch.manual_seed(22)
     model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)).double().eval()
     with torch.no_grad():
@@ -838,5 +843,24 @@ def test_twin_units_are_matched_by_their_weights():
     spec = symmetry_spec(model, x[:4])
     g = random_symmetry(spec, torch.Generator().manual_seed(0), monomial=True)
     r = it.align(model, apply_symmetry(model, g, spec), x, method="activations")
-    assert set(r.found_by.values()) == {"weights"}
+    assert set(r.found_by.values()) == {"activations on 4 of 6 coordinates, weights on the rest (dead or twin units)"}
     assert relerr(model, r.model) <= 1e-6
+
+
+def test_assignment_with_pinned_pairs_is_the_best_permutation_that_keeps_them():
+    """weight_matching.assign with pins against every permutation of 6 that keeps the pinned pairs."""
+    import itertools
+
+    from intertwiners.alignment.weight_matching import assign
+
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        score = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+        k = trial % 4
+        rows = torch.randperm(6, generator=gen)[:k]
+        cols = torch.randperm(6, generator=gen)[:k]
+        perm = assign(score, (rows, cols))
+        assert torch.equal(perm[rows], cols) and sorted(perm.tolist()) == list(range(6))
+        best = max(sum(float(score[j, p[j]]) for j in range(6)) for p in itertools.permutations(range(6))
+                   if all(p[int(r)] == int(c) for r, c in zip(rows, cols)))
+        assert sum(float(score[j, perm[j]]) for j in range(6)) == pytest.approx(best, rel=1e-12)

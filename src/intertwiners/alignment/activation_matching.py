@@ -113,25 +113,25 @@ def _twins(cov: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     return (both_alive & (r >= TWIN_CORRELATION)) | (~alive[:, None] & ~alive[None, :])
 
 
-def identified(space: SpaceStats) -> bool:
-    """Can the data tell every coordinate of the space apart, in both models? False when there are no more
-    samples than coordinates at a site, when a channel is constant at every site of the space in either
-    model (a dead unit; a channel constant at some sites only is read at the others), or when two coordinates
-    of one model are the same feature at every site (constant together, or perfectly correlated: twins).
-    Then several elements fit the data equally well, and the space is matched by its weights instead.
+def identifiable(space: SpaceStats) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A's coordinates the data can tell apart (n,) bool, B's (n,) bool), or None when it can tell none apart
+    (no more samples than coordinates at a site, a single sample included).
 
-    Two models that are not copies of each other (independently trained ones) are identified as long as each
-    model's own coordinates differ: how well A's features match B's is the fit's residual, not a tie."""
+    A coordinate cannot be told apart when it is constant at every site of the space (a dead unit; a channel
+    constant at some sites only is read at the others) or when another coordinate of the same model is the
+    same feature at every site (constant together, or perfectly correlated: twins). How well A's features
+    match B's does not enter (that is the fit's residual): two independently trained models are identified as
+    long as each model's own coordinates differ."""
     n = space.action.size
     if not space.stats:
-        return False
+        return None
     alive_x = torch.zeros(n, dtype=torch.bool)
     alive_y = torch.zeros(n, dtype=torch.bool)
     twins_x = torch.ones(n, n, dtype=torch.bool)
     twins_y = torch.ones(n, n, dtype=torch.bool)
     for st in space.stats:
         if st.n <= n:
-            return False
+            return None
         cx, cy = st.cov_xx(), st.cov_yy()
         vx, vy = cx.diagonal(), cy.diagonal()
         ax = vx > 1e-12 * vx.abs().max().clamp_min(1e-300)
@@ -140,10 +140,16 @@ def identified(space: SpaceStats) -> bool:
         alive_y |= ay
         twins_x &= _twins(cx, ax)
         twins_y &= _twins(cy, ay)
-    if not (bool(alive_x.all()) and bool(alive_y.all())):
-        return False
     off = ~torch.eye(n, dtype=torch.bool)
-    return not bool((twins_x & off).any() or (twins_y & off).any())
+    return alive_x & ~(twins_x & off).any(1), alive_y & ~(twins_y & off).any(1)
+
+
+def identified(space: SpaceStats) -> bool:
+    """Can the data tell every coordinate of the space apart, in both models (:func:`identifiable`)? When not,
+    several elements fit the data equally well on the coordinates it cannot tell apart, and the weights
+    decide those."""
+    ok = identifiable(space)
+    return ok is not None and bool(ok[0].all()) and bool(ok[1].all())
 
 
 def fit_linear(space: SpaceStats) -> torch.Tensor:

@@ -36,7 +36,7 @@ from torch import nn
 from .. import groups as G
 from .._util import as_tensor
 from ..features import SiteExtractor, iterate_inputs
-from .activation_matching import SpaceStats, fit_space, identified
+from .activation_matching import SpaceStats, fit_space, identifiable
 from .attention import align_attention
 from .canonical import canonical_scales
 from .linear_spaces import collapse_linear_spaces, is_linear_space, solve_linear_space
@@ -243,19 +243,20 @@ def squared_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> 
 
 
 def align_weights(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, scaling: bool = True,
-                  max_sweeps: int = 30, how: dict | None = None) -> tuple[dict, int]:
+                  max_sweeps: int = 30, how: dict | None = None, pins: dict | None = None) -> tuple[dict, int]:
     """{space: (perm, scale)} moving B into A's basis by weight matching; and the number of sweeps.
 
     With ``scaling``, GL spaces get a dense (n, n) element: the other spaces are matched on products that
     hide the GL spaces, then each GL element is solved in closed form on B with the others applied
     (:mod:`.linear_spaces`); ``how`` (a dict, filled when given) says, per GL space, how its element was
-    found and the residual of the fit."""
+    found and the residual of the fit. ``pins``: {space: (B's indices, A's indices)} pairs the permutations
+    keep (:func:`~.weight_matching.match_permutations`)."""
     # only the parameters some space moves are read; they are copied only where the canonical form rescales
     # them (in place), so that weight matching holds at most one extra copy of each model's moved parameters
     pa, pb = moved_parameters(model_a, actions), moved_parameters(model_b, actions)
     if scaling:
         pa, pb = {k: t.clone() for k, t in pa.items()}, {k: t.clone() for k, t in pb.items()}
-    found, sweeps = match_weights(pa, pb, actions, scaling, max_sweeps)
+    found, sweeps = match_weights(pa, pb, actions, scaling, max_sweeps, pins=pins)
     linear = [n for n, a in actions.items() if scaling and is_linear_space(a)]
     if linear:
         found.update(solve_linear_spaces(model_a, model_b, spec, actions, found, linear, how))
@@ -301,7 +302,7 @@ def moved_parameters(model: nn.Module, actions: dict) -> dict[str, torch.Tensor]
 
 
 def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_sweeps: int = 30,
-                  keep_bytes: int | None = None) -> tuple[dict, int]:
+                  keep_bytes: int | None = None, pins: dict | None = None) -> tuple[dict, int]:
     """:func:`align_weights` on parameter dicts; with ``scaling`` they are rescaled to the canonical form IN
     PLACE (pass copies, or tensors that are restored afterwards). ``keep_bytes``: the memory bound of the
     assignment scores kept between solves (:func:`~.weight_matching.match_permutations`; None: no bound)."""
@@ -312,7 +313,7 @@ def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_s
         sa, sb = canonical_scales(pa, inner), canonical_scales(pb, inner)
     else:
         sa, sb = _identity_scales(actions), _identity_scales(actions)
-    perms, sweeps = match_permutations(pa, pb, inner, max_sweeps, keep_bytes=keep_bytes)
+    perms, sweeps = match_permutations(pa, pb, inner, max_sweeps, keep_bytes=keep_bytes, pins=pins)
     out = {}
     for name, act in inner.items():
         n = act.size
@@ -352,9 +353,10 @@ def align_activations(model_a: nn.Module, model_b: nn.Module, spec, actions: dic
                       batch_size: int = 256, identify: bool = False):
     """{space: element} moving B into A's basis by matching features streamed over ``data``.
 
-    ``identify=True``: ``(found, unidentified)``, leaving out of ``found`` the spaces whose coordinates the
-    data cannot tell apart (:func:`~.activation_matching.identified`; dense spaces: no more samples than
-    coordinates), for the weights."""
+    ``identify=True``: ``(found, unidentified, pins)``, leaving out of ``found`` the spaces whose coordinates
+    the data cannot all tell apart (:func:`~.activation_matching.identifiable`; dense spaces: no more samples
+    than coordinates), for the weights; ``pins[space] = (B's indices, A's indices)``: the pairs of such a
+    monomial space that the data does tell apart, matched as the fit matched them, for the weights to keep."""
     sites = list(dict.fromkeys(s.tensor for a in actions.values() for s in a.slots))
     stats = {n: SpaceStats(a) for n, a in actions.items() if a.slots}
     ext_a = ext_b = None
@@ -378,10 +380,20 @@ def align_activations(model_a: nn.Module, model_b: nn.Module, spec, actions: dic
     # no more samples than coordinates at a site: nothing to fit (a single sample has no correlations at all)
     unknown = {n for n, st in stats.items() if any(st_.n <= st.action.size for st_ in st.stats)}
     found = {n: fit_space(st, scaling) for n, st in stats.items() if n not in unknown}
+    pins = {}
     for n, st in stats.items():
-        if n not in unknown and (st.action.group.is_monomial or not scaling) and not identified(st):
-            unknown.add(n)
-    return {n: el for n, el in found.items() if n not in unknown}, unknown
+        if n in unknown or not (st.action.group.is_monomial or not scaling):
+            continue
+        told = identifiable(st)
+        if told is not None and bool(told[0].all()) and bool(told[1].all()):
+            continue
+        unknown.add(n)
+        if told is not None:   # the pairs the data tells apart are kept; the weights match the others
+            perm, _ = G.monomial_inverse(*found[n])     # the fitted g (B ~ g·A): A's i is B's perm[i]
+            keep = torch.nonzero(told[0] & told[1][perm]).flatten()
+            if len(keep):
+                pins[n] = (perm[keep], keep)
+    return {n: el for n, el in found.items() if n not in unknown}, unknown, pins
 
 
 def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None, method: str = "activations",
@@ -426,14 +438,14 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
         names, attention, skipped = plan_spaces(spec_b, spaces)
         scaling = group == "full"
         sweeps = 0
-        found, found_by = {}, {}
+        found, found_by, pins = {}, {}, {}
         if method == "activations":
             sites = {n: space_slots(spec_b, n, "sites") for n in names}
             by_data = {n: a for n, a in sites.items() if a.slots}
             with few_threads(threads):
                 try:
-                    found, _ = align_activations(model_a, model_b, spec_b, by_data, data, scaling, batch_size,
-                                                 identify=True)
+                    found, _, pins = align_activations(model_a, model_b, spec_b, by_data, data, scaling,
+                                                       batch_size, identify=True)
                 except SiteError:  # the sites cannot be read on this model (its forward is not traceable
                     found = {}     # by torch.fx): every space is matched by its weights, found_by says so
             found_by = dict.fromkeys(found, "activations")
@@ -443,9 +455,12 @@ def align(model_a: nn.Module, model_b: nn.Module, data=None, example_input=None,
             actions = weight_actions(spec_b, rest, attention)
             linear_how: dict = {}
             with few_threads(threads):
-                by_weights, sweeps = align_weights(model_a, moved, spec_b, actions, scaling, max_sweeps, linear_how)
+                by_weights, sweeps = align_weights(model_a, moved, spec_b, actions, scaling, max_sweeps, linear_how,
+                                                   pins)
             found.update(by_weights)
             found_by.update(dict.fromkeys(by_weights, "weights"))
+            found_by.update({n: f"activations on {len(pins[n][0])} of {spec_b.spaces[n].size} coordinates, weights "
+                                f"on the rest (dead or twin units)" for n in pins if n in by_weights})
             found_by.update(linear_how)
             moved = apply_symmetry(model_b, found, spec_b)
         if attention:  # heads matched on B with its other spaces already aligned (the spaces commute)

@@ -92,8 +92,9 @@ class _Scores:
     """
 
     def __init__(self, params_a: dict, params_b: dict, actions: dict[str, SpaceSlots], perms: dict,
-                 keep_bytes: int | None = None):
+                 keep_bytes: int | None = None, pins: dict | None = None):
         self.a, self.b, self.actions, self.perms = params_a, params_b, actions, perms
+        self.pins = pins or {}
         self.by_key = _slots_by_key(actions)
         self.scores: dict[str, torch.Tensor] = {}  # the scores kept, up to date
         self.current: set[str] = set()  # spaces solved on their scores as they are now (kept or freed)
@@ -124,7 +125,7 @@ class _Scores:
         """Re-solve one space's assignment (if its scores changed); True when its permutation changed."""
         if name in self.current:
             return False
-        perm = hungarian_permutation(self.score(name))
+        perm = assign(self.score(name), self.pins.get(name))
         self.current.add(name)
         if self.keep_bytes is not None and sum(t.nbytes for t in self.scores.values()) > self.keep_bytes:
             del self.scores[name]  # over the budget: freed, recomputed only if the space is solved again
@@ -163,6 +164,23 @@ class _Scores:
         return True
 
 
+def assign(score: torch.Tensor, pins: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """perm (n,) maximising sum_j score[j, perm[j]] (B's index j to A's index perm[j]; score (n, n)), with
+    ``perm[pins[0]] = pins[1]`` kept when pins are given: the other rows are assigned among the other columns."""
+    if pins is None:
+        return hungarian_permutation(score)
+    rows, cols = pins
+    free_r = torch.ones(len(score), dtype=torch.bool)
+    free_c = torch.ones(len(score), dtype=torch.bool)
+    free_r[rows], free_c[cols] = False, False
+    perm = torch.empty(len(score), dtype=torch.long)
+    perm[rows] = cols
+    fr, fc = torch.nonzero(free_r).flatten(), torch.nonzero(free_c).flatten()
+    if len(fr):
+        perm[fr] = fc[hungarian_permutation(score[fr][:, fc])]
+    return perm
+
+
 def objective(params_a: dict, params_b: dict, actions: dict[str, SpaceSlots], perms: dict) -> float:
     """sum over the parameters the spaces move of <A, B with every space's permutation applied>."""
     total = 0.0
@@ -182,25 +200,30 @@ def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
 
 def match_permutations(params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor],
                        actions: dict[str, SpaceSlots], max_sweeps: int = 30, init: str = "best",
-                       keep_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                       keep_bytes: int | None = None, pins: dict | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """({space: perm}, sweeps): B's index j goes to A's index perm[j] (the element (perm, 1) moves B to A).
 
     ``init="greedy"`` starts the descent from the greedy pass (see the module docstring), ``"identity"``
     from identity permutations (Ainsworth et al.); ``"best"`` (default) runs both and keeps the result with
     the larger :func:`objective` (the greedy start finds planted permutations exactly; on independently
     trained networks the identity start often ends higher). ``keep_bytes``: the memory bound of the scores
-    kept between solves (see ``_Scores``; None keeps them all)."""
+    kept between solves (see ``_Scores``; None keeps them all). ``pins``: {space: (B's indices, A's indices)}
+    pairs every assignment of the space keeps (pairs the data matched: :func:`assign`)."""
     if init == "best":
-        runs = [_descend(params_a, params_b, actions, max_sweeps, i, keep_bytes) for i in ("greedy", "identity")]
+        runs = [_descend(params_a, params_b, actions, max_sweeps, i, keep_bytes, pins)
+                for i in ("greedy", "identity")]
         scores = [objective(params_a, params_b, actions, perms) for perms, _ in runs]
         return runs[int(scores[1] > scores[0])]
-    return _descend(params_a, params_b, actions, max_sweeps, init, keep_bytes)
+    return _descend(params_a, params_b, actions, max_sweeps, init, keep_bytes, pins)
 
 
-def _descend(params_a, params_b, actions, max_sweeps, init, keep_bytes=None):
+def _descend(params_a, params_b, actions, max_sweeps, init, keep_bytes=None, pins=None):
     names = [n for n, a in actions.items() if a.size > 1 and a.slots]
     perms = {n: torch.arange(a.size) for n, a in actions.items()}
-    scores = _Scores(params_a, params_b, actions, perms, keep_bytes)
+    pins = {n: p for n, p in (pins or {}).items() if n in actions}
+    for n, (rows, cols) in pins.items():   # a start that keeps the pins (the identity elsewhere where it can)
+        perms[n] = assign(torch.eye(actions[n].size, dtype=torch.float64), (rows, cols))
+    scores = _Scores(params_a, params_b, actions, perms, keep_bytes, pins)
     by_key = scores.by_key
     matched: set[str] = set()
 
@@ -217,7 +240,7 @@ def _descend(params_a, params_b, actions, max_sweeps, init, keep_bytes=None):
                 break
         if pick is None:
             pick, use = pending[0], actions[pending[0]].slots
-        scores.set(pick, hungarian_permutation(scores.partial(use)))
+        scores.set(pick, assign(scores.partial(use), pins.get(pick)))
         matched.add(pick)
         pending.remove(pick)
     sweeps, changed = 0, True
