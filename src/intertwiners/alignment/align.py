@@ -382,7 +382,7 @@ def align_activations(model_a: nn.Module, model_b: nn.Module, spec, actions: dic
     found = {n: fit_space(st, scaling) for n, st in stats.items() if n not in unknown}
     pins = {}
     for n, st in stats.items():
-        if n in unknown or not (st.action.group.is_monomial or not scaling):
+        if n in unknown or (scaling and not st.action.group.is_monomial):   # dense groups: least squares
             continue
         told = identifiable(st)
         if told is not None and bool(told[0].all()) and bool(told[1].all()):
