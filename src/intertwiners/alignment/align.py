@@ -62,8 +62,10 @@ class AlignResult:
     sweeps: int = 0
     skipped: dict = field(default_factory=dict)  # space -> why it was left at the identity
     found_by: dict = field(default_factory=dict)
-    """space -> how its element was found: ``"activations"``, ``"weights"`` (no activation sites to read, or
-    ``method="weights"``), ``"weights (GL: ...)"`` (a GL space: least squares on its rows and columns, how many
+    """space -> how its element was found: ``"activations"``, ``"weights"`` (no activation sites to read, too
+    few samples, or ``method="weights"``), ``"activations on k of n coordinates, weights on the rest (dead or
+    twin units)"`` (the pairs the data tells apart kept, the others assigned by weight matching),
+    ``"weights (GL: ...)"`` (a GL space: least squares on its rows and columns, how many
     directions the weights left undetermined and the fit's residual, or that the identity was kept and why:
     :func:`~.linear_spaces.solve_linear_space`) or ``"attention weights (...)"`` (which per-head maps were
     taken, or that the identity was kept: :func:`~.attention.align_attention_space`)."""
