@@ -278,7 +278,7 @@ def planted_families(which: str) -> list:
     return out
 
 
-def planted_through_align(trials: int, which: str) -> None:
+def planted_through_align(trials: int, which: str, device: str = "cpu") -> None:
     """Planted recovery through ``align``: every trial a new model (seed) and a new element of its whole group
     (dense on GL spaces); prints exact trials, the worst relative parameter error, time and how the elements
     were found."""
@@ -295,6 +295,7 @@ def planted_through_align(trials: int, which: str) -> None:
             t, ok, worst, how, bad = time.perf_counter(), 0, 0.0, Counter(), []
             for trial in range(n_trials):
                 model, x = make(trial)
+                model, x = model.to(device), x.to(device)
                 spec = it.symmetry_spec(model, x[:4])
                 g = it.random_symmetry(spec, torch.Generator().manual_seed(100 + trial), monomial=True)
                 r = align(model, it.apply_symmetry(model, g, spec), x, method=method)
@@ -496,12 +497,13 @@ def main(argv=None):
                    help="for --merge: the group of the first alignment to the first model")
     p.add_argument("--memory", action="store_true", help="peak memory of weight matching two GPT-2-sized models")
     p.add_argument("--job-cost", action="store_true", help="compute of one small-scale alignment_barrier job")
+    p.add_argument("--device", default="cpu", help="for --planted-set: run the models there (e.g. cuda)")
     p.add_argument("--layers", type=int, default=12, help="for --memory: GPT-2 layers (12: GPT-2 small)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.planted:
         if args.planted_set != "all":
-            planted_through_align(args.trials, args.planted_set)
+            planted_through_align(args.trials, args.planted_set, args.device)
             return
         if not args.transformers_only:
             planted(args.trials, args.first_family)

@@ -18,7 +18,7 @@ transformers is installed, the tiny GPT-2, BERT, BertForMaskedLM, Llama and ten 
 
 A model whose analysis raises is listed with the error and counts as 0% changed in the average.
 
-    python benchmarks/bench_symmetry_coverage.py [--seeds 3] [--only NAME ...] [--no-hf] [--wide 256]
+    python benchmarks/bench_symmetry_coverage.py [--seeds 3] [--only NAME ...] [--no-hf] [--wide 256] [--device cuda]
 """
 
 from __future__ import annotations
@@ -116,8 +116,14 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def measure(name: str, builder, seeds: int) -> dict:
+def to_device(x, device):
+    """``x`` (a tensor or a tuple of them) on ``device``."""
+    return tuple(to_device(t, device) for t in x) if isinstance(x, (tuple, list)) else x.to(device)
+
+
+def measure(name: str, builder, seeds: int, device: str = "cpu") -> dict:
     model, x = builder(dtype=torch.float64)
+    model, x = model.to(device), to_device(x, device)
     before = snapshot(model)
     row = {"name": name, "params": replicas.parameter_count(model)}
     try:
@@ -174,6 +180,7 @@ def main(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip the transformers models")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     p.add_argument("--reasons", action="store_true", help="print why each pinned space is pinned")
+    p.add_argument("--device", default="cpu", help="run every model there (e.g. cuda: the GPU check)")
     p.add_argument("--wide", type=int, default=0, metavar="W",
                    help="also the permutation-only families (ConvNeXt, MLP-Mixer) and the tiny transformers at width "
                         "W: at the replicas' widths (8-64) a random permutation leaves 1/width of the rows in place")
@@ -200,10 +207,11 @@ def main(argv=None):
     if args.only:
         builders = {k: v for k, v in builders.items() if k in args.only}
 
-    rows = [measure(name, b, args.seeds) for name, b in builders.items()]
+    rows = [measure(name, b, args.seeds, args.device) for name, b in builders.items()]
     head = f"{'model':<18}{'params':>8}{'spaces':>8}{'pinned':>8}{'changed':>10}{'reach':>8}{'eval err':>11}" \
            f"{'train err':>11}" \
            f"{'untouched':>11}{'spec s':>8}{'apply s':>9}"
+    print(f"device: {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     print(head)
     print("-" * len(head))
     for r in rows:
