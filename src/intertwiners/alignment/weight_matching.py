@@ -58,7 +58,7 @@ def cross(tb: torch.Tensor, ta: torch.Tensor, slot: Slot, chunk: int = CHUNK) ->
     return total
 
 
-def _slots_by_key(actions: dict[str, SpaceSlots]) -> dict[str, list[tuple[str, Slot]]]:
+def slots_by_key(actions: dict[str, SpaceSlots]) -> dict[str, list[tuple[str, Slot]]]:
     out: dict[str, list[tuple[str, Slot]]] = {}
     for name, act in actions.items():
         for s in act.slots:
@@ -95,7 +95,7 @@ class _Scores:
                  keep_bytes: int | None = None, pins: dict | None = None):
         self.a, self.b, self.actions, self.perms = params_a, params_b, actions, perms
         self.pins = pins or {}
-        self.by_key = _slots_by_key(actions)
+        self.by_key = slots_by_key(actions)
         self.scores: dict[str, torch.Tensor] = {}  # the scores kept, up to date
         self.current: set[str] = set()  # spaces solved on their scores as they are now (kept or freed)
         self.keep_bytes = keep_bytes
@@ -184,7 +184,7 @@ def assign(score: torch.Tensor, pins: tuple[torch.Tensor, torch.Tensor] | None =
 def objective(params_a: dict, params_b: dict, actions: dict[str, SpaceSlots], perms: dict) -> float:
     """sum over the parameters the spaces move of <A, B with every space's permutation applied>."""
     total = 0.0
-    for key, slots in _slots_by_key(actions).items():
+    for key, slots in slots_by_key(actions).items():
         tb = params_b[key]
         for name, slot in slots:
             tb = permute_slot(tb, slot, perms[name])
