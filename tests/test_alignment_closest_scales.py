@@ -11,7 +11,7 @@ from torch import nn
 
 import intertwiners as it
 from intertwiners import models
-from intertwiners.alignment.closest_scales import best_factors, coordinate_cost, fit_closest_scales
+from intertwiners.alignment.closest_scales import best_factors, coordinate_cost, fit_closest_scales, scalable
 from intertwiners.alignment.spaces import space_slots
 
 
@@ -90,14 +90,31 @@ def test_one_hidden_layer_each_unit_gets_its_own_minimiser():
         assert float(c[j]) == pytest.approx(d, rel=1e-6)
 
 
-def test_descent_never_raises_the_distance_of_a_deep_network():
-    """ResNet20 replica (batch norm, residual streams: spaces that share tensors): every space's factors and
-    the coupled ones together leave the distance no higher, and the result is a fixed point (a second fit
-    changes nothing)."""
+class ResidualMLP(nn.Module):
+    """h = relu(a(x)); h = h + relu(b(h)): b maps the space of h to itself (a self-coupled space)."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, width), nn.Linear(width, width), nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(h + torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("build, shape", [
+    (lambda: models.myrtle_cnn(width=4, in_channels=1, input_size=8, batch_norm=False), (1, 8, 8)),
+    (ResidualMLP, (3,)),
+], ids=["myrtle-no-norm", "residual-self-map"])
+def test_descent_never_raises_the_distance(build, shape):
+    """Spaces that share tensors (a convolution's rows and the next one's columns) and a residual self-map
+    (W -> D W D^-1, coupling a space's own coordinates): the distance goes down, and the result is a fixed
+    point (a second fit changes nothing)."""
     torch.manual_seed(2)
-    a, b = (models.resnet20(in_channels=1, widths=(4, 8, 16)).double() for _ in range(2))
-    spec = it.symmetry_spec(b, torch.randn(2, 1, 8, 8, dtype=torch.float64))
-    actions = {n: space_slots(spec, n) for n, s in spec.spaces.items() if s.group.is_monomial}
+    a, b = build().double(), build().double()
+    spec = it.symmetry_spec(b, torch.randn(2, *shape, dtype=torch.float64))
+    actions = {n: space_slots(spec, n) for n in spec.spaces}
+    assert all(scalable(act) for act in actions.values())
     pa, pb = mlp_params(a), mlp_params(b)
     keys = {s.tensor for act in actions.values() for s in act.slots}
     before = sum(float((pa[k] - pb[k]).pow(2).sum()) for k in keys)
@@ -106,6 +123,16 @@ def test_descent_never_raises_the_distance_of_a_deep_network():
     assert after < before
     again = fit_closest_scales(pa, pb, actions, max_sweeps=1)
     assert all(float((c - 1).abs().max()) < 1e-6 for c in again.values())
+
+
+def test_spaces_whose_scale_a_norm_carries_keep_the_canonical_scales():
+    """Batch norm after a convolution carries the unit's scale in its gain: those spaces are not fitted (they
+    keep the canonical scales), their batch-norm-free twins are."""
+    x = torch.randn(2, 1, 8, 8)
+    for bn in (True, False):
+        m = models.myrtle_cnn(width=4, in_channels=1, input_size=8, batch_norm=bn)
+        spec = it.symmetry_spec(m, x)
+        assert all(scalable(space_slots(spec, n)) is not bn for n in spec.spaces), bn
 
 
 def test_full_group_weight_matching_does_not_push_a_unit_with_tiny_weights_away():

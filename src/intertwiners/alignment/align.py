@@ -307,10 +307,11 @@ def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_s
     assignment scores kept between solves (:func:`~.weight_matching.match_permutations`; None: no bound).
 
     With ``scaling``, the permutations are matched on the canonical forms (a planted element is found
-    exactly) and, where some space has scalings, also on the weights as they are; each start's scales are
-    then the ones that bring B's weights closest to A's (:mod:`.closest_scales`), and the start that ends
-    closer is kept. So B aligned by the full group is never farther from A than B aligned by permutations
-    alone (with the same sweeps)."""
+    exactly) and, where some space has scalings that no normalisation's gain carries
+    (:func:`~.closest_scales.scalable`: networks without norms), also on the weights as they are; those spaces'
+    scales are then the ones that bring B's weights closest to A's (:mod:`.closest_scales`), and the start that
+    ends closer is kept. So where there are no norms, B aligned by the full group is never farther from A than
+    B aligned by permutations alone (with the same sweeps)."""
     if not scaling:
         perms, sweeps = match_permutations(pa, pb, actions, max_sweeps, keep_bytes=keep_bytes, pins=pins)
         return {n: (perms[n], torch.ones(a.size, dtype=torch.float64)) for n, a in actions.items()}, sweeps
@@ -318,63 +319,51 @@ def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_s
     pa, pb, inner, _ = collapse_linear_spaces(pa, pb, actions)
     inner = {n: a for n, a in inner.items() if not is_linear_space(a)}
     starts = []
-    if any(scalable(a) for a in inner.values()):   # the weights as they are (read only; B's moved tensors copied)
-        starts.append(_weight_start(dict(pa), dict(pb), inner, None, max_sweeps, keep_bytes, pins))
+    two = any(scalable(a) for a in inner.values())
+    if two:   # the weights as they are (read only; B's moved tensors copied)
+        starts.append(_weight_start(dict(pa), dict(pb), inner, None, max_sweeps, keep_bytes, pins, two))
     sa, sb = canonical_scales(pa, inner), canonical_scales(pb, inner)
-    starts.append(_weight_start(pa, pb, inner, (sa, sb), max_sweeps, keep_bytes, pins))
-    out, sweeps, _ = min(starts, key=lambda start: start[2]) if len(starts) > 1 else starts[0]
+    starts.append(_weight_start(pa, pb, inner, (sa, sb), max_sweeps, keep_bytes, pins, two))
+    out, sweeps, _ = min(starts, key=lambda start: start[2])
     for name, act in actions.items():  # GL spaces: the identity, until solved (solve_linear_spaces)
         out.setdefault(name, (torch.arange(act.size), torch.ones(act.size, dtype=torch.float64)))
     return out, sweeps
 
 
 def _weight_start(pa: dict, pb: dict, actions: dict, canonical: tuple | None, max_sweeps: int,
-                  keep_bytes: int | None, pins: dict | None) -> tuple[dict, int, float]:
-    """(elements, sweeps, ||A - g·B||² over the matched tensors) of weight matching from one start:
-    ``canonical`` (A's and B's canonical scales: ``pa``/``pb`` hold the canonical forms) or None (the weights as
-    they are). ``pa``/``pb`` are left as :func:`closest_scales` leaves them."""
+                  keep_bytes: int | None, pins: dict | None, fit: bool) -> tuple[dict, int, float]:
+    """(elements, sweeps, ||A - g·B||² over the matched tensors, or 0 without ``fit``) of weight matching from
+    one start: ``canonical`` (A's and B's canonical scales: ``pa``/``pb`` hold the canonical forms) or None
+    (the weights as they are). ``fit``: the closest scales (:func:`closest_scales`), which leaves ``pa``/``pb``
+    moved to A and B in A's basis."""
     perms, sweeps = match_permutations(pa, pb, actions, max_sweeps, keep_bytes=keep_bytes, pins=pins)
     sa, sb = canonical if canonical is not None else (None, None)
-    closest, moved = closest_scales(pa, pb, actions, perms, sa)
+    closest, distance = closest_scales(pa, pb, actions, perms, sa) if fit else ({}, 0.0)
     out = {}
     for name, act in actions.items():
         ident, ones = torch.arange(act.size), torch.ones(act.size, dtype=torch.float64)
         to_a = (ident, closest.get(name, ones) / (sa[name] if sa is not None else 1.0))  # A's scales, then the
         to_canon_b = (ident, sb[name] if sb is not None else ones)                      # closest correction
         out[name] = G.monomial_compose(to_a, G.monomial_compose((perms[name], ones), to_canon_b))
-    return out, sweeps, distance_after(pa, pb, actions, perms, moved)
+    return out, sweeps, distance
 
 
-def closest_scales(pa: dict, pb: dict, actions: dict, perms: dict, sa: dict | None) -> tuple[dict, set]:
-    """({space: (n,) factors}, the tensors moved): the factors that, after B (``pb``) is permuted into A's
-    basis and given A's scales back (``sa``: A's canonical scales, undone; None: none), bring B's weights
-    closest to A's (:mod:`.closest_scales`). On the tensors that a space with scalings reaches, ``pa`` and
-    ``pb`` are moved IN PLACE to A as it is and B in A's basis (``pb``'s entries replaced by moved copies;
-    the other tensors are left as they are)."""
-    keys = {s.tensor for act in actions.values() if scalable(act) for s in act.slots}
+def closest_scales(pa: dict, pb: dict, actions: dict, perms: dict, sa: dict | None) -> tuple[dict, float]:
+    """({space: (n,) factors}, ||A - g·B||²): the factors that, after B (``pb``) is permuted into A's basis and
+    given A's scales back (``sa``: A's canonical scales, undone; None: none), bring B's weights closest to A's
+    on the spaces :func:`~.closest_scales.scalable` admits (:mod:`.closest_scales`), and the distance that
+    remains over every matched tensor. ``pa`` and ``pb`` are moved IN PLACE to A as it is and B in A's basis
+    (``pb``'s entries replaced by moved copies)."""
     for name, act in actions.items():
         for s in act.slots:
-            if s.tensor in keys:
-                pb[s.tensor] = permute_slot(pb[s.tensor], s, perms[name])
-                if sa is not None:
-                    undo = s.factor(1.0 / sa[name])
-                    scale_slot(pa[s.tensor], s, undo)
-                    scale_slot(pb[s.tensor], s, undo)
-    return (fit_closest_scales(pa, pb, actions) if keys else {}), keys
-
-
-def distance_after(pa: dict, pb: dict, actions: dict, perms: dict, moved: set) -> float:
-    """||A - B'||² summed over the tensors the spaces' slots reach: the ``moved`` ones already hold A and B in
-    A's basis; the others are permuted here (signs and permutations keep distances, so their canonical forms
-    give the distance of the weights)."""
-    total = 0.0
-    for key, slots in slots_by_key(actions).items():
-        tb = pb[key]
-        if key not in moved:
-            for name, s in slots:
-                tb = permute_slot(tb, s, perms[name])
-        total += float((pa[key].double() - tb.double()).pow(2).sum())
-    return total
+            pb[s.tensor] = permute_slot(pb[s.tensor], s, perms[name])
+            if sa is not None:
+                undo = s.factor(1.0 / sa[name])
+                scale_slot(pa[s.tensor], s, undo)
+                scale_slot(pb[s.tensor], s, undo)
+    factors = fit_closest_scales(pa, pb, actions)
+    keys = slots_by_key(actions)
+    return factors, sum(float((pa[k].double() - pb[k].double()).pow(2).sum()) for k in keys)
 
 
 def plan_spaces(spec, spaces: list[str] | None = None) -> tuple[list[str], list[str], dict]:
