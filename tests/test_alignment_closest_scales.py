@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy.optimize import minimize_scalar
+from test_alignment import ResidualMLP  # h = relu(a(x)); h + relu(b(h)): a self-coupled space
 from torch import nn
 
 import intertwiners as it
@@ -88,18 +89,6 @@ def test_one_hidden_layer_each_unit_gets_its_own_minimiser():
         w2a, w2b = la[1].weight[:, j].detach().numpy(), lb[1].weight[:, j].detach().numpy()
         d, _ = reference_factor([(1.0, float(w1b @ w1b), float(w1a @ w1b)), (-1.0, float(w2b @ w2b), float(w2a @ w2b))])
         assert float(c[j]) == pytest.approx(d, rel=1e-6)
-
-
-class ResidualMLP(nn.Module):
-    """h = relu(a(x)); h = h + relu(b(h)): b maps the space of h to itself (a self-coupled space)."""
-
-    def __init__(self, width: int = 6):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(3, width), nn.Linear(width, width), nn.Linear(width, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        return self.c(h + torch.relu(self.b(h)))
 
 
 @pytest.mark.parametrize("build, shape", [

@@ -319,11 +319,11 @@ def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_s
     pa, pb, inner, _ = collapse_linear_spaces(pa, pb, actions)
     inner = {n: a for n, a in inner.items() if not is_linear_space(a)}
     starts = []
-    two = any(scalable(a) for a in inner.values())
-    if two:   # the weights as they are (read only; B's moved tensors copied)
-        starts.append(_weight_start(dict(pa), dict(pb), inner, None, max_sweeps, keep_bytes, pins, two))
+    fit_scales = any(scalable(a) for a in inner.values())
+    if fit_scales:   # the weights as they are (read only; B's moved tensors copied)
+        starts.append(_weight_start(dict(pa), dict(pb), inner, None, max_sweeps, keep_bytes, pins, True))
     sa, sb = canonical_scales(pa, inner), canonical_scales(pb, inner)
-    starts.append(_weight_start(pa, pb, inner, (sa, sb), max_sweeps, keep_bytes, pins, two))
+    starts.append(_weight_start(pa, pb, inner, (sa, sb), max_sweeps, keep_bytes, pins, fit_scales))
     out, sweeps, _ = min(starts, key=lambda start: start[2])
     for name, act in actions.items():  # GL spaces: the identity, until solved (solve_linear_spaces)
         out.setdefault(name, (torch.arange(act.size), torch.ones(act.size, dtype=torch.float64)))
