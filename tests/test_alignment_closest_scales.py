@@ -23,7 +23,7 @@ def reference_factor(terms: list[tuple[float, float, float]]) -> tuple[float, fl
         return sum(bb * np.exp(2 * e * t) - 2 * ab * np.exp(e * t) for e, bb, ab in terms)
 
     grid = np.linspace(-12, 12, 24001)
-    values = np.array([cost(t) for t in grid])
+    values = cost(grid)
     k = int(values.argmin())
     res = minimize_scalar(cost, bounds=(grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]), method="bounded",
                           options={"xatol": 1e-12})

@@ -45,6 +45,7 @@ from .spaces import space_slots
 from .weight_matching import match_permutations, permute_slot, slots_by_key
 
 METHODS = ("activations", "weights")
+EXACT = 1e-10  # ||A - g·B||² at most this share of ||A||²: B = g·A found (float32 rounding), no second start
 GROUPS = ("full", "permutation")
 
 
@@ -308,23 +309,29 @@ def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_s
 
     With ``scaling``, the permutations are matched on the canonical forms (a planted element is found
     exactly) and, where some space has scalings that no normalisation's gain carries
-    (:func:`~.closest_scales.scalable`: networks without norms), also on the weights as they are; those spaces'
-    scales are then the ones that bring B's weights closest to A's (:mod:`.closest_scales`), and the start that
-    ends closer is kept. So where there are no norms, B aligned by the full group is never farther from A than
-    B aligned by permutations alone (with the same sweeps)."""
+    (:func:`~.closest_scales.scalable`: networks without norms), those spaces' scales are then the ones that
+    bring B's weights closest to A's (:mod:`.closest_scales`); unless that found B = g·A (``EXACT``), the
+    same is done from the weights as they are, and the start that ends closer is kept. So where there are no
+    norms, B aligned by the full group is never farther from A than B aligned by permutations alone (with the
+    same sweeps)."""
     if not scaling:
         perms, sweeps = match_permutations(pa, pb, actions, max_sweeps, keep_bytes=keep_bytes, pins=pins)
         return {n: (perms[n], torch.ones(a.size, dtype=torch.float64)) for n, a in actions.items()}, sweeps
     # GL spaces: the others are matched on products that hide them (solved afterwards)
     pa, pb, inner, _ = collapse_linear_spaces(pa, pb, actions)
     inner = {n: a for n, a in inner.items() if not is_linear_space(a)}
-    starts = []
     fit_scales = any(scalable(a) for a in inner.values())
-    if fit_scales:   # the weights as they are (read only; B's moved tensors copied)
-        starts.append(_weight_start(dict(pa), dict(pb), inner, None, max_sweeps, keep_bytes, pins, True))
+    canonical_b = dict(pb)   # B's canonical tensors (the start below moves copies of them)
     sa, sb = canonical_scales(pa, inner), canonical_scales(pb, inner)
-    starts.append(_weight_start(pa, pb, inner, (sa, sb), max_sweeps, keep_bytes, pins, fit_scales))
-    out, sweeps, _ = min(starts, key=lambda start: start[2])
+    out, sweeps, distance = _weight_start(pa, pb, inner, (sa, sb), max_sweeps, keep_bytes, pins, fit_scales)
+    if fit_scales and distance > EXACT * sum(float(pa[k].double().pow(2).sum()) for k in slots_by_key(inner)):
+        # not B = g·A: also from the weights as they are (pa holds A again; B's canonical scales undone in place)
+        for name, act in inner.items():
+            for s in act.slots:
+                scale_slot(canonical_b[s.tensor], s, s.factor(1.0 / sb[name]))
+        raw = _weight_start(pa, canonical_b, inner, None, max_sweeps, keep_bytes, pins, True)
+        if raw[2] < distance:
+            out, sweeps, distance = raw
     for name, act in actions.items():  # GL spaces: the identity, until solved (solve_linear_spaces)
         out.setdefault(name, (torch.arange(act.size), torch.ones(act.size, dtype=torch.float64)))
     return out, sweeps

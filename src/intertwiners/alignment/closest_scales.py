@@ -11,8 +11,8 @@ scales should be the ones that minimise ``||A - g·B||²`` over the parameters t
 For one space, with every other space's element fixed, the distance separates over its coordinates: the
 slices a coordinate's scale d reaches with power e contribute ``sum_e (bb_e d^(2e) - 2 ab_e d^e)`` plus a
 constant, where ``bb_e`` is the squared norm of B's slices and ``ab_e`` their inner product with A's (both
-sums over the slots of power e). Each coordinate's best d is found in log space (a grid, then golden-section
-search), kept only where it lowers that coordinate's distance, and the spaces are visited in turn until no
+sums over the slots of power e). Each coordinate's best d is found in log space (a grid, then safeguarded Newton
+steps), kept only where it lowers that coordinate's distance, and the spaces are visited in turn until no
 scale moves (coordinate descent: the distance never increases). A coordinate's scale moves by at most a
 factor of ``MAX_CHANGE`` either way: where the distance keeps falling as a scale goes to 0 or infinity (a
 unit whose outgoing weights are all zero, say, whose incoming ones point away from A's) no scale is best
@@ -32,7 +32,7 @@ from .canonical import scale_slot, self_coupled, slot_rows
 from .spaces import SpaceSlots
 
 GRID = torch.linspace(-12.0, 12.0, 241, dtype=torch.float64)  # log-scales tried first (e^±12 ≈ 1.6e5)
-GOLDEN_STEPS = 60
+NEWTON_STEPS = 30
 MAX_CHANGE = 1e3  # a coordinate's scale moves by a factor in [1/MAX_CHANGE, MAX_CHANGE] from where it started
 CHUNK = 1 << 22  # entries: larger tensors are read in slices of about this many
 
@@ -77,6 +77,17 @@ def coordinate_cost(log_d: torch.Tensor, sums: dict[float, tuple[torch.Tensor, t
     return total
 
 
+def _slopes(log_d: torch.Tensor, sums: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and second derivatives of :func:`coordinate_cost` in ``log d`` ((n,) each)."""
+    first = torch.zeros_like(log_d)
+    second = torch.zeros_like(log_d)
+    for e, (bb, ab) in sums.items():
+        p = torch.exp(e * log_d)
+        first = first + 2 * e * (bb * p * p - ab * p)
+        second = second + 2 * e * e * (2 * bb * p * p - ab * p)
+    return first, second
+
+
 def best_factors(sums: dict[float, tuple[torch.Tensor, torch.Tensor]], log_low: torch.Tensor | None = None,
                  log_high: torch.Tensor | None = None) -> torch.Tensor:
     """(n,) positive factors minimising each coordinate's :func:`coordinate_cost` with ``log d`` in
@@ -90,12 +101,17 @@ def best_factors(sums: dict[float, tuple[torch.Tensor, torch.Tensor]], log_low: 
     k = cost.argmin(1)
     step = float(GRID[1] - GRID[0])
     lo, hi = torch.maximum(GRID[k] - step, low), torch.minimum(GRID[k] + step, high)
-    ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(GOLDEN_STEPS):   # the bracket holds a local minimum at least as low as the grid's best
-        m1, m2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        left = coordinate_cost(m1, sums) < coordinate_cost(m2, sums)
-        hi, lo = torch.where(left, m2, hi), torch.where(left, lo, m1)
-    t = (lo + hi) / 2
+    t = GRID[k].clamp(lo, hi)
+    for _ in range(NEWTON_STEPS):   # safeguarded Newton on the slope inside the bracket of the grid's best
+        slope, curve = _slopes(t, sums)
+        hi, lo = torch.where(slope > 0, t, hi), torch.where(slope > 0, lo, t)
+        newton = t - slope / curve
+        inside = (curve > 0) & (newton >= lo) & (newton <= hi)
+        new = torch.where(inside, newton, (lo + hi) / 2)
+        done = bool(((new - t).abs() <= 1e-13).all())
+        t = new
+        if done:
+            break
     zero = torch.zeros(n, dtype=torch.float64)
     before, after = coordinate_cost(zero, sums), coordinate_cost(t, sums)
     size = sum(bb for bb, _ in sums.values()) + sum(ab.abs() for _, ab in sums.values())
@@ -108,7 +124,7 @@ def _distance(params_a: dict, params_b: dict, keys) -> float:
 
 
 def fit_closest_scales(params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor],
-                       actions: dict[str, SpaceSlots], max_sweeps: int = 50, tol: float = 1e-9
+                       actions: dict[str, SpaceSlots], max_sweeps: int = 50, tol: float = 1e-7
                        ) -> dict[str, torch.Tensor]:
     """{space: (n,) float64 factors c} such that diag(c) applied to B (in A's basis already: the
     permutations done) minimises ``||A - B||²`` by coordinate descent over the spaces that allow positive
