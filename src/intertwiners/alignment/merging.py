@@ -51,7 +51,7 @@ class MergeReport:
         return [{"model": n, "accuracy": a, "loss": lo} for n, a, lo in zip(names, accs, losses)]
 
 
-ROUND_GROUP = "permutation"
+ROUND_GROUP = "permutation"  # rounds keep the first alignment's scales (full-group rounds: no better)
 
 
 def average_models(models: list[nn.Module]) -> nn.Module:
