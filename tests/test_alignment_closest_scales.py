@@ -137,10 +137,10 @@ def test_full_group_weight_matching_does_not_push_a_unit_with_tiny_weights_away(
     x = torch.randn(64, 8, dtype=torch.float64)
     r = it.align(a, b, x, method="weights", group="full")
     torch.testing.assert_close(r.model(x), b(x), rtol=1e-9, atol=1e-9)
-    dist = {k: float((p - q).pow(2).sum()) for (k, p), q in zip(a.named_parameters(), r.model.parameters())}
-    plain = sum(float((p - q).pow(2).sum()) for p, q in zip(a.parameters(), b.parameters()))
+    dist = {k: float((p - q).detach().pow(2).sum()) for (k, p), q in zip(a.named_parameters(), r.model.parameters())}
+    plain = sum(float((p - q).detach().pow(2).sum()) for p, q in zip(a.parameters(), b.parameters()))
     perm = it.align(a, b, x, method="weights", group="permutation").model
-    perm_dist = sum(float((p - q).pow(2).sum()) for p, q in zip(a.parameters(), perm.parameters()))
+    perm_dist = sum(float((p - q).detach().pow(2).sum()) for p, q in zip(a.parameters(), perm.parameters()))
     assert sum(dist.values()) <= min(plain, perm_dist), (dist, plain, perm_dist)
 
 
