@@ -38,7 +38,7 @@ from .._util import as_tensor
 from ..features import SiteExtractor, iterate_inputs
 from .activation_matching import SpaceStats, fit_space, identifiable
 from .attention import align_attention
-from .canonical import canonical_scales, scale_slot
+from .canonical import canonical_scales, scale_slot, squared_distance
 from .closest_scales import fit_closest_scales, scalable
 from .linear_spaces import collapse_linear_spaces, is_linear_space, solve_linear_space
 from .spaces import space_slots
@@ -231,17 +231,6 @@ def weight_residuals(model_a: nn.Module, moved: nn.Module, spec, names: list[str
 
 
 @torch.no_grad()
-def squared_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> tuple[float, float]:
-    """(||a - b||², ||a||²) in float64, over ``chunk`` entries at a time (no float64 copy of a whole tensor)."""
-    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
-    num = den = 0.0
-    for i in range(0, fa.numel(), chunk):
-        ca, cb = fa[i:i + chunk].double(), fb[i:i + chunk].double()
-        den += float(ca.pow(2).sum())
-        num += float((ca - cb).pow(2).sum())
-    return num, den
-
-
 def align_weights(model_a: nn.Module, model_b: nn.Module, spec, actions: dict, scaling: bool = True,
                   max_sweeps: int = 30, how: dict | None = None, pins: dict | None = None) -> tuple[dict, int]:
     """{space: (perm, scale)} moving B into A's basis by weight matching; and the number of sweeps.
@@ -323,44 +312,45 @@ def match_weights(pa: dict, pb: dict, actions: dict, scaling: bool = True, max_s
     fit_scales = any(scalable(a) for a in inner.values())
     canonical_b = dict(pb)   # B's canonical tensors (the start below moves copies of them)
     sa, sb = canonical_scales(pa, inner), canonical_scales(pb, inner)
-    out, sweeps, distance = _weight_start(pa, pb, inner, (sa, sb), max_sweeps, keep_bytes, pins, fit_scales)
-    if fit_scales and distance > EXACT * sum(float(pa[k].double().pow(2).sum()) for k in slots_by_key(inner)):
+    out, sweeps, distance, norm_a = _weight_start(pa, pb, inner, (sa, sb), max_sweeps, keep_bytes, pins,
+                                                  fit_scales)
+    if fit_scales and distance > EXACT * norm_a:
         # not B = g·A: also from the weights as they are (pa holds A again; B's canonical scales undone in place)
         for name, act in inner.items():
             for s in act.slots:
                 scale_slot(canonical_b[s.tensor], s, s.factor(1.0 / sb[name]))
         raw = _weight_start(pa, canonical_b, inner, None, max_sweeps, keep_bytes, pins, True)
         if raw[2] < distance:
-            out, sweeps, distance = raw
+            out, sweeps, distance, _ = raw
     for name, act in actions.items():  # GL spaces: the identity, until solved (solve_linear_spaces)
         out.setdefault(name, (torch.arange(act.size), torch.ones(act.size, dtype=torch.float64)))
     return out, sweeps
 
 
 def _weight_start(pa: dict, pb: dict, actions: dict, canonical: tuple | None, max_sweeps: int,
-                  keep_bytes: int | None, pins: dict | None, fit: bool) -> tuple[dict, int, float]:
-    """(elements, sweeps, ||A - g·B||² over the matched tensors, or 0 without ``fit``) of weight matching from
-    one start: ``canonical`` (A's and B's canonical scales: ``pa``/``pb`` hold the canonical forms) or None
-    (the weights as they are). ``fit``: the closest scales (:func:`closest_scales`), which leaves ``pa``/``pb``
-    moved to A and B in A's basis."""
+                  keep_bytes: int | None, pins: dict | None, fit: bool) -> tuple[dict, int, float, float]:
+    """(elements, sweeps, ||A - g·B||² and ||A||² over the matched tensors, or 0 and 0 without ``fit``) of
+    weight matching from one start: ``canonical`` (A's and B's canonical scales: ``pa``/``pb`` hold the
+    canonical forms) or None (the weights as they are). ``fit``: the closest scales (:func:`closest_scales`),
+    which leaves ``pa``/``pb`` moved to A and B in A's basis."""
     perms, sweeps = match_permutations(pa, pb, actions, max_sweeps, keep_bytes=keep_bytes, pins=pins)
     sa, sb = canonical if canonical is not None else (None, None)
-    closest, distance = closest_scales(pa, pb, actions, perms, sa) if fit else ({}, 0.0)
+    closest, distance, norm_a = closest_scales(pa, pb, actions, perms, sa) if fit else ({}, 0.0, 0.0)
     out = {}
     for name, act in actions.items():
         ident, ones = torch.arange(act.size), torch.ones(act.size, dtype=torch.float64)
         to_a = (ident, closest.get(name, ones) / (sa[name] if sa is not None else 1.0))  # A's scales, then the
         to_canon_b = (ident, sb[name] if sb is not None else ones)                      # closest correction
         out[name] = G.monomial_compose(to_a, G.monomial_compose((perms[name], ones), to_canon_b))
-    return out, sweeps, distance
+    return out, sweeps, distance, norm_a
 
 
-def closest_scales(pa: dict, pb: dict, actions: dict, perms: dict, sa: dict | None) -> tuple[dict, float]:
-    """({space: (n,) factors}, ||A - g·B||²): the factors that, after B (``pb``) is permuted into A's basis and
+def closest_scales(pa: dict, pb: dict, actions: dict, perms: dict, sa: dict | None) -> tuple[dict, float, float]:
+    """({space: (n,) factors}, ||A - g·B||², ||A||²): the factors that, after B (``pb``) is permuted into A's basis and
     given A's scales back (``sa``: A's canonical scales, undone; None: none), bring B's weights closest to A's
-    on the spaces :func:`~.closest_scales.scalable` admits (:mod:`.closest_scales`), and the distance that
-    remains over every matched tensor. ``pa`` and ``pb`` are moved IN PLACE to A as it is and B in A's basis
-    (``pb``'s entries replaced by moved copies)."""
+    on the spaces :func:`~.closest_scales.scalable` admits (:mod:`.closest_scales`), the distance that remains
+    and A's squared norm, over every matched tensor. ``pa`` and ``pb`` are moved IN PLACE to A as it is and B in
+    A's basis (``pb``'s entries replaced by moved copies)."""
     for name, act in actions.items():
         for s in act.slots:
             pb[s.tensor] = permute_slot(pb[s.tensor], s, perms[name])
@@ -369,8 +359,8 @@ def closest_scales(pa: dict, pb: dict, actions: dict, perms: dict, sa: dict | No
                 scale_slot(pa[s.tensor], s, undo)
                 scale_slot(pb[s.tensor], s, undo)
     factors = fit_closest_scales(pa, pb, actions)
-    keys = slots_by_key(actions)
-    return factors, sum(float((pa[k].double() - pb[k].double()).pow(2).sum()) for k in keys)
+    sums = [squared_distance(pa[k], pb[k]) for k in sorted(slots_by_key(actions))]
+    return factors, sum(d for d, _ in sums), sum(n for _, n in sums)
 
 
 def plan_spaces(spec, spaces: list[str] | None = None) -> tuple[list[str], list[str], dict]:

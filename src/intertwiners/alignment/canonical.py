@@ -33,6 +33,28 @@ def slot_rows(t: torch.Tensor, slot: Slot) -> torch.Tensor:
     return moved[torch.as_tensor(slot.positions.reshape(-1), device=t.device)].reshape(n, -1)
 
 
+def pieces(t: torch.Tensor, slot: Slot, chunk: int) -> list[tuple[int, int, int]] | None:
+    """(axis, start, length) cutting ``t`` along its largest axis other than the slot's into pieces of about
+    ``chunk`` entries, so that a large tensor's gathered rows are never copied whole; None when ``t`` is small
+    (or flat, or the slot has no axis): read it whole."""
+    if t.numel() <= chunk or slot.axis is None or t.ndim < 2:
+        return None
+    other = max((d for d in range(t.ndim) if d != slot.axis), key=lambda d: t.shape[d])
+    step = max(1, chunk * t.shape[other] // t.numel())
+    return [(other, i, min(step, t.shape[other] - i)) for i in range(0, t.shape[other], step)]
+
+
+def squared_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> tuple[float, float]:
+    """(||a - b||², ||a||²) in float64, over ``chunk`` entries at a time (no float64 copy of a whole tensor)."""
+    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+    num = den = 0.0
+    for i in range(0, fa.numel(), chunk):
+        ca, cb = fa[i:i + chunk].double(), fb[i:i + chunk].double()
+        den += float(ca.pow(2).sum())
+        num += float((ca - cb).pow(2).sum())
+    return num, den
+
+
 def scale_slot(t: torch.Tensor, slot: Slot, factor: torch.Tensor) -> None:
     """Multiply index j's slice of ``t`` by ``factor[j]`` in place."""
     view, axis = along(t, slot)

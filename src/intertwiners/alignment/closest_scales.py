@@ -28,7 +28,7 @@ import math
 import torch
 
 from ..symmetries.slots import Gain
-from .canonical import scale_slot, self_coupled, slot_rows
+from .canonical import pieces, scale_slot, self_coupled, slot_rows, squared_distance
 from .spaces import SpaceSlots
 
 GRID = torch.linspace(-12.0, 12.0, 241, dtype=torch.float64)  # log-scales tried first (e^±12 ≈ 1.6e5)
@@ -53,15 +53,13 @@ def scalable(act: SpaceSlots) -> bool:
 def slice_sums(ta: torch.Tensor, tb: torch.Tensor, slot) -> tuple[torch.Tensor, torch.Tensor]:
     """((n,) sum of squares of B's slice j, (n,) inner product of A's and B's slice j), float64; a tensor of
     more than ``CHUNK`` entries is read in slices along its largest other axis (no copy of it whole)."""
-    if tb.numel() <= CHUNK or slot.axis is None or tb.ndim < 2:
+    cuts = pieces(tb, slot, CHUNK)
+    if cuts is None:
         ra, rb = slot_rows(ta, slot).double(), slot_rows(tb, slot).double()
         return rb.pow(2).sum(1), (ra * rb).sum(1)
-    other = max((d for d in range(tb.ndim) if d != slot.axis), key=lambda d: tb.shape[d])
-    step = max(1, CHUNK * tb.shape[other] // tb.numel())
     bb = ab = 0.0
-    for i in range(0, tb.shape[other], step):
-        k = min(step, tb.shape[other] - i)
-        b, a = slice_sums(ta.narrow(other, i, k), tb.narrow(other, i, k), slot)
+    for axis, i, k in cuts:
+        b, a = slice_sums(ta.narrow(axis, i, k), tb.narrow(axis, i, k), slot)
         bb, ab = bb + b, ab + a
     return bb, ab
 
@@ -120,7 +118,7 @@ def best_factors(sums: dict[float, tuple[torch.Tensor, torch.Tensor]], log_low: 
 
 
 def _distance(params_a: dict, params_b: dict, keys) -> float:
-    return sum(float((params_a[k].double() - params_b[k].double()).pow(2).sum()) for k in keys)
+    return sum(squared_distance(params_a[k], params_b[k])[0] for k in keys)
 
 
 def fit_closest_scales(params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor],

@@ -20,7 +20,7 @@ import torch
 
 from ..stitching.matching import hungarian_permutation
 from ..symmetries.slots import Slot
-from .canonical import slot_rows
+from .canonical import pieces, slot_rows
 from .spaces import SpaceSlots, along
 
 
@@ -46,14 +46,12 @@ def cross(tb: torch.Tensor, ta: torch.Tensor, slot: Slot, chunk: int = CHUNK) ->
     """(n, n) ``slot_rows(tb, slot) @ slot_rows(ta, slot).T``; for a tensor of more than ``chunk`` entries, summed
     over slices along another axis (the largest), so that the gathered rows of a large tensor (a token
     embedding) are never copied whole."""
-    if tb.numel() <= chunk or slot.axis is None or tb.ndim < 2:
+    cuts = pieces(tb, slot, chunk)
+    if cuts is None:
         return slot_rows(tb, slot) @ slot_rows(ta, slot).T
-    other = max((d for d in range(tb.ndim) if d != slot.axis), key=lambda d: tb.shape[d])
-    step = max(1, chunk * tb.shape[other] // tb.numel())
     total = None
-    for i in range(0, tb.shape[other], step):
-        k = min(step, tb.shape[other] - i)
-        part = slot_rows(tb.narrow(other, i, k), slot) @ slot_rows(ta.narrow(other, i, k), slot).T
+    for axis, i, k in cuts:
+        part = slot_rows(tb.narrow(axis, i, k), slot) @ slot_rows(ta.narrow(axis, i, k), slot).T
         total = part if total is None else total.add_(part)
     return total
 

@@ -37,7 +37,7 @@ def add_arguments(p):
 
 def weight_distance(model_a, model_b) -> float:
     """||theta_A - theta_B|| / ||theta_A|| over every floating parameter (one tensor at a time)."""
-    from ..alignment.align import squared_distance
+    from ..alignment.canonical import squared_distance
 
     num = den = 0.0
     pb = dict(model_b.named_parameters())
