@@ -19,7 +19,7 @@ from intertwiners import cli
 from intertwiners.experiments import Job, Output, ResultsStore, build_plan, job_id, register, run_jobs
 from intertwiners.experiments import store as store_mod
 from intertwiners.experiments.backends import InlineBackend, LocalBackend
-from intertwiners.experiments.plan import PRESETS, draw_pairs, probe_plan
+from intertwiners.experiments.plan import CLUTTERED, PRESETS, draw_pairs, probe_plan
 from intertwiners.experiments.runner import closure
 
 
@@ -272,6 +272,44 @@ def test_plans_have_distinct_pairs_and_unique_ids():
         build_plan("huge")
 
 
+def test_cluttered_moves_fig4_and_d3_and_keeps_every_other_job():
+    plain, moved = build_plan("small"), build_plan("small", datasets=CLUTTERED)
+    data = {j.id: j.config.get("dataset") for j in closure(moved.jobs)}
+    rotation = [j for j in moved.jobs if j.kind == "rotation_penalty"]
+    d3 = [j for j in moved.jobs if j.config.get("experiment") == "d3"]
+    assert rotation and d3 and moved.datasets == ["digits", "digits-cluttered"]
+    for job in rotation + d3:   # the jobs and the models they start from
+        assert {data[job.id]} | {data[d.id] for d in closure([job]) if d.kind == "zoo"} == {"digits-cluttered"}
+    # everything else is the main job's, the same ids: a run moved later resumes the main job's results
+    kept = {j.id for j in closure(moved.jobs) if data[j.id] != "digits-cluttered"}
+    assert kept and kept == {j.id for j in closure(plain.jobs) if j.kind != "rotation_penalty"
+                             and j.config.get("experiment") != "d3" and j.config.get("dataset") != "cifar10"
+                             and not (j.kind == "zoo" and _only_for_moved(j, plain))}
+    with pytest.raises(ValueError, match="no dataset to choose"):
+        build_plan("small", datasets={"nothing": "digits"})
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        build_plan("small", datasets={"fig4_rotation": "mnist"})
+
+
+def _only_for_moved(zoo_job, plan) -> bool:
+    """A zoo job that only Fig. 4 or D.3 read (it moves with them)."""
+    readers = [j for j in plan.jobs if zoo_job.id in {d.id for d in closure([j])} and j.id != zoo_job.id]
+    return all(j.kind == "rotation_penalty" or j.config.get("experiment") == "d3" for j in readers)
+
+
+def test_only_runs_the_chosen_experiments_and_what_they_need():
+    plan = build_plan("small", only=["fig4_rotation"])
+    assert {j.kind for j in plan.jobs} == {"rotation_penalty"}
+    assert {j.kind for j in closure(plan.jobs)} == {"rotation_penalty", "zoo"}
+    both = build_plan("small", datasets=CLUTTERED, only=["fig4_rotation", "d3_slopes"])
+    assert {j.id for j in both.jobs} == {j.id for j in build_plan("small", datasets=CLUTTERED).jobs
+                                         if j.kind == "rotation_penalty" or j.config.get("experiment") == "d3"}
+    with pytest.raises(ValueError, match="unknown experiments \\['fig9'\\]"):
+        build_plan("small", only=["fig9"])
+    with pytest.raises(ValueError, match="no experiment chosen"):
+        build_plan("small", only=[])
+
+
 def test_reproduce_list_prints_the_plan_and_cifar_needs_a_folder(capsys, tmp_path):
     assert cli.main(["reproduce", "--scale", "smoke", "--list"]) == 0
     printed = capsys.readouterr().out
@@ -279,6 +317,12 @@ def test_reproduce_list_prints_the_plan_and_cifar_needs_a_folder(capsys, tmp_pat
     assert cli.main(["reproduce", "--scale", "paper", "--out", str(tmp_path / "p")]) == 2
     assert "--data-root" in capsys.readouterr().err and not (tmp_path / "p").exists()
     assert cli.main(["reproduce", "--scale", "huge", "--out", str(tmp_path / "h")]) == 2
+    assert cli.main(["reproduce", "--scale", "smoke", "--cluttered", "--only", "fig4_rotation", "--list"]) == 0
+    printed = capsys.readouterr().out
+    assert "zoo myrtle_cnn-batch_norm=False digits-cluttered seeds 0" in printed and " digits seeds" not in printed
+    assert cli.main(["reproduce", "--only", "fig4,zoo", "--list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--only: unknown 'fig4'" in err[0]
 
 
 def test_zoo_job_trains_and_keeps_a_loadable_model(tmp_path, digits):

@@ -21,12 +21,13 @@ SITES = ["relu1", "relu2", "relu3", "relu4"]
 
 
 def fill(out: Path, grelu_better: bool, n_pairs: int = 3, noise: float = 0.01, seed: int = 0,
-         accuracy: float = 98.0, nulls: bool = False) -> None:
+         accuracy: float = 98.0, nulls: bool = False, cluttered: bool = False) -> None:
     """Synthetic rows of every experiment kind; ``grelu_better`` decides every G_ReLU-vs-other claim.
 
     ``noise`` adds Gaussian noise (seeded) to every number, so that intervals have width (equal values never
     decide a claim); ``accuracy`` is every model's test accuracy (10 classes: 10% is chance); ``nulls`` adds
-    permutation-test results.
+    permutation-test results; ``cluttered`` stores Fig. 4 and D.3 as run on ``digits-cluttered`` and the rest
+    on ``digits`` (``reproduce --cluttered``).
     """
     n = 0
     rng = np.random.default_rng(seed)
@@ -37,6 +38,9 @@ def fill(out: Path, grelu_better: bool, n_pairs: int = 3, noise: float = 0.01, s
     def rec(kind, config, result, deps=None):
         nonlocal n
         n += 1
+        if cluttered and kind != "dissection_model" and kind != "dissection":
+            moved = kind == "rotation_penalty" or config.get("experiment") == "d3"
+            config = {"dataset": "digits-cluttered" if moved else "digits", **config}
         store.record(id=f"{kind}{n:04d}", kind=kind, label=f"{kind} {n}", config=config, deps=deps or {},
                      status="done", result=result, wall_s=0.1)
 
@@ -232,3 +236,20 @@ def test_zoo_table_gives_the_paper_accuracy_to_relu_models_of_any_width():
              if line.startswith("| resnet20") or line.startswith("| myrtle_cnn")}
     assert lines == {"activation=relu-widths=[8, 16, 32]": "89.9 (CIFAR-10)", "activation=leaky_relu:0.5": "–",
                      "batch_norm=False": "87.4 (CIFAR-10)", "activation=sigmoid-batch_norm=False": "–"}
+
+
+def test_each_section_names_its_data_and_mixed_claims_name_theirs(tmp_path):
+    fill(tmp_path, grelu_better=True, cluttered=True)
+    text = render_alone(tmp_path)
+    sections = {part.split("\n", 1)[0]: part for part in text.split("\n## ")}
+    data = {title.split(" — ")[0]: re.search(r"^Data: (.*)\.$", body, flags=re.M) for title, body in sections.items()}
+    assert data["Fig. 4"].group(1) == data["Appendix D.3"].group(1) == "`digits-cluttered`"
+    assert data["Fig. 1"].group(1) == data["Table 2"].group(1) == "`digits`"
+    summary = sections["Summary: the paper's claims on this data"]
+    rotation = [line for line in summary.splitlines() if "rotation penalty below" in line]
+    assert rotation == ["- ReLU: G_ReLU rotation penalty below the orthogonal one at every layer (on `digits-cluttered`)"]
+    assert all(line.endswith(("(on `digits`)", "(on `digits-cluttered`)")) for line in summary.splitlines()
+               if line.startswith("- ") and "dissected" not in line), summary
+    one = tmp_path / "one"
+    fill(one, grelu_better=True)           # one dataset (or none named): the claims stay as the paper says them
+    assert "(on `" not in render_alone(one)

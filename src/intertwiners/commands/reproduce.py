@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..experiments.plan import EXPERIMENT_NAMES
 from . import _args
 
 NAME = "reproduce"
@@ -13,8 +14,16 @@ def add_arguments(p):
     p.add_argument("--scale", default="small",
                    help="smoke (a pipeline check, ~75 s on 2 cores), small (~9-11 min on 2 cores) or paper "
                         "(CIFAR-10, GPU/cluster)")
-    p.add_argument("--dataset", default=None, choices=["digits", "cifar10"],
-                   help="default: the scale's (digits for smoke/small, cifar10 for paper)")
+    p.add_argument("--dataset", default=None, choices=["digits", "digits-cluttered", "cifar10"],
+                   help="every experiment on this dataset; default: the scale's (digits for smoke/small, cifar10 "
+                        "for paper)")
+    p.add_argument("--cluttered", action="store_true",
+                   help="Fig. 4 (rotation penalty) and App. D.3 (LeakyReLU sweep) on digits-cluttered, where "
+                        "digits is too easy for their effects; the rest as the scale says. At small: about 45 min "
+                        "more on 2 cores (docs/reproduce.md)")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="comma-separated experiments to run (with the jobs they depend on): "
+                        + ", ".join(EXPERIMENT_NAMES))
     p.add_argument("--data-root", default=None, help="folder with the CIFAR-10 python batches")
     p.add_argument("--backend", default="local", choices=["local", "ray", "inline"],
                    help="local: worker processes here; ray: a Ray cluster (or a local Ray instance)")
@@ -32,15 +41,17 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ..experiments import build_plan, reproduce
-    from ..experiments.plan import SCALES
+    from ..experiments.plan import CLUTTERED, SCALES
     from ..experiments.runner import closure
 
     if args.scale not in (*SCALES, "test"):
         raise ValueError(f"unknown scale {args.scale!r}; choose one of {', '.join(SCALES)}")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    datasets = CLUTTERED if args.cluttered else None
+    only = None if args.only is None else _args.names(args.only, "--only", EXPERIMENT_NAMES)
     if args.list:
-        plan = build_plan(args.scale, args.dataset)
+        plan = build_plan(args.scale, args.dataset, datasets=datasets, only=only)
         for job in closure(plan.jobs):
             print(f"{job.id}  {job.label}")
         for name, reason in plan.missing.items():
@@ -54,7 +65,7 @@ def run(args) -> int:
         raise ValueError("--ray-address needs --backend ray")
     if args.gpus_per_job and args.backend != "ray":
         raise ValueError("--gpus-per-job needs --backend ray")
-    plan = build_plan(args.scale, args.dataset)
+    plan = build_plan(args.scale, args.dataset, datasets=datasets, only=only)
     if "cifar10" in plan.datasets and args.data_root is None:
         raise ValueError("this plan trains on CIFAR-10: pass --data-root DIR (the folder with data_batch_1..5 and "
                          "test_batch; nothing is downloaded), or use --dataset digits")
@@ -62,7 +73,7 @@ def run(args) -> int:
     summary = reproduce(args.out, args.scale, dataset=args.dataset, data_root=args.data_root,
                         backend=args.backend, workers=args.workers, ray_address=args.ray_address,
                         device=args.device, progress=not args.quiet, report=not args.no_report,
-                        gpus_per_job=args.gpus_per_job)
+                        gpus_per_job=args.gpus_per_job, datasets=datasets, only=only)
     print(summary.line())
     for label, error in summary.failures:
         print(f"failed: {label}: {error}")

@@ -18,15 +18,19 @@ __all__ = ["JOB_TYPES", "PRESETS", "SCALES", "Dependency", "Job", "Output", "Pla
 
 
 def reproduce(out, scale="smoke", *, dataset=None, data_root=None, backend="local", workers=None,
-              ray_address=None, device="auto", progress=True, report=True, gpus_per_job: float = 0) -> RunSummary:
-    """Run (or resume) the plan of ``scale`` into ``out`` and write the report; returns the run summary."""
+              ray_address=None, device="auto", progress=True, report=True, gpus_per_job: float = 0,
+              datasets=None, only=None) -> RunSummary:
+    """Run (or resume) the plan of ``scale`` into ``out`` and write the report; returns the run summary.
+
+    ``datasets``: experiments moved to another dataset (e.g. :data:`.plan.CLUTTERED`); ``only``: run just these
+    experiments (and the jobs they depend on); see :func:`.plan.build_plan`."""
     from pathlib import Path
 
     from .._util import resolve_device
     from .backends import make_backend
     from .runner import closure
 
-    plan = build_plan(scale, dataset)
+    plan = build_plan(scale, dataset, datasets=datasets, only=only)
     if "cifar10" in plan.datasets and data_root is None:
         raise ValueError("this plan trains on CIFAR-10: pass --data-root DIR (the folder with data_batch_1..5 and "
                          "test_batch; nothing is downloaded), or use --dataset digits")

@@ -10,6 +10,7 @@ grouped. Nothing but the database is read: the trained models and other artifact
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ def write_report(out: str | Path) -> Path:
         plan = raw.get_meta("plan", {}) or {}
         sections = [make(store, figdir) for make in SECTIONS]
         parts = _header(plan)
-        claims = [c for sec in sections for c in sec.claims]
+        claims = _claims_named(sections)
         if claims:
             parts.append("## Summary: the paper's claims on this data\n\n"
                          "Each claim is answered **yes** (every 95% interval lies on the claimed side), **no** "
@@ -112,6 +113,13 @@ def write_report(out: str | Path) -> Path:
     tmp.write_text("\n".join(p for p in parts if p))
     tmp.replace(path)
     return path
+
+
+def _claims_named(sections) -> list:
+    """Every section's claims; where the sections ran on different datasets, each claim names its own."""
+    mixed = len({d for sec in sections for d in sec.datasets}) > 1
+    return [replace(c, text=f"{c.text} (on {', '.join(f'`{d}`' for d in sec.datasets)})")
+            if mixed and sec.datasets else c for sec in sections for c in sec.claims]
 
 
 def _header(plan: dict) -> list[str]:

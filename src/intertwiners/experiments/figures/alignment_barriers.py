@@ -224,4 +224,4 @@ def section(view, figdir: Path) -> Section:
                      "accuracy at alpha 0.5 (%)", "align time (s)"], out)
             + (f"\n\n{said}" if said else "")
             + (f"\n\nCaution: {chance}; the barriers of such models say little." if chance else ""))
-    return Section(TITLE, body)
+    return Section(TITLE, body, datasets=common.datasets_of(rows))

@@ -152,4 +152,4 @@ def section(view, figdir: Path, experiment: str) -> Section:
                "largest p over pairs; chance-corrected CKA (observed − null mean), mean over pairs.\n\n" + nulls
                if nulls else ""))
     return Section(title, body, claims(rows, sites, measures, common.at_chance(common.zoo_accuracies(view, rows)),
-                                         MODELS[experiment]))
+                                         MODELS[experiment]), common.datasets_of(rows))

@@ -78,10 +78,17 @@ class Section:
     title: str
     body: str
     claims: list[Claim] = field(default_factory=list)
+    datasets: tuple[str, ...] = ()     # what its results were measured on (:func:`datasets_of`)
 
     def text(self) -> str:
         lines = "".join(c.line() + "\n" for c in self.claims)
-        return f"## {self.title}\n\n{self.body.rstrip()}\n" + (f"\n{lines}" if lines else "")
+        data = f"Data: {', '.join(f'`{d}`' for d in self.datasets)}.\n\n" if self.datasets else ""
+        return f"## {self.title}\n\n{data}{self.body.rstrip()}\n" + (f"\n{lines}" if lines else "")
+
+
+def datasets_of(rows) -> tuple[str, ...]:
+    """The datasets stored job rows ran on (their configs' ``dataset``), sorted: what a section names."""
+    return tuple(sorted({r.config["dataset"] for r in rows if isinstance(r.config.get("dataset"), str)}))
 
 
 def pyplot():

@@ -8,7 +8,7 @@ from pathlib import Path
 from ...stats import decide, evidence, mean_ci
 from ..jobs import Dependency, Job, Output, Part, register
 from . import common
-from .common import Section, at_chance, dataset, device, fmt, model_from_files, table
+from .common import Section, at_chance, dataset, datasets_of, device, fmt, model_from_files, table
 from .zoo import myrtle_zoo
 
 KINDS = ("stitch",)
@@ -92,12 +92,15 @@ def run_stitch(config: dict, inputs: dict[str, Dependency], context: dict) -> Ou
     return Output({"kinds": rows})
 
 
+def stitch_job_rows(view, experiment: str) -> list:
+    """The stored stitching jobs of ``experiment`` (``"fig1"`` or ``"d3"``) that are done."""
+    return [r for r in view.rows(kind="stitch", status="done") if r.config.get("experiment") == experiment]
+
+
 def stitch_rows(view, experiment: str) -> list[dict]:
     """The stored stitching results of ``experiment`` as the rows :mod:`intertwiners.stitching.plot` draws."""
     out = []
-    for r in view.rows(kind="stitch", status="done"):
-        if r.config.get("experiment") != experiment:
-            continue
+    for r in stitch_job_rows(view, experiment):
         for kind, row in r.result["kinds"].items():
             out.append({"site": r.config["site"], "kind": kind, "penalty": float(row["penalty"]),
                         "front": r.deps.get("front"), "back": r.deps.get("back"),
@@ -162,4 +165,4 @@ def section(view, figdir: Path) -> Section:
     body = (f"![Fig. 1](figures/{FIGURE})\n\nPenalty = mean accuracy of the two models − stitched accuracy, in "
             f"points, mean ± 95% t-interval over {n_pairs} pair(s).\n\n"
             + table(["kind"] + [f"{s} (layer {MYRTLE_PAPER_LAYERS.get(s, '?')})" for s in sites], out))
-    return Section(title, body, claims(rows, sites, kinds))
+    return Section(title, body, claims(rows, sites, kinds), datasets_of(stitch_job_rows(view, "fig1")))

@@ -120,4 +120,4 @@ def section(view, figdir: Path) -> Section:
     if nulls:
         found.append(common.null_claim("Same-layer Procrustes similarity above chance at every layer, for both groups",
                                 rows, "null", list(MEASURES), sites, precondition=chance))
-    return Section(title, body, found)
+    return Section(title, body, found, common.datasets_of(rows))
