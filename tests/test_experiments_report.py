@@ -247,9 +247,19 @@ def test_each_section_names_its_data_and_mixed_claims_name_theirs(tmp_path):
     assert data["Fig. 1"].group(1) == data["Table 2"].group(1) == "`digits`"
     summary = sections["Summary: the paper's claims on this data"]
     rotation = [line for line in summary.splitlines() if "rotation penalty below" in line]
-    assert rotation == ["- ReLU: G_ReLU rotation penalty below the orthogonal one at every layer (on `digits-cluttered`)"]
+    assert rotation == ["- ReLU: G_ReLU rotation penalty below the orthogonal one at every layer "
+                        "(on `digits-cluttered`)"]
+    assert "reproduce --cluttered" not in sections["Fig. 4 — rotation penalties (Myrtle CNN without batch norm)"]
     assert all(line.endswith(("(on `digits`)", "(on `digits-cluttered`)")) for line in summary.splitlines()
                if line.startswith("- ") and "dissected" not in line), summary
     one = tmp_path / "one"
     fill(one, grelu_better=True)           # one dataset (or none named): the claims stay as the paper says them
     assert "(on `" not in render_alone(one)
+    digits = tmp_path / "digits"
+    fill(digits, grelu_better=True, cluttered=True)
+    with ResultsStore(digits) as store:      # Fig. 4 and D.3 on digits: their sections point to --cluttered
+        for row in store.rows():
+            if row.config.get("dataset") == "digits-cluttered":
+                store.record(id=row.id, kind=row.kind, label=row.label, config={**row.config, "dataset": "digits"},
+                             deps=row.deps, status="done", result=row.result, wall_s=0.1)
+    assert render_alone(digits).count("`intertwiners reproduce --cluttered` runs this experiment") == 2

@@ -9,7 +9,7 @@ import numpy as np
 
 from ...stats import decide, evidence, mean_ci
 from ..jobs import Dependency, Job, Output, register
-from .common import Section, at_chance, dataset, datasets_of, device, fmt, model_from_files, table
+from .common import Section, at_chance, dataset, datasets_of, device, fmt, harder_data_hint, model_from_files, table
 from .zoo import models_of, zoo_job
 
 KINDS = ("rotation_penalty",)
@@ -165,6 +165,6 @@ def section(view, figdir: Path) -> Section:
             "fine-tuning the layers after it; mean ± 95% t-interval over repeats. The `identity` transform, "
             "where present, measures what fine-tuning alone does to accuracy.\n\n"
             + table(["activation", "transform"] + layers, out))
-    return Section(title, body, claims(rows, layers, acts),
-                   datasets_of(view.rows(kind="rotation_penalty", status="done")))
+    data = datasets_of(view.rows(kind="rotation_penalty", status="done"))
+    return Section(title, body + harder_data_hint(data), claims(rows, layers, acts), data)
 
