@@ -272,29 +272,29 @@ def test_plans_have_distinct_pairs_and_unique_ids():
         build_plan("huge")
 
 
-def test_cluttered_moves_fig4_and_d3_and_keeps_every_other_job():
-    plain, moved = build_plan("small"), build_plan("small", datasets=CLUTTERED)
-    data = {j.id: j.config.get("dataset") for j in closure(moved.jobs)}
-    rotation = [j for j in moved.jobs if j.kind == "rotation_penalty"]
-    d3 = [j for j in moved.jobs if j.config.get("experiment") == "d3"]
-    assert rotation and d3 and moved.datasets == ["digits", "digits-cluttered"]
-    for job in rotation + d3:   # the jobs and the models they start from
+def _of(job, experiments) -> bool:
+    """Whether ``job`` is a job of Fig. 4 or D.3 named in ``experiments``."""
+    return (job.kind == "rotation_penalty" and "fig4_rotation" in experiments) or (
+        job.config.get("experiment") == "d3" and "d3_slopes" in experiments)
+
+
+@pytest.mark.parametrize("moved", [CLUTTERED, {"fig4_rotation": "digits-cluttered", "d3_slopes": "digits-cluttered"}])
+def test_moving_experiments_to_another_dataset_keeps_every_other_job(moved):
+    assert CLUTTERED == {"fig4_rotation": "digits-cluttered"}   # D.3 stays: its ResNet20s do not learn it (docs)
+    plain, plan = build_plan("small"), build_plan("small", datasets=moved)
+    data = {j.id: j.config.get("dataset") for j in closure(plan.jobs)}
+    chosen = [j for j in plan.jobs if _of(j, moved)]
+    assert len({j.kind for j in chosen}) == len(moved) and plan.datasets == ["digits", "digits-cluttered"]
+    for job in chosen:   # the jobs and the models they start from
         assert {data[job.id]} | {data[d.id] for d in closure([job]) if d.kind == "zoo"} == {"digits-cluttered"}
     # everything else is the main job's, the same ids: a run moved later resumes the main job's results
-    kept = {j.id for j in closure(moved.jobs) if data[j.id] != "digits-cluttered"}
-    assert kept and kept == {j.id for j in closure(plain.jobs) if j.kind != "rotation_penalty"
-                             and j.config.get("experiment") != "d3" and j.config.get("dataset") != "cifar10"
-                             and not (j.kind == "zoo" and _only_for_moved(j, plain))}
+    readers = {j.id: [r for r in plain.jobs if j.id in {d.id for d in closure([r])}] for j in closure(plain.jobs)}
+    stays = {j.id for j in closure(plain.jobs) if not all(_of(r, moved) for r in readers[j.id])}
+    assert stays and stays == {j.id for j in closure(plan.jobs) if data[j.id] != "digits-cluttered"}
     with pytest.raises(ValueError, match="no dataset to choose"):
         build_plan("small", datasets={"nothing": "digits"})
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         build_plan("small", datasets={"fig4_rotation": "mnist"})
-
-
-def _only_for_moved(zoo_job, plan) -> bool:
-    """A zoo job that only Fig. 4 or D.3 read (it moves with them)."""
-    readers = [j for j in plan.jobs if zoo_job.id in {d.id for d in closure([j])} and j.id != zoo_job.id]
-    return all(j.kind == "rotation_penalty" or j.config.get("experiment") == "d3" for j in readers)
 
 
 def test_only_runs_the_chosen_experiments_and_what_they_need():
@@ -303,7 +303,7 @@ def test_only_runs_the_chosen_experiments_and_what_they_need():
     assert {j.kind for j in closure(plan.jobs)} == {"rotation_penalty", "zoo"}
     both = build_plan("small", datasets=CLUTTERED, only=["fig4_rotation", "d3_slopes"])
     assert {j.id for j in both.jobs} == {j.id for j in build_plan("small", datasets=CLUTTERED).jobs
-                                         if j.kind == "rotation_penalty" or j.config.get("experiment") == "d3"}
+                                         if _of(j, ("fig4_rotation", "d3_slopes"))}
     with pytest.raises(ValueError, match="unknown experiments \\['fig9'\\]"):
         build_plan("small", only=["fig9"])
     with pytest.raises(ValueError, match="no experiment chosen"):

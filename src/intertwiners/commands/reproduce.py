@@ -18,9 +18,9 @@ def add_arguments(p):
                    help="every experiment on this dataset; default: the scale's (digits for smoke/small, cifar10 "
                         "for paper)")
     p.add_argument("--cluttered", action="store_true",
-                   help="Fig. 4 (rotation penalty) and App. D.3 (LeakyReLU sweep) on digits-cluttered, where "
-                        "digits is too easy for their effects; the rest as the scale says. At small: about 45 min "
-                        "more on 2 cores (docs/reproduce.md)")
+                   help="Fig. 4 (rotation penalty) on digits-cluttered, where digits is too easy for its effect; "
+                        "the rest as the scale says (the same jobs). At small: about 22 min more on 2 cores "
+                        "(docs/reproduce.md)")
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="comma-separated experiments to run (with the jobs they depend on): "
                         + ", ".join(EXPERIMENT_NAMES))

@@ -37,8 +37,10 @@ EXPERIMENT_MODULES = (("zoo", zoo), ("fig1_stitching", fig1_stitching), ("table2
 
 SCALES = ("smoke", "small", "paper")
 EXPERIMENT_NAMES = tuple(name for name, _ in EXPERIMENT_MODULES)
-# Fig. 4 and App. D.3 on the harder dataset (issue 21), where digits is too easy for their effects to show
-CLUTTERED = {"fig4_rotation": "digits-cluttered", "d3_slopes": "digits-cluttered"}
+# Fig. 4 on the harder dataset (issue 21), where digits is too easy for its effect to show. App. D.3 stays on
+# digits: its ResNet20s reach 15-40% on digits-cluttered at the zoo's 6 epochs and about 56% at 24, so its
+# claim would not be testable there at any budget of these scales (docs/reproduce.md, "Fig. 4 on digits-cluttered")
+CLUTTERED = {"fig4_rotation": "digits-cluttered"}
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class Scale:
 
     def with_datasets(self, datasets: dict[str, str]) -> Scale:
         """A copy with experiment ``name`` on ``datasets[name]`` (e.g. ``{"fig4_rotation": "digits-cluttered"}``;
-        :data:`CLUTTERED` moves Fig. 4 and App. D.3). Only experiments with a ``dataset`` setting can move."""
+        :data:`CLUTTERED` moves Fig. 4). Only experiments with a ``dataset`` setting can move."""
         from ..data import DATASETS
 
         movable = [f.name for f in fields(self) if hasattr(getattr(self, f.name), "dataset")]

@@ -87,7 +87,7 @@ class Section:
 
 
 def harder_data_hint(datasets: tuple[str, ...]) -> str:
-    """A pointer to ``reproduce --cluttered`` under a section that ran on ``digits`` only (Fig. 4, D.3)."""
+    """A pointer to ``reproduce --cluttered`` under a section that ran on ``digits`` only (Fig. 4)."""
     return ("\n\n`digits` is an easy task for these models, so this effect has little room to show; "
             "`intertwiners reproduce --cluttered` runs this experiment on the harder `digits-cluttered` "
             "(docs/reproduce.md).") if datasets == ("digits",) else ""

@@ -12,7 +12,7 @@ import numpy as np
 
 from ...stats import decide, evidence
 from ..jobs import Job
-from .common import Section, at_chance, datasets_of, fmt, harder_data_hint, pyplot, table
+from .common import Section, at_chance, datasets_of, fmt, pyplot, table
 from .fig1_stitching import stitch_job, stitch_job_rows, stitch_rows
 from .zoo import activation_of_slope, resnet_zoo
 
@@ -102,8 +102,7 @@ def section(view, figdir: Path) -> Section:
             "and a change at slope 1, where the activation is linear and its intertwiner group is all of GL_n "
             "rather than G_ReLU (Table 1). Mean ± 95% t-interval over sites and pairs (as in the figure):\n\n"
             + table(["kind"] + [f"slope {s:g}" for s in slopes], out))
-    data = datasets_of(stitch_job_rows(view, "d3"))
-    return Section(title, body + harder_data_hint(data), found, data)
+    return Section(title, body, found, datasets_of(stitch_job_rows(view, "d3")))
 
 
 def fmt_summary(s: dict) -> str:
