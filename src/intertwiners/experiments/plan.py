@@ -38,8 +38,8 @@ EXPERIMENT_MODULES = (("zoo", zoo), ("fig1_stitching", fig1_stitching), ("table2
 SCALES = ("smoke", "small", "paper")
 EXPERIMENT_NAMES = tuple(name for name, _ in EXPERIMENT_MODULES)
 # Fig. 4 on the harder dataset (issue 21), where digits is too easy for its effect to show. App. D.3 stays on
-# digits: its ResNet20s reach 15-40% on digits-cluttered at the zoo's 6 epochs and about 56% at 24, so its
-# claim would not be testable there at any budget of these scales (docs/reproduce.md, "Fig. 4 on digits-cluttered")
+# digits: its ResNet20s reach 15-40% on digits-cluttered at the zoo's 6 epochs (its claim not testable) and about
+# 56% at 24 (docs/reproduce.md, "Fig. 4 on digits-cluttered")
 CLUTTERED = {"fig4_rotation": "digits-cluttered"}
 
 

@@ -86,13 +86,6 @@ class Section:
         return f"## {self.title}\n\n{data}{self.body.rstrip()}\n" + (f"\n{lines}" if lines else "")
 
 
-def harder_data_hint(datasets: tuple[str, ...]) -> str:
-    """A pointer to ``reproduce --cluttered`` under a section that ran on ``digits`` only (Fig. 4)."""
-    return ("\n\n`digits` is an easy task for these models, so this effect has little room to show; "
-            "`intertwiners reproduce --cluttered` runs this experiment on the harder `digits-cluttered` "
-            "(docs/reproduce.md).") if datasets == ("digits",) else ""
-
-
 def datasets_of(rows) -> tuple[str, ...]:
     """The datasets stored job rows ran on (their configs' ``dataset``), sorted: what a section names."""
     return tuple(sorted({r.config["dataset"] for r in rows if isinstance(r.config.get("dataset"), str)}))
