@@ -12,7 +12,7 @@ HELP = ("Run every experiment of the paper (zoo, rotation penalties, stitching, 
 
 def add_arguments(p):
     p.add_argument("--scale", default="small",
-                   help="smoke (a pipeline check, ~75 s on 2 cores), small (~9-11 min on 2 cores) or paper "
+                   help="smoke (a pipeline check, ~60-80 s on 2 cores), small (~7-10 min on 2 cores) or paper "
                         "(CIFAR-10, GPU/cluster)")
     p.add_argument("--dataset", default=None, choices=["digits", "digits-cluttered", "cifar10"],
                    help="every experiment on this dataset; default: the scale's (digits for smoke/small, cifar10 "
