@@ -174,9 +174,10 @@ def build_plan(scale: str | Scale = "smoke", dataset: str | None = None, *, data
     wanted = None
     if only is not None:
         unknown = sorted(set(only) - set(EXPERIMENT_NAMES))
-        if unknown or not only:
-            raise ValueError(f"unknown experiments {unknown}; known: {', '.join(EXPERIMENT_NAMES)}" if unknown
-                             else "no experiment chosen")
+        if unknown:
+            raise ValueError(f"unknown experiments {unknown}; known: {', '.join(EXPERIMENT_NAMES)}")
+        if not only:
+            raise ValueError("no experiment chosen")
         wanted = {_module(name) for name in only}
     jobs: dict[str, Job] = {}
     missing: dict[str, str] = {}
