@@ -1,5 +1,8 @@
 """Weight-space symmetries of the paper's models (§3.2, Proposition 3.4, Remark 3.6)."""
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 from conftest import warmed
@@ -415,6 +418,69 @@ def test_safety_check_judges_errors_against_the_models_rounding_noise():
     assert 1e-8 < err <= 10 * floor     # over the fixed tolerance, within the model's own rounding
     spec = symmetry_spec(model, x)      # (the suite's guard fails this test on any safety pin)
     assert list(spec.spaces) == [name] and not spec.pinned
+
+
+class SpecAugment(torch.nn.Module):
+    """A speech-model encoder in miniature: in train mode the time steps drawn with numpy's global random state
+    are replaced by a learned mask embedding (transformers' wav2vec2/HuBERT), a path the eval-mode capture does
+    not take. ``embed``: False draws the steps but masks with zeros (no train-only parameter)."""
+
+    def __init__(self, embed=True):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 2)
+        self.mask_embed = torch.nn.Parameter(torch.randn(6)) if embed else None
+
+    def forward(self, x):                                          # (B, T, 4)
+        h = self.a(x)
+        if self.training:
+            steps = torch.from_numpy(np.random.rand(x.shape[1]) < 0.5)
+            h = h.clone()
+            h[:, steps] = self.mask_embed if self.mask_embed is not None else 0.0
+        return self.c(torch.relu(self.b(h)))
+
+
+@pytest.mark.safety_pins
+def test_train_mode_only_parameters_are_checked_in_train_mode():
+    """A parameter the eval-mode graph does not read: the as-derived spec moves the stream it is written into
+    without it, which verify reports in train mode; symmetry_spec's check then runs train mode too and pins
+    the stream, saying why. Random choices drawn with numpy are the same for a model and its copy."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 4, dtype=torch.float64)
+    model = SpecAugment().double()
+    derived = symmetry_spec(model, x, check=False)
+    stream = next(n for n, s in derived.spaces.items() if s.size == 6 and any("a.weight" in str(sl) for sl in
+                                                                                  derived.slots(n)))
+    report = verify_symmetry(model, x, derived, generator=torch.Generator().manual_seed(0), trials=1)
+    assert [(r.space, r.mode) for r in report.failures() if r.space != "<all spaces>"] == [(stream, "train")]
+    spec = symmetry_spec(model, x)
+    assert stream in spec.pinned and "does not read mask_embed" in spec.pinned[stream]
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert all(e[1] <= 1e-12 for e in compare(model, new, (x,)).values())
+    zeros = SpecAugment(embed=False).double()                       # numpy's draws alone break nothing
+    assert verify_symmetry(zeros, x, generator=torch.Generator().manual_seed(0)).ok
+    assert not symmetry_spec(zeros, x).pinned
+
+
+def test_verify_judges_errors_against_the_models_rounding_noise():
+    """verify_symmetry as the safety check: a true symmetry of an ill-conditioned model (errors over the fixed
+    tolerance, within ten times the model's own rounding noise) is no failure, and the report shows the floor;
+    in float32 the floor is measured at float32's precision. A wrong element still fails."""
+    torch.manual_seed(0)
+    model = Cancelling().double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    report = verify_symmetry(model, x, generator=torch.Generator().manual_seed(1), modes=("eval",))
+    assert report.max_rel > report.rtol and report.ok and report.floor["eval"] > 1e-8
+    assert "rounding-noise floor" in str(report)
+    from intertwiners.symmetries.compare import noise_floor
+
+    relu = models.mlp(4, (6,), 2)
+    f32 = noise_floor(relu, (x.float(),), ("eval",))["eval"]
+    assert 1e-9 < f32 < 1e-4                                        # float32 rounding, not float64's
+    spec = symmetry_spec(relu, x.float())                           # G_ReLU: positive scalings
+    tanh = copy.deepcopy(relu)
+    tanh.act1 = torch.nn.Tanh()                                     # the same parameters, no scaling symmetry
+    wrong = verify_symmetry(tanh, x.float(), spec, generator=torch.Generator().manual_seed(0), trials=1)
+    assert not wrong.ok and wrong.floor and wrong.max_rel > 1e-2 > 10 * max(wrong.floor.values())
 
 
 def test_safety_check_on_a_few_samples_of_a_large_batch():

@@ -475,6 +475,70 @@ def test_more_transformers_families(family):
     assert changed_share(model, new) > 0.95
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_mixture_of_experts_in_transformers_default_implementation(family):
+    """transformers' default experts ("grouped_mm": an opaque custom operator when traced) are captured in their
+    gathered twin ("batched_mm") and switched back: the residual stream and every expert's hidden units are
+    spaces (the router's experts stay in place), checked as derived on the model as it is, in float32 (its
+    grouped product has no float64)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    moe = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+               num_experts_per_tok=2, use_cache=False)
+    if family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(intermediate_size=48, num_local_experts=4,
+                                                                           **moe))
+    else:
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4, **moe))
+    model.eval()
+    before = model.get_experts_implementation()
+    assert set(before.values()) == {"grouped_mm"}
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    spec = symmetry_spec(model, (ids,), check=False)
+    assert model.get_experts_implementation() == before
+    experts = [s for name, s in spec.spaces.items() if name.endswith("mlp.experts.act_fn")]
+    assert len(experts) == 2 and all(s.size == 16 if family == "qwen2_moe" else 48 for s in experts), spec
+    assert any(s.size == 32 and s.kind == "signed_permutation" for s in spec.spaces.values())   # the stream
+    reasons = sorted(r.split(": ")[-1] for r in spec.pinned.values())   # Qwen2-MoE: its shared expert's gate too
+    assert reasons == ["a one-unit gate broadcast across the channels it scales"] * (2 * (family == "qwen2_moe")) + \
+        ["a softmax across channels"] * 2, spec.pinned
+    report = verify_symmetry(model, (ids,), spec=spec, trials=1)
+    assert report.ok, report
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(0)), spec)
+    assert changed_share(model, new) > 0.95
+    with torch.no_grad():
+        assert (new(ids).logits - model(ids).logits).abs().max() <= 1e-4
+        # the stream's element applied to the experts' input columns alone changes the output
+        broken = copy.deepcopy(new)
+        broken.model.layers[0].mlp.experts.gate_up_proj.copy_(model.model.layers[0].mlp.experts.gate_up_proj)
+        assert (broken(ids).logits - model(ids).logits).abs().max() > 1e-3
+
+
+def test_failing_model_errors_say_what_to_do():
+    """An integer input to a float model without an embedding: pass floats; a float64 model whose operation has
+    no float64: run it in float32; token ids into an embedding get no integer hint."""
+    with pytest.raises(ValueError, match="integer tensor.*floating-point input"):
+        symmetry_spec(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.ones(2, 3, dtype=torch.int64))
+
+    class NoDouble(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if x.dtype == torch.float64:
+                raise RuntimeError("expected mat1 to be Float, got Double")
+            return self.fc(x)
+
+    with pytest.raises(ValueError, match="got Double.*does not support torch.float64: run the model in float32"):
+        symmetry_spec(NoDouble().double(), torch.randn(2, 3))
+    embed = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="fails on its example input") as err:
+        symmetry_spec(embed, torch.tensor([[1, 7]]))                      # id 7 is outside the table
+    assert "integer tensor" not in str(err.value)
+
+
 class DerivedGain(nn.Module):
     """tanh(scale · W1 x) · (1 + w) then W2, with a scalar buffer ``scale``; ``mask``: a torch.where that
     varies across channels (must pin) or only across samples (channels pass)."""

@@ -12,10 +12,11 @@ module that created a node. A wrapper keeps only the tensors of the output, so t
 
 A forward that branches on the values of a tensor (data-dependent control flow) cannot be traced. The one
 such pattern with a data-independent twin is handled: transformers' mixture-of-experts layers loop over the
-experts a batch is routed to ("eager"), and compute the same function by gathering each token's experts'
-weights ("batched_mm"); the model is exported with that implementation for the duration of the export (then
-switched back; symmetries are checked on the model as it is). Anything else is refused with a ValueError that
-names the cause and the ways around it.
+experts a batch is routed to ("eager") or multiply each expert's tokens in a grouped product ("grouped_mm",
+an opaque custom operator when traced), and compute the same function by gathering each token's experts'
+weights ("batched_mm"); the model is captured with that implementation (then switched back; symmetries are
+checked on the model as it is). Anything else is refused with a ValueError that names the cause and the ways
+around it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,15 @@ class Captured:
     buffers: frozenset = frozenset()
 
     @property
+    def unread(self) -> list[str]:
+        """The floating parameters the graph never reads (unused, or read only on a path the eval-mode capture
+        does not take, e.g. the learned mask embedding transformers' speech models insert in train mode)."""
+        users = {n.name: bool(n.users) for n in self.graph.nodes if n.op == "placeholder"}
+        return sorted({name for ph, name in self.params.items()
+                       if not users.get(ph, True) and name not in self.buffers
+                       and self.tensors[name].is_floating_point()})
+
+    @property
     def lowest_cast(self) -> torch.dtype | None:
         """The lowest floating precision the graph casts to (float32/float16/bfloat16; transformers' RMSNorm
         casts to float32 even in a float64 model), None when it casts to none. A transformed copy then
@@ -120,8 +130,9 @@ def _named_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
 def capture(model: nn.Module, args) -> Captured:
     """Trace ``model`` (eval mode) on ``args`` (a tuple, or a dict of keyword inputs); :func:`capture_exported`
     when the trace fails. ValueError with the exporter's reason when both fail. The model's modules keep the
-    attributes they had (:func:`module_state_restored`)."""
-    with module_state_restored(model):
+    attributes they had (:func:`module_state_restored`). transformers' mixture-of-experts layers are captured
+    in their gathered form (:func:`_gathered_experts`)."""
+    with module_state_restored(model), _gathered_experts(model):
         try:
             return _capture_traced(model, args)
         except Exception:  # noqa: BLE001 - torch.export gets its chance and gives the reason
@@ -179,21 +190,25 @@ def _data_dependent(err: BaseException) -> bool:
 
 @contextlib.contextmanager
 def _gathered_experts(model: nn.Module):
-    """transformers' mixture-of-experts layers switched from the loop over routed experts ("eager") to the
-    data-independent gather of each token's experts' weights ("batched_mm") while the block runs, then back.
-    Yields whether anything was switched."""
-    get = getattr(model, "get_experts_implementation", None)
+    """transformers' mixture-of-experts layers switched to the data-independent gather of each token's experts'
+    weights ("batched_mm", the same function) while the block runs, from the loop over routed experts ("eager")
+    or the grouped product ("grouped_mm"), then back. A model without experts, or one that cannot switch (an
+    implementation fixed at load time), is left as it is."""
     before = None
-    if callable(get) and callable(getattr(model, "set_experts_implementation", None)):
+    if callable(getattr(model, "get_experts_implementation", None)) and \
+            callable(getattr(model, "set_experts_implementation", None)):
         with contextlib.suppress(Exception):
-            before = get()
-    eager = isinstance(before, dict) and any(v in (None, "eager") for v in before.values())
-    if not eager:
-        yield False
+            before = model.get_experts_implementation()
+    if not isinstance(before, dict) or all(v == "batched_mm" for v in before.values()):
+        yield
         return
-    model.set_experts_implementation({k: "batched_mm" if v in (None, "eager") else v for k, v in before.items()})
     try:
-        yield True
+        model.set_experts_implementation({k: "batched_mm" for k in before})
+    except Exception:  # noqa: BLE001 - captured as it is; an opaque expert operator pins what it touches
+        yield
+        return
+    try:
+        yield
     finally:
         model.set_experts_implementation(before)
 
@@ -209,20 +224,13 @@ def capture_exported(model: nn.Module, args) -> Captured:
         if not _data_dependent(err):
             raise ValueError(f"symmetry_spec: torch.export could not capture {name} on the example input: "
                              f"{first}") from err
-        with _gathered_experts(model) as switched:
-            if switched:
-                try:
-                    ep = _export(model, args)
-                except Exception:  # noqa: BLE001 - refused below with the original cause
-                    switched = False
-        if not switched:
-            raise ValueError(
-                f"symmetry_spec: torch.export could not capture {name}: its forward branches on the values of a "
-                f"tensor (data-dependent control flow, e.g. a mixture-of-experts layer that loops over the experts "
-                f"a batch is routed to; {first}). Write that part without data-dependent branches (compute every "
-                f"expert and weight the outputs, or gather each token's experts' weights as transformers' "
-                f"experts_implementation='batched_mm' does), or make it a torch.library custom operator and give "
-                f"it a rule with register_rule") from err
+        raise ValueError(
+            f"symmetry_spec: torch.export could not capture {name}: its forward branches on the values of a "
+            f"tensor (data-dependent control flow, e.g. a mixture-of-experts layer that loops over the experts "
+            f"a batch is routed to; {first}). Write that part without data-dependent branches (compute every "
+            f"expert and weight the outputs, or gather each token's experts' weights as transformers' "
+            f"experts_implementation='batched_mm' does), or make it a torch.library custom operator and give "
+            f"it a rule with register_rule") from err
     sig = ep.graph_signature
     tensors, first = _named_tensors(model)
     params = {}

@@ -8,7 +8,9 @@ every tolerance), never 0.
 from __future__ import annotations
 
 import contextlib
+import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,9 +72,23 @@ def forward_once(model: nn.Module, args: tuple | dict, train: bool):
     that do not depend on channels (stochastic depth drops whole samples) are then the same for the model
     and its transformed copy. The caller's random state is restored."""
     cuda = sorted({a.device.index or 0 for a in input_tensors(args) if isinstance(a, torch.Tensor) and a.is_cuda})
-    with torch.random.fork_rng(devices=cuda), eval_mode(model, train), no_dropout():
+    with torch.random.fork_rng(devices=cuda), _other_rngs_fixed(), eval_mode(model, train), no_dropout():
         torch.manual_seed(0)
         return call_model(model, args)
+
+
+@contextlib.contextmanager
+def _other_rngs_fixed():
+    """numpy's and Python's global random states seeded, then restored: some models draw their train-mode
+    choices there (transformers' wav2vec2 and HuBERT draw the time steps they mask with numpy)."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    np.random.seed(0)
+    random.seed(0)
+    try:
+        yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 def has_running_stats(model: nn.Module) -> bool:
@@ -99,22 +115,25 @@ def compare(model: nn.Module, new: nn.Module, x, modes=("eval", "train")) -> dic
 
 
 NOISE_EPS = 1e-14
-"""Relative size of the parameter perturbation :func:`noise_floor` measures with (about 50 float64 ulps)."""
+"""Relative size of the parameter perturbation :func:`noise_floor` measures with in float64 (about 50 ulps; in
+another precision the same number of its ulps)."""
 FLOOR_FACTOR = 10.0
 """An output error up to this many times the noise floor is rounding, not a changed function."""
 
 
 @torch.no_grad()
 def noise_floor(model: nn.Module, x, modes=("eval", "train"), generator: torch.Generator | None = None,
-                eps: float = NOISE_EPS) -> dict[str, float]:
+                eps: float | None = None) -> dict[str, float]:
     """{mode: max relative output change} when every floating parameter is multiplied by (1 + eps·N(0, 1)):
     the size a rounding difference reaches after going through the model (a transformed copy rounds its
-    sums differently). About 1e-15 for most float64 models; far larger in ill-conditioned ones (train-mode
+    sums differently). ``eps``: default :data:`NOISE_EPS` in float64, as many ulps of a parameter's own
+    precision otherwise. About 1e-15 for most float64 models; far larger in ill-conditioned ones (train-mode
     batch norm over a batch of two and tiny feature maps: torchvision's Inception-v3 at 80 pixels, 1e-8).
     ``model`` is not modified."""
     gen = generator or torch.Generator().manual_seed(3)
     noisy = copy_model(model)
     for p in noisy.parameters():
         if p.is_floating_point():
-            p.mul_(1 + eps * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+            e = eps if eps is not None else NOISE_EPS * torch.finfo(p.dtype).eps / torch.finfo(torch.float64).eps
+            p.mul_(1 + e * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype))
     return {m: e[1] for m, e in compare(model, noisy, x, modes).items()}

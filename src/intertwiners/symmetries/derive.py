@@ -40,11 +40,20 @@ def symmetry_spec(model: nn.Module, example_input, *, check: bool = True, leaf_t
         try:
             cap = capture(model, args)
         except ValueError as err:
-            why = explain_failure(model, args)
-            if why is not None:
-                raise ValueError(f"symmetry_spec: {why}") from err
+            _refuse_if_failing(model, args, err)
             raise
         spec = build_spec(analyse(cap, model), type(model).__name__, cap.buffers)
         if check and spec.spaces:
-            spec = safety_check(model, args, spec, rtol=1e-5 if spec.lower_precision_inside else 1e-8)
+            # the trace on fake tensors can follow what the model cannot run (an integer input into a float layer)
+            _refuse_if_failing(model, args)
+            # a parameter the eval-mode graph never reads may be read in train mode: check that mode too
+            spec = safety_check(model, args, spec, rtol=1e-5 if spec.lower_precision_inside else 1e-8,
+                                unread=cap.unread)
     return spec
+
+
+def _refuse_if_failing(model: nn.Module, args, cause: BaseException | None = None) -> None:
+    """ValueError saying why ``model`` fails on ``args`` (:func:`explain_failure`), if it does."""
+    why = explain_failure(model, args)
+    if why is not None:
+        raise ValueError(f"symmetry_spec: {why}") from cause

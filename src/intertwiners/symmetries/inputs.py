@@ -64,10 +64,15 @@ def prepare_inputs(model: nn.Module, example_input) -> tuple | dict:
     return map_inputs(args, prepare)
 
 
-def _hint(model: nn.Module, args) -> str:
+def _hint(model: nn.Module, args, message: str = "") -> str:
+    """What the user can do about the failure ``message`` of ``model`` on ``args`` ("" when nothing is known)."""
     p = next((q for q in model.parameters() if q.is_floating_point()), None)
+    if p is not None and p.dtype == torch.float64 and "Double" in message:
+        return ("; an operation inside the model does not support torch.float64: run the model in float32 (the "
+                "checks' tolerances follow the dtype)")
     ints = [a for a in input_tensors(args) if not a.is_floating_point() and not a.is_complex()]
-    if p is not None and ints:
+    embeds = any(isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in model.modules())
+    if p is not None and ints and not embeds:
         return (f"; example_input holds an integer tensor ({ints[0].dtype}, shape {tuple(ints[0].shape)}) and the "
                 f"model computes in {p.dtype}: pass a floating-point input (token ids only suit models that embed "
                 "them)")
@@ -87,5 +92,5 @@ def explain_failure(model: nn.Module, args) -> str | None:
             call_model(model, args)
     except Exception as err:  # noqa: BLE001 - any failure of the user's model is reported, not raised
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        return f"the model fails on its example input ({type(err).__name__}: {first}){_hint(model, args)}"
+        return f"the model fails on its example input ({type(err).__name__}: {first}){_hint(model, args, first)}"
     return None

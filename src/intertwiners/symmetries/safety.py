@@ -50,10 +50,12 @@ def _first_samples(model: nn.Module, args, k: int):
 
 @torch.no_grad()
 def safety_check(model: nn.Module, args, spec: SymmetrySpec, generator: torch.Generator | None = None,
-                 rtol: float = 1e-8) -> SymmetrySpec:
+                 rtol: float = 1e-8, unread: list[str] = ()) -> SymmetrySpec:
     """``spec`` with every space pinned whose random element changes the outputs on ``args`` (all spaces at
-    once first; each space on its own only if that fails). Runs on a float64 copy when the model is not too
-    large (else in its own dtype, tolerance 1e-3 in lower precision)."""
+    once first; each space on its own only if that fails), in eval mode, and in train mode too when the model
+    has running statistics or ``unread`` names parameters the captured graph does not read (a pin that only
+    train mode needs says so). Runs on a float64
+    copy when the model is not too large (else in its own dtype, tolerance 1e-3 in lower precision)."""
     numel = sum(p.numel() for p in model.parameters())
     floating = [p for p in model.parameters() if p.is_floating_point()]
     args = _first_samples(model, args, _CHECK_SAMPLES)
@@ -64,7 +66,7 @@ def safety_check(model: nn.Module, args, spec: SymmetrySpec, generator: torch.Ge
         work = model
         rtol = rtol if floating and floating[0].dtype == torch.float64 else 1e-3
     gen = generator or torch.Generator().manual_seed(1234)
-    modes = ("eval", "train") if has_running_stats(work) else ("eval",)
+    modes = ("eval", "train") if unread or has_running_stats(work) else ("eval",)
     floor: dict[str, float] = {}
 
     def failure(names):
@@ -80,8 +82,11 @@ def safety_check(model: nn.Module, args, spec: SymmetrySpec, generator: torch.Ge
         bad = {m: e for m, e in bad.items() if not e <= FLOOR_FACTOR * floor[m]}   # NaN stays bad
         if not bad:
             return None
-        return ", ".join(f"{m} mode relative error {e:.2e}, rounding-noise floor {floor[m]:.1e}"
-                         for m, e in bad.items())
+        why = ", ".join(f"{m} mode relative error {e:.2e}, rounding-noise floor {floor[m]:.1e}" for m, e in bad.items())
+        if unread and list(bad) == ["train"]:
+            why += (f"; the eval-mode capture does not read {', '.join(unread)}, which train mode may use, so no "
+                    "rule placed it")
+        return why
 
     pins = {}
 

@@ -8,7 +8,11 @@ never a pin; spaces the engine pinned on purpose are listed with their reasons a
 Tolerance (relative, max|f'(x) - f(x)| / max|f(x)|): 1e-9 for a float64 model; 1e-6 when its graph casts
 to float32 inside (``spec.lower_precision_inside``, e.g. transformers' RMSNorm: float32 rounding of a
 permuted sum is ~1e-7); 1e-4 for a float32 model; 1e-2 when float16/bfloat16 is involved. Errors propagate
-NaN: a NaN error fails every tolerance.
+NaN: a NaN error fails every tolerance. An error over the tolerance is then compared with the model's own
+rounding noise on the same input (:func:`~.compare.noise_floor`, in the model's precision): in an
+ill-conditioned model (train-mode batch norm over a batch of two and 1x1 feature maps, outputs near 0) a copy
+whose sums merely round differently moves the outputs by more than the tolerance, and errors up to
+:data:`~.compare.FLOOR_FACTOR` times that floor are rounding, not a failure (``report.floor``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from torch import nn
 
 from .apply import apply_symmetry, random_symmetry
-from .compare import compare, nanmax
+from .compare import FLOOR_FACTOR, compare, nanmax, noise_floor
 from .derive import symmetry_spec
 from .inputs import check_model, explain_failure, prepare_inputs
 from .spec import SymmetrySpec
@@ -60,6 +64,9 @@ class VerifyReport:
     dtype: str = ""
     pinned: dict[str, str] = field(default_factory=dict)
     rtol: float = 1e-9
+    floor: dict[str, float] = field(default_factory=dict)
+    """The model's own rounding noise per mode (:func:`~.compare.noise_floor`), measured only when a row
+    exceeds ``rtol``: an error up to :data:`~.compare.FLOOR_FACTOR` times it is rounding, not a failure."""
 
     @property
     def ok(self) -> bool:
@@ -86,9 +93,9 @@ class VerifyReport:
         return out
 
     def failures(self, rtol: float | None = None) -> list[VerifyRow]:
-        """Rows above ``rtol`` (default: the report's); NaN fails."""
+        """Rows above ``rtol`` (default: the report's) and above the rounding-noise floor; NaN fails."""
         rtol = self.rtol if rtol is None else rtol
-        return [r for r in self.rows if not r.max_rel <= rtol]
+        return [r for r in self.rows if not r.max_rel <= max(rtol, FLOOR_FACTOR * self.floor.get(r.mode, 0.0))]
 
     def __str__(self) -> str:
         lines = [f"{'space':<34}{'size':>6}  {'group':<28}{'mode':<7}{'max abs err':>13}{'max rel err':>13}"]
@@ -96,8 +103,9 @@ class VerifyReport:
             lines.append(f"{r.space:<34}{r.size:>6}  {r.kind:<28}{r.mode:<7}{r.max_abs:>13.3e}{r.max_rel:>13.3e}")
         for name, reason in self.pinned.items():
             lines.append(f"{name:<34}  pinned: {reason}")
+        floor = "".join(f", {m} rounding-noise floor {v:.1e}" for m, v in self.floor.items())
         lines.append(f"dtype {self.dtype}: max abs error {self.max_abs:.3e}, max relative error {self.max_rel:.3e} "
-                     f"(tolerance {self.rtol:g}: {'ok' if self.ok else 'FAILED'})")
+                     f"(tolerance {self.rtol:g}{floor}: {'ok' if self.ok else 'FAILED'})")
         return "\n".join(lines)
 
 
@@ -119,14 +127,13 @@ def verify_symmetry(model: nn.Module, example_input, spec: SymmetrySpec | None =
         raise ValueError(f"trials must be at least 1, got {trials}")
     check_model(model, "verify_symmetry")
     args = prepare_inputs(model, example_input)
+    if spec is not None and not isinstance(spec, SymmetrySpec):
+        raise ValueError(f"spec must be a SymmetrySpec (from symmetry_spec), got {type(spec).__name__}")
+    why = explain_failure(model, args)
+    if why is not None:
+        raise ValueError(f"verify_symmetry: {why}")
     if spec is None:
         spec = symmetry_spec(model, args, check=False)
-    elif not isinstance(spec, SymmetrySpec):
-        raise ValueError(f"spec must be a SymmetrySpec (from symmetry_spec), got {type(spec).__name__}")
-    else:
-        why = explain_failure(model, args)
-        if why is not None:
-            raise ValueError(f"verify_symmetry: {why}")
     p = next((q for q in model.parameters() if q.is_floating_point()), None)
     dtype = p.dtype if p is not None else torch.float64
     report = VerifyReport(dtype=str(dtype).replace("torch.", ""), pinned=dict(spec.pinned),
@@ -145,4 +152,6 @@ def verify_symmetry(model: nn.Module, example_input, spec: SymmetrySpec | None =
         for mode in modes:
             report.rows.append(VerifyRow(label, size, kind, mode, nanmax(e[0] for e in worst[mode]),
                                          nanmax(e[1] for e in worst[mode])))
+    if report.failures():   # over the tolerance: how large is this model's own rounding noise here?
+        report.floor = noise_floor(model, args, modes)
     return report
