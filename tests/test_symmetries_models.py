@@ -480,7 +480,8 @@ def test_mixture_of_experts_in_transformers_default_implementation(family):
     """transformers' default experts ("grouped_mm": an opaque custom operator when traced) are captured in their
     gathered twin ("batched_mm") and switched back: the residual stream and every expert's hidden units are
     spaces (the router's experts stay in place), checked as derived on the model as it is, in float32 (its
-    grouped product has no float64)."""
+    grouped product has no float64, so the safety check runs in float32 too); weight matching recovers a
+    planted element."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     moe = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
@@ -505,8 +506,13 @@ def test_mixture_of_experts_in_transformers_default_implementation(family):
         ["a softmax across channels"] * 2, spec.pinned
     report = verify_symmetry(model, (ids,), spec=spec, trials=1)
     assert report.ok, report
+    checked = symmetry_spec(model, (ids,))   # the check runs in float32 (no float64 copy runs), pins nothing
+    assert list(checked.spaces) == list(spec.spaces)
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(0)), spec)
     assert changed_share(model, new) > 0.95
+    from intertwiners import align
+    back = align(model, new, example_input=ids, method="weights").model    # the planted element recovered
+    assert max(float((p - q).abs().max()) for p, q in zip(model.parameters(), back.parameters())) < 1e-6
     with torch.no_grad():
         assert (new(ids).logits - model(ids).logits).abs().max() <= 1e-4
         # the stream's element applied to the experts' input columns alone changes the output

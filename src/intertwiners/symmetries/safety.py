@@ -22,6 +22,7 @@ from ..features import eval_mode
 from .apply import apply_symmetry, random_symmetry
 from .capture import call_model, input_tensors, map_inputs
 from .compare import FLOOR_FACTOR, compare, has_running_stats, noise_floor
+from .inputs import explain_failure
 from .module_state import copy_model
 from .spec import SymmetrySpec
 
@@ -55,15 +56,18 @@ def safety_check(model: nn.Module, args, spec: SymmetrySpec, generator: torch.Ge
     once first; each space on its own only if that fails), in eval mode, and in train mode too when the model
     has running statistics or ``unread`` names parameters the captured graph does not read (a pin that only
     train mode needs says so). Runs on a float64
-    copy when the model is not too large (else in its own dtype, tolerance 1e-3 in lower precision)."""
+    copy when the model is not too large and runs in float64 (else in its own dtype, tolerance 1e-3 in lower
+    precision)."""
     numel = sum(p.numel() for p in model.parameters())
     floating = [p for p in model.parameters() if p.is_floating_point()]
     args = _first_samples(model, args, _CHECK_SAMPLES)
+    work = model
     if floating and floating[0].dtype != torch.float64 and numel <= _CHECK_DOUBLE_LIMIT:
-        work = copy_model(model).double()
-        args = map_inputs(args, lambda a: a.double() if a.is_floating_point() else a)
-    else:
-        work = model
+        double = copy_model(model).double()
+        double_args = map_inputs(args, lambda a: a.double() if a.is_floating_point() else a)
+        if explain_failure(double, double_args) is None:   # some operations have no float64 (grouped_mm on CPU)
+            work, args = double, double_args
+    if work is model:
         rtol = rtol if floating and floating[0].dtype == torch.float64 else 1e-3
     gen = generator or torch.Generator().manual_seed(1234)
     modes = ("eval", "train") if unread or has_running_stats(work) else ("eval",)
