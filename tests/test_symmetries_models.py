@@ -521,6 +521,35 @@ def test_mixture_of_experts_in_transformers_default_implementation(family):
         assert (broken(ids).logits - model(ids).logits).abs().max() > 1e-3
 
 
+class SharedLayer(nn.Module):
+    """A block's second Linear also registered at the top, under a second name (timm's CoaT registers each
+    relative-position module at its stage and in the blocks that use it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.ModuleDict({"fc": nn.Linear(4, 6), "out": nn.Linear(6, 2)})
+        self.out = self.block["out"]
+
+    def forward(self, x):
+        return self.block["out"](torch.relu(self.block["fc"](x)))
+
+
+def test_a_shared_module_keeps_its_own_parameters():
+    """The trace swaps parameters in by name; a module under several names once got a fake tensor back, and
+    the user's model computed with it afterwards. Every parameter stays the same object, outputs unchanged."""
+    torch.manual_seed(0)
+    model = SharedLayer().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    before, y = [id(p) for p in model.parameters()], model(x)
+    for check in (False, True):
+        spec = symmetry_spec(model, x, check=check)
+        assert [id(p) for p in model.parameters()] == before
+        assert all(type(p) is nn.Parameter for p in model.parameters())
+        assert torch.equal(model(x), y)
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(0)), spec)
+    assert (new(x) - y).abs().max() <= 1e-12 and spec.spaces
+
+
 def test_failing_model_errors_say_what_to_do():
     """An integer input to a float model without an embedding: pass floats; a float64 model whose operation has
     no float64: run it in float32; token ids into an embedding get no integer hint."""

@@ -44,11 +44,13 @@ def symmetry_spec(model: nn.Module, example_input, *, check: bool = True, leaf_t
             raise
         spec = build_spec(analyse(cap, model), type(model).__name__, cap.buffers)
         if check and spec.spaces:
-            # the trace on fake tensors can follow what the model cannot run (an integer input into a float layer)
-            _refuse_if_failing(model, args)
-            # a parameter the eval-mode graph never reads may be read in train mode: check that mode too
-            spec = safety_check(model, args, spec, rtol=1e-5 if spec.lower_precision_inside else 1e-8,
-                                unread=cap.unread)
+            try:   # a parameter the eval-mode graph never reads may be read in train mode: checked there too
+                spec = safety_check(model, args, spec, rtol=1e-5 if spec.lower_precision_inside else 1e-8,
+                                    unread=cap.unread)
+            except Exception as err:
+                # the trace on fake tensors can follow what the model cannot run (an integer input, float layer)
+                _refuse_if_failing(model, args, err)
+                raise
     return spec
 
 

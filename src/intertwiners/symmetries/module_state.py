@@ -46,13 +46,15 @@ def module_state_restored(model: nn.Module):
     back, and a dict, list or set it filled or emptied in place gets its contents back (same object). A forward
     traced on fake tensors that stores a tensor on its module -- timm's LeViT caches its attention biases,
     gathered from a parameter, in a dict in eval mode -- would otherwise leave a fake tensor there, and the
-    next forward or copy of the model would fail on it."""
-    saved = [(m, {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_TABLES})
-             for m in model.modules()]
+    next forward or copy of the model would fail on it. The parameters and buffers themselves are put back too:
+    ``functional_call`` swaps them in and out by name, and a module reachable under two names (timm's CoaT
+    shares one relative-position module between a stage and its blocks) got a traced fake tensor back."""
+    saved = [(m, {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_TABLES},
+              dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     try:
         yield model
     finally:
-        for m, attrs in saved:
+        for m, attrs, params, buffers in saved:
             state = vars(m)
             for k in [k for k in state if k not in attrs and k not in _MODULE_TABLES]:
                 del state[k]
@@ -61,6 +63,10 @@ def module_state_restored(model: nn.Module):
                 if contents is not None and not _same_contents(value, contents):
                     value.clear()
                     value.update(contents) if isinstance(value, dict | set) else value.extend(contents)
+            for table, before in ((m._parameters, params), (m._buffers, buffers)):
+                if not _same_contents(table, before):
+                    table.clear()
+                    table.update(before)
 
 
 def clear_caches(model: nn.Module) -> None:

@@ -55,20 +55,25 @@ def safety_check(model: nn.Module, args, spec: SymmetrySpec, generator: torch.Ge
     """``spec`` with every space pinned whose random element changes the outputs on ``args`` (all spaces at
     once first; each space on its own only if that fails), in eval mode, and in train mode too when the model
     has running statistics or ``unread`` names parameters the captured graph does not read (a pin that only
-    train mode needs says so). Runs on a float64
-    copy when the model is not too large and runs in float64 (else in its own dtype, tolerance 1e-3 in lower
-    precision)."""
+    train mode needs says so). Runs on a float64 copy when the model is not too large (else, or when the copy
+    cannot run because an operation has no float64, in its own dtype, tolerance 1e-3 in lower precision)."""
     numel = sum(p.numel() for p in model.parameters())
     floating = [p for p in model.parameters() if p.is_floating_point()]
     args = _first_samples(model, args, _CHECK_SAMPLES)
-    work = model
     if floating and floating[0].dtype != torch.float64 and numel <= _CHECK_DOUBLE_LIMIT:
         double = copy_model(model).double()
         double_args = map_inputs(args, lambda a: a.double() if a.is_floating_point() else a)
-        if explain_failure(double, double_args) is None:   # some operations have no float64 (grouped_mm on CPU)
-            work, args = double, double_args
-    if work is model:
-        rtol = rtol if floating and floating[0].dtype == torch.float64 else 1e-3
+        try:
+            return _checked(double, double_args, spec, generator, rtol, unread)
+        except Exception:  # noqa: BLE001 - an operation without float64 (grouped_mm on CPU): the model's own dtype
+            if explain_failure(double, double_args) is None:
+                raise
+    own = rtol if floating and floating[0].dtype == torch.float64 else 1e-3
+    return _checked(model, args, spec, generator, own, unread)
+
+
+def _checked(work: nn.Module, args, spec: SymmetrySpec, generator, rtol: float, unread) -> SymmetrySpec:
+    """:func:`safety_check` on ``work`` (the model or its float64 copy) with the tolerance ``rtol``."""
     gen = generator or torch.Generator().manual_seed(1234)
     modes = ("eval", "train") if unread or has_running_stats(work) else ("eval",)
     floor: dict[str, float] = {}
