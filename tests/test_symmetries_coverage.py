@@ -630,3 +630,35 @@ def test_a_global_query_read_by_several_blocks_keeps_per_head_spaces(blocks):
             for kv in m.kv:
                 kv.weight[:6], kv.bias[:6] = kv.weight[:6][within], kv.bias[:6][within]
         assert (swapped(X) - model(X)).abs().max() < 1e-12
+
+
+class TokenReduction(nn.Module):
+    """Two linear layers around a reduction over the token axis (Hiera's max-pooled queries: ``amax``)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.b, self.op = nn.Linear(4, 6), nn.Linear(6, 2), op
+
+    def forward(self, x):                                   # (B, T, 4) -> (B, 2)
+        return self.b(getattr(self.a(x), self.op)(1))
+
+
+@pytest.mark.parametrize("op, kind, breaker", [
+    ("mean", "general_linear", None), ("sum", "general_linear", None),
+    ("amax", "positive_scaled_permutation", torch.diag(torch.tensor([-1.0, 1, 1, 1, 1, 1]))),
+    ("var", "permutation", torch.diag(torch.tensor([2.0, 1, 1, 1, 1, 1]))),
+    ("std", "positive_scaled_permutation", torch.diag(torch.tensor([-1.0, 1, 1, 1, 1, 1])))])
+def test_a_reduction_over_tokens_keeps_exactly_the_maps_it_commutes_with(op, kind, breaker):
+    """mean/sum commute with every linear map of the channels; max and standard deviation with positive
+    scalings and permutations only; a variance with permutations only (var(d·x) = d²·var(x)). Each derived
+    space is exact as derived, and the next larger element (a sign through max or std, a scale through var)
+    changes the output, so the restriction is needed."""
+    torch.manual_seed(0)
+    model = TokenReduction(op).double()
+    spec = symmetry_spec(model, X, check=False)
+    (name,) = spec.spaces
+    assert spec.spaces[name].kind == kind and not spec.pinned
+    assert verify_symmetry(model, X, spec=spec, trials=3).ok
+    if breaker is not None:
+        moved = apply_symmetry(model, {name: breaker.double()}, spec, check=False)
+        assert (moved(X) - model(X)).abs().max() > 1e-3

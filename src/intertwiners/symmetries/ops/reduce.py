@@ -1,8 +1,9 @@
 """Reductions and spatial operations: pooling, upsampling, reflection padding, mean/sum/max/var, softmax.
 
-Over axes without channels they act on every channel alike (max pooling and max: positive scalings only,
-softmax: permutations only); a reduction over all channel axes gives an untransformed value and needs unit
-scales (permutations); a vector norm over all channel axes needs scales of modulus 1 (signed permutations).
+Over axes without channels they act on every channel alike (max pooling, max and standard deviation:
+positive scalings only; variance and softmax: permutations only); a reduction over all channel axes gives an
+untransformed value and needs unit scales (permutations); a vector norm over all channel axes needs scales of
+modulus 1 (signed permutations).
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def spatial(ctx: Context, node: fx.Node):
 
 @builtin(aten.mean, aten.sum, aten.amax, aten.var, aten.std)
 def reduce(ctx: Context, node: fx.Node):
-    """Over non-channel axes: channels pass; over all channel axes: the result is untransformed, and the sum
-    must not see a scaling (permutations only)."""
+    """Over non-channel axes: channels pass -- any linear map through a mean or sum, positive scalings only
+    through a max or a standard deviation (max(d·x) = d·max(x) and std(d·x) = d·std(x) for d > 0 alone),
+    permutations only through a variance (var(d·x) = d²·var(x): the output would need another transform);
+    over all channel axes: the result is untransformed, and the sum must not see a scaling (permutations
+    only)."""
     x = ctx.value(node.args[0])
     if not isinstance(x, Layout):
         return None
@@ -60,6 +64,10 @@ def reduce(ctx: Context, node: fx.Node):
         return None
     if fdims & dims:
         return ctx.unsupported(node, f"{ctx.describe(node)} reduces over part of the channel axes")
+    if node.target.overloadpacket in (aten.amax, aten.std):
+        ctx.require(PositiveScales, x)
+    elif node.target.overloadpacket is aten.var:
+        ctx.require(Unit, x)
     out = x
     for d in sorted(dims):
         out = L.with_non_feature_size(out, d, 1)
