@@ -662,3 +662,31 @@ def test_a_reduction_over_tokens_keeps_exactly_the_maps_it_commutes_with(op, kin
     if breaker is not None:
         moved = apply_symmetry(model, {name: breaker.double()}, spec, check=False)
         assert (moved(X) - model(X)).abs().max() > 1e-3
+
+
+class LatentArray(nn.Module):
+    """Perceiver's latents: one parameter (latents, channels) expanded over the batch, read through a layer norm
+    as queries and added whole to the block's output as its residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(3, 4))
+        self.norm, self.q, self.inp = nn.LayerNorm(4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.o, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):                                           # (B, T, 4) -> (B, 2)
+        lat = self.latents.expand(x.shape[0], -1, -1)
+        h = self.o(torch.relu(self.q(self.norm(lat)) + self.inp(x).mean(1, keepdim=True)))
+        return self.out(h + lat).mean(1)
+
+
+def test_a_parameter_read_whole_and_along_an_axis_is_pinned():
+    """The latents move with their rows' space as the norm's input and with the block output's space as the
+    residual: two motions of one parameter that cannot be matched, so both spaces are pinned (before, each moved
+    the parameter its own way and the output changed). The ReLU's space between q/inp and o stays free."""
+    torch.manual_seed(0)
+    model = LatentArray().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert verify_symmetry(model, X, spec=spec, trials=2).ok
+    assert any("used more than once, whole and along an axis" in r for r in spec.pinned.values()), spec.pinned
+    assert [s.kind for s in spec.spaces.values()] == ["positive_scaled_permutation"]

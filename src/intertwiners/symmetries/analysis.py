@@ -182,6 +182,17 @@ def _tie_shared_parameters(ctx: Context) -> None:
     by_param: dict[tuple, list[ParamUse]] = defaultdict(list)
     for u in ctx.uses:
         by_param[(u.param, u.dim)].append(u)
+    rows: dict[str, set] = defaultdict(set)
+    for u in ctx.uses:
+        if u.role == "rows":
+            rows[u.param].add(u.dim)
+    for param, ds in rows.items():
+        if None in ds and len(ds) > 1:
+            # its rows moved whole (flattened: added to a hidden value, as Perceiver's latents are to the
+            # cross-attention output) and along an axis (made into a hidden value): two motions that cannot be matched
+            for dim in ds:
+                for u in by_param.pop((param, dim), []):
+                    ctx.pin(u.channels, f"parameter '{param}' is used more than once, whole and along an axis")
     for (param, _), us in by_param.items():
         first = us[0]
         for u in us[1:]:
