@@ -521,6 +521,33 @@ def test_mixture_of_experts_in_transformers_default_implementation(family):
         assert (broken(ids).logits - model(ids).logits).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_key_value_cache_on_by_default_hides_no_attention_head(family):
+    """A causal language model as transformers builds it (``use_cache=True``, as every pretrained one): the
+    cache's update sat between the projections and the attention and pinned every attention space; the capture
+    now runs without the cache (and puts the setting back), the heads are spaces, and the model as it is (with
+    its cache) keeps its logits."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=50))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50,
+                                                                     n_positions=16))
+    model.eval()
+    assert model.config.use_cache is True
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+    spec = symmetry_spec(model, (ids,), check=False)
+    assert model.config.use_cache is True
+    assert sum(s.kind == "attention_heads" for s in spec.spaces.values()) == 2 and not spec.pinned, spec.pinned
+    assert verify_symmetry(model, (ids,), spec=spec, trials=1).ok
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(0)), spec)
+    with torch.no_grad():
+        assert (new(ids).logits - model(ids).logits).abs().max() <= 1e-4
+
+
 class SharedLayer(nn.Module):
     """A block's second Linear also registered at the top, under a second name (timm's CoaT registers each
     relative-position module at its stage and in the blocks that use it)."""

@@ -159,3 +159,20 @@ def test_hf_tiny_gpt2_token_input(capsys):
         assert rc in (1, 2) and "OK" not in out
         if rc == 2:
             assert len(err.strip().splitlines()) == 1
+
+
+def test_a_local_hugging_face_folder(capsys, tmp_path):
+    """A folder written by save_pretrained (safetensors) is verified like align reads it: token ids for a
+    language model; its attention heads are spaces and every space is within the float32 tolerance."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=50)).save_pretrained(tmp_path / "llama")
+    rc, out, _ = run(capsys, str(tmp_path / "llama"), "--dtype", "float32", "--batch", "2", "--tokens", "6",
+                     "--trials", "1", "--json")
+    res = json.loads(out)
+    assert rc == 0 and res["ok"] and res["checked"]
+    assert sum("attention" in name for name in res["spaces"]) == 2, res["spaces"]

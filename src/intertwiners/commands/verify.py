@@ -9,16 +9,17 @@ NAME = "verify"
 HELP = ("Find a model's weight-space symmetries by tracing (spaces, groups, pinned spaces) and print the "
         "per-space max abs/relative output error of randomly transformed copies, in eval and train mode; the spec "
         "is checked as derived (no safety net), so a derived space that changes the output exits 1. "
-        "MODEL: an architecture name, a saved model folder, timm:NAME, hf:gpt2|bert|bert-mlm|llama (tiny random "
-        "configs) or package.module:factory.")
+        "MODEL: an architecture name, a saved model folder (this package's or a local Hugging Face one), "
+        "timm:NAME, hf:gpt2|bert|bert-mlm|llama (tiny random configs) or package.module:factory.")
 
 ARCHS = ("myrtle_cnn", "resnet20", "mlp")
 
 
 def add_arguments(p):
     p.add_argument("model", help="an architecture name (" + ", ".join(ARCHS) + "), a saved model folder (or its "
-                                 "model.safetensors), timm:NAME (random weights; needs timm), hf:gpt2, hf:bert or "
-                                 "hf:llama (2 layers, width 64, random weights; needs transformers), or "
+                                 "model.safetensors), a local Hugging Face model folder (safetensors; token ids or "
+                                 "images of the config's size), timm:NAME (random weights; needs timm), hf:gpt2, "
+                                 "hf:bert or hf:llama (2 layers, width 64, random weights; needs transformers), or "
                                  "package.module:factory (called with no arguments; returns a model or "
                                  "(model, example_input))")
     p.add_argument("--activation", default=None, help="for an architecture name, e.g. relu, tanh, leaky_relu:0.2")
@@ -96,6 +97,8 @@ def build_builtin(args, spec: str):
         else:
             kwargs["in_features"] = args.in_features
         model = models.ARCHITECTURES[spec](**kwargs)
+    elif Path(spec).is_dir() and _is_hugging_face(spec):
+        return _hugging_face(args, spec)
     elif Path(spec).exists():
         model = models.load(spec)
     else:
@@ -112,6 +115,31 @@ def build_builtin(args, spec: str):
         side = args.input_size or 32
         shape = (kw.get("in_channels", 3), side, side)
     return LoadedModel(model, shape=shape, description=spec)
+
+
+def _is_hugging_face(folder: str) -> bool:
+    from ..alignment.checkpoints import HUGGING_FACE, folder_kind
+
+    return folder_kind(folder) == HUGGING_FACE
+
+
+def _hugging_face(args, folder: str):
+    """A local Hugging Face model folder (safetensors only): token ids for a model that reads ``input_ids``,
+    images of the config's size for one that reads ``pixel_values``."""
+    from ..alignment.checkpoints import load_hf
+    from ..model_specs import LoadedModel
+
+    model = load_hf(folder).model
+    config, reads = model.config, getattr(model, "main_input_name", "input_ids")
+    if reads == "input_ids" and getattr(config, "vocab_size", None):
+        return LoadedModel(model, kind="tokens", shape=(args.tokens,), vocab=int(config.vocab_size),
+                           description=f"{folder} ({type(model).__name__})")
+    if reads == "pixel_values":
+        side = args.input_size or int(getattr(config, "image_size", 0) or 32)
+        return LoadedModel(model, shape=(int(getattr(config, "num_channels", 3) or 3), side, side),
+                           description=f"{folder} ({type(model).__name__})")
+    raise ValueError(f"{folder}: a {type(model).__name__} reads {reads!r}; verify makes token ids and images only "
+                     "(use package.module:factory returning (model, example_input))")
 
 
 def build_model(args):

@@ -131,8 +131,8 @@ def capture(model: nn.Module, args) -> Captured:
     """Trace ``model`` (eval mode) on ``args`` (a tuple, or a dict of keyword inputs); :func:`capture_exported`
     when the trace fails. ValueError with the exporter's reason when both fail. The model's modules keep the
     attributes they had (:func:`module_state_restored`). transformers' mixture-of-experts layers are captured
-    in their gathered form (:func:`_gathered_experts`)."""
-    with module_state_restored(model), _gathered_experts(model):
+    in their gathered form (:func:`_gathered_experts`), and without their key/value cache (:func:`_without_cache`)."""
+    with module_state_restored(model), _gathered_experts(model), _without_cache(model):
         try:
             return _capture_traced(model, args)
         except Exception:  # noqa: BLE001 - torch.export gets its chance and gives the reason
@@ -186,6 +186,22 @@ def _data_dependent(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+@contextlib.contextmanager
+def _without_cache(model: nn.Module):
+    """transformers' key/value cache switched off while the block runs (``config.use_cache``, on by default in
+    every causal language model), then back: the cache's update between the projections and the attention hides
+    the heads from the rules (each attention was pinned), and the logits are the same without it. A transformed
+    model's cache holds its own transformed keys and values."""
+    configs = [m.config for m in model.modules() if getattr(getattr(m, "config", None), "use_cache", None) is True]
+    for config in configs:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs:
+            config.use_cache = True
 
 
 @contextlib.contextmanager
