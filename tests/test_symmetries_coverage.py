@@ -640,19 +640,26 @@ class TokenReduction(nn.Module):
         self.a, self.b, self.op = nn.Linear(4, 6), nn.Linear(6, 2), op
 
     def forward(self, x):                                   # (B, T, 4) -> (B, 2)
-        return self.b(getattr(self.a(x), self.op)(1))
+        r = getattr(self.a(x), self.op.removesuffix("+indices"))(1)
+        if self.op.endswith("+indices"):                    # max(x, dim): the indices read too
+            return self.b(r.values + r.indices.to(r.values.dtype))
+        return self.b(r if isinstance(r, torch.Tensor) else r[0])
 
 
 @pytest.mark.parametrize("op, kind, breaker", [
     ("mean", "general_linear", None), ("sum", "general_linear", None),
     ("amax", "positive_scaled_permutation", torch.diag(torch.tensor([-1.0, 1, 1, 1, 1, 1]))),
     ("var", "permutation", torch.diag(torch.tensor([2.0, 1, 1, 1, 1, 1]))),
-    ("std", "positive_scaled_permutation", torch.diag(torch.tensor([-1.0, 1, 1, 1, 1, 1])))])
+    ("std", "positive_scaled_permutation", torch.diag(torch.tensor([-1.0, 1, 1, 1, 1, 1]))),
+    ("max", "positive_scaled_permutation", torch.diag(torch.tensor([-1.0, 1, 1, 1, 1, 1]))),
+    ("min", "positive_scaled_permutation", torch.diag(torch.tensor([-1.0, 1, 1, 1, 1, 1]))),
+    ("max+indices", "permutation", torch.diag(torch.tensor([2.0, 1, 1, 1, 1, 1])))])
 def test_a_reduction_over_tokens_keeps_exactly_the_maps_it_commutes_with(op, kind, breaker):
-    """mean/sum commute with every linear map of the channels; max and standard deviation with positive
-    scalings and permutations only; a variance with permutations only (var(d·x) = d²·var(x)). Each derived
-    space is exact as derived, and the next larger element (a sign through max or std, a scale through var)
-    changes the output, so the restriction is needed."""
+    """mean/sum commute with every linear map of the channels; max, min (``amax``, ``max(x, dim)``) and standard
+    deviation with positive scalings and permutations only; a variance with permutations only (var(d·x) =
+    d²·var(x)), and so do the indices of ``max(x, dim)`` where they are read (a scale moves the values, not the
+    positions). Each derived space is exact as derived, and the next larger element (a sign through max, min or
+    std, a scale through var or the indices) changes the output, so the restriction is needed."""
     torch.manual_seed(0)
     model = TokenReduction(op).double()
     spec = symmetry_spec(model, X, check=False)

@@ -25,6 +25,7 @@ from ..context import Context
 from ..layout import FIXED, ZERO, Layout
 from ..records import DerivedParam, ParamRef
 from ..registry import builtin
+from .reduce import extreme_along
 from .shape import param_channels
 
 aten = torch.ops.aten
@@ -231,7 +232,10 @@ def masked_fill(ctx: Context, node: fx.Node):
 def extremum(ctx: Context, node: fx.Node):
     """max(x, c) / min(x, c) elementwise with a tensor c that is the same for every channel (XGLM floors its
     attention scores at the dtype's minimum with a 0-d tensor): channels pass; c is not scaled, so
-    permutations only. Reductions (``max(x)``, ``max(x, dim)``) and extremes of two hidden values pin."""
+    permutations only. ``max(x, dim)`` / ``min(x, dim)``: a reduction (:func:`.reduce.extreme_along`).
+    ``max(x)`` over everything and extremes of two hidden values pin."""
+    if node.target in (aten.max.dim, aten.min.dim):
+        return extreme_along(ctx, node)
     if len(node.args) != 2 or not isinstance(node.args[1], fx.Node):
         return ctx.unsupported(node)
     a, b = ctx.value(node.args[0]), ctx.value(node.args[1])

@@ -8,6 +8,8 @@ modulus 1 (signed permutations).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -72,6 +74,25 @@ def reduce(ctx: Context, node: fx.Node):
     for d in sorted(dims):
         out = L.with_non_feature_size(out, d, 1)
     return out if keep else L.squeeze(out, sorted(dims))
+
+
+def extreme_along(ctx: Context, node: fx.Node):
+    """``max(x, dim)`` / ``min(x, dim)`` -> (values, indices) over an axis without channels: the values as
+    ``amax`` (positive scalings only: max(d·x) = d·max(x) for d > 0 alone); the indices, where they are read,
+    are per-channel positions that move with a permutation and not with a scale (permutations only)."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    dim = ctx.arg(node, 1, "dim") % x.ndim
+    if dim in x.feature_dims():
+        return ctx.unsupported(node, f"{ctx.describe(node)} reduces over a channel axis")
+    ctx.require(PositiveScales, x)
+    out = L.with_non_feature_size(x, dim, 1)
+    out = out if bool(ctx.arg(node, 2, "keepdim", False)) else L.squeeze(out, [dim])
+    indices_read = any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users)
+    if indices_read:
+        ctx.require(Unit, x)
+    return [out, out if indices_read else None]
 
 
 @builtin(aten.linalg_vector_norm, aten.norm)
