@@ -70,6 +70,11 @@ def reduce(ctx: Context, node: fx.Node):
         ctx.require(PositiveScales, x)
     elif node.target.overloadpacket is aten.var:
         ctx.require(Unit, x)
+    return _reduced(x, dims, keep)
+
+
+def _reduced(x: Layout, dims, keep: bool) -> Layout:
+    """``x`` reduced over the axes ``dims`` (none of them with channels), kept as size 1 or squeezed."""
     out = x
     for d in sorted(dims):
         out = L.with_non_feature_size(out, d, 1)
@@ -87,8 +92,7 @@ def extreme_along(ctx: Context, node: fx.Node):
     if dim in x.feature_dims():
         return ctx.unsupported(node, f"{ctx.describe(node)} reduces over a channel axis")
     ctx.require(PositiveScales, x)
-    out = L.with_non_feature_size(x, dim, 1)
-    out = out if bool(ctx.arg(node, 2, "keepdim", False)) else L.squeeze(out, [dim])
+    out = _reduced(x, [dim], bool(ctx.arg(node, 2, "keepdim", False)))
     indices_read = any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users)
     if indices_read:
         ctx.require(Unit, x)
