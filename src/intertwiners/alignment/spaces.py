@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from ..symmetries.slots import Features, GroupedColumns, HeadBlocks, Slot
+from ..symmetries.slots import Features, HeadBlocks, Slot
 
 
 @dataclass
@@ -79,9 +79,10 @@ def space_slots(spec, name: str, kind: str = "parameters") -> SpaceSlots:
             continue  # features spread over several axes: read at the example's shape only
         groups.setdefault((s.tensor, s.axis, s.kind, s.reach), []).append(s)
     slots = [m for parts in groups.values() for m in _merge(parts, space.size)]
-    # alignment sums over whole spaces: a slot on part of the coordinates (or inside one block of a grouped
-    # convolution) is moved by apply_symmetry but not read here
-    slots = [s for s in slots if covers(s, space.size) and not isinstance(s.reach, GroupedColumns)]
+    # alignment sums over whole spaces: a slot on part of the coordinates (or inside a block of another axis:
+    # one group of a grouped convolution, one slice of a packed projection) is moved by apply_symmetry but not
+    # read here
+    slots = [s for s in slots if covers(s, space.size) and s.block is None]
     return SpaceSlots(name, space.size, space.group, slots)
 
 

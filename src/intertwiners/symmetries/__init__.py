@@ -19,13 +19,13 @@ from .derive import symmetry_spec
 from .layout import Channels, Layout
 from .records import DerivedParam, ParamRef
 from .registry import register_rule, unregister_rule
-from .slots import Carried, Columns, Features, Gain, GroupedColumns, HeadBlocks, Permuted, Rows, Slot
+from .slots import Carried, Columns, Features, Gain, HeadBlocks, Permuted, Rows, Slot
 from .spec import ParamAction, Space, SymmetrySpec
 from .structured import AttentionGroup
 from .verify import VerifyReport, compare, tolerance, verify_symmetry
 
 __all__ = ["Activation", "AttentionGroup", "Carried", "Channels", "Columns", "ConstantAdd", "Constraint", "Context",
-           "DerivedParam", "Features", "Gain", "GroupedColumns", "HeadBlocks", "Layout", "Monomial", "ParamAction",
+           "DerivedParam", "Features", "Gain", "HeadBlocks", "Layout", "Monomial", "ParamAction",
            "ParamRef", "Permuted", "PositiveScales", "Power", "Rows", "Signed", "Slot", "Space", "SymmetrySpec",
            "Unit", "VerifyReport", "apply_symmetry", "compare", "dense_symmetry", "random_symmetry",
            "register_rule", "symmetry_spec", "tolerance", "unregister_rule", "verify_symmetry"]

@@ -23,6 +23,7 @@ from .constraints import Signed
 from .context import Context
 from .layout import FIXED, Channels, Layout
 from .records import (
+    PARAMETER_VALUES,
     Analysis,
     ConcatParam,
     DerivedParam,
@@ -30,6 +31,7 @@ from .records import (
     NormedWeight,
     ParamRef,
     ParamUse,
+    SlicedParam,
     StandardizedWeight,
 )
 from .registry import FINISHERS, rule_for
@@ -81,8 +83,8 @@ def _run(ctx: Context, node: fx.Node, unclaimed: dict):
 
 
 def _param_values(ctx: Context, args) -> list[ParamRef]:
-    """The parameters behind the node's arguments (a derived, concatenated, gathered or normalised parameter
-    stands for the parameters it is made of)."""
+    """The parameters behind the node's arguments (a derived, concatenated, gathered, sliced or normalised
+    parameter stands for the parameters it is made of, whole)."""
     found = []
     for a in _nodes(args):
         v = ctx.env.get(a)
@@ -90,6 +92,8 @@ def _param_values(ctx: Context, args) -> list[ParamRef]:
             found.append(v)
         elif isinstance(v, DerivedParam | GatheredParam):
             found.append(ParamRef(v.name, v.shape))
+        elif isinstance(v, SlicedParam):
+            found.append(ParamRef(v.name, v.span.full))
         elif isinstance(v, ConcatParam):
             found += [part[0] for part in v.parts if part[0] is not None]
         elif isinstance(v, NormedWeight):
@@ -147,7 +151,7 @@ def _keep_unclaimed_parameters(ctx: Context, unclaimed: dict) -> None:
 def _carries_parameter(out) -> bool:
     if isinstance(out, list | tuple):
         return any(_carries_parameter(o) for o in out)
-    return isinstance(out, ParamRef | DerivedParam | ConcatParam | GatheredParam | NormedWeight | StandardizedWeight)
+    return isinstance(out, PARAMETER_VALUES)
 
 
 def _pin_sides(ctx: Context, node: fx.Node, inputs: list[Layout]) -> None:
@@ -157,8 +161,7 @@ def _pin_sides(ctx: Context, node: fx.Node, inputs: list[Layout]) -> None:
 
 
 def _invalid(out) -> str | None:
-    if out is None or isinstance(out, Layout | ParamRef | DerivedParam | ConcatParam | GatheredParam | NormedWeight
-                                  | StandardizedWeight):
+    if out is None or isinstance(out, (Layout, *PARAMETER_VALUES)):
         return None
     if isinstance(out, list | tuple):
         return next((b for b in map(_invalid, out) if b is not None), None)
@@ -178,7 +181,9 @@ def _settle(ctx: Context, out, carries_sides: bool):
 
 def _tie_shared_parameters(ctx: Context) -> None:
     """A parameter used by several operations must move the same way in each (tied weights, a module
-    called twice): tie the channels of its uses position by position."""
+    called twice): tie the channels of its uses position by position. Uses of disjoint parts of it (the
+    query and key/value slices of a packed projection, the blocks of a grouped convolution) are independent;
+    uses of parts that overlap without being the same part cannot be matched and pin their channels."""
     by_param: dict[tuple, list[ParamUse]] = defaultdict(list)
     for u in ctx.uses:
         by_param[(u.param, u.dim)].append(u)
@@ -194,21 +199,36 @@ def _tie_shared_parameters(ctx: Context) -> None:
                 for u in by_param.pop((param, dim), []):
                     ctx.pin(u.channels, f"parameter '{param}' is used more than once, whole and along an axis")
     for (param, _), us in by_param.items():
-        first = us[0]
-        for u in us[1:]:
-            reason = f"parameter '{param}' is used more than once (it shares its weights)"
-            a1, a2 = first.channels.atoms, u.channels.atoms
-            if len(a1) != len(a2):
-                ctx.pin(first.channels, reason)
-                ctx.pin(u.channels, reason)
-                continue
-            if (a1 == FIXED).any() or (a2 == FIXED).any():
-                # an untransformed use (e.g. the first call of a re-used layer on the input) pins the others
-                ctx.pin(first.channels, reason + " and one use is untransformed")
-                ctx.pin(u.channels, reason + " and one use is untransformed")
-                continue
-            ctx.tie(first.channels, u.channels, reason)
-            if u.role != first.role:
-                # W T1^T = W T2^-1 (an embedding tied to an unembedding): T orthogonal
-                ctx.require(Signed, first.channels)
-                ctx.require(Signed, u.channels)
+        parts: dict = defaultdict(list)   # span (None: whole) -> its uses
+        for u in us:
+            parts[u.span].append(u)
+        spans = list(parts)
+        for i, a in enumerate(spans):
+            for b in spans[i + 1:]:
+                if a is None or b is None or a.overlaps(b):
+                    for u in parts[a] + parts[b]:
+                        ctx.pin(u.channels, f"parameter '{param}' is read in parts that overlap")
+        for same in parts.values():
+            _tie_uses(ctx, param, same)
+
+
+def _tie_uses(ctx: Context, param: str, us: list[ParamUse]) -> None:
+    """Uses of one part of ``param`` along one axis: the same transform position by position."""
+    first = us[0]
+    for u in us[1:]:
+        reason = f"parameter '{param}' is used more than once (it shares its weights)"
+        a1, a2 = first.channels.atoms, u.channels.atoms
+        if len(a1) != len(a2):
+            ctx.pin(first.channels, reason)
+            ctx.pin(u.channels, reason)
+            continue
+        if (a1 == FIXED).any() or (a2 == FIXED).any():
+            # an untransformed use (e.g. the first call of a re-used layer on the input) pins the others
+            ctx.pin(first.channels, reason + " and one use is untransformed")
+            ctx.pin(u.channels, reason + " and one use is untransformed")
+            continue
+        ctx.tie(first.channels, u.channels, reason)
+        if u.role != first.role:
+            # W T1^T = W T2^-1 (an embedding tied to an unembedding): T orthogonal
+            ctx.require(Signed, first.channels)
+            ctx.require(Signed, u.channels)

@@ -21,7 +21,7 @@ from torch import nn
 from .. import groups as G
 from .blocks import BlockMatrix
 from .module_state import clear_caches, copy_model, module_state_restored
-from .slots import Columns, Gain, GroupedColumns, HeadBlocks, Permuted, Rows, Slot
+from .slots import Columns, Gain, HeadBlocks, Permuted, Rows, Slot
 from .spec import SymmetrySpec
 
 
@@ -153,7 +153,7 @@ def _multipliers(reach, kind: str, scale: torch.Tensor) -> torch.Tensor:
         return (carried.power if kind == "mono" else carried.linear)(scale)
     if isinstance(reach, Rows):
         return c(reach.carried)
-    if isinstance(reach, Columns | GroupedColumns):
+    if isinstance(reach, Columns):
         return 1.0 / c(reach.carried)
     if isinstance(reach, Gain):
         return c(reach.out) / c(reach.inp)
@@ -199,7 +199,7 @@ def _dense_transform(slot: Slot, dense: _Dense) -> BlockMatrix:
     exponent = reach.carried.linear.exponent
     if exponent == 0:
         raise ValueError("a dense element cannot pass a batch norm")
-    return dense.blocks(slot.coords, exponent < 0, isinstance(reach, Columns | GroupedColumns))
+    return dense.blocks(slot.coords, exponent < 0, isinstance(reach, Columns))
 
 
 def _dense(t: torch.Tensor, slot: Slot, axis: int, length: int, dense: _Dense) -> torch.Tensor:
@@ -216,11 +216,12 @@ def _act(t: torch.Tensor, slot: Slot, el) -> torch.Tensor:
     def along(u, axis, length):
         return _dense(u, slot, axis, length, el[1]) if el[0] == "dense" else _monomial(u, slot, axis, length, el)
 
-    if isinstance(slot.reach, GroupedColumns):
-        g = slot.reach.groups
-        w = t.reshape(g, t.shape[0] // g, *t.shape[1:]).clone()
-        w[slot.reach.block] = along(w[slot.reach.block], 1, slot.length)
-        return w.reshape(t.shape)
+    if slot.block is not None:   # only the part start:stop of another axis moves
+        axis, start, stop = slot.block
+        t = t.clone()
+        part = t.narrow(axis, start, stop - start)
+        part.copy_(along(part, slot.axis, slot.length))
+        return t
     if slot.axis is None:
         return along(t.reshape(-1), 0, slot.length).reshape(t.shape)
     return along(t, slot.axis, slot.length)
@@ -234,7 +235,7 @@ def _slicing_axis(t: torch.Tensor, slots: list[Slot], els: dict) -> int | None:
     every slot's element is monomial along an axis of its own (an entry moves and is multiplied, nothing is
     summed): then moving ``t`` in slices along that axis gives the whole tensor's result bit for bit. None
     otherwise (the tensor is moved whole)."""
-    if t.numel() <= SLICE or any(els[s.space][0] == "dense" or s.axis is None or isinstance(s.reach, GroupedColumns)
+    if t.numel() <= SLICE or any(els[s.space][0] == "dense" or s.axis is None or s.block is not None
                                  for s in slots):
         return None
     free = [d for d in range(t.ndim) if all(s.axis != d for s in slots)]

@@ -29,7 +29,7 @@ from .capture import Captured, owner, shape_of
 from .chains import ONE
 from .constraints import Activation
 from .layout import FIXED, ZERO, Channels, Layout, Side, broadcast_to, simple
-from .records import Analysis, AttentionRecord, ParamRef, ParamUse, Pins, Requirement, SiteRecord, Tie
+from .records import Analysis, AttentionRecord, ParamRef, ParamUse, Pins, Requirement, SiteRecord, SlicedParam, Span, Tie
 
 
 class Atoms:
@@ -212,21 +212,39 @@ class Context:
         """Constraint ``kind`` (e.g. :class:`~intertwiners.symmetries.constraints.Unit`) on x's transform."""
         self._requirements.append(Requirement(kind, _channels(x), key))
 
-    def rows(self, param: ParamRef, dim: int | None, x: Layout | Channels) -> None:
+    def rows(self, param: ParamRef | SlicedParam, dim: int | None, x: Layout | Channels) -> None:
         """``param`` moves t -> T t along ``dim`` (None: flattened), T the transform of ``x``'s channels."""
-        self._uses.append(ParamUse(param.name, dim, "rows", _channels(x)))
+        self._use(param, dim, "rows", _channels(x))
 
-    def columns(self, param: ParamRef, dim: int | None, x: Layout | Channels, groups: int = 1) -> None:
-        """``param`` moves w -> w T^-1 along ``dim`` (its input columns)."""
-        self._uses.append(ParamUse(param.name, dim, "columns", _channels(x), groups=groups))
+    def columns(self, param: ParamRef | SlicedParam, dim: int | None, x: Layout | Channels, groups: int = 1) -> None:
+        """``param`` moves w -> w T^-1 along ``dim`` (its input columns). ``groups`` > 1: a grouped convolution's
+        weight (C_out, C_in/groups, ...) with ``x`` the C_in input channels: block g of output rows reads block g
+        of the channels."""
+        ch = _channels(x)
+        if groups == 1:
+            self._use(param, dim, "columns", ch)
+            return
+        if isinstance(param, SlicedParam) or dim != 1:
+            raise ValueError("a grouped convolution's weight must be a whole parameter read along axis 1")
+        co, ci = param.shape[0] // groups, len(ch.atoms) // groups
+        for g in range(groups):
+            part = Channels(ch.atoms[g * ci:(g + 1) * ci], ch.chains[g * ci:(g + 1) * ci])
+            self._uses.append(ParamUse(param.name, dim, "columns", part,
+                                       span=Span(0, g * co, (g + 1) * co, tuple(param.shape))))
 
-    def gain(self, param: ParamRef, dim: int | None, out: Layout | Channels, inp: Layout | Channels) -> None:
+    def gain(self, param: ParamRef | SlicedParam, dim: int | None, out: Layout | Channels,
+             inp: Layout | Channels) -> None:
         """``param`` is a per-channel factor between ``inp`` and ``out``: w -> P diag(t/s) w."""
-        self._uses.append(ParamUse(param.name, dim, "gain", _channels(out), _channels(inp)))
+        self._use(param, dim, "gain", _channels(out), _channels(inp))
 
-    def permuted(self, param: ParamRef, dim: int | None, x: Layout | Channels) -> None:
+    def permuted(self, param: ParamRef | SlicedParam, dim: int | None, x: Layout | Channels) -> None:
         """``param`` is only permuted with x's channels (a running variance)."""
-        self._uses.append(ParamUse(param.name, dim, "permuted", _channels(x)))
+        self._use(param, dim, "permuted", _channels(x))
+
+    def _use(self, param: ParamRef | SlicedParam, dim: int | None, role: str, ch: Channels,
+             inner: Channels | None = None) -> None:
+        span = param.span if isinstance(param, SlicedParam) else None
+        self._uses.append(ParamUse(param.name, dim, role, ch, inner, span))
 
     def activation(self, node: fx.Node, x: Layout, group, *, site: str | None = None) -> Layout:
         """The output of an elementwise activation of ``x`` with intertwiner group ``group`` (a

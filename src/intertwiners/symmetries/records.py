@@ -7,6 +7,7 @@ The rules (:mod:`~intertwiners.symmetries.ops`) see graph values as one of
 * a :class:`DerivedParam` — an elementwise function of one parameter (Gemma's ``1 + w``);
 * a :class:`ConcatParam` — 1-D parameters concatenated (BEiT's q bias, zero k bias, v bias);
 * a :class:`GatheredParam` — a parameter's slices picked by indices (the experts a token is routed to);
+* a :class:`SlicedParam` — a contiguous part of a parameter along one axis (``in_proj_weight.split(...)``);
 * a :class:`NormedWeight` — a weight-norm parametrised weight ``g · v / ||v||`` (``torch._weight_norm``);
 * a :class:`StandardizedWeight` — a weight standardised row by row (``F.batch_norm`` of a reshaped weight,
   timm's ``StdConv2d`` / ``ScaledStdConv2d``);
@@ -66,6 +67,31 @@ class GatheredParam:
 
 
 @dataclass(frozen=True)
+class Span:
+    """The part of a parameter of shape ``full`` that a use reads: ``start:stop`` along ``axis``."""
+    axis: int
+    start: int
+    stop: int
+    full: tuple
+
+    def overlaps(self, other: Span) -> bool:
+        """Do the two parts share an element?"""
+        return other.axis != self.axis or (self.start < other.stop and other.start < self.stop)
+
+
+@dataclass(frozen=True)
+class SlicedParam:
+    """A contiguous part of a parameter (``name``) along one axis, ``span``, of shape ``shape`` (the parameter's
+    shape but along ``span.axis``): ``w_q, w_kv = in_proj_weight.split([E, 2 * E])``, the packed projection of
+    ``nn.MultiheadAttention`` when queries and keys are different tensors. A linear layer's weight or bias may
+    use it (the use moves only that part of the parameter, see :class:`ParamUse`); every other rule sees an
+    untransformed tensor."""
+    name: str
+    shape: tuple
+    span: Span
+
+
+@dataclass(frozen=True)
 class NormedWeight:
     """A weight written as ``g · v / ||v||`` (``torch._weight_norm(v, g, dim)``, what
     ``torch.nn.utils.parametrizations.weight_norm`` and ``torch.nn.utils.weight_norm`` compute): the norm is
@@ -95,6 +121,9 @@ class StandardizedWeight:
     shape: tuple
 
 
+PARAMETER_VALUES = (ParamRef, DerivedParam, ConcatParam, GatheredParam, SlicedParam, NormedWeight, StandardizedWeight)
+"""The values that stand for (functions of) parameters: a node returning one reads no parameter itself."""
+
 ROLES = ("rows", "columns", "gain", "permuted")
 
 
@@ -103,23 +132,28 @@ class ParamUse:
     """How one use of a parameter/buffer moves it, along ``dim`` (None: the flattened tensor):
 
     * ``rows``: t -> T t, T the transform of ``channels`` (a producer's weight rows, a bias, an embedding);
-    * ``columns``: w -> w T^-1 (a consumer's weight columns; ``groups`` > 1: a grouped convolution, each
-      block of output rows reads its own block of input channels);
+    * ``columns``: w -> w T^-1 (a consumer's weight columns);
     * ``gain``: a per-channel factor w -> P diag(t/s) w with t from ``channels`` and s from ``inner`` (norm
       gains, depthwise filters, layer scale);
     * ``permuted``: permuted only (running variances).
 
-    ``channels`` (and ``inner``) list the channel at every position along ``dim``."""
+    ``channels`` (and ``inner``) list the channel at every position along ``dim`` of the part the use reads:
+    the whole parameter when ``span`` is None, else only ``span`` (a :class:`SlicedParam`; each block of output
+    rows of a grouped convolution, which reads its own block of input channels). A span along ``dim`` covers
+    positions ``span.start:span.stop``; a span along another axis leaves every position along ``dim`` but moves
+    them inside that block only."""
     param: str
     dim: int | None
     role: str
     channels: Channels
     inner: Channels | None = None
-    groups: int = 1
+    span: Span | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.span is not None and self.dim is None:
+            raise ValueError(f"a part of parameter {self.param!r} read as a flattened tensor")
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,14 +3,14 @@
 A :class:`Slot` names a tensor (a parameter, a buffer, or the input of an activation site), the axis the
 space acts along (None: the flattened tensor), which coordinates of the space it covers (``coords`` (n,)),
 where each sits along the axis (``positions`` (n, r): occurrence k of coordinate ``coords[i]`` is at
-``positions[i, k]`` -- repeats after a flatten into a linear layer, head blocks, one block of a grouped
-convolution) and a *reach*, a small frozen value saying how an element A = P·diag(s) (or a dense A) acts
+``positions[i, k]`` -- repeats after a flatten into a linear layer, head blocks, one slice of a packed
+projection), the *block* of another axis it is confined to (``block``: the output rows of one group of a
+grouped convolution, or of one slice of a packed projection, whose input columns it moves) and a *reach*, a small frozen value saying how an element A = P·diag(s) (or a dense A) acts
 there:
 
 ==================  ========================================================================================
 :class:`Rows`       t -> T t (a producer's rows, a bias, an embedding's columns, a running mean)
 :class:`Columns`    w -> w T^-1 (a consumer's input columns)
-:class:`GroupedColumns`  the same inside one block of output rows of a grouped convolution
 :class:`Gain`       w -> P diag(t/s) w: a per-channel factor between two values (norm gains, depthwise
                     filters, layer scale)
 :class:`Permuted`   w -> P w (running variances)
@@ -67,19 +67,6 @@ class Columns:
 
 
 @dataclass(frozen=True)
-class GroupedColumns:
-    """Columns of a grouped convolution's weight (C_out, C_in/groups, ...): the positions are along axis 1
-    and only output rows ``block·C_out/groups : (block+1)·C_out/groups`` read them."""
-    carried: Carried
-    groups: int
-    block: int
-
-    @property
-    def power(self) -> Power:
-        return self.carried.power.inverse
-
-
-@dataclass(frozen=True)
 class Gain:
     """A per-channel factor between an input value (transform P·diag(s_in)) and an output value
     (P·diag(t)): w -> P diag(t/s_in) w. Monomial elements only."""
@@ -123,7 +110,7 @@ class Features:
         return self.before.power
 
 
-Reach = Rows | Columns | GroupedColumns | Gain | Permuted | HeadBlocks | Features
+Reach = Rows | Columns | Gain | Permuted | HeadBlocks | Features
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,7 +121,8 @@ class Slot:
     ``"parameter"``, ``"buffer"`` or ``"site"``; ``axis``: the tensor axis (None: the flattened tensor, for
     a site the tensor at the example input's shape); ``length``: the size of that axis (or of the flattened
     tensor); ``coords`` (n,): the space coordinates covered; ``positions`` (n, r): where they sit;
-    ``reach``: how an element acts (:data:`Reach`)."""
+    ``reach``: how an element acts (:data:`Reach`); ``block``: None, or ``(axis, start, stop)``: the slot
+    moves only the part ``start:stop`` of another axis of the tensor."""
     space: str
     tensor: str
     kind: str
@@ -143,6 +131,7 @@ class Slot:
     coords: np.ndarray
     positions: np.ndarray
     reach: Reach
+    block: tuple[int, int, int] | None = None
 
     @property
     def exponent(self) -> float:
@@ -161,7 +150,8 @@ class Slot:
 
     def __repr__(self) -> str:
         axis = "flat" if self.axis is None else f"axis {self.axis}"
-        return (f"Slot({self.space!r}: {self.kind} {self.tensor!r} {axis}, {len(self.coords)} coords x "
+        block = "" if self.block is None else f" in {self.block[1]}:{self.block[2]} of axis {self.block[0]}"
+        return (f"Slot({self.space!r}: {self.kind} {self.tensor!r} {axis}{block}, {len(self.coords)} coords x "
                 f"{self.positions.shape[1]}, {type(self.reach).__name__})")
 
 
@@ -185,7 +175,7 @@ class SlotBuilder:
         out, seen = [], set()
         for u in self.an.uses:
             for slot in self._use_slots(u):
-                key = (slot.tensor, slot.axis, slot.space, slot.coords.tobytes(), slot.positions.tobytes())
+                key = (slot.tensor, slot.axis, slot.block, slot.space, slot.coords.tobytes(), slot.positions.tobytes())
                 if key not in seen:   # a tied parameter (embedding and unembedding) is moved once
                     seen.add(key)
                     out.append(slot)
@@ -200,38 +190,39 @@ class SlotBuilder:
         kind = "buffer" if u.param in self.buffers else "parameter"
         segs = self._segments(u.channels)
         inner = self._segments(u.inner) if u.inner is not None else None
+        length, offset, block = len(u.channels.atoms), 0, None
+        if u.span is not None and u.span.axis == u.dim:   # a slice along the axis: its positions in the whole
+            length, offset = u.span.full[u.dim], u.span.start
+        elif u.span is not None:                          # a block of another axis
+            block = (u.span.axis, u.span.start, u.span.stop)
         slots = []
         for i, seg in enumerate(segs):
             name = self.active[seg.space]
-            coords, positions, length = seg.index, seg.positions, len(u.channels.atoms)
+            coords, positions = seg.index, seg.positions + offset
             if u.role == "gain":
                 reach = Gain(self.carried(seg.chain), self.carried(inner[i].chain))
             elif u.role == "permuted":
                 reach = Permuted()
-            elif u.role == "columns" and u.groups > 1:
-                ci = length // u.groups
-                block = int(positions.min()) // ci
-                positions = positions - block * ci
-                length = ci
-                reach = GroupedColumns(self.carried(seg.chain), u.groups, block)
             else:
                 reach = (Rows if u.role == "rows" else Columns)(self.carried(seg.chain))
             group = self.groups[name]
             if group.kind == "attention_heads":
                 slots.extend(self._head_slots(name, u.param, kind, u.dim, length, coords, positions, seg.chain,
-                                              u.role, group))
+                                              u.role, group, block))
                 continue
-            slots.append(Slot(name, u.param, kind, u.dim, length, coords, positions, reach))
+            slots.append(Slot(name, u.param, kind, u.dim, length, coords, positions, reach, block))
         return slots
 
-    def _head_slots(self, name, tensor, kind, dim, length, coords, positions, chain, role, group) -> list[Slot]:
+    def _head_slots(self, name, tensor, kind, dim, length, coords, positions, chain, role, group,
+                    block) -> list[Slot]:
         """An attention slot split into its query/key and value/output parts."""
         nq = group.heads * group.dk
         out = []
         for sel, part in ((coords < nq, "k" if DUAL in chain else "q"), (coords >= nq, "o" if role == "columns"
                                                                          else "v")):
             if sel.any():
-                out.append(Slot(name, tensor, kind, dim, length, coords[sel], positions[sel], HeadBlocks(part)))
+                out.append(Slot(name, tensor, kind, dim, length, coords[sel], positions[sel], HeadBlocks(part),
+                                block))
         return out
 
     def _site_slots(self, site) -> list[Slot]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .records import Analysis
 from .resolve import Resolver, ranges
-from .slots import Columns, GroupedColumns, HeadBlocks, Permuted, Rows, Slot, SlotBuilder
+from .slots import Columns, HeadBlocks, Permuted, Rows, Slot, SlotBuilder
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def _role(slot: Slot) -> str:
         return "in" if r.part == "o" else "out"
     if isinstance(r, Rows):
         return "out"
-    if isinstance(r, Columns | GroupedColumns):
+    if isinstance(r, Columns):
         return "in"
     return "perm" if isinstance(r, Permuted) else "scale"
 

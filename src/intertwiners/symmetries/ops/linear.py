@@ -20,7 +20,7 @@ from .. import layout as L
 from ..constraints import ConstantAdd, Monomial
 from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout, Side
-from ..records import ConcatParam, GatheredParam, NormedWeight, ParamRef, StandardizedWeight
+from ..records import ConcatParam, GatheredParam, NormedWeight, ParamRef, SlicedParam, StandardizedWeight
 from ..registry import builtin
 from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
@@ -37,7 +37,7 @@ def _feeds_only_norm(node: fx.Node) -> bool:
         and isinstance(users[0].args[1], fx.Node)
 
 
-def producer(ctx: Context, node: fx.Node, x, weight: ParamRef | NormedWeight | StandardizedWeight, bias,
+def producer(ctx: Context, node: fx.Node, x, weight: ParamRef | SlicedParam | NormedWeight | StandardizedWeight, bias,
              out_dim: int, w_out: int, w_in: int, in_dim: int | None, groups: int = 1):
     """New channels on ``out_dim`` of the output: rows of ``weight`` (dim ``w_out``) and ``bias``; columns
     (dim ``w_in``) read x's channels on ``in_dim``. A weight-normalised weight moves through its direction and
@@ -95,7 +95,7 @@ def _bias_rows(ctx: Context, node: fx.Node, bias, out: Layout) -> None:
     layer's input columns still move with its input)."""
     if bias is None:
         return
-    if isinstance(bias, ParamRef):
+    if isinstance(bias, ParamRef | SlicedParam):
         ctx.rows(bias, 0, out)
     elif isinstance(bias, ConcatParam):
         for part, start, n in bias.parts:
@@ -112,7 +112,7 @@ def linear(ctx: Context, node: fx.Node):
     """y = x W^T + b: rows of W (and b) follow the new channels, columns the input's. Over an axis without
     channels (token mixing) channels pass, and the units the layer makes for an activation are a side axis."""
     x, w, b = ctx.value(node.args[0]), ctx.value(node.args[1]), bias_value(ctx, ctx.arg(node, 2, "bias"))
-    if not isinstance(w, ParamRef | NormedWeight | StandardizedWeight) or len(w.shape) != 2:
+    if not isinstance(w, ParamRef | SlicedParam | NormedWeight | StandardizedWeight) or len(w.shape) != 2:
         return ctx.unsupported(node, f"{ctx.describe(node)} with a weight that is not a parameter")
     if whole_table(ctx, x):   # a table read whole as the input (DeBERTa v2's relative-position embeddings)
         x = table_rows(ctx, ctx.shape(node.args[0]), x)
@@ -347,14 +347,14 @@ def _experts(ctx: Context, node: fx.Node, a, b):
                                  "layer per token")
 
 
-def transposed_param(ctx: Context, arg) -> ParamRef | None:
-    """The 2-D parameter W when ``arg`` is W.T (``.T``, ``.mT``, ``t``, ``transpose`` of its two axes,
-    ``permute(1, 0)``)."""
+def transposed_param(ctx: Context, arg) -> ParamRef | SlicedParam | None:
+    """The 2-D parameter (or part of one) W when ``arg`` is W.T (``.T``, ``.mT``, ``t``, ``transpose`` of its two
+    axes, ``permute(1, 0)``)."""
     if not isinstance(arg, fx.Node) or arg.op != "call_function":
         return None
     op = getattr(arg.target, "overloadpacket", None)
     w = ctx.value(arg.args[0]) if arg.args else None
-    if not isinstance(w, ParamRef) or len(w.shape) != 2:
+    if not isinstance(w, ParamRef | SlicedParam) or len(w.shape) != 2:
         return None
     if op in (aten.t, aten.numpy_T, aten.mT, aten.adjoint) \
             or (op is aten.transpose and {d % 2 for d in arg.args[1:3]} == {0, 1}) \

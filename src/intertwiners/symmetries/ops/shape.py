@@ -20,7 +20,7 @@ from .. import layout as L
 from ..constraints import ConstantAdd
 from ..context import Context
 from ..layout import FIXED, ZERO, Layout
-from ..records import ConcatParam, DerivedParam, ParamRef, StandardizedWeight
+from ..records import ConcatParam, DerivedParam, ParamRef, SlicedParam, Span, StandardizedWeight
 from ..registry import builtin
 
 aten = torch.ops.aten
@@ -39,7 +39,7 @@ def not_a_tensor(ctx: Context, node: fx.Node):
 def passthrough(ctx: Context, node: fx.Node):
     """Identity on values (copies, dtype changes; dropout, which is off in the captured eval-mode graph)."""
     x = ctx.value(node.args[0])
-    if isinstance(x, ParamRef):
+    if isinstance(x, ParamRef | SlicedParam):
         return x
     if isinstance(x, Layout):
         if node.target.overloadpacket is aten.native_dropout:
@@ -250,31 +250,61 @@ def whole_table(ctx: Context, x) -> bool:
 def slice_(ctx: Context, node: fx.Node):
     """A slice along an axis without channels keeps them; along a channel axis it keeps the sliced channels.
     A 2-D parameter sliced along its rows (DeBERTa's relative-position table ``rel_embeddings.weight[a:b]``,
-    read as the position projections' input) is an embedding: its columns are new channels."""
+    read as the position projections' input) is an embedding: its columns are new channels. A parameter sliced
+    to be a layer's weight or bias (``F.linear(x, w[:h], b[:h])``) is a part of it
+    (:class:`~..records.SlicedParam`)."""
     x = ctx.value(node.args[0])
-    if whole_table(ctx, x) and len(x.shape) == 2 and ctx.arg(node, 1, "dim", 0) % 2 == 0:
+    if whole_table(ctx, x) and len(x.shape) == 2 and ctx.arg(node, 1, "dim", 0) % 2 == 0 \
+            and not _read_as_weight(node):
         return table_rows(ctx, ctx.shape(node), x)
-    if not isinstance(x, Layout):
+    if not isinstance(x, Layout) and not _own_parameter(ctx, x):
         return None
-    dim = ctx.arg(node, 1, "dim", 0)
-    n = x.shape[dim % x.ndim]
+    dim = ctx.arg(node, 1, "dim", 0) % len(x.shape)
+    n = x.shape[dim]
     start, end = ctx.arg(node, 2, "start"), ctx.arg(node, 3, "end")
     sl = slice(*slice(0 if start is None else start, n if end is None else end, ctx.arg(node, 4, "step", 1)).indices(n))
     if sl == slice(0, n, 1):
         return x
+    if not isinstance(x, Layout):
+        return _parameter_part(x, dim, sl.start, sl.stop) if sl.step == 1 and sl.stop > sl.start else None
     return index(ctx, node, x, dim, sl)
+
+
+def _read_as_weight(node: fx.Node) -> bool:
+    """Does every user read ``node`` as a linear layer's weight or bias (possibly transposed), not as data?"""
+    for user in node.users:
+        op = getattr(user.target, "overloadpacket", None)
+        if not (op is aten.linear and node in user.args[1:3] or op is aten.addmm and user.args[0] is node
+                or op in (aten.t, aten.transpose, aten.permute, aten.numpy_T, aten.mT)):
+            return False
+    return True
+
+
+def _own_parameter(ctx: Context, x) -> bool:
+    """Is ``x`` a parameter in its own shape (not a view), whose axes are the parameter's?"""
+    full = ctx.captured.tensors.get(x.name) if isinstance(x, ParamRef) else None
+    return full is not None and tuple(full.shape) == tuple(x.shape)
+
+
+def _parameter_part(x: ParamRef, dim: int, start: int, stop: int) -> SlicedParam:
+    """The part ``start:stop`` of parameter ``x`` (in its own shape) along ``dim``."""
+    shape = tuple(x.shape)
+    return SlicedParam(x.name, shape[:dim] + (stop - start,) + shape[dim + 1:], Span(dim, start, stop, shape))
 
 
 @builtin(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split)
 def split(ctx: Context, node: fx.Node):
+    """Parts of a hidden value along an axis; of a parameter in its own shape (a packed projection's query and
+    key/value weights): its parts (:class:`~..records.SlicedParam`)."""
     x = ctx.value(node.args[0])
-    if not isinstance(x, Layout):
-        return None
     op = node.target.overloadpacket
+    param = op is not aten.unbind and _own_parameter(ctx, x)
+    if not isinstance(x, Layout) and not param:
+        return None
     if op is aten.unbind:
         dim = ctx.arg(node, 1, "dim", 0) % x.ndim
         return [index(ctx, node, x, dim, i) for i in range(x.shape[dim])]
-    dim = ctx.arg(node, 2, "dim", 0) % x.ndim
+    dim = ctx.arg(node, 2, "dim", 0) % len(x.shape)
     n = x.shape[dim]
     size_arg = node.args[1]
     if op is aten.chunk:
@@ -291,7 +321,8 @@ def split(ctx: Context, node: fx.Node):
         sizes = list(size_arg)
     out, start = [], 0
     for s in sizes:
-        out.append(index(ctx, node, x, dim, slice(start, start + s, 1)))
+        out.append(_parameter_part(x, dim, start, start + s) if param
+                   else index(ctx, node, x, dim, slice(start, start + s, 1)))
         start += s
     return out
 
