@@ -152,6 +152,72 @@ def test_talking_heads_pins_are_needed_and_plain_attention_permutes_heads():
     assert verify_symmetry(plain, X, spec=spec, trials=2).ok
 
 
+class SplitValues(nn.Module):
+    """Differential attention as transformers' DiffLlama writes it (eager, grouped-query): one set of scores
+    ``q @ k^T`` read by two ``p @ v`` whose values are halves of v along its key/value heads, each repeated to
+    every key/value head (``v.chunk(2, dim=1)``, ``.repeat(1, 2, 1, 1)``) and then to every query head
+    (``repeat_kv``): values the rules do not follow head by head."""
+
+    def __init__(self, dim=8, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.width = heads, kv_heads, dim // heads
+        kv = kv_heads * self.width
+        self.inp, self.q, self.k, self.v = (nn.Linear(4, dim), nn.Linear(dim, dim), nn.Linear(dim, kv),
+                                            nn.Linear(dim, kv))
+        self.out = nn.Linear(2 * dim, 3)
+
+    def repeat_kv(self, t):
+        B, H, N, d = t.shape
+        return t[:, :, None].expand(B, H, self.heads // H, N, d).reshape(B, self.heads, N, d)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, N, C = h.shape
+        q, k, v = (f(h).reshape(B, N, -1, self.width).transpose(1, 2) for f in (self.q, self.k, self.v))
+        p = (q @ self.repeat_kv(k).transpose(-2, -1)).softmax(-1)
+        v1, v2 = (self.repeat_kv(part.repeat(1, 2, 1, 1)) for part in v.chunk(2, dim=1))
+        o = torch.cat([p @ v1, p @ v2], dim=-1)
+        return self.out(o.transpose(1, 2).reshape(B, N, 2 * C))
+
+
+def test_scores_whose_values_are_not_followed_keep_queries_and_keys_per_head():
+    """The p @ v that cannot be followed used to drop its scores' queries and keys from every attention block:
+    tied to each other but recorded nowhere, they read as one general-linear space across heads, and an element
+    of it changed the output (here by 12%, DiffLlama's by 2%). They are now an attention block without values:
+    per-head maps A_g, heads in place."""
+    torch.manual_seed(0)
+    model = SplitValues().double()
+    spec = symmetry_spec(model, X, check=False)
+    (group,) = [s.group for s in spec.spaces.values() if s.group.kind == "attention_heads"]
+    assert group.heads == 2 and group.dv == 0 and not group.permute_heads   # one map per key/value head
+    assert not any(s.group.kind == "general_linear" and any(t.tensor == "q.weight" for t in spec.slots(n))
+                   for n, s in spec.spaces.items())
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    # heads in place: swapping the query heads (0, 1) with (2, 3) and the key/value heads 0 and 1 with them
+    # permutes the scores across heads, which the values (not followed) do not undo
+    wrong = copy.deepcopy(model)
+    qrows, krows = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3]), torch.tensor([2, 3, 0, 1])
+    with torch.no_grad():
+        for layer, rows in ((wrong.q, qrows), (wrong.k, krows)):
+            layer.weight.copy_(layer.weight[rows])
+            layer.bias.copy_(layer.bias[rows])
+    assert (wrong(X) - model(X)).abs().max() > 1e-4
+
+
+def test_transformers_diffllama_eager_attention_is_exact():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.DiffLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=64, use_cache=False)
+    model = transformers.DiffLlamaForCausalLM(cfg).double().eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    spec = symmetry_spec(model, ids, check=False)
+    report = verify_symmetry(model, ids, spec=spec, trials=2, modes=("eval",))
+    assert report.ok, report
+
+
 class ClassTokenJoin(nn.Module):
     """CaiT's class token: a parameter updated by its own layer, then concatenated with the patch tokens."""
 

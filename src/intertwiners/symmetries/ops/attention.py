@@ -219,8 +219,10 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: 
         return _mixed_weights_times_values(ctx, node, a, b, shape)
     if fa == {nd - 3} and a.simple_dim() == nd - 3 and int(a.atoms[0]) in scores \
             and nd - 1 in fb and nd - 2 not in fb:                                         # p @ v
-        qa, ka, _, _ = scores.pop(int(a.atoms[0]))
-        _merge_added_scores(ctx, scores, a.atoms, qa, ka)
+        # checked before the scores leave the pending ones: scores whose p @ v cannot be followed stay pending,
+        # and the finisher records their queries/keys with the heads in place (queries and keys tied per head
+        # but recorded nowhere would read as one space across heads)
+        qa, ka, _, _ = scores[int(a.atoms[0])]
         got = _heads_table(b)
         if got is None:
             return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
@@ -230,6 +232,8 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: 
             va = np.repeat(va, H // va.shape[0], 0)
         if va.shape[0] != H or len(a.atoms) != H:
             return ctx.unsupported(node, f"{ctx.describe(node)}: unexpected head shapes")
+        del scores[int(a.atoms[0])]
+        _merge_added_scores(ctx, scores, a.atoms, qa, ka)
         _record(ctx, node, qa, ka, va, heads=a.atoms)
         return L.with_non_feature_size(b, nd - 2, shape[nd - 2])
     return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
@@ -290,12 +294,13 @@ def _mixed_weights_times_values(ctx: Context, node: fx.Node, p: Layout, v: Layou
 @finisher
 def scores_not_read_by_heads(ctx: Context) -> None:
     """Scores that never reached ``p @ v`` with their head atoms (read across heads, e.g. talking heads' linear
-    map over the head axis, or by an operation without a rule): their heads stay in place (the head atoms are
+    map over the head axis, by an operation without a rule, or by a ``p @ v`` whose values could not be
+    followed): their heads stay in place (the head atoms are
     pinned, so the map across heads keeps its columns), and their queries and keys keep the per-head maps
     A_g, A_g^-T, which leave every head's scores unchanged."""
     pending = _pending(ctx)
     for qa, ka, heads, node in pending.values():
-        ctx.atoms.pin(heads, f"{ctx.describe(node)}: attention scores read across heads (e.g. talking heads) "
-                             "keep their heads in place")
+        ctx.atoms.pin(heads, f"{ctx.describe(node)}: attention scores not read head by head by p @ v (talking "
+                             "heads, or values that could not be followed) keep their heads in place")
         _record(ctx, node, qa, ka, None)
     pending.clear()
