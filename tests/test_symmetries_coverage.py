@@ -218,6 +218,45 @@ def test_transformers_diffllama_eager_attention_is_exact():
     assert report.ok, report
 
 
+class MaskedTokens(nn.Module):
+    """BART's classification head reads the hidden state at each end-of-sequence token, ``h[eos_mask]`` with a
+    (batch, tokens) boolean mask: a size that depends on the input's values."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.inp, self.fc1, self.fc2, self.out = (nn.Linear(4, dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim),
+                                                  nn.Linear(dim, 3))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        h = self.norm(self.inp(x))
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        picked = h[x[..., 0] > 0]                       # (selected tokens, dim)
+        return self.out(picked.view(-1, picked.shape[-1])).sum(0)
+
+
+def test_tokens_picked_by_a_boolean_mask_keep_their_channels():
+    """The mask reads the batch and token axes (both), never the channels: the stream stays a space, and the
+    element keeps the outputs on another input with another number of selected tokens."""
+    torch.manual_seed(0)
+    model = MaskedTokens().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    assert {s.group.kind for s in spec.spaces.values()} == {"permutation", "positive_scaled_permutation"}
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    other = torch.randn(3, 7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert int((other[..., 0] > 0).sum()) != int((X[..., 0] > 0).sum())
+    assert torch.allclose(new(other), model(other), rtol=0, atol=1e-12)
+    assert not torch.equal(new.fc1.weight, model.fc1.weight)
+    # the stream's group is the permutations (the layer norm): a scaling of it changes the outputs
+    D = torch.diag(torch.linspace(0.5, 2.0, 6, dtype=torch.float64))
+    stream = next(n for n, s in spec.spaces.items() if s.group.kind == "permutation")
+    bad = apply_symmetry(model, {stream: D}, spec, check=False)
+    assert (bad(X) - model(X)).abs().max() > 1e-4
+
+
 class ClassTokenJoin(nn.Module):
     """CaiT's class token: a parameter updated by its own layer, then concatenated with the patch tokens."""
 

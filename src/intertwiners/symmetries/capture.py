@@ -165,6 +165,9 @@ def _capture_traced(model: nn.Module, args) -> Captured:
     with torch.no_grad(), eval_mode(model), _no_stack_traces():
         gm = make_fx(stateless, decomposition_table=_decompositions(), tracing_mode="fake", pre_dispatch=True,
                      record_module_stack=True, _allow_non_fake_inputs=True)(*flat)
+    if any(_data_dependent_shape(node) for node in gm.graph.nodes):
+        with torch.no_grad(), eval_mode(model), contextlib.suppress(Exception):
+            _record_concrete_shapes(gm, flat)   # if the graph cannot run, rules reading those shapes pin
     placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
     tensors, first = _named_tensors(model)
     qualified = [first.get(name[2:], name[2:]) for name in names]
@@ -268,7 +271,40 @@ def owner(node: fx.Node) -> tuple[str, type | None]:
 
 
 def shape_of(node) -> tuple | None:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    """The shape of a node's tensor output (None for non-tensors): the traced shape, or for a size that depends
+    on the values (``hidden[eos_mask]``) the one the example input gave (:func:`_record_concrete_shapes`)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if CONCRETE in node.meta:
+        return node.meta[CONCRETE]
+    v = node.meta.get("val")
     if isinstance(v, torch.Tensor):
         return tuple(int(s) for s in v.shape)
     return None
+
+
+CONCRETE = "intertwiners_shape"
+"""node.meta key of the shape a node's output had on the example input, where the traced one depends on values."""
+
+
+def _data_dependent_shape(node: fx.Node) -> bool:
+    v = node.meta.get("val")
+    return isinstance(v, torch.Tensor) and not all(isinstance(s, int) for s in v.shape)
+
+
+def _record_concrete_shapes(gm: fx.GraphModule, flat: list) -> None:
+    """Run the traced graph once on the real tensors and keep, for every node whose traced shape depends on the
+    values of a tensor (an unbacked size: boolean-mask indexing, ``nonzero``), the shape its output had. The
+    rules see those shapes; channels never sit on such an axis (its size counts selected tokens)."""
+    shapes = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if _data_dependent_shape(n) and isinstance(out, torch.Tensor):
+                shapes[n] = tuple(out.shape)
+            return out
+
+    Recorder(gm).run(*flat)
+    for node, shape in shapes.items():
+        node.meta[CONCRETE] = shape

@@ -462,6 +462,19 @@ def _unexpanded(arg):
     return arg
 
 
+def _indexed_axes(indices: list) -> list[int]:
+    """The axes an advanced index reads: each index tensor one axis, a boolean mask as many as it has
+    (``h[eos_mask]`` with a (batch, tokens) mask reads both), None skips one."""
+    axes, axis = [], 0
+    for t in indices:
+        val = t.meta.get("val") if isinstance(t, fx.Node) else None
+        n = val.ndim if isinstance(val, torch.Tensor) and val.dtype == torch.bool else 1
+        if t is not None:
+            axes += range(axis, axis + n)
+        axis += n
+    return axes
+
+
 @builtin(aten.index)
 def index(ctx: Context, node: fx.Node):
     """``table[ids]``: an embedding; ``weights[expert_ids]`` of a 3-D parameter: the experts' weights picked per
@@ -482,9 +495,10 @@ def index(ctx: Context, node: fx.Node):
     if not isinstance(x, Layout):
         return None
     shape = ctx.shape(node)
-    lo, hi = where[0], where[-1] + 1
-    if where != list(range(lo, hi)) or any(d in x.feature_dims() for d in where) or shape is None:
+    axes = _indexed_axes(indices)
+    lo, hi = axes[0], axes[-1] + 1
+    if axes != list(range(lo, hi)) or any(d in x.feature_dims() for d in axes) or shape is None:
         return ctx.unsupported(node, f"{ctx.describe(node)} indexes channels or non-adjacent axes")
-    k = len(shape) - (x.ndim - len(where))
+    k = len(shape) - (x.ndim - len(axes))
     dims = x.dims[:lo] + tuple(((int(s), -1),) if s != 1 else () for s in shape[lo:lo + k]) + x.dims[hi:]
     return x.derive(dims=dims, side=None)
