@@ -271,13 +271,17 @@ def slice_(ctx: Context, node: fx.Node):
 
 
 def _read_as_weight(node: fx.Node) -> bool:
-    """Does every user read ``node`` as a linear layer's weight or bias (possibly transposed), not as data?"""
-    for user in node.users:
+    """Does every user read ``node`` as a linear layer's weight or bias (``linear``, ``addmm``'s bias, or
+    transposed: ``x @ W.T``), not as data?"""
+    def as_weight(user, arg) -> bool:
         op = getattr(user.target, "overloadpacket", None)
-        if not (op is aten.linear and node in user.args[1:3] or op is aten.addmm and user.args[0] is node
-                or op in (aten.t, aten.transpose, aten.permute, aten.numpy_T, aten.mT)):
-            return False
-    return True
+        if op in (aten.t, aten.transpose, aten.permute, aten.numpy_T, aten.mT):
+            return bool(user.users) and all(
+                getattr(u.target, "overloadpacket", None) in (aten.addmm, aten.mm, aten.matmul) and u.args[-1] is user
+                for u in user.users)
+        return op is aten.linear and arg in user.args[1:3] or op is aten.addmm and user.args[0] is arg
+
+    return bool(node.users) and all(as_weight(user, node) for user in node.users)
 
 
 def _own_parameter(ctx: Context, x) -> bool:
@@ -294,8 +298,9 @@ def _parameter_part(x: ParamRef, dim: int, start: int, stop: int) -> SlicedParam
 
 @builtin(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split)
 def split(ctx: Context, node: fx.Node):
-    """Parts of a hidden value along an axis; of a parameter in its own shape (a packed projection's query and
-    key/value weights): its parts (:class:`~..records.SlicedParam`)."""
+    """Parts of a hidden value along an axis; of a parameter in its own shape, the parts a layer reads as its
+    weight or bias (a packed projection's query and key/value weights): parts of the parameter
+    (:class:`~..records.SlicedParam`)."""
     x = ctx.value(node.args[0])
     op = node.target.overloadpacket
     param = op is not aten.unbind and _own_parameter(ctx, x)
@@ -319,10 +324,14 @@ def split(ctx: Context, node: fx.Node):
         sizes = [min(size_arg, n - i) for i in range(0, n, size_arg)]
     else:
         sizes = list(size_arg)
+    if param:   # only the parts a layer reads as its weight or bias; the others are untransformed tensors
+        read = {user.args[1] for user in node.users if user.target is operator.getitem and _read_as_weight(user)}
     out, start = [], 0
-    for s in sizes:
-        out.append(_parameter_part(x, dim, start, start + s) if param
-                   else index(ctx, node, x, dim, slice(start, start + s, 1)))
+    for i, s in enumerate(sizes):
+        if param:
+            out.append(_parameter_part(x, dim, start, start + s) if i in read else None)
+        else:
+            out.append(index(ctx, node, x, dim, slice(start, start + s, 1)))
         start += s
     return out
 
