@@ -29,7 +29,18 @@ from .capture import Captured, owner, shape_of
 from .chains import ONE
 from .constraints import Activation
 from .layout import FIXED, ZERO, Channels, Layout, Side, broadcast_to, simple
-from .records import Analysis, AttentionRecord, ParamRef, ParamUse, Pins, Requirement, SiteRecord, SlicedParam, Span, Tie
+from .records import (
+    Analysis,
+    AttentionRecord,
+    ParamRef,
+    ParamUse,
+    Pins,
+    Requirement,
+    SiteRecord,
+    SlicedParam,
+    Span,
+    Tie,
+)
 
 
 class Atoms:

@@ -5,8 +5,8 @@ space acts along (None: the flattened tensor), which coordinates of the space it
 where each sits along the axis (``positions`` (n, r): occurrence k of coordinate ``coords[i]`` is at
 ``positions[i, k]`` -- repeats after a flatten into a linear layer, head blocks, one slice of a packed
 projection), the *block* of another axis it is confined to (``block``: the output rows of one group of a
-grouped convolution, or of one slice of a packed projection, whose input columns it moves) and a *reach*, a small frozen value saying how an element A = P·diag(s) (or a dense A) acts
-there:
+grouped convolution, or of one slice of a packed projection, whose input columns it moves) and a *reach*, a
+small frozen value saying how an element A = P·diag(s) (or a dense A) acts there:
 
 ==================  ========================================================================================
 :class:`Rows`       t -> T t (a producer's rows, a bias, an embedding's columns, a running mean)
