@@ -257,6 +257,125 @@ def test_tokens_picked_by_a_boolean_mask_keep_their_channels():
     assert (bad(X) - model(X)).abs().max() > 1e-4
 
 
+class ComplexRotary(nn.Module):
+    """Llama 4's attention: rotary embeddings written as a complex product (``view_as_complex`` of the
+    (width/2, 2) pairs times ``exp(i·t·θ)``, ``view_as_real``, flattened back); ``norm``: then a weightless RMS
+    norm over each head's width (Llama 4's ``qk_norm``), which no rule follows."""
+
+    def __init__(self, dim=8, heads=2, norm=False):
+        super().__init__()
+        self.heads, self.width, self.norm = heads, dim // heads, norm
+        self.inp, self.q, self.k, self.v, self.o = (nn.Linear(4, dim), nn.Linear(dim, dim), nn.Linear(dim, dim),
+                                                    nn.Linear(dim, dim), nn.Linear(dim, 3))
+        self.theta = 1.0 / (10.0 ** torch.arange(self.width // 2, dtype=torch.float64))   # a constant
+
+    def rotate(self, t):
+        angles = torch.arange(t.shape[1], dtype=t.dtype)[:, None] * self.theta           # (tokens, width/2)
+        freqs = torch.polar(torch.ones_like(angles), angles)
+        z = torch.view_as_complex(t.reshape(*t.shape[:-1], -1, 2))
+        t = torch.view_as_real(z * freqs[None, :, None, :]).flatten(3)
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) if self.norm else t
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, N, C = h.shape
+        q, k = (self.rotate(f(h).view(B, N, self.heads, -1)).transpose(1, 2) for f in (self.q, self.k))
+        v = self.v(h).view(B, N, self.heads, -1).transpose(1, 2)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_rotary_embeddings_as_complex_products_keep_one_scalar_per_head():
+    torch.manual_seed(0)
+    model = ComplexRotary().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    (group,) = [s.group for s in spec.spaces.values() if s.group.kind == "attention_heads"]
+    assert group.heads == 2 and group.dk == 1 and group.dv == 4 and group.permute_heads
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    # a map that treats the two parts of a number apart (the real part of the first scaled, undone on the keys'
+    # real part) does not commute with the rotation
+    D = torch.ones(8, dtype=torch.float64)
+    D[0] = 2.0
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, f in ((wrong.q, D), (wrong.k, 1 / D)):
+            layer.weight.mul_(f[:, None])
+            layer.bias.mul_(f)
+    assert (wrong(X) - model(X)).abs().max() > 1e-4
+
+
+def test_pinned_queries_and_keys_leave_the_values_their_per_head_maps():
+    """A per-head norm of the rotated queries and keys pins them (no rule for it), and ties each one's channels
+    across heads on the way; the values and outputs keep their per-head maps, heads in place."""
+    torch.manual_seed(0)
+    model = ComplexRotary(norm=True).double()
+    spec = symmetry_spec(model, X, check=False)
+    assert any("part of the channel axes" in r for r in spec.pinned.values()), spec.pinned
+    (group,) = [s.group for s in spec.spaces.values() if s.group.kind == "attention_heads"]
+    assert group.dk == 0 and group.dv == 4 and not group.permute_heads
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+
+
+class StackedExperts(nn.Module):
+    """Llama 4's routed experts: every token sent to every expert, weighted by its routing score (untransformed,
+    as Llama 4's after its ``topk``), and run through all experts at once with ``bmm`` of stacked weights
+    (E, in, out)."""
+
+    def __init__(self, dim=6, hidden=5, experts=3):
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, dim), nn.Linear(dim, 3)
+        self.norm = nn.LayerNorm(dim)
+        self.experts = experts
+        self.gate_up = nn.Parameter(torch.randn(experts, dim, 2 * hidden))
+        self.down = nn.Parameter(torch.randn(experts, hidden, dim))
+
+    def forward(self, x):
+        h = self.inp(x).reshape(-1, self.inp.out_features)                 # (tokens, dim)
+        E = self.experts
+        scores = torch.sigmoid(x.reshape(-1, x.shape[-1])[:, :E])          # (tokens, experts), read from the input
+        routed = self.norm(h).repeat(E, 1) * scores.t().reshape(-1, 1)
+        gate, up = torch.bmm(routed.view(E, -1, h.shape[1]), self.gate_up).chunk(2, dim=-1)
+        moved = torch.bmm(up * F.silu(gate), self.down).sum(0)
+        return self.out(h + moved).view(*x.shape[:-1], 3)
+
+
+def test_experts_multiplied_with_stacked_weights_move_alike():
+    torch.manual_seed(0)
+    model = StackedExperts().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    slots = {(s.tensor, s.axis) for s in spec.all_slots}
+    assert {("gate_up", 1), ("gate_up", 2), ("down", 1), ("down", 2)} <= slots
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    # the stream's element must reach every expert's slice: left out of one expert, the output changes
+    stream = next(n for n, sp in spec.spaces.items() if any(t.tensor == "inp.weight" for t in spec.slots(n)))
+    wrong = apply_symmetry(model, {stream: random_symmetry(spec, torch.Generator().manual_seed(2))[stream]}, spec)
+    assert torch.allclose(wrong(X), model(X), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        wrong.gate_up[1] = model.gate_up[1]
+        wrong.down[1] = model.down[1]
+    assert (wrong(X) - model(X)).abs().max() > 1e-4
+
+
+def test_transformers_llama4_text_moves_its_stream_experts_and_values():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Llama4TextConfig(hidden_size=32, intermediate_size=32, intermediate_size_mlp=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=8, vocab_size=64, num_local_experts=4, num_experts_per_tok=1,
+                                        use_cache=False, interleave_moe_layer_step=1)
+    model = transformers.Llama4ForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    spec = symmetry_spec(model, ids, check=False)
+    assert "model.embed_tokens" in spec.spaces          # the stream (21% of the parameters moved before)
+    assert sum(s.kind == "attention_heads" for s in spec.spaces.values()) == 2
+    report = verify_symmetry(model, ids, spec=spec, trials=1, modes=("eval",))
+    assert report.ok, report
+
+
 class ClassTokenJoin(nn.Module):
     """CaiT's class token: a parameter updated by its own layer, then concatenated with the patch tokens."""
 

@@ -289,8 +289,10 @@ class Resolver:
                 s_qk, s_v = (-1 if split else sq.pop()), sv.pop()
                 A = None if split else spaces[s_qk] if s_qk >= 0 else Draft([], ["no queries/keys"])
                 B = spaces[s_v] if s_v >= 0 else Draft([])
-                qk_apart = A is None or (len(A.classes) == kv * dk
-                                         and len(set(qk_rows.reshape(-1).tolist())) == kv * dk)
+                # pinned queries/keys (a per-head norm, Llama 4's) need not be apart: the values keep their
+                # per-head maps with the heads in place whatever ties the pinned channels hold
+                qk_apart = A is None or bool(A.reasons) or (len(A.classes) == kv * dk
+                                                            and len(set(qk_rows.reshape(-1).tolist())) == kv * dk)
                 if not qk_apart or len(B.classes) != kv * dv or len(set(v_rows.reshape(-1).tolist())) != kv * dv:
                     reason = "attention heads that are not separate channels"
             if reason is not None:

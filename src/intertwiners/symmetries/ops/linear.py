@@ -177,10 +177,24 @@ def matmul(ctx: Context, node: fx.Node):
     wt = transposed_param(ctx, node.args[1])
     if wt is not None:   # x @ W.T with W (out, in): nn.Linear written out
         return producer(ctx, node, x, wt, None, ndim - 1, 0, 1, in_dim)
+    if _stacked_experts(ctx, x, w):   # (E, tokens, in) @ (E, in, out): one linear layer per expert
+        return producer(ctx, node, x, w, None, 2, 2, 1, 2)
     if not isinstance(w, ParamRef) or len(w.shape) != 2:
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values (or a non-parameter "
                                      "weight) is not supported")
     return producer(ctx, node, x, w, None, ndim - 1, 1, 0, in_dim)
+
+
+def _stacked_experts(ctx: Context, x, w) -> bool:
+    """Is ``x @ w`` a batch of linear layers, one per slice along the first axis (Llama 4's experts:
+    ``bmm(tokens.view(E, -1, in), gate_up_proj)`` with ``gate_up_proj`` (E, in, out))? ``x`` must hold its
+    channels on its last axis only. Its rows and columns then move alike for every expert (a shared transform,
+    a subgroup of the per-expert ones)."""
+    if not (isinstance(x, Layout) and isinstance(w, ParamRef) and len(w.shape) == 3 and x.ndim == 3):
+        return False
+    full = ctx.captured.tensors.get(w.name)
+    return full is not None and tuple(full.shape) == tuple(w.shape) and x.feature_dims() == [2] \
+        and x.shape[0] == w.shape[0] and x.shape[2] == w.shape[1]
 
 
 def parse_einsum(equation: str, ndims: list[int]) -> tuple[list[str], str] | None:

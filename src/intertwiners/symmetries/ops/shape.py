@@ -176,6 +176,34 @@ def repeat(ctx: Context, node: fx.Node):
     return out
 
 
+@builtin(aten.view_as_complex)
+def as_complex(ctx: Context, node: fx.Node):
+    """(..., n, 2) read as n complex numbers (rotary embeddings written as complex products, Llama 4's
+    ``view_as_complex(q.reshape(..., -1, 2)) * freqs``): the real and imaginary part of a number must carry one
+    transform (a real scalar or permutation of the numbers commutes with a complex product), so the two channels
+    of each pair are tied and the numbers keep the pair's channels."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    last = x.ndim - 1
+    if last not in x.feature_dims():
+        return ctx.keep(L.squeeze(L.with_non_feature_size(x, last, 1), [last]))
+    real, imag = L.index_feature_dim(x, last, 0), L.index_feature_dim(x, last, 1)
+    if real is None or imag is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: pairs whose axis mixes channels with other axes")
+    ctx.tie(real, imag, f"{ctx.describe(node)} (the two parts of a complex number)")
+    return ctx.keep(real)
+
+
+@builtin(aten.view_as_real)
+def as_real(ctx: Context, node: fx.Node):
+    """n complex numbers as (..., n, 2): both parts of a number carry its channel."""
+    z = ctx.value(node.args[0])
+    if not isinstance(z, Layout):
+        return None
+    return ctx.keep(L.with_non_feature_size(L.unsqueeze(z, z.ndim), z.ndim, 2))
+
+
 @builtin(aten.roll)
 def roll(ctx: Context, node: fx.Node):
     """A cyclic shift along axes without channels (shifted windows) acts on every channel alike; a shift of a
