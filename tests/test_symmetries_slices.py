@@ -169,3 +169,34 @@ def test_overlapping_parts_pin_their_channels(how):
     spec, new = exact(model, x)
     assert any("overlap" in reason for reason in spec.pinned.values()), spec.pinned
     assert torch.equal(new.w, model.w) and torch.equal(new.b, model.b)
+
+
+class ColumnParts(nn.Module):
+    """One weight read in two column ranges: by two layers of their own (``summed=False``: two row spaces, each
+    confined to its columns) or as one layer over two inputs whose products are added (the rows of both parts
+    then carry one transform)."""
+
+    def __init__(self, summed):
+        super().__init__()
+        self.summed = summed
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 5)
+        self.w = nn.Parameter(torch.randn(6, 9))
+        self.h1, self.h2 = nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x):
+        u, v = torch.relu(self.a(x)), torch.tanh(self.b(x))
+        if self.summed:
+            return self.h1(torch.relu(F.linear(u, self.w[:, :4]) + F.linear(v, self.w[:, 4:])))
+        return self.h1(torch.relu(F.linear(u, self.w[:, :4]))) + self.h2(torch.sigmoid(F.linear(v, self.w[:, 4:])))
+
+
+@pytest.mark.parametrize("summed", [False, True])
+def test_column_parts_move_their_rows_inside_their_columns(summed):
+    torch.manual_seed(0)
+    model = randomised(ColumnParts(summed)).eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    spec, new = exact(model, x, trials=3)
+    rows = [s for s in spec.slots() if s.tensor == "w" and s.axis == 0]
+    assert sorted(s.block for s in rows) == [(1, 0, 4), (1, 4, 9)]
+    assert (rows[0].space == rows[1].space) == summed
+    assert not spec.pinned and moved_share(model, new) > 0.8   # h2 unread when summed
