@@ -504,3 +504,25 @@ def test_safety_check_on_a_few_samples_of_a_large_batch():
     assert list(symmetry_spec(mlp, x).spaces) == list(symmetry_spec(mlp, x[:8]).spaces)
     spec = symmetry_spec(FixedBatch().double(), x)
     assert spec.spaces and not spec.pinned
+
+
+def test_safety_check_in_the_models_dtype_when_its_float64_copy_overflows():
+    """A float32 model whose float64 copy gives non-finite outputs (TimesFM's do) is checked in float32: the
+    copy's NaN said nothing about the spec and pinned every space."""
+
+    class OverflowsInDouble(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if h.dtype == torch.float64:          # stands for a mask constant that overflows in float64 only
+                h = h * torch.tensor(float("inf"), dtype=h.dtype) + h
+            return self.b(h)
+
+    torch.manual_seed(0)
+    model, x = OverflowsInDouble(), torch.randn(5, 4)
+    spec = symmetry_spec(model, x)
+    assert list(spec.spaces) == [":relu"] and not spec.pinned
+    assert verify_symmetry(model, x, spec=spec, trials=2).ok

@@ -376,6 +376,52 @@ def test_transformers_llama4_text_moves_its_stream_experts_and_values():
     assert report.ok, report
 
 
+class RMSNormBlock(nn.Module):
+    """PyTorch's own ``nn.RMSNorm`` (``aten.rms_norm``) on a residual stream, and a clamp between two 0-d
+    buffers (timm's Gemma 4 vision encoder: bounds that start at -inf and +inf until a checkpoint sets them)."""
+
+    def __init__(self, dim=6, bounds=(-float("inf"), float("inf"))):
+        super().__init__()
+        self.inp, self.fc1, self.fc2, self.out = (nn.Linear(4, dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim),
+                                                  nn.Linear(dim, 3))
+        self.norm, self.final = nn.RMSNorm(dim), nn.RMSNorm(dim, elementwise_affine=False)
+        self.register_buffer("lo", torch.tensor(bounds[0]))
+        self.register_buffer("hi", torch.tensor(bounds[1]))
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.fc2(F.gelu(self.fc1(torch.clamp(self.norm(h), self.lo, self.hi))))
+        return self.out(self.final(h))
+
+
+@pytest.mark.parametrize("bounds", [(-float("inf"), float("inf")), (-0.3, 0.4)])
+def test_rms_norm_and_clamp_between_buffers(bounds):
+    """The stream through ``nn.RMSNorm`` and a clamp between buffers: signed permutations through the norm,
+    the clamp allows permutations only (whatever the bounds hold); infinite buffers are accepted, NaN ones not."""
+    torch.manual_seed(0)
+    model = RMSNormBlock(bounds=bounds).double()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    stream = next(n for n, sp in spec.spaces.items() if any(t.tensor == "inp.weight" for t in spec.slots(n)))
+    assert spec.spaces[stream].kind == "permutation"
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.norm.weight, model.norm.weight)     # the gain moves with the stream
+    # a sign flip of one stream channel: allowed by the norms, not by a clamp with finite, unequal bounds
+    S = torch.eye(6, dtype=torch.float64)
+    S[0, 0] = -1.0
+    flipped = apply_symmetry(model, {stream: S}, spec, check=False)
+    change = float((flipped(X) - model(X)).abs().max())
+    assert (change > 1e-4) == (bounds[0] != -float("inf"))
+    with torch.no_grad():
+        model.lo.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN values in buffer 'lo'"):
+        symmetry_spec(model, X)
+
+
 class ClassTokenJoin(nn.Module):
     """CaiT's class token: a parameter updated by its own layer, then concatenated with the patch tokens."""
 

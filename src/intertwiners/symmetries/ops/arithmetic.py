@@ -249,6 +249,25 @@ def extremum(ctx: Context, node: fx.Node):
     return _unzeroed(_shaped(x, shape))
 
 
+@builtin(aten.clamp)
+def clamp(ctx: Context, node: fx.Node):
+    """``clamp(x, lo, hi)`` with tensor bounds (a clamp with number bounds is an activation): bounds that are the
+    same for every channel (timm's Gemma 4 vision encoder clamps between two 0-d buffers) pass the channels,
+    and since a bound is not scaled, for any values the bounds may take: permutations only. Bounds that vary
+    across channels pin."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    shape = ctx.shape(node)
+    bounds = [ctx.arg(node, i, name) for i, name in ((1, "min"), (2, "max"))]
+    for b in bounds:
+        if isinstance(b, fx.Node) and (isinstance(ctx.value(b), Layout) or shape is None
+                                       or not constant_along_channels(ctx, b, x, shape)):
+            return ctx.unsupported(node, f"{ctx.describe(node)}: a bound that varies across channels")
+    ctx.require(Unit, x)
+    return _unzeroed(_shaped(x, shape))
+
+
 @builtin(aten.neg)
 def neg(ctx: Context, node: fx.Node):
     """-x commutes with every linear map."""

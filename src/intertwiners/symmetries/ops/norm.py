@@ -113,6 +113,22 @@ def layer_norm(ctx: Context, node: fx.Node):
     return out
 
 
+@builtin(aten.rms_norm)
+def rms_norm(ctx: Context, node: fx.Node):
+    """``F.rms_norm`` / ``nn.RMSNorm`` over exactly the channel axis, ``w · x / sqrt(mean(x²) + eps)``: the mean
+    square keeps its value under signed permutations only (a scaling of a channel changes it; eps keeps even a
+    common scale from cancelling), so the input's transform is a signed permutation, which the output carries;
+    gamma is a gain (permuted with the channels)."""
+    x = ctx.value(node.args[0])
+    if not isinstance(x, Layout):
+        return None
+    w = ctx.value(ctx.arg(node, 2, "weight"))
+    if len(node.args[1]) != 1 or x.simple_dim() != x.ndim - 1:
+        return ctx.unsupported(node, f"{ctx.describe(node)} does not normalise exactly the channel axis")
+    ctx.require(Signed, x)
+    return _affine(ctx, x, w, None)
+
+
 @builtin(aten.group_norm)
 def group_norm(ctx: Context, node: fx.Node):
     """Over groups of k channels: k = 1 signed permutations (batch norm's group), k > 1 permutations within
