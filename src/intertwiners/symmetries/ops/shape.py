@@ -186,13 +186,10 @@ def as_complex(ctx: Context, node: fx.Node):
     if not isinstance(x, Layout):
         return None
     last = x.ndim - 1
-    if last not in x.feature_dims():
-        return ctx.keep(L.squeeze(L.with_non_feature_size(x, last, 1), [last]))
-    real, imag = L.index_feature_dim(x, last, 0), L.index_feature_dim(x, last, 1)
-    if real is None or imag is None:
-        return ctx.unsupported(node, f"{ctx.describe(node)}: pairs whose axis mixes channels with other axes")
-    ctx.tie(real, imag, f"{ctx.describe(node)} (the two parts of a complex number)")
-    return ctx.keep(real)
+    real = index(ctx, node, x, last, 0)
+    if last in x.feature_dims() and isinstance(real, Layout):
+        ctx.tie(real, index(ctx, node, x, last, 1), f"{ctx.describe(node)} (the two parts of a complex number)")
+    return real
 
 
 @builtin(aten.view_as_real)
