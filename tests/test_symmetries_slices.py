@@ -200,3 +200,24 @@ def test_column_parts_move_their_rows_inside_their_columns(summed):
     assert sorted(s.block for s in rows) == [(1, 0, 4), (1, 4, 9)]
     assert (rows[0].space == rows[1].space) == summed
     assert not spec.pinned and moved_share(model, new) > 0.8   # h2 unread when summed
+
+
+class SlicedBuffer(nn.Module):
+    """A buffer sliced and read as data (a rotary-style cache ``cos[:tokens]``), not as a layer's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("cos", torch.rand(16, 8))
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.cos[: x.shape[1]])
+
+
+def test_a_parameter_sliced_as_data_stays_an_untransformed_tensor():
+    """Only a slice read as a layer's weight or bias is a part of the parameter: a cache sliced and multiplied
+    is an untransformed factor that varies along the channels, which then share one scalar."""
+    model = randomised(SlicedBuffer()).eval()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    spec, _ = exact(model, x)
+    assert not spec.pinned and [(s.size, s.kind) for s in spec.spaces.values()] == [(1, "general_linear")]

@@ -282,7 +282,7 @@ def slice_(ctx: Context, node: fx.Node):
     if whole_table(ctx, x) and len(x.shape) == 2 and ctx.arg(node, 1, "dim", 0) % 2 == 0 \
             and not _read_as_weight(node):
         return table_rows(ctx, ctx.shape(node), x)
-    if not isinstance(x, Layout) and not _own_parameter(ctx, x):
+    if not isinstance(x, Layout) and not (_own_parameter(ctx, x) and _read_as_weight(node)):
         return None
     dim = ctx.arg(node, 1, "dim", 0) % len(x.shape)
     n = x.shape[dim]
