@@ -26,7 +26,7 @@ from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
 from .attention import batched_attention_product, weights_times_values
 from .norm import normed_weight, standardized_weight
-from .shape import table_rows, whole_table
+from .shape import own_parameter, table_rows, whole_table
 
 aten = torch.ops.aten
 
@@ -192,9 +192,8 @@ def _stacked_experts(ctx: Context, x, w) -> bool:
     a subgroup of the per-expert ones)."""
     if not (isinstance(x, Layout) and isinstance(w, ParamRef) and len(w.shape) == 3 and x.ndim == 3):
         return False
-    full = ctx.captured.tensors.get(w.name)
-    return full is not None and tuple(full.shape) == tuple(w.shape) and x.feature_dims() == [2] \
-        and x.shape[0] == w.shape[0] and x.shape[2] == w.shape[1]
+    return own_parameter(ctx, w) and x.feature_dims() == [2] and x.shape[0] == w.shape[0] \
+        and x.shape[2] == w.shape[1]
 
 
 def parse_einsum(equation: str, ndims: list[int]) -> tuple[list[str], str] | None:
@@ -294,8 +293,7 @@ def _einsum_parameter(ctx: Context, node: fx.Node, x, p: ParamRef, lx: str, lp: 
         inp = (got[0].reshape(-1), got[1].reshape(-1))
     else:
         inp = (np.full(ncol, FIXED, np.int64), np.zeros(ncol, np.int64))
-    full = ctx.captured.tensors.get(p.name)
-    own_shape = full is not None and tuple(full.shape) == tuple(p.shape)   # not a view: P's axes are its own
+    own_shape = own_parameter(ctx, p)   # not a view: P's axes are its own
     if (len(rows) > 1 and len(cols) > 1) or (rows and not own_shape):
         return ctx.unsupported(node, f"{ctx.describe(node)}: a parameter whose rows and columns both span several "
                                      "axes (or a view of one) is not supported")
@@ -503,9 +501,8 @@ def index(ctx: Context, node: fx.Node):
             return None
         if len(x.shape) == 2:
             return table_rows(ctx, ctx.shape(node), x)
-        full = ctx.captured.tensors.get(x.name)
         gather = len(x.shape) == 3 and len(ctx.shape(indices[0]) or ()) == 1
-        return GatheredParam(x.name, x.shape) if gather and full is not None and tuple(full.shape) == x.shape else None
+        return GatheredParam(x.name, x.shape) if gather and own_parameter(ctx, x) else None
     if not isinstance(x, Layout):
         return None
     shape = ctx.shape(node)

@@ -282,7 +282,7 @@ def slice_(ctx: Context, node: fx.Node):
     if whole_table(ctx, x) and len(x.shape) == 2 and ctx.arg(node, 1, "dim", 0) % 2 == 0 \
             and not _read_as_weight(node):
         return table_rows(ctx, ctx.shape(node), x)
-    if not isinstance(x, Layout) and not (_own_parameter(ctx, x) and _read_as_weight(node)):
+    if not isinstance(x, Layout) and not (own_parameter(ctx, x) and _read_as_weight(node)):
         return None
     dim = ctx.arg(node, 1, "dim", 0) % len(x.shape)
     n = x.shape[dim]
@@ -309,7 +309,7 @@ def _read_as_weight(node: fx.Node) -> bool:
     return bool(node.users) and all(as_weight(user, node) for user in node.users)
 
 
-def _own_parameter(ctx: Context, x) -> bool:
+def own_parameter(ctx: Context, x) -> bool:
     """Is ``x`` a parameter in its own shape (not a view), whose axes are the parameter's?"""
     full = ctx.captured.tensors.get(x.name) if isinstance(x, ParamRef) else None
     return full is not None and tuple(full.shape) == tuple(x.shape)
@@ -328,7 +328,7 @@ def split(ctx: Context, node: fx.Node):
     (:class:`~..records.SlicedParam`)."""
     x = ctx.value(node.args[0])
     op = node.target.overloadpacket
-    param = op is not aten.unbind and _own_parameter(ctx, x)
+    param = op is not aten.unbind and own_parameter(ctx, x)
     if not isinstance(x, Layout) and not param:
         return None
     if op is aten.unbind:
