@@ -816,7 +816,8 @@ def hf_family(name: str, seed=0, dtype=torch.float32, vocab=100):
     norms, input 2 x 12 token ids (an image batch for ``vit``): GPT-NeoX (fused per-head qkv, partial rotary),
     Phi (partial rotary, parallel attention and MLP), Gemma (RMSNorm gain 1 + w, scaled embeddings,
     multi-query attention, gated tanh-GELU), GPT-Neo (written-out attention, mask by ``torch.where``),
-    OPT, DistilBERT, RoBERTa, Mistral, Qwen2 (qkv biases), ViT."""
+    OPT, DistilBERT, RoBERTa, Mistral, Qwen2 (qkv biases), Qwen3 and Gemma 3 (queries/keys normalised per head),
+    OLMo 2 (queries/keys normalised over the whole projection), ViT."""
     import pytest
 
     tf = pytest.importorskip("transformers")
@@ -841,6 +842,12 @@ def hf_family(name: str, seed=0, dtype=torch.float32, vocab=100):
                                                                   **common, **lm)),
         "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(intermediate_size=128, num_key_value_heads=2,
                                                             **common, **lm)),
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                                            **common, **lm)),
+        "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(intermediate_size=128, num_key_value_heads=2,
+                                                                   head_dim=16, sliding_window=4, **common, **lm)),
+        "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(intermediate_size=128, num_key_value_heads=2,
+                                                            **common, **lm)),
         "vit": lambda: tf.ViTForImageClassification(tf.ViTConfig(intermediate_size=128, image_size=16, patch_size=4,
                                                                  num_labels=NUM_CLASSES, hidden_size=64,
                                                                  num_hidden_layers=2, num_attention_heads=4)),
@@ -859,7 +866,8 @@ def hf_family(name: str, seed=0, dtype=torch.float32, vocab=100):
     return model, torch.randint(0, vocab, (BATCH, 12), generator=g)
 
 
-HF_FAMILIES = ("gpt_neox", "phi", "gemma", "gpt_neo", "opt", "distilbert", "roberta", "mistral", "qwen2", "vit")
+HF_FAMILIES = ("gpt_neox", "phi", "gemma", "gpt_neo", "opt", "distilbert", "roberta", "mistral", "qwen2", "qwen3",
+               "gemma3", "olmo2", "vit")
 """Families built by :func:`hf_family`. Gemma, Mistral and Qwen2 compute their RMSNorm in float32 and GPT-Neo
 its attention scores, even in a float64 model: their outputs agree to ~1e-7 / ~1e-8, not 1e-15."""
 

@@ -590,6 +590,11 @@ def _float64_copy(sigma: Callable) -> Callable:
     return sigma
 
 
+class NotFiniteError(ValueError):
+    """sigma is not finite somewhere on [-6, 6] (``rsqrt``, ``log``): no group can be derived from its values
+    on the whole line."""
+
+
 def activation_properties(sigma: Callable) -> Properties:
     """Linearity, affinity, parity and positive homogeneity of an elementwise sigma, checked numerically.
 
@@ -605,7 +610,7 @@ def activation_properties(sigma: Callable) -> Properties:
     y_all = _eval(sigma, x_all)
     bad = ~torch.isfinite(y_all) & (x_all.abs() <= CORE)
     if bad.any():
-        raise ValueError(f"sigma is not finite at x = {x_all[bad][0].item():g}")
+        raise NotFiniteError(f"sigma is not finite at x = {x_all[bad][0].item():g}")
     keep = torch.isfinite(y_all)
     x, y = x_all[keep], y_all[keep]
     # elementwise: the same values in another order, another shape, and on a part of the input

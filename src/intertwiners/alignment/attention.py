@@ -84,7 +84,8 @@ def _candidate_blocks(kind: str, xt, xs, yt, ys, names: tuple[str, str]) -> dict
     ``general_linear``: the least-squares map of either side alone (``M xs ≈ xt``, or ``N ys ≈ yt`` and
     M = N^-T; both exact for heads that differ by an element of the group), the orthogonal map maximising
     ``<M, xt xs^T + yt ys^T>`` (Procrustes: for orthogonal M, M^-T = M, so it fits both sides at once), and the
-    identity. ``scalar``: the same for c·I (the orthogonal one is ±I). ``identity``: the identity."""
+    identity. ``scalar``: the same for c·I (the orthogonal one is ±I); ``positive``: the least-squares c·I where
+    c > 0; ``sign``: ±I, the sign of the heads' inner product. ``identity``: the identity."""
     ref = xs if xs is not None else ys
     h, d = ref.shape[0], ref.shape[1]
     eye = torch.eye(d, dtype=torch.float64).expand(h, d, d)
@@ -97,12 +98,15 @@ def _candidate_blocks(kind: str, xt, xs, yt, ys, names: tuple[str, str]) -> dict
         corr = sum(t @ s.mT for t, s in ((xt, xs), (yt, ys)) if s is not None)
         u, _, vh = torch.linalg.svd(corr)
         out["orthogonal"] = u @ vh
-    elif kind == "scalar":
+    elif kind in ("scalar", "positive"):
+        allowed = (lambda c: c != 0) if kind == "scalar" else (lambda c: c > 0)
         if xs is not None:
-            out[f"least squares on {names[0]}"] = _scalar(xs, xt)[:, None, None] * eye
+            c = _scalar(xs, xt)
+            out[f"least squares on {names[0]}"] = torch.where(allowed(c), c, 1.0)[:, None, None] * eye
         if ys is not None:
             c = _scalar(ys, yt)
-            out[f"least squares on {names[1]}"] = torch.where(c != 0, 1 / c, 0.0)[:, None, None] * eye
+            out[f"least squares on {names[1]}"] = torch.where(allowed(c), 1 / c, 1.0)[:, None, None] * eye
+    if kind in ("scalar", "sign"):
         dot = sum((t * s).sum((1, 2)) for t, s in ((xt, xs), (yt, ys)) if s is not None)
         out["orthogonal"] = torch.where(dot < 0, -1.0, 1.0)[:, None, None] * eye
     out["identity"] = eye.clone()

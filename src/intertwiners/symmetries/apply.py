@@ -191,9 +191,6 @@ def _monomial(t: torch.Tensor, slot: Slot, axis: int, length: int, el) -> torch.
 
 def _dense_transform(slot: Slot, dense: _Dense) -> BlockMatrix:
     reach = slot.reach
-    if isinstance(reach, Gain | Permuted):
-        raise ValueError(f"space {slot.space!r} passes through a per-channel operation on {slot.tensor!r}: only "
-                         "monomial elements (P·D) can be applied there")
     if isinstance(reach, HeadBlocks):
         return dense.blocks(slot.coords, reach.part == "k", reach.part == "o")
     exponent = reach.carried.linear.exponent
@@ -211,8 +208,27 @@ def _dense(t: torch.Tensor, slot: Slot, axis: int, length: int, dense: _Dense) -
     return flat.reshape(t.movedim(axis, 0).shape).movedim(0, axis)
 
 
+def _monomial_part(slot: Slot, dense: _Dense) -> tuple:
+    """A dense element as a monomial one on the coordinates of a gain or permuted slot (an attention element on
+    queries/keys with one coordinate per head: a head permutation times a scalar per head); the identity on the
+    other coordinates. ValueError when it is not monomial there."""
+    coords = torch.from_numpy(slot.coords)
+    try:
+        perm, scale = G.as_monomial(dense.A[coords][:, coords], 0.0)
+    except ValueError as err:
+        raise ValueError(f"space {slot.space!r} passes through a per-channel operation on {slot.tensor!r}: only "
+                         "monomial elements (P·D) can be applied there") from err
+    n = dense.A.shape[0]
+    full_perm, full_scale = torch.arange(n), torch.ones(n, dtype=torch.float64)
+    full_perm[coords], full_scale[coords] = coords[perm], scale
+    return "mono", full_perm, full_scale
+
+
 def _act(t: torch.Tensor, slot: Slot, el) -> torch.Tensor:
     """``t`` moved by the element ``el`` of its space along the slot."""
+    if el[0] == "dense" and isinstance(slot.reach, Gain | Permuted):
+        el = _monomial_part(slot, el[1])
+
     def along(u, axis, length):
         return _dense(u, slot, axis, length, el[1]) if el[0] == "dense" else _monomial(u, slot, axis, length, el)
 

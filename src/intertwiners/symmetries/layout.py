@@ -286,6 +286,32 @@ def index_feature_dim(lay: Layout, dim: int, index) -> Layout | None:
                   tuple(fsizes), tuple(dims))
 
 
+def first_along(lay: Layout, faxes: set) -> Channels:
+    """``lay``'s channels (feature order) with every coordinate of the feature axes ``faxes`` replaced by the
+    first one: the channel each position is tied to when the channels along ``faxes`` become one."""
+    A, C = lay.atoms.reshape(lay.fsizes), lay.chains.reshape(lay.fsizes)
+    first = tuple(slice(0, 1) if f in faxes else slice(None) for f in range(len(lay.fsizes)))
+    return Channels(np.broadcast_to(A[first], A.shape).reshape(-1), np.broadcast_to(C[first], C.shape).reshape(-1))
+
+
+def drop_feature_dims(lay: Layout, dims) -> Layout | None:
+    """``lay`` with the tensor dimensions ``dims`` reduced to size 1, the feature axes they hold dropped (each
+    row along them keeps its first channel: the caller has tied the rows, see :func:`first_along`); None when
+    one of those feature axes also lies in another dimension, or when no channel axis would be left."""
+    dims = set(dims)
+    gone = {f for d in dims for _, f in lay.dims[d] if f >= 0}
+    kept = [f for f in range(len(lay.fsizes)) if f not in gone]
+    if not kept or any(f in gone for d, facs in enumerate(lay.dims) if d not in dims for _, f in facs):
+        return None
+    first = tuple(0 if f in gone else slice(None) for f in range(len(lay.fsizes)))
+    new = {f: i for i, f in enumerate(kept)}
+    return Layout(np.ascontiguousarray(lay.atoms.reshape(lay.fsizes)[first]).reshape(-1),
+                  np.ascontiguousarray(lay.chains.reshape(lay.fsizes)[first]).reshape(-1),
+                  tuple(lay.fsizes[f] for f in kept),
+                  tuple(() if d in dims else tuple((s, new[f] if f >= 0 else f) for s, f in facs)
+                        for d, facs in enumerate(lay.dims)), _move_side(lay.side, lambda d: None if d in dims else d))
+
+
 def same_structure(a: Layout, b: Layout) -> bool:
     """Do ``a`` and ``b`` hold their features at the same tensor positions (broadcast dims aside)?"""
     if a.fsizes != b.fsizes or a.ndim != b.ndim:

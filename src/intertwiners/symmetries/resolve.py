@@ -128,6 +128,21 @@ def _split_by(labels: np.ndarray, values: np.ndarray) -> tuple[list[int], list[n
     return labels[starts].tolist(), np.split(values, starts[1:])
 
 
+_PER_HEAD_SCALARS = (("scaled_permutation", "general_linear"), ("positive_scaled_permutation", "positive"),
+                     ("signed_permutation", "sign"), ("permutation", "identity"))
+
+
+def per_head_scalar(constraints: set, groups: dict) -> str | None:
+    """What a query/key space with one coordinate per head (its channels tied within each head) lets each head's
+    scalar be, as an attention group's ``qk`` (:class:`~.structured.AttentionGroup`): the largest monomial kind
+    that satisfies every constraint on the space -- its elements are exactly a permutation of the heads times a
+    scalar per head -- read as that scalar's kind (any non-zero, positive, ±1, 1); None when none does."""
+    for kind, inner in _PER_HEAD_SCALARS:
+        if all(holds(kind, c, groups) for c in constraints):
+            return inner
+    return None
+
+
 class Resolver:
     """Spaces of an :class:`~intertwiners.symmetries.records.Analysis` (``spaces``: list of :class:`Draft`,
     ``space_of``/``index_of``: atom class -> space id / coordinate)."""
@@ -307,6 +322,12 @@ class Resolver:
                 continue
             qk_free = A is not None and not A.reasons and not A.output \
                 and all(holds("general_linear", c, an.groups) for c in A.constraints)
+            qk_kind = "general_linear" if qk_free else None
+            if coarse and not qk_free and A is not None and not A.reasons and not A.output and not A.multi:
+                # one coordinate per head (rotary embeddings, a norm per head): the heads may still permute,
+                # each with the scalar that every operation on the queries/keys lets through
+                qk_kind = per_head_scalar(A.constraints, an.groups)
+                qk_free = qk_kind is not None
             if B.reasons or B.output or not all(holds("general_linear", c, an.groups) for c in B.constraints):
                 B.reasons.append("the attention output is read by an operation that needs a smaller group")
                 if qk_free:
@@ -319,7 +340,7 @@ class Resolver:
             if rec.v is None and not qk_free:
                 continue
             if qk_free:   # heads permute only when the scores reach the values head by head, and nothing else
-                group = AttentionGroup(kv, dk, dv, permute_heads=not heads_fixed, name=rec.owner)
+                group = AttentionGroup(kv, dk, dv, qk=qk_kind, permute_heads=not heads_fixed, name=rec.owner)
                 classes = [int(c) for c in qk_rows.reshape(-1)] + [int(c) for c in v_rows.reshape(-1)]
                 A.classes = []
             else:  # queries/keys pinned (e.g. rotary embeddings): per-head maps of the values only

@@ -14,7 +14,9 @@ small frozen value saying how an element A = P·diag(s) (or a dense A) acts ther
 :class:`Gain`       w -> P diag(t/s) w: a per-channel factor between two values (norm gains, depthwise
                     filters, layer scale)
 :class:`Permuted`   w -> P w (running variances)
-:class:`HeadBlocks` attention: q/v rows (A_g / B_g), k rows (A_g^-T), o columns (B_g^-1)
+:class:`HeadBlocks` attention: q/v rows (A_g / B_g), k rows (A_g^-T), o columns (B_g^-1); a gain or a
+                    permuted tensor on queries/keys with one coordinate per head (a norm's gain over the whole
+                    projection, OLMo 2's) keeps its reach: the element is monomial there
 :class:`Features`   the input of an activation site (``before``) and its output (``after``)
 ==================  ========================================================================================
 
@@ -206,7 +208,7 @@ class SlotBuilder:
             else:
                 reach = (Rows if u.role == "rows" else Columns)(self.carried(seg.chain))
             group = self.groups[name]
-            if group.kind == "attention_heads":
+            if group.kind == "attention_heads" and u.role in ("rows", "columns"):
                 slots.extend(self._head_slots(name, u.param, kind, u.dim, length, coords, positions, seg.chain,
                                               u.role, group, block))
                 continue

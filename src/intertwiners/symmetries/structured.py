@@ -9,8 +9,9 @@ coordinates (last heads·dv)::
     M = diag((P ⊗ I_dk)·blockdiag(A_1..A_h), (P ⊗ I_dv)·blockdiag(B_1..B_h))
 
 ``qk`` / ``vo`` say what A_g / B_g may be: ``"general_linear"`` (any invertible matrix), ``"scalar"``
-(c·I, e.g. with rotary position embeddings, which commute only with such maps here) or ``"identity"``;
-``permute_heads`` whether heads may be permuted.
+(c·I, e.g. with rotary position embeddings, which commute only with such maps here), ``"positive"`` (c·I,
+c > 0), ``"sign"`` (±I: queries and keys normalised per head, Qwen3's and Gemma 3's ``q_norm``/``k_norm``,
+which an odd norm lets through) or ``"identity"``; ``permute_heads`` whether heads may be permuted.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 from .._util import one_thread
 from .blocks import BlockMatrix
 
-_INNER = ("general_linear", "scalar", "identity")
+_INNER = ("general_linear", "scalar", "positive", "sign", "identity")
+_DIMENSION = {"general_linear": lambda k: k * k, "scalar": lambda k: 1, "positive": lambda k: 1, "sign": lambda k: 0,
+              "identity": lambda k: 0}
 
 
 @dataclass(frozen=True)
@@ -64,22 +67,23 @@ class AttentionGroup:
 
     def dimension(self, n: int) -> int:
         self.check_size(n)
-        d = {"general_linear": lambda k: k * k, "scalar": lambda k: 1, "identity": lambda k: 0}
-        return self.heads * (d[self.qk](self.dk) + d[self.vo](self.dv))
+        return self.heads * (_DIMENSION[self.qk](self.dk) + _DIMENSION[self.vo](self.dv))
 
     def allows_scale(self, scale, atol: float = 1e-6) -> bool:  # pragma: no cover - never monomial
         return False
 
     def _blocks(self, kind: str, d: int, generator) -> torch.Tensor:
         """(heads, d, d) random blocks: Q·diag(s) with Q Haar orthogonal (one batched QR) and
-        s = exp(u), u ~ U(-1/2, 1/2) (condition number at most e); c·I for scalars; I."""
+        s = exp(u), u ~ U(-1/2, 1/2) (condition number at most e); c·I for scalars (c > 0 for ``positive``,
+        c = ±1 for ``sign``); I."""
         h = self.heads
         if kind == "identity" or d == 0:
             return torch.eye(d, dtype=torch.float64).expand(h, d, d)
-        if kind == "scalar":
+        if kind in ("scalar", "positive", "sign"):
             c = torch.exp(torch.randn(h, generator=generator, dtype=torch.float64) * 0.5)
             sign = torch.where(torch.rand(h, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
-            return (sign * c)[:, None, None] * torch.eye(d, dtype=torch.float64)
+            c = {"scalar": sign * c, "positive": c, "sign": sign}[kind]
+            return c[:, None, None] * torch.eye(d, dtype=torch.float64)
         with one_thread():
             q, r = torch.linalg.qr(torch.randn(h, d, d, generator=generator, dtype=torch.float64))
         diag = torch.diagonal(r, dim1=-2, dim2=-1)
@@ -151,7 +155,11 @@ class AttentionGroup:
             eye = torch.eye(d, dtype=X.dtype)
             if kind == "identity" and not torch.allclose(X, eye.expand_as(X), atol=atol):
                 return False
-            if kind == "scalar" and not torch.allclose(X, X[:, :1, :1] * eye, atol=atol):
+            if kind in ("scalar", "positive", "sign") and not torch.allclose(X, X[:, :1, :1] * eye, atol=atol):
+                return False
+            if kind == "positive" and not bool((X[:, 0, 0] > atol).all()):
+                return False
+            if kind == "sign" and not torch.allclose(X[:, 0, 0].abs(), torch.ones(len(X), dtype=X.dtype), atol=atol):
                 return False
             # smallest singular value, from the eigenvalues of X^T X (much cheaper than an SVD here)
             with one_thread():

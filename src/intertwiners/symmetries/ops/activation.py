@@ -285,6 +285,10 @@ def _group_key(ctx: Context, reg: Region) -> str:
     if sig not in _GROUP_CACHE:
         try:
             group = G.intertwiner_group(named) if named else _exact_or_derived(reg)
+        except G.NotFiniteError:
+            # undefined on part of the line (rsqrt(v + eps) of a per-head norm's mean square): a function of
+            # each element alone commutes with permutations of them whatever its domain
+            group = G.kind_group("permutation", f"{_readable(reg)} (not finite on part of the line)")
         except Exception as err:  # noqa: BLE001 - any failure to classify sigma pins the space
             group = f"no intertwiner group: {err}"
         _GROUP_CACHE[sig] = (named or _readable(reg), group)

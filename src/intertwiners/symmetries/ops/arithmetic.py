@@ -22,7 +22,7 @@ from .. import layout as L
 from ..chains import ONE
 from ..constraints import ConstantAdd, Monomial, Unit
 from ..context import Context
-from ..layout import FIXED, ZERO, Layout
+from ..layout import FIXED, ZERO, Channels, Layout
 from ..records import DerivedParam, ParamRef
 from ..registry import builtin
 from .reduce import extreme_along
@@ -65,6 +65,11 @@ def add(ctx: Context, node: fx.Node):
     shape = ctx.shape(node)
     if isinstance(a, Layout) and isinstance(b, Layout):
         # a value with fewer dimensions (Whisper's positions (T, C) added to (B, T, C)) is broadcast first
+        x, r = (a, b) if len(a.atoms) > len(b.atoms) else (b, a)
+        per_position = row_channels(x, r) if node.kwargs.get("alpha", 1) != 0 else None
+        if per_position is not None:   # a statistic per row subtracted from its row (a group norm's mean)
+            ctx.tie(x, per_position, f"{ctx.describe(node)} (a value per row added to its row)")
+            return _unzeroed(_shaped(x, shape))
         a, b = (_broadcast_rows(v, shape) for v in (a, b))
         if not L.same_structure(a, b) or node.kwargs.get("alpha", 1) == 0:
             return ctx.unsupported(node, f"{ctx.describe(node)} adds values with different channel layouts")
@@ -103,14 +108,16 @@ def mul(ctx: Context, node: fx.Node):
     shape = ctx.shape(node)
     div = node.target.overloadpacket in (aten.div, aten.div_)
     if isinstance(a, Layout) and isinstance(b, Layout):
-        if div:
-            return ctx.unsupported(node, f"{ctx.describe(node)} divides two hidden values")
         for x, g in ((a, b), (b, a)):
-            if _per_position(x, g, shape):
+            if not div and _per_position(x, g, shape):
                 # a one-unit gate (Qwen2-MoE's sigmoid(shared_expert_gate(h))): a factor per token, the same
                 # for every channel of x; its unit stays untransformed
                 ctx.pin(g, f"{ctx.describe(node)}: a one-unit gate broadcast across the channels it scales")
                 return _shaped(x, shape)
+        if not L.same_structure(a, b):
+            return broadcast_gate(ctx, node, a, b, shape, div)
+        if div:
+            return ctx.unsupported(node, f"{ctx.describe(node)} divides two hidden values")
         return gate(ctx, node, a, b, shape)
     x, other, other_node = (a, b, node.args[1]) if isinstance(a, Layout) else (b, a, node.args[0])
     if not isinstance(x, Layout):
@@ -123,6 +130,10 @@ def mul(ctx: Context, node: fx.Node):
         return _shaped(x, shape)  # a scalar (or per-token) parameter/buffer: commutes with any linear map
     if isinstance(other, ParamRef | DerivedParam):
         got = param_channels(x, other, shape)
+        if got is None and coarsen(ctx, x, other_node, shape):
+            # a gain shared along some channel axes (a per-head norm's gain, the same for every head): read
+            # untransformed, as a constant that varies along the others
+            return _shaped(x, shape)
         if got is None or div:
             return ctx.unsupported(node, f"{ctx.describe(node)} multiplies by a parameter that is not per-channel")
         ctx.require(Monomial, x)
@@ -172,6 +183,43 @@ def coarsen(ctx: Context, x: Layout, other_node, shape) -> bool:
     ctx.atoms.union_arrays(A.reshape(-1), base.reshape(-1), 0, f"{ctx.describe(other_node)} (channels tied by a "
                                                                "factor that varies along them)")
     return True
+
+
+def row_channels(x: Layout, r: Layout) -> Channels | None:
+    """When ``r`` is ``x`` broadcast along some of x's channel axes (a per-head statistic (..., heads, 1) of
+    (..., heads, width), leading axes may be missing): r's channel at every position of x (feature order), the
+    row each position lies in; None when r is not of that form or either holds a zero or untransformed
+    channel."""
+    lead = x.ndim - r.ndim
+    if lead < 0 or (x.atoms < 0).any() or (r.atoms < 0).any():
+        return None
+    rs = (1,) * lead + tuple(r.shape)
+    across = [d for d in x.feature_dims() if rs[d] == 1]
+    rows = L.drop_feature_dims(x, across) if across else None
+    for _ in range(lead):
+        r = L.unsqueeze(r, 0)
+    if rows is None or not L.same_structure(rows, r):
+        return None
+    gone = {f for d in across for _, f in x.dims[d] if f >= 0}
+    index = np.arange(len(rows.atoms)).reshape(rows.fsizes)
+    index = np.expand_dims(index, sorted(gone)) if gone else index
+    index = np.broadcast_to(index, x.fsizes).reshape(-1)
+    return Channels(r.atoms[index], r.chains[index])
+
+
+def broadcast_gate(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape, div: bool = False):
+    """x * g (or x / g) with g broadcast along some of x's channel axes (a per-head norm's ``1/rms`` (..., heads,
+    1) times the queries (..., heads, width)): x's channels along those axes are tied to g's channel of their
+    row, one coordinate per row, which gates it (:func:`gate`: one permutation for both, g only permuted, the
+    product or quotient carries x's transform)."""
+    x, g = (a, b) if len(a.atoms) > len(b.atoms) else (b, a)
+    per_position = row_channels(x, g)
+    if per_position is None or (div and x is not a):
+        return ctx.unsupported(node, f"{ctx.describe(node)} multiplies hidden values with different channel layouts")
+    ctx.atoms.union_arrays(x.atoms, per_position.atoms, 0, f"{ctx.describe(node)} (channels scaled by one gate)")
+    ctx.require(Unit, g)
+    ctx.require(Monomial, x)
+    return _shaped(x, shape)
 
 
 def gate(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape):

@@ -104,10 +104,17 @@ def layer_norm(ctx: Context, node: fx.Node):
     if not isinstance(x, Layout):
         return None
     w, b = ctx.value(ctx.arg(node, 2, "weight")), ctx.value(ctx.arg(node, 3, "bias"))
-    if len(node.args[1]) != 1 or x.simple_dim() != x.ndim - 1:
+    if len(node.args[1]) == 1 and x.simple_dim() != x.ndim - 1:   # a norm per head (timm's qk_norm)
+        out = per_row(ctx, node, x)
+        if out is not None:   # LN(-x) = -LN(x), LN(-x) + beta does not
+            ctx.require(Unit if ctx.arg(node, 3, "bias") is not None else Signed, x)
+    elif len(node.args[1]) == 1:
+        ctx.require(Unit, x)
+        out = _affine(ctx, x, w, b)
+    else:
+        out = None
+    if out is None:
         return ctx.unsupported(node, f"{ctx.describe(node)} does not normalise exactly the channel axis")
-    ctx.require(Unit, x)
-    out = _affine(ctx, x, w, b)
     if node.target.overloadpacket is aten.native_layer_norm:
         return ctx.unsupported(node, f"{ctx.describe(node)} returns several values")
     return out
@@ -123,10 +130,29 @@ def rms_norm(ctx: Context, node: fx.Node):
     if not isinstance(x, Layout):
         return None
     w = ctx.value(ctx.arg(node, 2, "weight"))
-    if len(node.args[1]) != 1 or x.simple_dim() != x.ndim - 1:
+    out = None
+    if len(node.args[1]) == 1:
+        out = _affine(ctx, x, w, None) if x.simple_dim() == x.ndim - 1 else per_row(ctx, node, x)
+    if out is None:
         return ctx.unsupported(node, f"{ctx.describe(node)} does not normalise exactly the channel axis")
     ctx.require(Signed, x)
-    return _affine(ctx, x, w, None)
+    return out
+
+
+def per_row(ctx: Context, node: fx.Node, x: Layout) -> Layout | None:
+    """A norm over the last axis of x when that axis holds some of its channel axes and other axes the rest (a
+    norm per attention head over the head's width, Qwen3's and timm's ``qk_norm``): each row is normalised on
+    its own, with a gain (and bias) shared by all rows. Its channels are tied into one coordinate (as a
+    reduction over them, :func:`~.reduce.rows_reduced`), so an element moves whole rows and scales them; the
+    gain and bias do not move (they are read untransformed) and the caller states which scales the norm
+    lets through (signs: it is odd; none with a bias). The output carries x's transform; None when the last
+    axis's channel axes also lie elsewhere or a row holds a zero or untransformed channel."""
+    last = x.ndim - 1
+    if last not in x.feature_dims() or L.drop_feature_dims(x, [last]) is None or (x.atoms < 0).any():
+        return None
+    faxes = {f for _, f in x.dims[last] if f >= 0}
+    ctx.tie(x, L.first_along(x, faxes), f"{ctx.describe(node)} (a row of channels normalised together)")
+    return _output(ctx, x, False)
 
 
 @builtin(aten.group_norm)

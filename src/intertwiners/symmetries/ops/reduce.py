@@ -57,20 +57,40 @@ def reduce(ctx: Context, node: fx.Node):
     if dims is None or (isinstance(dims, list | tuple) and len(dims) == 0):
         dims = list(range(x.ndim))
     dims = {d % x.ndim for d in ([dims] if isinstance(dims, int) else list(dims))}
-    keep = bool(ctx.arg(node, 2, "keepdim", False)) or node.kwargs.get("keepdim", False)
-    if node.target.overloadpacket in (aten.var, aten.std):
-        keep = node.kwargs.get("keepdim", False)
+    shape = ctx.shape(node)
+    if shape is not None:   # the result's rank says it (var.dim takes keepdim as its fourth argument)
+        keep = len(shape) == x.ndim
+    else:
+        keep = bool(ctx.arg(node, 2, "keepdim", False)) or node.kwargs.get("keepdim", False)
+        if node.target.overloadpacket in (aten.var, aten.std):
+            keep = node.kwargs.get("keepdim", False)
     fdims = set(x.feature_dims())
     if fdims <= dims:
         ctx.require(Unit, x)
         return None
-    if fdims & dims:
+    out = _reduced(x, dims, keep) if not fdims & dims else rows_reduced(ctx, node, x, dims, keep)
+    if out is None:
         return ctx.unsupported(node, f"{ctx.describe(node)} reduces over part of the channel axes")
     if node.target.overloadpacket in (aten.amax, aten.std):
         ctx.require(PositiveScales, x)
     elif node.target.overloadpacket is aten.var:
         ctx.require(Unit, x)
-    return _reduced(x, dims, keep)
+    return out
+
+
+def rows_reduced(ctx: Context, node: fx.Node, x: Layout, dims, keep: bool) -> Layout | None:
+    """x reduced over tensor axes ``dims`` that hold some of its channel axes but not all (a norm per attention
+    head, ``q.pow(2).mean(-1)`` on (..., heads, width)): each row along the reduced channel axes becomes one
+    channel -- its channels are tied (one coordinate, the same transform at each position), so an element
+    acts per row: it moves whole rows (whole heads) and scales or mixes them, which a sum or mean carries, as
+    over an axis without channels. The result holds one channel per row; None when a reduced channel axis
+    also lies in a kept dimension, or a row holds a zero or untransformed channel."""
+    out = L.drop_feature_dims(x, dims)
+    if out is None or (x.atoms < 0).any():
+        return None
+    faxes = {f for d in dims for _, f in x.dims[d] if f >= 0}
+    ctx.tie(x, L.first_along(x, faxes), f"{ctx.describe(node)} (a row of channels reduced together)")
+    return out if keep else L.squeeze(out, sorted(dims))
 
 
 def _reduced(x: Layout, dims, keep: bool) -> Layout:
