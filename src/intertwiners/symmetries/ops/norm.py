@@ -7,6 +7,11 @@ running_mean' = P s mean, running_var' = P var, where s (the input's scale) must
 by sqrt(var + eps). Layer norm over the channel axis commutes with permutations only; gamma and beta are
 permuted and may absorb a scaling of the output.
 
+A layer norm or RMS norm over the last axis when other axes hold channels too (queries normalised per attention
+head, over each head's width, with a gain shared by the heads) normalises each row on its own: the row's
+channels become one coordinate, the gain and bias are read untransformed, and the rows may be permuted and,
+for an odd norm (no bias), negated.
+
 Group norm with G groups of k = C/G channels normalises each group by its own mean and variance: a permutation
 that keeps every channel in its group leaves the statistics unchanged, as does a common sign flip of a group
 (mean -> -mean, variance unchanged). With k = 1 (one channel per group, wav2vec2's first convolution) this is
@@ -44,6 +49,7 @@ from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout
 from ..records import DerivedParam, NormedWeight, ParamRef, StandardizedWeight
 from ..registry import builtin
+from .reduce import tie_rows
 from .shape import table_rows, whole_table
 
 aten = torch.ops.aten
@@ -143,15 +149,13 @@ def per_row(ctx: Context, node: fx.Node, x: Layout) -> Layout | None:
     """A norm over the last axis of x when that axis holds some of its channel axes and other axes the rest (a
     norm per attention head over the head's width, Qwen3's and timm's ``qk_norm``): each row is normalised on
     its own, with a gain (and bias) shared by all rows. Its channels are tied into one coordinate (as a
-    reduction over them, :func:`~.reduce.rows_reduced`), so an element moves whole rows and scales them; the
+    reduction over them, :func:`~.reduce.tie_rows`), so an element moves whole rows and scales them; the
     gain and bias do not move (they are read untransformed) and the caller states which scales the norm
-    lets through (signs: it is odd; none with a bias). The output carries x's transform; None when the last
-    axis's channel axes also lie elsewhere or a row holds a zero or untransformed channel."""
+    lets through (signs: it is odd; none with a bias). The output carries x's transform; None when the rows
+    cannot be tied."""
     last = x.ndim - 1
-    if last not in x.feature_dims() or L.drop_feature_dims(x, [last]) is None or (x.atoms < 0).any():
+    if last not in x.feature_dims() or tie_rows(ctx, node, x, [last], "normalised together") is None:
         return None
-    faxes = {f for _, f in x.dims[last] if f >= 0}
-    ctx.tie(x, L.first_along(x, faxes), f"{ctx.describe(node)} (a row of channels normalised together)")
     return _output(ctx, x, False)
 
 

@@ -2,8 +2,9 @@
 
 Over axes without channels they act on every channel alike (max pooling, max and standard deviation:
 positive scalings only; variance and softmax: permutations only); a reduction over all channel axes gives an
-untransformed value and needs unit scales (permutations); a vector norm over all channel axes needs scales of
-modulus 1 (signed permutations).
+untransformed value and needs unit scales (permutations); over part of the channel axes (a norm per attention
+head) each reduced row becomes one coordinate, which the result holds; a vector norm over all channel axes
+needs scales of modulus 1 (signed permutations).
 """
 
 from __future__ import annotations
@@ -81,16 +82,25 @@ def reduce(ctx: Context, node: fx.Node):
 def rows_reduced(ctx: Context, node: fx.Node, x: Layout, dims, keep: bool) -> Layout | None:
     """x reduced over tensor axes ``dims`` that hold some of its channel axes but not all (a norm per attention
     head, ``q.pow(2).mean(-1)`` on (..., heads, width)): each row along the reduced channel axes becomes one
-    channel -- its channels are tied (one coordinate, the same transform at each position), so an element
-    acts per row: it moves whole rows (whole heads) and scales or mixes them, which a sum or mean carries, as
-    over an axis without channels. The result holds one channel per row; None when a reduced channel axis
-    also lies in a kept dimension, or a row holds a zero or untransformed channel."""
+    channel (:func:`tie_rows`), so an element acts per row: it moves whole rows (whole heads) and scales or
+    mixes them, which a sum or mean carries, as over an axis without channels. The result holds one channel
+    per row; None when the rows cannot be tied."""
+    out = tie_rows(ctx, node, x, dims, "reduced together")
+    return out if out is None or keep else L.squeeze(out, sorted(dims))
+
+
+def tie_rows(ctx: Context, node: fx.Node, x: Layout, dims, what: str) -> Layout | None:
+    """Tie the channels of x that differ only along the tensor axes ``dims`` (a row: one coordinate, the same
+    transform at each of its positions), as an operation over those axes alone needs (a reduction, a norm per
+    head); x with ``dims`` reduced to size 1 and one channel per row, or None (nothing tied) when a channel
+    axis of ``dims`` also lies in another axis, no channel axis is left, or x holds a zero or untransformed
+    channel."""
     out = L.drop_feature_dims(x, dims)
     if out is None or (x.atoms < 0).any():
         return None
     faxes = {f for d in dims for _, f in x.dims[d] if f >= 0}
-    ctx.tie(x, L.first_along(x, faxes), f"{ctx.describe(node)} (a row of channels reduced together)")
-    return out if keep else L.squeeze(out, sorted(dims))
+    ctx.tie(x, L.first_along(x, faxes), f"{ctx.describe(node)} (a row of channels {what})")
+    return out
 
 
 def _reduced(x: Layout, dims, keep: bool) -> Layout:
