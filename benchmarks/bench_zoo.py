@@ -13,6 +13,8 @@ then, in order:
   when the captured graph casts to float32 inside (``spec.lower_precision_inside``). An element that cannot be
   applied is wrong too (with the exception). The all-spaces element of the check=True spec is compared as well.
 * **safety pins**: spaces of the check=True spec whose reason says "safety check" (each is a rule bug).
+* **heads**: attention blocks of the check=True spec whose heads permute, of all its attention blocks (heads kept
+  in place do not show in the moved share: the projections still move through the per-head maps).
 * **moved**: the share of parameter elements (tied parameters once) that one random element of the check=True
   spec changes at all (``new != old``); **reach**: changed by at least one of three elements (what the spec can
   move, apart from a permutation's fixed points). The parameters with the most unmoved elements are listed
@@ -692,6 +694,8 @@ def measure(name: str, default_init: bool, top: int, per_space: bool = False) ->
     if spec1 is not None:
         sizes = getattr(spec1, "pinned_sizes", {}) or {}
         row["spaces"] = len(spec1.spaces)
+        attention = [s.group for s in spec1.spaces.values() if s.group.kind == "attention_heads"]
+        row["heads"] = [sum(g.permute_heads for g in attention), len(attention)]
         row["pinned"] = {k: {"reason": str(v), "size": sizes.get(k)} for k, v in spec1.pinned.items()}
         row["safety_pins"] = [k for k, v in spec1.pinned.items() if "safety check" in str(v)]
         for k in row["safety_pins"]:  # the pinned space's own error as derived, when bisection did not reach it
@@ -827,10 +831,17 @@ def fmt_pct(v) -> str:
     return f"{100 * v:.1f}%" if isinstance(v, float) else "-"
 
 
+def fmt_heads(v) -> str:
+    """'2/3': attention blocks whose heads permute, of all attention blocks ('-' without any)."""
+    return f"{v[0]}/{v[1]}" if v and v[1] else "-"
+
+
 def table(rows: list[dict]) -> str:
-    """One line per model; * marks a model whose graph computes in float32 inside (tolerance 1e-5)."""
+    """One line per model; * marks a model whose graph computes in float32 inside (tolerance 1e-5); ``heads``:
+    the attention blocks whose heads permute, of all (the moved share does not show heads kept in place: every
+    projection still moves through its per-head maps and the stream's columns)."""
     head = (f"{'model':<26}{'params':>10}{'status':>9}{'spaces':>7}{'pins':>5}{'safety':>7}{'wrong':>6}{'noisy':>6}"
-            f"{'moved':>8}{'reach':>8}{'max err':>9}{'floor':>9}{'spec s':>8}{'/fwd':>6}{'check s':>8}")
+            f"{'moved':>8}{'reach':>8}{'heads':>7}{'max err':>9}{'floor':>9}{'spec s':>8}{'/fwd':>6}{'check s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["status"] == "skipped":
@@ -844,7 +855,7 @@ def table(rows: list[dict]) -> str:
             f"{r['name'] + ('*' if r.get('f32_inside') else ''):<26}{r.get('params', 0):>10}{r['status']:>9}"
             f"{r.get('spaces', r.get('spaces_nocheck', '-')):>7}{len(r.get('pinned', {})):>5}"
             f"{len(r.get('safety_pins', [])):>7}{len(r.get('wrong', [])):>6}{len(r.get('rounding', [])):>6}"
-            f"{fmt_pct(r.get('moved')):>8}{fmt_pct(r.get('reach')):>8}"
+            f"{fmt_pct(r.get('moved')):>8}{fmt_pct(r.get('reach')):>8}{fmt_heads(r.get('heads')):>7}"
             f"{(f'{err:.0e}' if err is not None else '-'):>9}{(f'{floor:.0e}' if floor is not None else '-'):>9}"
             f"{(f'{t:.1f}' if t else '-'):>8}{(f'{ratio:.0f}x' if ratio else '-'):>6}{(f'{tc:.1f}' if tc else '-'):>8}")
     return "\n".join(lines)
@@ -892,6 +903,8 @@ def summary(rows: list[dict]) -> str:
     avg = sum(moved) / max(len(moved), 1)
     low = min(moved, default=0.0)
     low_name = min(built, key=lambda r: r.get("moved", 0.0))["name"] if built else "-"
+    blocks = [r["heads"] for r in built if r.get("heads") and r["heads"][1]]
+    in_place = [r for r in built if r.get("heads") and r["heads"][0] < r["heads"][1]]
 
     def met(ok):
         return "met" if ok else "NOT met"
@@ -912,6 +925,8 @@ def summary(rows: list[dict]) -> str:
         f"moved by one random element: {100 * avg:.1f}% on average (a failed model counts 0%) -- target >= 95%: "
         f"{met(avg >= 0.95)}; smallest {100 * low:.1f}% ({low_name}) -- target >= 80% on every model: "
         f"{met(low >= 0.8)}",
+        f"attention blocks whose heads permute: {sum(b[0] for b in blocks)} of {sum(b[1] for b in blocks)}; "
+        f"models with heads kept in place: {len(in_place)}{names(in_place)}",
     ])
 
 

@@ -284,6 +284,55 @@ class ComplexRotary(nn.Module):
         return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
+class InterleavedRotary(nn.Module):
+    """timm's EVA / ViT-RoPE attention: fused qkv, rotary embeddings on interleaved pairs (``rot(x) =
+    stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)``, ``x * cos + rot(x) * sin`` with cos/sin
+    repeated per pair), applied to the patch tokens only: the class token's queries/keys are concatenated back
+    unrotated."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads, self.width = heads, dim // heads
+        self.inp, self.qkv, self.o = nn.Linear(4, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, 3)
+
+    def rotate(self, t):                                       # (B, H, N, width), the first token left alone
+        n = t.shape[2] - 1
+        angles = torch.arange(n, dtype=t.dtype)[:, None] / 10.0 ** torch.arange(self.width // 2, dtype=t.dtype)
+        cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+        x = t[:, :, 1:]
+        rot = torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+        return torch.cat([t[:, :, :1], x * cos + rot * sin], 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, N, C = h.shape
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(self.rotate(q), self.rotate(k), v)
+        return self.o(out.transpose(1, 2).reshape(B, N, C))
+
+
+def test_rotary_embeddings_on_interleaved_pairs_keep_one_scalar_per_head():
+    """The pairs stacked along a new axis and reshaped back into the head width are the head's channels (the
+    stack is a concatenation along a new channel axis, which the reshape merges): each head's channels are tied
+    by the rotation, the heads permute with one scalar per head, nothing is pinned. A map that scales one channel
+    of a pair apart (undone on the keys) does not commute with the rotation."""
+    torch.manual_seed(0)
+    model = InterleavedRotary().double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    (group,) = [s.group for s in spec.spaces.values() if s.group.kind == "attention_heads"]
+    assert group.heads == 2 and group.dk == 1 and group.qk == "general_linear" and group.permute_heads
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    D = torch.ones(24, dtype=torch.float64)
+    D[0], D[8] = 2.0, 0.5   # the first query channel and the first key channel
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.qkv.weight.mul_(D[:, None])
+        wrong.qkv.bias.mul_(D)
+    assert (wrong(X) - model(X)).abs().max() > 1e-4
+
+
 def test_rotary_embeddings_as_complex_products_keep_one_scalar_per_head():
     torch.manual_seed(0)
     model = ComplexRotary().double()

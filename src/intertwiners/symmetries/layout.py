@@ -312,8 +312,54 @@ def drop_feature_dims(lay: Layout, dims) -> Layout | None:
                         for d, facs in enumerate(lay.dims)), _move_side(lay.side, lambda d: None if d in dims else d))
 
 
+def stack_features(parts: list[Layout], dim: int) -> Layout:
+    """Layouts of the same structure stacked along a new tensor dimension ``dim`` that becomes a feature axis of
+    its own (the last one): position k of it holds part k's channels."""
+    ref = parts[0]
+    shape = (*ref.fsizes, len(parts))
+    atoms = np.stack([p.atoms.reshape(ref.fsizes) for p in parts], -1).reshape(-1)
+    chains = np.stack([p.chains.reshape(ref.fsizes) for p in parts], -1).reshape(-1)
+    dims = list(ref.dims)
+    dims.insert(dim, ((len(parts), len(ref.fsizes)),))
+    return Layout(atoms, chains, shape, tuple(dims), _move_side(ref.side, lambda d: d + (d >= dim)))
+
+
+def merged_features(lay: Layout) -> Layout:
+    """The same layout with every run of consecutive feature axes that one tensor dimension holds in order (f,
+    f+1, ...: a pair stacked and reshaped back into the head width) merged into one feature axis. The feature
+    order, and so ``atoms`` and ``chains``, do not change."""
+    runs = []   # [first axis, last axis] of each run
+    for facs in lay.dims:
+        before = None   # the factor just before, in this dimension
+        for _, f in facs:
+            if f >= 0 and before is not None and before == f - 1 and runs[-1][1] == f - 1:
+                runs[-1][1] = f
+            elif f >= 0:
+                runs.append([f, f])
+            before = f if f >= 0 else None
+    if len(runs) == len(lay.fsizes):
+        return lay
+    new_of, fsizes = {}, []
+    for i, (lo, hi) in enumerate(sorted(runs)):
+        fsizes.append(int(np.prod(lay.fsizes[lo:hi + 1])))
+        new_of.update({f: i for f in range(lo, hi + 1)})
+    dims = []
+    for facs in lay.dims:
+        out = []
+        for size, f in facs:
+            if f >= 0 and out and out[-1][1] == new_of[f]:
+                out[-1] = (out[-1][0] * size, new_of[f])
+            else:
+                out.append((size, new_of[f] if f >= 0 else f))
+        dims.append(tuple(out))
+    return lay.derive(fsizes=tuple(fsizes), dims=tuple(dims))
+
+
 def same_structure(a: Layout, b: Layout) -> bool:
-    """Do ``a`` and ``b`` hold their features at the same tensor positions (broadcast dims aside)?"""
+    """Do ``a`` and ``b`` hold their features at the same tensor positions (broadcast dims aside)? Feature axes
+    that one dimension holds in order count as one (:func:`merged_features`)."""
+    if a.fsizes != b.fsizes:
+        a, b = merged_features(a), merged_features(b)
     if a.fsizes != b.fsizes or a.ndim != b.ndim:
         return False
     for da, db in zip(a.dims, b.dims):

@@ -323,7 +323,7 @@ class Resolver:
             qk_free = A is not None and not A.reasons and not A.output \
                 and all(holds("general_linear", c, an.groups) for c in A.constraints)
             qk_kind = "general_linear" if qk_free else None
-            if coarse and not qk_free and A is not None and not A.reasons and not A.output and not A.multi:
+            if coarse and not qk_free and A is not None and not A.reasons and not A.output:
                 # one coordinate per head (rotary embeddings, a norm per head): the heads may still permute,
                 # each with the scalar that every operation on the queries/keys lets through
                 qk_kind = per_head_scalar(A.constraints, an.groups)

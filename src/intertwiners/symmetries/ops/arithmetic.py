@@ -161,16 +161,13 @@ def coarsen(ctx: Context, x: Layout, other_node, shape) -> bool:
     that differ only in their V coordinates (then a space element acts per remaining coordinate, e.g. one
     scalar per head, and commutes with c). False when c is not of that form."""
     s = ctx.shape(other_node)
-    if s is None:
+    if s is None or shape is None or x.ndim != len(shape):   # x's axes are the result's
         return False
     s = (1,) * (len(shape) - len(s)) + tuple(s)
     varying = set()
     for d in x.feature_dims():
-        if s[d] > 1:
-            facs = [f for _, f in x.dims[d]]
-            if len(facs) != 1:
-                return False
-            varying.add(facs[0])
+        if s[d] > 1:   # every channel axis this dimension holds (an interleaved pair merged back: two)
+            varying |= {f for _, f in x.dims[d] if f >= 0}
     if not varying:
         return False
     if len(varying) == len(x.fsizes):   # c varies along every channel: only a scalar multiple of I commutes

@@ -217,16 +217,19 @@ def roll(ctx: Context, node: fx.Node):
 
 @builtin(aten.stack)
 def stack(ctx: Context, node: fx.Node):
-    """Values with the same channels stacked along a new axis (which holds no channels)."""
+    """Values with the same channels stacked along a new axis (which holds no channels); values whose channels
+    differ, at the same positions (timm's interleaved rotary embeddings, ``stack([-x[..., 1::2], x[..., ::2]],
+    -1)``), along a new channel axis: a concatenation of the parts, each its own channels."""
     parts = [ctx.value(a) for a in node.args[0]]
     if not any(isinstance(v, Layout) for v in parts):
         return None
     ref = parts[0]
-    if not all(isinstance(v, Layout) and L.same_structure(ref, v) and np.array_equal(ref.atoms, v.atoms)
-               and np.array_equal(ref.chains, v.chains) for v in parts):
+    if not all(isinstance(v, Layout) and L.same_structure(ref, v) for v in parts):
         return ctx.unsupported(node, f"{ctx.describe(node)} stacks values with different channels")
     dim = ctx.arg(node, 1, "dim", 0) % (ref.ndim + 1)
-    return L.with_non_feature_size(L.unsqueeze(ref, dim), dim, len(parts))
+    if all(np.array_equal(ref.atoms, v.atoms) and np.array_equal(ref.chains, v.chains) for v in parts):
+        return L.with_non_feature_size(L.unsqueeze(ref, dim), dim, len(parts))
+    return L.stack_features([v for v in parts], dim)
 
 
 def index(ctx: Context, node: fx.Node, x: Layout, dim: int, idx):
