@@ -119,7 +119,7 @@ def heads_moved(model, spec, space, generator, perm, signs):
     return apply_symmetry(model, {space: M}, spec, check=False)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(norm=st.sampled_from(NORMS), heads=st.sampled_from([(4, 2), (4, 4), (3, 1)]), width=st.sampled_from([2, 4, 6]),
        rotary=st.booleans(), eager=st.booleans(), seed=st.integers(0, 2**16))
 def test_heads_normalised_per_head_still_permute(norm, heads, width, rotary, eager, seed):
