@@ -229,7 +229,7 @@ def stack(ctx: Context, node: fx.Node):
     dim = ctx.arg(node, 1, "dim", 0) % (ref.ndim + 1)
     if all(np.array_equal(ref.atoms, v.atoms) and np.array_equal(ref.chains, v.chains) for v in parts):
         return L.with_non_feature_size(L.unsqueeze(ref, dim), dim, len(parts))
-    return L.stack_features([v for v in parts], dim)
+    return L.stack_features(parts, dim)
 
 
 def index(ctx: Context, node: fx.Node, x: Layout, dim: int, idx):
