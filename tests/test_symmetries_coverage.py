@@ -1017,3 +1017,44 @@ def test_a_parameter_read_whole_and_along_an_axis_is_pinned():
     assert verify_symmetry(model, X, spec=spec, trials=2).ok
     assert any("used more than once, whole and along an axis" in r for r in spec.pinned.values()), spec.pinned
     assert [s.kind for s in spec.spaces.values()] == ["positive_scaled_permutation"]
+
+
+class PatchMerging(nn.Module):
+    """Swin's patch merging (timm): 2x2 neighbours gathered into the channel axis by a reshape and a permute that
+    puts the neighbour axes *before* the channels, then a layer norm and a linear layer over the merged axis."""
+
+    def __init__(self, dim=3):
+        super().__init__()
+        self.inp, self.norm, self.reduction = nn.Linear(4, dim), nn.LayerNorm(4 * dim), nn.Linear(4 * dim, 2)
+        with torch.no_grad():
+            self.norm.weight.add_(0.3 * torch.randn(4 * dim))
+            self.norm.bias.add_(0.3 * torch.randn(4 * dim))
+
+    def forward(self, x):                                   # (B, H, W, 4)
+        h = torch.relu(self.inp(x))
+        B, H, W, C = h.shape
+        h = h.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(h))
+
+
+def test_a_layer_norm_over_channels_merged_in_another_order_moves_its_gain_by_position():
+    """The merged axis holds the channels in the order (column neighbour, row neighbour, channel), not the order
+    the reshape made them: the norm's gain and bias are read position by position. One space, permutations (the
+    layer norm), exact as derived; a gain permuted in the reshape's order instead changes the outputs."""
+    torch.manual_seed(0)
+    model = PatchMerging().double()
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    spec = symmetry_spec(model, x, check=False)
+    assert not spec.pinned, spec.pinned
+    (space,) = spec.spaces.values()
+    assert space.size == 3 and space.kind == "permutation"
+    report = verify_symmetry(model, x, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    perm = torch.tensor([1, 2, 0])
+    moved = apply_symmetry(model, {space.name: (perm, torch.ones(3, dtype=torch.float64))}, spec)
+    assert not torch.equal(moved.norm.weight, model.norm.weight)
+    wrong = copy.deepcopy(moved)
+    with torch.no_grad():   # the gain permuted as if the channels were the merged axis' slowest factor
+        order = (torch.arange(12).view(3, 4)[torch.argsort(perm)]).reshape(-1)
+        wrong.norm.weight.copy_(model.norm.weight[order])
+    assert (wrong(x) - model(x)).abs().max() > 1e-4

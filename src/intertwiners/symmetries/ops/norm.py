@@ -63,15 +63,27 @@ def _output(ctx: Context, x: Layout, affine: bool) -> Layout:
     return ctx.keep(x.derive(atoms=np.where(x.atoms == ZERO, FIXED, x.atoms), chains=chains))
 
 
-def _affine(ctx: Context, x: Layout, w, b) -> Layout:
+def _affine(ctx: Context, x: Layout, w, b, axis: int | None = None) -> Layout:
     """The normalised value of ``x`` with the norm's affine step: gamma ``w`` a gain from ``x`` to the output,
-    beta ``b`` rows of the output (either may be absent). Returns the output's layout."""
+    beta ``b`` rows of the output (either may be absent). ``axis``: the tensor axis holding every channel, read
+    position by position (its channel axes need not be in order: Swin's patch merging flattens (2, 2, C) after a
+    permute); None: channels in order. Returns the output's layout."""
     out = _output(ctx, x, isinstance(w, ParamRef))
+    if axis is not None:
+        (a_in, c_in), (a_out, c_out) = L.atoms_along(x, [axis]), L.atoms_along(out, [axis])
+        x_ch, out_ch = Channels(a_in, c_in), Channels(a_out, c_out)
+    else:
+        x_ch, out_ch = x, out
     if isinstance(w, ParamRef):
-        ctx.gain(w, 0, out, x)
+        ctx.gain(w, 0, out_ch, x_ch)
     if isinstance(b, ParamRef):
-        ctx.rows(b, 0, out)
+        ctx.rows(b, 0, out_ch)
     return out
+
+
+def _over_all_channels(x: Layout) -> int | None:
+    """The last axis when it holds every channel axis of x (in any order), else None."""
+    return x.ndim - 1 if x.feature_dims() == [x.ndim - 1] else None
 
 
 @builtin(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
@@ -110,13 +122,13 @@ def layer_norm(ctx: Context, node: fx.Node):
     if not isinstance(x, Layout):
         return None
     w, b = ctx.value(ctx.arg(node, 2, "weight")), ctx.value(ctx.arg(node, 3, "bias"))
-    if len(node.args[1]) == 1 and x.simple_dim() != x.ndim - 1:   # a norm per head (timm's qk_norm)
+    if len(node.args[1]) == 1 and _over_all_channels(x) is None:   # a norm per head (timm's qk_norm)
         out = per_row(ctx, node, x)
         if out is not None:   # LN(-x) = -LN(x), LN(-x) + beta does not
             ctx.require(Unit if ctx.arg(node, 3, "bias") is not None else Signed, x)
     elif len(node.args[1]) == 1:
         ctx.require(Unit, x)
-        out = _affine(ctx, x, w, b)
+        out = _affine(ctx, x, w, b, _over_all_channels(x))
     else:
         out = None
     if out is None:
@@ -138,7 +150,8 @@ def rms_norm(ctx: Context, node: fx.Node):
     w = ctx.value(ctx.arg(node, 2, "weight"))
     out = None
     if len(node.args[1]) == 1:
-        out = _affine(ctx, x, w, None) if x.simple_dim() == x.ndim - 1 else per_row(ctx, node, x)
+        last = _over_all_channels(x)
+        out = _affine(ctx, x, w, None, last) if last is not None else per_row(ctx, node, x)
     if out is None:
         return ctx.unsupported(node, f"{ctx.describe(node)} does not normalise exactly the channel axis")
     ctx.require(Signed, x)
