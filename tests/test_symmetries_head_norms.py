@@ -362,3 +362,82 @@ def test_a_gain_over_every_key_channel_moves_with_the_heads_and_not_with_their_s
             assert not torch.equal(w2, w) and bool((w2 > 0).all())
         else:
             assert torch.equal(w2, w)
+
+
+class RelativeBiasAttention(nn.Module):
+    """Attention with a learned relative position bias per head (Swin, BEiT): a table (positions, heads) read by a
+    fixed index buffer, (heads, N, N) added to the scores (written out) or passed as the mask of
+    ``scaled_dot_product_attention``; ``shared``: two blocks read one table (T5)."""
+
+    def __init__(self, heads=3, width=2, tokens=5, eager=False, shared=False):
+        super().__init__()
+        self.heads, self.width, self.eager, self.shared = heads, width, eager, shared
+        dim = heads * width
+        self.inp, self.out = nn.Linear(4, dim), nn.Linear(dim, 3)
+        self.qkv = nn.ModuleList([nn.Linear(dim, 3 * dim) for _ in range(2)])
+        self.proj = nn.ModuleList([nn.Linear(dim, dim) for _ in range(2)])
+        self.tables = nn.ParameterList([nn.Parameter(torch.randn(2 * tokens - 1, heads)) for _ in range(2)])
+        pos = torch.arange(tokens)
+        self.register_buffer("index", (pos[:, None] - pos[None, :] + tokens - 1).reshape(-1))
+
+    def block(self, h, i):
+        B, N, C = h.shape
+        q, k, v = self.qkv[i](h).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        table = self.tables[0 if self.shared else i]
+        bias = table[self.index].view(N, N, self.heads).permute(2, 0, 1)        # (heads, N, N)
+        if self.eager:
+            out = torch.softmax(q @ k.transpose(-1, -2) / self.width ** 0.5 + bias, -1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+        return h + self.proj[i](out.transpose(1, 2).reshape(B, N, C))
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.block(self.block(h, 0), 1))
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_relative_position_bias_per_head_moves_with_the_heads(eager):
+    """The bias table of each block is a per-head parameter: its head axis is permuted with the block's heads (a
+    per-head coordinate of the attention group), exact as derived; moving the heads without the table changes
+    the outputs. A table shared by two blocks (T5) keeps their heads in place."""
+    torch.manual_seed(8)
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    model = RelativeBiasAttention(eager=eager).double()
+    spec = symmetry_spec(model, x, check=False)
+    assert not spec.pinned, spec.pinned
+    groups = {n: s.group for n, s in spec.spaces.items() if s.group.kind == "attention_heads"}
+    assert len(groups) == 2 and all(g.permute_heads and g.per_head == 1 for g in groups.values()), groups
+    report = verify_symmetry(model, x, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12, report
+    name, group = next(iter(groups.items()))
+    perm = torch.tensor([2, 0, 1])
+    eye = torch.eye(group.dk, dtype=torch.float64).expand(3, -1, -1).contiguous()
+    M = group.block_matrix(perm, eye, torch.eye(group.dv, dtype=torch.float64).expand(3, -1, -1).contiguous())
+    moved = apply_symmetry(model, {name: M.dense()}, spec)
+    assert relerr(model, moved, x) <= 1e-13
+    changed = [i for i in range(2) if not torch.equal(model.tables[i], moved.tables[i])]
+    assert len(changed) == 1
+    i = changed[0]
+    assert torch.equal(moved.tables[i][:, perm], model.tables[i])   # head g's column is now at perm[g]
+    stale = copy.deepcopy(moved)
+    with torch.no_grad():
+        stale.tables[i].copy_(model.tables[i])
+    assert relerr(model, stale, x) > 1e-3
+    shared = RelativeBiasAttention(eager=eager, shared=True).double()
+    spec = symmetry_spec(shared, x, check=False)
+    heads = [s.group for s in spec.spaces.values() if s.group.kind == "attention_heads"]
+    assert heads and not any(g.permute_heads for g in heads) and any("shared" in r for r in spec.pinned.values())
+    assert verify_symmetry(shared, x, spec=spec, trials=2).ok
+
+
+def test_the_per_head_coordinates_of_an_attention_group_are_only_permuted():
+    from intertwiners.symmetries.structured import AttentionGroup
+
+    G = AttentionGroup(3, 2, 2, per_head=1)
+    assert G.size == 15 and G.dimension(15) == AttentionGroup(3, 2, 2).dimension(12)
+    M = G.sample(generator=torch.Generator().manual_seed(0))
+    assert G.contains(M)
+    scaled = M.clone()
+    scaled[12:, 12:] *= 2.0    # the per-head coordinates scaled: not a member
+    assert not G.contains(scaled)

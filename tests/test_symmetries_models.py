@@ -402,8 +402,9 @@ class WrittenOutAttention(nn.Module):
 
 def test_written_out_attention_is_an_attention_block():
     """softmax(q k^T) v written with matmul: heads permuted and per-head maps on q/k and v/o, outputs
-    unchanged; an element that mixes heads changes them. A per-head parameter on the scores, or the scores
-    returned as an output, keep the heads in place (the per-head maps remain; never a wrong symmetry)."""
+    unchanged; an element that mixes heads changes them. A per-head parameter on the scores moves with the heads
+    (tests/test_symmetries_head_norms.py); the scores returned as an output keep the heads in place (the
+    per-head maps remain; never a wrong symmetry)."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 3, dtype=torch.float64)
     spec, new = check(WrittenOutAttention().double(), x)
@@ -416,12 +417,16 @@ def test_written_out_attention_is_an_attention_block():
     bad = apply_symmetry(model, {name: A}, spec, check=False)
     assert compare(model, bad, x, ("eval",))["eval"][1] > 1e-6
     # (scores returned: their heads reach the output, which is never listed as pinned)
-    for kwargs, why in (({"bias": True}, "per-head parameter"), ({"return_weights": True}, None)):
+    torch.manual_seed(0)
+    spec2, _ = check(WrittenOutAttention(bias=True).double(), x)
+    (group,) = [s.group for s in spec2.spaces.values() if s.kind == "attention_heads"]
+    assert group.permute_heads and group.per_head == 1 and not spec2.pinned, spec2.pinned
+    for kwargs in ({"return_weights": True},):
         torch.manual_seed(0)
         spec2, _ = check(WrittenOutAttention(**kwargs).double(), x)
         (group,) = [s.group for s in spec2.spaces.values() if s.kind == "attention_heads"]
         assert not group.permute_heads and group.qk == group.vo == "general_linear"
-        assert any(why in r for r in spec2.pinned.values()) if why else not spec2.pinned, spec2.pinned
+        assert not spec2.pinned, spec2.pinned
         # as derived (no safety net) nothing is wrong: the scores' heads stay in place
         assert verify_symmetry(WrittenOutAttention(**kwargs).double(), x, trials=2).ok
         # and that is needed: swapping the two heads (q, k, v rows and proj's columns) changes the outputs

@@ -31,8 +31,8 @@ def head_features(model: nn.Module, spec, space: str) -> dict[str, torch.Tensor]
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
     parts: dict[str, list] = {"q": [], "k": [], "v": [], "o": []}
     for slot in spec.slots(space):
-        if not isinstance(slot.reach, HeadBlocks):
-            continue
+        if not isinstance(slot.reach, HeadBlocks) or slot.reach.part not in parts:
+            continue   # a per-head parameter (a relative position bias) follows the heads matched here
         t = tensors[slot.tensor].detach().to(torch.float64)
         rows = t.reshape(-1, 1) if slot.axis is None else t.movedim(slot.axis, 0).reshape(t.shape[slot.axis], -1)
         feats = rows[torch.from_numpy(slot.positions)].reshape(len(slot.coords), -1)   # (coordinates, r·F)

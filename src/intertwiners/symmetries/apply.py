@@ -192,7 +192,7 @@ def _monomial(t: torch.Tensor, slot: Slot, axis: int, length: int, el) -> torch.
 def _dense_transform(slot: Slot, dense: _Dense) -> BlockMatrix:
     reach = slot.reach
     if isinstance(reach, HeadBlocks):
-        return dense.blocks(slot.coords, reach.part == "k", reach.part == "o")
+        return dense.blocks(slot.coords, reach.part == "k", reach.part in ("o", "h-"))
     exponent = reach.carried.linear.exponent
     if exponent == 0:
         raise ValueError("a dense element cannot pass a batch norm")

@@ -293,9 +293,10 @@ class Resolver:
                 split = len(sq) > 1 and len(sv) == 1 and not sq & sv and self._split_by_head_already(qk_rows)
                 if (len(sq) != 1 and not split) or len(sv) != 1 or sq == sv:
                     reason = "attention whose queries/keys or values share channels with other values"
-            head_spaces, heads_fixed = set(), rec.v is None
+            head_spaces, heads_fixed, head_params = set(), rec.v is None, False
             if reason is None and rec.heads is not None:
-                reason, head_spaces, heads_fixed = self._scores_check(rec.heads, {s for s in sq | sv if s >= 0})
+                reason, head_spaces, heads_fixed, head_params = self._scores_check(
+                    rec.heads, {s for s in sq | sv if s >= 0})
             coarse = reason is None and not split and dk > 0 and bool((qk_rows == qk_rows[:, :1]).all()) \
                 and len(set(qk_rows[:, 0].tolist())) == kv
             if coarse:  # queries/keys tied within each head (rotary embeddings): one scalar per head
@@ -334,27 +335,43 @@ class Resolver:
                     A.reasons.append("the values of this attention block are pinned")
                 elif A is not None:
                     self._split_by_head(A, qk_rows)
+                self._heads_in_place(head_spaces if head_params else (), "the attention block is pinned")
                 continue
             if not qk_free and A is not None:
                 self._split_by_head(A, qk_rows)
             if rec.v is None and not qk_free:
+                self._heads_in_place(head_spaces if head_params else (),
+                                     "the attention block keeps its heads in place")
                 continue
+            per_head = []   # classes of a per-head parameter on the scores' heads (Swin's relative position bias)
+            if qk_free and not heads_fixed and head_params and rep == 1:
+                per_head = [int(c) for c in self.classes(np.asarray(rec.heads).reshape(-1))]
+            elif head_params:
+                self._heads_in_place(head_spaces if head_params else (),
+                                     "the attention block keeps its heads in place")
             if qk_free:   # heads permute only when the scores reach the values head by head, and nothing else
-                group = AttentionGroup(kv, dk, dv, qk=qk_kind, permute_heads=not heads_fixed, name=rec.owner)
-                classes = [int(c) for c in qk_rows.reshape(-1)] + [int(c) for c in v_rows.reshape(-1)]
+                group = AttentionGroup(kv, dk, dv, qk=qk_kind, permute_heads=not heads_fixed, name=rec.owner,
+                                       per_head=1 if per_head else 0)
+                classes = [int(c) for c in qk_rows.reshape(-1)] + [int(c) for c in v_rows.reshape(-1)] + per_head
                 A.classes = []
             else:  # queries/keys pinned (e.g. rotary embeddings): per-head maps of the values only
                 group = AttentionGroup(kv, 0, dv, qk="identity", permute_heads=False, name=rec.owner)
                 classes = [int(c) for c in v_rows.reshape(-1)]
             B.classes = []
             for s in head_spaces:   # the scores' head axis moves with the heads of this block
-                spaces[s].classes = []
+                if not head_params or per_head:
+                    spaces[s].classes = []
             kept = A if A is not None else Draft([])   # split queries/keys keep their own sites and ties
             spaces.append(Draft(classes, [], False, set(), kept.sites + B.sites, kept.ties + B.ties, group, rec.owner))
             sid = len(spaces) - 1
             for i, c in enumerate(classes):
                 self.space_of[c] = sid
                 self.index_of[c] = i
+
+    def _heads_in_place(self, head_spaces, why: str) -> None:
+        """A per-head parameter on the scores' heads (``head_spaces``) stays fixed when the block keeps its heads."""
+        for s in head_spaces:
+            self.spaces[s].reasons.append(f"{why}: a per-head parameter on its heads stays in place")
 
     def _split_by_head(self, A: Draft, rows: np.ndarray) -> None:
         """Queries/keys that are not merged into an attention space because they keep a smaller group than the
@@ -392,36 +409,49 @@ class Resolver:
             seen.add(s)
         return True
 
-    def _scores_check(self, heads: np.ndarray, qkv_spaces: set) -> tuple[str | None, set, bool]:
-        """Written-out attention: the head atoms of its scores may only be read by the operations that keep
-        them (scaling, a mask shared by the heads, softmax, dropout) -- not pinned, not an output, not moved
-        with a parameter (a per-head bias such as a relative position table), not tied to anything else.
-        When they are, the heads stay in place (their spaces are pinned here) and every head keeps its maps:
-        a head's scores do not change under A_g, A_g^-T, so whatever reads them is unaffected. Returns
+    def _scores_check(self, heads: np.ndarray, qkv_spaces: set) -> tuple[str | None, set, bool, bool]:
+        """Written-out attention (or a mask with one channel per head): the head atoms of its scores may only be
+        read by the operations that keep them (scaling, a mask shared by the heads, softmax, dropout) or by a
+        parameter with one slice per head (a relative position bias table of this block alone) -- not pinned,
+        not an output, not tied to anything else, not shared with another block (T5's one table for every
+        layer). When they are, the heads stay in place (their spaces are pinned here) and every head keeps its
+        maps: a head's scores do not change under A_g, A_g^-T, so whatever reads them is unaffected. Returns
         (reason the block must be pinned -- only when the heads are tied to its queries, keys or values --,
-        the heads' spaces that move with the block's head permutation, whether the heads stay in place)."""
+        the heads' spaces that move with the block's head permutation, whether the heads stay in place,
+        whether those spaces reach a parameter: then they are coordinates of the block's group, permuted with
+        its heads, or pinned when the block keeps its heads in place)."""
         cls = self.classes(heads)
         if (cls < 0).any():
-            return None, set(), True
+            return None, set(), True, False
         spaces = {self.space_of[int(c)] for c in cls}
         if spaces & qkv_spaces:
-            return "attention scores whose heads are tied to its queries, keys or values", set(), True
-        why = None
+            return "attention scores whose heads are tied to its queries, keys or values", set(), True, False
+        why, bound = None, False
         if len(spaces) != 1 or len(self.spaces[next(iter(spaces))].classes) != len(cls):
             why = "attention scores whose heads are tied to other channels"
         elif any(self.spaces[s].reasons or self.spaces[s].output for s in spaces):
-            return None, set(), True   # pinned already (read by an operation that needs them fixed, an output)
+            return None, set(), True, False   # pinned already (read by an operation that needs them fixed, an output)
         else:
             if not hasattr(self, "_bound"):
                 self._bound = {int(c) for u in self.an.uses for c in self.classes(u.channels.atoms).tolist()
                                if c >= 0}
-            if any(int(c) in self._bound for c in cls):
-                why = "attention scores with a per-head parameter (e.g. a relative position bias)"
+                counts: dict[int, int] = {}
+                for rec in self.an.attention:
+                    if rec.heads is not None:
+                        for c in set(self.classes(np.asarray(rec.heads).reshape(-1)).tolist()):
+                            counts[c] = counts.get(c, 0) + 1
+                self._shared_heads = {c for c, n in counts.items() if n > 1}
+            bound = any(int(c) in self._bound for c in cls)
+            space = self.spaces[next(iter(spaces))]
+            if bound and (any(int(c) in self._shared_heads for c in cls)
+                          or not all(holds("permutation", c, self.an.groups) for c in space.constraints)):
+                why = "attention scores with a per-head parameter shared with other blocks (e.g. T5's relative " \
+                      "position bias)"
         if why is not None:
             for s in spaces:
                 self.spaces[s].reasons.append(why + ": heads stay in place")
-            return None, set(), True
-        return None, spaces, False
+            return None, set(), True, False
+        return None, spaces, False, bound
 
     def segments(self, ch: Channels, active: set | dict, splittable: set | frozenset = frozenset()) -> list[Segment]:
         """Where the ``active`` spaces sit among the positions of ``ch``: one :class:`Segment` per space,

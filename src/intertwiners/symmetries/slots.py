@@ -14,7 +14,8 @@ small frozen value saying how an element A = P·diag(s) (or a dense A) acts ther
 :class:`Gain`       w -> P diag(t/s) w: a per-channel factor between two values (norm gains, depthwise
                     filters, layer scale)
 :class:`Permuted`   w -> P w (running variances)
-:class:`HeadBlocks` attention: q/v rows (A_g / B_g), k rows (A_g^-T), o columns (B_g^-1); a gain or a
+:class:`HeadBlocks` attention: q/v rows (A_g / B_g), k rows (A_g^-T), o columns (B_g^-1), h (h-) rows
+                    (columns) of a per-head parameter, permuted with the heads; a gain or a
                     permuted tensor on queries/keys with one coordinate per head (a norm's gain over the whole
                     projection, OLMo 2's) keeps its reach: the element is monomial there
 :class:`Features`   the input of an activation site (``before``) and its output (``after``)
@@ -91,14 +92,15 @@ class Permuted:
 
 @dataclass(frozen=True)
 class HeadBlocks:
-    """An attention space's blocks: ``part`` ``"q"`` (rows, A_g), ``"k"`` (rows, A_g^-T), ``"v"`` (rows, B_g)
-    or ``"o"`` (columns, B_g^-1), heads permuted together; coordinates index the attention space
-    (queries/keys first, heads·dk of them, then values/outputs)."""
+    """An attention space's blocks: ``part`` ``"q"`` (rows, A_g), ``"k"`` (rows, A_g^-T), ``"v"`` (rows, B_g),
+    ``"o"`` (columns, B_g^-1), ``"h"`` / ``"h-"`` (rows / columns of a per-head parameter: the head permutation),
+    heads permuted together; coordinates index the attention space (queries/keys first, heads·dk of them, then
+    values/outputs, then the per-head coordinates)."""
     part: str
 
     @property
     def power(self) -> Power:
-        return Power(-1.0, True) if self.part in ("k", "o") else Power(1.0, True)
+        return Power(-1.0, True) if self.part in ("k", "o", "h-") else Power(1.0, True)
 
 
 @dataclass(frozen=True)
@@ -218,10 +220,11 @@ class SlotBuilder:
     def _head_slots(self, name, tensor, kind, dim, length, coords, positions, chain, role, group,
                     block) -> list[Slot]:
         """An attention slot split into its query/key and value/output parts."""
-        nq = group.heads * group.dk
+        nq, nv = group.heads * group.dk, group.heads * group.dv
         out = []
-        for sel, part in ((coords < nq, "k" if DUAL in chain else "q"), (coords >= nq, "o" if role == "columns"
-                                                                         else "v")):
+        for sel, part in ((coords < nq, "k" if DUAL in chain else "q"),
+                          ((coords >= nq) & (coords < nq + nv), "o" if role == "columns" else "v"),
+                          (coords >= nq + nv, "h-" if role == "columns" else "h")):
             if sel.any():
                 out.append(Slot(name, tensor, kind, dim, length, coords[sel], positions[sel], HeadBlocks(part),
                                 block))

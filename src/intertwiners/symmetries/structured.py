@@ -12,6 +12,10 @@ coordinates (last heads·dv)::
 (c·I, e.g. with rotary position embeddings, which commute only with such maps here), ``"positive"`` (c·I,
 c > 0), ``"sign"`` (±I: queries and keys normalised per head, Qwen3's and Gemma 3's ``q_norm``/``k_norm``,
 which an odd norm lets through) or ``"identity"``; ``permute_heads`` whether heads may be permuted.
+``per_head`` = 1 adds one coordinate per head after the value coordinates, only permuted with the heads (a
+relative position bias table's head axis, Swin's, BEiT's)::
+
+    M = diag((P ⊗ I_dk)·blockdiag(A_g), (P ⊗ I_dv)·blockdiag(B_g), P)
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class AttentionGroup:
     vo: str = "general_linear"
     permute_heads: bool = True
     name: str = "attention"
+    per_head: int = 0
 
     kind = "attention_heads"
     is_monomial = False
@@ -46,16 +51,19 @@ class AttentionGroup:
     def __post_init__(self):
         if self.qk not in _INNER or self.vo not in _INNER:
             raise ValueError(f"qk and vo must be one of {_INNER}")
+        if self.per_head not in (0, 1):
+            raise ValueError("per_head must be 0 or 1")
 
     @property
     def size(self) -> int:
-        return self.heads * (self.dk + self.dv)
+        return self.heads * (self.dk + self.dv + self.per_head)
 
     @property
     def description(self) -> str:
         perm = "permutations of heads" if self.permute_heads else "no head permutation"
+        extra = "; a per-head parameter permuted with them" if self.per_head else ""
         return (f"attention with {self.heads} heads: {perm}; per head A ({self.qk}, {self.dk}x{self.dk}) on "
-                f"queries/keys and B ({self.vo}, {self.dv}x{self.dv}) on values/outputs")
+                f"queries/keys and B ({self.vo}, {self.dv}x{self.dv}) on values/outputs{extra}")
 
     def __str__(self) -> str:
         return f"G_attention: {self.description}"
@@ -112,9 +120,9 @@ class AttentionGroup:
         if A.shape != (self.size, self.size) or not torch.isfinite(A).all():
             return None
         h, dk, dv = self.heads, self.dk, self.dv
-        o = h * dk
+        o, e = h * dk, h * (dk + dv)
         qk = A[:o, :o].reshape(h, dk, h, dk)
-        vo = A[o:, o:].reshape(h, dv, h, dv)
+        vo = A[o:e, o:e].reshape(h, dv, h, dv)
         norms = (qk.abs().sum((1, 3)) if dk else 0) + (vo.abs().sum((1, 3)) if dv else 0)   # (target, source)
         perm = torch.as_tensor(norms).argmax(0)
         if not torch.equal(torch.sort(perm).values, torch.arange(h)):
@@ -124,7 +132,12 @@ class AttentionGroup:
         rest_qk, rest_vo = qk.clone(), vo.clone()
         rest_qk[perm, :, src, :] = 0
         rest_vo[perm, :, src, :] = 0
-        off = max((float(t.abs().max()) for t in (rest_qk, rest_vo, A[:o, o:], A[o:, :o]) if t.numel()), default=0.0)
+        rest = [rest_qk, rest_vo, A[:o, o:e], A[o:e, :o], A[:e, e:], A[e:, :e]]
+        if self.per_head:   # the per-head coordinates: exactly the head permutation
+            moved = torch.zeros(h, h, dtype=A.dtype)
+            moved[perm, src] = 1.0
+            rest.append(A[e:, e:] - moved)
+        off = max((float(t.abs().max()) for t in rest if t.numel()), default=0.0)
         if off > atol:
             return None
         return perm, qk_blocks, vo_blocks
@@ -135,7 +148,8 @@ class AttentionGroup:
         h, dk, dv = self.heads, self.dk, self.dv
         src = torch.arange(h)
         parts = []
-        for offset, d, blocks in ((0, dk, qk), (h * dk, dv, vo)):
+        ones = torch.ones(h, 1, 1, dtype=qk.dtype if dk else vo.dtype, device=(qk if dk else vo).device)
+        for offset, d, blocks in ((0, dk, qk), (h * dk, dv, vo), (h * (dk + dv), self.per_head, ones)):
             if d:
                 ar = torch.arange(d)
                 parts.append((offset + perm[:, None] * d + ar, offset + src[:, None] * d + ar, blocks))

@@ -68,8 +68,9 @@ def _heads_table(t: Layout):
 def sdpa(ctx: Context, node: fx.Node):
     """softmax(q k^T / s + mask) v per head: (q, k) -> (A q, A^-T k) and v -> B v per head, heads permuted
     together. Keys are tied to queries with a dual transform; the output carries the values' transform. A mask
-    that is a hidden value with channels on the head axis (a per-head bias from a parameter table) is pinned
-    and keeps the heads in place (recorded as the block's head atoms, which the resolver then finds fixed)."""
+    that is a hidden value with channels on the head axis (a per-head bias from a parameter table, Swin's and
+    BEiT's relative position bias) is recorded as the block's head atoms: the resolver permutes the table's
+    head axis with the heads, or keeps the heads in place (the table shared by several blocks, as T5's)."""
     q, k, v = (ctx.value(a) for a in node.args[:3])
     mask_arg = ctx.arg(node, 3, "attn_mask")
     mask = ctx.value(mask_arg)
@@ -79,15 +80,15 @@ def sdpa(ctx: Context, node: fx.Node):
         if mask.simple_dim() != mask.ndim - 3:
             return ctx.unsupported(node, f"{ctx.describe(node)}: a mask with channels outside the head axis")
         heads = mask.atoms
-        ctx.pin(mask, f"{ctx.describe(node)}: a per-head attention bias (e.g. a relative position bias) keeps the "
-                      "heads in place")
-        mask = None
     elif _varies_across_heads(ctx, mask_arg, shape):   # an untransformed per-head bias (ALiBi, a bias table)
         H = shape[-3]
         heads = ctx.keep(L.simple(ctx.atoms.new(H), np.zeros(H, np.int64), (H,), 0)).atoms
         ctx.atoms.pin(heads, f"{ctx.describe(node)}: a mask that differs between heads (e.g. ALiBi) keeps the heads "
                              "in place")
     if isinstance(v, Layout) and q is None and k is None:
+        if heads is not None and isinstance(mask, Layout):
+            ctx.pin(mask, f"{ctx.describe(node)}: a per-head attention bias with untransformed queries and keys "
+                          "keeps the heads in place")
         got = _heads_table(v)
         if got is None:
             return ctx.unsupported(node, f"{ctx.describe(node)}: channels outside the head and head-width axes")
