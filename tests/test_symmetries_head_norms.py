@@ -441,3 +441,51 @@ def test_the_per_head_coordinates_of_an_attention_group_are_only_permuted():
     scaled = M.clone()
     scaled[12:, 12:] *= 2.0    # the per-head coordinates scaled: not a member
     assert not G.contains(scaled)
+
+
+class GroupedRelativeBias(nn.Module):
+    """Grouped-query attention (4 query heads, 2 key/value heads) with a bias table of one column per query head
+    as the mask: the key/value groups move two query heads at a time, which a per-query-head table cannot
+    follow as a coordinate of the block."""
+
+    def __init__(self, width=2, tokens=5):
+        super().__init__()
+        self.width = width
+        self.inp, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.q, self.k, self.v = nn.Linear(8, 4 * width), nn.Linear(8, 2 * width), nn.Linear(8, 2 * width)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1, 4))
+        pos = torch.arange(tokens)
+        self.register_buffer("index", (pos[:, None] - pos[None, :] + tokens - 1).reshape(-1))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        B, N, _ = h.shape
+        q = self.q(h).view(B, N, 4, self.width).transpose(1, 2)
+        k, v = (f(h).view(B, N, 2, 1, self.width).expand(B, N, 2, 2, self.width).reshape(B, N, 4, self.width)
+                .transpose(1, 2) for f in (self.k, self.v))
+        bias = self.table[self.index].view(N, N, 4).permute(2, 0, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+        return self.out(out.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_a_bias_per_query_head_keeps_grouped_heads_in_place():
+    """With grouped-query attention the bias table stays fixed and so do the heads (their per-head maps remain):
+    exact as derived. Permuting the key/value groups (with their query heads) without the table changes the
+    outputs, which is why."""
+    torch.manual_seed(9)
+    model = GroupedRelativeBias().double()
+    spec = symmetry_spec(model, X, check=False)
+    (group,) = [s.group for s in spec.spaces.values() if s.group.kind == "attention_heads"]
+    assert not group.permute_heads and group.per_head == 0 and group.heads == 2
+    assert any("per-head parameter on its heads stays in place" in r for r in spec.pinned.values()), spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12, report
+    swapped = copy.deepcopy(model)
+    q_rows = torch.cat([torch.arange(4, 8), torch.arange(0, 4)])   # query heads (0, 1) <-> (2, 3)
+    kv_rows = torch.tensor([2, 3, 0, 1])
+    with torch.no_grad():
+        for layer, rows in ((swapped.q, q_rows), (swapped.k, kv_rows), (swapped.v, kv_rows)):
+            layer.weight.copy_(layer.weight[rows])
+            layer.bias.copy_(layer.bias[rows])
+        swapped.out.weight.copy_(model.out.weight[:, q_rows])
+    assert relerr(model, swapped) > 1e-3

@@ -344,11 +344,11 @@ class Resolver:
                                      "the attention block keeps its heads in place")
                 continue
             per_head = []   # classes of a per-head parameter on the scores' heads (Swin's relative position bias)
-            if qk_free and not heads_fixed and head_params and rep == 1:
+            if head_params and qk_free and not heads_fixed and rep == 1:
                 per_head = [int(c) for c in self.classes(np.asarray(rec.heads).reshape(-1))]
-            elif head_params:
-                self._heads_in_place(head_spaces if head_params else (),
-                                     "the attention block keeps its heads in place")
+            elif head_params:   # (one slice per query head, but grouped-query heads move in groups)
+                heads_fixed = True
+                self._heads_in_place(head_spaces, "the attention block keeps its heads in place")
             if qk_free:   # heads permute only when the scores reach the values head by head, and nothing else
                 group = AttentionGroup(kv, dk, dv, qk=qk_kind, permute_heads=not heads_fixed, name=rec.owner,
                                        per_head=1 if per_head else 0)
@@ -443,10 +443,11 @@ class Resolver:
                 self._shared_heads = {c for c, n in counts.items() if n > 1}
             bound = any(int(c) in self._bound for c in cls)
             space = self.spaces[next(iter(spaces))]
-            if bound and (any(int(c) in self._shared_heads for c in cls)
-                          or not all(holds("permutation", c, self.an.groups) for c in space.constraints)):
+            if bound and any(int(c) in self._shared_heads for c in cls):
                 why = "attention scores with a per-head parameter shared with other blocks (e.g. T5's relative " \
                       "position bias)"
+            elif bound and not all(holds("permutation", c, self.an.groups) for c in space.constraints):
+                why = "attention scores with a per-head parameter read by an operation that needs the heads fixed"
         if why is not None:
             for s in spaces:
                 self.spaces[s].reasons.append(why + ": heads stay in place")
