@@ -119,7 +119,7 @@ def heads_moved(model, spec, space, generator, perm, signs):
     return apply_symmetry(model, {space: M}, spec, check=False)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(norm=st.sampled_from(NORMS), heads=st.sampled_from([(4, 2), (4, 4), (3, 1)]), width=st.sampled_from([2, 4, 6]),
        rotary=st.booleans(), eager=st.booleans(), seed=st.integers(0, 2**16))
 def test_heads_normalised_per_head_still_permute(norm, heads, width, rotary, eager, seed):
@@ -328,17 +328,18 @@ def test_transformers_queries_and_keys_normalised_per_head(family):
     import replicas
 
     model, ids = replicas.hf_family(family, dtype=torch.float64)
-    spec = symmetry_spec(model, (ids,))
+    spec = symmetry_spec(model, (ids,), check=family == "qwen3")   # the safety check once: it pins nothing
     assert not spec.pinned, spec.pinned
     groups = [s.group for s in spec.spaces.values() if s.group.kind == "attention_heads"]
     assert len(groups) == 2 and all(g.permute_heads and g.qk == "sign" and g.dk == 1 for g in groups), groups
-    report = verify_symmetry(model, (ids,), spec=spec, trials=2)
+    report = verify_symmetry(model, (ids,), spec=spec, trials=1)
     assert report.ok and report.max_rel <= 1e-5, report
     moved = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(0)), spec)
     q = model.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(q, moved.model.layers[0].self_attn.q_proj.weight)
-    back = align(model, moved, example_input=ids, method="weights").model
-    assert max(float((p - r).detach().abs().max()) for p, r in zip(model.parameters(), back.parameters())) < 1e-6
+    if family == "qwen3":
+        back = align(model, moved, example_input=ids, method="weights").model
+        assert max(float((p - r).detach().abs().max()) for p, r in zip(model.parameters(), back.parameters())) < 1e-6
 
 
 @pytest.mark.parametrize("norm, kv", [("whole", 2), ("rms", 1)])
