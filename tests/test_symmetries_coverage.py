@@ -825,6 +825,31 @@ def test_a_value_with_fewer_dimensions_is_broadcast_before_the_residual_tie():
     assert not torch.equal(new.pos.weight, model.pos.weight) and not torch.equal(new.a.weight, model.a.weight)
 
 
+class BroadcastToken(nn.Module):
+    """A class token of shape (d,) broadcast over the batch, then given its token axis (torchvision's MViT:
+    ``class_token.expand(B, -1).unsqueeze(1)``), or a (1, d) token squeezed after the broadcast."""
+
+    def __init__(self, squeeze: bool):
+        super().__init__()
+        self.squeeze = squeeze
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6) if squeeze else torch.randn(6))
+
+    def forward(self, x):
+        B = x.shape[0]
+        c = self.cls.expand(B, 1, -1).squeeze(1).unsqueeze(1) if self.squeeze else self.cls.expand(B, -1).unsqueeze(1)
+        return self.b(torch.relu(torch.cat([c, self.a(x)], dim=1)))
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_a_class_token_viewed_after_its_broadcast_moves_with_its_channels(squeeze):
+    # the view reads the parameter's own elements: with a batch of two, the expanded shape holds twice as many
+    torch.manual_seed(0)
+    model = BroadcastToken(squeeze).double()
+    _, new = one_exact_space(model, X, 6)
+    assert not torch.equal(new.cls, model.cls)
+
+
 class FixedWeights(nn.Module):
     """Values mixed over tokens by untransformed weights (a buffer): the same for every head, or one matrix per
     head; with ``matmul`` on (B, H, T, w) or ``bmm`` with the heads folded into the batch axis."""

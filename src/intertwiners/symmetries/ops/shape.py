@@ -48,8 +48,22 @@ def passthrough(ctx: Context, node: fx.Node):
     return None
 
 
-def _param_view(ctx: Context, node: fx.Node, x: ParamRef) -> ParamRef:
-    return ParamRef(x.name, ctx.shape(node) or x.shape)
+def _param_view(ctx: Context, node: fx.Node, x: ParamRef) -> ParamRef | None:
+    """A view of a parameter: its own elements in the node's shape. A parameter broadcast before (``expand``
+    keeps its own shape: ``cls.expand(B, -1).unsqueeze(1)``) holds fewer elements than the node; its own axes are
+    the trailing ones, so an unsqueeze or squeeze is followed there and any other view is refused."""
+    shape = ctx.shape(node)
+    if shape is None or int(np.prod(shape)) == int(np.prod(x.shape)):
+        return ParamRef(x.name, tuple(shape) if shape is not None else x.shape)
+    op, src, own = node.target.overloadpacket, ctx.shape(node.args[0]), tuple(x.shape)
+    if op is aten.unsqueeze:
+        after = len(src) - node.args[1] % (len(src) + 1)  # the input's axes after the new one
+        return ParamRef(x.name, own[:len(own) - after] + (1,) + own[len(own) - after:] if after <= len(own) else own)
+    if op is aten.squeeze:
+        dims = node.args[1] if len(node.args) > 1 else range(len(src))
+        gone = {d % len(src) - (len(src) - len(own)) for d in ([dims] if isinstance(dims, int) else dims)}
+        return ParamRef(x.name, tuple(n for i, n in enumerate(own) if not (i in gone and n == 1)))
+    return ctx.unsupported(node, f"{ctx.describe(node)} reshapes a broadcast parameter")
 
 
 @builtin(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.reshape_as, aten.view_as)
