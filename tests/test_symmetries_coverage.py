@@ -1086,3 +1086,64 @@ def test_a_layer_norm_over_channels_merged_in_another_order_moves_its_gain_by_po
         order = (torch.arange(12).view(3, 4)[torch.argsort(perm)]).reshape(-1)
         wrong.norm.weight.copy_(model.norm.weight[order])
     assert (wrong(x) - model(x)).abs().max() > 1e-4
+
+
+class HyperConnected(nn.Module):
+    """Hyper-connections (DeepSeek V4's mHC): ``n`` residual streams (B, T, n, d), collapsed into a block's input
+    by weights per token and stream computed from the streams (``pre``), the block's output spread back over the
+    streams (``post``: an outer product) and the streams mixed by an n×n matrix per token (``comb``), with a
+    softmax over a learned bias, or without one (a hidden value times the streams)."""
+
+    def __init__(self, comb_softmax: bool, d=6, n=3, hidden=8):
+        super().__init__()
+        self.n, self.comb_softmax = n, comb_softmax
+        self.embed, self.out = nn.Linear(4, d), nn.Linear(d, 3)
+        self.fn = nn.Parameter(0.3 * torch.randn((2 + n) * n, n * d))
+        self.base = nn.Parameter(0.3 * torch.randn((2 + n) * n))
+        self.norm, self.up, self.down = nn.RMSNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.head_fn = nn.Parameter(0.3 * torch.randn(n, n * d))
+
+    @staticmethod
+    def rms(x):
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+
+    def forward(self, x):
+        n, h = self.n, self.embed(x)
+        B, T, d = h.shape
+        s = h.unsqueeze(2).expand(-1, -1, n, -1).contiguous()                       # (B, T, n, d)
+        mix = F.linear(self.rms(s.view(B, T, -1)), self.fn)
+        pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
+        pre = torch.sigmoid(pre_w + self.base[:n])
+        post = 2 * torch.sigmoid(post_w)
+        comb = comb_w.view(B, T, n, n)
+        comb = torch.softmax(comb + self.base[2 * n:].view(n, n), -1) if self.comb_softmax else torch.sigmoid(comb)
+        y = self.down(torch.relu(self.up(self.norm((pre.unsqueeze(-1) * s).sum(dim=2)))))
+        s = post.unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), s)
+        pre = torch.sigmoid(F.linear(self.rms(s.flatten(2)), self.head_fn))
+        return self.out((pre.unsqueeze(-1) * s).sum(dim=2))
+
+
+@pytest.mark.parametrize("comb_softmax", [True, False])
+def test_hyper_connected_streams_move_and_their_mixing_weights_stay(comb_softmax):
+    """The streams' channels keep the residual stream's group (signed permutations: the norms are odd) through
+    the collapse, the spread and the mixing: each mixing weight is the same for every channel of a stream, so its
+    units stay untransformed and nothing else is pinned for it. Pinned as it must be: permuting the last collapse
+    weights' units changes the outputs."""
+    torch.manual_seed(0)
+    model = HyperConnected(comb_softmax).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    spec = symmetry_spec(model, x, check=False)
+    stream = spec.spaces["embed"]
+    assert stream.kind == "signed_permutation" and stream.size == 6
+    assert spec.spaces[":relu"].kind == "positive_scaled_permutation"
+    assert any("a gate broadcast across the channels it scales" in r for r in spec.pinned.values()), spec.pinned
+    if not comb_softmax:
+        assert any("weights that mix values along an axis without channels" in r for r in spec.pinned.values())
+    report = verify_symmetry(model, x, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    moved = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(moved.fn, model.fn) and not torch.equal(moved.embed.weight, model.embed.weight)
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():   # the last collapse weights' units permuted (the streams differ by then)
+        wrong.head_fn.copy_(model.head_fn[[1, 2, 0]])
+        assert (wrong(x) - model(x)).abs().max() > 1e-4

@@ -108,12 +108,16 @@ def mul(ctx: Context, node: fx.Node):
     shape = ctx.shape(node)
     div = node.target.overloadpacket in (aten.div, aten.div_)
     if isinstance(a, Layout) and isinstance(b, Layout):
-        for x, g in ((a, b), (b, a)):
-            if not div and _per_position(x, g, shape):
-                # a one-unit gate (Qwen2-MoE's sigmoid(shared_expert_gate(h))): a factor per token, the same
-                # for every channel of x; its unit stays untransformed
-                ctx.pin(g, f"{ctx.describe(node)}: a one-unit gate broadcast across the channels it scales")
-                return _shaped(x, shape)
+        gates = [(x, g) for x, g in ((a, b), (b, a)) if not div and _per_position(x, g, shape)]
+        if gates:
+            # a gate broadcast across every channel axis of x: a factor per token (Qwen2-MoE's
+            # sigmoid(shared_expert_gate(h))) or per token and stream (hyper-connections' weights (B, T, n, 1)
+            # times the streams (B, T, n, d)), the same for every channel of x. Its units stay untransformed
+            # (the smaller of the two when each is broadcast across the other's channels: an outer product)
+            x, g = min(gates, key=lambda xg: len(xg[1].atoms))
+            unit = "one-unit " if len(g.atoms) == 1 else ""
+            ctx.pin(g, f"{ctx.describe(node)}: a {unit}gate broadcast across the channels it scales")
+            return _shaped(x, shape)
         if not L.same_structure(a, b):
             return broadcast_gate(ctx, node, a, b, shape, div)
         if div:
@@ -147,8 +151,9 @@ def mul(ctx: Context, node: fx.Node):
 
 
 def _per_position(x: Layout, g: Layout, shape) -> bool:
-    """Is g one channel, broadcast along every channel axis of x (a factor per token/pixel)?"""
-    if len(g.atoms) != 1 or len(x.atoms) == 1 or shape is None:
+    """Is g broadcast along every channel axis of x (a factor per token/pixel, or per token and stream, the
+    same for all of x's channels)?"""
+    if len(x.atoms) == 1 or shape is None or x.ndim > len(shape) or g.ndim > len(shape):
         return False
     gs = (1,) * (len(shape) - g.ndim) + tuple(g.shape)
     xd = [d + len(shape) - x.ndim for d in x.feature_dims()]

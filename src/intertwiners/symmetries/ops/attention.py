@@ -237,6 +237,11 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: 
         _merge_added_scores(ctx, scores, a.atoms, qa, ka)
         _record(ctx, node, qa, ka, va, heads=a.atoms)
         return L.with_non_feature_size(b, nd - 2, shape[nd - 2])
+    if fa <= {nd - 2, nd - 1} and fb == {nd - 1} and not set(a.atoms.tolist()) & set(scores):
+        # weights computed from hidden values that mix b along an axis without channels (hyper-connections'
+        # stream mixing ``comb^T @ streams``, (B, T, n, n) @ (B, T, n, d)): the weights' units stay untransformed
+        ctx.pin(a, f"{ctx.describe(node)}: weights that mix values along an axis without channels")
+        return weights_times_values(ctx, node, node.args[0], b)
     return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
 
 
