@@ -22,6 +22,8 @@ around it.
 from __future__ import annotations
 
 import contextlib
+import io
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -176,9 +178,20 @@ def _capture_traced(model: nn.Module, args) -> Captured:
 
 
 def _export(model: nn.Module, args):
+    """``torch.export`` of the model; the partial graph the exporter prints to stderr when it fails (hundreds of
+    kilobytes for a detection model) is dropped, everything else it writes there is passed on."""
     wrapper = _Wrap(model, list(args) if isinstance(args, dict) else None)
-    with torch.no_grad(), eval_mode(model), _no_stack_traces():
-        return torch.export.export(wrapper, tuple(input_tensors(args)), strict=False)
+    written = io.StringIO()
+    try:
+        with torch.no_grad(), eval_mode(model), _no_stack_traces(), contextlib.redirect_stderr(written):
+            return torch.export.export(wrapper, tuple(input_tensors(args)), strict=False)
+    except Exception as err:
+        partial = getattr(err, "partial_fx_graph", None)
+        if partial is not None:
+            written = io.StringIO(written.getvalue().replace(f"{partial}\n", ""))
+        raise
+    finally:
+        sys.stderr.write(written.getvalue())
 
 
 def _data_dependent(err: BaseException) -> bool:
