@@ -1147,3 +1147,35 @@ def test_hyper_connected_streams_move_and_their_mixing_weights_stay(comb_softmax
     with torch.no_grad():   # the last collapse weights' units permuted (the streams differ by then)
         wrong.head_fn.copy_(model.head_fn[[1, 2, 0]])
         assert (wrong(x) - model(x)).abs().max() > 1e-4
+
+
+class OneHotPositions(nn.Module):
+    """Gemma 4's vision position embeddings: a table (2, positions, d) per coordinate axis read through one-hot
+    vectors, ``one_hot(ids) @ table`` (B, 2, T, d), summed over the axes and added to the residual stream."""
+
+    def __init__(self, d=6, positions=5):
+        super().__init__()
+        self.positions = positions
+        self.inp, self.out = nn.Linear(4, d), nn.Linear(d, 3)
+        self.table = nn.Parameter(torch.randn(2, positions, d))
+
+    def forward(self, x):                                        # (B, T, 4)
+        B, T, _ = x.shape
+        ids = torch.stack([torch.arange(T) % self.positions, torch.arange(T) // 2], 0).expand(B, 2, T)
+        one_hot = F.one_hot(ids, self.positions).to(self.table)  # (B, 2, T, positions)
+        pos = (one_hot @ self.table).sum(dim=1)                  # (B, T, d)
+        return self.out(torch.relu(self.inp(x) + pos))
+
+
+def test_a_table_read_through_one_hot_vectors_moves_with_the_stream():
+    """Untransformed coefficients times a parameter's rows, slice by slice, is an embedding: the table's last axis
+    carries the channels it is added to. Exact as derived; the table moved with another permutation than the
+    stream's changes the outputs."""
+    torch.manual_seed(0)
+    model = OneHotPositions().double()
+    spec, new = one_exact_space(model, X, 6)
+    assert not torch.equal(new.table, model.table)
+    wrong = copy.deepcopy(new)
+    with torch.no_grad():
+        wrong.table.copy_(new.table[..., [1, 0, 2, 3, 4, 5]])
+    assert (wrong(X) - model(X)).abs().max() > 1e-4

@@ -61,9 +61,12 @@ class HeadNormAttention(nn.Module):
     ``norm="whole"``: an RMS norm over the whole projection before it is split into heads, with a gain per
     channel (OLMo 2); ``norm=None``: no norm."""
 
-    def __init__(self, norm="rms", heads=4, kv=2, width=4, rotary=True, eager=False):
+    def __init__(self, norm="rms", heads=4, kv=2, width=4, rotary=True, eager=False, v_norm=None):
         super().__init__()
         self.heads, self.kv, self.width, self.rotary, self.eager = heads, kv, width, rotary, eager
+        # values normalised per head too (Gemma 4: an RMS norm without a gain, ``"plain"``)
+        self.v_norm = nn.RMSNorm(width, elementwise_affine=False) if v_norm == "plain" else \
+            HeadNorm(v_norm, width) if v_norm else nn.Identity()
         self.inp = nn.Linear(4, 8)
         self.q, self.k = nn.Linear(8, heads * width), nn.Linear(8, kv * width)
         self.v, self.o = nn.Linear(8, kv * width), nn.Linear(heads * width, 3)
@@ -81,7 +84,7 @@ class HeadNormAttention(nn.Module):
         else:
             q = self.q_norm(self.q(h).view(B, N, self.heads, self.width)).transpose(1, 2)
             k = self.k_norm(self.k(h).view(B, N, self.kv, self.width)).transpose(1, 2)
-        v = self.v(h).view(B, N, self.kv, self.width).transpose(1, 2)
+        v = self.v_norm(self.v(h).view(B, N, self.kv, self.width)).transpose(1, 2)
         if self.rotary:
             angles = torch.arange(N, dtype=h.dtype)[:, None] / 10.0 ** torch.arange(self.width // 2, dtype=h.dtype)
             cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
@@ -490,3 +493,32 @@ def test_a_bias_per_query_head_keeps_grouped_heads_in_place():
             layer.bias.copy_(layer.bias[rows])
         swapped.out.weight.copy_(model.out.weight[:, q_rows])
     assert relerr(model, swapped) > 1e-3
+
+
+@pytest.mark.parametrize("v_norm, vo", [("plain", "sign"), ("rms", "sign"), ("layer_norm", "identity")])
+def test_values_normalised_per_head_keep_head_permutations(v_norm, vo):
+    """Values normalised over each head's width (Gemma 4 normalises queries, keys and values): one value
+    coordinate per head, the heads still permute together with their outputs' columns, each head with a sign
+    when the norm is odd and nothing under a bias; exact as derived. Excluded, and needed: a positive scale of
+    a head's values (the norm undoes it, the output projection would not), a sign under the layer norm's bias."""
+    torch.manual_seed(3)
+    model = HeadNormAttention("rms", kv=2, v_norm=v_norm).double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    space, group = attention_space(spec)
+    assert group.permute_heads and (group.dk, group.dv) == (1, 1) and (group.qk, group.vo) == ("sign", vo), group
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12, report
+    ones = torch.ones(2, 1, 1, dtype=torch.float64)
+    swap = group.block_matrix(torch.tensor([1, 0]), ones, -ones if vo == "sign" else ones).dense()
+    moved = apply_symmetry(model, {space: swap}, spec)   # the two key/value heads swapped, values' signs flipped
+    assert relerr(model, moved) <= 1e-13
+    for name in ("q", "k", "v", "o"):
+        assert not torch.equal(getattr(model, name).weight, getattr(moved, name).weight), name
+    for factor in (2.0, -1.0):   # a scale (never allowed) and a sign (not under a bias) on the first value head
+        if factor == -1.0 and vo == "sign":
+            continue
+        vo_blocks = torch.ones(2, 1, 1, dtype=torch.float64)
+        vo_blocks[0] = factor
+        M = group.block_matrix(torch.arange(2), torch.ones(2, 1, 1, dtype=torch.float64), vo_blocks).dense()
+        assert relerr(model, apply_symmetry(model, {space: M}, spec, check=False)) > 1e-3, factor

@@ -301,6 +301,10 @@ class Resolver:
                 and len(set(qk_rows[:, 0].tolist())) == kv
             if coarse:  # queries/keys tied within each head (rotary embeddings): one scalar per head
                 qk_rows, dk = qk_rows[:, :1], 1
+            v_coarse = reason is None and dv > 1 and bool((v_rows == v_rows[:, :1]).all()) \
+                and len(set(v_rows[:, 0].tolist())) == kv
+            if v_coarse:  # values tied within each head (normalised per head, Gemma 4's v_norm): one per head
+                v_rows, dv = v_rows[:, :1], 1
             if reason is None:
                 s_qk, s_v = (-1 if split else sq.pop()), sv.pop()
                 A = None if split else spaces[s_qk] if s_qk >= 0 else Draft([], ["no queries/keys"])
@@ -329,7 +333,11 @@ class Resolver:
                 # each with the scalar that every operation on the queries/keys lets through
                 qk_kind = per_head_scalar(A.constraints, an.groups)
                 qk_free = qk_kind is not None
-            if B.reasons or B.output or not all(holds("general_linear", c, an.groups) for c in B.constraints):
+            vo_kind = "general_linear"
+            if v_coarse and not B.reasons and not B.output:   # each head's scalar, as for queries/keys
+                vo_kind = per_head_scalar(B.constraints, an.groups)
+            if B.reasons or B.output or vo_kind is None \
+                    or not (v_coarse or all(holds("general_linear", c, an.groups) for c in B.constraints)):
                 B.reasons.append("the attention output is read by an operation that needs a smaller group")
                 if qk_free:
                     A.reasons.append("the values of this attention block are pinned")
@@ -350,12 +358,12 @@ class Resolver:
                 heads_fixed = True
                 self._heads_in_place(head_spaces, "the attention block keeps its heads in place")
             if qk_free:   # heads permute only when the scores reach the values head by head, and nothing else
-                group = AttentionGroup(kv, dk, dv, qk=qk_kind, permute_heads=not heads_fixed, name=rec.owner,
-                                       per_head=1 if per_head else 0)
+                group = AttentionGroup(kv, dk, dv, qk=qk_kind, vo=vo_kind, permute_heads=not heads_fixed,
+                                       name=rec.owner, per_head=1 if per_head else 0)
                 classes = [int(c) for c in qk_rows.reshape(-1)] + [int(c) for c in v_rows.reshape(-1)] + per_head
                 A.classes = []
             else:  # queries/keys pinned (e.g. rotary embeddings): per-head maps of the values only
-                group = AttentionGroup(kv, 0, dv, qk="identity", permute_heads=False, name=rec.owner)
+                group = AttentionGroup(kv, 0, dv, qk="identity", vo=vo_kind, permute_heads=False, name=rec.owner)
                 classes = [int(c) for c in v_rows.reshape(-1)]
             B.classes = []
             for s in head_spaces:   # the scores' head axis moves with the heads of this block

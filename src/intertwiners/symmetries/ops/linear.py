@@ -179,6 +179,11 @@ def matmul(ctx: Context, node: fx.Node):
         return producer(ctx, node, x, wt, None, ndim - 1, 0, 1, in_dim)
     if _stacked_experts(ctx, x, w):   # (E, tokens, in) @ (E, in, out): one linear layer per expert
         return producer(ctx, node, x, w, None, 2, 2, 1, 2)
+    if x is None and isinstance(w, ParamRef) and len(w.shape) == 3 and own_parameter(ctx, w) \
+            and w.name not in ctx.captured.buffers:
+        # untransformed coefficients times each slice's rows, (..., k, n, V) @ (k, V, C) (Gemma 4's position
+        # tables read through one-hot vectors): an embedding per slice, its columns the new channels
+        return producer(ctx, node, None, w, None, ndim - 1, 2, 1, None)
     if not isinstance(w, ParamRef) or len(w.shape) != 2:
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values (or a non-parameter "
                                      "weight) is not supported")
