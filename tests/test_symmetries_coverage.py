@@ -1179,3 +1179,45 @@ def test_a_table_read_through_one_hot_vectors_moves_with_the_stream():
     with torch.no_grad():
         wrong.table.copy_(new.table[..., [1, 0, 2, 3, 4, 5]])
     assert (wrong(X) - model(X)).abs().max() > 1e-4
+
+
+class Upsampling(nn.Module):
+    """A decoder's upsampling (U-Nets, SAM's mask decoder, timm's LowFormer): a transposed convolution between two
+    convolutions, its weight (in, out, k, k) -- rows on its second axis, columns on its first."""
+
+    def __init__(self, conv_module: bool = True):
+        super().__init__()
+        self.conv_module = conv_module
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(5, 2, 1)
+        self.up = nn.ConvTranspose2d(4, 5, 2, stride=2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.conv_module:
+            u = self.up(h)
+        else:   # the generic convolution with its transposed flag (what some exports produce)
+            u = torch.ops.aten.convolution(h, self.up.weight, self.up.bias, [2, 2], [0, 0], [1, 1], True, [0, 0], 1)
+        return self.b(torch.relu(u))
+
+
+@pytest.mark.parametrize("conv_module", [True, False])
+def test_a_transposed_convolution_moves_its_weight_rows_on_the_second_axis(conv_module):
+    torch.manual_seed(0)
+    model = Upsampling(conv_module).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    spec = symmetry_spec(model, x, check=False)
+    assert not spec.pinned, spec.pinned
+    assert sorted(s.size for s in spec.spaces.values()) == [4, 5]
+    report = verify_symmetry(model, x, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.up.weight, model.up.weight) and not torch.equal(new.up.bias, model.up.bias)
+
+
+def test_a_grouped_transposed_convolution_is_pinned():
+    torch.manual_seed(0)
+    model = Upsampling().double()
+    model.up = nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2).double()
+    model.b = nn.Conv2d(6, 2, 1).double()
+    spec = symmetry_spec(model, torch.randn(2, 3, 4, 4, dtype=torch.float64), check=False)
+    assert any("a transposed convolution that is grouped" in r for r in spec.pinned.values()), spec.pinned

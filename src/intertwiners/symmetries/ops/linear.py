@@ -388,7 +388,7 @@ def conv(ctx: Context, node: fx.Node):
     b = bias_value(ctx, ctx.arg(node, 2, "bias"))
     if node.target.overloadpacket is aten.convolution:
         if node.args[6]:
-            return ctx.unsupported(node, f"{ctx.describe(node)} is a transposed convolution")
+            return _transposed(ctx, node, x, w, b, node.args[8])
         groups = node.args[8]
     else:
         groups = ctx.arg(node, 6, "groups", 1)
@@ -402,6 +402,22 @@ def conv(ctx: Context, node: fx.Node):
     if groups > 1 and not isinstance(x, Layout):
         return ctx.unsupported(node, f"{ctx.describe(node)}: grouped convolution of an untransformed input")
     return producer(ctx, node, x, w, b, 1, 0, 1, 1 if isinstance(x, Layout) else None, groups)
+
+
+@builtin(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+def conv_transpose(ctx: Context, node: fx.Node):
+    """Transposed convolutions (a decoder's upsampling: U-Nets, SAM's mask decoder, timm's LowFormer)."""
+    b = bias_value(ctx, ctx.arg(node, 2, "bias"))
+    return _transposed(ctx, node, ctx.value(node.args[0]), ctx.value(node.args[1]), b, ctx.arg(node, 6, "groups", 1))
+
+
+def _transposed(ctx: Context, node: fx.Node, x, w, b, groups: int):
+    """The weight of a transposed convolution is (in, out, *kernel): new channels on its second axis (rows),
+    its first axis reads the input's channels (columns). Grouped ones are pinned."""
+    if not isinstance(w, ParamRef) or groups != 1:
+        return ctx.unsupported(node, f"{ctx.describe(node)}: a transposed convolution that is grouped or whose "
+                                     "weight is not a parameter")
+    return producer(ctx, node, x, w, b, 1, 1, 0, 1 if isinstance(x, Layout) else None)
 
 
 def depthwise(ctx: Context, node: fx.Node, x: Layout, w: ParamRef | StandardizedWeight, b, groups: int):
