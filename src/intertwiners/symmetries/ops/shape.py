@@ -56,6 +56,8 @@ def _param_view(ctx: Context, node: fx.Node, x: ParamRef) -> ParamRef | None:
     if shape is None or int(np.prod(shape)) == int(np.prod(x.shape)):
         return ParamRef(x.name, tuple(shape) if shape is not None else x.shape)
     op, src, own = node.target.overloadpacket, ctx.shape(node.args[0]), tuple(x.shape)
+    if src is None:
+        return ctx.unsupported(node, f"{ctx.describe(node)} views a broadcast parameter of unknown shape")
     if op is aten.unsqueeze:
         after = len(src) - node.args[1] % (len(src) + 1)  # the input's axes after the new one
         return ParamRef(x.name, own[:len(own) - after] + (1,) + own[len(own) - after:] if after <= len(own) else own)
