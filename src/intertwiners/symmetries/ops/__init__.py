@@ -11,12 +11,13 @@
 :mod:`.attention`         scaled_dot_product_attention, attention written out with matmul/bmm, talking heads,
                           similarities of two towers' embeddings (a bilinear form)
 :mod:`.activation`        chains of elementwise operations (activations), functions of parameters
+:mod:`.recurrent`         LSTM, GRU and RNN layers (one operation over a sequence)
 ========================  ==================================================================================
 
 Adding an operation is adding one rule to one of these modules (or, from a user's code,
 :func:`~intertwiners.symmetries.register_rule`).
 """
 
-from . import activation, arithmetic, attention, linear, norm, reduce, shape
+from . import activation, arithmetic, attention, linear, norm, recurrent, reduce, shape
 
-__all__ = ["activation", "arithmetic", "attention", "linear", "norm", "reduce", "shape"]
+__all__ = ["activation", "arithmetic", "attention", "linear", "norm", "recurrent", "reduce", "shape"]
