@@ -54,7 +54,10 @@ def recurrent(ctx: Context, node: fx.Node):
         return ctx.unsupported(node, f"{ctx.describe(node)}: a recurrent layer with projections, weights that "
                                      "are not parameters or an input with channels off its last axis")
     if isinstance(x, Layout):
-        inp = Channels(*L.atoms_along(x, [x.ndim - 1]))
+        got = L.atoms_along(x, [x.ndim - 1])
+        if got is None:
+            return ctx.unsupported(node, f"{ctx.describe(node)} does not act on the channel axis of its input")
+        inp = Channels(*got)
     else:
         n_in = weights[0].shape[1]
         inp = Channels(np.full(n_in, FIXED, np.int64), np.zeros(n_in, np.int64))
