@@ -94,3 +94,16 @@ def test_states_read_or_given_from_outside_pin_the_units(states, h0):
     spec = symmetry_spec(model, X, check=False)
     assert any("initial or final states are read outside the layer" in r for r in spec.pinned.values()), spec.pinned
     assert verify_symmetry(model, X, spec=spec, trials=2).ok
+
+
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_alignment_undoes_a_planted_element_of_a_stacked_bidirectional_lstm(method):
+    from intertwiners import align
+
+    torch.manual_seed(0)
+    model = Recurrent("LSTM", bidirectional=True, layers=2).double()
+    spec = symmetry_spec(model, X, check=False)
+    moved = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(5)), spec)
+    data = {"data": torch.randn(64, 7, 4, dtype=torch.float64)} if method == "activations" else {}
+    back = align(model, moved, example_input=X, method=method, **data).model
+    assert max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), back.parameters())) < 1e-12
