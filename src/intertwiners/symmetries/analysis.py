@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
 import torch.fx as fx
 from torch import nn
 
@@ -145,7 +144,7 @@ def _keep_unclaimed_parameters(ctx: Context, unclaimed: dict) -> None:
     for reads in unclaimed.values():
         for p in reads.values():
             for d, n in enumerate(p.shape):
-                ctx.rows(p, d, Channels(np.full(n, FIXED, np.int64), np.zeros(n, np.int64)))
+                ctx.rows(p, d, Channels.fixed(n))
 
 
 def _carries_parameter(out) -> bool:

@@ -35,6 +35,11 @@ class Channels:
     atoms: np.ndarray
     chains: np.ndarray
 
+    @staticmethod
+    def fixed(n: int) -> Channels:
+        """``n`` untransformed channels (an input no transform reaches, a parameter's axis that stays)."""
+        return Channels(np.full(n, FIXED, np.int64), np.zeros(n, np.int64))
+
 
 @dataclass(frozen=True, eq=False)
 class Side:

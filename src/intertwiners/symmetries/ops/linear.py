@@ -58,7 +58,7 @@ def producer(ctx: Context, node: fx.Node, x, weight: ParamRef | SlicedParam | No
             return ctx.unsupported(node, f"{ctx.describe(node)} does not act on the channel axis of its input")
         inp = Channels(*got)
     else:
-        inp = Channels(np.full(n_in, FIXED, np.int64), np.zeros(n_in, np.int64))
+        inp = Channels.fixed(n_in)
     if groups > 1:
         # grouped convolution: channels stay within their group (one value per group, both sides)
         ci = n_in // groups

@@ -217,7 +217,7 @@ def weight_norm(ctx: Context, node: fx.Node):
         for p in (v, g):   # read untransformed: a layer that also reads v and g must not move them either
             if isinstance(p, ParamRef):
                 for d, n in enumerate(p.shape):
-                    ctx.rows(p, d, Channels(np.full(n, FIXED, np.int64), np.zeros(n, np.int64)))
+                    ctx.rows(p, d, Channels.fixed(n))
         return None
     return NormedWeight(v, g, dim if dim == -1 else dim % len(v.shape), tuple(v.shape))
 

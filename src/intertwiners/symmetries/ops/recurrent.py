@@ -19,7 +19,7 @@ import torch.fx as fx
 from .. import layout as L
 from ..constraints import Unit
 from ..context import Context
-from ..layout import FIXED, Channels, Layout
+from ..layout import Channels, Layout
 from ..records import ParamRef
 from ..registry import builtin
 
@@ -60,8 +60,9 @@ def recurrent(ctx: Context, node: fx.Node):
         inp = Channels(*got)
     else:
         n_in = weights[0].shape[1]
-        inp = Channels(np.full(n_in, FIXED, np.int64), np.zeros(n_in, np.int64))
+        inp = Channels.fixed(n_in)
     hidden = weights[1].shape[1]
+    outside = states_read or not _zeros(hx)
     out = None
     for layer in range(layers):
         units = []
@@ -69,7 +70,7 @@ def recurrent(ctx: Context, node: fx.Node):
             w_ih, w_hh, *biases = weights[(layer * dirs + d) * per:(layer * dirs + d + 1) * per]
             h = ctx.fresh((hidden,), 0)
             ctx.require(Unit, h)
-            if states_read or not _zeros(hx):
+            if outside:
                 ctx.pin(h, f"{ctx.describe(node)}: its initial or final states are read outside the layer")
             rows = Channels(np.tile(h.atoms, gates), np.tile(h.chains, gates))
             for p in (w_ih, w_hh, *biases):
