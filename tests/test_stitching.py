@@ -282,7 +282,7 @@ def test_sinkhorn_projects_onto_the_birkhoff_polytope_and_rounding_is_a_permutat
     L.sinkhorn_(rough, iterations=2000, tol=1e-9)
     assert (rough >= 0).all()
     torch.testing.assert_close(rough.sum(0), torch.ones(n, dtype=rough.dtype), atol=1e-6, rtol=0)
-    torch.testing.assert_close(rough.sum(1), torch.ones(n, dtype=rough.dtype), atol=1e-3, rtol=0)  # slow if degenerate
+    torch.testing.assert_close(rough.sum(1), torch.ones(n, dtype=rough.dtype), atol=1e-6, rtol=0)
     p = torch.rand(n, n, generator=g).double() + 0.05
     L.sinkhorn_(p, iterations=2000, tol=1e-9)
     torch.testing.assert_close(p.sum(0), torch.ones(n, dtype=p.dtype), atol=1e-8, rtol=0)
@@ -294,6 +294,36 @@ def test_sinkhorn_projects_onto_the_birkhoff_polytope_and_rounding_is_a_permutat
         import itertools
         best = max(sum(float(p[i, s[i]]) for i in range(n)) for s in itertools.permutations(range(n)))
         assert float((hard * p).sum()) == pytest.approx(best, abs=1e-9)
+
+
+@given(st.integers(2, 9), st.integers(0, 10**6), st.floats(0.0, 0.3))
+def test_rounding_to_the_birkhoff_polytope_is_exact_and_moves_at_most_twice_the_marginal_error(n, seed, noise):
+    """Altschuler, Weed & Rigollet (2017), Lemma 7: the rounded matrix is doubly stochastic, non-negative, and
+    within 2 (|r(F) - 1|_1 + |c(F) - 1|_1) of F in L1."""
+    g = torch.Generator().manual_seed(seed)
+    f = (torch.rand(n, n, generator=g, dtype=torch.float64) + 0.01)
+    f = f / f.sum(1, keepdim=True) * (1 + noise * (torch.rand(n, 1, generator=g, dtype=torch.float64) - 0.5))
+    bound = 2 * float((f.sum(1) - 1).abs().sum() + (f.sum(0) - 1).abs().sum())
+    rounded = L.round_to_birkhoff_(f.clone())
+    assert (rounded >= 0).all()
+    torch.testing.assert_close(rounded.sum(0), torch.ones(n, dtype=f.dtype), atol=1e-12, rtol=0)
+    torch.testing.assert_close(rounded.sum(1), torch.ones(n, dtype=f.dtype), atol=1e-12, rtol=0)
+    assert float((rounded - f).abs().sum()) <= bound + 1e-12
+
+
+def test_sinkhorn_near_a_vertex_is_doubly_stochastic_after_its_last_sweep():
+    """Two rows competing for one column leave another column with only the floor: Sinkhorn's sweeps converge
+    slowly (far from the tolerance after 100), the rounding makes the result doubly stochastic anyway."""
+    p = torch.eye(6)
+    p[0, 1], p[1, 1], p[1, 0] = 1.0, 1.0, 0.0   # column 0 holds only row 0's 1, column 1 rows 0 and 1
+    slow = p.clone().clamp_(min=1e-6)
+    for _ in range(100):
+        slow.div_(slow.sum(1, keepdim=True)).div_(slow.sum(0, keepdim=True))
+    assert float((slow.sum(1) - 1).abs().max()) > 1e-3   # plain Sinkhorn is still far off
+    L.sinkhorn_(p, iterations=100)
+    assert (p >= 0).all()
+    torch.testing.assert_close(p.sum(0), torch.ones(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(p.sum(1), torch.ones(6), atol=1e-6, rtol=0)
 
 
 def test_orthogonal_stays_orthogonal(pair, small_train):
@@ -317,7 +347,7 @@ def test_low_rank_has_the_rank(pair, small_train, rank):
 
 
 def test_full_stitch_is_nearly_lossless_and_grelu_is_a_valid_group_element(pair, digits_data):
-    r = stitch(*pair, "relu4", "full", *digits_data, epochs=2)
+    r = stitch(*pair, "relu4", "full", *digits_data, epochs=3)   # (2 epochs: 3.3 points on some CPUs, 0.6 at 3)
     assert r.penalty <= 3.0
     assert r.bias is not None and r.matrix.shape == (8 * WIDTH, 8 * WIDTH)
 

@@ -61,15 +61,27 @@ def sinkhorn_(p: torch.Tensor, iterations: int = 100, tol: float = 1e-5, floor: 
     """Project ``p`` (C, C) in place onto the Birkhoff polytope: clamp entries at ``floor`` (>= 0; a small
     positive floor keeps every row and column supported, so that Sinkhorn converges whatever the optimiser
     did), then alternately normalise rows and columns to sum 1 (Sinkhorn-Knopp) until every row sum is
-    within ``tol`` of 1 (checked every 5 sweeps) or ``iterations`` sweeps are done. Columns sum to 1 exactly
-    (up to rounding). Returns ``p``."""
+    within ``tol`` of 1 (checked every 5 sweeps) or ``iterations`` sweeps are done; then round what is left
+    onto the polytope (:func:`round_to_birkhoff_`: near a vertex Sinkhorn can need thousands of sweeps). Rows
+    and columns sum to 1 up to rounding, entries stay >= 0. Returns ``p``."""
     p.clamp_(min=floor)
     for i in range(iterations):
         p.div_(p.sum(dim=1, keepdim=True).clamp_min(eps))
         p.div_(p.sum(dim=0, keepdim=True).clamp_min(eps))
         if i % 5 == 4 and float((p.sum(dim=1) - 1).abs().max()) <= tol:
             break
-    return p
+    return round_to_birkhoff_(p, eps)
+
+
+def round_to_birkhoff_(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Round a non-negative ``p`` (C, C) in place to a doubly stochastic matrix (Altschuler, Weed & Rigollet
+    2017, Algorithm 2): scale down the rows, then the columns, that sum to more than 1; what rows and columns
+    still lack, a >= 0 and b >= 0 with equal totals, is added as the rank-one a bᵀ / sum(a). The result moves
+    by at most twice the L1 distance of p's row and column sums from 1. Returns ``p``."""
+    p.mul_(p.sum(dim=1, keepdim=True).clamp_min(eps).reciprocal().clamp(max=1.0))
+    p.mul_(p.sum(dim=0, keepdim=True).clamp_min(eps).reciprocal().clamp(max=1.0))
+    a, b = (1 - p.sum(dim=1)).clamp_min(0), (1 - p.sum(dim=0)).clamp_min(0)
+    return p.add_(torch.outer(a, b) / a.sum().clamp_min(eps))
 
 
 def hungarian_round(p: torch.Tensor) -> torch.Tensor:
