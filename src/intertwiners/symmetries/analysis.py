@@ -30,6 +30,7 @@ from .records import (
     NormedWeight,
     ParamRef,
     ParamUse,
+    ResampledParam,
     SlicedParam,
     StandardizedWeight,
 )
@@ -82,8 +83,8 @@ def _run(ctx: Context, node: fx.Node, unclaimed: dict):
 
 
 def _param_values(ctx: Context, args) -> list[ParamRef]:
-    """The parameters behind the node's arguments (a derived, concatenated, gathered, sliced or normalised
-    parameter stands for the parameters it is made of, whole)."""
+    """The parameters behind the node's arguments (a derived, concatenated, gathered, sliced, normalised or
+    resampled parameter stands for the parameters it is made of, whole)."""
     found = []
     for a in _nodes(args):
         v = ctx.env.get(a)
@@ -99,6 +100,8 @@ def _param_values(ctx: Context, args) -> list[ParamRef]:
             found += [v.v, v.g]
         elif isinstance(v, StandardizedWeight):
             found += [ParamRef(p.name, p.shape) for p in (v.w, v.gain, v.bias) if p is not None]
+        elif isinstance(v, ResampledParam):
+            found += [ParamRef(n, tuple(ctx.captured.tensors[n].shape)) for n in v.names]
     return found
 
 

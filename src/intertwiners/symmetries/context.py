@@ -36,6 +36,7 @@ from .records import (
     ParamUse,
     Pins,
     Requirement,
+    ResampledParam,
     SiteRecord,
     SlicedParam,
     Span,
@@ -157,13 +158,15 @@ class Context:
         self._site_counts: dict[str, int] = defaultdict(int)
 
     # -- reading ------------------------------------------------------------------------------------------
-    def value(self, arg):
+    def value(self, arg, resampled: bool = False):
         """What a node argument holds: a Layout (hidden), ParamRef/DerivedParam (parameter), None (an
-        untransformed tensor), or the Python value itself (lists are mapped element by element)."""
+        untransformed tensor), or the Python value itself (lists are mapped element by element). A
+        :class:`~.records.ResampledParam` only for a rule that asks (``resampled``); None for the others."""
         if isinstance(arg, fx.Node):
-            return self.env.get(arg)
+            v = self.env.get(arg)
+            return None if isinstance(v, ResampledParam) and not resampled else v
         if isinstance(arg, list | tuple):
-            return type(arg)(self.value(a) for a in arg)
+            return type(arg)(self.value(a, resampled) for a in arg)
         return arg
 
     @staticmethod

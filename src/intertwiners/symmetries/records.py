@@ -11,6 +11,8 @@ The rules (:mod:`~intertwiners.symmetries.ops`) see graph values as one of
 * a :class:`NormedWeight` — a weight-norm parametrised weight ``g · v / ||v||`` (``torch._weight_norm``);
 * a :class:`StandardizedWeight` — a weight standardised row by row (``F.batch_norm`` of a reshaped weight,
   timm's ``StdConv2d`` / ``ScaledStdConv2d``);
+* a :class:`ResampledParam` — a parameter through a map that is linear and the same at every index of the axes
+  it keeps (a position table interpolated to another grid);
 * ``None`` — an untransformed tensor, or anything else (sizes, constants);
 
 and record, through :class:`~intertwiners.symmetries.context.Context`, the facts below. After the pass
@@ -121,7 +123,24 @@ class StandardizedWeight:
     shape: tuple
 
 
-PARAMETER_VALUES = (ParamRef, DerivedParam, ConcatParam, GatheredParam, SlicedParam, NormedWeight, StandardizedWeight)
+@dataclass(frozen=True)
+class ResampledParam:
+    """Parameters (``names``) through a map that is linear and the same at every index of the axes it keeps:
+    reshaped, transposed, sliced, interpolated, concatenated. A position table resized to the input's grid is
+    one (``interpolate(pos.reshape(1, h, w, C).permute(0, 3, 1, 2), size)``, DINOv2 or a ViT at another
+    resolution, concatenated with the class token's position). ``shape``: the value's shape; ``kept``: for each
+    of its axes, None where the map mixes, else the axis of each parameter of ``names`` that it is, index for
+    index. An addition to a hidden value reads it along a kept axis holding the channels (the map commutes with
+    any transform of that axis, so each parameter moves there as a bias would, see
+    :func:`~.ops.arithmetic.add`); rules read it with ``ctx.value(arg, resampled=True)``, every other rule sees
+    an untransformed tensor."""
+    names: tuple
+    shape: tuple
+    kept: tuple
+
+
+PARAMETER_VALUES = (ParamRef, DerivedParam, ConcatParam, GatheredParam, SlicedParam, NormedWeight, StandardizedWeight,
+                    ResampledParam)
 """The values that stand for (functions of) parameters: a node returning one reads no parameter itself."""
 
 ROLES = ("rows", "columns", "gain", "permuted")

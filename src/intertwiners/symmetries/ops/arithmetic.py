@@ -23,7 +23,7 @@ from ..chains import ONE
 from ..constraints import ConstantAdd, Monomial, Unit
 from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout
-from ..records import DerivedParam, ParamRef
+from ..records import DerivedParam, ParamRef, ResampledParam
 from ..registry import builtin
 from .reduce import extreme_along
 from .shape import param_channels
@@ -61,7 +61,7 @@ def _unzeroed(x: Layout) -> Layout:
 
 @builtin(aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub)
 def add(ctx: Context, node: fx.Node):
-    a, b = ctx.value(node.args[0]), ctx.value(node.args[1])
+    a, b = ctx.value(node.args[0], resampled=True), ctx.value(node.args[1], resampled=True)
     shape = ctx.shape(node)
     if isinstance(a, Layout) and isinstance(b, Layout):
         # a value with fewer dimensions (Whisper's positions (T, C) added to (B, T, C)) is broadcast first
@@ -79,6 +79,13 @@ def add(ctx: Context, node: fx.Node):
     x, other, other_node = (a, b, node.args[1]) if isinstance(a, Layout) else (b, a, node.args[0])
     if not isinstance(x, Layout):
         return None
+    if isinstance(other, ResampledParam):
+        axes = resampled_axes(ctx, x, other, shape) if node.target.overloadpacket is not aten.rsub else None
+        if axes is not None:   # a position table interpolated to the input's grid: it moves as a bias would
+            for param, axis in axes:
+                ctx.rows(param, axis, x)
+            return _unzeroed(x)
+        other = None
     if isinstance(other, ParamRef) and constant_along_channels(ctx, other_node, x, shape):
         other = None  # a parameter/buffer that is the same for every channel (an attention mask): a constant
     if isinstance(other, ParamRef):
@@ -100,6 +107,17 @@ def add(ctx: Context, node: fx.Node):
     ctx.pin(x, f"{ctx.describe(node)} adds an untransformed tensor that varies across channels")
     ctx.pin_side(x, node)
     return _unzeroed(_shaped(x, shape))
+
+
+def resampled_axes(ctx: Context, x: Layout, r: ResampledParam, out_shape) -> list | None:
+    """Where a resampled ``r`` added to x moves with x's channels: [(parameter, its axis), ...] when x's channels
+    lie in order on one axis where r (broadcast against x) keeps an axis of each of its parameters at full
+    size; None otherwise."""
+    d = x.simple_dim()
+    k = None if d is None else d - (x.ndim - len(r.shape))
+    if k is None or k < 0 or tuple(out_shape or ()) != x.shape or r.kept[k] is None or r.shape[k] != x.shape[d]:
+        return None
+    return [(ParamRef(n, tuple(ctx.captured.tensors[n].shape)), axis) for n, axis in zip(r.names, r.kept[k])]
 
 
 @builtin(aten.mul, aten.mul_, aten.div, aten.div_)

@@ -18,19 +18,33 @@ from .. import layout as L
 from ..constraints import PositiveScales, Signed, Unit
 from ..context import Context
 from ..layout import Layout
+from ..records import ParamRef, ResampledParam
 from ..registry import builtin
+from .shape import as_resampled, mixed_along
 
 aten = torch.ops.aten
 
 
+_UPSAMPLING = (aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
+               aten._upsample_nearest_exact1d, aten._upsample_nearest_exact2d, aten._upsample_nearest_exact3d,
+               aten.upsample_linear1d,
+               aten.upsample_bilinear2d, aten.upsample_trilinear3d, aten.upsample_bicubic2d,
+               aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa)
+
+
 @builtin(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d,
          aten.adaptive_max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
-         aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
-         aten.reflection_pad1d, aten.reflection_pad2d, aten.replication_pad1d, aten.replication_pad2d,
-         aten.max_pool2d_with_indices)
+         aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, *_UPSAMPLING,
+         aten.reflection_pad1d, aten.reflection_pad2d, aten.reflection_pad3d, aten.replication_pad1d,
+         aten.replication_pad2d, aten.replication_pad3d, aten.max_pool2d_with_indices)
 def spatial(ctx: Context, node: fx.Node):
-    """The same on every channel (channels on axis 1); max pooling commutes with positive scalings only."""
-    x = ctx.value(node.args[0])
+    """The same on every channel (channels on axis 1); max pooling commutes with positive scalings only. A
+    parameter interpolated (a position table resized to the input's grid) or averaged is a resampled one, its
+    axes from the third on mixed."""
+    x = ctx.value(node.args[0], resampled=True)
+    if isinstance(x, ParamRef | ResampledParam) and "max" not in str(node.target.overloadpacket):
+        x = as_resampled(ctx, x)
+        return None if x is None else mixed_along(x, ctx.shape(node), range(2, len(x.shape)))
     if not isinstance(x, Layout):
         return None
     shape = ctx.shape(node)

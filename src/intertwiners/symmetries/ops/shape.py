@@ -20,7 +20,7 @@ from .. import layout as L
 from ..constraints import ConstantAdd
 from ..context import Context
 from ..layout import FIXED, ZERO, Layout
-from ..records import ConcatParam, DerivedParam, ParamRef, SlicedParam, Span, StandardizedWeight
+from ..records import ConcatParam, DerivedParam, ParamRef, ResampledParam, SlicedParam, Span, StandardizedWeight
 from ..registry import builtin
 
 aten = torch.ops.aten
@@ -38,8 +38,8 @@ def not_a_tensor(ctx: Context, node: fx.Node):
          aten.feature_dropout_, aten.alpha_dropout, aten.native_dropout, side_aware=True)
 def passthrough(ctx: Context, node: fx.Node):
     """Identity on values (copies, dtype changes; dropout, which is off in the captured eval-mode graph)."""
-    x = ctx.value(node.args[0])
-    if isinstance(x, ParamRef | SlicedParam):
+    x = ctx.value(node.args[0], resampled=True)
+    if isinstance(x, ParamRef | SlicedParam | ResampledParam):
         return x
     if isinstance(x, Layout):
         if node.target.overloadpacket is aten.native_dropout:
@@ -72,10 +72,12 @@ def _param_view(ctx: Context, node: fx.Node, x: ParamRef) -> ParamRef | None:
 def view(ctx: Context, node: fx.Node):
     """A hidden value's channels follow the reshape; a parameter, a derived parameter (``(g * c).view(-1)``) and
     a standardised weight (reshaped back to its weight's shape) stay what they are, with the new shape."""
-    x = ctx.value(node.args[0])
+    x = ctx.value(node.args[0], resampled=True)
     shape = ctx.shape(node)
     if isinstance(x, ParamRef):
         return _param_view(ctx, node, x)
+    if isinstance(x, ResampledParam):
+        return resampled_view(ctx, node, x)
     if isinstance(x, DerivedParam | StandardizedWeight) and shape is not None:
         return replace(x, shape=tuple(shape))
     if not isinstance(x, Layout):
@@ -88,9 +90,11 @@ def view(ctx: Context, node: fx.Node):
 
 @builtin(aten.unsqueeze)
 def unsqueeze(ctx: Context, node: fx.Node):
-    x = ctx.value(node.args[0])
+    x = ctx.value(node.args[0], resampled=True)
     if isinstance(x, ParamRef):
         return _param_view(ctx, node, x)
+    if isinstance(x, ResampledParam):
+        return resampled_view(ctx, node, x)
     if not isinstance(x, Layout):
         return None
     return L.unsqueeze(x, node.args[1] % (x.ndim + 1))
@@ -98,9 +102,11 @@ def unsqueeze(ctx: Context, node: fx.Node):
 
 @builtin(aten.squeeze)
 def squeeze(ctx: Context, node: fx.Node):
-    x = ctx.value(node.args[0])
+    x = ctx.value(node.args[0], resampled=True)
     if isinstance(x, ParamRef):
         return _param_view(ctx, node, x)
+    if isinstance(x, ResampledParam):
+        return resampled_view(ctx, node, x)
     if not isinstance(x, Layout):
         return None
     dims = node.args[1] if len(node.args) > 1 else list(range(x.ndim))
@@ -113,8 +119,8 @@ def squeeze(ctx: Context, node: fx.Node):
 def transpose(ctx: Context, node: fx.Node):
     """Axes reordered: ``transpose``/``swapaxes`` of two axes, ``t`` and ``.T`` (all axes reversed), ``.mT`` and
     ``adjoint`` (the last two: real tensors only reach here), ``permute``, ``movedim``."""
-    x = ctx.value(node.args[0])
-    if not isinstance(x, Layout | ParamRef):
+    x = ctx.value(node.args[0], resampled=True)
+    if not isinstance(x, Layout | ParamRef | ResampledParam):
         return None
     ndim = len(x.shape)
     op = node.target.overloadpacket
@@ -137,7 +143,11 @@ def transpose(ctx: Context, node: fx.Node):
         long = [d for d in order if x.shape[d] != 1]
         if long == sorted(long):   # only axes of size 1 moved: the same elements in the same order (a view)
             return _param_view(ctx, node, x)
-        return ctx.unsupported(node, "a transposed parameter")
+        x = as_resampled(ctx, x)   # (a weight transposed for a product is claimed there, see linear.py)
+        if x is None:
+            return None
+    if isinstance(x, ResampledParam):
+        return replace(x, shape=tuple(x.shape[d] for d in order), kept=tuple(x.kept[d] for d in order))
     return L.permute(x, order)
 
 
@@ -145,8 +155,8 @@ def transpose(ctx: Context, node: fx.Node):
 def expand(ctx: Context, node: fx.Node):
     """Broadcasting, and repeating each slice (``repeat_interleave``: each token once per expert it is routed
     to), along axes without channels."""
-    x = ctx.value(node.args[0])
-    if isinstance(x, ParamRef):
+    x = ctx.value(node.args[0], resampled=True)
+    if isinstance(x, ParamRef | ResampledParam):
         return x  # broadcasting: the parameter keeps its own shape
     if not isinstance(x, Layout):
         return None
@@ -265,7 +275,12 @@ def index(ctx: Context, node: fx.Node, x: Layout, dim: int, idx):
 
 @builtin(aten.select)
 def select(ctx: Context, node: fx.Node):
-    x = ctx.value(node.args[0])
+    x = ctx.value(node.args[0], resampled=True)
+    if isinstance(x, ParamRef | ResampledParam):   # a row of a position table (a class token's position)
+        r = as_resampled(ctx, x)
+        dim = node.args[1] % len(x.shape)
+        return None if r is None else replace(r, shape=r.shape[:dim] + r.shape[dim + 1:],
+                                              kept=r.kept[:dim] + r.kept[dim + 1:])
     if not isinstance(x, Layout):
         return None
     return index(ctx, node, x, node.args[1], node.args[2] % x.shape[node.args[1] % x.ndim])
@@ -296,12 +311,13 @@ def slice_(ctx: Context, node: fx.Node):
     A 2-D parameter sliced along its rows (DeBERTa's relative-position table ``rel_embeddings.weight[a:b]``,
     read as the position projections' input) is an embedding: its columns are new channels. A parameter sliced
     to be a layer's weight or bias (``F.linear(x, w[:h], b[:h])``) is a part of it
-    (:class:`~..records.SlicedParam`)."""
-    x = ctx.value(node.args[0])
+    (:class:`~..records.SlicedParam`); sliced otherwise (a position table's rows), a resampled parameter."""
+    x = ctx.value(node.args[0], resampled=True)
     if whole_table(ctx, x) and len(x.shape) == 2 and ctx.arg(node, 1, "dim", 0) % 2 == 0 \
             and not _read_as_weight(node):
         return table_rows(ctx, ctx.shape(node), x)
-    if not isinstance(x, Layout) and not (own_parameter(ctx, x) and _read_as_weight(node)):
+    part = own_parameter(ctx, x) and _read_as_weight(node)
+    if not isinstance(x, Layout | ParamRef | ResampledParam):
         return None
     dim = ctx.arg(node, 1, "dim", 0) % len(x.shape)
     n = x.shape[dim]
@@ -309,6 +325,8 @@ def slice_(ctx: Context, node: fx.Node):
     sl = slice(*slice(0 if start is None else start, n if end is None else end, ctx.arg(node, 4, "step", 1)).indices(n))
     if sl == slice(0, n, 1):
         return x
+    if not isinstance(x, Layout) and not part:   # part of a position table (the patches', not the class token's)
+        return mixed_along(as_resampled(ctx, x), ctx.shape(node), [dim])
     if not isinstance(x, Layout):
         return _parameter_part(x, dim, sl.start, sl.stop) if sl.step == 1 and sl.stop > sl.start else None
     return index(ctx, node, x, dim, sl)
@@ -332,6 +350,53 @@ def own_parameter(ctx: Context, x) -> bool:
     """Is ``x`` a parameter in its own shape (not a view), whose axes are the parameter's?"""
     full = ctx.captured.tensors.get(x.name) if isinstance(x, ParamRef) else None
     return full is not None and tuple(full.shape) == tuple(x.shape)
+
+
+def as_resampled(ctx: Context, x) -> ResampledParam | None:
+    """``x`` as a :class:`~..records.ResampledParam`: a parameter, in its own shape or viewed (each axis of the
+    view that is an axis of the parameter -- the same size, the same number of elements before it -- is kept);
+    a resampled one as it is; None for anything else."""
+    if isinstance(x, ResampledParam):
+        return x
+    full = ctx.captured.tensors.get(x.name) if isinstance(x, ParamRef) else None
+    if full is None or int(np.prod(full.shape)) != int(np.prod(x.shape)):
+        return None
+    own = tuple(full.shape)
+    return ResampledParam((x.name,), tuple(x.shape),
+                          _kept_after_reshape(own, tuple((d,) for d in range(len(own))), tuple(x.shape)))
+
+
+def _kept_after_reshape(old: tuple, kept: tuple, new: tuple) -> tuple:
+    """For each axis of ``new`` (a reshape of ``old``, the same elements in the same order), the entry of
+    ``kept`` for the axis of ``old`` it is -- the same size and the same number of elements before it -- or
+    None. Axes of size 1 keep nothing."""
+    found, before = {}, 1
+    for n, k in zip(old, kept):
+        if k is not None and n != 1:
+            found[(before, n)] = k
+        before *= n
+    out, before = [], 1
+    for n in new:
+        out.append(found.get((before, n)))
+        before *= n
+    return tuple(out)
+
+
+def resampled_view(ctx: Context, node: fx.Node, x: ResampledParam) -> ResampledParam | None:
+    """A reshape (view, flatten, unsqueeze, squeeze) of a resampled parameter; None (untransformed) when the
+    node's shape holds another number of elements (a view after a broadcast)."""
+    shape = ctx.shape(node)
+    if shape is None or int(np.prod(shape)) != int(np.prod(x.shape)):
+        return None
+    return replace(x, shape=tuple(shape), kept=_kept_after_reshape(x.shape, x.kept, tuple(shape)))
+
+
+def mixed_along(x: ResampledParam | None, shape, dims) -> ResampledParam | None:
+    """``x`` after a linear map along ``dims`` (the same at every index of its other axes: a slice, an
+    interpolation), of the node's ``shape``."""
+    if x is None or shape is None or len(shape) != len(x.shape):
+        return None
+    return replace(x, shape=tuple(shape), kept=tuple(None if d in dims else k for d, k in enumerate(x.kept)))
 
 
 def _parameter_part(x: ParamRef, dim: int, start: int, stop: int) -> SlicedParam:
@@ -411,7 +476,8 @@ def cat(ctx: Context, node: fx.Node):
     dim = ctx.arg(node, 1, "dim", 0) % len(shape)
     hidden = [v for _, v in parts if isinstance(v, Layout)]
     if not hidden:
-        return _concat_params(ctx, [(a, v) for a, v in parts if ctx.shape(a) != (0,)], shape)
+        parts = [(a, ctx.value(a, resampled=True)) for a, _ in parts if ctx.shape(a) != (0,)]
+        return _concat_params(ctx, parts, shape) or _concat_resampled(ctx, [v for _, v in parts], shape, dim)
     parts = [(a, v) for a, v in parts if isinstance(v, Layout) or (ctx.shape(a) and int(np.prod(ctx.shape(a))) > 0)]
     ref = hidden[0]
     if dim not in ref.feature_dims():
@@ -471,6 +537,25 @@ def _concat_params(ctx: Context, parts: list, shape) -> ConcatParam | None:
         out.append((None if zeros else v, start, s[0]))
         start += s[0]
     return ConcatParam(tuple(out), tuple(shape)) if start == shape[0] else None
+
+
+def _concat_resampled(ctx: Context, parts: list, shape, dim: int) -> ResampledParam | None:
+    """Parameters, or parts of them, side by side along ``dim`` (a class token's position and the patches'
+    positions interpolated): linear in each, ``dim`` mixed, an axis kept where every part keeps it (a parameter
+    in two parts must keep the same axes in both)."""
+    rs = [as_resampled(ctx, v) if isinstance(v, ParamRef | ResampledParam) else None for v in parts]
+    if not rs or any(r is None or len(r.kept) != len(shape) for r in rs):
+        return None
+    axes: dict = {}   # parameter -> its axis at each axis of the result (None: not kept there)
+    for r in rs:
+        for i, name in enumerate(r.names):
+            own = tuple(None if d == dim or k is None else k[i] for d, k in enumerate(r.kept))
+            if axes.setdefault(name, own) != own:
+                return None
+    names = tuple(axes)
+    kept = tuple(None if any(axes[n][d] is None for n in names) else tuple(axes[n][d] for n in names)
+                 for d in range(len(shape)))
+    return ResampledParam(names, tuple(shape), kept)
 
 
 def param_channels(x: Layout, p: ParamRef, out_shape) -> L.Channels | None:
