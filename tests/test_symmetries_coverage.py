@@ -923,6 +923,43 @@ def test_a_parameter_read_where_no_rule_records_its_use_is_not_moved():
     torch.testing.assert_close(new(X), model(X), rtol=1e-12, atol=1e-12)
 
 
+class ReturnsAParameter(nn.Module):
+    """An MLP that also returns one of its parameters: the first layer's weight as it is (``weight``),
+    transposed (``t``), or the position table added to its hidden value, transposed (``table``)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.pos = nn.Parameter(torch.randn(1, 3, 6))
+
+    def forward(self, x):
+        out = self.b(torch.relu(self.a(x) + self.pos))
+        returned = {"weight": self.a.weight, "t": self.a.weight.t(), "table": self.pos.permute(0, 2, 1)}[self.how]
+        return out, returned
+
+
+@pytest.mark.parametrize("how", ["weight", "t", "table"])
+def test_a_parameter_among_the_outputs_is_read_untransformed(how):
+    """The hidden space would move the returned parameter: the spec as derived (check=False) must not hold it
+    (before, it held the 6 ReLU channels and verify failed), and moving them does change that output."""
+    torch.manual_seed(0)
+    model = ReturnsAParameter(how).double()
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.spaces and spec.pinned, spec.pinned
+    report = verify_symmetry(model, X, spec=spec, trials=2)
+    assert report.ok
+    moved = copy.deepcopy(model)
+    perm = torch.tensor([1, 0, 2, 3, 4, 5])
+    with torch.no_grad():
+        moved.a.weight.copy_(model.a.weight[perm])
+        moved.a.bias.copy_(model.a.bias[perm])
+        moved.pos.copy_(model.pos[..., perm])
+        moved.b.weight.copy_(model.b.weight[:, perm])
+    torch.testing.assert_close(moved(X)[0], model(X)[0], rtol=1e-12, atol=1e-12)   # the first output keeps
+    assert not torch.equal(moved(X)[1], model(X)[1])                                # the returned one does not
+
+
 class GlobalQuery(nn.Module):
     """GC ViT's global query in miniature: layer-normalised global features are the queries of several attention
     blocks of a stage (no query projection), each block with its own keys/values and output projection."""

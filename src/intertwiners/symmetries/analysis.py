@@ -50,6 +50,8 @@ def analyse(cap: Captured, model: nn.Module) -> Analysis:
         elif node.op == "output":
             for lay in ctx.hidden_inputs(node):
                 ctx.mark_output(lay)
+            # a parameter returned (or a view of it, `model.embed.weight.t()`) is read untransformed
+            _track_parameter_reads(ctx, node, None, len(ctx.uses), unclaimed)
         else:
             ctx.env[node] = _run(ctx, node, unclaimed)
     _keep_unclaimed_parameters(ctx, unclaimed)
