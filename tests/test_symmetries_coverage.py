@@ -985,15 +985,21 @@ class GlobalQuery(nn.Module):
 
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_a_global_query_read_by_several_blocks_keeps_per_head_spaces(blocks):
-    """The queries are a layer norm's output: permutations within each head (a permutation across heads would
-    change every head's scores); every block's keys follow them, its values/outputs keep per-head maps."""
+    """The queries are a layer norm's output: permutations only. Read by one block, that block's group holds them:
+    a permutation within each head, the heads permuting. Read by several, no one block's group can (each block
+    would permute the shared heads its own way): permutations within each head, every block's keys following
+    them, its values/outputs keeping per-head maps."""
     torch.manual_seed(0)
     model = GlobalQuery(blocks).double()
     spec = symmetry_spec(model, X, check=False)
     assert not spec.pinned, spec.pinned
     kinds = sorted((s.size, s.kind) for s in spec.spaces.values())
-    assert kinds.count((3, "permutation")) == 2 and [k for k in kinds if k[1] == "attention_heads"] \
-        == [(6, "attention_heads")] * blocks, kinds
+    if blocks == 1:
+        (group,) = [s.group for s in spec.spaces.values() if s.kind == "attention_heads"]
+        assert (group.size, group.qk, group.permute_heads) == (12, "permutation", True), group
+    else:
+        assert kinds.count((3, "permutation")) == 2 and [k for k in kinds if k[1] == "attention_heads"] \
+            == [(6, "attention_heads")] * blocks, kinds
     report = verify_symmetry(model, X, spec=spec, trials=2)
     assert report.ok and report.max_rel <= 1e-12
     new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)

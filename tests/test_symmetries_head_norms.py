@@ -130,7 +130,8 @@ def test_heads_normalised_per_head_still_permute(norm, heads, width, rotary, eag
     per head (a sign for an odd norm, nothing under a bias); nothing is pinned and every sampled element
     leaves the outputs unchanged to rounding, as derived (no safety net). A norm over the whole projection
     before the heads split (OLMo 2's) allows signed permutations of all its channels; the rotary embeddings
-    then tie each head's channels, without them the heads stay in place (per-head maps of the values only)."""
+    then tie each head's channels, without them each head's queries/keys take a signed permutation within
+    the head, and the heads still permute."""
     torch.manual_seed(seed)
     model = HeadNormAttention(norm, *heads, width=width, rotary=rotary, eager=eager).double()
     spec = symmetry_spec(model, X, check=False)
@@ -138,7 +139,7 @@ def test_heads_normalised_per_head_still_permute(norm, heads, width, rotary, eag
     _, group = attention_space(spec)
     assert group.heads == heads[1] and group.dv == width and group.vo == "general_linear"
     if norm == "whole" and not rotary:
-        assert not group.permute_heads and group.dk == 0, group
+        assert group.permute_heads and group.qk == "signed_permutation" and group.dk == width, group
     elif norm == "layer_norm_no_bias" and heads[1] == 1:   # one key head: a layer norm over all key channels,
         assert group.qk == "identity" and group.dk == 1, group   # which lets permutations through only
     else:

@@ -271,6 +271,34 @@ def test_attention_group_membership():
     assert scalar.contains(scalar.sample(generator=g)) and not scalar.contains(M)
 
 
+@pytest.mark.parametrize("kind, entries", [("monomial", "any"), ("positive_monomial", "positive"),
+                                           ("signed_permutation", "±1"), ("permutation", "1")])
+def test_attention_group_with_monomial_blocks(kind, entries):
+    """Blocks that are a permutation within the head times a diagonal: sampled elements are members, with one
+    entry per row and column of each block of the kind's values; a general block, or a block with an entry the
+    kind excludes, is not a member (of the stricter kinds)."""
+    from intertwiners.symmetries.structured import AttentionGroup
+
+    g = torch.Generator().manual_seed(6)
+    G = AttentionGroup(3, 4, 2, qk=kind)
+    assert G.dimension(G.size) == 3 * ((4 if kind in ("monomial", "positive_monomial") else 0) + 4)
+    for _ in range(5):
+        M = G.sample(generator=g)
+        assert G.contains(M)
+        _, qk, _ = G.decompose(M)
+        nonzero = qk != 0
+        assert bool((nonzero.sum(1) == 1).all()) and bool((nonzero.sum(2) == 1).all())
+        values = qk[nonzero]
+        assert {"any": True, "positive": bool((values > 0).all()), "±1": bool((values.abs() == 1).all()),
+                "1": bool((values == 1).all())}[entries]
+    general = AttentionGroup(3, 4, 2).sample(generator=g)
+    assert not G.contains(general)
+    flipped = G.sample(generator=g)
+    qk = flipped[:12, :12]
+    qk[qk > 0.0] *= -1.5   # every query/key entry negative, none of modulus 1
+    assert G.contains(flipped) == (kind == "monomial")
+
+
 class GatedMLP(nn.Module):
     """down(silu(gate x) * up x), as Llama/Mistral write it (and a hand-written swish gate)."""
 

@@ -19,6 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ..symmetries.slots import HeadBlocks
+from ..symmetries.structured import MONOMIAL_INNER
 
 
 def head_features(model: nn.Module, spec, space: str) -> dict[str, torch.Tensor]:
@@ -85,7 +86,9 @@ def _candidate_blocks(kind: str, xt, xs, yt, ys, names: tuple[str, str]) -> dict
     M = N^-T; both exact for heads that differ by an element of the group), the orthogonal map maximising
     ``<M, xt xs^T + yt ys^T>`` (Procrustes: for orthogonal M, M^-T = M, so it fits both sides at once), and the
     identity. ``scalar``: the same for c·I (the orthogonal one is ±I); ``positive``: the least-squares c·I where
-    c > 0; ``sign``: ±I, the sign of the heads' inner product. ``identity``: the identity."""
+    c > 0; ``sign``: ±I, the sign of the heads' inner product; the monomial kinds: a permutation within each
+    head matched by similarity, with least-squares factors (:func:`_monomial_maps`). ``identity``: the
+    identity."""
     ref = xs if xs is not None else ys
     h, d = ref.shape[0], ref.shape[1]
     eye = torch.eye(d, dtype=torch.float64).expand(h, d, d)
@@ -109,8 +112,40 @@ def _candidate_blocks(kind: str, xt, xs, yt, ys, names: tuple[str, str]) -> dict
     if kind in ("scalar", "sign"):
         dot = sum((t * s).sum((1, 2)) for t, s in ((xt, xs), (yt, ys)) if s is not None)
         out["orthogonal"] = torch.where(dot < 0, -1.0, 1.0)[:, None, None] * eye
+    if kind in MONOMIAL_INNER:
+        out["matched within heads"] = _monomial_maps(kind, xt, xs, yt, ys)
     out["identity"] = eye.clone()
     return out
+
+
+def _monomial_maps(kind: str, xt, xs, yt, ys) -> torch.Tensor:
+    """(heads, d, d) maps M = P·D within each head for a monomial ``kind`` (see :func:`_candidate_blocks`):
+    source coordinate i goes to the target coordinate perm(i) of the most similar rows (cosines of both sides
+    summed; their absolute values where a negative factor is allowed; Hungarian per head), scaled by the
+    least-squares factor of the x side (else the inverse of the y side's), kept only where the kind allows it
+    (non-zero, positive, its sign, none)."""
+    signed = kind in ("monomial", "signed_permutation")
+    h, d = (xs if xs is not None else ys).shape[:2]
+    sim = torch.zeros(h, d, d, dtype=torch.float64)
+    for t, src in ((xt, xs), (yt, ys)):
+        if src is not None:
+            cos = torch.einsum("hjf,hif->hji", t, src) / (
+                t.norm(dim=2)[:, :, None] * src.norm(dim=2)[:, None, :]).clamp_min(1e-300)
+            sim += cos.abs() if signed else cos
+    maps = torch.zeros(h, d, d, dtype=torch.float64)
+    for g in range(h):
+        rows, cols = linear_sum_assignment(sim[g].numpy(), maximize=True)   # target rows[k] <- source cols[k]
+        target = torch.empty(d, dtype=torch.long)
+        target[torch.from_numpy(cols)] = torch.from_numpy(rows)
+        if xs is not None:
+            c = _scalar(xs[g][:, None, :], xt[g][target][:, None, :])
+        else:
+            c = 1 / _scalar(ys[g][:, None, :], yt[g][target][:, None, :])
+        c = torch.nan_to_num(c, nan=1.0, posinf=1.0, neginf=1.0)
+        c = {"monomial": torch.where(c != 0, c, 1.0), "positive_monomial": torch.where(c > 0, c, 1.0),
+             "signed_permutation": torch.where(c < 0, -1.0, 1.0), "permutation": torch.ones_like(c)}[kind]
+        maps[g, target, torch.arange(d)] = c
+    return maps
 
 
 def head_costs(maps: torch.Tensor, xt, xs, yt, ys) -> torch.Tensor:

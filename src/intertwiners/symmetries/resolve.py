@@ -143,6 +143,22 @@ def per_head_scalar(constraints: set, groups: dict) -> str | None:
     return None
 
 
+_PER_HEAD_MONOMIALS = (("scaled_permutation", "monomial"), ("positive_scaled_permutation", "positive_monomial"),
+                       ("signed_permutation", "signed_permutation"), ("permutation", "permutation"))
+
+
+def per_head_monomial(constraints: set, groups: dict) -> str | None:
+    """What each head's map may be, as an attention group's ``qk`` or ``vo``, for queries/keys or values that
+    only monomial maps pass (Hiera's and SAM 2's max-pooled queries: positive scalings): a permutation within
+    the head times the largest diagonal kind that satisfies every constraint on the space. With the heads
+    permuted too, an element is then one of that monomial kind on the whole space (the dual a map's keys or
+    outputs take, P·D^-1, is of the same kind). None when not even permutations do."""
+    for kind, inner in _PER_HEAD_MONOMIALS:
+        if all(holds(kind, c, groups) for c in constraints):
+            return inner
+    return None
+
+
 class Resolver:
     """Spaces of an :class:`~intertwiners.symmetries.records.Analysis` (``spaces``: list of :class:`Draft`,
     ``space_of``/``index_of``: atom class -> space id / coordinate)."""
@@ -270,6 +286,11 @@ class Resolver:
     def _attention(self) -> None:
         """Merge the query/key space and the value space of each attention call into one attention space."""
         an, spaces = self.an, self.spaces
+        readers: dict = {}   # query/key class -> how many attention calls read it
+        for rec in an.attention:
+            if rec.k is not None:
+                for c in set(self.classes(rec.k.reshape(-1)).tolist()):
+                    readers[c] = readers.get(c, 0) + 1
         for rec in an.attention:
             kv = rec.kv_heads
             H, dk = rec.q.shape if rec.q is not None else (rec.v.shape[0], 0)
@@ -333,11 +354,21 @@ class Resolver:
                 # each with the scalar that every operation on the queries/keys lets through
                 qk_kind = per_head_scalar(A.constraints, an.groups)
                 qk_free = qk_kind is not None
+            if not coarse and not qk_free and A is not None and not A.reasons and not A.output \
+                    and all(readers.get(int(c), 0) == 1 for c in qk_rows.reshape(-1)):
+                # queries/keys that only monomial maps pass (max-pooled queries): a permutation within each head
+                # with the scalings every operation on them lets through, the heads still permuting (queries
+                # read by several calls, GC ViT's global query, are split by head below: one call's group
+                # cannot hold them)
+                qk_kind = per_head_monomial(A.constraints, an.groups)
+                qk_free = qk_kind is not None
             vo_kind = "general_linear"
             if v_coarse and not B.reasons and not B.output:   # each head's scalar, as for queries/keys
                 vo_kind = per_head_scalar(B.constraints, an.groups)
-            if B.reasons or B.output or vo_kind is None \
-                    or not (v_coarse or all(holds("general_linear", c, an.groups) for c in B.constraints)):
+            elif not B.reasons and not B.output \
+                    and not all(holds("general_linear", c, an.groups) for c in B.constraints):
+                vo_kind = per_head_monomial(B.constraints, an.groups)   # (values pooled by a maximum)
+            if B.reasons or B.output or vo_kind is None:
                 B.reasons.append("the attention output is read by an operation that needs a smaller group")
                 if qk_free:
                     A.reasons.append("the values of this attention block are pinned")

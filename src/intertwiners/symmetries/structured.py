@@ -11,7 +11,9 @@ coordinates (last heads·dv)::
 ``qk`` / ``vo`` say what A_g / B_g may be: ``"general_linear"`` (any invertible matrix), ``"scalar"``
 (c·I, e.g. with rotary position embeddings, which commute only with such maps here), ``"positive"`` (c·I,
 c > 0), ``"sign"`` (±I: queries and keys normalised per head, Qwen3's and Gemma 3's ``q_norm``/``k_norm``,
-which an odd norm lets through) or ``"identity"``; ``permute_heads`` whether heads may be permuted.
+which an odd norm lets through), ``"identity"``, or a permutation within the head times a diagonal:
+``"monomial"`` (non-zero entries), ``"positive_monomial"`` (positive ones: Hiera's and SAM 2's max-pooled
+queries), ``"signed_permutation"`` (±1), ``"permutation"``; ``permute_heads`` whether heads may be permuted.
 ``per_head`` = 1 adds one coordinate per head after the value coordinates, only permuted with the heads (a
 relative position bias table's head axis, Swin's, BEiT's)::
 
@@ -27,9 +29,11 @@ import torch
 from .._util import one_thread
 from .blocks import BlockMatrix
 
-_INNER = ("general_linear", "scalar", "positive", "sign", "identity")
+MONOMIAL_INNER = ("monomial", "positive_monomial", "signed_permutation", "permutation")
+_INNER = ("general_linear", "scalar", "positive", "sign", "identity", *MONOMIAL_INNER)
 _DIMENSION = {"general_linear": lambda k: k * k, "scalar": lambda k: 1, "positive": lambda k: 1, "sign": lambda k: 0,
-              "identity": lambda k: 0}
+              "identity": lambda k: 0, "monomial": lambda k: k, "positive_monomial": lambda k: k,
+              "signed_permutation": lambda k: 0, "permutation": lambda k: 0}
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,20 @@ class AttentionGroup:
     def _blocks(self, kind: str, d: int, generator) -> torch.Tensor:
         """(heads, d, d) random blocks: Q·diag(s) with Q Haar orthogonal (one batched QR) and
         s = exp(u), u ~ U(-1/2, 1/2) (condition number at most e); c·I for scalars (c > 0 for ``positive``,
-        c = ±1 for ``sign``); I."""
+        c = ±1 for ``sign``); a uniform permutation times such a diagonal (its entries' signs and sizes as the
+        kind allows) for the monomial kinds; I."""
         h = self.heads
         if kind == "identity" or d == 0:
             return torch.eye(d, dtype=torch.float64).expand(h, d, d)
+        if kind in MONOMIAL_INNER:
+            size = torch.exp(torch.rand(h, d, generator=generator, dtype=torch.float64) - 0.5)
+            sign = torch.where(torch.rand(h, d, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0).double()
+            scale = {"monomial": sign * size, "positive_monomial": size, "signed_permutation": sign,
+                     "permutation": torch.ones(h, d, dtype=torch.float64)}[kind]
+            perm = torch.argsort(torch.rand(h, d, generator=generator), dim=1)
+            blocks = torch.zeros(h, d, d, dtype=torch.float64)
+            blocks.scatter_(1, perm[:, None, :], scale[:, None, :])   # column i holds s_i at row perm[i]
+            return blocks
         if kind in ("scalar", "positive", "sign"):
             c = torch.exp(torch.randn(h, generator=generator, dtype=torch.float64) * 0.5)
             sign = torch.where(torch.rand(h, generator=generator, dtype=torch.float64) < 0.5, -1.0, 1.0)
@@ -175,9 +189,27 @@ class AttentionGroup:
                 return False
             if kind == "sign" and not torch.allclose(X[:, 0, 0].abs(), torch.ones(len(X), dtype=X.dtype), atol=atol):
                 return False
+            if kind in MONOMIAL_INNER and not _monomial_blocks(X, kind, atol):
+                return False
             # smallest singular value, from the eigenvalues of X^T X (much cheaper than an SVD here)
             with one_thread():
                 smallest = float(torch.linalg.eigvalsh(X.mT @ X).min().clamp_min(0).sqrt())
             if smallest <= atol:
                 return False
         return True
+
+
+def _monomial_blocks(X: torch.Tensor, kind: str, atol: float) -> bool:
+    """Is every block of X (heads, d, d) a permutation times a diagonal whose entries ``kind`` allows (non-zero,
+    positive, ±1, 1)?"""
+    big = X.abs() > atol
+    if not (bool((big.sum(1) == 1).all()) and bool((big.sum(2) == 1).all())):
+        return False
+    entries = X[big]
+    if kind == "positive_monomial":
+        return bool((entries > 0).all())
+    if kind == "signed_permutation":
+        return torch.allclose(entries.abs(), torch.ones_like(entries), atol=atol)
+    if kind == "permutation":
+        return torch.allclose(entries, torch.ones_like(entries), atol=atol)
+    return True

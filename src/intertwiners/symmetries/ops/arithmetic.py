@@ -26,7 +26,7 @@ from ..layout import FIXED, ZERO, Channels, Layout
 from ..records import DerivedParam, ParamRef, ResampledParam
 from ..registry import builtin
 from .reduce import extreme_along
-from .shape import param_channels
+from .shape import merged_resampled, param_channels
 
 aten = torch.ops.aten
 
@@ -77,8 +77,9 @@ def add(ctx: Context, node: fx.Node):
         atoms, chains = L.merge_tied(a, b)
         return (a if a.shape == tuple(shape) else b).derive(atoms=atoms, chains=chains)
     x, other, other_node = (a, b, node.args[1]) if isinstance(a, Layout) else (b, a, node.args[0])
-    if not isinstance(x, Layout):
-        return None
+    if not isinstance(x, Layout):   # two parameters added, resampled or not (SAM 2's two position tables)
+        both = all(isinstance(v, ParamRef | ResampledParam) for v in (a, b)) and node.kwargs.get("alpha", 1) != 0
+        return merged_resampled(ctx, [a, b], shape) if both else None
     if isinstance(other, ResampledParam):
         axes = resampled_axes(ctx, x, other, shape) if node.target.overloadpacket is not aten.rsub else None
         if axes is not None:   # a position table interpolated to the input's grid: it moves as a bias would

@@ -73,8 +73,29 @@ def sdpa(ctx: Context, node: fx.Node):
     head axis with the heads, or keeps the heads in place (the table shared by several blocks, as T5's)."""
     q, k, v = (ctx.value(a) for a in node.args[:3])
     mask_arg = ctx.arg(node, 3, "attn_mask")
-    mask = ctx.value(mask_arg)
     shape = ctx.shape(node)
+    if mask_arg is None and all(isinstance(t, Layout) for t in (q, k, v)):
+        return heads_before_tokens(ctx, node, lambda q, k, v, shape: _sdpa(ctx, node, q, k, v, None, shape),
+                                   (q, k, v), shape)
+    return _sdpa(ctx, node, q, k, v, mask_arg, shape)
+
+
+def heads_before_tokens(ctx: Context, node: fx.Node, product, operands: tuple, shape):
+    """``product(*operands, shape)`` with the operands' head axis moved to just before their tokens when it lies
+    further out (Hiera's mask-unit attention: (batch, heads, windows, tokens, width)), and the result's moved
+    back: a batched product treats every axis before the last two alike, so moving one of them is exact."""
+    nd = operands[0].ndim
+    lead = {d for x in operands for d in x.feature_dims() if d < nd - 2}
+    if len(lead) != 1 or shape is None or any(x.ndim != nd for x in operands) or min(lead) >= nd - 3:
+        return product(*operands, shape)
+    order = [d for d in range(nd) if d not in lead]
+    order.insert(nd - 3, lead.pop())
+    out = product(*(L.permute(x, order) for x in operands), tuple(shape[d] for d in order))
+    return L.permute(out, np.argsort(order).tolist()) if isinstance(out, Layout) else out
+
+
+def _sdpa(ctx: Context, node: fx.Node, q, k, v, mask_arg, shape):
+    mask = ctx.value(mask_arg)
     heads = None
     if isinstance(mask, Layout):   # a per-head bias computed from parameters (T5's relative position bias)
         if mask.simple_dim() != mask.ndim - 3:
@@ -199,9 +220,15 @@ def attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape: 
     nothing else may read the scores)."""
     nd = a.ndim
     shape = shape or ctx.shape(node)
-    scores = _pending(ctx)
     if nd == 2 and b.ndim == 2 and a.feature_dims() == [1] and b.feature_dims() == [0]:
         return bilinear_form(ctx, node, a, b)
+    return heads_before_tokens(ctx, node, lambda a, b, shape: _attention_product(ctx, node, a, b, shape), (a, b),
+                               shape)
+
+
+def _attention_product(ctx: Context, node: fx.Node, a: Layout, b: Layout, shape):
+    nd = a.ndim
+    scores = _pending(ctx)
     if nd < 3 or b.ndim != nd or shape is None:
         return ctx.unsupported(node, f"{ctx.describe(node)}: a product of hidden values that is not attention")
     fa, fb = set(a.feature_dims()), set(b.feature_dims())

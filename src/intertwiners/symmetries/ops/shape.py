@@ -177,16 +177,25 @@ def expand(ctx: Context, node: fx.Node):
     return out
 
 
-@builtin(aten.repeat)
+@builtin(aten.repeat, aten.tile)
 def repeat(ctx: Context, node: fx.Node):
-    """Tiling (new leading axes included): along an axis without channels its size grows; along an axis with
-    channels (DeBERTa v2's position keys (heads, 2 span, d) repeated once per sample to (batch·heads, ...)) a
-    non-channel factor of the repeat count goes in front of the axis' factors: position i·n + j holds what
-    position j held, so every copy carries the same channels."""
-    x = ctx.value(node.args[0])
+    """Tiling (new leading axes included; ``tile``'s shorter repeat counts apply to the last axes): along an axis
+    without channels its size grows; along an axis with channels (DeBERTa v2's position keys (heads, 2 span, d)
+    repeated once per sample to (batch·heads, ...)) a non-channel factor of the repeat count goes in front of
+    the axis' factors: position i·n + j holds what position j held, so every copy carries the same channels."""
+    x = ctx.value(node.args[0], resampled=True)
+    reps = list(node.args[1])
+    if isinstance(x, Layout | ParamRef | ResampledParam) and len(reps) < len(x.shape):
+        reps = [1] * (len(x.shape) - len(reps)) + reps
+    if isinstance(x, ParamRef | ResampledParam):   # a parameter tiled (SAM 2's window position table)
+        r = as_resampled(ctx, x)
+        lead = len(reps) - len(x.shape)
+        if r is None or lead < 0:
+            return None
+        return mixed_along(replace(r, shape=(1,) * lead + r.shape, kept=(None,) * lead + r.kept), ctx.shape(node),
+                           [d for d, n in enumerate(reps) if n != 1])
     if not isinstance(x, Layout):
         return None
-    reps = list(node.args[1])
     out = x
     for _ in range(len(reps) - x.ndim):
         out = L.unsqueeze(out, 0)
@@ -477,7 +486,7 @@ def cat(ctx: Context, node: fx.Node):
     hidden = [v for _, v in parts if isinstance(v, Layout)]
     if not hidden:
         parts = [(a, ctx.value(a, resampled=True)) for a, _ in parts if ctx.shape(a) != (0,)]
-        return _concat_params(ctx, parts, shape) or _concat_resampled(ctx, [v for _, v in parts], shape, dim)
+        return _concat_params(ctx, parts, shape) or merged_resampled(ctx, [v for _, v in parts], shape, (dim,))
     parts = [(a, v) for a, v in parts if isinstance(v, Layout) or (ctx.shape(a) and int(np.prod(ctx.shape(a))) > 0)]
     ref = hidden[0]
     if dim not in ref.feature_dims():
@@ -539,17 +548,20 @@ def _concat_params(ctx: Context, parts: list, shape) -> ConcatParam | None:
     return ConcatParam(tuple(out), tuple(shape)) if start == shape[0] else None
 
 
-def _concat_resampled(ctx: Context, parts: list, shape, dim: int) -> ResampledParam | None:
-    """Parameters, or parts of them, side by side along ``dim`` (a class token's position and the patches'
-    positions interpolated): linear in each, ``dim`` mixed, an axis kept where every part keeps it (a parameter
-    in two parts must keep the same axes in both)."""
+def merged_resampled(ctx: Context, parts: list, shape, mixed=()) -> ResampledParam | None:
+    """Parameters, or resampled ones, combined linearly into a value of ``shape``: concatenated along ``mixed``
+    (a class token's position and the patches' positions interpolated) or added (SAM 2's position table plus
+    its window table tiled). Each part is broadcast against ``shape``; an axis is kept where every part keeps
+    it at full size (a parameter in two parts must keep the same axes in both)."""
     rs = [as_resampled(ctx, v) if isinstance(v, ParamRef | ResampledParam) else None for v in parts]
-    if not rs or any(r is None or len(r.kept) != len(shape) for r in rs):
+    if shape is None or not rs or any(r is None or len(r.kept) > len(shape) for r in rs):
         return None
     axes: dict = {}   # parameter -> its axis at each axis of the result (None: not kept there)
     for r in rs:
+        lead = len(shape) - len(r.kept)
+        kept, size = (None,) * lead + tuple(r.kept), (1,) * lead + tuple(r.shape)
         for i, name in enumerate(r.names):
-            own = tuple(None if d == dim or k is None else k[i] for d, k in enumerate(r.kept))
+            own = tuple(None if d in mixed or k is None or size[d] != shape[d] else k[i] for d, k in enumerate(kept))
             if axes.setdefault(name, own) != own:
                 return None
     names = tuple(axes)
