@@ -155,3 +155,36 @@ def test_transformers_dinov2_at_another_resolution_keeps_its_residual_stream(siz
     assert 32 in [s.size for s in spec.spaces.values()]
     report = verify_symmetry(wrapped, x, spec=spec, trials=2)
     assert report.ok and report.max_rel <= 1e-10
+
+
+class WindowedPositions(nn.Module):
+    """SAM 2's (HieraDet's) positions: a table (1, C, GRID, GRID) interpolated to the input's grid plus a window
+    table (1, C, 2, 2) tiled over it (``tile``), moved to channels-last and added to the (B, H, W, C) stream; the
+    tokens then tiled (``tile`` of a hidden value) before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, D, 2, stride=2)
+        self.pos, self.window = nn.Parameter(torch.randn(1, D, GRID, GRID)), nn.Parameter(torch.randn(1, D, 2, 2))
+        self.fc, self.head = nn.Linear(D, D), nn.Linear(D, 2)
+
+    def forward(self, x):                                      # (B, 3, 8, 8) -> (B, 4, 4, D)
+        h = self.patch(x).permute(0, 2, 3, 1)
+        pos = F.interpolate(self.pos, size=h.shape[1:3], mode="bicubic") + self.window.tile((2, 2))
+        h = torch.relu(self.fc(h + pos.permute(0, 2, 3, 1)))
+        return self.head(h.flatten(1, 2).tile((1, 2, 1)).mean(1))
+
+
+def test_a_tiled_window_table_added_to_an_interpolated_table_moves_with_the_stream():
+    model = randomised(WindowedPositions())
+    spec = symmetry_spec(model, X, check=False)
+    assert not spec.pinned, spec.pinned
+    assert sorted(s.size for s in spec.spaces.values()) == [D, D]
+    report = verify_symmetry(model, X, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.pos, model.pos) and not torch.equal(new.window, model.window)
+    wrong = copy.deepcopy(new)
+    with torch.no_grad():
+        wrong.window.copy_(model.window)   # the window table left where it was
+    assert (wrong(X) - model(X)).abs().max() > 1e-4
