@@ -137,7 +137,12 @@ def per_head_scalar(constraints: set, groups: dict) -> str | None:
     scalar be, as an attention group's ``qk`` (:class:`~.structured.AttentionGroup`): the largest monomial kind
     that satisfies every constraint on the space -- its elements are exactly a permutation of the heads times a
     scalar per head -- read as that scalar's kind (any non-zero, positive, ±1, 1); None when none does."""
-    for kind, inner in _PER_HEAD_SCALARS:
+    return _largest_per_head(_PER_HEAD_SCALARS, constraints, groups)
+
+
+def _largest_per_head(table: tuple, constraints: set, groups: dict) -> str | None:
+    """The per-head kind of the first (largest) monomial kind in ``table`` that satisfies every constraint."""
+    for kind, inner in table:
         if all(holds(kind, c, groups) for c in constraints):
             return inner
     return None
@@ -153,10 +158,7 @@ def per_head_monomial(constraints: set, groups: dict) -> str | None:
     the head times the largest diagonal kind that satisfies every constraint on the space. With the heads
     permuted too, an element is then one of that monomial kind on the whole space (the dual a map's keys or
     outputs take, P·D^-1, is of the same kind). None when not even permutations do."""
-    for kind, inner in _PER_HEAD_MONOMIALS:
-        if all(holds(kind, c, groups) for c in constraints):
-            return inner
-    return None
+    return _largest_per_head(_PER_HEAD_MONOMIALS, constraints, groups)
 
 
 class Resolver:
