@@ -188,3 +188,44 @@ def test_a_tiled_window_table_added_to_an_interpolated_table_moves_with_the_stre
     with torch.no_grad():
         wrong.window.copy_(model.window)   # the window table left where it was
     assert (wrong(X) - model(X)).abs().max() > 1e-4
+
+
+class PickedBiases(nn.Module):
+    """LeViT's attention biases: a table (heads, offsets) whose entries are picked per query/key pair by an index
+    buffer, ``biases[:, idxs]`` (heads, N, N), added to the scores of attention written out."""
+
+    def __init__(self, heads=2, width=3, tokens=4, offsets=5):
+        super().__init__()
+        self.h, self.w = heads, width
+        self.inp, self.qkv, self.proj = nn.Linear(4, D), nn.Linear(D, 3 * heads * width), nn.Linear(heads * width, 2)
+        self.biases = nn.Parameter(torch.randn(heads, offsets))
+        idx = torch.arange(tokens)
+        self.register_buffer("idxs", (idx[:, None] - idx[None, :]).abs() % offsets, persistent=False)
+
+    def forward(self, x):                                      # (B, N, 4)
+        B, N, _ = x.shape
+        q, k, v = self.qkv(torch.relu(self.inp(x))).view(B, N, 3, self.h, self.w).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1)) * self.w ** -0.5 + self.biases[:, self.idxs]
+        return self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1)).mean(1)
+
+
+def test_attention_biases_picked_by_an_index_move_with_the_heads():
+    """The table's head axis is a per-head coordinate of the attention group: the heads permute, the table's rows
+    with them; exact as derived. The heads permuted without the table changes the outputs."""
+    model = randomised(PickedBiases())
+    x = torch.randn(2, 4, 4, dtype=torch.float64)
+    spec = symmetry_spec(model, x, check=False)
+    assert not spec.pinned, spec.pinned
+    (name, space), = [(n, s) for n, s in spec.spaces.items() if s.kind == "attention_heads"]
+    assert space.group.permute_heads and space.group.per_head == 1
+    report = verify_symmetry(model, x, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    group = space.group
+    swap = group.block_matrix(torch.tensor([1, 0]), torch.eye(group.dk, dtype=torch.float64).expand(2, -1, -1)
+                              .contiguous(), torch.eye(group.dv, dtype=torch.float64).expand(2, -1, -1).contiguous())
+    moved = apply_symmetry(model, {name: swap.dense()}, spec)
+    assert torch.equal(moved.biases, model.biases.flip(0))
+    torch.testing.assert_close(moved(x), model(x), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        moved.biases.copy_(model.biases)   # the heads swapped, the table left in place
+    assert (moved(x) - model(x)).abs().max() > 1e-6

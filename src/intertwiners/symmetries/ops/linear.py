@@ -12,6 +12,8 @@ an activation, and consumes them as its input columns.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -20,13 +22,21 @@ from .. import layout as L
 from ..constraints import ConstantAdd, Monomial
 from ..context import Context
 from ..layout import FIXED, ZERO, Channels, Layout, Side
-from ..records import ConcatParam, GatheredParam, NormedWeight, ParamRef, SlicedParam, StandardizedWeight
+from ..records import (
+    ConcatParam,
+    GatheredParam,
+    NormedWeight,
+    ParamRef,
+    ResampledParam,
+    SlicedParam,
+    StandardizedWeight,
+)
 from ..registry import builtin
 from .activation import feeds_activation, feeds_only_gate
 from .arithmetic import constant_along_channels
 from .attention import batched_attention_product, weights_times_values
 from .norm import normed_weight, standardized_weight
-from .shape import own_parameter, table_rows, whole_table
+from .shape import as_resampled, own_parameter, table_rows, whole_table
 
 aten = torch.ops.aten
 
@@ -513,22 +523,28 @@ def index(ctx: Context, node: fx.Node):
     """``table[ids]``: an embedding; ``weights[expert_ids]`` of a 3-D parameter: the experts' weights picked per
     token (:class:`GatheredParam`). A hidden value indexed by tensors along consecutive axes without channels
     (``h[torch.arange(B), last]``) keeps its channels."""
-    x, indices = ctx.value(node.args[0]), list(node.args[1])
+    x, indices = ctx.value(node.args[0], resampled=True), list(node.args[1])
     where = [i for i, t in enumerate(indices) if t is not None]
     if any(isinstance(ctx.value(indices[i]), Layout) for i in where):
         return ctx.unsupported(node, f"{ctx.describe(node)} with hidden indices")
-    if isinstance(x, ParamRef):
-        if where != [0]:
-            return None
+    if isinstance(x, ParamRef) and where == [0]:
         if len(x.shape) == 2:
             return table_rows(ctx, ctx.shape(node), x)
         gather = len(x.shape) == 3 and len(ctx.shape(indices[0]) or ()) == 1
         return GatheredParam(x.name, x.shape) if gather and own_parameter(ctx, x) else None
-    if not isinstance(x, Layout):
-        return None
     shape = ctx.shape(node)
     axes = _indexed_axes(indices)
     lo, hi = axes[0], axes[-1] + 1
+    if isinstance(x, ParamRef | ResampledParam):
+        # entries picked along other axes, alike at every index of the first (LeViT's attention biases
+        # ``biases[:, idxs]``, one row per head): linear in the parameter, the picked axes mixed
+        r = as_resampled(ctx, x)
+        if r is None or shape is None or axes != list(range(lo, hi)):
+            return None
+        k = len(shape) - (len(r.shape) - len(axes))
+        return replace(r, shape=tuple(shape), kept=r.kept[:lo] + (None,) * k + r.kept[hi:])
+    if not isinstance(x, Layout):
+        return None
     if axes != list(range(lo, hi)) or any(d in x.feature_dims() for d in axes) or shape is None:
         return ctx.unsupported(node, f"{ctx.describe(node)} indexes channels or non-adjacent axes")
     k = len(shape) - (x.ndim - len(axes))
