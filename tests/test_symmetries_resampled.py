@@ -229,3 +229,25 @@ def test_attention_biases_picked_by_an_index_move_with_the_heads():
     with torch.no_grad():
         moved.biases.copy_(model.biases)   # the heads swapped, the table left in place
     assert (moved(x) - model(x)).abs().max() > 1e-6
+
+
+class PooledAlongTheChannels(nn.Module):
+    """A table (3, D, 4) average-pooled unbatched (``avg_pool2d`` reads it as (C, H, W)) along its second axis,
+    which then meets the stream's D channels: the pooling mixes neighbouring channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, D), nn.Linear(D, 2)
+        self.table = nn.Parameter(torch.randn(3, D, 4))
+
+    def forward(self, x):                                      # (B, 4, 4)
+        pooled = F.avg_pool2d(self.table, (3, 1), stride=1, padding=(1, 0))   # (3, D, 4): H = D mixed
+        return self.out(torch.relu(self.inp(x) + pooled[0].t()))
+
+
+def test_an_unbatched_pooling_mixes_its_own_last_axes():
+    model = randomised(PooledAlongTheChannels())
+    x = torch.randn(2, 4, 4, dtype=torch.float64)
+    spec = symmetry_spec(model, x, check=False)
+    assert not spec.spaces and any("adds an untransformed tensor" in r for r in spec.pinned.values()), spec.pinned
+    assert verify_symmetry(model, x, spec=spec, trials=2).ok

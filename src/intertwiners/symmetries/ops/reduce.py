@@ -10,6 +10,7 @@ needs scales of modulus 1 (signed permutations).
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx as fx
@@ -42,9 +43,11 @@ def spatial(ctx: Context, node: fx.Node):
     parameter interpolated (a position table resized to the input's grid) or averaged is a resampled one, its
     axes from the third on mixed."""
     x = ctx.value(node.args[0], resampled=True)
-    if isinstance(x, ParamRef | ResampledParam) and "max" not in str(node.target.overloadpacket):
-        x = as_resampled(ctx, x)
-        return None if x is None else mixed_along(x, ctx.shape(node), range(2, len(x.shape)))
+    name = str(node.target.overloadpacket)
+    if isinstance(x, ParamRef | ResampledParam) and "max" not in name:
+        x = as_resampled(ctx, x)   # the operation's 1, 2 or 3 spatial axes are the last ones (batched or not)
+        spatial = int(re.search(r"(\d)d", name).group(1))
+        return None if x is None else mixed_along(x, ctx.shape(node), range(len(x.shape) - spatial, len(x.shape)))
     if not isinstance(x, Layout):
         return None
     shape = ctx.shape(node)
