@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from symmetry_checks import one_exact_space
+from symmetry_checks import one_exact_space, randomised
 from torch import nn
 
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
@@ -1264,3 +1264,71 @@ def test_a_grouped_transposed_convolution_is_pinned():
     model.b = nn.Conv2d(6, 2, 1).double()
     spec = symmetry_spec(model, torch.randn(2, 3, 4, 4, dtype=torch.float64), check=False)
     assert any("a transposed convolution that is grouped" in r for r in spec.pinned.values()), spec.pinned
+
+
+class ShiftedGainNorm(nn.Module):
+    """A residual stream through norms whose gain is ``1 + w`` (Nemotron's ``LayerNorm1P``; ``F.rms_norm`` and
+    ``F.batch_norm`` with such a gain): the gain is a function of the parameter, not the parameter itself."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.emb, self.fc, self.out = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.w1, self.w2 = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6))
+        self.b1, self.b2 = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6))
+        self.register_buffer("mean", torch.randn(6))
+        self.register_buffer("var", torch.rand(6) + 0.5)
+
+    def norm(self, h, w, b):
+        if self.kind == "layer_norm":
+            return F.layer_norm(h, (6,), w + 1.0, b)
+        if self.kind == "rms_norm":
+            return F.rms_norm(h, (6,), w + 1.0) + b
+        return F.batch_norm(h.transpose(1, 2), self.mean, self.var, w + 1.0, b).transpose(1, 2)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.fc(torch.relu(self.norm(h, self.w1, self.b1)))
+        return self.out(self.norm(h, self.w2, self.b2))
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm", "batch_norm"])
+def test_a_norm_gain_written_as_one_plus_w_moves_with_the_stream(kind):
+    """The stream is one space and each gain ``1 + w`` is permuted with it (w permuted): exact as derived. Before,
+    the gain was read untransformed while the stream moved (Nemotron's spec changed its outputs by 120%); the
+    stream permuted with w left in place changes the outputs."""
+    torch.manual_seed(0)
+    model = ShiftedGainNorm(kind).double().eval()
+    ids = torch.randint(0, 10, (2, 5))
+    spec = symmetry_spec(model, ids, check=False)
+    assert not spec.pinned, spec.pinned
+    report = verify_symmetry(model, ids, spec=spec, trials=3)
+    assert report.ok and report.max_rel <= 1e-12
+    new = apply_symmetry(model, random_symmetry(spec, torch.Generator().manual_seed(1)), spec)
+    assert not torch.equal(new.w1, model.w1) and not torch.equal(new.w2, model.w2)
+    wrong = copy.deepcopy(new)
+    with torch.no_grad():
+        wrong.w1.copy_(model.w1)
+        wrong.w2.copy_(model.w2)
+    assert (wrong(ids) - model(ids)).abs().max() > 1e-6
+
+
+def test_transformers_nemotron_keeps_its_outputs():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.NemotronConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=100, head_dim=16, pad_token_id=0)
+    torch.manual_seed(0)
+    model = randomised(transformers.NemotronForCausalLM(cfg)).eval()
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).logits
+
+    ids = torch.randint(1, 100, (2, 8))
+    spec = symmetry_spec(Logits(), ids, check=False)
+    report = verify_symmetry(Logits(), ids, spec=spec, trials=2)
+    assert report.max_rel <= 1e-9, report   # (the rotary tables are float32 inside, the rest float64)

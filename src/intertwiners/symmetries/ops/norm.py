@@ -67,15 +67,20 @@ def _affine(ctx: Context, x: Layout, w, b, axis: int | None = None) -> Layout:
     """The normalised value of ``x`` with the norm's affine step: gamma ``w`` a gain from ``x`` to the output,
     beta ``b`` rows of the output (either may be absent). ``axis``: the tensor axis holding every channel, read
     position by position (its channel axes need not be in order: Swin's patch merging flattens (2, 2, C) after a
-    permute); None: channels in order. Returns the output's layout."""
-    out = _output(ctx, x, isinstance(w, ParamRef))
+    permute); None: channels in order. A gain that is a function of a parameter (Nemotron's ``1 + w``) is a gain
+    through it when it scales with it, else only permuted (the output then carries the input's transform).
+    Returns the output's layout."""
+    scaling = isinstance(w, ParamRef) or (isinstance(w, DerivedParam) and w.scales)
+    out = _output(ctx, x, scaling)
     if axis is not None:
         (a_in, c_in), (a_out, c_out) = L.atoms_along(x, [axis]), L.atoms_along(out, [axis])
         x_ch, out_ch = Channels(a_in, c_in), Channels(a_out, c_out)
     else:
         x_ch, out_ch = x, out
-    if isinstance(w, ParamRef):
+    if scaling:
         ctx.gain(w, 0, out_ch, x_ch)
+    elif isinstance(w, DerivedParam):
+        ctx.permuted(w, 0, out_ch)
     if isinstance(b, ParamRef):
         ctx.rows(b, 0, out_ch)
     return out
