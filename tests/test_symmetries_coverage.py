@@ -1332,3 +1332,32 @@ def test_transformers_nemotron_keeps_its_outputs():
     spec = symmetry_spec(Logits(), ids, check=False)
     report = verify_symmetry(Logits(), ids, spec=spec, trials=2)
     assert report.max_rel <= 1e-9, report   # (the rotary tables are float32 inside, the rest float64)
+
+
+class ConstantGainNorm(nn.Module):
+    """A layer norm whose gain is a tensor made in the forward pass (no parameter): it varies across the channels
+    and stays where it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(10, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        gain = torch.linspace(0.5, 1.5, 6, dtype=h.dtype)
+        return self.out(F.layer_norm(h, (6,), gain))
+
+
+def test_a_norm_gain_that_is_no_parameter_pins_the_channels():
+    torch.manual_seed(0)
+    model = ConstantGainNorm().double()
+    ids = torch.randint(0, 10, (2, 5))
+    spec = symmetry_spec(model, ids, check=False)
+    assert not spec.spaces and any("gain or bias that is no parameter" in r for r in spec.pinned.values()), \
+        spec.pinned
+    moved = copy.deepcopy(model)   # the pin is needed: the stream permuted, the gain not
+    perm = torch.tensor([1, 0, 2, 3, 4, 5])
+    with torch.no_grad():
+        moved.emb.weight.copy_(model.emb.weight[:, perm])
+        moved.out.weight.copy_(model.out.weight[:, perm])
+    assert (moved(ids) - model(ids)).abs().max() > 1e-6

@@ -63,13 +63,18 @@ def _output(ctx: Context, x: Layout, affine: bool) -> Layout:
     return ctx.keep(x.derive(atoms=np.where(x.atoms == ZERO, FIXED, x.atoms), chains=chains))
 
 
-def _affine(ctx: Context, x: Layout, w, b, axis: int | None = None) -> Layout:
-    """The normalised value of ``x`` with the norm's affine step: gamma ``w`` a gain from ``x`` to the output,
-    beta ``b`` rows of the output (either may be absent). ``axis``: the tensor axis holding every channel, read
-    position by position (its channel axes need not be in order: Swin's patch merging flattens (2, 2, C) after a
-    permute); None: channels in order. A gain that is a function of a parameter (Nemotron's ``1 + w``) is a gain
-    through it when it scales with it, else only permuted (the output then carries the input's transform).
-    Returns the output's layout."""
+def _affine(ctx: Context, node: fx.Node, x: Layout, w_arg, b_arg, axis: int | None = None) -> Layout | None:
+    """The normalised value of ``x`` with the norm's affine step: gamma (argument ``w_arg``) a gain from ``x`` to
+    the output, beta (``b_arg``) rows of the output (either may be absent). ``axis``: the tensor axis holding every
+    channel, read position by position (its channel axes need not be in order: Swin's patch merging flattens
+    (2, 2, C) after a permute); None: channels in order. A gain that is a function of a parameter (Nemotron's
+    ``1 + w``) is a gain through it when it scales with it, else only permuted (the output then carries the
+    input's transform). A gain or bias that is no parameter (nor such a function, a bias one that scales with it)
+    would stay while the channels move: unsupported (None). Returns the output's layout."""
+    w, b = ctx.value(w_arg), ctx.value(b_arg)
+    if any(a is not None and not isinstance(v, ParamRef | DerivedParam) for a, v in ((w_arg, w), (b_arg, b))) \
+            or (isinstance(b, DerivedParam) and not b.scales):
+        return ctx.unsupported(node, f"{ctx.describe(node)} has a gain or bias that is no parameter")
     scaling = isinstance(w, ParamRef) or (isinstance(w, DerivedParam) and w.scales)
     out = _output(ctx, x, scaling)
     if axis is not None:
@@ -81,7 +86,7 @@ def _affine(ctx: Context, x: Layout, w, b, axis: int | None = None) -> Layout:
         ctx.gain(w, 0, out_ch, x_ch)
     elif isinstance(w, DerivedParam):
         ctx.permuted(w, 0, out_ch)
-    if isinstance(b, ParamRef):
+    if b is not None:
         ctx.rows(b, 0, out_ch)
     return out
 
@@ -103,11 +108,13 @@ def batch_norm(ctx: Context, node: fx.Node):
         return None
     if node.target.overloadpacket is aten.instance_norm:
         return ctx.unsupported(node, f"{ctx.describe(node)}: instance norm is not supported")
-    w, b, mean, var = (ctx.value(a) for a in node.args[1:5])
+    mean, var = (ctx.value(a) for a in node.args[3:5])
     if x.simple_dim() != 1:
         return ctx.unsupported(node, f"{ctx.describe(node)} does not act on the channel axis")
     ctx.require(Signed, x)
-    out = _affine(ctx, x, w, b)
+    out = _affine(ctx, node, x, node.args[1], node.args[2])
+    if out is None:
+        return None
     if isinstance(mean, ParamRef):
         ctx.rows(mean, 0, x)
     if isinstance(var, ParamRef):
@@ -126,14 +133,15 @@ def layer_norm(ctx: Context, node: fx.Node):
         x = table_rows(ctx, ctx.shape(node.args[0]), x)
     if not isinstance(x, Layout):
         return None
-    w, b = ctx.value(ctx.arg(node, 2, "weight")), ctx.value(ctx.arg(node, 3, "bias"))
     if len(node.args[1]) == 1 and _over_all_channels(x) is None:   # a norm per head (timm's qk_norm)
         out = per_row(ctx, node, x)
         if out is not None:   # LN(-x) = -LN(x), LN(-x) + beta does not
             ctx.require(Unit if ctx.arg(node, 3, "bias") is not None else Signed, x)
     elif len(node.args[1]) == 1:
         ctx.require(Unit, x)
-        out = _affine(ctx, x, w, b, _over_all_channels(x))
+        out = _affine(ctx, node, x, ctx.arg(node, 2, "weight"), ctx.arg(node, 3, "bias"), _over_all_channels(x))
+        if out is None:
+            return None
     else:
         out = None
     if out is None:
@@ -152,11 +160,15 @@ def rms_norm(ctx: Context, node: fx.Node):
     x = ctx.value(node.args[0])
     if not isinstance(x, Layout):
         return None
-    w = ctx.value(ctx.arg(node, 2, "weight"))
     out = None
     if len(node.args[1]) == 1:
         last = _over_all_channels(x)
-        out = _affine(ctx, x, w, None, last) if last is not None else per_row(ctx, node, x)
+        if last is not None:
+            out = _affine(ctx, node, x, ctx.arg(node, 2, "weight"), None, last)
+            if out is None:
+                return None
+        else:
+            out = per_row(ctx, node, x)
     if out is None:
         return ctx.unsupported(node, f"{ctx.describe(node)} does not normalise exactly the channel axis")
     ctx.require(Signed, x)
@@ -185,13 +197,13 @@ def group_norm(ctx: Context, node: fx.Node):
     if not isinstance(x, Layout):
         return None
     groups = node.args[1]
-    w, b = ctx.value(ctx.arg(node, 2, "weight")), ctx.value(ctx.arg(node, 3, "bias"))
+    w_arg, b_arg = ctx.arg(node, 2, "weight"), ctx.arg(node, 3, "bias")
     if x.simple_dim() != 1:
         return ctx.unsupported(node, f"{ctx.describe(node)} does not act on the channel axis")
     k = x.shape[1] // groups
     if k == 1:
         ctx.require(Signed, x)
-        return _affine(ctx, x, w, b)
+        return _affine(ctx, node, x, w_arg, b_arg)
     blocks = [slice(g * k, (g + 1) * k) for g in range(groups)]
     owner = np.concatenate([np.full(k, g) for g in range(groups)])
     moving = x.atoms >= 0
@@ -201,7 +213,7 @@ def group_norm(ctx: Context, node: fx.Node):
     ctx.require(Unit, x)
     for blk in blocks:   # channels stay within their group: one value per group
         ctx.keep(L.simple(x.atoms[blk], x.chains[blk], (k,), 0))
-    return _affine(ctx, x, w, b)
+    return _affine(ctx, node, x, w_arg, b_arg)
 
 
 @builtin(aten.native_group_norm)
