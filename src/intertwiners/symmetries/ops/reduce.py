@@ -40,8 +40,8 @@ _UPSAMPLING = (aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_n
          aten.replication_pad2d, aten.replication_pad3d, aten.max_pool2d_with_indices)
 def spatial(ctx: Context, node: fx.Node):
     """The same on every channel (channels on axis 1); max pooling commutes with positive scalings only. A
-    parameter interpolated (a position table resized to the input's grid) or averaged is a resampled one, its
-    axes from the third on mixed."""
+    parameter interpolated (a position table resized to the input's grid) or averaged is a resampled one, the
+    operation's spatial axes (its last 1, 2 or 3) mixed."""
     x = ctx.value(node.args[0], resampled=True)
     name = str(node.target.overloadpacket)
     if isinstance(x, ParamRef | ResampledParam) and "max" not in name:
