@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
 
@@ -34,3 +35,16 @@ def output_change(model, spec, space, element, x) -> float:
     new = apply_symmetry(model, {space: element}, spec, check=False)
     with torch.no_grad():
         return float((new(x) - model(x)).abs().max())
+
+
+class Logits(nn.Module):
+    """A transformers model that returns its logits alone: ``model(x, **kwargs).logits``, with x passed as the
+    keyword ``input_name`` when one is given."""
+
+    def __init__(self, model: nn.Module, input_name: str | None = None, **kwargs):
+        super().__init__()
+        self.model, self.input_name, self.kwargs = model, input_name, kwargs
+
+    def forward(self, x):
+        out = self.model(**{self.input_name: x}, **self.kwargs) if self.input_name else self.model(x, **self.kwargs)
+        return out.logits

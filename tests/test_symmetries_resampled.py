@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from symmetry_checks import randomised
+from symmetry_checks import Logits, randomised
 from torch import nn
 
 from intertwiners.symmetries import apply_symmetry, random_symmetry, symmetry_spec, verify_symmetry
@@ -138,18 +138,8 @@ def test_transformers_dinov2_at_another_resolution_keeps_its_residual_stream(siz
     cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                     image_size=32, patch_size=4, num_labels=3)
     torch.manual_seed(0)
-    model = transformers.Dinov2ForImageClassification(cfg).double().eval()
+    wrapped = Logits(transformers.Dinov2ForImageClassification(cfg).double().eval())
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
-
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, x):
-            return self.m(x).logits
-
-    wrapped = Logits()
     spec = symmetry_spec(wrapped, x, check=False)
     assert not spec.pinned, spec.pinned
     assert 32 in [s.size for s in spec.spaces.values()]
